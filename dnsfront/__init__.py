@@ -1,0 +1,1 @@
+"""dnsfront: the authoritative DNS tier of GLB."""

@@ -1,0 +1,654 @@
+"""The Redis adapter: the only module in GLB that imports ``redis``.
+
+``RedisStore`` moves the documents of ``glb.state`` in and out of Redis; every
+write is one Lua script (INCR the global version, write, PUBLISH a change
+message) so readers never see a write without its announcement or half a
+snapshot. ``StateFollower`` keeps a ``DeploymentState`` current for a reader
+(dnsfront, directors, the HTTP API): full load, then pub/sub, periodic resync,
+and reconnect with backoff, keeping the last good state during an outage.
+
+Every redis-py exception is translated here into ``StoreUnavailable`` (cannot
+reach Redis) or ``StoreError`` (anything else), with one line that names the
+server but never its password. The key layout is in ``docs/state.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+
+from glb.config import RedisConfig
+from glb.errors import StateError, StoreError, StoreUnavailable
+from glb.state import (
+    DeploymentState,
+    Keys,
+    Override,
+    SiteSnapshot,
+    decode_override,
+    decode_snapshot,
+    encode_override,
+    encode_snapshot,
+    parse_change,
+    parse_target,
+    valid_name,
+)
+
+log = logging.getLogger("glb.store")
+
+# Lua. Each script runs atomically on the server: no reader can observe the
+# version bumped without the data, or the data without its PUBLISH. Every key
+# a script touches carries the same hash tag, so they are legal in Cluster too.
+# redis.replicate_commands() lets scripts call TIME before writing on Redis < 5
+# (on newer servers it is a no-op).
+
+_PUBLISH = """
+if redis.replicate_commands then redis.replicate_commands() end
+local v = redis.call('INCR', KEYS[1])
+local t = redis.call('TIME')
+local at = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
+redis.call('HSET', KEYS[2], 'version', string.format('%d', v), 'published_at', at, 'data', ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('PUBLISH', ARGV[3], 'site ' .. ARGV[1] .. ' ' .. string.format('%d', v))
+return {v, at}
+"""
+# KEYS: version, site hash, sites set.  ARGV: site name, snapshot JSON, channel.
+
+_REMOVE_SITE = """
+local v = redis.call('INCR', KEYS[1])
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('PUBLISH', ARGV[2], 'site ' .. ARGV[1] .. ' ' .. string.format('%d', v))
+return v
+"""
+# KEYS: version, site hash, sites set.  ARGV: site name, channel.
+
+_SET_OVERRIDE = """
+local v = redis.call('INCR', KEYS[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], 'override ' .. ARGV[1] .. ' ' .. string.format('%d', v))
+return v
+"""
+# KEYS: version, overrides hash.  ARGV: target, override JSON, channel.
+
+_CLEAR_OVERRIDE = """
+local v = redis.call('INCR', KEYS[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[2], 'override ' .. ARGV[1] .. ' ' .. string.format('%d', v))
+return v
+"""
+# KEYS: version, overrides hash.  ARGV: target, channel.
+
+_LOAD = """
+local t = redis.call('TIME')
+local sites = {}
+for _, name in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local h = redis.call('HMGET', ARGV[1] .. name, 'version', 'published_at', 'data')
+  sites[#sites + 1] = {name, h[1], h[2], h[3]}
+end
+return {t[1], t[2], redis.call('GET', KEYS[3]), redis.call('HGETALL', KEYS[2]), sites}
+"""
+# KEYS: sites set, overrides hash, version.  ARGV: site key prefix ("{glb}:site:").
+# The site hashes are named from ARGV rather than KEYS because their names are
+# only known inside the script; they share the hash tag, so in Cluster they are
+# in the same slot as the declared keys.
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        user = parts.username or ""
+        if parts.password:
+            user = f"{user}:***"
+        netloc = f"{user}@{host}" if user else host
+        return parts._replace(netloc=netloc, query="").geturl()
+    except ValueError:
+        return "<unparseable redis url>"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+class RedisStore:
+    """Reads and writes GLB state in one Redis (a URL, or a Sentinel-managed master).
+
+    Cheap to construct (connects lazily); one instance per process is enough,
+    it holds a connection pool. Every method raises only ``StoreError`` /
+    ``StoreUnavailable`` (and ``StateError`` from ``load_site`` /
+    ``load_override`` for a malformed document).
+    """
+
+    def __init__(self, config: RedisConfig):
+        self.config = config
+        self.keys = Keys(config.prefix)
+        self._sentinel: Sentinel | None = None
+        self._password = ""
+        # (site, version) pairs already reported as malformed, so a periodic
+        # resync does not repeat the same warning every few seconds.
+        self._reported: set[tuple[str, str]] = set()
+        if config.sentinel is None:
+            self.where = _redact(config.url)
+        else:
+            addrs = ",".join(f"{h}:{p}" for h, p in config.sentinel.addresses)
+            self.where = f"sentinel {addrs} master {config.sentinel.service!r}"
+        try:
+            self._client = self._make_client()
+        except (ValueError, TypeError, rexc.RedisError) as e:
+            raise StoreError(f"redis at {self.where}: bad configuration: {_one_line(e)}") from None
+        self._publish = self._client.register_script(_PUBLISH)
+        self._remove_site = self._client.register_script(_REMOVE_SITE)
+        self._set_override = self._client.register_script(_SET_OVERRIDE)
+        self._clear_override = self._client.register_script(_CLEAR_OVERRIDE)
+        self._load = self._client.register_script(_LOAD)
+
+    def _make_client(self) -> aioredis.Redis:
+        cfg = self.config
+        common: dict[str, Any] = {
+            "socket_timeout": cfg.timeout,
+            "socket_connect_timeout": cfg.timeout,
+            # No silent retries: a caller (the follower, the director's publish
+            # loop) must see every failure, and a pub/sub connection that
+            # reconnected by itself would hide the messages lost meanwhile.
+            "retry": Retry(NoBackoff(), 0),
+            "decode_responses": True,
+            "client_name": "glb",
+        }
+        url_kwargs = parse_url(cfg.url)
+        self._password = str(url_kwargs.get("password") or "")
+        if cfg.sentinel is None:
+            return aioredis.Redis.from_url(cfg.url, **common)
+        auth = {k: url_kwargs[k] for k in ("db", "username", "password") if k in url_kwargs}
+        if urlsplit(cfg.url).scheme == "rediss":
+            auth["ssl"] = True
+        self._sentinel = Sentinel(
+            list(cfg.sentinel.addresses),
+            sentinel_kwargs={
+                "socket_timeout": cfg.timeout,
+                "socket_connect_timeout": cfg.timeout,
+                "retry": Retry(NoBackoff(), 0),
+            },
+            **common,
+            **auth,
+        )
+        return self._sentinel.master_for(cfg.sentinel.service)
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Translate redis-py and socket failures into GLB errors."""
+        try:
+            yield
+        except (StateError, StoreError):
+            raise
+        except (rexc.AuthenticationError, rexc.AuthorizationError, rexc.NoPermissionError) as e:
+            raise StoreError(self._message(what, "authentication/permission refused", e)) from None
+        except (
+            rexc.ConnectionError,  # includes MasterNotFoundError, BusyLoadingError
+            rexc.TimeoutError,
+            rexc.ReadOnlyError,  # talking to a replica mid-failover
+            OSError,  # includes builtin TimeoutError
+            asyncio.TimeoutError,
+        ) as e:
+            raise StoreUnavailable(self._message(what, "unavailable", e)) from None
+        except rexc.RedisError as e:
+            raise StoreError(self._message(what, "failed", e)) from None
+
+    def _message(self, what: str, kind: str, exc: BaseException) -> str:
+        reason = _one_line(exc)
+        if self._password:
+            reason = reason.replace(self._password, "***")
+        return f"redis at {self.where}: {what} {kind}: {reason}"
+
+    # -- writes
+
+    async def publish(self, snapshot: SiteSnapshot) -> SiteSnapshot:
+        """Store ``snapshot`` as its site's current state and announce it.
+
+        Returns the snapshot stamped with its new version and ``published_at``
+        (Redis time). Atomic: readers see the old or the new snapshot, never a mix.
+        """
+        k = self.keys
+        data = encode_snapshot(snapshot, stamp=False)
+        with self._errors(f"publish site {snapshot.site!r}"):
+            v, at = await self._publish(
+                keys=[k.version, k.site(snapshot.site), k.sites],
+                args=[snapshot.site, data, k.channel],
+            )
+        return replace(snapshot, version=int(v), published_at=float(at))
+
+    async def remove_site(self, name: str) -> int:
+        """Forget a site entirely (operator cleanup of a decommissioned site).
+
+        A site whose director still runs will reappear at its next publish.
+        Returns the new version.
+        """
+        if not valid_name(name):
+            raise StateError(f"bad site name {name!r}")
+        k = self.keys
+        with self._errors(f"remove site {name!r}"):
+            v = await self._remove_site(keys=[k.version, k.site(name), k.sites], args=[name, k.channel])
+        return int(v)
+
+    async def set_override(self, override: Override) -> int:
+        """Set (or replace) the override for ``override.target``; returns the new version.
+
+        ``when`` is filled in with Redis time when the caller left it at 0.
+        """
+        if override.when == 0.0:
+            override = replace(override, when=await self.time())
+        k = self.keys
+        with self._errors(f"set override {override.target!r}"):
+            v = await self._set_override(
+                keys=[k.version, k.overrides],
+                args=[override.target, encode_override(override), k.channel],
+            )
+        return int(v)
+
+    async def clear_override(self, target: str) -> int:
+        """Remove the override for ``target`` (no error if there is none); returns the new version."""
+        target = str(parse_target(target))
+        k = self.keys
+        with self._errors(f"clear override {target!r}"):
+            v = await self._clear_override(keys=[k.version, k.overrides], args=[target, k.channel])
+        return int(v)
+
+    # -- reads
+
+    async def load(self) -> DeploymentState:
+        """Everything, read atomically by one script, plus the Redis clock.
+
+        A site or override whose document does not decode is skipped and
+        logged (a bad writer must not take every reader down with it).
+        """
+        k = self.keys
+        before = time.time()
+        with self._errors("load state"):
+            secs, usecs, version, flat_overrides, raw_sites = await self._load(
+                keys=[k.sites, k.overrides, k.version], args=[k.site("")]
+            )
+        after = time.time()
+        redis_now = int(secs) + int(usecs) / 1e6
+        # Redis read its clock somewhere within the round trip; the midpoint
+        # bounds the error by half the round-trip time.
+        clock_offset = redis_now - (before + after) / 2
+
+        sites: list[SiteSnapshot] = []
+        for name, s_version, s_at, data in raw_sites:
+            if data is None:
+                continue  # name in the set but no hash: removed between writes by hand
+            try:
+                sites.append(self._decode_site(name, s_version, s_at, data))
+            except StateError as e:
+                self._report(name, str(s_version), f"skipping site {name!r} version {s_version}: {e}")
+        overrides: list[Override] = []
+        for target, doc in zip(flat_overrides[::2], flat_overrides[1::2]):
+            try:
+                overrides.append(decode_override(doc))
+            except StateError as e:
+                self._report(f"override {target}", doc, f"skipping override {target!r}: {e}")
+        return DeploymentState.build(sites, overrides, int(version or 0), clock_offset)
+
+    async def load_site(self, name: str) -> SiteSnapshot | None:
+        """One site's current snapshot, or None if it has none.
+
+        Raises StateError if the stored document is malformed.
+        """
+        with self._errors(f"load site {name!r}"):
+            s_version, s_at, data = await self._client.hmget(
+                self.keys.site(name), ["version", "published_at", "data"]
+            )
+        if data is None:
+            return None
+        return self._decode_site(name, s_version, s_at, data)
+
+    async def load_override(self, target: str) -> Override | None:
+        """The override for ``target``, or None. StateError if malformed."""
+        with self._errors(f"load override {target!r}"):
+            doc = await self._client.hget(self.keys.overrides, target)
+        return None if doc is None else decode_override(doc)
+
+    def _decode_site(self, name: str, s_version: Any, s_at: Any, data: str) -> SiteSnapshot:
+        snap = decode_snapshot(data)
+        if snap.site != name:
+            raise StateError(f"snapshot under key for site {name!r} names site {snap.site!r}")
+        try:
+            return replace(snap, version=int(s_version), published_at=float(s_at))
+        except (TypeError, ValueError):
+            raise StateError(f"site {name!r}: bad version/published_at fields") from None
+
+    def _report(self, what: str, version: str, message: str) -> None:
+        key = (what, version)
+        if key in self._reported:
+            log.debug("%s", message)
+        else:
+            if len(self._reported) > 10000:
+                self._reported.clear()
+            self._reported.add(key)
+            log.warning("%s", message)
+
+    async def ping(self) -> None:
+        with self._errors("ping"):
+            await self._client.ping()
+
+    async def time(self) -> float:
+        """The Redis server's clock (TIME), seconds since the epoch."""
+        with self._errors("time"):
+            secs, usecs = await self._client.time()
+        return secs + usecs / 1e6
+
+    async def subscribe(self, keepalive: float = 1.0) -> Subscription:
+        """Subscribe to the changes channel; returns once Redis confirmed it."""
+        sub = Subscription(self, self._client.pubsub(), keepalive)
+        try:
+            await sub._start()
+        except BaseException:
+            await sub.close()
+            raise
+        return sub
+
+    async def close(self) -> None:
+        """Close every connection. Never raises."""
+        with suppress(Exception):
+            await self._client.aclose(close_connection_pool=True)
+        if self._sentinel is not None:
+            for s in self._sentinel.sentinels:
+                with suppress(Exception):
+                    await s.aclose()
+
+    async def __aenter__(self) -> RedisStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class Subscription:
+    """The changes channel, with a keepalive: a connection that stopped
+    answering PING within the store's timeout raises StoreUnavailable instead
+    of waiting silently forever (a half-open TCP connection never errors)."""
+
+    def __init__(self, store: RedisStore, pubsub: Any, keepalive: float):
+        self._store = store
+        self._pubsub = pubsub
+        self._keepalive = keepalive
+        self._ping_sent: float | None = None
+        self._last_rx = time.monotonic()
+        self.last_contact = time.time()
+        """Local wall-clock time anything was last heard on this connection."""
+
+    async def _start(self) -> None:
+        channel = self._store.keys.channel
+        deadline = time.monotonic() + max(self._store.config.timeout, 0.1)
+        with self._store._errors("subscribe"):
+            await self._pubsub.subscribe(channel)
+            # Wait for the confirmation so the caller's following full load
+            # cannot miss a change published in between.
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise StoreUnavailable(f"redis at {self._store.where}: subscribe unavailable: no confirmation")
+                msg = await self._pubsub.get_message(timeout=left)
+                if msg is not None and msg.get("type") == "subscribe":
+                    self._heard()
+                    return
+
+    def _heard(self) -> None:
+        self._last_rx = time.monotonic()
+        self.last_contact = time.time()
+
+    async def get(self, timeout: float) -> str | None:
+        """The next change message (raw text), or None after ``timeout`` seconds."""
+        end = time.monotonic() + max(timeout, 0.0)
+        with self._store._errors("receive changes"):
+            while True:
+                now = time.monotonic()
+                if self._ping_sent is not None and now - self._ping_sent > self._store.config.timeout:
+                    raise StoreUnavailable(
+                        f"redis at {self._store.where}: receive changes unavailable: "
+                        f"no reply to keepalive PING within {self._store.config.timeout:g}s"
+                    )
+                if self._ping_sent is None and now - self._last_rx >= self._keepalive:
+                    await self._pubsub.ping()
+                    self._ping_sent = now
+                if now >= end:
+                    return None
+                if self._ping_sent is not None:
+                    wake = self._ping_sent + self._store.config.timeout
+                else:
+                    wake = self._last_rx + self._keepalive
+                wait = max(0.0, min(end, wake) - now) + 0.001
+                msg = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=wait)
+                if msg is None:
+                    continue
+                self._heard()
+                kind = msg.get("type")
+                if kind == "pong":
+                    self._ping_sent = None
+                elif kind == "message":
+                    return str(msg.get("data"))
+
+    async def close(self) -> None:
+        with suppress(Exception):
+            await self._pubsub.aclose()
+
+
+OnChange = Callable[[DeploymentState], "Awaitable[None] | None"]
+
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 5.0
+
+
+class StateFollower:
+    """Keeps ``state`` equal to what is in Redis, for a reader.
+
+    Start: subscribe, then a full load (subscribing first means no change can
+    slip between the two). Then each change message loads just the item it
+    names, and a full resync every ``resync_interval`` repairs anything a lost
+    message missed. On any failure the last good state is kept (frozen: see
+    ``DeploymentState.frozen_at``), ``connected`` turns False, the outage is
+    logged once, and the follower reconnects with jittered exponential
+    backoff, starting over with a full load.
+
+    ``on_change`` is called (and awaited if it returns an awaitable) with every
+    new state; its exceptions are logged, never propagated.
+    """
+
+    def __init__(
+        self,
+        config: RedisConfig,
+        on_change: OnChange | None = None,
+        *,
+        store_factory: Callable[[], RedisStore] | None = None,
+        resync_interval: float | None = None,
+        keepalive: float = 1.0,
+    ):
+        self.config = config
+        self._on_change = on_change
+        self._factory = store_factory or (lambda: RedisStore(config))
+        self.resync_interval = config.resync_interval if resync_interval is None else resync_interval
+        self.keepalive = keepalive
+        self.state = DeploymentState()
+        """Empty until the first load: dnsfront then answers from configured weights."""
+        self.connected = False
+        self.last_sync: float | None = None
+        """Local time of the last successful full load."""
+        self.last_error: str | None = None
+        """The most recent failure (kept after recovery, for /status)."""
+        self.full_loads = 0
+        self.changes_applied = 0
+        self._task: asyncio.Task[None] | None = None
+        self._outage_since: float | None = None
+        self._outage_logged = False
+        self._last_contact: float | None = None
+        self._synced = asyncio.Event()
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Start following in a background task (returns at once)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="glb-state-follower")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+        self.connected = False
+
+    async def wait_synced(self, timeout: float | None = None) -> bool:
+        """Wait until a full load has succeeded; False if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._synced.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def __aenter__(self) -> StateFollower:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- the loop
+
+    async def _run(self) -> None:
+        delay = BACKOFF_MIN
+        while True:
+            loads_before = self.full_loads
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except StoreError as e:
+                await self._failed(str(e))
+            except Exception as e:  # a bug must not stop the follower for good
+                log.exception("state follower: unexpected error")
+                await self._failed(f"unexpected error: {_one_line(e)}")
+            if self.full_loads != loads_before:
+                delay = BACKOFF_MIN  # the session worked for a while: start backoff over
+            # Jitter spreads the reconnects of many followers after an outage.
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    async def _session(self) -> None:
+        store = self._factory()
+        sub: Subscription | None = None
+        try:
+            sub = await store.subscribe(self.keepalive)
+            await self._full_load(store)
+            next_resync = time.monotonic() + self.resync_interval
+            while True:
+                text = await sub.get(max(0.0, next_resync - time.monotonic()))
+                self._last_contact = max(self._last_contact or 0.0, sub.last_contact)
+                if text is not None:
+                    await self._apply(store, text)
+                if time.monotonic() >= next_resync:
+                    await self._full_load(store)
+                    next_resync = time.monotonic() + self.resync_interval
+        finally:
+            if sub is not None:
+                await sub.close()
+            await store.close()
+
+    async def _full_load(self, store: RedisStore) -> None:
+        state = await store.load()
+        # Replace wholesale, never merge: after a Redis restart or failover
+        # versions may start over, and a merge would keep ghosts.
+        await self._set_state(state)
+        self.last_sync = self._last_contact = time.time()
+        self.full_loads += 1
+        if not self.connected:
+            self.connected = True
+            if self._outage_since is not None:
+                log.info(
+                    "state follower: reconnected to redis at %s after %.1fs; %d sites",
+                    store.where, time.time() - self._outage_since, len(state.sites),
+                )
+            self._outage_since = None
+            self._outage_logged = False
+        self._synced.set()
+
+    async def _apply(self, store: RedisStore, text: str) -> None:
+        try:
+            change = parse_change(text)
+        except StateError as e:
+            log.warning("state follower: ignoring %s", e)
+            return
+        state = self.state
+        try:
+            if change.kind == "site":
+                held = state.sites.get(change.name)
+                if held is not None and held.version >= change.version:
+                    return  # already have it (or newer) from a full load
+                snap = await store.load_site(change.name)
+                if snap is None:
+                    new = state.without_site(change.name, change.version)
+                else:
+                    new = state.with_site(snap)
+            else:
+                ov = await store.load_override(change.name)
+                if ov is None:
+                    new = state.without_override(change.name, change.version)
+                else:
+                    new = state.with_override(ov, change.version)
+        except StateError as e:
+            # Keep the previous good document; a stale site goes down on its own.
+            log.warning("state follower: keeping previous %s %r: %s", change.kind, change.name, e)
+            return
+        self.changes_applied += 1
+        await self._set_state(new)
+
+    async def _set_state(self, new: DeploymentState) -> None:
+        if new is self.state:
+            return
+        self.state = new
+        if self._on_change is None:
+            return
+        try:
+            # Awaited in line, so callbacks see states in order; a callback
+            # should therefore be quick (swap a reference, recompute answers).
+            result = self._on_change(new)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("state follower: on_change callback failed")
+
+    async def _failed(self, message: str) -> None:
+        self.last_error = message
+        if self._outage_since is None:
+            self._outage_since = time.time()
+        if not self._outage_logged:
+            log.warning(
+                "state follower: %s; keeping last good state (%d sites), retrying",
+                message, len(self.state.sites),
+            )
+            self._outage_logged = True
+        else:
+            log.debug("state follower: still failing: %s", message)
+        if self.connected:
+            self.connected = False
+            await self._set_state(self.state.frozen(self._last_contact or time.time()))

@@ -1,0 +1,443 @@
+"""The Redis adapter and the follower, against a real redis-server (see conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from glb.config import RedisConfig, SentinelConfig
+from glb.errors import StateError, StoreError, StoreUnavailable
+from glb.state import (
+    DeploymentState,
+    Keys,
+    Override,
+    RealServerState,
+    ServiceState,
+    SiteSnapshot,
+    decode_snapshot,
+    server_target,
+    site_target,
+)
+from glb.store import RedisStore, StateFollower
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def snapshot(site: str = "ams", director: str = "dir-1", n_servers: int = 3, **kw) -> SiteSnapshot:
+    servers = tuple(
+        RealServerState(f"10.0.0.{i + 1}", 80, "up", 100, active_conns=i, last_check=time.time(), last_result="ok")
+        for i in range(n_servers)
+    )
+    svc = ServiceState("web", ("192.0.2.10:80/tcp", "[2001:db8::10]:80/tcp"), 1.0, True, servers,
+                       active_conns=3, new_conns_per_s=2.5)
+    return SiteSnapshot(site, director, time.time(), (svc,), **kw)
+
+
+@pytest.fixture
+async def store(redis_url: str):
+    s = RedisStore(RedisConfig(url=redis_url))
+    yield s
+    await s.close()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> float:
+    """Wait until ``predicate()`` holds; returns the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - start
+
+
+# -- store
+
+
+async def test_publish_read_round_trip(store: RedisStore) -> None:
+    s = snapshot()
+    published = await store.publish(s)
+    redis_now = await store.time()
+    assert published.version == 1
+    assert abs(published.published_at - redis_now) < 1.0
+    assert published == SiteSnapshot(**{**_fields(s), "version": 1, "published_at": published.published_at})
+
+    assert await store.load_site("ams") == published
+    assert await store.load_site("nowhere") is None
+    state = await store.load()
+    assert state.sites == {"ams": published}
+    assert state.version == 1
+    assert abs(state.clock_offset) < 1.0  # same host: the clocks agree
+    assert state.site_is_up("ams", time.time(), stale_after=3.0)
+
+
+def _fields(s: SiteSnapshot) -> dict:
+    return {f: getattr(s, f) for f in s.__slots__}  # type: ignore[attr-defined]
+
+
+async def test_exact_redis_layout(store: RedisStore, redis_url: str) -> None:
+    """docs/state.md promises these exact keys and fields."""
+    published = await store.publish(snapshot())
+    client = store._client
+    k = Keys()
+    assert await client.smembers(k.sites) == {"ams"}
+    h = await client.hgetall(k.site("ams"))
+    assert set(h) == {"version", "published_at", "data"}
+    assert int(h["version"]) == published.version == int(await client.get(k.version))
+    assert float(h["published_at"]) == published.published_at
+    assert decode_snapshot(h["data"]).services == published.services
+    await store.set_override(Override(site_target("ams"), drain=True, who="t"))
+    assert list(await client.hkeys(k.overrides)) == ["site:ams"]
+
+
+async def test_versions_strictly_increase(store: RedisStore) -> None:
+    versions = []
+    for i in range(5):
+        versions.append((await store.publish(snapshot("ams"))).version)
+        versions.append((await store.publish(snapshot("fra"))).version)
+        versions.append(await store.set_override(Override(site_target("ams"), weight=i)))
+    assert versions == sorted(set(versions))
+    assert (await store.load()).version == versions[-1]
+
+
+async def test_concurrent_writers(redis_url: str) -> None:
+    stores = [RedisStore(RedisConfig(url=redis_url)) for _ in range(20)]
+    try:
+        # Half the writers share one site, the others each own one; big snapshots
+        # so a torn write would show as an undecodable or mixed document.
+        async def write(i: int) -> list[SiteSnapshot]:
+            site = "shared" if i % 2 else f"site{i}"
+            out = []
+            for _ in range(10):
+                out.append(await stores[i].publish(snapshot(site, director=f"dir-{i}", n_servers=200)))
+            return out
+
+        results = [p for batch in await asyncio.gather(*(write(i) for i in range(20))) for p in batch]
+        versions = [p.version for p in results]
+        assert len(set(versions)) == len(versions) == 200
+        assert sorted(versions) == list(range(1, 201))
+
+        state = await stores[0].load()
+        assert set(state.sites) == {"shared"} | {f"site{i}" for i in range(0, 20, 2)}
+        last: dict[str, SiteSnapshot] = {}
+        for p in results:
+            if p.site not in last or p.version > last[p.site].version:
+                last[p.site] = p
+        for name, snap in state.sites.items():
+            assert snap == last[name]  # the last writer wins, whole
+            assert len(snap.services[0].real_servers) == 200
+        assert state.version == 200
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_overrides_set_and_clear(store: RedisStore) -> None:
+    target = server_target("ams", "web", "10.0.0.1", 80)
+    v1 = await store.set_override(Override(target, weight=0, who="alice", why="disk"))
+    ov = await store.load_override(target)
+    assert ov is not None and ov.who == "alice" and ov.weight == 0
+    assert abs(ov.when - await store.time()) < 5  # stamped with Redis time
+    assert (await store.load()).overrides == {target: ov}
+    v2 = await store.clear_override(target)
+    assert v2 > v1
+    assert await store.load_override(target) is None
+    assert (await store.load()).overrides == {}
+
+
+async def test_remove_site(store: RedisStore) -> None:
+    await store.publish(snapshot("ams"))
+    await store.publish(snapshot("fra"))
+    await store.remove_site("ams")
+    assert set((await store.load()).sites) == {"fra"}
+    assert await store.load_site("ams") is None
+
+
+async def test_malformed_document_is_skipped_by_load(store: RedisStore, caplog: pytest.LogCaptureFixture) -> None:
+    good = await store.publish(snapshot("ams"))
+    k = Keys()
+    c = store._client
+    await c.sadd(k.sites, "bad", "future", "ghost")
+    await c.hset(k.site("bad"), mapping={"version": 99, "published_at": 1.0, "data": "{not json"})
+    await c.hset(k.site("future"), mapping={"version": 100, "published_at": 1.0,
+                                            "data": '{"schema": 2, "site": "future"}'})
+    await c.hset(k.overrides, "site:x", "garbage")
+    with caplog.at_level(logging.WARNING, logger="glb.store"):
+        state = await store.load()
+    assert state.sites == {"ams": good}
+    assert state.overrides == {}
+    text = caplog.text
+    assert "'bad'" in text and "'future'" in text and "site:x" in text
+    with pytest.raises(StateError):
+        await store.load_site("bad")
+    # Reported once per document, not at every resync.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="glb.store"):
+        await store.load()
+    assert caplog.text == ""
+
+
+async def test_closed_port_raises_store_unavailable() -> None:
+    port = free_port()
+    s = RedisStore(RedisConfig(url=f"redis://user:s3cret@127.0.0.1:{port}/0", timeout=0.5))
+    try:
+        for call in (s.ping(), s.load(), s.publish(snapshot())):
+            with pytest.raises(StoreUnavailable) as info:
+                await call
+            msg = str(info.value)
+            assert "\n" not in msg
+            assert f"127.0.0.1:{port}" in msg
+            assert "s3cret" not in msg and "***" in msg
+    finally:
+        await s.close()
+
+
+async def test_bad_url_is_a_store_error() -> None:
+    with pytest.raises(StoreError, match="bad configuration"):
+        RedisStore(RedisConfig(url="http://127.0.0.1:1/"))
+
+
+async def test_redis_error_is_translated(store: RedisStore) -> None:
+    await store._client.set(Keys().version, "not a number")
+    with pytest.raises(StoreError, match="publish site 'ams' failed") as info:
+        await store.publish(snapshot())
+    assert not isinstance(info.value, StoreUnavailable)
+
+
+# -- follower
+
+
+def follower_for(url: str, **kw) -> tuple[StateFollower, list[DeploymentState]]:
+    seen: list[DeploymentState] = []
+    cfg = RedisConfig(url=url, timeout=0.5)
+    return StateFollower(cfg, seen.append, **kw), seen
+
+
+async def test_follower_sees_publish_through_pubsub(store: RedisStore, redis_url: str) -> None:
+    await store.publish(snapshot("ams"))
+    follower, seen = follower_for(redis_url, resync_interval=3600)
+    async with follower:
+        assert await follower.wait_synced(5)
+        assert set(follower.state.sites) == {"ams"} and follower.connected
+        p = await store.publish(snapshot("fra"))
+        took = await eventually(lambda: "fra" in follower.state.sites, timeout=1.0)
+        assert follower.state.sites["fra"] == p
+        assert follower.full_loads == 1 and follower.changes_applied == 1  # pub/sub, not a resync
+        assert seen[-1] is follower.state
+        assert took < 1.0
+        # An update to a known site, too.
+        p2 = await store.publish(snapshot("ams", director="dir-2"))
+        await eventually(lambda: follower.state.sites["ams"].version == p2.version, timeout=1.0)
+        assert follower.full_loads == 1
+
+
+async def test_follower_sees_overrides_and_removal(store: RedisStore, redis_url: str) -> None:
+    await store.publish(snapshot("ams"))
+    follower, _ = follower_for(redis_url, resync_interval=3600)
+    async with follower:
+        assert await follower.wait_synced(5)
+        now = time.time()
+        assert follower.state.site_is_up("ams", now, 3.0)
+        await store.set_override(Override(site_target("ams"), drain=True, who="ops", why="test"))
+        await eventually(lambda: follower.state.is_drained("ams"), timeout=1.0)
+        assert not follower.state.site_is_up("ams", time.time(), 3.0)
+        await store.clear_override("site:ams")
+        await eventually(lambda: not follower.state.overrides, timeout=1.0)
+        assert follower.state.site_is_up("ams", time.time(), 3.0)
+        await store.remove_site("ams")
+        await eventually(lambda: not follower.state.sites, timeout=1.0)
+        assert follower.full_loads == 1
+
+
+async def test_follower_periodic_resync_repairs_missed_changes(store: RedisStore, redis_url: str) -> None:
+    follower, _ = follower_for(redis_url, resync_interval=0.2)
+    async with follower:
+        assert await follower.wait_synced(5)
+        # Written behind the follower's back: no change message.
+        await store._client.hset(Keys().site("sneaky"), mapping={
+            "version": 50, "published_at": await store.time(),
+            "data": (await _encode_unstamped(snapshot("sneaky")))})
+        await store._client.sadd(Keys().sites, "sneaky")
+        await eventually(lambda: "sneaky" in follower.state.sites, timeout=3.0)
+        assert follower.full_loads >= 2
+
+
+async def _encode_unstamped(s: SiteSnapshot) -> str:
+    from glb.state import encode_snapshot
+    return encode_snapshot(s, stamp=False)
+
+
+async def test_staleness(store: RedisStore, redis_url: str) -> None:
+    follower, _ = follower_for(redis_url, resync_interval=3600)
+    async with follower:
+        assert await follower.wait_synced(5)
+        await store.publish(snapshot("ams"))
+        await eventually(lambda: "ams" in follower.state.sites, timeout=1.0)
+        assert follower.state.site_is_up("ams", time.time(), stale_after=0.5)
+        # A director that keeps publishing stays up...
+        for _ in range(3):
+            await asyncio.sleep(0.2)
+            await store.publish(snapshot("ams"))
+        await asyncio.sleep(0.05)
+        assert follower.state.site_is_up("ams", time.time(), stale_after=0.5)
+        # ...one that stops goes down after stale_after, with Redis still fine.
+        await asyncio.sleep(0.6)
+        assert follower.connected
+        assert not follower.state.site_is_up("ams", time.time(), stale_after=0.5)
+        # A clean stop withdraws the site at once.
+        await store.publish(snapshot("ams", withdrawn=True))
+        await eventually(lambda: follower.state.sites["ams"].withdrawn, timeout=1.0)
+        assert not follower.state.site_is_up("ams", time.time(), stale_after=60)
+
+
+async def test_redis_restart_while_follower_follows(
+    redis_server: Any, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = RedisConfig(url=redis_url, timeout=0.5)
+    writer = RedisStore(cfg)
+    follower, _ = follower_for(redis_url, resync_interval=3600)
+    try:
+        first = await writer.publish(snapshot("ams"))
+        with caplog.at_level(logging.INFO, logger="glb.store"):
+            async with follower:
+                assert await follower.wait_synced(5)
+                assert follower.state.sites["ams"] == first
+
+                redis_server.stop()
+                await eventually(lambda: not follower.connected, timeout=5.0)
+                assert follower.last_error and "unavailable" in follower.last_error
+                # Last good state kept, and frozen: still up long after stale_after.
+                assert follower.state.sites["ams"] == first
+                assert follower.state.frozen_at is not None
+                await asyncio.sleep(1.0)  # several reconnect attempts fail meanwhile
+                assert follower.state.site_is_up("ams", time.time() + 60, stale_after=3.0)
+                with pytest.raises(StoreUnavailable):
+                    await writer.publish(snapshot("ams"))
+
+                redis_server.start()  # same port, empty (no persistence)
+                second = await writer.publish(snapshot("fra", director="dir-9"))
+                assert second.version == 1  # the counter started over
+                await eventually(lambda: follower.connected and "fra" in follower.state.sites, timeout=10.0)
+                # A full reload replaced the state: the pre-restart site is gone.
+                assert follower.state.sites == {"fra": second}
+                assert follower.state.frozen_at is None
+                assert follower.last_sync is not None
+                third = await writer.publish(snapshot("fra", director="dir-10"))
+                await eventually(lambda: follower.state.sites["fra"] == third, timeout=1.0)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "follower" in r.getMessage()]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]  # once per outage
+        assert any("reconnected" in r.getMessage() for r in caplog.records)
+    finally:
+        redis_server.start()
+        await writer.close()
+
+
+async def test_follower_detects_a_hung_server(redis_server: Any, redis_url: str) -> None:
+    """A server that stops answering without closing the connection (a partition,
+    a frozen host) is caught by the pub/sub keepalive, not waited on forever."""
+    writer = RedisStore(RedisConfig(url=redis_url))
+    follower = StateFollower(RedisConfig(url=redis_url, timeout=0.3), resync_interval=3600, keepalive=0.2)
+    pid = redis_server.proc.pid
+    try:
+        first = await writer.publish(snapshot("ams"))
+        async with follower:
+            assert await follower.wait_synced(5)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                took = await eventually(lambda: not follower.connected, timeout=5.0)
+                assert took < 2.0
+                assert "keepalive" in (follower.last_error or "") or "unavailable" in (follower.last_error or "")
+                assert follower.state.sites["ams"] == first
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            second = await writer.publish(snapshot("ams", director="dir-2"))
+            await eventually(lambda: follower.connected and follower.state.sites["ams"] == second, timeout=10.0)
+    finally:
+        await writer.close()
+
+
+async def test_follower_starts_while_redis_is_down() -> None:
+    port = free_port()
+    follower, seen = follower_for(f"redis://127.0.0.1:{port}/0")
+    async with follower:
+        assert not await follower.wait_synced(0.5)
+        assert not follower.connected
+        assert follower.state == DeploymentState()
+        assert follower.last_error and f"127.0.0.1:{port}" in follower.last_error
+        assert seen == []
+
+
+async def test_follower_survives_callback_errors_and_bad_messages(store: RedisStore, redis_url: str) -> None:
+    calls = []
+
+    async def bad_callback(state: DeploymentState) -> None:
+        calls.append(state)
+        raise RuntimeError("boom")
+
+    follower = StateFollower(RedisConfig(url=redis_url), bad_callback, resync_interval=3600)
+    async with follower:
+        assert await follower.wait_synced(5)
+        await store._client.publish(Keys().channel, "nonsense message")
+        await store.publish(snapshot("ams"))
+        await eventually(lambda: "ams" in follower.state.sites, timeout=1.0)
+        assert follower.connected and len(calls) >= 2
+
+
+# -- Sentinel
+
+
+@pytest.fixture
+def sentinel(redis_server: Any, redis_url: str, tmp_path):
+    if not shutil.which("redis-server"):
+        pytest.skip("no redis-server")
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor glbmaster 127.0.0.1 {redis_server.port} 1\n"
+    )
+    proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+async def test_sentinel_round_trip(sentinel: int, redis_url: str) -> None:
+    cfg = RedisConfig(url="redis:///0", sentinel=SentinelConfig("glbmaster", (("127.0.0.1", sentinel),)))
+    s = RedisStore(cfg)
+    try:
+        deadline = time.monotonic() + 5
+        while True:  # the sentinel needs a moment to come up
+            try:
+                await s.ping()
+                break
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        p = await s.publish(snapshot("ams"))
+        assert (await s.load()).sites == {"ams": p}
+    finally:
+        await s.close()
+    bad = RedisStore(RedisConfig(sentinel=SentinelConfig("nosuch", (("127.0.0.1", sentinel),))))
+    try:
+        with pytest.raises(StoreUnavailable, match="sentinel 127.0.0.1"):
+            await bad.ping()
+    finally:
+        await bad.close()
