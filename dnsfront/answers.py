@@ -1,0 +1,502 @@
+"""The answer engine: precomputed responses, the fast path and the slow path.
+
+Pure (no sockets, no asyncio): the server hands it query bytes and the
+client's address and sends back whatever it returns. Randomness and time are
+injected so tests can drive it.
+
+On every state change (``update``) the engine recomputes each load-balanced
+name's ``Plan`` and, for every (name, type) we serve, the response bytes of
+every possible choice: an ``Entry``. The hot path is then
+
+    header check -> dict lookup on the question's bytes -> pick a choice
+    (random or by client, cached) -> patch ID/flags/question case -> bytes
+
+and everything else (other shapes, names not precomputed, truncation) goes to
+the slow path: ``Responder.parse`` + ``Zones.resolve`` + ``Responder.build``.
+Deterministic slow-path results are added to the table, so repeated queries
+(NXDOMAIN floods, rarely asked types) become fast too; that part of the table
+is bounded and dropped on every rebuild.
+"""
+
+from __future__ import annotations
+
+import logging
+import random as _random
+import struct
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from glb.config import Config, LBName
+from glb.state import DeploymentState
+
+from dnsfront import policy, wire
+from dnsfront.policy import ANSWER, SLOT_BITS, Client, Plan, Sticky, Topology, Weighted, weight_slots
+from dnsfront.responder import Query, Responder
+from dnsfront.zone import AAAA, ANY, A, Zones, to_text
+from dnsfront.zone import SERVFAIL as RCODE_SERVFAIL
+
+log = logging.getLogger("glb.dnsfront")
+
+CLIENT_CACHE_MAX = 65536
+"""Per-entry cache of client -> choice for topology/sticky; reset when full."""
+DYNAMIC_MAX = 20000
+"""Slow-path results added to the table before it is reset to the precomputed part."""
+
+_HEADER_PLAIN = wire.HEADER_PLAIN
+_HEADER_EDNS = wire.HEADER_EDNS
+_OPT_HEAD = wire.OPT_HEAD
+_ECS_CODE = struct.pack("!H", wire.ECS_CODE)
+
+
+class Entry:
+    """Every possible response for one question shape.
+
+    ``parts[i]`` = (four header variants for choice i, tail, tail with DO set).
+    A header variant is bytes 2..12 of the response (flags + counts) with the
+    query's RD/CD bits folded in, indexed by ``rd | cd >> 3``; the tail is
+    everything after the question.
+
+    Picking a choice per query: ``slots`` (random policies) is a table of
+    2**16 choice indices in proportion to the weights, indexed by 16 random
+    bits: one C call and one byte read, no Python-level function call.
+    ``choose`` (topology, sticky) maps the client address to an index.
+    Neither set: there is one choice. ``choose_ecs`` does the same from an
+    ECS option and also returns the SCOPE.
+    """
+
+    __slots__ = ("parts", "slots", "choose", "choose_ecs", "hits", "qtype", "rcodes", "sites", "name", "fixed")
+
+    def __init__(self, name: bytes, qtype: int, templates: list[bytes], qlen: int, sites: list[str | None],
+                 slots: bytes | None, choose: Callable[[Any], int] | None,
+                 choose_ecs: Callable[[bytes], tuple[int, int]]):
+        self.name, self.qtype, self.sites = name, qtype, sites
+        self.slots, self.choose, self.choose_ecs = slots, choose, choose_ecs
+        self.fixed = False
+        """Built once per config and kept across state updates (its hits too)."""
+        self.hits = [0] * len(templates)
+        self.rcodes = [t[3] & 0xF for t in templates]
+        parts = []
+        for t in templates:
+            flags = struct.unpack_from("!H", t, 2)[0]
+            heads = []
+            for v in range(4):  # bit 0: RD, bit 1: CD (from the query)
+                f = flags | (0x0100 if v & 1 else 0) | (0x0010 if v & 2 else 0)
+                heads.append(struct.pack("!H", f) + t[4:12])
+            tail = t[12 + qlen :]
+            tail_do = tail
+            if len(tail) >= 11 and tail[-11:-8] == _OPT_HEAD:
+                # Our OPT is always last, RDLEN 0: its flags are at [-4:-2].
+                tail_do = tail[:-4] + bytes((tail[-4] | 0x80,)) + tail[-3:]
+            parts.append((tuple(heads), tail, tail_do))
+        self.parts = parts
+
+
+class Engine:
+    """Answers queries for one config, following state given to ``update``."""
+
+    def __init__(self, config: Config, *, rng: _random.Random | None = None):
+        self.config = config
+        self.responder = Responder(config.dnsfront.udp_payload)
+        self.zones = Zones.from_config(config)
+        self.sites = {s.name: s for s in config.sites}
+        self.stale_after = config.redis.stale_after
+        self.udp_payload = config.dnsfront.udp_payload
+        self.rng = rng if rng is not None else _random.Random()
+        self._bits = self.rng.getrandbits
+        self.state: DeploymentState | None = None
+        self.plans: dict[tuple[str, int], Plan] = {}
+        self.plain: dict[bytes, Entry] = {}
+        self.edns: dict[bytes, Entry] = {}
+        self._static = 0  # precomputed entries; beyond are slow-path additions
+        self._fixed: tuple[dict[bytes, Entry], dict[bytes, Entry], list[tuple[bytes, int]]] | None = None
+        self._templates: dict[tuple, bytes] = {}
+        # Counters. Fast-path hits live in the entries (one list increment per
+        # query); they are folded in here when the table is replaced.
+        self.responses: Counter[tuple[int, int]] = Counter()  # (qtype, rcode)
+        self.site_answers: Counter[tuple[str, str]] = Counter()  # (name, site)
+        self.dropped = 0
+        self.malformed = 0
+        self.internal_errors = 0
+        self.fast = 0
+        self.slow = 0
+        self.updated_at: float | None = None
+
+    # ------------------------------------------------------------------
+    # Rebuilding
+
+    def update(self, state: DeploymentState | None, now: float) -> None:
+        """Recompute plans and precomputed answers from ``state`` as of ``now``.
+
+        Only the answers that depend on a load-balanced name are rebuilt;
+        static ones are built once per config (``_fixed``) and kept, so the
+        cost of a state change does not grow with the size of the zones.
+        """
+        plans = {}
+        for lb in self.config.names:
+            for family in (4, 6):
+                plans[(lb.name, family)] = policy.plan(lb, self.sites, state, now, self.stale_after, family)
+        old = [e for t in (self.plain, self.edns) for e in t.values() if not e.fixed]
+        self.state, self.plans = state, plans
+        if self._fixed is None:
+            self._fixed = self._build_fixed()
+        fixed_plain, fixed_edns, lb_keys = self._fixed
+        plain: dict[bytes, Entry] = dict(fixed_plain)
+        edns: dict[bytes, Entry] = dict(fixed_edns)
+        for qname, qtype in lb_keys:
+            key = qname + struct.pack("!HH", qtype, 1)
+            for table, use_edns in ((plain, False), (edns, True)):
+                entry = self._build_entry(qname, qtype, use_edns)
+                if entry is not None:
+                    table[key] = entry
+        if len(self._templates) > 4 * DYNAMIC_MAX:
+            self._templates.clear()
+        self._fold(old)
+        self.plain, self.edns = plain, edns  # one swap each: a query sees old or new
+        self._static = len(plain) + len(edns)
+        self.updated_at = now
+
+    def _build_fixed(self) -> tuple[dict[bytes, Entry], dict[bytes, Entry], list[tuple[bytes, int]]]:
+        """Entries that no state can change, and the keys that depend on a policy."""
+        plain: dict[bytes, Entry] = {}
+        edns: dict[bytes, Entry] = {}
+        lb_keys = []
+        for qname, qtype in self._precomputed_keys():
+            if self.zones.resolve(qname, qtype).lb_step is not None:
+                lb_keys.append((qname, qtype))
+                continue
+            key = qname + struct.pack("!HH", qtype, 1)
+            for table, use_edns in ((plain, False), (edns, True)):
+                entry = self._build_entry(qname, qtype, use_edns)
+                if entry is not None:
+                    entry.fixed = True
+                    table[key] = entry
+        return plain, edns, lb_keys
+
+    def _precomputed_keys(self) -> list[tuple[bytes, int]]:
+        """Every (name, type) with data, plus A and AAAA at every name (the
+        common questions, also answered NODATA or via a CNAME)."""
+        keys = set(self.zones.static_keys())
+        for zd in self.zones.zones:
+            for w in zd.nodes:
+                if w[:2] != b"\x01*":
+                    keys.update(((w, A), (w, AAAA)))
+        return sorted(keys)
+
+    def _plan_for(self, lb: LBName, family: int) -> Plan:
+        p = self.plans.get((lb.name, family))
+        if p is None:  # a name outside config.names cannot happen; be safe
+            p = policy.plan(lb, self.sites, self.state, 0.0, self.stale_after, family)
+        return p
+
+    def _template(self, qname: bytes, qtype: int, use_edns: bool, res, kind, choice) -> bytes:
+        # (qname, qtype) determine ``res`` for this engine's zones.
+        key = (qname, qtype, use_edns, kind, choice.addresses if choice else None, choice.ttl if choice else None)
+        t = self._templates.get(key)
+        if t is None:
+            t = self.responder.template(qname, qtype, use_edns, res, kind, choice)
+            self._templates[key] = t
+        return t
+
+    def _build_entry(self, qname: bytes, qtype: int, use_edns: bool) -> Entry | None:
+        """All responses for (qname, qtype), or None if they cannot take the fast path."""
+        res = self.zones.resolve(qname, qtype)
+        step = res.lb_step
+        slots, choose, choose_ecs = None, None, _fixed_ecs
+        if step is None:
+            templates = [self._template(qname, qtype, use_edns, res, None, None)]
+            sites: list[str | None] = [None]
+        else:
+            plan = self._plan_for(step.lb, 4 if step.rtype == A else 6)
+            if plan.kind == ANSWER:
+                templates = [self._template(qname, qtype, use_edns, res, ANSWER, c) for c in plan.choices]
+                sites = [c.sites[0] if c.sites else "fallback" for c in plan.choices]
+                if len(templates) > 1:
+                    slots, choose, choose_ecs = self._choosers(plan)
+            else:
+                templates = [self._template(qname, qtype, use_edns, res, plan.kind, None)]
+                sites = [None]
+        if not use_edns and max(len(t) for t in templates) > wire.NO_EDNS_LIMIT:
+            return None  # needs TC over UDP: the slow path does that
+        qlen = len(qname) + 4
+        return Entry(qname, qtype, templates, qlen, sites, slots, choose, choose_ecs)
+
+    def _choosers(self, plan: Plan) -> tuple[bytes, Callable[[Any], int] | None, Callable[[bytes], tuple[int, int]]]:
+        """(slot table, client chooser, ECS chooser) for a plan with several choices."""
+        sel = plan.selector
+        bits = self.rng.getrandbits
+        if isinstance(sel, (Topology, Sticky)):
+            slots = sel.fallback.slots
+        elif isinstance(sel, Weighted):
+            slots = sel.slots
+        else:
+            slots = weight_slots((1.0,) * len(plan.choices))
+
+        def weighted(_addr: Any = None) -> int:
+            return slots[bits(SLOT_BITS)]
+
+        if not isinstance(sel, (Topology, Sticky)):
+            def weighted_ecs(option: bytes) -> tuple[int, int]:
+                wire.parse_ecs(option)  # validate: a malformed option is FORMERR
+                return weighted(), 0
+
+            return slots, None, weighted_ecs
+
+        by_addr: dict[str, int | None] = {}
+        by_ecs: dict[bytes, tuple[int | None, int]] = {}
+        decide = sel.decide
+
+        def by_client(addr: Any) -> int:
+            host = addr[0]
+            i = by_addr.get(host, -1)
+            if i == -1:
+                try:
+                    i = decide(Client.from_ip(host))[0]
+                except ValueError:
+                    i = None
+                if len(by_addr) >= CLIENT_CACHE_MAX:
+                    by_addr.clear()
+                by_addr[host] = i
+            return weighted() if i is None else i
+
+        def by_ecs_option(option: bytes) -> tuple[int, int]:
+            hit = by_ecs.get(option)
+            if hit is None:
+                version, source, _scope, address = wire.parse_ecs(option)
+                hit = decide(Client(version, wire.ecs_address_int(version, address), source))
+                if len(by_ecs) >= CLIENT_CACHE_MAX:
+                    by_ecs.clear()
+                by_ecs[option] = hit
+            i, scope = hit
+            return (weighted() if i is None else i), scope
+
+        return slots, by_client, by_ecs_option
+
+    def _fold(self, entries: list[Entry]) -> None:
+        for e in entries:
+            for i, n in enumerate(e.hits):
+                if n:
+                    self.responses[(e.qtype, e.rcodes[i])] += n
+                    if e.sites[i] is not None:
+                        self.site_answers[(to_text(e.name), e.sites[i])] += n
+                    self.fast += n
+
+    # ------------------------------------------------------------------
+    # Answering
+
+    def handle(self, data: bytes, addr: Any, tcp: bool = False) -> bytes | None:
+        """The response to one query, or None to send nothing. Never raises.
+
+        ``addr`` is the peer as the socket reports it ((host, port, ...)).
+        The fast path is written flat, with no helper calls, because at
+        120k queries/s each Python call costs about 1 % of the budget. A
+        ``try`` costs nothing in CPython 3.11 until something raises; if the
+        fast path ever does, the slow path answers (and counts) instead.
+        """
+        try:
+            if data[4:12] == _HEADER_PLAIN:
+                if not data[2] & 0xF8:  # QR=0, OPCODE=0
+                    question = data[12:]
+                    e = self.plain.get(question.lower())
+                    if e is not None:
+                        if e.slots is not None and e.choose is None:
+                            i = e.slots[self._bits(SLOT_BITS)]
+                        elif e.choose is not None:
+                            i = e.choose(addr)
+                        else:
+                            i = 0
+                        e.hits[i] += 1
+                        heads, tail, _ = e.parts[i]
+                        return data[:2] + heads[(data[2] & 1) | ((data[3] & 0x10) >> 3)] + question + tail
+            elif data[4:12] == _HEADER_EDNS and not data[2] & 0xF8:
+                o = data.find(b"\x00", 12) + 5  # start of the OPT RR, if the shape is right
+                if len(data) >= o + 11 and data[o : o + 3] == _OPT_HEAD and not data[o + 6]:
+                    rdlen = (data[o + 9] << 8) | data[o + 10]
+                    e = self.edns.get(data[12:o].lower()) if len(data) == o + 11 + rdlen else None
+                    if e is not None:
+                        ecs = None
+                        if rdlen:
+                            # Options (a resolver's COOKIE, ECS...): unknown ones are
+                            # ignored (RFC 6891 6.1.2); malformed ones go to the slow
+                            # path, which answers FORMERR.
+                            try:
+                                ecs = wire.find_ecs(data, o + 11)
+                                if ecs is not None:
+                                    i, scope = e.choose_ecs(ecs)
+                            except wire.WireError:
+                                e = None
+                        if ecs is None and e is not None:
+                            if e.slots is not None and e.choose is None:
+                                i = e.slots[self._bits(SLOT_BITS)]
+                            elif e.choose is not None:
+                                i = e.choose(addr)
+                            else:
+                                i = 0
+                        if e is not None:
+                            heads, tail, tail_do = e.parts[i]
+                            out = data[:2] + heads[(data[2] & 1) | ((data[3] & 0x10) >> 3)] + data[12:o] + (
+                                tail_do if data[o + 7] & 0x80 else tail
+                            )
+                            if ecs is not None:
+                                # Echo FAMILY, SOURCE and ADDRESS; put our SCOPE (RFC 7871 7.2.1).
+                                opt = _ECS_CODE + struct.pack("!H", len(ecs)) + ecs[:3] + bytes((scope,)) + ecs[4:]
+                                out = out[:-2] + struct.pack("!H", len(opt)) + opt
+                            if tcp or len(out) <= wire.NO_EDNS_LIMIT or len(out) <= min(
+                                (data[o + 3] << 8) | data[o + 4], self.udp_payload
+                            ):
+                                e.hits[i] += 1
+                                return out
+        except Exception:  # noqa: BLE001 - a fast-path bug must not drop a query
+            log.exception("fast path failed; answering on the slow path")
+        return self.answer_slow(data, addr, tcp)
+
+    def answer_slow(self, data: bytes, addr: Any, tcp: bool) -> bytes | None:
+        """Every query the fast path did not take. Never raises."""
+        self.slow += 1
+        try:
+            parsed = self.responder.parse(data)
+            if parsed is None:
+                self.dropped += 1
+                return None
+            if isinstance(parsed, bytes):
+                rcode = parsed[3] & 0xF
+                if rcode == 1:
+                    self.malformed += 1
+                self.responses[(_qtype_of(data), rcode)] += 1
+                return parsed
+            out, cacheable = self._resolve(parsed, addr, tcp)
+            self.responses[(parsed.qtype, out[3] & 0xF)] += 1
+            if cacheable:
+                self._remember(data, parsed)
+            return out
+        except Exception:  # noqa: BLE001 - the edge: log, count, SERVFAIL, keep serving
+            self.internal_errors += 1
+            log.exception("internal error answering a query; sent SERVFAIL")
+            if len(data) < 12:
+                return None
+            ident, flags = struct.unpack_from("!HH", data)
+            self.responses[(_qtype_of(data), RCODE_SERVFAIL)] += 1
+            return self.responder.header_only(ident, flags, RCODE_SERVFAIL)
+
+    def _resolve(self, q: Query, addr: Any, tcp: bool) -> tuple[bytes, bool]:
+        """(response, whether an Entry would reproduce it for this query shape)."""
+        res = self.zones.resolve(q.qname, q.qtype)
+        limit = self.responder.limit(q, tcp)
+        step = res.lb_step
+        if step is None:
+            return self.responder.build(q, res, limit=limit), True
+        family = 6 if step.rtype == AAAA else 4
+        plan = self._plan_for(step.lb, family)
+        if q.qtype == ANY and plan.kind != ANSWER:
+            plan = self._plan_for(step.lb, 6)  # ANY at a v6-only name: the AAAA set
+            if plan.kind == ANSWER:
+                res = self.zones.resolve(q.qname, AAAA)
+        if plan.kind != ANSWER:
+            return self.responder.build(q, res, plan.kind, None, limit=limit), True
+        client = None
+        if plan.selector.client_dependent:
+            if q.edns is not None and q.edns.ecs is not None:
+                client = q.edns.ecs.client()
+            else:
+                try:
+                    client = Client.from_ip(addr[0])
+                except (ValueError, TypeError, IndexError):
+                    client = None
+        i, scope = plan.selector.select(self.rng.random(), client)
+        choice = plan.choices[i]
+        if choice.sites:
+            self.site_answers[(plan.name, choice.sites[0])] += 1
+        return self.responder.build(q, res, ANSWER, choice, scope=scope, limit=limit), q.qtype != ANY
+
+    def _remember(self, data: bytes, q: Query) -> None:
+        """Add an Entry for this question so the next one takes the fast path."""
+        qtc = struct.pack("!HH", q.qtype, 1)
+        if not wire.key_fits_table(qtc) or q.qname_raw.find(b"\x00") != len(q.qname_raw) - 1:
+            return  # a zero byte inside a label would defeat the EDNS shape check
+        use_edns = q.edns is not None
+        table = self.edns if use_edns else self.plain
+        key = q.qname + qtc
+        if key in table:
+            return
+        if len(self.plain) + len(self.edns) >= self._static + DYNAMIC_MAX:
+            return  # full until the next rebuild resets it
+        entry = self._build_entry(q.qname, q.qtype, use_edns)
+        if entry is not None:
+            table[key] = entry
+
+    # ------------------------------------------------------------------
+    # Reporting
+
+    def take_counters(self, old: Engine) -> None:
+        """Start from ``old``'s totals (config reload: metrics keep counting)."""
+        c = old.counters()
+        self.responses.update(c["responses"])
+        self.site_answers.update(c["site_answers"])
+        self.fast += c["fast"]
+        self.slow += c["slow"]
+        self.dropped += c["dropped"]
+        self.malformed += c["malformed"]
+        self.internal_errors += c["internal_errors"]
+
+    def counters(self) -> dict[str, Any]:
+        """Totals including the live entries' hits (cheap enough per scrape)."""
+        responses = Counter(self.responses)
+        sites = Counter(self.site_answers)
+        fast = self.fast
+        for table in (self.plain, self.edns):
+            for e in table.values():
+                for i, n in enumerate(e.hits):
+                    if n:
+                        responses[(e.qtype, e.rcodes[i])] += n
+                        if e.sites[i] is not None:
+                            sites[(to_text(e.name), e.sites[i])] += n
+                        fast += n
+        return {
+            "responses": responses,
+            "site_answers": sites,
+            "dropped": self.dropped,
+            "malformed": self.malformed,
+            "internal_errors": self.internal_errors,
+            "fast": fast,
+            "slow": self.slow,
+        }
+
+    def names_status(self) -> list[dict[str, Any]]:
+        out = []
+        for lb in self.config.names:
+            fams = {}
+            for family in (4, 6):
+                p = self.plans.get((lb.name, family))
+                if p is None:
+                    continue
+                fams[f"ipv{family}"] = {
+                    "kind": p.kind,
+                    "reason": p.reason,
+                    "degraded": p.degraded,
+                    "choices": [
+                        {"sites": list(c.sites), "addresses": list(c.addresses), "ttl": c.ttl, "reason": c.reason}
+                        for c in p.choices
+                    ],
+                    "members": [
+                        {"site": m.site, "live": m.live, "status": m.status, "weight": m.weight,
+                         "configured_weight": m.configured_weight, "healthy_fraction": m.healthy_fraction}
+                        for m in p.members
+                    ],
+                }
+            out.append({"name": lb.name, "policy": lb.policy, "ttl": lb.ttl, **fams})
+        return out
+
+
+def _fixed_ecs(option: bytes) -> tuple[int, int]:
+    """ECS chooser for single-choice entries: only validates the option."""
+    wire.parse_ecs(option)
+    return 0, 0
+
+
+def _qtype_of(data: bytes) -> int:
+    """Best-effort QTYPE for counting a response we could not parse."""
+    try:
+        end = wire.question_end(data)
+        return struct.unpack_from("!H", data, end)[0]
+    except (wire.WireError, struct.error, IndexError):
+        return 0
