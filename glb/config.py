@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 import yaml
 
 from glb.errors import ConfigError
+from glb.hashing import is_prime
 
 SCHEDULERS = ("rr", "wrr", "lc", "wlc", "sed", "nq", "dh", "sh", "lblc", "lblcr", "mh")
 FORWARDING = ("dr", "tun")
@@ -645,17 +646,6 @@ def _vip(value: Any) -> VIP:
     return VIP(addr, port, m.group(4).lower())
 
 
-def _is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    i = 2
-    while i * i <= n:
-        if n % i == 0:
-            return False
-        i += 1
-    return True
-
-
 def _list(ctx: _Context, m: _Map, key: str, conv: Callable[[Any], Any], required: bool = False) -> tuple:
     """A list of scalars, each converted; a lone scalar counts as a list of one."""
     value = m.data.get(key)
@@ -1066,7 +1056,7 @@ def _parse_service(ctx: _Context, m: _Map) -> Service:
         r.finish()
     scheduler = m.get("scheduler", _choice("scheduler", SCHEDULERS), d.scheduler)
     table = m.get("mh_table_size", _int(7, 1 << 24), d.mh_table_size)
-    if isinstance(table, int) and not _is_prime(table):
+    if isinstance(table, int) and not is_prime(table):
         ctx.error(m.at("mh_table_size"), f"must be a prime number (Maglev), got {table}")
     persistence = None
     if m.has("persistence"):

@@ -1,0 +1,188 @@
+"""Consistent hashing: Maglev lookup tables and rendezvous (HRW) hashing.
+
+Pure functions, no I/O. Everything here must give the same answer in every
+process on every machine (two directors, a restarted director and the tests
+must agree on which backend owns a flow), so the one hash used is
+BLAKE2b truncated to 64 bits: fast in C, well mixed, stable. Python's
+``hash()`` is salted per process and must never be used for this.
+
+Maglev follows IPVS's ``mh`` scheduler (net/netfilter/ipvs/ip_vs_mh.c):
+
+* each backend gets a permutation of the table positions from its name:
+  ``offset = h1(name) mod M``, ``skip = h2(name) mod (M - 1) + 1``; M prime
+  makes every permutation visit every slot;
+* backends take turns claiming their next free preferred slot, each taking
+  ``weight / gcd(weights)`` slots per turn (shifted right so the largest
+  turn fits in 6 bits, as IPVS does, so a 1000:1 weight cannot make one
+  backend fill the table before the others get a turn);
+* the weights given here are the *last non-zero* weights: a drained
+  (weight 0) backend keeps its slots so draining does not reshuffle anyone
+  else; the scheduler skips it at lookup time and falls back.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from hashlib import blake2b
+from typing import Sequence
+
+DEFAULT_TABLE_SIZE = 65537
+"""Default Maglev table size: prime, > 100 x the backends of any sane service."""
+
+TURN_BITS = 6
+"""Significant bits kept of ``weight / gcd`` (IPVS's IP_VS_MH_TAB_BITS)."""
+
+_U64 = float(1 << 64)
+
+
+def hash64(data: bytes, seed: int = 0) -> int:
+    """A stable 64-bit hash of ``data``; different seeds give independent hashes.
+
+    The seed goes into BLAKE2b's salt, so h(data, 1) and h(data, 2) are
+    unrelated functions (Maglev needs two: offset and skip).
+    """
+    return int.from_bytes(
+        blake2b(data, digest_size=8, salt=seed.to_bytes(16, "little")).digest(), "little"
+    )
+
+
+def is_prime(n: int) -> bool:
+    """Deterministic primality for table sizes (trial division; n is small)."""
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    f = 3
+    while f * f <= n:
+        if n % f == 0:
+            return False
+        f += 2
+    return True
+
+
+# --------------------------------------------------------------------------
+# Maglev
+# --------------------------------------------------------------------------
+
+
+def maglev_permutation(name: bytes, size: int) -> tuple[int, int]:
+    """The (offset, skip) pair that defines ``name``'s preference list."""
+    return hash64(name, 1) % size, hash64(name, 2) % (size - 1) + 1
+
+
+def maglev_turns(weights: Sequence[int]) -> list[int]:
+    """Slots each backend claims per round: weight / gcd, shifted like IPVS.
+
+    A backend with weight 0 gets no turn (it owns no slot); any non-zero
+    weight gets at least one turn even after the shift.
+    """
+    positive = [w for w in weights if w > 0]
+    if not positive:
+        return [0] * len(weights)
+    g = math.gcd(*positive)
+    shift = max(0, (max(positive) // g).bit_length() - TURN_BITS)
+    return [((w // g) >> shift) or 1 if w > 0 else 0 for w in weights]
+
+
+def maglev_table(names: Sequence[bytes], weights: Sequence[int], size: int = DEFAULT_TABLE_SIZE) -> list[int]:
+    """Build a Maglev lookup table: slot -> index into ``names`` (-1 = no backend).
+
+    ``weights`` are the weights the table is built from; pass a drained
+    backend's last non-zero weight so its slots stay put. Raises ValueError
+    for a non-prime size, duplicate names or a length mismatch.
+    """
+    if not is_prime(size):
+        raise ValueError(f"Maglev table size {size} is not prime")
+    if len(names) != len(weights):
+        raise ValueError("names and weights differ in length")
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate backend names")
+    if len(names) > size:
+        raise ValueError(f"{len(names)} backends do not fit a table of {size}")
+    table = [-1] * size
+    turns = maglev_turns(weights)
+    members = [i for i, t in enumerate(turns) if t > 0]
+    if not members:
+        return table
+    perms = [maglev_permutation(names[i], size) for i in members]
+    nexts = [off for off, _ in perms]
+    skips = [skip for _, skip in perms]
+    taken = bytearray(size)
+    filled = 0
+    # Round-robin over backends, each claiming `turns` slots per round: the
+    # next free slot along its own permutation (IPVS ip_vs_mh_populate).
+    while True:
+        for k, i in enumerate(members):
+            c, skip = nexts[k], skips[k]
+            for _ in range(turns[i]):
+                while taken[c]:
+                    c += skip
+                    if c >= size:
+                        c -= size
+                taken[c] = 1
+                table[c] = i
+                filled += 1
+                if filled == size:
+                    return table
+            nexts[k] = c
+
+
+def maglev_lookup(table: Sequence[int], key: bytes) -> int:
+    """The backend index owning ``key`` (-1 if the table is empty)."""
+    return table[hash64(key, 1) % len(table)]
+
+
+# --------------------------------------------------------------------------
+# Rendezvous (highest random weight) hashing
+# --------------------------------------------------------------------------
+
+
+def rendezvous_score(key: bytes, name: bytes, weight: float = 1.0) -> float:
+    """HRW score of ``name`` for ``key``; the highest score wins.
+
+    Weighted with the logarithmic method (Schindelhauer & Schomaker): a
+    backend of weight w wins a share w / sum(w) of keys, and changing one
+    weight only moves keys to or from that backend. Weight <= 0 never wins.
+    """
+    if weight <= 0:
+        return -math.inf
+    h = hash64(struct.pack("!H", len(key)) + key + name, 3)
+    u = (h + 0.5) / _U64  # in (0, 1), never 0 or 1
+    return -weight / math.log(u)
+
+
+def rendezvous_order(key: bytes, names: Sequence[bytes], weights: Sequence[float] | None = None) -> list[int]:
+    """Indices of ``names`` ordered best first for ``key`` (ties: lower index)."""
+    ws = weights if weights is not None else [1.0] * len(names)
+    scores = [rendezvous_score(key, n, w) for n, w in zip(names, ws)]
+    return sorted(range(len(names)), key=lambda i: (-scores[i], i))
+
+
+def rendezvous_pick(key: bytes, names: Sequence[bytes], weights: Sequence[float] | None = None) -> int:
+    """The winning index for ``key``, or -1 if nothing has a positive weight."""
+    ws = weights if weights is not None else [1.0] * len(names)
+    best, best_score = -1, -math.inf
+    for i, (n, w) in enumerate(zip(names, ws)):
+        s = rendezvous_score(key, n, w)
+        if s > best_score:
+            best, best_score = i, s
+    return best
+
+
+def rendezvous_table(names: Sequence[bytes], size: int = 65536, weights: Sequence[float] | None = None) -> list[tuple[int, int]]:
+    """GitHub-GLB style table: each row holds (primary, secondary) for that row.
+
+    A flow hashes to a row; a proxy that does not know a flow passes it to
+    the secondary ("second chance"), so a change of primary breaks nothing.
+    The secondary is -1 with fewer than two eligible backends.
+    """
+    rows = []
+    for r in range(size):
+        order = rendezvous_order(r.to_bytes(4, "big"), names, weights)
+        ws = weights if weights is not None else [1.0] * len(names)
+        eligible = [i for i in order if ws[i] > 0]
+        primary = eligible[0] if eligible else -1
+        secondary = eligible[1] if len(eligible) > 1 else -1
+        rows.append((primary, secondary))
+    return rows
