@@ -32,6 +32,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
+from glb.aio import cancel_and_wait
 from glb.config import RedisConfig
 from glb.errors import StateError, StoreError, StoreUnavailable
 from glb.state import (
@@ -513,9 +514,7 @@ class StateFollower:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
         self.connected = False
 
     async def wait_synced(self, timeout: float | None = None) -> bool:
