@@ -360,7 +360,9 @@ def add_admin_routes(app: web.Application, src: StatusSource, token: str | None,
             return web.json_response({"target": target, "override": None, "version": version})
         override = Override(target, drain=drain, weight=weight, who=who, why=why)
         version = await store.set_override(override)
-        return web.json_response({"target": target, "override": override_to_json(override), "version": version})
+        # Answer with what Redis holds: the store stamps ``when`` with Redis time.
+        stored = await store.load_override(target) or override
+        return web.json_response({"target": target, "override": override_to_json(stored), "version": version})
 
     def handler(action: str):
         async def handle(request: web.Request) -> web.Response:

@@ -79,11 +79,59 @@ def build_parser() -> argparse.ArgumentParser:
     rstatus.add_argument("--json", action="store_true")
     rstatus.set_defaults(func=_cmd_realserver)
 
+    for name, undo in (("drain", False), ("undrain", True)):
+        what = "end the drain of" if undo else "drain (no new connections)"
+        d = sub.add_parser(name, help=f"{what} a real server, or the whole site without --server (admin API)")
+        _admin_args(d)
+        d.add_argument("--server", type=_server, metavar="ADDR[:PORT]",
+                       help="the real server (needs --service); without it the whole site is "
+                       + ("undrained" if undo else "drained: DNS stops answering it"))
+        d.add_argument("--service", metavar="NAME", help="the service of --server")
+        d.set_defaults(func=_cmd_drain, undo=undo, parser=d)
+
+    weight = sub.add_parser("weight", help="override a real server's weight, or 'clear' the override (admin API)")
+    _admin_args(weight)
+    weight.add_argument("--service", required=True, metavar="NAME", help="the service of --server")
+    weight.add_argument("--server", required=True, type=_server, metavar="ADDR[:PORT]", help="the real server")
+    weight.add_argument("weight", type=_weight, metavar="WEIGHT",
+                        help="0..65535 (0 quiesces: no new connections), or 'clear' for the configured weight")
+    weight.set_defaults(func=_cmd_weight)
+
     status = sub.add_parser("status", help="print every site's state from Redis and what DNS would answer now")
     status.add_argument("--config", required=True, metavar="FILE", help="the deployment's YAML file")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(func=_cmd_status)
     return p
+
+
+def _admin_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, metavar="FILE", help="the deployment's YAML file (admin.token, the site's director)")
+    p.add_argument("--site", required=True, metavar="NAME", help="the site whose director records it")
+    p.add_argument("--reason", default="", metavar="TEXT", help="why, recorded with the override")
+    p.add_argument("--who", metavar="NAME", help="who, recorded with the override (default $SUDO_USER or $USER @ this host)")
+
+
+def _server(text: str) -> tuple[str, int | None]:
+    from glb.admin import parse_server
+
+    try:
+        return parse_server(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _weight(text: str) -> int | None:
+    from glb.state import MAX_WEIGHT
+
+    if text.lower() == "clear":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 0..{MAX_WEIGHT} or 'clear', got {text!r}") from None
+    if not 0 <= value <= MAX_WEIGHT:
+        raise argparse.ArgumentTypeError(f"must be 0..{MAX_WEIGHT}, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -121,6 +169,22 @@ def _cmd_realserver(args: argparse.Namespace) -> int:
     if args.rs_command == "teardown":
         return realserver.teardown(args.state_file)
     return realserver.status(args.state_file, as_json=args.json)
+
+
+def _cmd_drain(args: argparse.Namespace) -> int:
+    if (args.server is None) != (args.service is None):
+        args.parser.error("--server and --service go together (without both, the whole site is meant)")
+    from glb.admin import drain
+
+    return drain(args.config, args.site, service=args.service, server=args.server, undo=args.undo,
+                 why=args.reason, who=args.who)
+
+
+def _cmd_weight(args: argparse.Namespace) -> int:
+    from glb.admin import set_weight
+
+    return set_weight(args.config, args.site, service=args.service, server=args.server, weight=args.weight,
+                      why=args.reason, who=args.who)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
