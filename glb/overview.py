@@ -83,7 +83,10 @@ def build_report(cfg: configmod.Config, state: DeploymentState, now: float) -> d
             p = plan(lb, sites_by_name, state, now, cfg.redis.stale_after, family)
             if not p.members:
                 continue
-            total = sum(m.weight for m in p.members if m.live)
+            # Shares among the sites the plan can actually pick first (e.g. only
+            # the active priority group of a failover name), by effective weight.
+            candidates = {c.sites[0] for c in p.choices if c.sites}
+            total = sum(m.weight for m in p.members if m.live and m.site in candidates)
             names.append(
                 {
                     "name": lb.name,
@@ -99,7 +102,7 @@ def build_report(cfg: configmod.Config, state: DeploymentState, now: float) -> d
                             "live": m.live,
                             "status": m.status,
                             "weight": m.weight,
-                            "share": round(m.weight / total, 3) if total and m.live else 0.0,
+                            "share": round(m.weight / total, 3) if total and m.live and m.site in candidates else 0.0,
                         }
                         for m in p.members
                     ],

@@ -58,6 +58,8 @@ def test_status_shows_sites_and_dns_choice(redis_url, tmp_path):
     app_a = next(n for n in report["names"] if n["name"] == "app.example.net." and n["type"] == "A")
     shares = {m["site"]: m["share"] for m in app_a["members"]}
     assert shares == {"dc1": round(2 / 3, 3), "dc2": round(1 / 3, 3)}  # 100x1.0 vs 100x0.5
+    api_a = next(n for n in report["names"] if n["name"] == "api.example.net." and n["type"] == "A")
+    assert {m["site"]: m["share"] for m in api_a["members"]} == {"dc1": 1.0, "dc2": 0.0}  # failover: dc1 only
     app_aaaa = next(n for n in report["names"] if n["name"] == "app.example.net." and n["type"] == "AAAA")
     assert [m["site"] for m in app_aaaa["members"]] == ["dc1"]  # only dc1 has an IPv6 VIP
 
