@@ -1,0 +1,261 @@
+"""The failover benchmark (run it through benchmarks/failover.sh): how fast GLB moves clients off a dead site.
+
+Builds the lab (deploy/lab: namespaces glb-bench-*, state in /run/glb-bench),
+then over N trials:
+
+1. clients on the lab's client host send requests at a fixed rate (open loop,
+   so a hanging request never slows the rate): each resolves a name through
+   the resolver (unbound, which caches for the TTL) and fetches http://VIP/;
+   a poller asks both dnsfront instances directly every 10 ms;
+2. after a random delay (so the fault lands anywhere in the resolver's TTL),
+   the fault: every real server of dc1 killed (SIGKILL), or with
+   ``--fault director`` dc1's director killed;
+3. measured from the fault: when dnsfront's answer lost dc1 (both
+   instances); when the resolver's answer lost dc1; when the client that
+   uses one address and honours TTLs (api.example.net: failover, one VIP per
+   answer) was served again; the share of that client's requests that
+   failed in the window after the fault; the same share for a client that
+   tries the answer's second address (app.example.net, two VIPs per answer);
+4. dc1 restored; wait until the resolver answers dc1 again.
+
+Prints each trial and min / median / max. Without a director packet path
+(fetching through a VIP impossible) it measures the DNS side only and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import signal
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from deploy.lab import net, probe  # noqa: E402
+from deploy.lab import topology as topo  # noqa: E402
+from deploy.lab.lab import Lab  # noqa: E402
+from deploy.lab.net import LabError  # noqa: E402
+
+SINGLE = f"api.{topo.ZONE}"    # failover, one VIP per answer: the client has no fallback
+FALLBACK = f"app.{topo.ZONE}"  # failover, two VIPs per answer: the client tries the second
+
+
+@dataclass
+class Sample:
+    sent: float
+    ok: bool
+    dc1: bool  # the request went to dc1's VIP first
+
+
+@dataclass
+class Trial:
+    fault: str
+    fault_at: float = 0.0
+    dnsfront: float | None = None
+    resolver: float | None = None
+    client_back: float | None = None
+    single: list[Sample] = field(default_factory=list)
+    fallback: list[Sample] = field(default_factory=list)
+
+    def share_failed(self, which: str, start: float, window: float) -> tuple[int, int]:
+        samples = [s for s in getattr(self, which) if start <= s.sent < start + window]
+        return sum(not s.ok for s in samples), len(samples)
+
+
+class Load:
+    """Open-loop clients and the dnsfront poller, each in the client namespace (setns is per thread)."""
+
+    def __init__(self, lab: Lab, rate: float, vip_ok: bool):
+        self.lab = lab
+        self.rate = rate
+        self.vip_ok = vip_ok
+        self.dc1 = lab.sites["dc1"].vips[0]
+        self.stop = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=128)  # failing requests wait up to their 1 s timeout
+        self.trial: Trial | None = None
+        self.fault_at: float | None = None
+        self.lock = threading.Lock()
+
+    def request(self, name: str, fallback: bool, sent: float) -> None:
+        with self.lab.inside("client"):
+            att = probe.request(topo.RESOLVER, name, fallback=fallback, connect_timeout=1.0) if self.vip_ok \
+                else probe.Attempt(sent, probe.resolve(topo.RESOLVER, name))
+        first_dc1 = bool(att.answer.addresses) and att.answer.addresses[0] == self.dc1
+        if self.vip_ok:
+            ok = att.ok
+        else:  # DNS only: count a request as failed when its answer sent it to the dead site first
+            ok = att.answer.ok and not (first_dc1 and self.fault_at is not None)
+        with self.lock:
+            trial, fault = self.trial, self.fault_at
+            if trial is None:
+                return
+            (trial.fallback if fallback else trial.single).append(Sample(sent, ok, first_dc1))
+            if fault is None or sent < fault:
+                return
+            if not fallback and trial.resolver is None and att.answer.ok and self.dc1 not in att.answer.addresses:
+                trial.resolver = att.at - fault  # when the query was asked (the pool may start a request late)
+            if not fallback and trial.client_back is None and ok and not first_dc1 and self.vip_ok:
+                trial.client_back = time.monotonic() - fault
+
+    def clients(self) -> None:
+        period = 1.0 / self.rate
+        nxt = time.monotonic()
+        while not self.stop.is_set():
+            now = time.monotonic()
+            self.pool.submit(self.request, SINGLE, False, now)
+            self.pool.submit(self.request, FALLBACK, True, now)
+            nxt += period
+            time.sleep(max(0.0, nxt - time.monotonic()))
+
+    def poller(self) -> None:
+        with self.lab.inside("client"):
+            while not self.stop.is_set():
+                answers = [probe.resolve(a, SINGLE, rd=False, timeout=0.3) for a in topo.DNSFRONTS.values()]
+                now = time.monotonic()
+                with self.lock:
+                    t, fault = self.trial, self.fault_at
+                    if t is not None and fault is not None and t.dnsfront is None and all(
+                            a.ok and a.addresses and self.dc1 not in a.addresses for a in answers):
+                        t.dnsfront = now - fault
+                time.sleep(0.01)
+
+    def __enter__(self) -> Load:
+        self.threads = [threading.Thread(target=self.clients, daemon=True),
+                        threading.Thread(target=self.poller, daemon=True)]
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(5)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def wait_resolver_dc1(lab: Lab, timeout: float = 30.0) -> None:
+    """Until the resolver's answer for the single-address name is dc1 again (its cached dc2 answer expired)."""
+    deadline = time.monotonic() + timeout
+    dc1 = lab.sites["dc1"].vips[0]
+    with lab.inside("client"):
+        while probe.resolve(topo.RESOLVER, SINGLE).addresses != [dc1]:
+            if time.monotonic() > deadline:
+                raise LabError("the resolver did not return to dc1")
+            time.sleep(0.2)
+
+
+def run_trial(lab: Lab, load: Load, fault: str, window: float, rng: random.Random) -> Trial:
+    lab.restore()
+    wait_resolver_dc1(lab)
+    trial = Trial(fault)
+    with load.lock:
+        load.trial, load.fault_at = trial, None
+    time.sleep(1.0 + rng.uniform(0, 5.0))  # land anywhere in the resolver's 5 s TTL
+    if fault == "servers":
+        victims = [f"{role}-httpd" for role in lab.sites["dc1"].real_servers]
+    else:
+        victims = ["dc1-director"]
+    procs = [lab.state["processes"][n] for n in victims]
+    at = time.monotonic()
+    for p in procs:
+        net.signal_pid(p["pid"], p["started"], signal.SIGKILL)
+    with load.lock:
+        load.fault_at = at
+    trial.fault_at = at
+    time.sleep(window + 1.5)  # requests sent in the window get up to their timeout to finish
+    with load.lock:
+        load.trial = None
+    for name in victims:
+        lab.state["processes"][name]["stopped"] = True  # lab.restore() starts them again
+    return trial
+
+
+def summarize(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "      -        -        -"
+    return f"{min(vals):7.2f}  {statistics.median(vals):7.2f}  {max(vals):7.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", "--trials", type=int, default=5)
+    ap.add_argument("--fault", choices=["servers", "director"], default="servers",
+                    help="kill every real server of dc1 (default) or dc1's director")
+    ap.add_argument("--rate", type=float, default=20.0, help="requests/s of each client (default 20)")
+    ap.add_argument("--window", type=float, default=10.0, help="seconds after the fault over which failures are counted")
+    ap.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args(argv)
+    rng = random.Random(args.seed)
+
+    t0 = time.monotonic()
+    lab = Lab(prefix="glb-bench-", state_dir=Path("/run/glb-bench"),
+              log=lambda m: print(f"[{time.monotonic() - t0:5.1f}s] {m}", flush=True))
+    if lab.is_up():
+        lab.log("a benchmark lab was left over: removing it")
+        lab.down()
+    cfg = lab.config
+    hc = cfg.site("dc1").services[0].health_check
+    single = next(n for n in cfg.names if n.name == SINGLE + ".")
+    try:
+        summary = lab.up()
+        vip_ok = all(v and v.startswith("ok") for v in summary["vip_path"].values())
+        print(f"\nfault: {'every real server of dc1 killed' if args.fault == 'servers' else 'dc1 director killed'}; "
+              f"health checks every {hc.interval} s, timeout {hc.timeout} s, fall {hc.fall}; heartbeat "
+              f"{cfg.site('dc1').director.heartbeat} s, stale_after {cfg.redis.stale_after} s; TTL {single.ttl} s; "
+              f"{args.rate:g} requests/s per client; failures counted over {args.window:g} s after the fault")
+        if not vip_ok:
+            print("NOTE: no forwarding through the VIPs (the director's packet path is missing): DNS only. "
+                  "'failed' counts requests whose answer sent them to dc1 first.")
+        trials = []
+        with Load(lab, args.rate, vip_ok) as load:
+            for i in range(args.trials):
+                t = run_trial(lab, load, args.fault, args.window, rng)
+                trials.append(t)
+                f1, n1 = t.share_failed("single", t.fault_at, args.window)
+                f2, n2 = t.share_failed("fallback", t.fault_at, args.window)
+                line = (f"trial {i + 1}: dnsfront answer changed {fmt(t.dnsfront)}, resolver answer {fmt(t.resolver)}; "
+                        f"failed: single-address {f1}/{n1} ({pct(f1, n1)})")
+                if vip_ok:
+                    line += (f", with fallback {f2}/{n2} ({pct(f2, n2)}); single-address client served again "
+                             f"{fmt(t.client_back)}")
+                print(line, flush=True)
+        lab.restore()
+        print(f"\n{args.trials} trials, seconds after the fault      min   median      max")
+        print(f"  dnsfront's answer changed (both)     {summarize([t.dnsfront for t in trials])}")
+        print(f"  resolver's answer changed            {summarize([t.resolver for t in trials])}")
+        if vip_ok:
+            print(f"  single-address client served again  {summarize([t.client_back for t in trials])}")
+        shares = [share(t, 'single', t.fault_at, args.window) for t in trials]
+        print(f"  failed requests, single-address (%)  {summarize(shares)}")
+        if vip_ok:
+            fb = [share(t, 'fallback', t.fault_at, args.window) for t in trials]
+            print(f"  failed requests, with fallback (%)   {summarize(fb)}")
+        return 0
+    finally:
+        lab.down()
+
+
+def share(t: Trial, which: str, start: float, window: float) -> float | None:
+    f, n = t.share_failed(which, start, window)
+    return 100.0 * f / n if n else None
+
+
+def fmt(v: float | None) -> str:
+    return f"{v:.2f} s" if v is not None else "-"
+
+
+def pct(f: int, n: int) -> str:
+    return f"{100.0 * f / n:.1f}%" if n else "-"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

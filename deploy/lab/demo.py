@@ -1,0 +1,217 @@
+"""The failover demo on the lab: what `bash scripts/demo` shows.
+
+1. Build the lab (every process through the real `glb` commands).
+2. A client resolves app.example.net through the resolver (which follows the
+   delegation to dnsfront and caches for the TTL) and fetches http://VIP/,
+   trying the answer's next address if one fails, as browsers do.
+3. Every real server of dc1 stops: dc1's director sees it within its fall
+   threshold and publishes; dnsfront stops answering dc1; the resolver's
+   cached answer runs out; the client keeps being served (by dc2).
+4. dc1's servers come back: dc1 is answered and serves again.
+
+A line per second: time, what the resolver answered (sites, TTL), which real
+servers answered the client's requests, retries on the next address, failures.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import time
+from dataclasses import dataclass, field
+
+from deploy.lab import probe
+from deploy.lab import topology as topo
+from deploy.lab.lab import Lab
+from deploy.lab.net import LabError
+
+NAME = f"app.{topo.ZONE}"
+TICK = 0.2  # seconds between client requests
+
+
+@dataclass
+class Second:
+    answers: collections.Counter = field(default_factory=collections.Counter)
+    ttls: set = field(default_factory=set)
+    served: collections.Counter = field(default_factory=collections.Counter)
+    retried: int = 0
+    failed: int = 0
+    errors: collections.Counter = field(default_factory=collections.Counter)
+
+
+class Timeline:
+    def __init__(self, lab: Lab, vip_ok: bool):
+        self.lab = lab
+        self.vip_ok = vip_ok
+        self.vip_site = {v: s for s, view in lab.sites.items() for v in view.vips}
+        self.t0 = time.monotonic()
+        self.requests = self.served = self.retried = self.failed = 0
+        self.events: dict[str, float] = {}
+
+    def site_names(self, addresses) -> str:
+        return "+".join(sorted(self.vip_site.get(a, a) for a in addresses)) or "-"
+
+    def header(self) -> None:
+        legend = ", ".join(f"{s} = {' '.join(v.vips)}" for s, v in sorted(self.lab.sites.items()))
+        print(f"\n  Client {topo.address_of('client')} asks the resolver for {NAME} and fetches http://VIP/ every "
+              f"{TICK:.1f} s ({legend}).")
+        print("  time   resolver answer      served by (requests)                  retried  failed")
+
+    def event(self, text: str) -> None:
+        print(f"  {time.monotonic() - self.t0:5.1f}s  >>> {text}", flush=True)
+
+    def run(self, seconds: float, until=None, settle: float = 0.0) -> float | None:
+        """Sample for up to ``seconds``; with ``until(second)``, stop ``settle`` s after it first holds; return that time."""
+        end = time.monotonic() + seconds
+        hit = None
+        while time.monotonic() < end:
+            sec = Second()
+            second_end = time.monotonic() + 1.0
+            dns_seen = []
+            while time.monotonic() < second_end:
+                self.lab.check_processes()
+                with self.lab.inside("client"):
+                    direct = probe.resolve(topo.DNSFRONTS["ns1"], NAME, rd=False, timeout=0.5)
+                    att = probe.request(topo.RESOLVER, NAME, fallback=True, connect_timeout=0.5) if self.vip_ok \
+                        else probe.Attempt(time.monotonic(), probe.resolve(topo.RESOLVER, NAME))
+                self._note_dns(direct, att.answer)
+                dns_seen.append(att.answer)
+                sec.answers[self.site_names(att.answer.addresses) if att.answer.ok else str(att.answer)] += 1
+                if att.answer.ttl is not None:
+                    sec.ttls.add(att.answer.ttl)
+                if self.vip_ok:
+                    self.requests += 1
+                    if att.ok:
+                        self.served += 1
+                        sec.served[att.served_by] += 1
+                    else:
+                        self.failed += 1
+                        sec.failed += 1
+                        for t in att.tries[-1:]:
+                            sec.errors[f"{self.vip_site.get(t.address, t.address)}: {t.error}"] += 1
+                    if len(att.tries) > 1:
+                        self.retried += 1
+                        sec.retried += 1
+                time.sleep(max(0.0, TICK - (time.monotonic() - att.at)))
+            self._print(sec)
+            if until is not None and hit is None and until(sec):
+                hit = time.monotonic()
+                end = min(end, hit + settle)
+        return hit
+
+    def _note_dns(self, direct: probe.DNSAnswer, via_resolver: probe.DNSAnswer) -> None:
+        now = time.monotonic()
+        dc1 = self.lab.sites["dc1"].vips[0]
+        fault = self.events.get("fault")
+        back = self.events.get("back")
+        if fault is not None and back is None:
+            if "dnsfront_moved" not in self.events and direct.ok and dc1 not in direct.addresses:
+                self.events["dnsfront_moved"] = now
+                self.event(f"dnsfront no longer answers dc1 ({now - fault:.2f} s after the fault)")
+            if "resolver_moved" not in self.events and via_resolver.ok and dc1 not in via_resolver.addresses:
+                self.events["resolver_moved"] = now
+                self.event(f"the resolver's answer no longer has dc1 ({now - fault:.2f} s: its cached TTL ran out)")
+        if back is not None:
+            if "dnsfront_back" not in self.events and dc1 in direct.addresses:
+                self.events["dnsfront_back"] = now
+                self.event(f"dnsfront answers dc1 again ({now - back:.2f} s after its servers came back)")
+
+    def _print(self, sec: Second) -> None:
+        t = time.monotonic() - self.t0
+        answer = ", ".join(f"{a}" for a, _ in sec.answers.most_common(2))
+        ttl = f" ttl {min(sec.ttls)}-{max(sec.ttls)}" if sec.ttls and min(sec.ttls) != max(sec.ttls) else \
+            (f" ttl {min(sec.ttls)}" if sec.ttls else "")
+        if self.vip_ok:
+            served = ", ".join(f"{s} {n}" for s, n in sorted(sec.served.items())) or "-"
+            errors = "  " + "; ".join(f"{e} x{n}" for e, n in sec.errors.items()) if sec.errors else ""
+            print(f"  {t:5.1f}s {answer + ttl:<20} {served:<37} {sec.retried:>7}  {sec.failed:>6}{errors}", flush=True)
+        else:
+            print(f"  {t:5.1f}s {answer + ttl:<18} (VIP path not forwarding yet: DNS only)", flush=True)
+
+
+def run_demo(lab: Lab, *, hold: float | None = None, keep: bool = False) -> int:
+    log = lab.log
+    print(__doc__.split("\n\n")[1].replace("\n", "\n  ").join(["  ", "\n"]))
+    if lab.is_up():
+        log("a lab is already up: removing it first")
+        lab.down()
+    try:
+        summary = lab.up()
+        log(f"lab up in {summary['seconds']} s")
+        vip_ok = all(v and v.startswith("ok") for v in summary["vip_path"].values())
+        if not vip_ok:
+            print("\n  NOTE: the client cannot fetch through the VIPs "
+                  f"({'; '.join(f'{s}: {r}' for s, r in summary['vip_path'].items())}): the director's packet path is "
+                  "not forwarding. The timeline shows the DNS side only.")
+        tl = Timeline(lab, vip_ok)
+        tl.header()
+        tl.run(4.0)
+        dc1 = [r for r in lab.sites["dc1"].real_servers]
+        tl.event(f"stopping every real server of dc1 ({', '.join(dc1)})")
+        for role in dc1:
+            lab.stop_process(f"{role}-httpd")
+        tl.events["fault"] = time.monotonic()
+        moved = tl.run(25.0, until=lambda s: "resolver_moved" in tl.events, settle=3.0)
+        if moved is None:
+            raise LabError("DNS still pointed the client at dc1 25 s after its servers stopped")
+        tl.event(f"starting dc1's real servers again ({', '.join(dc1)})")
+        for role in dc1:
+            lab.restart_process(f"{role}-httpd")
+        tl.events["back"] = time.monotonic()
+
+        def dc1_serves(sec: Second) -> bool:
+            if vip_ok:
+                return any(s.startswith("dc1") for s in sec.served)
+            return any("dc1" in a for a in sec.answers)
+
+        returned = tl.run(25.0, until=dc1_serves, settle=3.0)
+        if returned is None:
+            raise LabError("dc1 did not serve again within 25 s of its servers coming back")
+        tl.event(f"dc1 serves the client again ({returned - tl.events['back']:.1f} s after its servers came back)")
+        _summary(tl)
+        print()
+        print(lab.glb_status())
+        if hold is None:
+            hold = float("inf") if sys.stdin.isatty() else 0.0
+        if hold > 0 or keep:
+            print("The lab is still up. Try, in another shell (as root, from the repository):\n"
+                  "  bash scripts/demo status                  # processes, DNS answers, glb status\n"
+                  "  bash scripts/demo glb status\n"
+                  "  bash scripts/demo glb director list --site dc1\n"
+                  "  bash scripts/demo glb drain --site dc1     # then: glb undrain --site dc1\n"
+                  f"  bash scripts/demo exec client dig +short {NAME}\n"
+                  f"  bash scripts/demo exec client curl -s http://{NAME}/\n"
+                  "  bash scripts/demo exec ops curl -s http://10.1.0.2:9100/metrics\n"
+                  "  bash scripts/demo down\n"
+                  + ("Ctrl-C here tears it down." if not keep else "It stays up until 'bash scripts/demo down'."),
+                  flush=True)
+        if keep:
+            return 0
+        end = time.monotonic() + hold
+        while time.monotonic() < end:
+            lab.check_processes()
+            time.sleep(1)
+        return 0
+    except KeyboardInterrupt:
+        print()
+        return 0
+    finally:
+        if not keep:
+            log("tearing the lab down")
+            lab.down()
+            log("lab down: every namespace and process removed")
+
+
+def _summary(tl: Timeline) -> None:
+    ev = tl.events
+    f = ev["fault"]
+    print("\n  Summary")
+    if "dnsfront_moved" in ev:
+        print(f"    dnsfront stopped answering dc1      {ev['dnsfront_moved'] - f:5.2f} s after dc1's servers stopped")
+    if "resolver_moved" in ev:
+        print(f"    the resolver's answer followed      {ev['resolver_moved'] - f:5.2f} s after (the cached TTL ran out)")
+    if "dnsfront_back" in ev:
+        print(f"    dnsfront answered dc1 again         {ev['dnsfront_back'] - ev['back']:5.2f} s after they came back")
+    if tl.vip_ok:
+        print(f"    client requests {tl.requests}: served {tl.served}, {tl.retried} needed the answer's second "
+              f"address, failed {tl.failed}")

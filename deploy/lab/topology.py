@@ -1,0 +1,166 @@
+"""The lab's network as data: hosts, the segments joining them, addresses, routes.
+
+Pure: nothing here touches the system. :mod:`deploy.lab.lab` builds it.
+The addresses must agree with ``deploy/examples/lab.yaml``; :func:`check`
+verifies that the config's sites, VIPs and real servers fit this network.
+
+```
+                         "internet" 172.16.0.0/24 (bridge inet0 in core, core = .1)
+     ops .5   client .10   resolver .20   parent .30   ns1 .53   ns2 .54   redis .60
+                                   |                                   |
+                          dc1-gw .101                            dc2-gw .102
+                 dc1 LAN 10.1.0.0/24 (lan0)        dc2 edge 192.0.2.128/26 (edge0)
+                 VIP 192.0.2.10 on-link              director .130, VIP .140 on-link
+        director .2   rs1 .11   rs2 .12             dc2 servers 10.2.0.0/24 (srv0)
+                                                         rs1 .11   rs2 .12
+```
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Segment:
+    """An L2 network: a bridge inside the namespace of its router (which holds ``address`` on it)."""
+
+    name: str
+    router: str
+    bridge: str
+    address: str  # CIDR of the router on the bridge
+
+
+@dataclass(frozen=True)
+class Attachment:
+    segment: str
+    ifname: str
+    address: str  # CIDR
+
+
+@dataclass(frozen=True)
+class Host:
+    role: str
+    what: str
+    attachments: tuple[Attachment, ...] = ()
+    gateway: str | None = None
+    routes: tuple[str, ...] = ()  # extra `ip route add` arguments
+    router: bool = False
+
+
+SEGMENTS = (
+    Segment("internet", "core", "inet0", "172.16.0.1/24"),
+    Segment("dc1-lan", "dc1-gw", "lan0", "10.1.0.1/24"),
+    Segment("dc2-edge", "dc2-gw", "edge0", "192.0.2.129/26"),
+    Segment("dc2-servers", "dc2-gw", "srv0", "10.2.0.1/24"),
+)
+
+
+def _on(segment: str, address: str, ifname: str = "eth0") -> tuple[Attachment, ...]:
+    return (Attachment(segment, ifname, address),)
+
+
+HOSTS = (
+    Host("core", "the Internet's router (holds the internet bridge)", router=True,
+         routes=("10.1.0.0/24 via 172.16.0.101", "192.0.2.0/26 via 172.16.0.101",
+                 "10.2.0.0/24 via 172.16.0.102", "192.0.2.128/26 via 172.16.0.102")),
+    Host("ops", "operator host: glb status, admin API calls", _on("internet", "172.16.0.5/24"), "172.16.0.1"),
+    Host("client", "a client: resolves through the resolver, fetches through the VIP",
+         _on("internet", "172.16.0.10/24"), "172.16.0.1"),
+    Host("resolver", "recursive resolver (unbound), root hint = parent", _on("internet", "172.16.0.20/24"), "172.16.0.1"),
+    Host("parent", "parent zones . and net. (NSD), delegate example.net to ns1/ns2",
+         _on("internet", "172.16.0.30/24"), "172.16.0.1"),
+    Host("ns1", "glb dnsfront (ns1.example.net)", _on("internet", "172.16.0.53/24"), "172.16.0.1"),
+    Host("ns2", "glb dnsfront (ns2.example.net)", _on("internet", "172.16.0.54/24"), "172.16.0.1"),
+    Host("redis", "redis-server, the shared state", _on("internet", "172.16.0.60/24"), "172.16.0.1"),
+    Host("dc1-gw", "dc1's router; the VIP block is on-link on its LAN", _on("internet", "172.16.0.101/24", "uplink"),
+         "172.16.0.1", routes=("192.0.2.0/26 dev lan0",), router=True),
+    Host("dc1-director", "glb director --site dc1 (DR)", _on("dc1-lan", "10.1.0.2/24"), "10.1.0.1"),
+    Host("dc1-rs1", "real server (DR), HTTP", _on("dc1-lan", "10.1.0.11/24"), "10.1.0.1"),
+    Host("dc1-rs2", "real server (DR), HTTP", _on("dc1-lan", "10.1.0.12/24"), "10.1.0.1"),
+    Host("dc2-gw", "dc2's router: edge network and server subnet", _on("internet", "172.16.0.102/24", "uplink"),
+         "172.16.0.1", router=True),
+    Host("dc2-director", "glb director --site dc2 (TUN)", _on("dc2-edge", "192.0.2.130/26"), "192.0.2.129"),
+    Host("dc2-rs1", "real server (TUN), HTTP", _on("dc2-servers", "10.2.0.11/24"), "10.2.0.1"),
+    Host("dc2-rs2", "real server (TUN), HTTP", _on("dc2-servers", "10.2.0.12/24"), "10.2.0.1"),
+)
+
+BY_ROLE = {h.role: h for h in HOSTS}
+
+# Well-known addresses the lab's processes and probes use.
+RESOLVER = "172.16.0.20"
+PARENT = "172.16.0.30"
+DNSFRONTS = {"ns1": "172.16.0.53", "ns2": "172.16.0.54"}
+REDIS = "172.16.0.60"
+DIRECTORS = {"dc1": "10.1.0.2", "dc2": "192.0.2.130"}
+REAL_SERVERS = {"dc1-rs1": "10.1.0.11", "dc1-rs2": "10.1.0.12", "dc2-rs1": "10.2.0.11", "dc2-rs2": "10.2.0.12"}
+ZONE = "example.net"
+
+
+def address_of(role: str) -> str:
+    return BY_ROLE[role].attachments[0].address.split("/")[0]
+
+
+def site_of(role: str) -> str:
+    return role.split("-")[0]
+
+
+@dataclass
+class SiteView:
+    """What the lab needs to know about a site, from the config."""
+
+    name: str
+    forwarding: str
+    vips: list[str] = field(default_factory=list)
+    port: int = 80
+    real_servers: dict[str, str] = field(default_factory=dict)  # role -> address
+    status_port: int = 9100
+
+
+def sites_from_config(cfg) -> dict[str, SiteView]:
+    """The lab's view of ``cfg``'s sites; LabError-free: :func:`check` reports mismatches."""
+    by_addr = {addr: role for role, addr in REAL_SERVERS.items()}
+    out = {}
+    for site in cfg.sites:
+        svc = site.services[0]
+        view = SiteView(site.name, svc.forwarding, [str(v.address) for v in svc.vips], svc.vips[0].port,
+                        status_port=site.director.status_listen.port)
+        for rs in svc.real_servers:
+            role = by_addr.get(str(rs.address))
+            if role:
+                view.real_servers[role] = str(rs.address)
+        out[site.name] = view
+    return out
+
+
+def check(cfg) -> list[str]:
+    """Ways ``cfg`` does not fit the lab's network (empty when it fits)."""
+    problems = []
+    names = {s.name for s in cfg.sites}
+    if names != {"dc1", "dc2"}:
+        problems.append(f"the lab has sites dc1 and dc2; the config has {', '.join(sorted(names)) or 'none'}")
+    routed = {
+        "dc1": [ipaddress.ip_network("192.0.2.0/26")],
+        "dc2": [ipaddress.ip_network("192.0.2.128/26")],
+    }
+    for site in cfg.sites:
+        if site.name not in routed:
+            continue
+        if len(site.services) != 1:
+            problems.append(f"site {site.name}: the lab runs one service per site")
+        for svc in site.services:
+            for vip in svc.vips:
+                if vip.address.version != 4 or not any(vip.address in n for n in routed[site.name]):
+                    problems.append(f"site {site.name}: VIP {vip.address} is not in the lab's VIP block "
+                                    f"{routed[site.name][0]}")
+            for rs in svc.real_servers:
+                role = next((r for r, a in REAL_SERVERS.items() if a == str(rs.address)), None)
+                if role is None or site_of(role) != site.name:
+                    problems.append(f"site {site.name}: real server {rs.address} is not one of the lab's hosts")
+        if site.director.interface != "eth0":
+            problems.append(f"site {site.name}: the lab's directors use interface eth0")
+    host = cfg.redis.url.split("//", 1)[-1].split("/")[0].rsplit(":", 1)[0].split("@")[-1]
+    if host != REDIS:
+        problems.append(f"redis.url must point at the lab's Redis {REDIS}")
+    return problems
