@@ -27,8 +27,8 @@ Rules (docs/dnsfront.md has the long form):
   chosen one, for client-side fallback.
 * No live member: ``all_down`` = fail-open (every member's addresses),
   fallback (the sorry addresses) or servfail.
-* TTL: ``ttl``; ``degraded_ttl`` while any member is not live or below full
-  capacity, while all are down, and while we have no state at all.
+* TTL: ``ttl``; ``degraded_ttl`` while any member is not live, below full
+  capacity or two heartbeats late, while all are down, and while we have no state at all.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ from dataclasses import dataclass
 
 from glb.config import LBName, Site
 from glb.state import DeploymentState
+
+OVERDUE_HEARTBEATS = 2
+"""Heartbeats a live site may miss before its answers get the degraded TTL."""
 
 STICKY_PREFIX = {4: 24, 6: 56}
 """Client subnet that shares a sticky site: what a resolver's ECS usually sends."""
@@ -84,6 +87,8 @@ class MemberView:
     """Why (not) live: "up", "stale 4.2s", "withdrawn", "drained", ..."""
     addresses: tuple[str, ...]
     """The site's VIPs of the plan's address family."""
+    overdue: bool = False
+    """Live, but its director missed OVERDUE_HEARTBEATS heartbeats: answered with the degraded TTL."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +315,7 @@ def assess(
         snap = state.sites.get(m.site)
         hf = 0.0
         live = False
+        overdue = False
         if snap is None:
             status = "no snapshot"
         elif snap.withdrawn:
@@ -331,9 +337,17 @@ def assess(
                 hf = svc.healthy_fraction
                 live = True
                 status = "up" if hf >= 1 else f"up at {hf:.0%} capacity"
+                # Two heartbeats missed: the director may be dead but is not
+                # stale yet. Shorten the TTL now, so resolvers that refresh in
+                # this window do not keep a dead site for a whole TTL more.
+                site_cfg = sites.get(m.site)
+                age = state.site_age(m.site, now)
+                if site_cfg is not None and age is not None and age > OVERDUE_HEARTBEATS * site_cfg.director.heartbeat:
+                    overdue = True
+                    status += f", heartbeat overdue ({age:.1f}s)"
         if ov is not None and ov.weight is not None and live:
             status += f", weight override {ov.weight}"
-        out.append(MemberView(m.site, m.weight, weight * hf if live else 0.0, m.priority, hf, live, status, addrs))
+        out.append(MemberView(m.site, m.weight, weight * hf if live else 0.0, m.priority, hf, live, status, addrs, overdue))
     return out
 
 
@@ -353,7 +367,7 @@ def plan(
                     f"no member has IPv{family} addresses for service {lb.service}")
     live = [m for m in members if m.live]
     nostate = state is None
-    degraded = nostate or any(not m.live or m.healthy_fraction < 1 for m in members)
+    degraded = nostate or any(not m.live or m.healthy_fraction < 1 or m.overdue for m in members)
     ttl = lb.degraded_ttl if degraded else lb.ttl
     note = " (no Redis state yet: configured weights)" if nostate else ""
 
@@ -415,7 +429,7 @@ def plan(
     else:
         selector = fallback
 
-    down = [f"{m.site} {m.status}" for m in members if not m.live or m.healthy_fraction < 1]
+    down = [f"{m.site} {m.status}" for m in members if not m.live or m.healthy_fraction < 1 or m.overdue]
     shares = ", ".join(f"{m.site} {w / total:.0%}" for m, w in zip(candidates, weights))
     reason = f"{prefix_reason}: {shares}"
     if down:

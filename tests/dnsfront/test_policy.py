@@ -215,3 +215,17 @@ def test_weight_slots_are_proportional():
     assert t.count(1) == 1  # a tiny positive weight is never starved
     t = policy.weight_slots([0, 5])
     assert t.count(0) == 0
+
+
+def test_overdue_heartbeat_shortens_ttl_before_the_site_goes_stale(lb, sites, st):
+    # heartbeat 1 s (default), stale_after 3 s: from 2 s late the site is still
+    # answered, but with the degraded TTL, so resolvers come back soon.
+    s = st.all_up()
+    on_time = policy.plan(lb("app.example.net."), sites, s, st.NOW + 1.9, 3.0, 4)
+    assert not on_time.degraded and {c.ttl for c in on_time.choices} == {20}
+    late = policy.plan(lb("app.example.net."), sites, s, st.NOW + 2.5, 3.0, 4)
+    assert late.degraded and {c.ttl for c in late.choices} == {5}
+    assert {c.sites[0] for c in late.choices} == {"dc1", "dc2"}
+    assert "heartbeat overdue" in late.reason
+    stale = policy.plan(lb("app.example.net."), sites, s, st.NOW + 3.5, 3.0, 4)
+    assert stale.kind == ANSWER and "stale" in stale.reason
