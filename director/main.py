@@ -16,14 +16,20 @@ snapshots with ``director.site.build_snapshot``. Operator overrides (drain,
 weight) are followed from Redis with ``glb.store.StateFollower`` and applied
 to the table, so they survive director restarts.
 
-The packet path plugs in later through ``Director.counters`` /
-``Director.vip_counters`` (traffic it reports) and ``Director.table`` (the
-decisions it schedules by).
+The packet path (director/engine.py, in worker processes) follows the
+health table: every decision (a transition, an override, a reload, a real
+server's MAC learnt or lost) rebuilds a ``forwarder.Plan`` and hands the
+whole plan to the engine, which swaps it in between two batches. The engine
+reports its counters back twice a second; ``Director.counters`` /
+``Director.vip_counters`` / ``Director.packet_stats`` serve them to the
+snapshot, /status and /metrics. A director on ``lo`` runs the control plane
+only: loopback carries no client traffic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import signal
 import socket
@@ -36,6 +42,7 @@ from glb.errors import ConfigError, DirectorError, GLBError
 from glb.state import DeploymentState, SiteSnapshot
 from glb.store import RedisStore, StateFollower
 from director.checker import Checker, Target, targets
+from director.forwarder import Plan, build_plan
 from director.health import ADMIN_DRAIN, ADMIN_NONE, HealthTable, ServerKey, Transition
 from director.probes import Probe, ProbeResult, Prober
 from director.publisher import Publisher
@@ -64,6 +71,7 @@ class Director:
         config_path: str | None = None,
         probe: Probe | None = None,
         clock: Callable[[], float] = time.time,
+        packet_path: bool | None = None,
     ):
         self.config = config
         self.site_name = site_name
@@ -84,14 +92,33 @@ class Director:
         self._overrides = DeploymentState()
         self._reload_lock = asyncio.Lock()
         self._started = False
+        # The packet path (None = control plane only).
+        self._packet_path = packet_path
+        self.engine = None
+        self._guard = None
+        self._groups = None
+        self._neighbours = None
+        self._netlink: concurrent.futures.ThreadPoolExecutor | None = None
+        self._macs: dict[bytes, bytes | None] = {}
+        self._mtu = 1500
+        self._plan: Plan | None = None
+        self._plan_pending = False
+        self._housekeeping: asyncio.Task | None = None
+        self._counters: dict[ServerKey, ServerCounters] = {}
+        self._vip_counters: dict[str, VipCounters] = {}
+        self._rates_at: tuple[float, dict] | None = None
 
-    # -- what the packet path will provide (zeros until it exists)
+    # -- what the packet path reports
 
     def counters(self) -> Mapping[ServerKey, ServerCounters]:
-        return {}
+        return self._counters
 
     def vip_counters(self) -> Mapping[str, VipCounters]:
-        return {}
+        return self._vip_counters
+
+    def packet_stats(self):
+        """The engine's merged EngineStats, or None without a packet path."""
+        return self.engine.stats() if self.engine is not None else None
 
     def site_drained(self) -> bool:
         return self._overrides.is_drained(self.site_name)
@@ -105,6 +132,8 @@ class Director:
         app = make_app(self, self.metrics, admin_token=self.config.admin.token, store=self.store)
         self._runner = await serve(app, site.director.status_listen)
         self.status_port = bound_port(self._runner)
+        # Then the packet path: a missing interface or privilege is a startup error too.
+        await self._start_packet_path()
         self._started = True
         self.publisher.start()
         self.checker.update(targets(site))
@@ -123,6 +152,7 @@ class Director:
         """
         await self.checker.stop()
         await self.follower.stop()
+        await self._stop_packet_path()
         await self.publisher.stop(withdraw=self._started)
         self._started = False
         if self._runner is not None:
@@ -159,6 +189,7 @@ class Director:
             self._apply_overrides(now)  # servers added by the reload may have overrides
             self.checker.update(targets(site))
             self.publisher.poke()  # weights may have changed without any state change
+            self._plan_dirty()
             log.info("reloaded %s: %d real servers", self.config_path, len(self.table))
             return True
 
@@ -170,6 +201,7 @@ class Director:
     def _on_result(self, target: Target, result: ProbeResult) -> None:
         self.metrics.observe_check(target, result)
         self._changed(self.table.record(target.key, result.ok, result.detail, self._clock(), result.latency))
+        self._plan_dirty()
 
     def _on_state(self, state: DeploymentState) -> None:
         # The follower reports every change in Redis, including each of our
@@ -180,6 +212,7 @@ class Director:
             return
         if self._apply_overrides(self._clock()):
             self.publisher.poke()
+            self._plan_dirty()
 
     def _apply_overrides(self, now: float) -> bool:
         """Bring every server's admin mode and weight override in line with
@@ -204,6 +237,160 @@ class Director:
             level = logging.WARNING if t.new in ("down", "removed") else logging.INFO
             log.log(level, "%s", t)
         self.publisher.poke()
+
+
+    # -- the packet path
+
+    def _wants_packet_path(self) -> bool:
+        if self._packet_path is not None:
+            return self._packet_path
+        return self.table.site.director.interface != "lo"
+
+    async def _start_packet_path(self) -> None:
+        from director.engine import Engine, EngineConfig, EngineError
+        from director.neighbours import Neighbours
+        from director.ownership import GuardError, KernelGuard, SolicitedNodeGroups, vips_on_kernel
+
+        site = self.table.site
+        iface = site.director.interface
+        if not self._wants_packet_path():
+            log.info("interface %s: packet path off (control plane only)", iface)
+            return
+        # pyroute2's synchronous API runs its own event loop: keep it on one thread of its own.
+        self._netlink = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glb-netlink")
+        loop = asyncio.get_running_loop()
+        try:
+            self._neighbours = await loop.run_in_executor(self._netlink, Neighbours, iface)
+        except LookupError:
+            raise DirectorError(f"director.interface {iface!r}: no such interface") from None
+        self._mtu = await loop.run_in_executor(self._netlink, self._neighbours.mtu)
+        plan = self._build_plan(await loop.run_in_executor(self._netlink, self._neighbours.mac))
+        on_kernel = await loop.run_in_executor(self._netlink, vips_on_kernel, plan.vips)
+        if on_kernel:
+            raise DirectorError(f"VIPs must not be configured on the director's interfaces "
+                                f"(the kernel would answer for them): {', '.join(on_kernel)}")
+        self._guard = KernelGuard(iface)
+        try:
+            self._guard.install(plan.vips)
+        except GuardError as e:
+            raise DirectorError(f"cannot keep the kernel off VIP traffic: {e}") from None
+        self._groups = SolicitedNodeGroups(iface)
+        self._groups.update(plan.vips)
+        self._macs = await loop.run_in_executor(self._netlink, self._resolve)
+        plan = self._build_plan(plan.mac)
+        engine = Engine(EngineConfig(iface, conntable=site.director.connection_table))
+        try:
+            await loop.run_in_executor(None, engine.start, plan)
+        except EngineError as e:
+            raise DirectorError(f"packet engine on {iface}: {e}") from None
+        self.engine, self._plan = engine, plan
+        self._housekeeping = asyncio.create_task(self._packet_housekeeping())
+        log.info("packet path on %s (MAC %s, pids %s): %d VIPs", iface, plan.mac.hex(":"),
+                 engine.pids, len(plan.vips))
+
+    async def _stop_packet_path(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            try:
+                await self._housekeeping
+            except BaseException:
+                pass
+            self._housekeeping = None
+        if self.engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+            self.engine = None
+        if self._guard is not None:
+            self._guard.remove()
+            self._guard = None
+        if self._groups is not None:
+            self._groups.close()
+            self._groups = None
+        if self._neighbours is not None:
+            await asyncio.get_running_loop().run_in_executor(self._netlink, self._neighbours.close)
+            self._neighbours = None
+        if self._netlink is not None:
+            self._netlink.shutdown(wait=False)
+            self._netlink = None
+
+    def _real_addresses(self) -> list[bytes]:
+        out = []
+        for svc in self.table.site.services:
+            out.extend(rs.address.packed for rs in svc.real_servers)
+            if svc.sorry_server is not None:
+                out.append(svc.sorry_server.packed)
+        return list(dict.fromkeys(out))
+
+    def _resolve(self) -> dict[bytes, bytes | None]:
+        assert self._neighbours is not None
+        return self._neighbours.resolve(self._real_addresses())
+
+    def _build_plan(self, mac: bytes | None = None) -> Plan:
+        mac = mac or (self._plan.mac if self._plan is not None else b"\x00" * 6)
+        return build_plan(self.table.site, self.table.services(), mac, self._macs, self._mtu)
+
+    def _plan_dirty(self) -> None:
+        """Coalesce: however many decisions this loop iteration, one plan is built and sent."""
+        if self.engine is None or self._plan_pending:
+            return
+        self._plan_pending = True
+        asyncio.get_running_loop().call_soon(self._send_plan)
+
+    def _send_plan(self) -> None:
+        self._plan_pending = False
+        if self.engine is None:
+            return
+        plan = self._build_plan()
+        if plan != self._plan:
+            if self._guard is not None and self._plan is not None and plan.vips != self._plan.vips:
+                try:
+                    self._guard.install(plan.vips)
+                except Exception as e:
+                    log.error("could not update the nftables guard: %s", e)
+                if self._groups is not None:
+                    self._groups.update(plan.vips)
+            self._plan = plan
+            self.engine.update(plan)
+
+    async def _packet_housekeeping(self) -> None:
+        """Once a second: refresh neighbours (a changed MAC means a new plan), derive rates."""
+        loop = asyncio.get_running_loop()
+        reported_failure = False
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                macs = await loop.run_in_executor(self._netlink, self._resolve)
+            except Exception as e:
+                log.warning("neighbour refresh failed: %s", e)
+                macs = self._macs
+            if macs != self._macs:
+                lost = [a for a, m in self._macs.items() if m and not macs.get(a)]
+                if lost:
+                    log.warning("lost the MAC of %d real server(s); they are unreachable", len(lost))
+                self._macs = macs
+                self._plan_dirty()
+            self._update_counters()
+            if self.engine is not None and self.engine.failed and not reported_failure:
+                reported_failure = True
+                log.error("%s: the packet path is down", self.engine.failed)
+
+    def _update_counters(self) -> None:
+        if self.engine is None:
+            return
+        stats = self.engine.stats().forwarder
+        now = time.monotonic()
+        prev_at, prev = self._rates_at or (now, {})
+        dt = now - prev_at
+        counters = {}
+        for key, (active, inactive, packets, octets, conns) in stats.servers.items():
+            p = prev.get(key)
+            if p is not None and dt > 0:
+                rates = ((conns - p[4]) / dt, (packets - p[2]) / dt, (octets - p[3]) / dt)
+            else:
+                rates = (0.0, 0.0, 0.0)
+            counters[key] = ServerCounters(active, inactive, *(max(0.0, r) for r in rates), packets, octets)
+        self._rates_at = (now, dict(stats.servers))
+        self._counters = counters
+        self._vip_counters = {label: VipCounters(*v) for label, v in stats.vips.items()}
 
 
 async def serve_director(config_path: str, site_name: str, *, ready: Callable[[Director], None] | None = None) -> int:

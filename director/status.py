@@ -161,6 +161,30 @@ def status_document(src: StatusSource, now: float) -> dict[str, Any]:
             "max_probes": src.checker.max_probes,
         },
         "services": services,
+        "packet_path": packet_path_document(src),
+    }
+
+
+def packet_path_document(src: StatusSource) -> dict[str, Any] | None:
+    """The packet engine's own counters (None when the director runs without one)."""
+    stats_of = getattr(src, "packet_stats", None)
+    st = stats_of() if stats_of is not None else None
+    if st is None:
+        return None
+    f = st.forwarder
+    return {
+        "connections": f.connections,
+        "evicted": f.evicted,
+        "expired": f.expired,
+        "forwarded": f.forwarded,
+        "replies": f.replies,
+        "drops": dict(sorted(f.drops.items())),
+        "rx_frames": st.rx_frames,
+        "ring_drops": st.ring_drops,
+        "truncated": st.truncated,
+        "tx_frames": st.tx_frames,
+        "tx_errors": {str(k): v for k, v in st.tx_errors.items()},
+        "cpu_seconds": st.cpu,
     }
 
 
@@ -278,6 +302,34 @@ class _LiveCollector:
         in_flight.add_metric([], src.checker.in_flight)
         yield from (state, weight, conns, packets, octets, up, fraction, sorry,
                     vip_packets, vip_bytes, vip_conns, published, redis_up, in_flight)
+        yield from _packet_path_metrics(packet_path_document(src))
+
+
+def _packet_path_metrics(pp: dict[str, Any] | None) -> Iterator[Any]:
+    if pp is None:
+        return
+    drops = CounterMetricFamily("glb_director_packet_drops", "Frames the packet path dropped, by reason.",
+                                labels=["reason"])
+    for reason, n in pp["drops"].items():
+        drops.add_metric([reason], n)
+    tracked = GaugeMetricFamily("glb_director_connections_tracked", "Entries in the connection table.")
+    tracked.add_metric([], pp["connections"])
+    evicted = CounterMetricFamily("glb_director_connections_evicted",
+                                  "Connection entries evicted because the table was full.")
+    evicted.add_metric([], pp["evicted"])
+    rx = CounterMetricFamily("glb_director_rx_frames", "Frames read from the RX ring.")
+    rx.add_metric([], pp["rx_frames"])
+    ring = CounterMetricFamily("glb_director_ring_drops", "Frames the kernel dropped: the RX ring was full.")
+    ring.add_metric([], pp["ring_drops"])
+    tx = CounterMetricFamily("glb_director_tx_frames", "Frames sent by the packet path.")
+    tx.add_metric([], pp["tx_frames"])
+    tx_err = CounterMetricFamily("glb_director_tx_errors", "Frames the kernel refused to send, by errno.",
+                                 labels=["errno"])
+    for err, n in pp["tx_errors"].items():
+        tx_err.add_metric([err], n)
+    cpu = CounterMetricFamily("glb_director_packet_cpu_seconds", "CPU time of the packet engine workers.")
+    cpu.add_metric([], pp["cpu_seconds"])
+    yield from (drops, tracked, evicted, rx, ring, tx, tx_err, cpu)
 
 
 # --------------------------------------------------------------------------

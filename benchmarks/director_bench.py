@@ -1,0 +1,213 @@
+"""The director benchmark (run by benchmarks/director_pps.sh, as root).
+
+Namespaces: client, director and a real server on one bridge (as the DR
+end-to-end test). For each forwarding method (DR, TUN) and for the kernel's
+own forwarding (an nftables netdev ``fwd`` rule in the director's namespace,
+DR-style MAC rewrite) in the same run:
+
+* **pps**: the client blasts 64-byte UDP frames (1024 flows) at the VIP for
+  SECONDS; delivered = what the real server's ingress counted (and dropped,
+  so its stack costs nothing); CPU us/packet = the director engine's own
+  CPU time / delivered, and the whole machine's busy time minus the
+  generator's own / delivered (this includes the kernel's softirq work on
+  both sides of the director);
+* **latency**: UDP echo RTT from the client through the VIP at 1000/s,
+  p50; added = p50 through the engine - p50 through nftables;
+* **TCP**: one stream client -> VIP -> real server for SECONDS, with
+  checksum/TSO/GSO offloads on (DR passes GSO super-frames; TUN cannot,
+  see docs/packet-path.md, so TUN runs with them off).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.netns import ETHTOOL, Lab  # noqa: E402
+
+PY = sys.executable
+GLB = str(Path(PY).parent / "glb")
+TOOLS = str(ROOT / "benchmarks" / "director_tools.py")
+ENGINE = str(ROOT / "benchmarks" / "director_engine.py")
+VIP, CLIENT, DIRECTOR, RS = "10.0.0.100", "10.0.0.10", "10.0.0.2", "10.0.0.11"
+UDP_PORT, TCP_PORT, ECHO_PORT = 9, 5001, 7
+SECONDS = float(os.environ.get("SECONDS_PER_RUN", "5"))
+
+
+def busy_jiffies() -> int:
+    parts = open("/proc/stat").readline().split()[1:]
+    v = list(map(int, parts))
+    return sum(v) - v[3] - v[4]  # all but idle and iowait
+
+
+def mac(ns) -> str:
+    return ns.run(["cat", "/sys/class/net/eth0/address"]).stdout.strip()
+
+
+def counter(ns) -> int:
+    text = ns.run(["nft", "list", "table", "netdev", "bench"]).stdout
+    return int(text.split('counter packets ')[1].split()[0])
+
+
+class Bench:
+    def __init__(self, lab: Lab, mode: str, tmp: Path) -> None:
+        self.lab, self.mode = lab, mode
+        sw = lab.netns("sw")
+        br = lab.bridge(sw)
+        self.sw = sw
+        self.client, self.director, self.rs = lab.netns("client"), lab.netns("director"), lab.netns("rs")
+        lab.port(sw, br, self.client, f"{CLIENT}/24")
+        lab.port(sw, br, self.director, f"{DIRECTOR}/24")
+        lab.port(sw, br, self.rs, f"{RS}/24")
+        res = self.rs.run([GLB, "realserver", "setup", "--vip", VIP, "--mode", mode, "--state-file",
+                           str(tmp / f"rs-{mode}.json")], check=False)
+        if res.returncode:
+            raise SystemExit(res.stderr)
+        self.dmac, self.rmac = mac(self.director), mac(self.rs)
+        self.client.ip("neigh", "replace", VIP, "lladdr", self.dmac, "dev", "eth0")
+        self.director.ip("neigh", "replace", RS, "lladdr", self.rmac, "dev", "eth0")
+        # The real server counts and drops the blast at ingress (outer IPIP packets for TUN).
+        match = "ip protocol 4" if mode == "tun" else "udp dport 9"
+        self.rs.run(["nft", "-f", "-"], input=(
+            'table netdev bench { chain in { type filter hook ingress device "eth0" priority 0;\n'
+            f'  ip saddr {CLIENT if mode == "dr" else DIRECTOR} {match} counter drop\n }}\n}}\n'))
+        self.tools = [self.rs.popen([PY, TOOLS, "echo", str(ECHO_PORT)], stdout=subprocess.PIPE, text=True)]
+        self.tools[0].stdout.readline()
+
+    def offloads(self, on: bool) -> None:
+        state = "on" if on else "off"
+        for ns in (self.client, self.director, self.rs, self.sw):
+            links = json.loads(ns.ip("-j", "link").stdout)
+            for link in links:
+                if link["ifname"] != "lo":
+                    ns.run([ETHTOOL, "-K", link["ifname"], "tx", state, "tso", state, "gso", state], check=False)
+
+    # -- what forwards
+
+    def start_engine(self):
+        plan = {"interface": "eth0", "mode": self.mode, "vip": VIP, "servers": [[RS, self.rmac]],
+                "source": DIRECTOR, "ports": [[UDP_PORT, 17], [TCP_PORT, 6], [ECHO_PORT, 17]]}
+        p = self.director.popen([PY, ENGINE, json.dumps(plan)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True, cwd=ROOT)
+        line = p.stdout.readline()
+        if not line.startswith("ready"):
+            raise SystemExit(f"engine did not start: {line}")
+        # What the director's KernelGuard does: the kernel drops its copy of VIP traffic.
+        self.director.run(["nft", "-f", "-"], input=(
+            f'table netdev glb_director {{ chain in {{ type filter hook ingress device "eth0" priority 0;\n'
+            f'  ip daddr {VIP} drop\n }}\n}}\n'))
+        self.engine = p
+        return p
+
+    def engine_stats(self) -> dict:
+        self.engine.stdin.write("\n")
+        self.engine.stdin.flush()
+        return json.loads(self.engine.stdout.readline())
+
+    def stop_engine(self) -> None:
+        self.engine.stdin.close()
+        self.engine.wait(20)
+        self.director.run(["nft", "delete", "table", "netdev", "glb_director"], check=False)
+
+    def start_nft(self) -> None:
+        self.director.run(["nft", "-f", "-"], input=(
+            'table netdev kfwd { chain in { type filter hook ingress device "eth0" priority 0;\n'
+            f'  ip daddr {VIP} ether daddr set {self.rmac} ether saddr set {self.dmac} fwd to "eth0"\n }}\n}}\n'))
+
+    def stop_nft(self) -> None:
+        self.director.run(["nft", "delete", "table", "netdev", "kfwd"], check=False)
+
+    # -- measurements
+
+    def pps(self, engine: bool) -> dict:
+        time.sleep(0.5)
+        before_rs, before_busy = counter(self.rs), busy_jiffies()
+        cpu0 = self.engine_stats()["cpu"] if engine else 0.0
+        out = self.client.run([PY, TOOLS, "blast", "eth0", self.dmac, CLIENT, VIP, str(UDP_PORT), str(SECONDS)],
+                              timeout=SECONDS + 60, cwd=ROOT)
+        time.sleep(0.6)
+        sent = json.loads(out.stdout)
+        delivered = counter(self.rs) - before_rs
+        busy = (busy_jiffies() - before_busy) / os.sysconf("SC_CLK_TCK")
+        res = {"sent_pps": sent["sent"] / SECONDS, "delivered_pps": delivered / SECONDS,
+               "generator_cpu_s": sent.get("cpu", 0.0)}
+        gen = sent.get("cpu", 0.0)
+        res["machine_us_per_pkt"] = (busy - gen) / delivered * 1e6 if delivered else None
+        if engine:
+            st = self.engine_stats()
+            res["engine_us_per_pkt"] = (st["cpu"] - cpu0) / delivered * 1e6 if delivered else None
+            res["ring_drops"] = st["ring_drops"]
+            res["conns"] = st["forwarder"]["connections"]
+        return res
+
+    def latency(self) -> dict:
+        out = self.client.run([PY, TOOLS, "ping", VIP, str(ECHO_PORT), "2000", "0.001"], timeout=120, cwd=ROOT)
+        return json.loads(out.stdout)
+
+    def tcp(self) -> dict:
+        sink = self.rs.popen([PY, TOOLS, "sink", str(TCP_PORT)], stdout=subprocess.PIPE, text=True)
+        sink.stdout.readline()
+        self.client.run([PY, TOOLS, "stream", VIP, str(TCP_PORT), str(SECONDS)], timeout=SECONDS + 60, cwd=ROOT,
+                        check=False)
+        line = sink.stdout.readline()
+        sink.wait(10)
+        return json.loads(line) if line else {"gbit": 0.0}
+
+
+def run(mode: str, tmp: Path) -> dict:
+    with Lab(f"bench-{mode}") as lab:
+        b = Bench(lab, mode, tmp)
+        out = {}
+        if mode == "dr":  # nftables cannot encapsulate: its MAC-rewrite fwd is the reference for both
+            b.start_nft()
+            out["nft_pps"] = b.pps(False)
+            out["nft_latency"] = b.latency()
+            b.offloads(True)
+            out["nft_tcp"] = b.tcp()
+            b.offloads(False)
+            b.stop_nft()
+        b.start_engine()
+        out["engine_pps"] = b.pps(True)
+        out["engine_latency"] = b.latency()
+        b.offloads(mode == "dr")
+        out["engine_tcp"] = b.tcp()
+        b.offloads(False)
+        b.stop_engine()
+        return out
+
+
+def main() -> None:
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"glb-bench-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    results = {m: run(m, tmp) for m in sys.argv[1:] or ["dr", "tun"]}
+    print(json.dumps(results, indent=1))
+    print()
+    print(f"{'':24}{'DR':>14}{'TUN':>14}{'nftables fwd':>14}")
+    dr, tun = results.get("dr", {}), results.get("tun", {})
+    ref = dr or tun
+
+    def fmt(v, f="{:,.0f}"):
+        return f.format(v) if isinstance(v, (int, float)) else "-"
+
+    rows = [
+        ("delivered pps", lambda r: r.get("engine_pps", {}).get("delivered_pps"), ref["nft_pps"]["delivered_pps"], "{:,.0f}"),
+        ("engine CPU us/pkt", lambda r: r.get("engine_pps", {}).get("engine_us_per_pkt"), None, "{:.2f}"),
+        ("machine CPU us/pkt", lambda r: r.get("engine_pps", {}).get("machine_us_per_pkt"),
+         ref["nft_pps"]["machine_us_per_pkt"], "{:.2f}"),
+        ("TCP Gbit/s", lambda r: r.get("engine_tcp", {}).get("gbit"), ref["nft_tcp"]["gbit"], "{:.2f}"),
+        ("RTT p50 us", lambda r: r.get("engine_latency", {}).get("p50"), ref["nft_latency"]["p50"], "{:.0f}"),
+        ("added p50 us", lambda r: (r["engine_latency"]["p50"] - ref["nft_latency"]["p50"]) if r else None, None, "{:.0f}"),
+    ]
+    for name, get, nft, f in rows:
+        print(f"{name:24}{fmt(get(dr), f):>14}{fmt(get(tun), f):>14}{fmt(nft, f):>14}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The director's packet path against the kernel's own forwarding (nftables netdev fwd), DR and TUN.
+# Builds throwaway namespaces (client, director, real server on a bridge), removes them at the end.
+# Needs root. Usage: benchmarks/director_pps.sh [dr] [tun]   (env SECONDS_PER_RUN, default 5)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ $(id -u) -ne 0 ]]; then
+  echo "director_pps: needs root (network namespaces, AF_PACKET)" >&2
+  exit 1
+fi
+bash scripts/setup >/dev/null
+echo "machine: $(nproc) cores, $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+exec .venv/bin/python benchmarks/director_bench.py "$@"

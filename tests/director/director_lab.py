@@ -1,0 +1,277 @@
+"""Shared pieces of the director's end-to-end tests (test_e2e_dr.py, test_e2e_tun.py).
+
+Real components only: `glb realserver setup` on each real server, a small
+HTTP server naming itself, `glb director --config ... --site dc1` as its own
+process in the director's namespace, the session's redis-server (reached
+through :class:`RedisBridge`, since the director's namespace has its own
+loopback), curl and scapy on the client.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+GLB = str(Path(sys.executable).parent / "glb")
+CLONE_NEWNET = 0x40000000
+
+HTTP_SERVER = r"""
+import socket, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+name = sys.argv[1]
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = (name + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+class S(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    daemon_threads = True
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+S(("::", 80), H).serve_forever()
+"""
+
+# A client holding one HTTP/1.1 connection: each line on stdin is a request; prints who answered.
+KEEPALIVE_CLIENT = r"""
+import http.client, sys
+c = http.client.HTTPConnection(sys.argv[1], 80, timeout=10)
+for line in sys.stdin:
+    try:
+        c.request("GET", "/")
+        print(c.getresponse().read().decode().strip(), flush=True)
+    except Exception as e:
+        print("error:", type(e).__name__, e, flush=True)
+"""
+
+
+def _setns(path: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+    finally:
+        os.close(fd)
+
+
+class RedisBridge:
+    """Listens on 127.0.0.1:<port> inside a namespace, forwards to a Redis on the host's loopback.
+
+    A socket stays in the namespace it was created in: one thread enters the
+    lab namespace to create the listener; connections to Redis are made by a
+    thread that never left the test's own namespace.
+    """
+
+    def __init__(self, netns: str, redis_port: int, port: int = 6379) -> None:
+        self.port = port
+        self.redis_port = redis_port
+        self._accepted: queue.Queue = queue.Queue()
+        self._listener: socket.socket | None = None
+        self._closed = False
+        ready = threading.Event()
+        self._errors: list[BaseException] = []
+
+        def listen() -> None:
+            try:
+                _setns(f"/run/netns/{netns}")
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", port))
+                s.listen(64)
+                self._listener = s
+            except BaseException as e:  # pragma: no cover - reported below
+                self._errors.append(e)
+                return
+            finally:
+                ready.set()
+            while not self._closed:
+                try:
+                    conn, _ = s.accept()
+                except OSError:
+                    return
+                self._accepted.put(conn)
+
+        threading.Thread(target=listen, daemon=True).start()
+        ready.wait(10)
+        if self._errors:
+            raise self._errors[0]
+        threading.Thread(target=self._connect_loop, daemon=True).start()
+
+    def _connect_loop(self) -> None:
+        while not self._closed:
+            conn = self._accepted.get()
+            if conn is None:
+                return
+            try:
+                up = socket.create_connection(("127.0.0.1", self.redis_port), timeout=5)
+            except OSError:
+                conn.close()
+                continue
+            up.settimeout(None)
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._accepted.put(None)
+        if self._listener is not None:
+            self._listener.close()
+
+
+def realserver_setup(ns, state: Path, vips: list[str], mode: str) -> None:
+    res = ns.run([GLB, "realserver", "setup", *[a for v in vips for a in ("--vip", v)], "--mode", mode,
+                  "--state-file", str(state)], check=False, cwd=ROOT)
+    if res.returncode != 0:
+        raise AssertionError(f"glb realserver setup failed: {res.stderr}")
+
+
+def start_http(ns, name: str):
+    proc = ns.popen([PY, "-c", HTTP_SERVER, name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc
+
+
+def config_yaml(*, redis_port: int, services: str, address: str | None = None, address6: str | None = None,
+                max_entries: int = 100000, status_port: int = 9100) -> str:
+    extra = ""
+    if address:
+        extra += f", address: {address}"
+    if address6:
+        extra += f', address6: "{address6}"'
+    return f"""
+redis: {{url: "redis://127.0.0.1:{redis_port}/0", timeout: 1.0}}
+admin: {{token: lab-token-0123456789}}
+zones:
+  - apex: example.net
+    soa: {{mname: ns1.example.net, rname: hostmaster@example.net}}
+    ns: [{{name: ns1.example.net, addresses: [192.0.2.53]}}]
+sites:
+  dc1:
+    director:
+      interface: eth0
+      id: lab-director
+      status_listen: "127.0.0.1:{status_port}"
+      heartbeat: 0.5
+      connection_table: {{max_entries: {max_entries}}}
+      {extra.lstrip(", ").replace(", ", chr(10) + "      ")}
+    services:
+{services}
+"""
+
+
+def service_yaml(name: str, vips: list[str], servers: list[tuple[str, int]], *, forwarding: str = "dr",
+                 scheduler: str = "rr") -> str:
+    rs = "\n".join(f"          - {{address: \"{a}\", weight: {w}}}" for a, w in servers)
+    return f"""      - name: {name}
+        vips: [{", ".join(json.dumps(v) for v in vips)}]
+        forwarding: {forwarding}
+        scheduler: {scheduler}
+        real_servers:
+{rs}
+        health_check: {{type: http, port: 80, interval: 0.3, timeout: 0.3, rise: 1, fall: 2, start_jitter: 0.1}}
+"""
+
+
+class DirectorProcess:
+    """`glb director` in a namespace, with helpers to read its /status."""
+
+    def __init__(self, ns, config: Path, log: Path, status_port: int = 9100) -> None:
+        self.ns = ns
+        self.config = config
+        self.log = log
+        self.status_port = status_port
+        self._log = open(log, "w")
+        self.proc = ns.popen([GLB, "--log-level", "info", "director", "--config", str(config), "--site", "dc1"],
+                             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def status(self) -> dict | None:
+        res = self.ns.run(["curl", "-s", "-m", "2", f"http://127.0.0.1:{self.status_port}/status"], check=False)
+        if res.returncode != 0 or not res.stdout:
+            return None
+        return json.loads(res.stdout)
+
+    def metrics(self) -> str:
+        return self.ns.run(["curl", "-s", "-m", "2", f"http://127.0.0.1:{self.status_port}/metrics"]).stdout
+
+    def servers(self) -> dict[str, dict]:
+        doc = self.status() or {"services": []}
+        return {rs["address"]: rs for svc in doc["services"] for rs in svc["real_servers"]}
+
+    def wait_up(self, addresses: list[str], timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"director exited {self.proc.returncode}:\n{self.log.read_text()}")
+            servers = self.servers()
+            if all(servers.get(a, {}).get("state") == "up" for a in addresses):
+                return servers
+            if time.monotonic() > deadline:
+                raise AssertionError(f"real servers not up after {timeout}s: {servers}\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.2)
+
+    def wait_state(self, address: str, state: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.servers().get(address, {}).get("state") != state:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{address} never reached {state}: {self.servers().get(address)}")
+            time.sleep(0.2)
+
+    def reload(self, text: str) -> None:
+        self.config.write_text(text)
+        self.proc.send_signal(1)  # SIGHUP
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+def curl(ns, url: str, timeout: float = 3.0) -> str | None:
+    res = ns.run(["curl", "-s", "-g", "-m", str(timeout), url], check=False, timeout=timeout + 5)
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def nft_counters(ns, table: str, family: str = "netdev") -> dict[str, int]:
+    import re
+
+    text = ns.run(["nft", "list", "table", family, table]).stdout
+    return {m.group(3): int(m.group(1)) for m in re.finditer(r'counter packets (\d+) bytes (\d+) comment "(\w+)"', text)}

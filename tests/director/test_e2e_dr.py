@@ -1,0 +1,224 @@
+"""Direct Routing end to end: client, director and real servers on one bridge (root).
+
+Every component is the real one: `glb realserver setup --mode dr` on each real
+server (VIPs on lo, ARP silenced), an HTTP server naming itself, `glb director`
+as its own process owning the VIPs on eth0 with the session's redis-server,
+curl and scapy on the client. One lab per module (building it and waiting for
+health checks is the slow part); each test sets the config it needs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+
+from tests.director.director_lab import (
+    KEEPALIVE_CLIENT,
+    PY,
+    DirectorProcess,
+    RedisBridge,
+    config_yaml,
+    curl,
+    nft_counters,
+    realserver_setup,
+    service_yaml,
+    start_http,
+)
+from tests.netns import Lab, netns_unavailable
+
+pytestmark = pytest.mark.netns
+
+VIP, VIP6 = "10.0.0.100", "fd00::100"
+CLIENT, CLIENT6 = "10.0.0.10", "fd00::10"
+RS = {1: "10.0.0.11", 2: "10.0.0.12", 3: "10.0.0.13"}
+RS6 = {1: "fd00::11", 2: "fd00::12"}
+MAX_ENTRIES = 2000
+
+
+def services(weights: dict[int, int]) -> str:
+    return (service_yaml("web", [f"{VIP}:80/tcp"], [(RS[i], w) for i, w in weights.items()])
+            + service_yaml("web6", [f"[{VIP6}]:80/tcp"], [(RS6[1], 1), (RS6[2], 1)]))
+
+
+class DRLab:
+    def __init__(self, lab: Lab, tmp, redis_port: int) -> None:
+        self.lab = lab
+        sw = lab.netns("sw")
+        br = lab.bridge(sw)
+        self.client = lab.netns("client")
+        self.director = lab.netns("director")
+        lab.port(sw, br, self.client, [f"{CLIENT}/24", f"{CLIENT6}/64"])
+        lab.port(sw, br, self.director, ["10.0.0.2/24", "fd00::2/64"])
+        self.rs = {}
+        for i in (1, 2, 3):
+            ns = lab.netns(f"rs{i}")
+            addrs = [f"{RS[i]}/24"] + ([f"{RS6[i]}/64"] if i in RS6 else [])
+            lab.port(sw, br, ns, addrs)
+            realserver_setup(ns, tmp / f"rs{i}.json", [VIP, VIP6], "dr")
+            start_http(ns, f"rs{i}")
+            self.rs[i] = ns
+        # Count what reaches the director from a VIP (replies must not) and the client's arrivals.
+        for ns in (self.director, self.client):
+            ns.run(["nft", "-f", "-"], input=(
+                'table netdev glbt {\n chain in { type filter hook ingress device "eth0" priority -10;\n'
+                f'  ip saddr {VIP} counter comment "from_vip"\n  ip6 saddr {VIP6} counter comment "from_vip6"\n'
+                f'  ip daddr {VIP} counter comment "to_vip"\n }}\n}}\n'))
+        self.bridge = RedisBridge(self.director.name, redis_port)
+        self.config = tmp / "glb.yaml"
+        self.config.write_text(self.yaml({1: 1, 2: 1}))
+        self.d = DirectorProcess(self.director, self.config, tmp / "director.log")
+
+    @staticmethod
+    def yaml(weights: dict[int, int]) -> str:
+        return config_yaml(redis_port=6379, services=services(weights), max_entries=MAX_ENTRIES)
+
+    def reload(self, weights: dict[int, int]) -> None:
+        self.d.reload(self.yaml(weights))
+
+    def who(self, n: int, six: bool = False) -> Counter:
+        url = f"http://[{VIP6}]/" if six else f"http://{VIP}/"
+        return Counter(curl(self.client, url) for _ in range(n))
+
+    def close(self) -> None:
+        self.d.stop()
+        self.bridge.close()
+
+
+@pytest.fixture(scope="module")
+def dr(tmp_path_factory, redis_server):
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    redis_server.start()
+    tmp = tmp_path_factory.mktemp("dr")
+    with Lab("dr") as lab:
+        t = DRLab(lab, tmp, redis_server.port)
+        try:
+            t.d.wait_up([RS[1], RS[2], RS6[1], RS6[2]])
+            yield t
+        finally:
+            t.close()
+
+
+@pytest.fixture
+def base(dr):
+    """Every test starts from rs1 and rs2 at weight 1."""
+    dr.reload({1: 1, 2: 1})
+    dr.d.wait_up([RS[1], RS[2]])
+    deadline = time.monotonic() + 10
+    while RS[3] in dr.d.servers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return dr
+
+
+def test_every_real_server_serves_over_time_ipv4_and_ipv6(base):
+    assert base.who(8) == Counter({"rs1": 4, "rs2": 4})  # rr
+    assert base.who(8, six=True) == Counter({"rs1": 4, "rs2": 4})
+
+
+def test_replies_do_not_pass_through_the_director(base):
+    before = nft_counters(base.director, "glbt")
+    got = base.who(6)
+    assert sum(got.values()) == 6 and None not in got
+    after = nft_counters(base.director, "glbt")
+    client = nft_counters(base.client, "glbt")
+    assert after["to_vip"] - before["to_vip"] >= 6 * 5  # the client's packets came through the director ...
+    assert after["from_vip"] == 0 and after["from_vip6"] == 0  # ... the replies never did
+    assert client["from_vip"] >= 6 * 4  # yet the client got them, straight from the real servers
+    # The director's kernel dropped its own copy of every VIP packet (no RST, no forwarding).
+    guard = base.director.run(["nft", "list", "table", "netdev", "glb_director"]).stdout
+    assert "drop" in guard and "packets 0 " not in guard.split("ip daddr @vips4")[1].split("\n")[0]
+    metrics = base.d.metrics()
+    assert 'glb_director_vip_packets_total{service="web",vip="10.0.0.100:80/tcp"}' in metrics
+
+
+def _keepalive(ns, vip: str):
+    proc = ns.popen([PY, "-u", "-c", KEEPALIVE_CLIENT, vip], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True)
+
+    def ask() -> str:
+        proc.stdin.write("GET\n")
+        proc.stdin.flush()
+        return proc.stdout.readline().strip()
+
+    return proc, ask
+
+
+def test_a_flow_stays_on_its_server_when_another_is_added(base):
+    proc, ask = _keepalive(base.client, VIP)
+    try:
+        owner = ask()
+        assert owner in ("rs1", "rs2")
+        base.reload({1: 1, 2: 1, 3: 1})
+        base.d.wait_up([RS[3]])
+        assert [ask() for _ in range(5)] == [owner] * 5
+        assert "rs3" in base.who(9)  # new flows reach the newcomer
+    finally:
+        proc.terminate()
+
+
+def test_weight_zero_drains_without_breaking_established_flows(base):
+    procs = []
+    try:
+        held = {}
+        for _ in range(4):  # rr: two connections on each server
+            proc, ask = _keepalive(base.client, VIP)
+            procs.append(proc)
+            held.setdefault(ask(), []).append(ask)
+        assert set(held) == {"rs1", "rs2"}
+        base.reload({1: 0, 2: 1})
+        deadline = time.monotonic() + 10
+        while base.d.servers()[RS[1]]["weight"] != 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)  # the plan reaches the engine
+        assert base.who(6) == Counter({"rs2": 6})
+        for ask in held["rs1"]:
+            assert [ask() for _ in range(3)] == ["rs1"] * 3  # drained, established flows intact
+        # The table still counts them on the drained server (the director samples the engine each second).
+        base.lab.wait_for(lambda: base.d.servers()[RS[1]]["active_conns"] >= 2, timeout=5, what="active conns")
+    finally:
+        for p in procs:
+            p.terminate()
+
+
+def test_a_removed_server_gets_no_new_flows(base):
+    base.reload({1: 1})
+    deadline = time.monotonic() + 10
+    while RS[2] in base.d.servers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    assert base.who(6) == Counter({"rs1": 6})
+
+
+SYN_FLOOD = r"""
+import logging, sys
+logging.getLogger("scapy.runtime").setLevel(logging.ERROR)
+from scapy.all import IP, TCP, Ether, sendp, conf
+count = int(sys.argv[2])
+frames = [Ether(dst=sys.argv[3]) / IP(src=f"10.0.{1 + i // 250 % 200}.{i % 250 + 1}", dst=sys.argv[1]) /
+          TCP(sport=1024 + i % 60000, dport=80, flags="S", seq=i) for i in range(count)]
+s = conf.L2socket(iface="eth0")
+for f in frames:
+    s.send(f)
+print(count)
+"""
+
+
+def test_a_syn_flood_keeps_the_table_at_its_bound_and_the_director_serving(base):
+    director_mac = base.director.run(["cat", "/sys/class/net/eth0/address"]).stdout.strip()
+    flood = base.client.popen([PY, "-c", SYN_FLOOD, VIP, "12000", director_mac], stdout=subprocess.PIPE, text=True)
+    served = Counter()
+    while flood.poll() is None:
+        served.update(base.who(2))
+    assert flood.wait(120) == 0
+    served.update(base.who(4))
+    assert None not in served and sum(served.values()) >= 6
+    time.sleep(1.2)  # the engine reports twice a second, the director samples once
+    doc = base.d.status()
+    pp = doc["packet_path"]
+    assert pp["connections"] <= MAX_ENTRIES
+    assert pp["evicted"] >= 12000 - MAX_ENTRIES - 100
+    assert "glb_director_connections_evicted_total" in base.d.metrics()

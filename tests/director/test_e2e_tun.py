@@ -1,0 +1,157 @@
+"""IP-in-IP end to end: the real servers sit on another subnet behind a router (root).
+
+client (10.0.1.2) -- router -- director (10.0.2.2, owns the VIPs: the router
+routes them to it), router -- bridge -- rs1, rs2 (10.0.3.0/24). The real
+servers run `glb realserver setup --mode tun` (this kernel has no ipip: the
+userspace decapsulator holds the VIPs on a TUN device); `glb director`
+encapsulates towards them through the router; replies go from the real
+servers to the client through the router, never through the director.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+
+from tests.director.director_lab import (
+    PY,
+    DirectorProcess,
+    RedisBridge,
+    config_yaml,
+    curl,
+    nft_counters,
+    realserver_setup,
+    service_yaml,
+    start_http,
+)
+from tests.netns import Lab, netns_unavailable
+
+pytestmark = pytest.mark.netns
+
+VIP, VIP6 = "192.0.2.10", "2001:db8:10::10"
+DIRECTOR, DIRECTOR6 = "10.0.2.2", "fd00:2::2"
+RS = {1: "10.0.3.11", 2: "10.0.3.12"}
+RS6 = {1: "fd00:3::11", 2: "fd00:3::12"}
+
+
+class TunLab:
+    def __init__(self, lab: Lab, tmp, redis_port: int) -> None:
+        self.lab = lab
+        self.router = r = lab.netns("router")
+        self.client, self.director = lab.netns("client"), lab.netns("director")
+        for ns, net, name in ((self.client, 1, "rc"), (self.director, 2, "rd")):
+            lab.veth(ns, r, [f"10.0.{net}.2/24", f"fd00:{net}::2/64"], [f"10.0.{net}.1/24", f"fd00:{net}::1/64"],
+                     a_name="eth0", b_name=name)
+            ns.ip("route", "add", "default", "via", f"10.0.{net}.1")
+            ns.ip("-6", "route", "add", "default", "via", f"fd00:{net}::1")
+        sw = lab.netns("sw")
+        br = lab.bridge(sw)
+        lab.port(sw, br, r, ["10.0.3.1/24", "fd00:3::1/64"], host_name="rs")
+        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv6.conf.all.forwarding", 1),
+                           ("net.ipv4.conf.all.rp_filter", 0), ("net.ipv4.conf.default.rp_filter", 0)):
+            r.sysctl(key, value)
+        r.ip("route", "add", f"{VIP}/32", "via", DIRECTOR)
+        r.ip("-6", "route", "add", f"{VIP6}/128", "via", DIRECTOR6)
+        self.rs = {}
+        for i in (1, 2):
+            ns = lab.netns(f"rs{i}")
+            lab.port(sw, br, ns, [f"{RS[i]}/24", f"{RS6[i]}/64"])
+            ns.ip("route", "add", "default", "via", "10.0.3.1")
+            ns.ip("-6", "route", "add", "default", "via", "fd00:3::1")
+            realserver_setup(ns, tmp / f"rs{i}.json", [VIP, VIP6], "tun")
+            start_http(ns, f"rs{i}")
+            self.rs[i] = ns
+        self.director.run(["nft", "-f", "-"], input=(
+            'table netdev glbt {\n chain in { type filter hook ingress device "eth0" priority -10;\n'
+            f'  ip saddr {VIP} counter comment "from_vip"\n  ip6 saddr {VIP6} counter comment "from_vip6"\n'
+            f'  ip daddr {VIP} counter comment "to_vip"\n }}\n}}\n'))
+        self.bridge = RedisBridge(self.director.name, redis_port)
+        self.config = tmp / "glb.yaml"
+        self.config.write_text(config_yaml(
+            redis_port=6379, address=DIRECTOR, address6=DIRECTOR6,
+            services=service_yaml("web", [f"{VIP}:80/tcp", f"{VIP}:5353/udp"], [(RS[1], 1), (RS[2], 1)],
+                                  forwarding="tun")
+            + service_yaml("web6", [f"[{VIP6}]:80/tcp"], [(RS6[1], 1), (RS6[2], 1)], forwarding="tun")))
+        self.d = DirectorProcess(self.director, self.config, tmp / "director.log")
+
+    def close(self) -> None:
+        self.d.stop()
+        self.bridge.close()
+
+
+@pytest.fixture(scope="module")
+def tun(tmp_path_factory, redis_server):
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    redis_server.start()
+    tmp = tmp_path_factory.mktemp("tun")
+    with Lab("tun") as lab:
+        t = TunLab(lab, tmp, redis_server.port)
+        try:
+            t.d.wait_up([RS[1], RS[2], RS6[1], RS6[2]])
+            yield t
+        finally:
+            t.close()
+
+
+def test_every_real_server_serves_through_the_tunnel_ipv4_and_ipv6(tun):
+    assert Counter(curl(tun.client, f"http://{VIP}/") for _ in range(6)) == Counter({"rs1": 3, "rs2": 3})
+    assert Counter(curl(tun.client, f"http://[{VIP6}]/") for _ in range(6)) == Counter({"rs1": 3, "rs2": 3})
+
+
+def test_tunnelled_replies_go_straight_to_the_client(tun):
+    before = nft_counters(tun.director, "glbt")
+    assert curl(tun.client, f"http://{VIP}/") in ("rs1", "rs2")
+    after = nft_counters(tun.director, "glbt")
+    assert after["to_vip"] - before["to_vip"] >= 5
+    assert after["from_vip"] == 0 and after["from_vip6"] == 0
+    servers = tun.d.servers()
+    tun.lab.wait_for(lambda: sum(s["packets"] for s in tun.d.servers().values()) > 0, timeout=5,
+                     what="forwarded packets counted")
+    assert all(s["state"] == "up" for s in servers.values())
+
+
+DF_SENDER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO: DF set, never fragment locally
+s.connect((sys.argv[1], 5353))
+s.send(b"x" * 1472)  # a 1500-byte packet: does not fit the tunnel (1480 inside)
+import time
+time.sleep(0.5)
+try:
+    s.send(b"x" * 1472)
+    print("sent")
+except OSError as e:
+    print("refused", e.errno)
+print(s.getsockopt(socket.IPPROTO_IP, 14))  # IP_MTU: the path MTU the kernel learnt
+"""
+
+
+def test_a_df_packet_too_big_for_the_tunnel_gets_frag_needed_back(tun):
+    out = tun.client.run([PY, "-c", DF_SENDER, VIP]).stdout.split()
+    assert out == ["refused", "90", "1480"]  # EMSGSIZE: the client learnt the tunnel's MTU from the director
+    doc = tun.d.status()
+    assert doc["packet_path"]["drops"].get("too_big", 0) >= 1
+
+
+def test_the_director_survives_and_keeps_serving_after_garbage(tun):
+    garbage = r"""
+import os, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for i in range(300):
+    body = os.urandom(i % 60)
+    hdr = bytes([0x45 if i % 3 else 0x4f, 0]) + (20 + len(body)).to_bytes(2, "big") + bytes(4) + bytes([64, i % 256]) + bytes(2)
+    hdr += socket.inet_aton("10.0.1.2") + socket.inet_aton("VIP")
+    try:
+        s.sendto(hdr + body, ("VIP", 0))
+    except OSError:
+        pass
+""".replace("VIP", VIP)
+    tun.client.run([PY, "-c", garbage])
+    time.sleep(0.2)
+    assert tun.d.proc.poll() is None
+    assert curl(tun.client, f"http://{VIP}/") in ("rs1", "rs2")
