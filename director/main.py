@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 
 from glb import config as glbconfig
 from glb.config import Config, Site
-from glb.errors import ConfigError, DirectorError, GLBError
+from glb.errors import DirectorError, GLBError
 from glb.state import DeploymentState, SiteSnapshot
 from glb.store import RedisStore, StateFollower
 from director.checker import Checker, Target, targets
@@ -168,11 +168,8 @@ class Director:
             try:
                 config = glbconfig.load(self.config_path)
                 site = find_site(config, self.site_name)
-            except ConfigError as e:
-                log.error("reload failed, keeping the running config: %s", "; ".join(e.problems))
-                return False
-            except GLBError as e:
-                log.error("reload failed, keeping the running config: %s", e)
+            except GLBError as e:  # ConfigError included: its problems, one line
+                log.error("reload failed, keeping the running config: %s", "; ".join(str(e).splitlines()))
                 return False
             old = self.table.site.director
             new = site.director

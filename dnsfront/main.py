@@ -31,7 +31,7 @@ from typing import Any
 
 from glb import config as configmod
 from glb.config import Config
-from glb.errors import ConfigError, DNSFrontError, GLBError
+from glb.errors import DNSFrontError, GLBError
 
 from dnsfront.answers import Engine
 from dnsfront.follower import AnswerUpdater
@@ -76,11 +76,8 @@ class Worker:
             new = configmod.load(self.config_path)
             engine = Engine(new)
             engine.update(self.updater.state, time.time())
-        except ConfigError as e:
-            log.error("reload failed, keeping the running config: %s", "; ".join(e.problems))
-            return False
-        except GLBError as e:
-            log.error("reload failed, keeping the running config: %s", e)
+        except GLBError as e:  # ConfigError included: its problems, one line
+            log.error("reload failed, keeping the running config: %s", "; ".join(str(e).splitlines()))
             return False
         if new.dnsfront.listen != self.config.dnsfront.listen or new.dnsfront.status_listen != self.config.dnsfront.status_listen:
             log.warning("reload: listen addresses changed; restart dnsfront to apply them")
