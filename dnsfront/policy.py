@@ -184,20 +184,32 @@ def _prefix_match(a: int, b: int, width: int) -> int:
     return width - x.bit_length()
 
 
-class Topology(Selector):
-    """The most specific member network containing the client; else weighted."""
+class _ByClient(Selector):
+    """A selector whose choice depends on the client's network, not on chance.
+
+    ``decide`` is pure in the client (so the engine can cache it per subnet);
+    None means "no preference": a weighted random pick from ``fallback``.
+    """
 
     client_dependent = True
+    fallback: Weighted
+
+    def select(self, rand: float, client: Client | None) -> tuple[int, int]:
+        index, scope = self.decide(client)
+        return (self.fallback.pick(rand) if index is None else index), scope
+
+    def decide(self, client: Client | None) -> tuple[int | None, int]:
+        raise NotImplementedError
+
+
+class Topology(_ByClient):
+    """The most specific member network containing the client; else weighted."""
 
     def __init__(self, nets: Sequence[_Net], index_of: Mapping[str, int], fallback: Weighted):
         # Most specific first: a /24 inside another site's /16 wins.
         self.nets = tuple(sorted(nets, key=lambda n: -n.prefix))
         self.index_of = dict(index_of)
         self.fallback = fallback
-
-    def select(self, rand: float, client: Client | None) -> tuple[int, int]:
-        index, scope = self.decide(client)
-        return (self.fallback.pick(rand) if index is None else index), scope
 
     def decide(self, client: Client | None) -> tuple[int | None, int]:
         """(index or None = "weighted random among all", ECS scope); cacheable per client."""
@@ -223,7 +235,7 @@ class Topology(Selector):
         return chosen, min(scope, width)
 
 
-class Sticky(Selector):
+class Sticky(_ByClient):
     """Weighted rendezvous hashing of the client's subnet over live members.
 
     Each (site, subnet) gets a uniform hash u in (0, 1); the site with the
@@ -231,17 +243,11 @@ class Sticky(Selector):
     moves the subnets whose winner changes, in proportion (weighted HRW).
     """
 
-    client_dependent = True
-
     def __init__(self, sites: Sequence[str], weights: Sequence[float], fallback: Weighted):
         self.sites = tuple(sites)
         self.weights = tuple(weights)
         self.fallback = fallback
         self._salts = tuple(hashlib.blake2b(s.encode(), digest_size=16).digest() for s in self.sites)
-
-    def select(self, rand: float, client: Client | None) -> tuple[int, int]:
-        index, scope = self.decide(client)
-        return (self.fallback.pick(rand) if index is None else index), scope
 
     def decide(self, client: Client | None) -> tuple[int | None, int]:
         """(index or None = "weighted random", ECS scope); cacheable per client."""
