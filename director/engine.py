@@ -510,6 +510,7 @@ class Worker:
                 msg = self.conn.recv()
                 if msg[0] == "plan":
                     self.apply(msg[1], now)
+                    self.conn.send(("applied", msg[2]))
                 elif msg[0] == "stop":
                     self.running = False
                 elif msg[0] == "stats":
@@ -581,6 +582,10 @@ class Engine:
         self._readers: list[threading.Thread] = []
         self.mac: bytes | None = None
         self.failed: str | None = None
+        # Plans are numbered so the control plane can tell when every worker
+        # forwards by the latest one (0 = the plan given to start()).
+        self.generation = 0
+        self._applied: list[int] = []
 
     def start(self, plan: Plan, timeout: float = 20.0) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -595,6 +600,7 @@ class Engine:
             self._procs.append(p)
             self._conns.append(parent)
             self._stats.append(EngineStats())
+            self._applied.append(0)
         for i, conn in enumerate(self._conns):
             if not conn.poll(timeout):
                 self.stop()
@@ -624,13 +630,21 @@ class Engine:
             if msg[0] == "stats":
                 with self._lock:
                     self._stats[i] = msg[1]
+            elif msg[0] == "applied":
+                self._applied[i] = msg[1]
 
     def update(self, plan: Plan) -> None:
+        self.generation += 1
         for conn in self._conns:
             try:
-                conn.send(("plan", plan))
+                conn.send(("plan", plan, self.generation))
             except (BrokenPipeError, OSError):
                 pass
+
+    @property
+    def applied(self) -> int:
+        """The newest plan generation every worker forwards by."""
+        return min(self._applied, default=0)
 
     def stats(self) -> EngineStats:
         with self._lock:

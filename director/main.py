@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import logging
 import signal
 import socket
@@ -37,6 +38,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from glb import config as glbconfig
+from glb.aio import cancel_and_wait
 from glb.config import Config, Site
 from glb.errors import DirectorError, GLBError
 from glb.state import DeploymentState, SiteSnapshot
@@ -100,6 +102,8 @@ class Director:
         self._neighbours = None
         self._netlink: concurrent.futures.ThreadPoolExecutor | None = None
         self._macs: dict[bytes, bytes | None] = {}
+        self._resolving: asyncio.Task | None = None
+        self._resolved_at = 0.0
         self._mtu = 1500
         self._plan: Plan | None = None
         self._plan_pending = False
@@ -119,6 +123,13 @@ class Director:
     def packet_stats(self):
         """The engine's merged EngineStats, or None without a packet path."""
         return self.engine.stats() if self.engine is not None else None
+
+    def packet_plan(self) -> tuple[int, int, dict[str, bytes | None]]:
+        """(plan generation sent, generation every worker applied, address -> next-hop MAC)."""
+        if self.engine is None:
+            return 0, 0, {}
+        hops = {str(ipaddress.ip_address(a)): m for a, m in self._macs.items()}
+        return self.engine.generation, self.engine.applied, hops
 
     def site_drained(self) -> bool:
         return self._overrides.is_drained(self.site_name)
@@ -286,13 +297,8 @@ class Director:
                  engine.pids, len(plan.vips))
 
     async def _stop_packet_path(self) -> None:
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
-            try:
-                await self._housekeeping
-            except BaseException:
-                pass
-            self._housekeeping = None
+        await cancel_and_wait(t for t in (self._housekeeping, self._resolving) if t is not None)
+        self._housekeeping = self._resolving = None
         if self.engine is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
             self.engine = None
@@ -347,24 +353,41 @@ class Director:
                     self._groups.update(plan.vips)
             self._plan = plan
             self.engine.update(plan)
+        if any(s.available and s.mac is None for svc in plan.services for s in svc.servers):
+            self._resolve_soon()
+
+    def _resolve_soon(self) -> None:
+        """A server may take flows but its MAC is unknown (just added, or just
+        up): look now rather than at the next tick, at most every 100 ms."""
+        if self._resolving is not None and not self._resolving.done():
+            return
+        delay = max(0.0, self._resolved_at + 0.1 - time.monotonic())
+        self._resolving = asyncio.get_running_loop().create_task(self._refresh_neighbours(delay))
+
+    async def _refresh_neighbours(self, delay: float = 0.0) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        if self._netlink is None or self._neighbours is None:
+            return
+        self._resolved_at = time.monotonic()
+        try:
+            macs = await asyncio.get_running_loop().run_in_executor(self._netlink, self._resolve)
+        except Exception as e:
+            log.warning("neighbour refresh failed: %s", e)
+            return
+        if macs != self._macs:
+            lost = [a for a, m in self._macs.items() if m and not macs.get(a)]
+            if lost:
+                log.warning("lost the MAC of %d real server(s); they are unreachable", len(lost))
+            self._macs = macs
+            self._plan_dirty()
 
     async def _packet_housekeeping(self) -> None:
         """Once a second: refresh neighbours (a changed MAC means a new plan), derive rates."""
-        loop = asyncio.get_running_loop()
         reported_failure = False
         while True:
             await asyncio.sleep(1.0)
-            try:
-                macs = await loop.run_in_executor(self._netlink, self._resolve)
-            except Exception as e:
-                log.warning("neighbour refresh failed: %s", e)
-                macs = self._macs
-            if macs != self._macs:
-                lost = [a for a, m in self._macs.items() if m and not macs.get(a)]
-                if lost:
-                    log.warning("lost the MAC of %d real server(s); they are unreachable", len(lost))
-                self._macs = macs
-                self._plan_dirty()
+            await self._refresh_neighbours()
             self._update_counters()
             if self.engine is not None and self.engine.failed and not reported_failure:
                 reported_failure = True

@@ -185,6 +185,22 @@ def packet_path_document(src: StatusSource) -> dict[str, Any] | None:
         "tx_frames": st.tx_frames,
         "tx_errors": {str(k): v for k, v in st.tx_errors.items()},
         "cpu_seconds": st.cpu,
+        **_plan_document(src),
+    }
+
+
+def _plan_document(src: StatusSource) -> dict[str, Any]:
+    # Which plan the workers forward by and the MAC each real server gets:
+    # "up" in the health table means nothing to the packet path until its
+    # next hop is resolved and the plan carrying it has been applied.
+    plan_of = getattr(src, "packet_plan", None)
+    if plan_of is None:
+        return {}
+    generation, applied, hops = plan_of()
+    return {
+        "plan_generation": generation,
+        "plan_applied": applied,
+        "next_hops": {addr: None if mac is None else mac.hex(":") for addr, mac in hops.items()},
     }
 
 

@@ -231,16 +231,33 @@ class DirectorProcess:
         return {rs["address"]: rs for svc in doc["services"] for rs in svc["real_servers"]}
 
     def wait_up(self, addresses: list[str], timeout: float = 30.0) -> dict:
+        """Until every address is up and the packet path forwards to it (its
+        MAC resolved, the plan carrying it applied by every worker)."""
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
                 raise AssertionError(f"director exited {self.proc.returncode}:\n{self.log.read_text()}")
-            servers = self.servers()
-            if all(servers.get(a, {}).get("state") == "up" for a in addresses):
+            doc = self.status() or {"services": []}
+            servers = {rs["address"]: rs for svc in doc["services"] for rs in svc["real_servers"]}
+            path = doc.get("packet_path")
+            if (all(servers.get(a, {}).get("state") == "up" for a in addresses)
+                    and (path is None or (path["plan_applied"] == path["plan_generation"]
+                                          and all(path["next_hops"].get(a) for a in addresses)))):
                 return servers
             if time.monotonic() > deadline:
                 raise AssertionError(f"real servers not up after {timeout}s: {servers}\n{self.log.read_text()[-3000:]}")
             time.sleep(0.2)
+
+    def wait_plan(self, timeout: float = 10.0) -> None:
+        """Until every packet worker forwards by the latest plan the director sent."""
+        deadline = time.monotonic() + timeout
+        while True:
+            path = (self.status() or {}).get("packet_path") or {}
+            if path.get("plan_applied") == path.get("plan_generation"):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the packet path never applied the latest plan: {path}")
+            time.sleep(0.05)
 
     def wait_state(self, address: str, state: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

@@ -173,7 +173,7 @@ def test_weight_zero_drains_without_breaking_established_flows(base):
         deadline = time.monotonic() + 10
         while base.d.servers()[RS[1]]["weight"] != 0 and time.monotonic() < deadline:
             time.sleep(0.1)
-        time.sleep(0.3)  # the plan reaches the engine
+        base.d.wait_plan()
         assert base.who(6) == Counter({"rs2": 6})
         for ask in held["rs1"]:
             assert [ask() for _ in range(3)] == ["rs1"] * 3  # drained, established flows intact
@@ -189,7 +189,7 @@ def test_a_removed_server_gets_no_new_flows(base):
     deadline = time.monotonic() + 10
     while RS[2] in base.d.servers() and time.monotonic() < deadline:
         time.sleep(0.1)
-    time.sleep(0.3)
+    base.d.wait_plan()
     assert base.who(6) == Counter({"rs1": 6})
 
 

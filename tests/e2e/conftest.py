@@ -9,7 +9,6 @@ down at the end of the session, also when tests fail.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -33,13 +32,6 @@ def unavailable() -> str | None:
     if res.returncode != 0:
         return f"cannot create network namespaces: {res.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-def packet_path_pending() -> str | None:
-    """Why fetching through a VIP cannot work in this tree (None when the director has a packet path)."""
-    if importlib.util.find_spec("director.engine") is None:
-        return "the director's packet path (director/engine.py) is not in this tree yet"
     return None
 
 

@@ -10,9 +10,6 @@ generous margin over what the config promises:
 * directors heartbeat every 0.5 s, redis.stale_after 2 s: a site whose
   director dies is stale within 2 s;
 * the requirement: DNS stops answering a failed site within 3 s.
-
-Tests that fetch through a VIP need the director's packet path; without it
-they are skipped with the reason (conftest.packet_path_pending).
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ import pytest
 
 from deploy.lab import probe
 from deploy.lab import topology as topo
-from tests.e2e.conftest import packet_path_pending
 
 pytestmark = pytest.mark.netns
 
@@ -35,12 +31,6 @@ DC2_VIP = "192.0.2.140"
 BOTH = [DC1_VIP, DC2_VIP]
 TOKEN = "lab-admin-token-not-a-secret"
 SITE_FAULT_LIMIT = 3.0  # the requirement: DNS stops answering a failed site within 3 s
-
-
-def needs_vip_path():
-    reason = packet_path_pending()
-    if reason:
-        pytest.skip(f"pending: {reason}")
 
 
 def dnsfront_answers(lab, name: str = APP) -> dict[str, list[str]]:
@@ -115,7 +105,6 @@ def test_resolver_follows_the_delegation_to_dnsfront(fresh):
 
 def test_full_path_through_each_site_vip(fresh):
     """DNS -> resolver -> VIP -> every real server of the site, for DR (dc1) and TUN (dc2)."""
-    needs_vip_path()
     lab = fresh
     for site, vip in (("dc1", DC1_VIP), ("dc2", DC2_VIP)):
         with lab.inside("client"):
@@ -127,7 +116,6 @@ def test_full_path_through_each_site_vip(fresh):
 
 
 def test_client_through_app_name_is_served(fresh):
-    needs_vip_path()
     lab = fresh
     ok = 0
     with lab.inside("client"):
@@ -162,8 +150,6 @@ def test_real_server_dies_inside_a_site(fresh):
     time.sleep(0.3)
     answers_during.append(dnsfront_answers(lab))
     assert all(DC1_VIP in a for snap in answers_during for a in snap.values()), answers_during
-    if packet_path_pending():
-        return
     served = fetch_many(lab, DC1_VIP, 20)
     print(f"new connections after the decision: {dict(served)}")
     assert served == {"dc1-rs2": 20}
@@ -184,8 +170,6 @@ def test_site_fails_when_all_its_real_servers_die(fresh):
     assert dnsfront_answers(lab) == {"ns1": [DC2_VIP], "ns2": [DC2_VIP]}
     status = director_status(lab, "dc1")
     assert status["services"][0]["up"] is False
-    if packet_path_pending():
-        return
     # A client that tries the next address keeps being served while the resolver's cache runs out.
     with lab.inside("client"):
         results = [probe.request(topo.RESOLVER, APP, fallback=True, connect_timeout=1.0) for _ in range(10)]
