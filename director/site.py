@@ -72,6 +72,9 @@ def service_state(
                 inactive_conns=c.inactive_conns,
                 last_check=s.last_check,
                 last_result=s.last_result,
+                new_conns_per_s=c.new_conns_per_s,
+                packets_per_s=c.packets_per_s,
+                bytes_per_s=c.bytes_per_s,
             )
         )
     per_server = [counters.get(s.key, ZERO) for s in health.servers]

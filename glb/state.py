@@ -163,8 +163,8 @@ def parse_vip(text: str) -> tuple[str, int, str]:
 class RealServerState:
     """One real server behind a service, as its director sees it now.
 
-    Carries the director's view (state, weight, connection counts) so dnsfront
-    and operators can see capacity without asking the director directly.
+    Carries the director's view (state, weight, connections, traffic rates)
+    so dnsfront and operators can see capacity without asking the director.
     """
 
     address: str
@@ -181,6 +181,11 @@ class RealServerState:
     """Wall-clock time of the last health check, or None before the first one."""
     last_result: str = ""
     """Short human-readable outcome of the last check (e.g. "timeout")."""
+    # Traffic rates last, with defaults: positional construction keeps working,
+    # and a snapshot from a director that does not send them reads as 0.
+    new_conns_per_s: float = 0.0
+    packets_per_s: float = 0.0
+    bytes_per_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_ip("address", self.address)
@@ -193,6 +198,8 @@ class RealServerState:
         if self.last_check is not None:
             _as_float(self, "last_check", self.last_check, 0.0)
         _check_str("last_result", self.last_result)
+        for name in ("new_conns_per_s", "packets_per_s", "bytes_per_s"):
+            _as_float(self, name, getattr(self, name), 0.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -276,6 +276,8 @@ def test_snapshot_follows_the_table_and_round_trips():
     assert (web.healthy_fraction, web.up, web.active_conns, web.new_conns_per_s) == (0.75, True, 4, 2.5)
     rs = {r.address: r for r in web.real_servers}
     assert (rs["10.0.0.1"].state, rs["10.0.0.1"].weight, rs["10.0.0.1"].active_conns) == ("up", 3, 4)
+    assert (rs["10.0.0.1"].new_conns_per_s, rs["10.0.0.1"].packets_per_s, rs["10.0.0.1"].bytes_per_s) == (2.5, 10, 999)
+    assert (rs["10.0.0.2"].new_conns_per_s, rs["10.0.0.2"].packets_per_s, rs["10.0.0.2"].bytes_per_s) == (0, 0, 0)
     assert (rs["10.0.0.2"].state, rs["10.0.0.2"].weight, rs["10.0.0.2"].last_check) == ("down", 0, None)
     assert decode_snapshot(encode_snapshot(snap)) == snap
 

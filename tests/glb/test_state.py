@@ -36,7 +36,8 @@ from glb.state import (
 def make_snapshot(site: str = "ams", version: int = 0, published_at: float = 0.0, **kw) -> SiteSnapshot:
     rs = (
         RealServerState("10.0.0.1", 80, "up", 100, active_conns=3, inactive_conns=1,
-                        last_check=1700000000.5, last_result="ok"),
+                        last_check=1700000000.5, last_result="ok",
+                        new_conns_per_s=12.5, packets_per_s=1000.0, bytes_per_s=1.5e6),
         RealServerState("2001:db8::2", 80, "draining", 50),
     )
     svc = ServiceState(
@@ -137,6 +138,8 @@ MALFORMED = [
     ("rs weight negative", doc(services__0__real_servers__0__weight=-1), "weight"),
     ("rs weight float", doc(services__0__real_servers__0__weight=1.5), "weight"),
     ("rs conns negative", doc(services__0__real_servers__0__active_conns=-3), "active_conns"),
+    ("rs negative rate", doc(services__0__real_servers__0__packets_per_s=-1), "packets_per_s"),
+    ("rs rate string", doc(services__0__real_servers__0__new_conns_per_s="fast"), "new_conns_per_s"),
     ("rs last_result int", doc(services__0__real_servers__0__last_result=3), "last_result"),
     ("rs duplicate", doc(services__0__real_servers__1__address="10.0.0.1"), "duplicate"),
     ("version negative", doc(version=-1), "version"),
@@ -150,6 +153,19 @@ def test_malformed_snapshot_raises_state_error(text: str | bytes, needle: str) -
     message = str(info.value)
     assert "\n" not in message and needle in message
     assert message.startswith("snapshot")
+
+
+def test_real_server_rates_are_published_and_optional() -> None:
+    # Issue 5 C: each real server's new connections/s, packets/s and bytes/s
+    # are part of the snapshot, not only the service's sums.
+    d = json.loads(doc())
+    rs = d["services"][0]["real_servers"][0]
+    assert (rs["new_conns_per_s"], rs["packets_per_s"], rs["bytes_per_s"]) == (12.5, 1000.0, 1.5e6)
+    # A document without them (an older director) still decodes: they read 0.
+    old = doc(services__0__real_servers__0__new_conns_per_s=DELETE, services__0__real_servers__0__packets_per_s=DELETE,
+              services__0__real_servers__0__bytes_per_s=DELETE)
+    got = decode_snapshot(old).services[0].real_servers[0]
+    assert (got.new_conns_per_s, got.packets_per_s, got.bytes_per_s) == (0.0, 0.0, 0.0)
 
 
 def test_error_names_the_path() -> None:
