@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import dnslib
 import yaml
 
 from glb.errors import ConfigError
@@ -954,7 +955,7 @@ def _parse_health(ctx: _Context, m: _Map) -> HealthCheck:
         expect_body=m.get("expect_body", _str, d.expect_body),
         tls_verify=m.get("tls_verify", _bool, d.tls_verify),
         query_name=m.get("query_name", _domain, d.query_name),
-        query_type=m.get("query_type", lambda v: _str(v).upper(), d.query_type),
+        query_type=m.get("query_type", _query_type, d.query_type),
         expect_rcode=m.get("expect_rcode", _choice("rcode", [r.lower() for r in _RCODES]), d.expect_rcode),
         send=m.get("send", _str, d.send),
         expect=m.get("expect", _str, d.expect),
@@ -977,6 +978,22 @@ def _parse_health(ctx: _Context, m: _Map) -> HealthCheck:
         ctx.error(m.at("timeout"), f"must not exceed interval ({interval:g}), got {timeout:g}")
     m.finish()
     return hc
+
+
+def _query_type(value: Any) -> str:
+    """A query type the dns check can send: a type name dnslib knows, or TYPEnnn (RFC 3597).
+
+    The probe builds its query with dnslib; a name it does not know would only
+    show at run time, as every probe failing and the servers going down.
+    """
+    text = _str(value).upper()
+    try:
+        code = getattr(dnslib.QTYPE, text)
+    except Exception:  # noqa: BLE001 - dnslib raises its DNSError (and others for odd names)
+        code = None
+    if isinstance(code, bool) or not isinstance(code, int) or not 0 < code <= 65535:
+        raise _Bad(f"unknown DNS query type {str(value)!r} (a type name such as A, AAAA, MX or SOA, or TYPEnnn)")
+    return text
 
 
 def _http_path(value: Any) -> str:

@@ -157,6 +157,16 @@ BROKEN = [
         ["sites.dc1.services[1].health_check.query_name: required for dns checks"],
     ),
     (
+        _set("sites/dc1/services/1/health_check/query_type", "AAA"),
+        ["sites.dc1.services[1].health_check.query_type: unknown DNS query type 'AAA' "
+         "(a type name such as A, AAAA, MX or SOA, or TYPEnnn)"],
+    ),
+    (
+        _set("sites/dc1/services/1/health_check/query_type", "TYPE70000"),
+        ["sites.dc1.services[1].health_check.query_type: unknown DNS query type 'TYPE70000' "
+         "(a type name such as A, AAAA, MX or SOA, or TYPEnnn)"],
+    ),
+    (
         _set("sites/dc1/services/0/health_check/intervall", 2),
         [
             "sites.dc1.services[0].health_check.intervall: unknown key (expected one of command, expect, "
@@ -273,6 +283,13 @@ def test_broken_config_names_key_path(mutate, expected, tmp_path):
         load_dict(data, tmp_path)
         return
     assert problems_of(data, tmp_path) == expected
+
+
+@pytest.mark.parametrize("given, kept", [("soa", "SOA"), ("AAAA", "AAAA"), ("TYPE65", "TYPE65")])
+def test_dns_check_query_types_the_probe_can_send(given, kept, tmp_path):
+    data = example()
+    data["sites"]["dc1"]["services"][1]["health_check"]["query_type"] = given
+    assert load_dict(data, tmp_path).site("dc1").service("dns").health_check.query_type == kept
 
 
 def test_every_problem_is_reported_not_just_the_first(tmp_path):
