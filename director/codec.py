@@ -5,9 +5,11 @@ Nothing here raises on packet contents: a frame that cannot be used yields a
 :class:`Drop` reason, which the engine counts.
 
 Parsing (:func:`parse`) returns a :class:`Packet` (a NamedTuple; one small
-allocation) whose ``key`` is the connection-table key
-``(proto, client addr, client port, VIP addr, VIP port)``, addresses as
-packed bytes. Kinds:
+allocation) whose ``key`` is the connection-table key (:func:`flow_key`):
+the bytes ``proto | client addr | VIP addr | client port | VIP port``, which
+for IPv4 without options are the frame's own bytes 23 and 26-37 in that
+order, so the engine's fast path (``Forwarder.fast``) can take the key
+straight from the wire. Kinds:
 
 * ``FLOW``: a TCP or UDP packet to a VIP. ``frag`` tells a non-fragment, a
   first fragment (has ports) and a later fragment (no ports, ``key`` None:
@@ -136,12 +138,25 @@ class Packet(NamedTuple):
     """NOT_FRAGMENT, FIRST_FRAGMENT or LATER_FRAGMENT."""
     frag_id: int
     """IPv4 identification / IPv6 fragment identification (0 when not a fragment)."""
-    key: tuple | None
-    """(proto, src, sport, dst, dport) for the connection table; None for later
-    fragments, ARP and NDP."""
+    key: bytes | None
+    """flow_key(proto, src, dst, sport, dport) for the connection table; None
+    for later fragments, ARP and NDP."""
 
 
 _new = tuple.__new__
+_KEY4 = struct.Struct("!B4s4sHH")
+_KEY6 = struct.Struct("!B16s16sHH")
+
+
+def flow_key(proto: int, src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
+    """The connection-table key of a client -> VIP flow.
+
+    ``proto | src | dst | sport | dport`` (13 bytes for IPv4, 37 for IPv6):
+    the order the fields have on the wire, so an IPv4 packet without options
+    yields the same key as ``frame[23:24] + frame[26:38]``. IPv4 and IPv6 keys
+    differ in length and never collide.
+    """
+    return (_KEY4 if len(src) == 4 else _KEY6).pack(proto, src, dst, sport, dport)
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _ETH_IP4 = struct.Struct("!12xHBBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")
@@ -202,7 +217,7 @@ def parse(frame, vips) -> Packet | Drop:
         return _new(Packet, (
             FLOW, 4, 14, total, proto, src, sport, dst, dport, flags,
             FIRST_FRAGMENT if frag & 0x2000 else NOT_FRAGMENT, ident if frag & 0x2000 else 0,
-            (proto, src, sport, dst, dport),
+            _KEY4.pack(proto, src, dst, sport, dport),
         ))
     if proto == IPPROTO_ICMP:
         return _parse_icmp4(frame, l4, end, total, frag, dst)
@@ -241,7 +256,7 @@ def _parse_icmp4(frame, l4: int, end: int, total: int, frag: int, dst: bytes) ->
         return Drop.TRUNCATED
     vport, cport = _PORTS.unpack_from(frame, inner + ihlen)
     return _new(Packet, (ICMP_ERROR, 4, 14, total, iproto, idst, cport, isrc, vport, 0,
-                         NOT_FRAGMENT, 0, (iproto, idst, cport, isrc, vport)))
+                         NOT_FRAGMENT, 0, _KEY4.pack(iproto, idst, isrc, cport, vport)))
 
 
 def _walk6(frame, nh: int, off: int, end: int):
@@ -314,7 +329,7 @@ def _parse6(frame, n: int, vips) -> Packet | Drop:
         sport, dport = _PORTS.unpack_from(frame, off)
         flags = 0
     return _new(Packet, (FLOW, 6, 14, length, nh, src, sport, dst, dport, flags, frag, frag_id,
-                         (nh, src, sport, dst, dport)))
+                         _KEY6.pack(nh, src, dst, sport, dport)))
 
 
 def _parse_icmp6(frame, off, end, length, frag, hlim, src, dst, vips) -> Packet | Drop:
@@ -343,7 +358,7 @@ def _parse_icmp6(frame, off, end, length, frag, hlim, src, dst, vips) -> Packet 
         return Drop.TRUNCATED
     vport, cport = _PORTS.unpack_from(frame, ioff)
     return _new(Packet, (ICMP_ERROR, 6, 14, length, inh, idst, cport, isrc, vport, 0,
-                         NOT_FRAGMENT, 0, (inh, idst, cport, isrc, vport)))
+                         NOT_FRAGMENT, 0, _KEY6.pack(inh, idst, isrc, cport, vport)))
 
 
 def solicited_node(addr: bytes) -> bytes:

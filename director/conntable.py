@@ -2,14 +2,17 @@
 
 Pure: no I/O, no clock; every call takes ``now`` (seconds, any monotonic origin).
 
-Key: ``(protocol, client addr, client port, VIP addr, VIP port)`` with packed
-addresses, exactly the ``key`` the codec returns. Value: a :class:`Conn`
-holding the :class:`~director.scheduler.Dest`, the TCP state and the expiry.
+Key: any hashable whose first item is the IP protocol number; the director
+uses the codec's ``flow_key`` bytes (``proto | client | VIP | ports``). Value:
+a :class:`Conn` holding the :class:`~director.scheduler.Dest`, the TCP state,
+the expiry and an opaque ``tag`` for the caller (the forwarder keeps the
+flow's counters there).
 
-Hot path. An established flow's packet costs one dict ``get``, an expiry
-compare, one tuple index for the state transition, one attribute store and
-an ``OrderedDict.move_to_end`` (the LRU). Everything else (new flows, state
-changes, expiry, eviction) is off that path.
+Hot path. :meth:`ConnTable.refresh` is the whole cost of an established
+flow's packet: one dict ``get``, an expiry compare, one tuple index for the
+state transition, one attribute store and an ``OrderedDict.move_to_end``
+(the LRU). Everything else (new flows, state changes, expiry, eviction) is
+:meth:`ConnTable.lookup`'s slower path.
 
 TCP state follows IPVS's INPUT-ONLY table (ip_vs_proto_tcp.c), the one IPVS
 uses for DR and TUN where the director sees only client -> server packets.
@@ -112,9 +115,9 @@ NEXT = _build_next()
 class Conn:
     """One tracked flow."""
 
-    __slots__ = ("key", "dest", "state", "expires", "template", "due", "confirmed")
+    __slots__ = ("key", "dest", "state", "expires", "template", "due", "confirmed", "tag")
 
-    def __init__(self, key: tuple, dest: Dest, state: int, template: Template | None) -> None:
+    def __init__(self, key: Any, dest: Dest, state: int, template: Template | None, tag: Any = None) -> None:
         self.key = key
         self.dest = dest
         self.state = state
@@ -123,6 +126,8 @@ class Conn:
         self.due = 0
         """Calendar second it is filed under (0 = none); -1 once removed from the table."""
         self.confirmed = False
+        self.tag = tag
+        """The caller's, never read by the table."""
 
     def __repr__(self) -> str:
         return f"Conn({STATE_NAMES[self.state]}, {self.dest!r}, expires={self.expires})"
@@ -153,8 +158,8 @@ class ConnTable:
             tcp_none, tcp_established, 120.0, tcp_syn, tcp_fin_wait, tcp_time_wait,
             tcp_close, tcp_close_wait, tcp_last_ack, 120.0, 120.0, udp,
         )
-        self._confirmed: OrderedDict[tuple, Conn] = OrderedDict()
-        self._unconfirmed: OrderedDict[tuple, Conn] = OrderedDict()
+        self._confirmed: OrderedDict[Any, Conn] = OrderedDict()
+        self._unconfirmed: OrderedDict[Any, Conn] = OrderedDict()
         self._calendar: dict[int, dict[Conn, None]] = {}  # second -> entries (an ordered set)
         self._cursor: int | None = None  # last calendar second swept
         self.evicted = 0
@@ -179,29 +184,51 @@ class ConnTable:
 
     # ---- the packet path ---------------------------------------------------
 
-    def lookup(self, key: tuple, flags: int, now: float) -> Conn | None:
+    def refresh(self, key: Any, flags: int, now: float) -> Conn | None:
+        """The hot path: a confirmed, live flow whose packet changes only its expiry.
+
+        Refreshes the expiry and the LRU position and returns the entry; or
+        returns None, changing nothing, when anything more is needed
+        (unknown or unconfirmed flow, expired, a down destination, a state
+        change): then :meth:`lookup` does it. A :meth:`lookup` with the same
+        arguments right after a successful refresh changes nothing more, so a
+        caller that cannot use the entry may still fall back to it.
+        """
+        c = self._confirmed.get(key)
+        if c is None or c.expires <= now or not c.dest.available:
+            return None
+        state = c.state
+        if NEXT[state][flags] != state:
+            return None
+        c.expires = now + self.timeouts[state]
+        self._confirmed.move_to_end(key)
+        return c
+
+    def lookup(self, key: Any, flags: int, now: float) -> Conn | None:
         """The flow's entry after applying this packet (TCP flags; 0 for UDP), or None.
 
         None means: unknown, expired, a SYN reusing a closing flow, or a down
         destination whose service reschedules. The caller then schedules the
         flow and calls :meth:`add`.
         """
+        c = self.refresh(key, flags, now)
+        if c is not None:
+            return c
         c = self._confirmed.get(key)
         if c is None:
             return self._lookup_unconfirmed(key, flags, now)
         if (c.expires <= now or not c.dest.available) and self._drop_stale(c, now):
             return None
-        state = c.state
-        ns = NEXT[state][flags]
-        if ns != state:
+        ns = NEXT[c.state][flags]
+        if ns != c.state:
             if not self._transition(c, ns, now):
                 return None
         else:
-            c.expires = now + self.timeouts[state]
+            c.expires = now + self.timeouts[ns]
         self._confirmed.move_to_end(key)
         return c
 
-    def _lookup_unconfirmed(self, key: tuple, flags: int, now: float) -> Conn | None:
+    def _lookup_unconfirmed(self, key: Any, flags: int, now: float) -> Conn | None:
         c = self._unconfirmed.get(key)
         if c is None:
             return None
@@ -249,14 +276,15 @@ class ConnTable:
             self._file(c)  # an earlier expiry must be seen by sweep in time
         return True
 
-    def peek(self, key: tuple, now: float) -> Conn | None:
+    def peek(self, key: Any, now: float) -> Conn | None:
         """The live entry without touching state, expiry or LRU order (for ICMP errors)."""
         c = self._confirmed.get(key) or self._unconfirmed.get(key)
         if c is None or c.expires <= now:
             return None
         return c
 
-    def add(self, key: tuple, dest: Dest, flags: int, now: float, template: Template | None = None) -> Conn:
+    def add(self, key: Any, dest: Dest, flags: int, now: float, template: Template | None = None,
+            tag: Any = None) -> Conn:
         """Track a new flow to ``dest``; ``flags`` are the first packet's TCP flags.
 
         Replaces any entry under the same key. Evicts when full (oldest
@@ -271,7 +299,7 @@ class ConnTable:
         # picked up mid-stream, IPVS's sloppy case): never ESTABLISHED, so the
         # connection starts inactive as in IPVS.
         state = NEXT[NONE][flags] if key[0] == 6 else UDP
-        c = Conn(key, dest, state, template)
+        c = Conn(key, dest, state, template, tag)
         dest.inactive += 1
         if template is not None:
             template.controlled += 1
@@ -324,7 +352,7 @@ class ConnTable:
         self._release(c)
         self.evicted += 1
 
-    def remove(self, key: tuple) -> bool:
+    def remove(self, key: Any) -> bool:
         """Forget a flow (e.g. an operator flush)."""
         c = self._confirmed.get(key) or self._unconfirmed.get(key)
         if c is None:
@@ -381,7 +409,7 @@ class ConnTable:
 
     # ---- inspection ----------------------------------------------------------
 
-    def get(self, key: tuple) -> Conn | None:
+    def get(self, key: Any) -> Conn | None:
         """The entry under ``key`` whatever its expiry (tests, /status)."""
         return self._confirmed.get(key) or self._unconfirmed.get(key)
 
@@ -402,8 +430,9 @@ class FragmentTable:
     """Where the fragments of one IP datagram go: its first fragment decides.
 
     Later fragments carry no ports, so the connection table cannot place
-    them. The first fragment (which has the ports) records its destination
-    under ``(protocol, src, dst, fragment id)``; later fragments look it up.
+    them. The first fragment (which has the ports) records its flow's entry
+    (or any value: the forwarder stores the :class:`Conn`) under
+    ``(protocol, src, dst, fragment id)``; later fragments look it up.
     A later fragment that arrives before its first is dropped (counted) and
     the sender's retransmission recovers; bounded FIFO like the reassembly
     queues of a kernel (timeout 30 s as ipfrag_time).
@@ -412,19 +441,19 @@ class FragmentTable:
     def __init__(self, max_entries: int = 65536, timeout: float = 30.0) -> None:
         self.max_entries = max_entries
         self.timeout = timeout
-        self._table: OrderedDict[tuple, tuple[Dest, float]] = OrderedDict()
+        self._table: OrderedDict[tuple, tuple[Any, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._table)
 
-    def add(self, key: tuple, dest: Dest, now: float) -> None:
+    def add(self, key: tuple, dest: Any, now: float) -> None:
         table = self._table
         table[key] = (dest, now + self.timeout)
         table.move_to_end(key)
         while len(table) > self.max_entries:
             table.popitem(last=False)
 
-    def get(self, key: tuple, now: float) -> Dest | None:
+    def get(self, key: tuple, now: float) -> Any:
         hit = self._table.get(key)
         if hit is None:
             return None

@@ -55,7 +55,7 @@ from director.codec import (
     NOT_FRAGMENT,
     Drop,
 )
-from director.conntable import ConnTable, FragmentTable
+from director.conntable import Conn, ConnTable, FragmentTable
 from director.health import PER_SERVICE, ServerKey, ServiceHealth
 from director.scheduler import Dest, Persistence, Scheduler, make_scheduler
 
@@ -191,33 +191,42 @@ def build_plan(
 
 
 class ServerDest(Dest):
-    """A Dest with what the packet path counts for it."""
+    """A Dest as the packet path knows it: its key and how it is reached."""
 
-    __slots__ = ("key", "packets", "bytes", "conns", "forwarding")
+    __slots__ = ("key", "forwarding")
 
     def __init__(self, key: ServerKey, addr: bytes, forwarding: str) -> None:
         super().__init__(addr, 0, available=False)
         self.key = key
-        self.packets = 0
-        self.bytes = 0
-        self.conns = 0
-        """New connections scheduled to it since start."""
         self.forwarding = forwarding
 
 
-class VipStats:
-    __slots__ = ("packets", "bytes", "conns")
+class Route:
+    """One (real server, VIP) pair: what the packet path counts.
 
-    def __init__(self) -> None:
+    Each flow holds its route (``Conn.tag``), so a packet costs two
+    increments; per-server and per-VIP figures are sums over routes, made
+    when stats are read. Routes outlive plans, so counters never go back.
+    """
+
+    __slots__ = ("server", "vip", "packets", "bytes", "conns", "live")
+
+    def __init__(self, server: ServerKey, vip: str) -> None:
+        self.server = server
+        self.vip = vip
+        """The VIP's label, ``addr:port/proto``."""
         self.packets = 0
         self.bytes = 0
         self.conns = 0
+        """New connections scheduled along it."""
+        self.live = True
+        """False while the VIP is not in the plan (its flows take the full path, which drops them)."""
 
 
 class _Service:
     """One service at run time: its schedulers (one per address family), persistence, dests."""
 
-    __slots__ = ("plan", "dests", "sched4", "sched6", "persistence", "sorry", "stateless", "vip_stats")
+    __slots__ = ("plan", "dests", "sched4", "sched6", "persistence", "sorry", "stateless")
 
     def __init__(self, plan: ServicePlan) -> None:
         self.plan = plan
@@ -227,7 +236,6 @@ class _Service:
         self.persistence: Persistence | None = None
         self.sorry: ServerDest | None = None
         self.stateless = plan.scheduler in STATELESS_SCHEDULERS and plan.persistence is None
-        self.vip_stats: dict[str, VipStats] = {}
 
 
 @dataclass
@@ -273,11 +281,12 @@ class Forwarder:
         self.plan = Plan(b"\x00" * 6)
         self.vips: frozenset[bytes] = frozenset()
         self.drops: Counter[Drop] = Counter()
-        self.forwarded = 0
         self.replies = 0
         self._services: dict[str, _Service] = {}
-        # (VIP address, port, protocol) -> (service, its VipStats)
-        self._by_vip: dict[tuple[bytes, int, int], tuple[_Service, VipStats]] = {}
+        # (VIP address, port, protocol) -> (service, the VIP's label)
+        self._by_vip: dict[tuple[bytes, int, int], tuple[_Service, str]] = {}
+        self._routes: dict[tuple[ServerKey, str], Route] = {}
+        self._refresh = self.table.refresh
         self._ident = 0  # outer IPv4 id for TUN, per worker
 
     # -- control --------------------------------------------------------------
@@ -285,7 +294,7 @@ class Forwarder:
     def apply(self, plan: Plan) -> None:
         """Adopt a new plan. Servers that stay keep their Dest (flows, counters)."""
         services: dict[str, _Service] = {}
-        by_vip: dict[tuple[bytes, int, int], tuple[_Service, VipStats]] = {}
+        by_vip: dict[tuple[bytes, int, int], tuple[_Service, str]] = {}
         for sp in plan.services:
             old = self._services.get(sp.name)
             svc = _Service(sp)
@@ -323,9 +332,7 @@ class Forwarder:
                 self._configure(svc.sorry, sp.sorry, plan, sp)
                 svc.sorry.weight = 1 if sp.sorry_active else 0
             for v in sp.vips:
-                stats = old.vip_stats.get(v.label) if old else None
-                svc.vip_stats[v.label] = stats = stats or VipStats()
-                by_vip[(v.address, v.port, v.proto)] = (svc, stats)
+                by_vip[(v.address, v.port, v.proto)] = (svc, v.label)
             services[sp.name] = svc
         for name, old in self._services.items():
             if name not in services:  # a removed service: its flows follow its on_server_down
@@ -333,6 +340,9 @@ class Forwarder:
                     d.available = False
                     d.weight = 0
                     d.reschedule = old.plan.on_server_down == "reschedule"
+        labels = {label for _, label in by_vip.values()}
+        for r in self._routes.values():
+            r.live = r.vip in labels
         # Swap whole objects: a packet sees the old plan or the new one.
         self._services, self._by_vip, self.plan = services, by_vip, plan
         self.vips = plan.vips
@@ -363,6 +373,46 @@ class Forwarder:
 
     # -- the packet path ----------------------------------------------------------
 
+    def fast(self, buf, start: int, length: int, now: float) -> bytes | None:
+        """The common packet in DR, or None: then call :meth:`forward`.
+
+        ``buf[start:start + length]`` is the frame; ``buf`` must slice to
+        ``bytes`` (an mmap'd ring, bytes). Handles an IPv4 TCP/UDP packet
+        without options or fragmentation, of a confirmed flow to a DR server,
+        that changes nothing but the flow's expiry: what nearly every packet
+        of an established connection is. It reads the connection-table key
+        straight off the wire (codec.flow_key's layout) instead of parsing,
+        and returns the same action :meth:`forward` would. Anything else,
+        including every frame parse would drop, returns None with no
+        effect beyond a refreshed expiry, which forward repeats harmlessly.
+        """
+        if length < 42:
+            return None
+        h = buf[start + 12:start + 48]  # ethertype .. TCP flags
+        if h[2] != 0x45 or h[0] != 8 or h[1] or h[8] & 0x3F or h[9]:
+            return None  # not IPv4, options, or a fragment
+        total = h[4] << 8 | h[5]
+        if total + 14 > length:
+            return None
+        if h[11] == 6:
+            if total < 34:
+                return None
+            flags = h[35]
+        elif total < 28:
+            return None
+        else:
+            flags = 0
+        c = self._refresh(h[11:12] + h[14:26], flags, now)
+        if c is None:
+            return None
+        tx = c.dest.tx
+        r = c.tag
+        if tx.__class__ is not bytes or not r.live:
+            return None
+        r.packets += 1
+        r.bytes += total
+        return tx
+
     def forward(self, frame, now: float, vnet=None):
         """What to do with one frame (see the module docstring for the actions).
 
@@ -375,37 +425,25 @@ class Forwarder:
         kind = p.kind
         if kind == FLOW:
             frag = p.frag
-            if frag == NOT_FRAGMENT:
-                c = self.table.lookup(p.key, p.flags, now)
+            if frag == LATER_FRAGMENT:
+                c = self.frags.get((p.proto, p.src, p.dst, p.frag_id), now)
                 if c is None:
-                    dest = self._new_flow(p, now)
-                    if dest is None:
-                        return None
-                else:
-                    dest = c.dest
-            elif frag == FIRST_FRAGMENT:
-                c = self.table.lookup(p.key, p.flags, now)
-                dest = c.dest if c is not None else self._new_flow(p, now)
-                if dest is None:
-                    return None
-                self.frags.add((p.proto, p.src, p.dst, p.frag_id), dest, now)
-            else:
-                dest = self.frags.get((p.proto, p.src, p.dst, p.frag_id), now)
-                if dest is None:
                     self.drops[Drop.FRAGMENT_UNKNOWN] += 1
                     return None
-            hit = self._by_vip.get((p.dst, p.dport, p.proto)) if frag != LATER_FRAGMENT else None
-            if hit is not None:
-                vs = hit[1]
-                vs.packets += 1
-                vs.bytes += p.length
+            else:
+                c = self.table.lookup(p.key, p.flags, now)
+                if c is None:
+                    c = self._new_flow(p, now)
+                    if c is None:
+                        return None
+                if frag == FIRST_FRAGMENT:
+                    self.frags.add((p.proto, p.src, p.dst, p.frag_id), c, now)
         elif kind == ICMP_ERROR:
             # About a packet the real server sent: its owner gets it. Never creates state.
             c = self.table.peek(p.key, now)
             if c is None:
                 self.drops[Drop.NO_CONNECTION] += 1
                 return None
-            dest = c.dest
         elif kind == ARP_REQUEST:
             self.replies += 1
             return [codec.arp_reply(frame, p, self.plan.mac)]
@@ -414,24 +452,24 @@ class Forwarder:
             return [codec.neighbor_advert(frame, p, self.plan.mac)]
         else:  # pragma: no cover - parse returns no other kind
             return None
-        tx = dest.tx
+        tx = c.dest.tx
         if tx is None:
             self.drops[Drop.NO_NEIGHBOUR] += 1
             return None
-        dest.packets += 1
-        dest.bytes += p.length
         if tx.__class__ is bytes:
-            self.forwarded += 1
+            r = c.tag
+            r.packets += 1
+            r.bytes += p.length
             return tx
-        return self._encap(tx, frame, p, vnet)
+        return self._encap(tx, frame, p, vnet, c.tag)
 
-    def _new_flow(self, p, now: float) -> ServerDest | None:
+    def _new_flow(self, p, now: float) -> Conn | None:
         """Schedule a flow the table does not know; None if it must be dropped (counted)."""
         hit = self._by_vip.get((p.dst, p.dport, p.proto))
         if hit is None:
             self.drops[Drop.NO_SERVICE] += 1
             return None
-        svc, vs = hit
+        svc, label = hit
         if p.proto == 6 and not p.flags & TCP_SYN and not svc.stateless:
             self.drops[Drop.NO_CONNECTION] += 1  # IPVS: only a SYN opens a TCP connection
             return None
@@ -452,12 +490,13 @@ class Forwarder:
             else:
                 self.drops[Drop.NO_DESTINATION] += 1
                 return None
-        self.table.add(p.key, dest, p.flags, now, template=tpl)
-        dest.conns += 1
-        vs.conns += 1
-        return dest
+        route = self._routes.get((dest.key, label))
+        if route is None:
+            self._routes[(dest.key, label)] = route = Route(dest.key, label)
+        route.conns += 1
+        return self.table.add(p.key, dest, p.flags, now, template=tpl, tag=route)
 
-    def _encap(self, tun: codec.Tunnel, frame, p, vnet):
+    def _encap(self, tun: codec.Tunnel, frame, p, vnet, route: Route):
         """TUN: the header to send before the inner packet, or what to do instead."""
         if tun.family != p.family:
             self.drops[Drop.NO_DESTINATION] += 1
@@ -476,7 +515,8 @@ class Forwarder:
                     self.drops[out_vnet] += 1
                     return None
             self._ident = ident = (self._ident + 1) & 0xFFFF
-            self.forwarded += 1
+            route.packets += 1
+            route.bytes += p.length
             return (out_vnet, tun.header(frame, p, ident), p.length)
         if p.family == 4 and not codec.is_df(frame, p) and p.kind == FLOW:
             # IPv4 without DF: fragment outside the tunnel (the real server reassembles).
@@ -489,7 +529,8 @@ class Forwarder:
                     self.drops[bad] += 1
                     return None
             self._ident = ident = (self._ident + 1) & 0xFFFF
-            self.forwarded += 1
+            route.packets += 1
+            route.bytes += p.length
             return tun.fragments(frame, p, ident)
         self.drops[Drop.TOO_BIG] += 1
         reply = codec.too_big(frame, p, tun.max_inner)
@@ -506,13 +547,20 @@ class Forwarder:
 
     def stats(self) -> ForwarderStats:
         out = ForwarderStats()
+        by_server: dict[ServerKey, list[int]] = {}
+        by_vip: dict[str, list[int]] = {}
+        for r in self._routes.values():
+            for acc in (by_server.setdefault(r.server, [0, 0, 0]), by_vip.setdefault(r.vip, [0, 0, 0])):
+                acc[0] += r.packets
+                acc[1] += r.bytes
+                acc[2] += r.conns
+            out.forwarded += r.packets
         for svc in self._services.values():
             for key, d in svc.dests.items():
-                out.servers[key] = (d.active, d.inactive, d.packets, d.bytes, d.conns)
-            for label, vs in svc.vip_stats.items():
-                out.vips[label] = (vs.packets, vs.bytes, vs.conns)
+                out.servers[key] = (d.active, d.inactive, *by_server.get(key, (0, 0, 0)))
+            for v in svc.plan.vips:
+                out.vips[v.label] = tuple(by_vip.get(v.label, (0, 0, 0)))
         out.drops = {str(reason): n for reason, n in self.drops.items()}
-        out.forwarded = self.forwarded
         out.replies = self.replies
         out.connections = len(self.table)
         out.evicted = self.table.evicted

@@ -326,3 +326,70 @@ def test_counters_always_match_the_table(ops):
         filed = [c for b in t._calendar.values() for c in b]
         assert len(filed) == len(entries) and set(filed) == set(entries)
         assert all(c.due <= int(c.expires) + 1 for c in entries)
+
+
+# ---- the hot path: refresh ------------------------------------------------------------
+
+
+def test_refresh_serves_a_confirmed_flow_whose_packet_changes_nothing_else():
+    t, d = ConnTable(), rs()
+    k = key()
+    t.add(k, d, SYN, now=0.0)
+    assert t.refresh(k, SYN, now=1.0) is None  # unconfirmed: lookup's job
+    t.lookup(k, ACK, now=1.0)  # ESTABLISHED, confirmed
+    c = t.refresh(k, PSH | ACK, now=2.0)
+    assert c is not None and c.state == ESTABLISHED and c.expires == 2.0 + 900
+    assert t.refresh(k, FIN | ACK, now=3.0) is None  # a state change: lookup's job
+    assert t.get(k).state == ESTABLISHED and t.get(k).expires == 2.0 + 900  # nothing changed
+    d.available = False
+    assert t.refresh(k, ACK, now=3.0) is None  # a down server: lookup decides keep or reschedule
+    d.available = True
+    assert t.refresh(k, ACK, now=2.0 + 900) is None  # expired
+    assert t.get(k) is not None  # ... and left for lookup to count and remove
+
+
+REFRESH_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "packet", "packet", "packet", "sweep", "down", "up"]),
+        st.integers(0, 8),
+        st.sampled_from([SYN, ACK, FIN | ACK, RST, PSH | ACK, 0]),
+        st.floats(0, 400),
+    ),
+    max_size=80,
+)
+
+
+def _snapshot(t: ConnTable):
+    return ([(c.key, c.state, c.expires, c.dest.addr, c.confirmed) for c in t],
+            t.evicted, t.expired, list(t._confirmed), list(t._unconfirmed))
+
+
+@settings(max_examples=300, deadline=None)
+@given(REFRESH_OPS)
+def test_refresh_then_lookup_is_exactly_lookup(ops):
+    """The engine tries refresh first and falls back to lookup: the table must not tell."""
+    tables = [ConnTable(max_entries=6), ConnTable(max_entries=6)]
+    dests = [[rs(1), rs(2)], [rs(1), rs(2)]]
+    for ds in dests:
+        ds[1].reschedule = True
+    now = 0.0
+    for op, flow, flags, step in ops:
+        now += step
+        proto = 17 if flow % 3 == 0 else 6
+        k, fl = key(flow, proto), (flags if proto == 6 else 0)
+        results = []
+        for t, ds, fast in ((tables[0], dests[0], False), (tables[1], dests[1], True)):
+            if op == "add":
+                t.add(k, ds[flow % 2], fl, now)
+            elif op == "packet":
+                c = t.refresh(k, fl, now) if fast else None
+                if c is None or flow % 4 == 0:  # sometimes the caller cannot use the entry
+                    c = t.lookup(k, fl, now)
+                results.append(None if c is None else (c.state, c.expires))
+            elif op == "sweep":
+                t.sweep(now, budget=3)
+            else:
+                ds[flow % 2].available = op == "up"
+        assert len(set(map(str, results))) <= 1
+        assert _snapshot(tables[0]) == _snapshot(tables[1])
+        assert counts(*dests[0]) == counts(*dests[1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import random
 import struct
 
 import pytest
@@ -454,3 +455,115 @@ def test_announcer_sends_garp_and_na_for_newly_taken_vips_only():
     assert a.due(10.5) == [] and len(a.due(11.0)) == 2
     a.update({P(VIP4), P(VIP6), P("192.0.2.11")}, me, 20.0)
     assert [Ether(f)[ARP].pdst for f in a.due(20.0)] == ["192.0.2.11"]
+
+
+# --------------------------------------------------------------------------
+# The fast path is forward, only quicker
+
+
+def _variants():
+    """Frames of a few flows in every shape the fast path must either take or refuse."""
+    out = []
+    for sport in (40000, 40001):
+        for flags in ("S", "A", "A", "PA", "PA", "FA", "R", "SA", ""):
+            out.append(syn(sport, flags=flags))
+        out.append(frame(IP(src=CLIENT4, dst=VIP4) / UDP(sport=sport, dport=80) / Raw(b"u" * 20)))
+    data = bytes(syn(40000, flags="A"))
+    out += [
+        frame(IP(src=CLIENT4, dst=VIP4, options=[b"\x01\x01\x01\x00"]) / TCP(sport=40000, dport=80, flags="A")),
+        frame(IP(src=CLIENT4, dst=VIP4, flags="MF", id=7) / TCP(sport=40000, dport=80, flags="A")),
+        frame(IP(src=CLIENT4, dst=VIP4, frag=3, id=7, proto=6) / Raw(b"f" * 20)),
+        frame(IP(src=CLIENT4, dst=VIP6[:0] or "192.0.2.99") / TCP(sport=40000, dport=80, flags="A")),  # not a VIP
+        frame(IPv6(src=CLIENT6, dst=VIP6) / TCP(sport=40000, dport=80, flags="A")),
+        bytearray(data[:47]),  # truncated before the TCP flags
+        bytearray(data[:16] + struct.pack("!H", 30) + data[18:]),  # IP total length too small for TCP
+        bytearray(data[:16] + struct.pack("!H", 200) + data[18:]),  # longer than the frame
+        bytearray(data[:14] + b"\x46" + data[15:]),  # IHL 6 without the option bytes
+        bytearray(data[:12] + b"\x81\x00" + data[14:]),  # VLAN tag
+        bytearray(data[:30]),
+        bytearray(b""),
+    ]
+    return [bytes(f) for f in out]
+
+
+VARIANTS = _variants()
+FAST_OPS = st.lists(
+    st.tuples(st.sampled_from(["packet"] * 12 + ["down", "unreachable", "vip-gone", "vip-back", "sweep"]),
+              st.integers(0, len(VARIANTS) - 1), st.sampled_from([0.0, 0.0, 0.5, 1.0, 30.0, 100.0, 400.0])),
+    min_size=10, max_size=80,
+)
+
+
+def _fast_vs_forward(ops, forwarding: str, on_down: str) -> int:
+    """Feed ``ops`` to a Forwarder using forward() and to one using fast() first;
+    assert they act and count the same after every op. Returns how often fast() acted."""
+    vips = ((VIP4, 80, 6), (VIP4, 80, 17), (VIP6, 80, 6))
+    servers = {"down": False, "unreachable": False}  # each op toggles
+    vip_gone = False
+
+    def current():
+        a = server(RS[0], available=not servers["down"], reschedule=on_down == "reschedule",
+                   m=b"" if servers["unreachable"] else None)
+        return plan(a, server(RS[1]), forwarding=forwarding, on_server_down=on_down,
+                    vips=vips[1:] if vip_gone else vips)
+
+    pair = [Forwarder(ConnTable(max_entries=8)), Forwarder(ConnTable(max_entries=8))]
+    for f in pair:
+        f.apply(current())
+    now = 0.0
+    taken = 0
+    for op, i, step in ops:
+        now += step
+        if op == "packet":
+            data = VARIANTS[i]
+            plain = pair[0].forward(memoryview(bytearray(data)), now, memoryview(bytes(10)))
+            fast = pair[1].fast(data, 0, len(data), now)
+            taken += fast is not None
+            if fast is None:
+                fast = pair[1].forward(memoryview(bytearray(data)), now, memoryview(bytes(10)))
+            assert fast == plain
+        elif op == "sweep":
+            for f in pair:
+                f.sweep(now)
+        else:
+            if op in servers:
+                servers[op] = not servers[op]
+            else:
+                vip_gone = op == "vip-gone"
+            for f in pair:
+                f.apply(current())
+        a, b = pair[0].stats(), pair[1].stats()
+        assert a == b
+        assert [(c.key, c.state, c.expires, c.dest.key) for c in pair[0].table] == \
+               [(c.key, c.state, c.expires, c.dest.key) for c in pair[1].table]
+    return taken
+
+
+@settings(max_examples=300, deadline=None)
+@given(FAST_OPS, st.sampled_from(["dr", "tun"]), st.sampled_from(["keep", "reschedule"]))
+def test_fast_then_forward_acts_exactly_as_forward(ops, forwarding, on_down):
+    """The engine calls fast() and, when it declines, forward(): nothing may tell the difference."""
+    _fast_vs_forward(ops, forwarding, on_down)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fast_then_forward_on_long_random_traffic(seed):
+    """Long runs, mostly packets close together, so established flows (the fast path) are common."""
+    rng = random.Random(seed)
+    ops = [(rng.choice(["packet"] * 150 + ["down", "unreachable", "vip-gone", "vip-back", "sweep"]),
+            rng.randrange(len(VARIANTS)), rng.choice([0.0, 0.1, 1.0, 1.0, 5.0, 70.0, 400.0]))
+           for _ in range(3000)]
+    taken = _fast_vs_forward(ops, "dr", "keep" if seed % 2 else "reschedule")
+    assert taken > 30  # the comparison covered the fast path, not only its refusals
+
+
+def test_fast_takes_an_established_ipv4_flow_and_declines_the_rest(f):
+    assert f.fast(bytes(syn(40000)), 0, 54, 0.0) is None  # a SYN: new flow, forward's job
+    owner = dr_owner(fwd(f, syn(40000)))
+    fwd(f, syn(40000, flags="A"), 0.5)  # handshake done: confirmed
+    data = bytes(syn(40000, flags="PA"))
+    assert dr_owner(f.fast(data, 0, len(data), 1.0)) == owner
+    padded = b"\0" * 7 + data  # at an offset, as in a ring slot
+    assert dr_owner(f.fast(padded, 7, len(data), 1.0)) == owner
+    assert f.fast(data, 0, len(data) - 1, 1.0) is None  # the IP packet does not fit the frame
+    assert f.stats().servers[ServerKey("web", owner, 0)][2] == 4
