@@ -2,13 +2,16 @@
 
 Every failure an operator can cause (a bad flag, a missing file, an invalid
 config, an unreachable Redis) ends in one clear line on stderr and a non-zero
-exit; tracebacks are for bugs only, and only with --debug.
+exit; tracebacks are for bugs only, and only with --debug. A reader that
+goes away (``glb status | head``) ends the command quietly with 141.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import select
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
@@ -17,6 +20,10 @@ from glb import __version__
 from glb.errors import ConfigError, GLBError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_PIPE = 128 + 13
+"""Our reader went away (``glb status | head``): what a shell reports for a
+command that SIGPIPE ended, so ``set -o pipefail`` scripts see what they see
+with any other tool."""
 _RS_STATE = Path("/run/glb/realserver.json")
 
 
@@ -210,7 +217,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        # Flush here, not at interpreter exit: a closed pipe must surface
+        # below as BrokenPipeError, not as Python's own noise after main().
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError as e:
+        if not _stdout_gone():  # a socket of ours, not our reader: a bug, reported below
+            return _internal_error(args, e)
+        # Not a failure worth a message; point stdout at /dev/null so the
+        # interpreter's final flush of what is left stays quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
     except ConfigError as e:
         for line in e.problems:
             print(line, file=sys.stderr)
@@ -221,10 +239,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a bug: say so in one line, traceback on request
-        if args.debug:
-            raise
-        print(f"glb: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
-        return EXIT_ERROR
+        return _internal_error(args, e)
+
+
+def _internal_error(args: argparse.Namespace, e: Exception) -> int:
+    if args.debug:
+        raise e
+    print(f"glb: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout's reader has gone (the kernel flags the pipe or socket with POLLERR)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fd (replaced stdout), or no poll()
+        return False
 
 
 if __name__ == "__main__":

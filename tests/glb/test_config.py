@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import os
 import re
 import subprocess
 import sys
@@ -384,6 +385,31 @@ def test_cli_usage_errors_are_one_line(args, code, line):
     assert len(lines) == 1, lines
     # argparse's quoting of choices differs between Python versions: the third row is a regex
     assert lines[0] == line or re.fullmatch(line, lines[0]), lines[0]
+
+
+def test_cli_reader_that_goes_away_is_not_an_error():
+    # `glb status | head -1`: the reader closes the pipe before glb writes.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        r = subprocess.run([sys.executable, "-m", "glb.cli", "config", "check", "deploy/examples/glb.yaml"],
+                           stdout=write, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=60)
+    finally:
+        os.close(write)
+    assert (r.returncode, r.stderr) == (141, "")
+
+
+def test_cli_broken_pipe_of_a_socket_is_still_a_bug(monkeypatch, capfd):
+    # Only our reader going away is quiet; a BrokenPipeError from a socket
+    # (stdout still fine) is an internal error like any other.
+    from glb import cli
+
+    def boom(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_cmd_status", boom)
+    assert cli.main(["status", "--config", "x.yaml"]) == 1
+    assert "glb: internal error: BrokenPipeError" in capfd.readouterr().err
 
 
 def test_cli_help_lists_commands():
