@@ -130,6 +130,23 @@ class HTTPServer:
             self.runner = None
 
 
+class TCPServer:
+    """A TCP listener on a fixed host:port (accepts and closes) that can be stopped and started again."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(lambda r, w: w.close(), self.host, self.port, reuse_address=True)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+
+
 class UDPServer(asyncio.DatagramProtocol):
     """A DNS or UDP echo responder; ``silent`` makes it hang (no replies)."""
 
@@ -183,10 +200,10 @@ async def lab(tmp_path, redis_url):
     dns_port, udp_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
     web1, web2 = HTTPServer("127.0.0.1", http_port), HTTPServer("127.0.0.2", http_port)
     secure = HTTPServer("127.0.0.3", https_port, self_signed(tmp_path))
-    tcp = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.5", tcp_port)
+    tcp = TCPServer("127.0.0.5", tcp_port)
     dns_transport, dns = await udp_server("127.0.0.4", dns_port, dns=True)
     udp_transport, udp = await udp_server("127.0.0.6", udp_port, dns=False)
-    for s in (web1, web2, secure):
+    for s in (web1, web2, secure, tcp):
         await s.start()
     services = f"""
       - name: web
@@ -213,14 +230,13 @@ async def lab(tmp_path, redis_url):
         health_check: {check("udp", send="PING", expect="PONG")}
 """
     path = write_config(tmp_path / "glb.yaml", redis_url, free_port(), services)
-    env = {"web1": web1, "web2": web2, "secure": secure, "dns": dns, "udp": udp, "tcp_port": tcp_port,
+    env = {"web1": web1, "web2": web2, "secure": secure, "tcp": tcp, "dns": dns, "udp": udp, "tcp_port": tcp_port,
            "config": path, "redis_url": redis_url}
     try:
         yield env
     finally:
-        for s in (web1, web2, secure):
+        for s in (web1, web2, secure, tcp):
             await s.stop()
-        tcp.close()
         dns_transport.close()
         udp_transport.close()
 
@@ -265,11 +281,21 @@ async def test_published_state_follows_real_servers(lab, director):
     await lab["web1"].start()
     await published_states(url, "web", ALL_UP["web"])
 
-    # HTTPS, DNS and UDP: the servers hang (or go away) and come back.
+    # HTTPS, TCP, DNS and UDP: the servers hang (or go away) and come back.
     await lab["secure"].stop()
     await published_states(url, "secure", {"127.0.0.3": "down"})
     await lab["secure"].start()
     await published_states(url, "secure", {"127.0.0.3": "up"})
+
+    # TCP: the listener goes away and comes back; with its only server down
+    # the service is down for DNS and its sorry server takes new flows.
+    await lab["tcp"].stop()
+    snap = await published_states(url, "tcp", {"127.0.0.5": "down"})
+    assert snap.service("tcp").real_server("127.0.0.5", 0).last_result == "connection refused"
+    assert not snap.service("tcp").up and director.table.service("tcp").sorry_active
+    await lab["tcp"].start()
+    snap = await published_states(url, "tcp", {"127.0.0.5": "up"})
+    assert snap.service("tcp").up and not director.table.service("tcp").sorry_active
 
     lab["dns"].silent = True
     snap = await published_states(url, "dns", {"127.0.0.4": "down"})
