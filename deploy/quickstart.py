@@ -6,7 +6,8 @@ commands. Then it prints a timeline of DNS answers while every real server of
 dc1 stops (DNS must move to dc2 within seconds) and comes back. Every process
 it starts is stopped by PID on exit, including on Ctrl-C and on failure.
 
-Run it through `bash scripts/demo`, which installs what it needs first.
+Run it with `.venv/bin/python deploy/quickstart.py` after `bash scripts/setup`;
+it needs no root. (`bash scripts/demo` runs the namespace lab instead.)
 """
 
 from __future__ import annotations
