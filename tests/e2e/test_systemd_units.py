@@ -50,6 +50,13 @@ def test_unit_settings(name):
     if name == "glb-director@.service":
         assert set(u[f"{svc}AmbientCapabilities"][0].split()) == {"CAP_NET_RAW", "CAP_NET_ADMIN"}
         assert "--site %i" in u[f"{svc}ExecStart"][0]
+    if name == "glb-realserver.service":
+        # Root uid, and /proc/sys/net must stay writable (no ProtectKernelTunables):
+        # every other kernel tunable must be out of its reach.
+        ro = set(" ".join(u[f"{svc}ReadOnlyPaths"]).replace("-/", "/").split())
+        assert {"/sys", "/proc/sys/kernel", "/proc/sys/vm", "/proc/sys/fs", "/proc/sys/dev", "/proc/sysrq-trigger"} <= ro
+        assert not any(p in ("/proc", "/proc/sys") or p.startswith("/proc/sys/net") for p in ro)
+        assert "ProtectKernelTunables" not in " ".join(u)
 
 
 @pytest.fixture(scope="module")
