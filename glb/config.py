@@ -10,10 +10,12 @@ Names are stored lower-case, absolute, with a trailing dot (``app.example.net.``
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Hashable
 from typing import Any, Callable, Iterable
 
 import dnslib
@@ -382,6 +384,12 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, Hashable):
+            # A list or mapping used as a key ("? [a, b]: 1"): PyYAML would say so
+            # too, but only after our duplicate check had crashed on it.
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{_kind(key)} cannot be a key", key_node.start_mark
+            )
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark
@@ -523,6 +531,11 @@ def _float(lo: float | None = None, hi: float | None = None, *, open_lo: bool = 
     def conv(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Bad(f"expected a number, got {_kind(value)}")
+        if not math.isfinite(value):
+            # YAML spells these .nan and .inf; NaN passes every range check and
+            # then fails every comparison at run time (a NaN stale_after would
+            # make every site stale), and no setting here means "never".
+            raise _Bad(f"must be a finite number, got {value}")
         if open_lo and lo is not None and value <= lo:
             raise _Bad(f"must be greater than {lo:g}, got {value:g}")
         _range(value, lo, hi)

@@ -216,6 +216,14 @@ BROKEN = [
         ["redis.stale_after: must be greater than 0, got 0"],
     ),
     (
+        _set("redis/stale_after", float("nan")),
+        ["redis.stale_after: must be a finite number, got nan"],
+    ),
+    (
+        _set("sites/dc1/services/0/health_check/interval", float("inf")),
+        ["sites.dc1.services[0].health_check.interval: must be a finite number, got inf"],
+    ),
+    (
         _set("dnsfront/listen", ["[::1:5300"]),
         ["dnsfront.listen[0]: expected HOST:PORT or [IPV6]:PORT, got '[::1:5300'"],
     ),
@@ -312,6 +320,8 @@ def test_every_problem_is_reported_not_just_the_first(tmp_path):
         ("zones: [\n", "glb.yaml:2:1: YAML syntax error: expected the node content, but found '<stream end>'"),
         ("redis: {}\nredis: {}\n", "glb.yaml:2:1: YAML syntax error: duplicate key 'redis'"),
         ("- a\n- b\n", "glb.yaml: expected a mapping, got a list"),
+        ("{1: 2, [1]: 3}\n", "glb.yaml:1:8: YAML syntax error: a list cannot be a key"),
+        ("sites:\n  ? {a: 1}\n  : x\n", "glb.yaml:2:5: YAML syntax error: a mapping cannot be a key"),
     ],
 )
 def test_unreadable_files(text, expected, tmp_path):
