@@ -420,7 +420,12 @@ def plan(
 
     fallback = Weighted(weights)
     selector: Selector
-    if lb.policy == "topology":
+    if len(choices) == 1:
+        # One possible answer does not depend on the client, whatever the
+        # policy: ECS SCOPE 0 (RFC 7871 7.2.1) lets a resolver cache it for
+        # everyone, and it is what the fast path answers for such an entry.
+        selector = Fixed()
+    elif lb.policy == "topology":
         index_of = {m.site: i for i, m in enumerate(candidates)}
         nets = [
             _Net(net.version, int(net.network_address), net.prefixlen, m.site)
@@ -430,8 +435,6 @@ def plan(
         selector = Topology(nets, index_of, fallback)
     elif lb.policy == "sticky":
         selector = Sticky([m.site for m in candidates], weights, fallback)
-    elif len(choices) == 1:
-        selector = Fixed()
     else:
         selector = fallback
 

@@ -113,6 +113,17 @@ def test_ecs_topology_on_the_fast_path(engine):
     assert r.answer[0][0].address == "192.0.2.30"
 
 
+def test_ecs_scope_zero_when_only_one_answer_is_possible(engine):
+    # near.example.net is topology, but only dc1 has an IPv6 VIP: the AAAA
+    # answer is the same for every client, on the fast and the slow path.
+    q = dns.message.make_query("near.example.net", "AAAA", use_edns=0,
+                               options=[dns.edns.ECSOption("198.51.100.0", 24)]).to_wire()
+    for out in (engine.answer_slow(q, ADDR, False), engine.handle(q, ADDR)):
+        r = dns.message.from_wire(out)
+        assert r.answer[0][0].address == "2001:db8:10::10"
+        assert [(o.srclen, o.scopelen) for o in r.options if o.otype == dns.edns.ECS] == [(24, 0)]
+
+
 def test_malformed_ecs_is_formerr(engine):
     q = dns.message.make_query("near.example.net", "A", use_edns=0,
                                options=[dns.edns.GenericOption(8, b"\x00\x01\x18\x00\xc6\x33")])

@@ -173,6 +173,15 @@ def test_topology_preferred_site_down_falls_back(lb, sites, st):
     assert got == {"dc2", "dc3"}
 
 
+def test_one_live_member_is_not_tailored(lb, sites, st):
+    # Only dc2 is live: topology and sticky have one answer for everyone, scope 0.
+    s = st.state(st.snapshot("dc2"))
+    for name in ("near.example.net.", "stick.example.net."):
+        p = policy.plan(lb(name), sites, s, st.NOW, 3.0, 4)
+        assert p.choose(0.5, v4("198.51.100.7")) == (p.choices[0], 0)
+        assert not p.selector.client_dependent
+
+
 def test_sticky_is_stable_and_moves_only_a_share(lb, sites, st, config):
     from dataclasses import replace
 
