@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -74,7 +75,9 @@ class Bench:
         self.client.ip("neigh", "replace", VIP, "lladdr", self.dmac, "dev", "eth0")
         self.director.ip("neigh", "replace", RS, "lladdr", self.rmac, "dev", "eth0")
         # The real server counts and drops the blast at ingress (outer IPIP packets for TUN).
-        match = "ip protocol 4" if mode == "tun" else "udp dport 9"
+        # Only the blast: echo and TCP must reach the server (for TUN, through its
+        # decapsulator), so match the inner UDP port past the 20-byte inner header.
+        match = f"ip protocol 4 @th,72,8 17 @th,176,16 {UDP_PORT}" if mode == "tun" else f"udp dport {UDP_PORT}"
         self.rs.run(["nft", "-f", "-"], input=(
             'table netdev bench { chain in { type filter hook ingress device "eth0" priority 0;\n'
             f'  ip saddr {CLIENT if mode == "dr" else DIRECTOR} {match} counter drop\n }}\n}}\n'))
@@ -184,6 +187,8 @@ def run(mode: str, tmp: Path) -> dict:
 
 
 def main() -> None:
+    # A timeout or kill(1) must still remove the namespaces: leave through SystemExit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"glb-bench-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     results = {m: run(m, tmp) for m in sys.argv[1:] or ["dr", "tun"]}

@@ -491,19 +491,22 @@ class Tunnel:
 
     def header(self, frame, pkt: Packet, ident: int = 0) -> bytes:
         """Ethernet + outer IP header for this packet (scatter/gather senders add the inner packet)."""
-        l3 = pkt.l3
+        return self.header_at(frame, pkt.l3, pkt.length, ident)
+
+    def header_at(self, buf, l3: int, length: int, ident: int = 0) -> bytes:
+        """:meth:`header` for the inner IP packet of ``length`` bytes at ``buf[l3:]``."""
         if self.family == 4:
-            tos, flags, ttl = _TOS_FLAGS_TTL.unpack_from(frame, l3)
+            tos, flags, ttl = _TOS_FLAGS_TTL.unpack_from(buf, l3)
             df = (flags & 0x40) << 8
-            total = pkt.length + 20
+            total = length + 20
             s = self._sum + tos + total + ident + df + (ttl << 8)
             s = (s & 0xFFFF) + (s >> 16)
             s = (s & 0xFFFF) + (s >> 16)
             return self.eth + _OUT4.pack(0x45, tos, total, ident, df, ttl, IPPROTO_IPIP, ~s & 0xFFFF,
                                          self.src, self.dst)
-        vtf, hlim = _VTF_HLIM.unpack_from(frame, l3)
+        vtf, hlim = _VTF_HLIM.unpack_from(buf, l3)
         tclass = vtf >> 20 & 0xFF
-        return self.eth + _OUT6.pack(0x60000000 | tclass << 20, pkt.length, IPPROTO_IPV6, hlim,
+        return self.eth + _OUT6.pack(0x60000000 | tclass << 20, length, IPPROTO_IPV6, hlim,
                                      self.src, self.dst)
 
     def encap(self, frame, pkt: Packet, ident: int = 0) -> bytes:
