@@ -94,9 +94,9 @@ class Bench:
 
     # -- what forwards
 
-    def start_engine(self):
+    def start_engine(self, **options):
         plan = {"interface": "eth0", "mode": self.mode, "vip": VIP, "servers": [[RS, self.rmac]],
-                "source": DIRECTOR, "ports": [[UDP_PORT, 17], [TCP_PORT, 6], [ECHO_PORT, 17]]}
+                "source": DIRECTOR, "ports": [[UDP_PORT, 17], [TCP_PORT, 6], [ECHO_PORT, 17]], **options}
         p = self.director.popen([PY, ENGINE, json.dumps(plan)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 text=True, cwd=ROOT)
         line = p.stdout.readline()

@@ -28,7 +28,7 @@ def main() -> None:
     svc = ServicePlan("bench", a["mode"], a.get("scheduler", "mh"), vips, servers, mh_table_size=65537)
     src = P(a["source"]) if a.get("source") else None
     plan = Plan(b"", (svc,), src if src and len(src) == 4 else None, src if src and len(src) == 16 else None)
-    engine = Engine(EngineConfig(a["interface"], workers=a.get("workers", 1),
+    engine = Engine(EngineConfig(a["interface"], workers=a.get("workers", 1), busy_poll=a.get("busy_poll", False),
                                  conntable=ConnectionTableConfig(max_entries=a.get("max_entries", 1_000_000))))
     engine.start(plan)
     print("ready", json.dumps({"pids": engine.pids}), flush=True)

@@ -380,20 +380,23 @@ class Forwarder:
 
         ``buf[start:start + length]`` is the frame and ``buf[start - 10:start]``
         its virtio_net_hdr, as in the engine's ring; ``buf`` must slice to
-        ``bytes`` (an mmap'd ring, bytes). Handles an IPv4 TCP/UDP packet
-        without options or fragmentation, of a confirmed flow, that changes
-        nothing but the flow's expiry: what nearly every packet of an
-        established connection is. DR always; TUN when the packet fits the
-        tunnel and its checksum is complete. It reads the connection-table
-        key straight off the wire (codec.flow_key's layout) instead of
-        parsing, and returns the same action :meth:`forward` would. Anything
-        else, including every frame parse would drop, returns None with no
-        effect beyond a refreshed expiry, which forward repeats harmlessly.
+        ``bytes`` (an mmap'd ring, bytes). Handles a TCP/UDP packet (IPv4
+        without options, IPv6 without extension headers, not a fragment) of
+        a confirmed flow that changes nothing but the flow's expiry: what
+        nearly every packet of an established connection is. DR always; TUN
+        when the packet fits the tunnel and its checksum is complete. It
+        reads the connection-table key straight off the wire (codec.flow_key's
+        layout) instead of parsing, and returns the same action
+        :meth:`forward` would. Anything else, including every frame parse
+        would drop, returns None with no effect beyond a refreshed expiry,
+        which forward repeats harmlessly.
         """
         if length < 42:
             return None
-        h = buf[start + 12:start + 48]  # ethertype .. TCP flags
+        h = buf[start + 12:start + 48]  # IPv4: ethertype .. TCP flags
         if h[2] != 0x45 or h[0] != 8 or h[1] or h[8] & 0x3F or h[9]:
+            if h[0] == 0x86 and h[1] == 0xDD:
+                return self._fast6(buf, start, length, now)
             return None  # not IPv4, options, or a fragment
         total = h[4] << 8 | h[5]
         if total + 14 > length:
@@ -406,7 +409,29 @@ class Forwarder:
             return None
         else:
             flags = 0
-        c = self._refresh(h[11:12] + h[14:26], flags, now)
+        return self._send_known(self._refresh(h[11:12] + h[14:26], flags, now), buf, start, total, 4)
+
+    def _fast6(self, buf, start: int, length: int, now: float):
+        if length < 62:
+            return None
+        h = buf[start + 14:start + 68]  # IPv6 header .. TCP flags
+        if h[0] >> 4 != 6:
+            return None
+        total = 40 + (h[4] << 8 | h[5])
+        if total + 14 > length:
+            return None
+        if h[6] == 6:
+            if total < 54:
+                return None
+            flags = h[53]
+        elif h[6] == 17 and total >= 48:
+            flags = 0
+        else:
+            return None  # extension headers, ICMPv6, too short
+        return self._send_known(self._refresh(h[6:7] + h[8:44], flags, now), buf, start, total, 6)
+
+    def _send_known(self, c: Conn | None, buf, start: int, total: int, family: int):
+        """fast()'s action for a refreshed flow, or None if forward() must decide."""
         if c is None:
             return None
         tx = c.dest.tx
@@ -417,7 +442,7 @@ class Forwarder:
             r.packets += 1
             r.bytes += total
             return tx
-        if (tx is None or tx.family != 4 or total > tx.max_inner
+        if (tx is None or tx.family != family or total > tx.max_inner
                 or buf[start - VNET_HDR_LEN:start] != VNET_NONE):
             return None  # unreachable, too big, or a partial checksum: forward knows what to do
         self._ident = ident = (self._ident + 1) & 0xFFFF

@@ -208,8 +208,10 @@ class Director:
 
     def _on_result(self, target: Target, result: ProbeResult) -> None:
         self.metrics.observe_check(target, result)
-        self._changed(self.table.record(target.key, result.ok, result.detail, self._clock(), result.latency))
-        self._plan_dirty()
+        transitions = self.table.record(target.key, result.ok, result.detail, self._clock(), result.latency)
+        self._changed(transitions)
+        if transitions:  # only a state change can change what the packet path does
+            self._plan_dirty()
 
     def _on_state(self, state: DeploymentState) -> None:
         # The follower reports every change in Redis, including each of our

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 logging.getLogger("scapy.runtime").setLevel(logging.ERROR)
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP  # noqa: E402
-from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6PacketTooBig, IPv6  # noqa: E402
+from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6PacketTooBig, IPv6, IPv6ExtHdrDestOpt  # noqa: E402
 from scapy.layers.l2 import ARP, Ether  # noqa: E402
 from scapy.packet import Raw  # noqa: E402
 
@@ -468,13 +468,17 @@ def _variants():
         for flags in ("S", "A", "A", "PA", "PA", "FA", "R", "SA", ""):
             out.append(syn(sport, flags=flags))
         out.append(frame(IP(src=CLIENT4, dst=VIP4) / UDP(sport=sport, dport=80) / Raw(b"u" * 20)))
+    for flags in ("S", "A", "PA", "FA"):
+        out.append(syn(40000, src=CLIENT6, flags=flags))
+    out.append(frame(IPv6(src=CLIENT6, dst=VIP6) / UDP(sport=40000, dport=80) / Raw(b"u" * 20)))
     data = bytes(syn(40000, flags="A"))
+    data6 = bytes(syn(40000, src=CLIENT6, flags="A"))
     out += [
         frame(IP(src=CLIENT4, dst=VIP4, options=[b"\x01\x01\x01\x00"]) / TCP(sport=40000, dport=80, flags="A")),
         frame(IP(src=CLIENT4, dst=VIP4, flags="MF", id=7) / TCP(sport=40000, dport=80, flags="A")),
         frame(IP(src=CLIENT4, dst=VIP4, frag=3, id=7, proto=6) / Raw(b"f" * 20)),
         frame(IP(src=CLIENT4, dst=VIP6[:0] or "192.0.2.99") / TCP(sport=40000, dport=80, flags="A")),  # not a VIP
-        frame(IPv6(src=CLIENT6, dst=VIP6) / TCP(sport=40000, dport=80, flags="A")),
+        frame(IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrDestOpt() / TCP(sport=40000, dport=80, flags="A")),
         bytearray(data[:47]),  # truncated before the TCP flags
         bytearray(data[:16] + struct.pack("!H", 30) + data[18:]),  # IP total length too small for TCP
         bytearray(data[:16] + struct.pack("!H", 200) + data[18:]),  # longer than the frame
@@ -482,6 +486,10 @@ def _variants():
         bytearray(data[:12] + b"\x81\x00" + data[14:]),  # VLAN tag
         bytearray(data[:30]),
         bytearray(b""),
+        bytearray(data6[:67]),  # IPv6, truncated before the TCP flags
+        bytearray(data6[:18] + struct.pack("!H", 10) + data6[20:]),  # payload too short for TCP
+        bytearray(data6[:18] + struct.pack("!H", 0) + data6[20:]),  # jumbogram
+        bytearray(data6[:14] + b"\x50" + data6[15:]),  # version 5
     ]
     return [bytes(f) for f in out]
 
@@ -504,7 +512,7 @@ def _fast_vs_forward(ops, forwarding: str, on_down: str) -> int:
     def current():
         a = server(RS[0], available=not servers["down"], reschedule=on_down == "reschedule",
                    m=b"" if servers["unreachable"] else None)
-        return plan(a, server(RS[1]), forwarding=forwarding, on_server_down=on_down,
+        return plan(a, server(RS[1]), server(RS6[0]), forwarding=forwarding, on_server_down=on_down,
                     vips=vips[1:] if vip_gone else vips)
 
     pair = [Forwarder(ConnTable(max_entries=8)), Forwarder(ConnTable(max_entries=8))]
