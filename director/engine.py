@@ -736,6 +736,11 @@ class Engine:
                 out = out.merge(s)
             return out
 
+    def worker_stats(self) -> list[tuple[int, EngineStats]]:
+        """(pid, its last report) per worker: how PACKET_FANOUT spreads the load."""
+        with self._lock:
+            return [(p.pid, s) for p, s in zip(self._procs, self._stats)]
+
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]

@@ -124,6 +124,10 @@ class Director:
         """The engine's merged EngineStats, or None without a packet path."""
         return self.engine.stats() if self.engine is not None else None
 
+    def packet_workers(self) -> list:
+        """(pid, EngineStats) of each packet worker; empty without a packet path."""
+        return self.engine.worker_stats() if self.engine is not None else []
+
     def packet_plan(self) -> tuple[int, int, dict[str, bytes | None]]:
         """(plan generation sent, generation every worker applied, address -> next-hop MAC)."""
         if self.engine is None:
@@ -184,7 +188,8 @@ class Director:
                 return False
             old = self.table.site.director
             new = site.director
-            for field in ("status_listen", "max_probes", "interface", "address", "address6"):
+            for field in ("status_listen", "max_probes", "interface", "address", "address6",
+                          "connection_table", "packet"):
                 if getattr(old, field) != getattr(new, field):
                     log.warning("reload: director.%s changed; it takes effect on restart", field)
             if config.redis != self.config.redis:
@@ -288,7 +293,9 @@ class Director:
         self._groups.update(plan.vips)
         self._macs = await loop.run_in_executor(self._netlink, self._resolve)
         plan = self._build_plan(plan.mac)
-        engine = Engine(EngineConfig(iface, conntable=site.director.connection_table))
+        pp = site.director.packet
+        engine = Engine(EngineConfig(iface, frames=pp.ring_frames, workers=pp.workers, busy_poll=pp.busy_poll,
+                                     conntable=site.director.connection_table))
         try:
             await loop.run_in_executor(None, engine.start, plan)
         except EngineError as e:

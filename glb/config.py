@@ -265,6 +265,20 @@ class ConnectionTableConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PacketPathConfig:
+    """How the director's userspace packet path runs (docs/packet-path.md)."""
+
+    workers: int = 1
+    """Packet worker processes, one per core to give it; they share the
+    interface with PACKET_FANOUT_HASH, each with its own connection table."""
+    busy_poll: bool = False
+    """Workers spin on their ring instead of sleeping: lowest latency, a
+    whole core each, always."""
+    ring_frames: int = 1024
+    """RX ring slots per worker (64 KiB each, so a GSO frame fits)."""
+
+
+@dataclass(frozen=True, slots=True)
 class DirectorConfig:
     interface: str
     id: str | None = None
@@ -279,6 +293,8 @@ class DirectorConfig:
     max_probes: int = 256
     """Health probes in flight at once."""
     connection_table: ConnectionTableConfig = ConnectionTableConfig()
+    """Per packet worker."""
+    packet: PacketPathConfig = PacketPathConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -1050,6 +1066,14 @@ def _parse_site(ctx: _Context, name: str, m: _Map) -> Site:
         udp=ct.get("udp", _float(0, open_lo=True), cd.udp),
     )
     ct.finish()
+    pm = dm.map("packet")
+    pd = PacketPathConfig()
+    packet = PacketPathConfig(
+        workers=pm.get("workers", _int(1, 64), pd.workers),
+        busy_poll=pm.get("busy_poll", _bool, pd.busy_poll),
+        ring_frames=pm.get("ring_frames", _int(16, 1 << 16), pd.ring_frames),
+    )
+    pm.finish()
     director = DirectorConfig(
         interface=dm.get("interface", _str) if m.has("director") else INVALID,
         id=dm.get("id", _str, dd.id),
@@ -1059,6 +1083,7 @@ def _parse_site(ctx: _Context, name: str, m: _Map) -> Site:
         heartbeat=dm.get("heartbeat", _float(0.05), dd.heartbeat),
         max_probes=dm.get("max_probes", _int(1, 100_000), dd.max_probes),
         connection_table=conn,
+        packet=packet,
     )
     dm.finish()
     services = tuple(_parse_service(ctx, _Map(ctx, p, s)) for p, s in m.items("services", required=True))

@@ -63,6 +63,7 @@ def test_example_loads_with_every_section():
     assert dc1.vip_addresses("web") == (ipaddress.ip_address("192.0.2.10"), ipaddress.ip_address("2001:db8:10::10"))
     assert dc1.service("web").persistence == config.Persistence(300.0, 24, 128)
     assert dc1.service("dns").health_check.expect_rcode == "NOERROR"
+    assert dc1.director.packet == config.PacketPathConfig(workers=1, busy_poll=False, ring_frames=1024)
     dc2 = cfg.site("dc2")
     assert dc2.service("web").forwarding == "tun" and dc2.director.address == ipaddress.ip_address("192.0.2.130")
     assert cfg.admin.token == "change-me-to-a-long-random-string"
@@ -94,6 +95,11 @@ def _set(path: str, value):
 _DELETE = object()
 
 BROKEN = [
+    (
+        _set("sites/dc1/director/packet", {"workers": 0, "busy_poll": "maybe"}),
+        ["sites.dc1.director.packet.workers: must be at least 1, got 0",
+         "sites.dc1.director.packet.busy_poll: expected true or false, got a string"],
+    ),
     (
         _set("sites/dc1/services/0/scheduler", "wrrr"),
         ["sites.dc1.services[0].scheduler: unknown scheduler 'wrrr' (expected one of rr, wrr, lc, wlc, sed, nq, dh, sh, lblc, lblcr, mh)"],
