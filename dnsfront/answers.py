@@ -65,12 +65,16 @@ class Entry:
     ECS option and also returns the SCOPE.
     """
 
-    __slots__ = ("parts", "slots", "choose", "choose_ecs", "hits", "qtype", "rcodes", "sites", "name", "fixed")
+    __slots__ = ("parts", "slots", "choose", "choose_ecs", "hits", "qtype", "rcodes", "sites", "name", "label",
+                 "fixed")
 
     def __init__(self, name: bytes, qtype: int, templates: list[bytes], qlen: int, sites: list[str | None],
                  slots: bytes | None, choose: Callable[[Any], int] | None,
-                 choose_ecs: Callable[[bytes], tuple[int, int]]):
+                 choose_ecs: Callable[[bytes], tuple[int, int]], label: str | None = None):
         self.name, self.qtype, self.sites = name, qtype, sites
+        self.label = label if label is not None else to_text(name)
+        """Name the site answers are counted under: the load-balanced name
+        (the slow path's ``plan.name``), also when a CNAME led to it."""
         self.slots, self.choose, self.choose_ecs = slots, choose, choose_ecs
         self.fixed = False
         """Built once per config and kept across state updates (its hits too)."""
@@ -203,11 +207,13 @@ class Engine:
         res = self.zones.resolve(qname, qtype)
         step = res.lb_step
         slots, choose, choose_ecs = None, None, _fixed_ecs
+        label = None
         if step is None:
             templates = [self._template(qname, qtype, use_edns, res, None, None)]
             sites: list[str | None] = [None]
         else:
             plan = self._plan_for(step.lb, 4 if step.rtype == A else 6)
+            label = plan.name
             if plan.kind == ANSWER:
                 templates = [self._template(qname, qtype, use_edns, res, ANSWER, c) for c in plan.choices]
                 sites = [c.sites[0] if c.sites else "fallback" for c in plan.choices]
@@ -219,7 +225,7 @@ class Engine:
         if not use_edns and max(len(t) for t in templates) > wire.NO_EDNS_LIMIT:
             return None  # needs TC over UDP: the slow path does that
         qlen = len(qname) + 4
-        return Entry(qname, qtype, templates, qlen, sites, slots, choose, choose_ecs)
+        return Entry(qname, qtype, templates, qlen, sites, slots, choose, choose_ecs, label)
 
     def _choosers(self, plan: Plan) -> tuple[bytes, Callable[[Any], int] | None, Callable[[bytes], tuple[int, int]]]:
         """(slot table, client chooser, ECS chooser) for a plan with several choices."""
@@ -278,7 +284,7 @@ class Engine:
                 if n:
                     self.responses[(e.qtype, e.rcodes[i])] += n
                     if e.sites[i] is not None:
-                        self.site_answers[(to_text(e.name), e.sites[i])] += n
+                        self.site_answers[(e.label, e.sites[i])] += n
                     self.fast += n
 
     # ------------------------------------------------------------------
@@ -359,7 +365,7 @@ class Engine:
                 self.dropped += 1
                 return None
             if isinstance(parsed, bytes):
-                rcode = parsed[3] & 0xF
+                rcode = wire.full_rcode(parsed)  # BADVERS (16) lives partly in the OPT
                 if rcode == 1:
                     self.malformed += 1
                 self.responses[(_qtype_of(data), rcode)] += 1
@@ -404,8 +410,8 @@ class Engine:
                     client = None
         i, scope = plan.selector.select(self.rng.random(), client)
         choice = plan.choices[i]
-        if choice.sites:
-            self.site_answers[(plan.name, choice.sites[0])] += 1
+        # Counted like the fast path's entries: a sorry answer under "fallback".
+        self.site_answers[(plan.name, choice.sites[0] if choice.sites else "fallback")] += 1
         return self.responder.build(q, res, ANSWER, choice, scope=scope, limit=limit), q.qtype != ANY
 
     def _remember(self, data: bytes, q: Query) -> None:
@@ -449,7 +455,7 @@ class Engine:
                     if n:
                         responses[(e.qtype, e.rcodes[i])] += n
                         if e.sites[i] is not None:
-                            sites[(to_text(e.name), e.sites[i])] += n
+                            sites[(e.label, e.sites[i])] += n
                         fast += n
         return {
             "responses": responses,

@@ -248,3 +248,17 @@ def parse_query(data: bytes) -> RawQuery:
     if i != len(data):
         raise WireError("trailing bytes after the last record")
     return RawQuery(ident, flags, qd, qname, qtype, qclass, opts)
+
+
+def full_rcode(message: bytes) -> int:
+    """The 12-bit RCODE of a message we built: the header's 4 bits plus the
+    upper 8 an OPT carries in its TTL field (RFC 6891 6.1.3), e.g. BADVERS = 16
+    is header RCODE 0 with extended RCODE 1. For counting error responses."""
+    rcode = message[3] & 0xF
+    if message[10:12] == b"\x00\x00":
+        return rcode  # no additional records, no OPT
+    try:
+        opts = parse_query(message).opts  # walks any message, not only queries
+    except (WireError, struct.error):
+        return rcode
+    return rcode | ((opts[0][2] >> 24) << 4) if opts else rcode

@@ -200,3 +200,28 @@ def test_counters_survive_state_updates(engine, st):
     assert c["responses"][(1, 0)] == 30
     assert c["site_answers"][("fo.example.net.", "dc1")] == 15
     assert c["fast"] == 30
+
+
+def test_answers_are_counted_under_the_load_balanced_name_on_both_paths(engine, st):
+    # www is a CNAME to app: the fast and the slow path count app's answers.
+    q = dns.message.make_query("www.example.net", "A").to_wire()
+    engine.handle(q, ADDR)
+    engine.answer_slow(q, ADDR, False)
+    c = engine.counters()
+    assert c["fast"] == 1
+    assert {name for name, _ in c["site_answers"]} == {"app.example.net."}
+    assert sum(c["site_answers"].values()) == 2
+    # Every member down: the sorry address is counted as "fallback" on both paths.
+    engine.update(st.state(), st.NOW)
+    q = dns.message.make_query("fo.example.net", "A").to_wire()
+    engine.handle(q, ADDR)
+    engine.answer_slow(q, ADDR, False)
+    assert engine.counters()["site_answers"][("fo.example.net.", "fallback")] == 2
+
+
+def test_badvers_is_counted_as_badvers_not_noerror(engine):
+    # BADVERS (16) is header RCODE 0 plus extended RCODE 1 in the OPT.
+    r = ask(engine, dns.message.make_query("mail.example.net", "A", use_edns=1))
+    assert r.rcode() == dns.rcode.BADVERS
+    responses = engine.counters()["responses"]
+    assert responses[(1, 16)] == 1 and responses[(1, 0)] == 0

@@ -65,3 +65,14 @@ def test_parse_ecs(option, ok):
 def test_key_fits_table():
     assert wire.key_fits_table(b"\x00\x01\x00\x01")
     assert not wire.key_fits_table(b"\x00\x61\x00\x01")  # 'a': HTTPS (0x41) would lower() onto it
+
+
+def test_full_rcode_includes_the_opt_extended_bits():
+    import dns.message
+    import dns.rcode
+
+    for rcode, edns in ((dns.rcode.NXDOMAIN, -1), (dns.rcode.NXDOMAIN, 0), (dns.rcode.BADVERS, 0)):
+        m = dns.message.make_response(dns.message.make_query("a.example.net", "A", use_edns=edns))
+        m.set_rcode(rcode)
+        assert wire.full_rcode(m.to_wire()) == rcode
+    assert wire.full_rcode(b"\x00\x01\x80\x03" + b"\x00\x00\x00\x00\x00\x00\x00\x01") == 3  # unparseable: header only
