@@ -160,6 +160,7 @@ class ConnTable:
         )
         self._confirmed: OrderedDict[Any, Conn] = OrderedDict()
         self._unconfirmed: OrderedDict[Any, Conn] = OrderedDict()
+        self._touch = self._confirmed.move_to_end  # the LRU step of every established packet
         self._calendar: dict[int, dict[Conn, None]] = {}  # second -> entries (an ordered set)
         self._cursor: int | None = None  # last calendar second swept
         self.evicted = 0
@@ -201,7 +202,7 @@ class ConnTable:
         if NEXT[state][flags] != state:
             return None
         c.expires = now + self.timeouts[state]
-        self._confirmed.move_to_end(key)
+        self._touch(key)
         return c
 
     def lookup(self, key: Any, flags: int, now: float) -> Conn | None:

@@ -441,13 +441,14 @@ class EngineStats:
 class Worker:
     """One packet loop: ring -> Forwarder -> Sender; plans and stats over a pipe."""
 
-    def __init__(self, cfg: EngineConfig, plan: Plan, conn, index: int = 0) -> None:
+    def __init__(self, cfg: EngineConfig, plan: Plan, conn, index: int = 0, ps: PacketSocket | None = None) -> None:
+        """``ps`` replaces the AF_PACKET socket (tests: any datagram socket and an mmap laid out as a ring)."""
         self.cfg = cfg
         self.conn = conn
         self.index = index
         table = ConnTable.from_config(cfg.conntable) if cfg.conntable is not None else ConnTable()
         self.fwd = Forwarder(table)
-        self.ps = PacketSocket(cfg, plan.vips)
+        self.ps = ps if ps is not None else PacketSocket(cfg, plan.vips)
         self.ring = self.ps.ring
         self.view = memoryview(self.ring)
         self.words = self.view.cast("I")  # tpacket2_hdr fields, read without unpacking
@@ -520,22 +521,22 @@ class Worker:
         vnet_none = codec.VNET_NONE
         idx = self.idx
         first = idx  # the current DR run: slots first .. idx - 1
+        step = fsz >> 2  # tpacket2_hdr words per slot
+        w = idx * step  # the slot's status word
         now = time.monotonic()
         handled = truncated = 0
         while handled < RX_BUDGET:
-            off = idx * fsz
-            w = off >> 2
             if not words[w] & TP_STATUS_USER:
                 break
             handled += 1
             snaplen = words[w + 2]
-            start = off + halves[(off >> 1) + 6]  # tp_mac
-            r = None
-            if snaplen != words[w + 1]:
-                truncated += 1
-            else:
-                r = fast(ring, start, snaplen, now)
-                if r is None:
+            start = (w << 2) + halves[(w << 1) + 6]  # tp_mac
+            # fast() refuses a cut frame by itself: its IP length does not fit.
+            r = fast(ring, start, snaplen, now)
+            if r is None:
+                if snaplen != words[w + 1]:
+                    truncated += 1
+                else:
                     r = forward(view[start:start + snaplen], now, view[start - VNET_LEN:start] if need_vnet else None)
             if r.__class__ is bytes:
                 ring[start:start + 12] = r
@@ -554,21 +555,22 @@ class Worker:
                     for out in r:
                         self.send_now(out)
             idx += 1
+            w += step
             if idx == nfr:  # the next slot is not next in memory: end the run
                 if nfr > first:
                     slots.send(first, nfr - first)
-                idx = first = 0
+                idx = first = w = 0
         if handled:
             if idx > first:
                 slots.send(first, idx - first)
             sender.flush()
             # Give the slots back (TP_STATUS_KERNEL) only now: the sends above read them.
-            i = self.idx
-            for _ in range(handled):
-                words[(i * fsz) >> 2] = 0
-                i += 1
-                if i == nfr:
-                    i = 0
+            start_slot = self.idx
+            end_slot = start_slot + handled
+            for x in range(start_slot * step, min(end_slot, nfr) * step, step):
+                words[x] = 0
+            for x in range(0, (end_slot - nfr) * step, step):  # wrapped round
+                words[x] = 0
             self.idx = idx
             self.stats.rx_frames += handled
             self.stats.truncated += truncated

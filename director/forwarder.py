@@ -394,44 +394,40 @@ class Forwarder:
         if length < 42:
             return None
         h = buf[start + 12:start + 48]  # IPv4: ethertype .. TCP flags
-        if h[2] != 0x45 or h[0] != 8 or h[1] or h[8] & 0x3F or h[9]:
-            if h[0] == 0x86 and h[1] == 0xDD:
-                return self._fast6(buf, start, length, now)
-            return None  # not IPv4, options, or a fragment
-        total = h[4] << 8 | h[5]
-        if total + 14 > length:
-            return None
-        if h[11] == 6:
-            if total < 34:
+        if h[2] == 0x45 and h[0] == 8 and not h[1] and not h[8] & 0x3F and not h[9]:
+            total = h[4] << 8 | h[5]  # IPv4 without options, not a fragment
+            if total + 14 > length:
                 return None
-            flags = h[35]
-        elif total < 28:
-            return None
-        else:
-            flags = 0
-        return self._send_known(self._refresh(h[11:12] + h[14:26], flags, now), buf, start, total, 4)
-
-    def _fast6(self, buf, start: int, length: int, now: float):
-        if length < 62:
-            return None
-        h = buf[start + 14:start + 68]  # IPv6 header .. TCP flags
-        if h[0] >> 4 != 6:
-            return None
-        total = 40 + (h[4] << 8 | h[5])
-        if total + 14 > length:
-            return None
-        if h[6] == 6:
-            if total < 54:
+            if h[11] == 6:
+                if total < 34:
+                    return None
+                flags = h[35]
+            elif total < 28:
                 return None
-            flags = h[53]
-        elif h[6] == 17 and total >= 48:
-            flags = 0
+            else:
+                flags = 0
+            key = h[11:12] + h[14:26]
+            family = 4
+        elif h[0] == 0x86 and h[1] == 0xDD and length >= 62:
+            h = buf[start + 14:start + 68]  # IPv6 header .. TCP flags
+            if h[0] >> 4 != 6:
+                return None
+            total = 40 + (h[4] << 8 | h[5])
+            if total + 14 > length:
+                return None
+            if h[6] == 6:
+                if total < 54:
+                    return None
+                flags = h[53]
+            elif h[6] == 17 and total >= 48:
+                flags = 0
+            else:
+                return None  # extension headers, ICMPv6, too short
+            key = h[6:7] + h[8:44]
+            family = 6
         else:
-            return None  # extension headers, ICMPv6, too short
-        return self._send_known(self._refresh(h[6:7] + h[8:44], flags, now), buf, start, total, 6)
-
-    def _send_known(self, c: Conn | None, buf, start: int, total: int, family: int):
-        """fast()'s action for a refreshed flow, or None if forward() must decide."""
+            return None
+        c = self._refresh(key, flags, now)
         if c is None:
             return None
         tx = c.dest.tx

@@ -179,6 +179,10 @@ class Lab:
         """
         ns.ip("link", "add", name, "type", "bridge",
               "nf_call_iptables", "0", "nf_call_ip6tables", "0", "nf_call_arptables", "0")
+        # The per-bridge options only add to these per-namespace switches (on by default).
+        for family in ("iptables", "ip6tables", "arptables"):
+            path = Path(f"/proc/sys/net/bridge/bridge-nf-call-{family}")
+            ns.run(["sh", "-c", f"[ ! -e {path} ] || echo 0 > {path}"])
         self._configure(ns, name, addr, None, True)
         return name
 
