@@ -183,6 +183,9 @@ def run(mode: str, tmp: Path) -> dict:
         out["engine_tcp"] = b.tcp()
         b.offloads(False)
         b.stop_engine()
+        b.start_engine(busy_poll=True)  # director.packet.busy_poll: no wake-up, a core spinning
+        out["busy_latency"] = b.latency()
+        b.stop_engine()
         return out
 
 
@@ -209,6 +212,14 @@ def main() -> None:
         ("TCP Gbit/s", lambda r: r.get("engine_tcp", {}).get("gbit"), ref["nft_tcp"]["gbit"], "{:.2f}"),
         ("RTT p50 us", lambda r: r.get("engine_latency", {}).get("p50"), ref["nft_latency"]["p50"], "{:.0f}"),
         ("added p50 us", lambda r: (r["engine_latency"]["p50"] - ref["nft_latency"]["p50"]) if r else None, None, "{:.0f}"),
+        ("added p50 us, busy_poll", lambda r: (r["busy_latency"]["p50"] - ref["nft_latency"]["p50"]) if r else None,
+         None, "{:.0f}"),
+    ]
+    per_core = lambda r: 1e6 / r["engine_pps"]["engine_us_per_pkt"] if r.get("engine_pps", {}).get("engine_us_per_pkt") else None  # noqa: E731
+    rows += [
+        ("pps per engine core", per_core, None, "{:,.0f}"),
+        ("  / target 300k", lambda r: per_core(r) / 300_000 if per_core(r) else None, None, "{:.2f}"),
+        ("TCP / nftables", lambda r: r["engine_tcp"]["gbit"] / ref["nft_tcp"]["gbit"] if r else None, None, "{:.2f}"),
     ]
     for name, get, nft, f in rows:
         print(f"{name:24}{fmt(get(dr), f):>14}{fmt(get(tun), f):>14}{fmt(nft, f):>14}")
