@@ -110,6 +110,8 @@ def _build_next() -> tuple[tuple[int, ...], ...]:
 
 
 NEXT = _build_next()
+NEXT_BYTES = bytes(255 if ns == RESCHEDULE else ns for row in NEXT for ns in row)
+"""NEXT as 12 x 256 bytes (RESCHEDULE as 255), for the engine's C loop (director/_fastpath.c)."""
 
 
 class Conn:
@@ -204,6 +206,12 @@ class ConnTable:
         c.expires = now + self.timeouts[state]
         self._touch(key)
         return c
+
+    @property
+    def confirmed_flows(self) -> OrderedDict[Any, Conn]:
+        """The confirmed segment, in LRU order. Only for the engine's C loop,
+        which applies :meth:`refresh` to it; nothing else may change it."""
+        return self._confirmed
 
     def lookup(self, key: Any, flags: int, now: float) -> Conn | None:
         """The flow's entry after applying this packet (TCP flags; 0 for UDP), or None.

@@ -51,7 +51,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from director import codec
-from director.conntable import ConnTable
+from director.conntable import NEXT_BYTES, ConnTable
+
+try:  # the established-flow loop in C; the same logic runs in Python without it
+    from director import _fastpath
+except ImportError:  # pragma: no cover - built by `pip install` wherever a compiler is
+    _fastpath = None
+LOOP = "c" if _fastpath is not None else "python"
+"""Which loop forwards established DR flows (/status packet_path.loop)."""
 from director.forwarder import Forwarder, ForwarderStats, Plan
 from director.ownership import Announcer
 
@@ -460,7 +467,7 @@ class Worker:
         self.idx = 0
         self.stats = EngineStats()
         self.announcer = Announcer(cfg.announce)
-        self.need_vnet = False
+        self.need_vnet = self.dr_services = False
         self._sent_now = 0
         self.running = True
         self.apply(plan, time.monotonic())
@@ -472,6 +479,7 @@ class Worker:
             self.ps.set_filter(plan.vips)
         self.fwd.apply(plan)
         self.need_vnet = any(s.forwarding == "tun" for s in plan.services)
+        self.dr_services = any(s.forwarding == "dr" for s in plan.services)
         if self.index == 0:  # one worker announces for all
             self.announcer.update(plan.vips, plan.mac, now)
 
@@ -525,7 +533,23 @@ class Worker:
         w = idx * step  # the slot's status word
         now = time.monotonic()
         handled = truncated = 0
+        # The C loop takes runs of established DR flows (Forwarder.fast's DR case, in C);
+        # whatever it leaves, Python's fast() or forward() decides.
+        crun = _fastpath.run if _fastpath is not None and self.dr_services else None
+        confirmed, timeouts = self.fwd.table.confirmed_flows, self.fwd.table.timeouts
         while handled < RX_BUDGET:
+            if crun is not None:
+                n = crun(ring, iov, iov0, idx, min(RX_BUDGET - handled, nfr - idx), fsz, now, confirmed,
+                         NEXT_BYTES, timeouts)
+                if n:
+                    handled += n
+                    idx += n
+                    w += n * step
+                    if idx == nfr:
+                        if nfr > first:
+                            slots.send(first, nfr - first)
+                        idx = first = w = 0
+                    continue
             if not words[w] & TP_STATUS_USER:
                 break
             handled += 1

@@ -185,6 +185,7 @@ def packet_path_document(src: StatusSource) -> dict[str, Any] | None:
         "tx_frames": st.tx_frames,
         "tx_errors": {str(k): v for k, v in st.tx_errors.items()},
         "cpu_seconds": st.cpu,
+        "loop": getattr(src, "packet_loop", lambda: None)(),
         "workers": [{"pid": pid, "rx_frames": w.rx_frames, "forwarded": w.forwarder.forwarded,
                      "cpu_seconds": w.cpu} for pid, w in getattr(src, "packet_workers", list)()],
         **_plan_document(src),

@@ -133,6 +133,7 @@ def test_replies_do_not_pass_through_the_director(base):
     assert "drop" in guard and "packets 0 " not in guard.split("ip daddr @vips4")[1].split("\n")[0]
     metrics = base.d.metrics()
     assert 'glb_director_vip_packets_total{service="web",vip="10.0.0.100:80/tcp"}' in metrics
+    assert base.d.status()["packet_path"]["loop"] == "c"  # established flows took the C loop
 
 
 def _keepalive(ns, vip: str):
