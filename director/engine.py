@@ -241,6 +241,25 @@ def _address(buf) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
+def _send_messages(fd: int, base: int, first: int, end: int, errors: dict[int, int]) -> int:
+    """sendmmsg(2) messages first .. end - 1 of the mmsghdr array at ``base``.
+
+    A message the kernel refuses is counted under its errno and skipped, so
+    one bad frame never holds up the rest. Returns how many went out.
+    """
+    sent = 0
+    while first < end:
+        done = _sendmmsg(fd, base + first * _MSG_SIZE, end - first, MSG_DONTWAIT)
+        if done < 0:
+            err = ctypes.get_errno()
+            errors[err] = errors.get(err, 0) + 1
+            done = 1
+        else:
+            sent += done
+        first += done
+    return sent
+
+
 class Sender:
     """Up to BATCH frames described by iovecs, sent with one sendmmsg call.
 
@@ -279,17 +298,8 @@ class Sender:
             self.flush()
 
     def flush(self) -> None:
-        start, n = 0, self.n
-        self.n = 0
-        while start < n:
-            done = _sendmmsg(self.fd, self.base + start * _MSG_SIZE, n - start, MSG_DONTWAIT)
-            if done < 0:
-                err = ctypes.get_errno()
-                self.errors[err] = self.errors.get(err, 0) + 1
-                done = 1  # skip the message the kernel refused, send the rest
-            else:
-                self.sent += done
-            start += done
+        n, self.n = self.n, 0
+        self.sent += _send_messages(self.fd, self.base, 0, n, self.errors)
 
     def close(self) -> None:
         self.mm.close()
@@ -321,16 +331,7 @@ class SlotSender:
 
     def send(self, first: int, count: int) -> None:
         """Send the messages of slots first .. first + count - 1."""
-        end = first + count
-        while first < end:
-            done = _sendmmsg(self.fd, self.base + first * _MSG_SIZE, end - first, MSG_DONTWAIT)
-            if done < 0:
-                err = ctypes.get_errno()
-                self.errors[err] = self.errors.get(err, 0) + 1
-                done = 1  # skip the message the kernel refused, send the rest
-            else:
-                self.sent += done
-            first += done
+        self.sent += _send_messages(self.fd, self.base, first, first + count, self.errors)
 
     def close(self) -> None:
         self.iov.release()

@@ -9,7 +9,6 @@ and compared action by action, counter by counter, table entry by entry.
 from __future__ import annotations
 
 import ctypes
-import random
 import struct
 
 import pytest
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 
 from director.conntable import NEXT_BYTES
 from director.forwarder import Forwarder
-from tests.director.test_forwarder import FAST_OPS, VARIANTS, _fast_vs_forward, python_fast
+from tests.director.test_forwarder import FAST_OPS, _fast_vs_forward, long_random_ops, python_fast
 
 try:
     from director import _fastpath
@@ -70,11 +69,7 @@ def test_the_c_loop_acts_exactly_as_forward(ops, forwarding, on_down):
 @needs_c
 @pytest.mark.parametrize("seed", range(4))  # DR, DR, TUN, TUN
 def test_the_c_loop_on_long_random_traffic(seed):
-    rng = random.Random(seed)
-    ops = [(rng.choice(["packet"] * 150 + ["down", "unreachable", "vip-gone", "vip-back", "sweep"]),
-            rng.randrange(len(VARIANTS)), rng.choice([0.0, 0.1, 1.0, 1.0, 5.0, 70.0, 400.0]))
-           for _ in range(3000)]
-    taken = _fast_vs_forward(ops, "dr" if seed < 2 else "tun", "keep" if seed % 2 else "reschedule",
+    taken = _fast_vs_forward(long_random_ops(seed), "dr" if seed < 2 else "tun", "keep" if seed % 2 else "reschedule",
                              driver=c_then_python)
     if seed < 2:
         assert taken > 30  # the comparison covered the C loop, not only its refusals

@@ -561,14 +561,17 @@ def test_fast_then_forward_acts_exactly_as_forward(ops, forwarding, on_down):
     _fast_vs_forward(ops, forwarding, on_down)
 
 
+def long_random_ops(seed: int, n: int = 3000) -> list:
+    """Mostly packets close together, so established flows (the fast path) are common."""
+    rng = random.Random(seed)
+    return [(rng.choice(["packet"] * 150 + ["down", "unreachable", "vip-gone", "vip-back", "sweep"]),
+             rng.randrange(len(VARIANTS)), rng.choice([0.0, 0.1, 1.0, 1.0, 5.0, 70.0, 400.0]))
+            for _ in range(n)]
+
+
 @pytest.mark.parametrize("seed", range(4))  # DR, DR, TUN, TUN
 def test_fast_then_forward_on_long_random_traffic(seed):
-    """Long runs, mostly packets close together, so established flows (the fast path) are common."""
-    rng = random.Random(seed)
-    ops = [(rng.choice(["packet"] * 150 + ["down", "unreachable", "vip-gone", "vip-back", "sweep"]),
-            rng.randrange(len(VARIANTS)), rng.choice([0.0, 0.1, 1.0, 1.0, 5.0, 70.0, 400.0]))
-           for _ in range(3000)]
-    taken = _fast_vs_forward(ops, "dr" if seed < 2 else "tun", "keep" if seed % 2 else "reschedule")
+    taken = _fast_vs_forward(long_random_ops(seed), "dr" if seed < 2 else "tun", "keep" if seed % 2 else "reschedule")
     assert taken > 30  # the comparison covered the fast path, not only its refusals
 
 
