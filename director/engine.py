@@ -16,6 +16,9 @@ through PACKET_FANOUT_HASH, so each flow always reaches the same worker):
   sends a small scratch header (virtio_net_hdr + Ethernet + outer IP) and
   the inner packet straight from the slot. Slots go back to the kernel
   only after the batch was sent.
+* **Decisions**: runs of established DR flows go through the C loop
+  (director/_fastpath.c, Forwarder.fast's DR case in C); the rest through
+  Forwarder.fast() and Forwarder.forward() in Python.
 
 Why TPACKET_V2 and not V3: a V3 block is handed to userspace when it is full
 or when its retire timer fires (>= 1 ms), which adds ~0.9 ms at low load
@@ -52,6 +55,8 @@ from typing import Any
 
 from director import codec
 from director.conntable import NEXT_BYTES, ConnTable
+from director.forwarder import Forwarder, ForwarderStats, Plan
+from director.ownership import Announcer
 
 try:  # the established-flow loop in C; the same logic runs in Python without it
     from director import _fastpath
@@ -59,8 +64,6 @@ except ImportError:  # pragma: no cover - built by `pip install` wherever a comp
     _fastpath = None
 LOOP = "c" if _fastpath is not None else "python"
 """Which loop forwards established DR flows (/status packet_path.loop)."""
-from director.forwarder import Forwarder, ForwarderStats, Plan
-from director.ownership import Announcer
 
 log = logging.getLogger("glb.director.engine")
 
