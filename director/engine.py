@@ -449,6 +449,11 @@ class EngineStats:
                            self.tx_frames + other.tx_frames, errors, self.cpu + other.cpu)
 
 
+def _declined(buf, start: int, length: int, now: float) -> None:
+    """Forwarder.fast's answer for a frame the C loop already declined, without asking."""
+    return None
+
+
 class Worker:
     """One packet loop: ring -> Forwarder -> Sender; plans and stats over a pipe."""
 
@@ -525,7 +530,7 @@ class Worker:
         """
         ring, view, words, halves = self.ring, self.view, self.words, self.halves
         fsz, nfr = FRAME_SIZE, self.ps.frames
-        fast, forward = self.fwd.fast, self.fwd.forward
+        forward = self.fwd.forward
         sender, slots = self.sender, self.slots
         iov, iov0 = slots.iov, slots.iov0
         base = self.ring_addr
@@ -541,6 +546,8 @@ class Worker:
         # whatever it leaves, Python's fast() or forward() decides.
         crun = _fastpath.run if _fastpath is not None and self.dr_services else None
         confirmed, timeouts = self.fwd.table.confirmed_flows, self.fwd.table.timeouts
+        # Python's fast() would only repeat the C loop's refusal unless a TUN service needs it.
+        fast = self.fwd.fast if crun is None or self.need_vnet else _declined
         while handled < RX_BUDGET:
             if crun is not None:
                 n = crun(ring, iov, iov0, idx, min(RX_BUDGET - handled, nfr - idx), fsz, now, confirmed,
