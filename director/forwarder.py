@@ -46,15 +46,14 @@ from typing import Any, Iterable
 
 from director import codec
 from director.codec import (
-    VNET_HDR_LEN,
-    VNET_NONE,
     ARP_REQUEST,
     FIRST_FRAGMENT,
     FLOW,
     ICMP_ERROR,
     LATER_FRAGMENT,
     NEIGHBOR_SOLICIT,
-    NOT_FRAGMENT,
+    VNET_HDR_LEN,
+    VNET_NONE,
     Drop,
 )
 from director.conntable import Conn, ConnTable, FragmentTable

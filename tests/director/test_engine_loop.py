@@ -19,7 +19,7 @@ import pytest
 
 logging.getLogger("scapy.runtime").setLevel(logging.ERROR)
 
-from scapy.layers.inet import IP, TCP, UDP  # noqa: E402
+from scapy.layers.inet import IP, TCP  # noqa: E402
 from scapy.layers.l2 import ARP, Ether  # noqa: E402
 
 from director import codec  # noqa: E402
