@@ -52,7 +52,7 @@ import struct
 import subprocess
 from collections.abc import Iterable
 
-from director import codec
+from director.dataplane import codec
 
 log = logging.getLogger("glb.director.ownership")
 

@@ -1,8 +1,8 @@
-"""director/_fastpath.c, the engine's established-flow loop in C, against the Python forwarder.
+"""director/dataplane/_fastpath.c, the engine's established-flow loop in C, against the Python forwarder.
 
 The C loop must decide exactly what Forwarder.fast() decides for DR and leave
 everything else untouched, so it is driven here with the same traffic, plan
-changes and sweeps as the Python fast path (tests/director/test_forwarder.py)
+changes and sweeps as the Python fast path (tests/director/dataplane/test_forwarder.py)
 and compared action by action, counter by counter, table entry by entry.
 """
 
@@ -15,12 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from director.conntable import NEXT_BYTES
-from director.forwarder import Forwarder
-from tests.director.test_forwarder import FAST_OPS, _fast_vs_forward, long_random_ops, python_fast
+from director.dataplane.conntable import NEXT_BYTES
+from director.dataplane.forwarder import Forwarder
+from tests.director.dataplane.test_forwarder import FAST_OPS, _fast_vs_forward, long_random_ops, python_fast
 
 try:
-    from director import _fastpath
+    from director.dataplane import _fastpath
 except ImportError:  # pragma: no cover - test_the_c_loop_is_built says so
     _fastpath = None
 
@@ -31,7 +31,7 @@ _HDR = struct.Struct("=IIIH")
 
 def test_the_c_loop_is_built():
     """scripts/setup installs a compiler and Python's headers, so the extension must be there."""
-    assert _fastpath is not None, "director._fastpath did not build: the engine would run the Python loop"
+    assert _fastpath is not None, "director.dataplane._fastpath did not build: the engine would run the Python loop"
 
 
 def c_then_python(f: Forwarder, data: bytes, now: float):

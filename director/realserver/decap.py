@@ -33,7 +33,7 @@ loop cleanly; SIGHUP writes the counters to the log and the stats file.
 Run by ``glb realserver setup --mode tun`` (as a daemon, or in the
 foreground with ``--foreground``), or directly::
 
-    python -m director.decap --tun glbtun0 --vip 192.0.2.10 [--vip ...] \
+    python -m director.realserver.decap --tun glbtun0 --vip 192.0.2.10 [--vip ...] \
         [--stats-file FILE] [--ready-fd N]
 
 The TUN device must already exist (setup creates it persistent, with the
@@ -524,7 +524,7 @@ def read_stats(path: Path) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m director.decap", description="GLB userspace IP-in-IP decapsulator (real server, TUN mode)")
+    p = argparse.ArgumentParser(prog="python -m director.realserver.decap", description="GLB userspace IP-in-IP decapsulator (real server, TUN mode)")
     p.add_argument("--tun", required=True, help="existing TUN device holding the VIPs")
     p.add_argument("--vip", action="append", required=True, help="a VIP (repeat); inner packets to other addresses are dropped")
     p.add_argument("--stats-file", type=Path, help="JSON counters, rewritten every second and at exit")

@@ -12,11 +12,11 @@
 
 Data flow: ``Checker`` -> probe results -> ``HealthTable`` (pure) ->
 transitions -> log + metrics + ``Publisher.poke()``; the publisher builds
-snapshots with ``director.site.build_snapshot``. Operator overrides (drain,
+snapshots with ``director.control.site.build_snapshot``. Operator overrides (drain,
 weight) are followed from Redis with ``glb.store.StateFollower`` and applied
 to the table, so they survive director restarts.
 
-The packet path (director/engine.py, in worker processes) follows the
+The packet path (director/dataplane/engine.py, in worker processes) follows the
 health table: every decision (a transition, an override, a reload, a real
 server's MAC learnt or lost) rebuilds a ``forwarder.Plan`` and hands the
 whole plan to the engine, which swaps it in between two batches. The engine
@@ -43,13 +43,13 @@ from glb.config import Config, Site
 from glb.errors import DirectorError, GLBError
 from glb.state import DeploymentState, SiteSnapshot
 from glb.store import RedisStore, StateFollower
-from director.checker import Checker, Target, targets
-from director.forwarder import Plan, build_plan
-from director.health import ADMIN_DRAIN, ADMIN_NONE, HealthTable, ServerKey, Transition
-from director.probes import Probe, ProbeResult, Prober
-from director.publisher import Publisher
-from director.site import ServerCounters, VipCounters, build_snapshot
-from director.status import DirectorMetrics, bound_port, make_app, serve
+from director.control.checker import Checker, Target, targets
+from director.dataplane.forwarder import Plan, build_plan
+from director.control.health import ADMIN_DRAIN, ADMIN_NONE, HealthTable, ServerKey, Transition
+from director.control.probes import Probe, ProbeResult, Prober
+from director.control.publisher import Publisher
+from director.control.site import ServerCounters, VipCounters, build_snapshot
+from director.control.status import DirectorMetrics, bound_port, make_app, serve
 
 log = logging.getLogger("glb.director")
 
@@ -128,7 +128,7 @@ class Director:
         """'c' or 'python': what forwards established DR flows; None without a packet path."""
         if self.engine is None:
             return None
-        from director.engine import LOOP
+        from director.dataplane.engine import LOOP
         return LOOP
 
     def packet_workers(self) -> list:
@@ -269,9 +269,9 @@ class Director:
         return self.table.site.director.interface != "lo"
 
     async def _start_packet_path(self) -> None:
-        from director.engine import LOOP, Engine, EngineConfig, EngineError
-        from director.neighbours import Neighbours
-        from director.ownership import GuardError, KernelGuard, SolicitedNodeGroups, vips_on_kernel
+        from director.dataplane.engine import LOOP, Engine, EngineConfig, EngineError
+        from director.dataplane.neighbours import Neighbours
+        from director.dataplane.ownership import GuardError, KernelGuard, SolicitedNodeGroups, vips_on_kernel
 
         site = self.table.site
         iface = site.director.interface
@@ -312,7 +312,7 @@ class Director:
         log.info("packet path on %s (MAC %s, pids %s): %d VIPs", iface, plan.mac.hex(":"),
                  engine.pids, len(plan.vips))
         if LOOP != "c":
-            log.warning("director._fastpath is not built (no compiler when GLB was installed?): established "
+            log.warning("director.dataplane._fastpath is not built (no compiler when GLB was installed?): established "
                         "flows take the Python loop, about 0.8x the packets per second")
 
     async def _stop_packet_path(self) -> None:

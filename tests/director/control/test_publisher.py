@@ -14,9 +14,9 @@ from glb.config import RedisConfig
 from glb.errors import StoreUnavailable
 from glb.state import SiteSnapshot
 from glb.store import RedisStore
-from director.health import HealthTable, ServerKey
-from director.publisher import Publisher
-from director.site import build_snapshot
+from director.control.health import HealthTable, ServerKey
+from director.control.publisher import Publisher
+from director.control.site import build_snapshot
 
 CONFIG = """
 zones:

@@ -1,10 +1,10 @@
 """The per-packet recipe: codec + connection table + scheduler + persistence.
 
-Pure: no sockets, no clock, no threads. The engine (director/engine.py) hands
+Pure: no sockets, no clock, no threads. The engine (director/dataplane/engine.py) hands
 each received frame to :meth:`Forwarder.forward` with ``now`` and performs
 the action it returns; the control plane hands it a :class:`Plan` (what the
 health table decided, plus MAC addresses) with :meth:`Forwarder.apply`.
-Everything here is exercised by tests/director/test_forwarder.py with scapy
+Everything here is exercised by tests/director/dataplane/test_forwarder.py with scapy
 frames and made-up times.
 
 Actions returned by ``forward`` (dispatched by class, the cheapest test):
@@ -44,8 +44,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from director import codec
-from director.codec import (
+from director.dataplane import codec
+from director.dataplane.codec import (
     ARP_REQUEST,
     FIRST_FRAGMENT,
     FLOW,
@@ -56,9 +56,9 @@ from director.codec import (
     VNET_NONE,
     Drop,
 )
-from director.conntable import Conn, ConnTable, FragmentTable
-from director.health import PER_SERVICE, ServerKey, ServiceHealth
-from director.scheduler import Dest, Persistence, Scheduler, make_scheduler
+from director.dataplane.conntable import Conn, ConnTable, FragmentTable
+from director.control.health import PER_SERVICE, ServerKey, ServiceHealth
+from director.dataplane.scheduler import Dest, Persistence, Scheduler, make_scheduler
 
 PROTOCOLS = {"tcp": 6, "udp": 17}
 TCP_SYN = 0x02

@@ -1,7 +1,7 @@
 /*
- * director._fastpath: the engine's established-flow loop in C.
+ * director.dataplane._fastpath: the engine's established-flow loop in C.
  *
- * The same decision as director.forwarder.Forwarder.fast() for Direct
+ * The same decision as director.dataplane.forwarder.Forwarder.fast() for Direct
  * Routing, applied to a run of consecutive TPACKET_V2 ring slots: for each
  * ready slot whose frame is an IPv4 (no options) or IPv6 (no extension
  * header) TCP/UDP packet, not a fragment, of a confirmed flow that changes
@@ -17,7 +17,7 @@
  * sends the run and hands the next frame to Forwarder.fast()/forward(),
  * which decide everything else. Python objects are read and written only
  * through their public attributes, so the pure-Python forwarder and this
- * loop share one state; tests/director/test_fastpath.py holds the two to
+ * loop share one state; tests/director/dataplane/test_fastpath.py holds the two to
  * the same results on the same traffic.
  *
  * Why C: a CPython loop spends about 1.2 us per frame on this work, against
@@ -281,7 +281,7 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "director._fastpath", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "director.dataplane._fastpath", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__fastpath(void)
 {

@@ -1,4 +1,4 @@
-"""Golden packet tests for director.codec.
+"""Golden packet tests for director.dataplane.codec.
 
 scapy builds every input frame and, independently, every expected output
 frame; the codec must produce the expected bytes exactly. Bad frames must come
@@ -35,8 +35,8 @@ from scapy.layers.inet6 import (  # noqa: E402
 from scapy.layers.l2 import ARP, Dot1Q, Ether  # noqa: E402
 from scapy.packet import Raw  # noqa: E402
 
-from director import codec  # noqa: E402
-from director.codec import Drop  # noqa: E402
+from director.dataplane import codec  # noqa: E402
+from director.dataplane.codec import Drop  # noqa: E402
 
 # ---- the lab ---------------------------------------------------------------
 
@@ -263,8 +263,8 @@ def test_icmp_error_keys_the_owning_flow(name, l3, key):
 
 
 def test_icmp_error_finds_the_server_through_the_connection_table():
-    from director.conntable import ConnTable
-    from director.scheduler import Dest
+    from director.dataplane.conntable import ConnTable
+    from director.dataplane.scheduler import Dest
 
     table = ConnTable()
     rs = Dest(packed(RS4))
@@ -523,8 +523,8 @@ class PurePath:
     """parse -> connection table / fragments / scheduler -> DR frame, as the engine does it."""
 
     def __init__(self, scheduler_name: str = "wlc"):
-        from director.conntable import ConnTable, FragmentTable
-        from director.scheduler import Dest, make_scheduler
+        from director.dataplane.conntable import ConnTable, FragmentTable
+        from director.dataplane.scheduler import Dest, make_scheduler
 
         self.dests = [Dest(packed(RS4), 1), Dest(packed("10.2.0.12"), 1)]
         for i, d in enumerate(self.dests):
@@ -582,7 +582,7 @@ def test_pure_path_flow_fragments_and_icmp_follow_one_server():
 
 
 def test_pure_path_established_flow_stays_when_a_server_is_added_and_drained():
-    from director.scheduler import Dest
+    from director.dataplane.scheduler import Dest
 
     path = PurePath()
     syn = frame(IP(src=CLIENT4, dst=VIP4) / TCP(sport=40000, dport=80, flags="S"))

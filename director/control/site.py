@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from glb.config import Site
 from glb.state import RealServerState, ServiceState, SiteSnapshot
-from director.health import HealthTable, ServerKey, ServiceHealth
+from director.control.health import HealthTable, ServerKey, ServiceHealth
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ Pure: no I/O, no clock; every call takes ``now`` (seconds, any monotonic origin)
 
 Key: any hashable whose first item is the IP protocol number; the director
 uses the codec's ``flow_key`` bytes (``proto | client | VIP | ports``). Value:
-a :class:`Conn` holding the :class:`~director.scheduler.Dest`, the TCP state,
+a :class:`Conn` holding the :class:`~director.dataplane.scheduler.Dest`, the TCP state,
 the expiry and an opaque ``tag`` for the caller (the forwarder keeps the
 flow's counters there).
 
@@ -48,7 +48,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
-from director.scheduler import Dest, Template
+from director.dataplane.scheduler import Dest, Template
 
 # IPVS TCP states (include/uapi/linux/ip_vs.h order) plus one for UDP.
 NONE, ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT, TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, LISTEN, SYNACK, UDP = range(12)
@@ -111,7 +111,7 @@ def _build_next() -> tuple[tuple[int, ...], ...]:
 
 NEXT = _build_next()
 NEXT_BYTES = bytes(255 if ns == RESCHEDULE else ns for row in NEXT for ns in row)
-"""NEXT as 12 x 256 bytes (RESCHEDULE as 255), for the engine's C loop (director/_fastpath.c)."""
+"""NEXT as 12 x 256 bytes (RESCHEDULE as 255), for the engine's C loop (director/dataplane/_fastpath.c)."""
 
 
 class Conn:

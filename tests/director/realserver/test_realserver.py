@@ -1,4 +1,4 @@
-"""Real-server setup/teardown (director.realserver) and the userspace decapsulator (director.decap).
+"""Real-server setup/teardown (director.realserver) and the userspace decapsulator (director.realserver.decap).
 
 Without root: request validation, planning from given facts, apply/undo with
 an in-memory system, the decapsulator's packet checks on scapy-built packets.
@@ -37,9 +37,9 @@ from scapy.layers.inet6 import IPv6
 
 from tests.netns import Lab, netns_unavailable
 
-from director import decap as dc  # noqa: E402
-from director import realserver as rs  # noqa: E402
-from director.realserver import (  # noqa: E402
+from director.realserver import decap as dc  # noqa: E402
+from director.realserver import cli as rs  # noqa: E402
+from director.realserver.cli import (  # noqa: E402
     AddAddress,
     CreateTun,
     Facts,
@@ -53,7 +53,7 @@ from director.realserver import (  # noqa: E402
 )
 from glb.errors import RealServerError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PY = sys.executable
 
 VIP4, VIP6 = "198.51.100.10", "2001:db8:100::10"
@@ -584,7 +584,7 @@ RS_DRIVER = r"""
 import json, logging, sys
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-from director import realserver
+from director.realserver import cli as realserver
 from glb.errors import RealServerError
 a = json.loads(sys.argv[1])
 try:

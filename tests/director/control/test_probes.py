@@ -16,9 +16,9 @@ import pytest
 from aiohttp import web
 
 from glb.config import HealthCheck
-from director.checker import Checker, Target
-from director.health import ServerKey
-from director.probes import ProbeResult, Prober
+from director.control.checker import Checker, Target
+from director.control.health import ServerKey
+from director.control.probes import ProbeResult, Prober
 
 HOST = "127.0.0.1"
 
@@ -361,7 +361,7 @@ async def test_checker_survives_probes_that_raise_or_hang():
             raise ValueError("consumer bug")
 
     checker = Checker(bad_probe, record, max_probes=10)
-    import director.checker as checker_module
+    import director.control.checker as checker_module
 
     old_backstop = checker_module.BACKSTOP
     checker_module.BACKSTOP = 0.1

@@ -33,7 +33,7 @@ What setup changes:
   loose, the same ARP settings, and the MSS clamp.
 * TUN without it (this machine): a persistent TUN device ``glbtun0`` holding
   the VIPs, rp_filter loose on it, the ARP settings, the MSS clamp, and the
-  userspace decapsulator (:mod:`director.decap`) attached to the device:
+  userspace decapsulator (:mod:`director.realserver.decap`) attached to the device:
   started as a daemon (default; its PID is recorded and teardown stops it)
   or run in this process with ``foreground=True`` until SIGTERM, after
   which everything is restored.
@@ -112,7 +112,7 @@ class Request:
     mode: str
     """``dr`` or ``tun``."""
     decap: str = "auto"
-    """TUN only: ``kernel`` (ipip/ip6tnl driver), ``userspace`` (director.decap) or ``auto`` (kernel if it can)."""
+    """TUN only: ``kernel`` (ipip/ip6tnl driver), ``userspace`` (director.realserver.decap) or ``auto`` (kernel if it can)."""
     mss: int | None = None
     """TUN only: TCP MSS for IPv4 VIPs (IPv6 VIPs get 40 less); 0 = no clamp; None = derived from the uplink MTU."""
     tun_device: str = TUN_DEVICE
@@ -723,7 +723,7 @@ class LinuxSystem:
     def create_tun(self, ifname: str) -> None:
         import fcntl
 
-        from director.decap import TUN_FLAGS, TUNSETIFF, TUNSETPERSIST
+        from director.realserver.decap import TUN_FLAGS, TUNSETIFF, TUNSETPERSIST
 
         if self._index(ifname) is not None:
             log.warning("replacing leftover interface %s", ifname)
@@ -785,7 +785,7 @@ class LinuxSystem:
         pkg_root = str(Path(director.__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        argv = [sys.executable, "-m", "director.decap", "--tun", step.tun, "--stats-file", step.stats_file]
+        argv = [sys.executable, "-m", "director.realserver.decap", "--tun", step.tun, "--stats-file", step.stats_file]
         for v in step.vips:
             argv += ["--vip", v]
         r, w = os.pipe()
@@ -1064,7 +1064,7 @@ def _run_foreground(system: System, req: Request, plan: Plan, state_file: Path, 
     stopping = threading.Event()
     decap = None
     if plan.decap == "userspace":
-        from director.decap import Decapsulator
+        from director.realserver.decap import Decapsulator
 
         decap = Decapsulator(req.tun_device, plan.vips, stats_file=stats_file)
 
@@ -1152,7 +1152,7 @@ def teardown(state_file: Path = DEFAULT_STATE_FILE, *, system: System | None = N
 
 def status(state_file: Path = DEFAULT_STATE_FILE, *, as_json: bool = False) -> int:
     """Print what setup changed and the decapsulator's counters; returns 0 (1 if not set up)."""
-    from director.decap import read_stats
+    from director.realserver.decap import read_stats
 
     state_file = Path(state_file)
     doc = read_state(state_file)

@@ -1,4 +1,4 @@
-"""director.scheduler against IPVS semantics: exact sequences, deterministic."""
+"""director.dataplane.scheduler against IPVS semantics: exact sequences, deterministic."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from director.scheduler import (
+from director.dataplane.scheduler import (
     SCHEDULERS,
     Dest,
     Persistence,

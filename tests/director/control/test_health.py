@@ -7,7 +7,7 @@ import pytest
 
 from glb import config
 from glb.state import SERVER_STATES, SiteSnapshot, decode_snapshot, encode_snapshot
-from director.health import (
+from director.control.health import (
     ADMIN_DISABLE,
     ADMIN_DRAIN,
     ADMIN_NONE,
@@ -21,7 +21,7 @@ from director.health import (
     ServerKey,
     dampen,
 )
-from director.site import ServerCounters, build_snapshot
+from director.control.site import ServerCounters, build_snapshot
 
 BASE = """
 zones:

@@ -29,9 +29,9 @@ import pytest
 
 from glb.config import RedisConfig
 from glb.store import RedisStore
-from director.listing import render
+from director.control.listing import render
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TOKEN = "listing-test-token-0123456789"
 FOLLOW = 10.0  # generous: rise/fall x interval is at most 0.75 s here
 

@@ -28,9 +28,9 @@ from glb.config import RedisConfig
 from glb.errors import DirectorError
 from glb.state import Override, SiteSnapshot, server_target
 from glb.store import RedisStore
-from director.main import Director, run
+from director.control.main import Director, run
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 INTERVAL = 0.1
 RISE, FALL = 2, 2
 # Generous: rise/fall x interval is 0.2 s here; a loaded CI machine gets 25x.
@@ -429,7 +429,7 @@ async def test_keeps_probing_while_redis_is_down(lab, redis_server):
 
 
 def _key(service: str, address: str):
-    from director.health import ServerKey
+    from director.control.health import ServerKey
 
     return ServerKey(service, address, 0)
 
@@ -568,7 +568,7 @@ async def test_process_reloads_on_sighup_and_withdraws_on_sigterm(tmp_path, redi
     status_port = free_port()
     path = write_config(tmp_path / "glb.yaml", redis_url, status_port,
                         reload_services(port, "[{address: 127.0.0.1, weight: 1}, {address: 127.0.0.2, weight: 1}]"))
-    code = f"import sys; from director.main import run; sys.exit(run({str(path)!r}, 'dc1', 'info'))"
+    code = f"import sys; from director.control.main import run; sys.exit(run({str(path)!r}, 'dc1', 'info'))"
     log = open(tmp_path / "director.log", "wb")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:

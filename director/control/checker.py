@@ -9,7 +9,7 @@ waited for the semaphore simply runs late, and missed ticks are skipped
 rather than fired in a burst.
 
 Results go to a callback (the director feeds them to the pure
-``director.health.HealthTable``). The checker knows nothing about states: it
+``director.control.health.HealthTable``). The checker knows nothing about states: it
 only schedules, bounds and reports. A probe that misbehaves (raises, or
 ignores its own timeout) is reported as a failure; it never stops the loop.
 """
@@ -22,8 +22,8 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from director.health import ServerKey, server_keys
-from director.probes import Probe, ProbeResult
+from director.control.health import ServerKey, server_keys
+from director.control.probes import Probe, ProbeResult
 from glb.aio import cancel_and_wait
 from glb.config import HealthCheck, Site
 

@@ -1,4 +1,4 @@
-"""The engine's packet loop (director/engine.py Worker.drain) over a fake ring, no privileges.
+"""The engine's packet loop (director/dataplane/engine.py Worker.drain) over a fake ring, no privileges.
 
 The ring is an anonymous mmap laid out as a TPACKET_V2 ring (tpacket2_hdr,
 virtio_net_hdr, frame); the "interface" is one end of an AF_UNIX datagram
@@ -22,10 +22,10 @@ logging.getLogger("scapy.runtime").setLevel(logging.ERROR)
 from scapy.layers.inet import IP, TCP  # noqa: E402
 from scapy.layers.l2 import ARP, Ether  # noqa: E402
 
-from director import codec  # noqa: E402
-from director.engine import FRAME_SIZE, TP_STATUS_USER, EngineConfig, Worker  # noqa: E402
-from director.forwarder import Plan, ServerPlan, ServicePlan, VipPlan  # noqa: E402
-from director.health import ServerKey  # noqa: E402
+from director.dataplane import codec  # noqa: E402
+from director.dataplane.engine import FRAME_SIZE, TP_STATUS_USER, EngineConfig, Worker  # noqa: E402
+from director.dataplane.forwarder import Plan, ServerPlan, ServicePlan, VipPlan  # noqa: E402
+from director.control.health import ServerKey  # noqa: E402
 
 DIR_MAC, GW_MAC, RS_MAC = "02:00:00:00:00:d1", "02:00:00:00:00:aa", "02:00:00:00:01:01"
 VIP, CLIENT, RS = "192.0.2.10", "198.51.100.7", "10.2.0.11"

@@ -1,4 +1,4 @@
-"""director.conntable with explicit time: states, timeouts, counters, bounds."""
+"""director.dataplane.conntable with explicit time: states, timeouts, counters, bounds."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from director.conntable import (
+from director.dataplane.conntable import (
     CLOSE,
     ESTABLISHED,
     FIN_WAIT,
@@ -18,7 +18,7 @@ from director.conntable import (
     ConnTable,
     FragmentTable,
 )
-from director.scheduler import Dest, Persistence, make_scheduler
+from director.dataplane.scheduler import Dest, Persistence, make_scheduler
 from glb import config
 
 SYN, ACK, FIN, RST, PSH = 0x02, 0x10, 0x01, 0x04, 0x08

@@ -17,7 +17,7 @@ through PACKET_FANOUT_HASH, so each flow always reaches the same worker):
   the inner packet straight from the slot. Slots go back to the kernel
   only after the batch was sent.
 * **Decisions**: runs of established DR flows go through the C loop
-  (director/_fastpath.c, Forwarder.fast's DR case in C); the rest through
+  (director/dataplane/_fastpath.c, Forwarder.fast's DR case in C); the rest through
   Forwarder.fast() and Forwarder.forward() in Python.
 
 Why TPACKET_V2 and not V3: a V3 block is handed to userspace when it is full
@@ -30,7 +30,7 @@ docs/packet-path.md.
 
 The worker is a separate process so the packet path never holds the GIL of
 the asyncio control plane (and vice versa), and so ``workers`` > 1 can use
-more cores. It gets a whole :class:`~director.forwarder.Plan` through a pipe
+more cores. It gets a whole :class:`~director.dataplane.forwarder.Plan` through a pipe
 whenever the control plane decides something and applies it between two
 batches (so no packet ever sees half a plan); it sends its counters back
 every half second. It exits when the pipe closes (the director died) and
@@ -53,13 +53,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from director import codec
-from director.conntable import NEXT_BYTES, ConnTable
-from director.forwarder import Forwarder, ForwarderStats, Plan
-from director.ownership import Announcer
+from director.dataplane import codec
+from director.dataplane.conntable import NEXT_BYTES, ConnTable
+from director.dataplane.forwarder import Forwarder, ForwarderStats, Plan
+from director.dataplane.ownership import Announcer
 
 try:  # the established-flow loop in C; the same logic runs in Python without it
-    from director import _fastpath
+    from director.dataplane import _fastpath
 except ImportError:  # pragma: no cover - built by `pip install` wherever a compiler is
     _fastpath = None
 LOOP = "c" if _fastpath is not None else "python"

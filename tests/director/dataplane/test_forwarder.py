@@ -1,4 +1,4 @@
-"""The per-packet recipe (director/forwarder.py), pure: scapy frames in, actions out, time made up.
+"""The per-packet recipe (director/dataplane/forwarder.py), pure: scapy frames in, actions out, time made up.
 
 Covers DR and TUN, IPv4 and IPv6, TCP and UDP, fragments, ICMP errors, the
 too-big path, ARP/NDP answers, plans that add, drain, remove and take down
@@ -25,11 +25,11 @@ from scapy.layers.l2 import ARP, Ether  # noqa: E402
 from scapy.packet import Raw  # noqa: E402
 
 from glb import config  # noqa: E402
-from director import codec  # noqa: E402
-from director.codec import Drop  # noqa: E402
-from director.conntable import ConnTable  # noqa: E402
-from director.forwarder import Forwarder, ForwarderStats, Plan, ServerPlan, ServicePlan, VipPlan, build_plan  # noqa: E402
-from director.health import ADMIN_DRAIN, ADMIN_NONE, HealthTable, ServerKey  # noqa: E402
+from director.dataplane import codec  # noqa: E402
+from director.dataplane.codec import Drop  # noqa: E402
+from director.dataplane.conntable import ConnTable  # noqa: E402
+from director.dataplane.forwarder import Forwarder, ForwarderStats, Plan, ServerPlan, ServicePlan, VipPlan, build_plan  # noqa: E402
+from director.control.health import ADMIN_DRAIN, ADMIN_NONE, HealthTable, ServerKey  # noqa: E402
 
 GW_MAC, DIR_MAC = "02:00:00:00:00:aa", "02:00:00:00:00:d1"
 VIP4, VIP6 = "192.0.2.10", "2001:db8:10::10"
@@ -426,7 +426,7 @@ def test_forward_never_raises(data, forwarding):
 
 
 def test_bpf_filter_accepts_only_what_the_director_must_see():
-    from director.engine import bpf_program, bpf_run
+    from director.dataplane.engine import bpf_program, bpf_run
 
     prog = bpf_program({P(VIP4), P(VIP6)})
     ok = lambda l3, pkttype=0: bpf_run(prog, bytes(Ether(dst=DIR_MAC, src=GW_MAC) / l3), pkttype) > 0  # noqa: E731
@@ -444,7 +444,7 @@ def test_bpf_filter_accepts_only_what_the_director_must_see():
 
 
 def test_announcer_sends_garp_and_na_for_newly_taken_vips_only():
-    from director.ownership import Announcer
+    from director.dataplane.ownership import Announcer
 
     a = Announcer((0.0, 1.0))
     me = codec.mac_bytes(DIR_MAC)

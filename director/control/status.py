@@ -35,11 +35,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from glb.config import ListenAddress
 from glb.errors import DirectorError, StateError, StoreError
 from glb.state import MAX_WEIGHT, SERVER_STATES, Override, override_to_json, server_target, site_target
-from director.checker import Checker, Target
-from director.health import HealthTable, ServerKey, Transition
-from director.probes import ProbeResult
-from director.publisher import Publisher
-from director.site import ZERO, ServerCounters, VipCounters
+from director.control.checker import Checker, Target
+from director.control.health import HealthTable, ServerKey, Transition
+from director.control.probes import ProbeResult
+from director.control.publisher import Publisher
+from director.control.site import ZERO, ServerCounters, VipCounters
 
 def _version() -> str:
     # The installed distribution's version, not ``glb.__version__``: with
@@ -56,7 +56,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class StatusSource(Protocol):
-    """What the endpoints read; ``director.main.Director`` provides it."""
+    """What the endpoints read; ``director.control.main.Director`` provides it."""
 
     director_id: str
     started_at: float

@@ -3,7 +3,7 @@
 This is the director's pure core for health. It takes probe results, operator
 overrides and configuration changes, each with an explicit ``now``, and returns
 what changed. It does no I/O and never reads a clock, so every rule below is
-tested with tables and made-up times (``tests/director/test_health.py``).
+tested with tables and made-up times (``tests/director/control/test_health.py``).
 
 Three layers, each one small:
 
