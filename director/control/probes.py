@@ -22,6 +22,10 @@ Check types (keepalived's names in brackets):
   and ``{port}`` in its arguments are replaced, and ``GLB_ADDRESS``/``GLB_PORT``
   are set in its environment.
 
+Each type's fields are its class in ``glb.config`` (``CHECKS``); its probe is
+the function of the same name here, found through ``PROBES``. A new check type
+is one config class, one probe function and one entry in each registry.
+
 The checker only needs the ``Probe`` call signature, so tests can substitute
 an in-memory fake.
 """
@@ -35,12 +39,12 @@ import signal
 import ssl
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import aiohttp
 import dnslib
 
-from glb.config import HealthCheck
+from glb.config import DnsCheck, ExecCheck, HealthCheck, HttpCheck, TcpCheck, UdpCheck
 
 BODY_LIMIT = 1 << 20
 """Bytes of an HTTP body searched for ``expect_body``; a page that only says
@@ -103,13 +107,13 @@ class Prober:
             self._session = None
 
     async def __call__(self, check: HealthCheck, address: str, port: int) -> ProbeResult:
-        run = getattr(self, f"_{check.type}", None)
+        run = PROBES.get(check.type)
         if run is None:
             return ProbeResult(False, f"unknown check type {check.type!r}", 0.0)
         start = time.perf_counter()
         try:
             async with asyncio.timeout(check.timeout):
-                ok, detail = await run(check, address, port)
+                ok, detail = await run(self, check, address, port)
         except TimeoutError:
             ok, detail = False, f"timeout after {check.timeout:g}s"
         except asyncio.CancelledError:
@@ -118,17 +122,7 @@ class Prober:
             ok, detail = False, _describe(e)
         return ProbeResult(ok, _one_line(detail), time.perf_counter() - start)
 
-    # -- tcp
-
-    async def _tcp(self, check: HealthCheck, address: str, port: int) -> tuple[bool, str]:
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_connection(asyncio.Protocol, address, port)
-        transport.close()
-        return True, "connected"
-
-    # -- http / https
-
-    def _http_session(self) -> aiohttp.ClientSession:
+    def http_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(force_close=True, limit=0),
@@ -139,102 +133,132 @@ class Prober:
             )
         return self._session
 
-    async def _http(self, check: HealthCheck, address: str, port: int) -> tuple[bool, str]:
-        host = f"[{address}]" if ":" in address else address
-        url = f"{check.type}://{host}:{port}{check.path}"
-        kwargs: dict = {"allow_redirects": False}
+
+
+# -- tcp
+
+
+async def _tcp(prober: Prober, check: TcpCheck, address: str, port: int) -> tuple[bool, str]:
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_connection(asyncio.Protocol, address, port)
+    transport.close()
+    return True, "connected"
+
+
+# -- http / https
+
+
+async def _http(prober: Prober, check: HttpCheck, address: str, port: int) -> tuple[bool, str]:
+    host = f"[{address}]" if ":" in address else address
+    url = f"{check.type}://{host}:{port}{check.path}"
+    kwargs: dict = {"allow_redirects": False}
+    if check.host:
+        kwargs["headers"] = {"Host": check.host}
+    if check.type == "https":
+        kwargs["ssl"] = True if check.tls_verify else False
         if check.host:
-            kwargs["headers"] = {"Host": check.host}
-        if check.type == "https":
-            kwargs["ssl"] = True if check.tls_verify else False
-            if check.host:
-                kwargs["server_hostname"] = check.host
-        async with self._http_session().request(check.method, url, **kwargs) as resp:
-            if resp.status not in check.expect_status:
-                want = ",".join(map(str, check.expect_status))
-                return False, f"HTTP {resp.status} (expected {want})"
-            if check.expect_body is None:
-                return True, f"HTTP {resp.status}"
-            needle = check.expect_body.encode()
-            seen, total = b"", 0
-            async for chunk in resp.content.iter_chunked(65536):
-                # Keep only a needle-sized tail between chunks so a match
-                # across a chunk boundary is still found.
-                seen = seen[-len(needle):] + chunk
-                if needle in seen:
-                    return True, f"HTTP {resp.status}, body matched"
-                total += len(chunk)
-                if total >= BODY_LIMIT:
-                    break
-            return False, f"HTTP {resp.status}, body lacks {check.expect_body!r}"
+            kwargs["server_hostname"] = check.host
+    async with prober.http_session().request(check.method, url, **kwargs) as resp:
+        if resp.status not in check.expect_status:
+            want = ",".join(map(str, check.expect_status))
+            return False, f"HTTP {resp.status} (expected {want})"
+        if check.expect_body is None:
+            return True, f"HTTP {resp.status}"
+        needle = check.expect_body.encode()
+        seen, total = b"", 0
+        async for chunk in resp.content.iter_chunked(65536):
+            # Keep only a needle-sized tail between chunks so a match
+            # across a chunk boundary is still found.
+            seen = seen[-len(needle):] + chunk
+            if needle in seen:
+                return True, f"HTTP {resp.status}, body matched"
+            total += len(chunk)
+            if total >= BODY_LIMIT:
+                break
+        return False, f"HTTP {resp.status}, body lacks {check.expect_body!r}"
 
-    _https = _http
 
-    # -- dns
+# -- dns
 
-    async def _dns(self, check: HealthCheck, address: str, port: int) -> tuple[bool, str]:
-        assert check.query_name is not None  # the config requires it for dns checks
-        try:
-            query = dnslib.DNSRecord.question(check.query_name, check.query_type)
-        except Exception:  # noqa: BLE001 - dnslib raises several types for a bad type name
-            return False, f"unknown query type {check.query_type!r}"
-        qid = query.header.id
 
-        def matches(data: bytes) -> bool:
-            # The first two bytes are the id; skip strays and late replies.
-            return len(data) >= 2 and int.from_bytes(data[:2], "big") == qid
+async def _dns(prober: Prober, check: DnsCheck, address: str, port: int) -> tuple[bool, str]:
+    try:
+        query = dnslib.DNSRecord.question(check.query_name, check.query_type)
+    except Exception:  # noqa: BLE001 - dnslib raises several types for a bad type name
+        return False, f"unknown query type {check.query_type!r}"
+    qid = query.header.id
 
-        data = await _udp_exchange(address, port, query.pack(), matches)
-        try:
-            reply = dnslib.DNSRecord.parse(data)
-        except Exception:  # noqa: BLE001 - dnslib's parser raises more than DNSError
-            return False, "malformed DNS reply"
-        if not reply.header.qr:
-            return False, "reply without the QR bit"
-        rcode = dnslib.RCODE.get(reply.header.rcode, str(reply.header.rcode))
-        if rcode != check.expect_rcode:
-            return False, f"rcode {rcode} (expected {check.expect_rcode})"
-        return True, f"rcode {rcode}, {len(reply.rr)} answers"
+    def matches(data: bytes) -> bool:
+        # The first two bytes are the id; skip strays and late replies.
+        return len(data) >= 2 and int.from_bytes(data[:2], "big") == qid
 
-    # -- udp
+    data = await _udp_exchange(address, port, query.pack(), matches)
+    try:
+        reply = dnslib.DNSRecord.parse(data)
+    except Exception:  # noqa: BLE001 - dnslib's parser raises more than DNSError
+        return False, "malformed DNS reply"
+    if not reply.header.qr:
+        return False, "reply without the QR bit"
+    rcode = dnslib.RCODE.get(reply.header.rcode, str(reply.header.rcode))
+    if rcode != check.expect_rcode:
+        return False, f"rcode {rcode} (expected {check.expect_rcode})"
+    return True, f"rcode {rcode}, {len(reply.rr)} answers"
 
-    async def _udp(self, check: HealthCheck, address: str, port: int) -> tuple[bool, str]:
-        assert check.send is not None  # the config requires it for udp checks
-        data = await _udp_exchange(address, port, check.send.encode(), lambda _: True)
-        if check.expect is not None and check.expect.encode() not in data:
-            return False, f"reply lacks {check.expect!r}"
-        return True, f"reply of {len(data)} bytes"
 
-    # -- exec
+# -- udp
 
-    async def _exec(self, check: HealthCheck, address: str, port: int) -> tuple[bool, str]:
-        argv = [a.replace("{address}", address).replace("{port}", str(port)) for a in check.command]
-        env = dict(os.environ, GLB_ADDRESS=address, GLB_PORT=str(port))
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # its own process group, so a kill takes its children too
-            )
-        except OSError as e:
-            return False, f"cannot run {argv[0]}: {_describe(e)}"
-        try:
-            out, _ = await proc.communicate()
-        finally:
-            if proc.returncode is None:  # timed out (cancelled): kill the whole group
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                await proc.wait()
-        first = out.decode("utf-8", "replace").strip().splitlines()[:1]
-        suffix = f": {first[0]}" if first else ""
-        if proc.returncode == 0:
-            return True, f"exit 0{suffix}"
-        if proc.returncode < 0:
-            return False, f"killed by signal {-proc.returncode}{suffix}"
-        return False, f"exit {proc.returncode}{suffix}"
+
+async def _udp(prober: Prober, check: UdpCheck, address: str, port: int) -> tuple[bool, str]:
+    data = await _udp_exchange(address, port, check.send.encode(), lambda _: True)
+    if check.expect is not None and check.expect.encode() not in data:
+        return False, f"reply lacks {check.expect!r}"
+    return True, f"reply of {len(data)} bytes"
+
+
+# -- exec
+
+
+async def _exec(prober: Prober, check: ExecCheck, address: str, port: int) -> tuple[bool, str]:
+    argv = [a.replace("{address}", address).replace("{port}", str(port)) for a in check.command]
+    env = dict(os.environ, GLB_ADDRESS=address, GLB_PORT=str(port))
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # its own process group, so a kill takes its children too
+        )
+    except OSError as e:
+        return False, f"cannot run {argv[0]}: {_describe(e)}"
+    try:
+        out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:  # timed out (cancelled): kill the whole group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    first = out.decode("utf-8", "replace").strip().splitlines()[:1]
+    suffix = f": {first[0]}" if first else ""
+    if proc.returncode == 0:
+        return True, f"exit 0{suffix}"
+    if proc.returncode < 0:
+        return False, f"killed by signal {-proc.returncode}{suffix}"
+    return False, f"exit {proc.returncode}{suffix}"
+
+
+ProbeFn = Callable[[Prober, Any, str, int], Awaitable[tuple[bool, str]]]
+
+PROBES: dict[str, ProbeFn] = {
+    "tcp": _tcp,
+    "http": _http,
+    "https": _http,
+    "dns": _dns,
+    "udp": _udp,
+    "exec": _exec,
+}
+"""The probe of each check type, by the names of ``glb.config.CHECKS``."""
 
 
 class _Exchange(asyncio.DatagramProtocol):

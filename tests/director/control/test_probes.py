@@ -15,10 +15,10 @@ import dnslib
 import pytest
 from aiohttp import web
 
-from glb.config import HealthCheck
+from glb.config import CHECK_TYPES, CHECKS, DnsCheck, ExecCheck, HttpCheck, HttpsCheck, TcpCheck, UdpCheck
 from director.control.checker import Checker, Target
 from director.control.health import ServerKey
-from director.control.probes import ProbeResult, Prober
+from director.control.probes import PROBES, ProbeResult, Prober
 
 HOST = "127.0.0.1"
 
@@ -36,6 +36,12 @@ async def prober():
     await p.close()
 
 
+def test_every_config_check_type_has_a_probe():
+    # The config accepts exactly the types the director can probe.
+    assert CHECK_TYPES == tuple(PROBES)
+    assert all(CHECKS[name].type == name for name in CHECK_TYPES)
+
+
 # --------------------------------------------------------------------------
 # TCP
 
@@ -43,7 +49,7 @@ async def prober():
 async def test_tcp_up_then_refused(prober):
     server = await asyncio.start_server(lambda r, w: w.close(), HOST, 0)
     port = server.sockets[0].getsockname()[1]
-    check = HealthCheck(type="tcp", timeout=1.0)
+    check = TcpCheck(timeout=1.0)
     try:
         r = await prober(check, HOST, port)
         assert (r.ok, r.detail) == (True, "connected")
@@ -119,14 +125,14 @@ async def http_server():
     ],
 )
 async def test_http(prober, http_server, kwargs, ok, detail):
-    check = HealthCheck(type="http", **{"timeout": 2.0, **kwargs})
+    check = HttpCheck(**{"timeout": 2.0, **kwargs})
     r = await prober(check, HOST, http_server)
     assert (r.ok, r.detail) == (ok, detail)
 
 
 async def test_http_server_goes_away(prober):
     runner, port = await _serve(_http_app())
-    check = HealthCheck(type="http", path="/ok", timeout=2.0)
+    check = HttpCheck(path="/ok", timeout=2.0)
     assert (await prober(check, HOST, port)).ok
     await runner.cleanup()
     r = await prober(check, HOST, port)
@@ -160,17 +166,17 @@ async def https_server(tmp_path):
 
 
 async def test_https_with_and_without_verification(prober, https_server):
-    lax = HealthCheck(type="https", path="/vhost", host="app.example.net", tls_verify=False, timeout=2.0)
+    lax = HttpsCheck(path="/vhost", host="app.example.net", tls_verify=False, timeout=2.0)
     r = await prober(lax, HOST, https_server)
     assert (r.ok, r.detail) == (True, "HTTP 200")
-    strict = HealthCheck(type="https", path="/vhost", host="app.example.net", tls_verify=True, timeout=2.0)
+    strict = HttpsCheck(path="/vhost", host="app.example.net", tls_verify=True, timeout=2.0)
     r = await prober(strict, HOST, https_server)
     assert not r.ok and r.detail.startswith("TLS certificate: ")
     assert "self" in r.detail  # "self-signed certificate"
 
 
 async def test_https_against_plain_http_fails_cleanly(prober, http_server):
-    check = HealthCheck(type="https", path="/ok", tls_verify=False, timeout=2.0)
+    check = HttpsCheck(path="/ok", tls_verify=False, timeout=2.0)
     r = await prober(check, HOST, http_server)
     assert not r.ok and "\n" not in r.detail and r.detail
 
@@ -233,14 +239,14 @@ async def dns_server():
     ],
 )
 async def test_dns(prober, dns_server, name, rcode, ok, detail):
-    check = HealthCheck(type="dns", query_name=name, expect_rcode=rcode, timeout=0.3)
+    check = DnsCheck(query_name=name, expect_rcode=rcode, timeout=0.3)
     r = await prober(check, HOST, dns_server)
     assert (r.ok, r.detail) == (ok, detail)
 
 
 async def test_dns_port_closed_fails_fast(prober):
     port = free_port(socket.SOCK_DGRAM)
-    check = HealthCheck(type="dns", query_name="example.net", timeout=5.0)
+    check = DnsCheck(query_name="example.net", timeout=5.0)
     started = time.monotonic()
     r = await prober(check, HOST, port)
     assert (r.ok, r.detail) == (False, "connection refused")  # ICMP port unreachable
@@ -250,15 +256,15 @@ async def test_dns_port_closed_fails_fast(prober):
 async def test_udp_send_expect(prober):
     transport, proto, port = await _udp_server(lambda data: b"PONG " + data if data == b"PING" else None)
     try:
-        r = await prober(HealthCheck(type="udp", send="PING", expect="PONG", timeout=1.0), HOST, port)
+        r = await prober(UdpCheck(send="PING", expect="PONG", timeout=1.0), HOST, port)
         assert (r.ok, r.detail) == (True, "reply of 9 bytes")
-        r = await prober(HealthCheck(type="udp", send="PING", expect="HELLO", timeout=1.0), HOST, port)
+        r = await prober(UdpCheck(send="PING", expect="HELLO", timeout=1.0), HOST, port)
         assert (r.ok, r.detail) == (False, "reply lacks 'HELLO'")
-        r = await prober(HealthCheck(type="udp", send="other", timeout=0.3), HOST, port)
+        r = await prober(UdpCheck(send="other", timeout=0.3), HOST, port)
         assert (r.ok, r.detail) == (False, "timeout after 0.3s")
     finally:
         transport.close()
-    r = await prober(HealthCheck(type="udp", send="PING", timeout=2.0), HOST, port)
+    r = await prober(UdpCheck(send="PING", timeout=2.0), HOST, port)
     assert (r.ok, r.detail) == (False, "connection refused")
 
 
@@ -276,7 +282,7 @@ async def test_udp_send_expect(prober):
     ],
 )
 async def test_exec(prober, command, ok, detail):
-    r = await prober(HealthCheck(type="exec", command=command, timeout=5.0), HOST, 8080)
+    r = await prober(ExecCheck(command=command, timeout=5.0), HOST, 8080)
     assert (r.ok, r.detail) == (ok, detail)
 
 
@@ -296,7 +302,7 @@ async def test_exec_timeout_kills_the_whole_process_group(prober, tmp_path):
     pidfile = tmp_path / "child.pid"
     script = f"sleep 60 & echo $! > {pidfile}; wait"
     started = time.monotonic()
-    r = await prober(HealthCheck(type="exec", command=("sh", "-c", script), timeout=0.5), HOST, 1)
+    r = await prober(ExecCheck(command=("sh", "-c", script), timeout=0.5), HOST, 1)
     assert (r.ok, r.detail) == (False, "timeout after 0.5s")
     assert time.monotonic() - started < 5.0
     child = int(pidfile.read_text())
@@ -312,7 +318,7 @@ async def test_exec_timeout_kills_the_whole_process_group(prober, tmp_path):
 
 
 def _target(i: int, **check) -> Target:
-    hc = HealthCheck(**{"type": "tcp", "interval": 0.05, "timeout": 0.05, "start_jitter": 0.0, **check})
+    hc = TcpCheck(**{"interval": 0.05, "timeout": 0.05, "start_jitter": 0.0, **check})
     return Target(ServerKey("web", f"10.0.0.{i}", 0), f"10.0.0.{i}", 80, hc)
 
 
