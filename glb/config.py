@@ -21,12 +21,13 @@ from typing import Any, Callable, ClassVar, Iterable
 import dnslib
 import yaml
 
+from dnsfront.policy import POLICIES as _POLICY_REGISTRY
 from glb.errors import ConfigError
 from glb.hashing import is_prime
 
 SCHEDULERS = ("rr", "wrr", "lc", "wlc", "sed", "nq", "dh", "sh", "lblc", "lblcr", "mh")
 FORWARDING = ("dr", "tun")
-POLICIES = ("weighted", "failover", "topology", "sticky")
+POLICIES = tuple(_POLICY_REGISTRY)
 ALL_DOWN = ("fail-open", "fallback", "servfail")
 SERVER_DOWN_ACTIONS = ("keep", "reschedule")
 STATIC_TYPES = ("A", "AAAA", "CNAME", "MX", "TXT", "SRV", "CAA", "PTR")
