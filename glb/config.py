@@ -21,11 +21,12 @@ from typing import Any, Callable, ClassVar, Iterable
 import dnslib
 import yaml
 
+from director.dataplane.scheduler import SCHEDULERS as _SCHEDULER_REGISTRY
 from dnsfront.policy import POLICIES as _POLICY_REGISTRY
 from glb.errors import ConfigError
 from glb.hashing import is_prime
 
-SCHEDULERS = ("rr", "wrr", "lc", "wlc", "sed", "nq", "dh", "sh", "lblc", "lblcr", "mh")
+SCHEDULERS = tuple(_SCHEDULER_REGISTRY)
 FORWARDING = ("dr", "tun")
 POLICIES = tuple(_POLICY_REGISTRY)
 ALL_DOWN = ("fail-open", "fallback", "servfail")

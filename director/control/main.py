@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping
 from glb import config as glbconfig
 from glb.aio import cancel_and_wait
 from glb.config import Config, Site
-from glb.errors import DirectorError, GLBError
+from glb.errors import DirectorError, EngineError, GLBError, GuardError
 from glb.state import DeploymentState, SiteSnapshot
 from glb.store import RedisStore, StateFollower
 from director.control.checker import Checker, Target, targets
@@ -269,9 +269,9 @@ class Director:
         return self.table.site.director.interface != "lo"
 
     async def _start_packet_path(self) -> None:
-        from director.dataplane.engine import LOOP, Engine, EngineConfig, EngineError
+        from director.dataplane.engine import LOOP, Engine, EngineConfig
         from director.dataplane.neighbours import Neighbours
-        from director.dataplane.ownership import GuardError, KernelGuard, SolicitedNodeGroups, vips_on_kernel
+        from director.dataplane.ownership import KernelGuard, SolicitedNodeGroups, vips_on_kernel
 
         site = self.table.site
         iface = site.director.interface

@@ -57,6 +57,7 @@ from director.dataplane import codec
 from director.dataplane.conntable import NEXT_BYTES, ConnTable
 from director.dataplane.forwarder import Forwarder, ForwarderStats, Plan
 from director.dataplane.ownership import Announcer
+from glb.errors import EngineError
 
 try:  # the established-flow loop in C; the same logic runs in Python without it
     from director.dataplane import _fastpath
@@ -680,10 +681,6 @@ def worker_main(cfg: EngineConfig, plan: Plan, conn, index: int) -> None:
 # --------------------------------------------------------------------------
 # The director's handle on its workers
 # --------------------------------------------------------------------------
-
-
-class EngineError(Exception):
-    pass
 
 
 class Engine:

@@ -53,6 +53,7 @@ import subprocess
 from collections.abc import Iterable
 
 from director.dataplane import codec
+from glb.errors import GuardError
 
 log = logging.getLogger("glb.director.ownership")
 
@@ -109,10 +110,6 @@ def nft_script(interface: str, vips: Iterable[bytes]) -> str:
         f"  chain prerouting {{ type filter hook prerouting priority raw; policy accept;\n"
         f"    ip daddr @vips4 counter drop\n    ip6 daddr @vips6 counter drop\n  }}\n}}\n"
     )
-
-
-class GuardError(Exception):
-    pass
 
 
 class KernelGuard:

@@ -37,6 +37,7 @@ import math
 from collections import OrderedDict
 from typing import Any, Iterable, Sequence
 
+from glb.errors import SchedulerError
 from glb.hashing import DEFAULT_TABLE_SIZE, hash64, is_prime, maglev_table
 
 _GOLDEN = 2654435761  # IPVS's multiplicative hash constant (Knuth)
@@ -61,7 +62,7 @@ class Dest:
         server: Any = None,
     ) -> None:
         if len(addr) not in (4, 16):
-            raise ValueError("a destination address is 4 or 16 packed bytes")
+            raise SchedulerError("a destination address is 4 or 16 packed bytes")
         self.addr = addr
         """Packed address (4 bytes IPv4, 16 bytes IPv6)."""
         self.port = port
@@ -425,7 +426,7 @@ class MaglevHash(Scheduler):
     def __init__(self, dests: Iterable[Dest] = (), *, family: int | None = None,
                  table_size: int = DEFAULT_TABLE_SIZE, fallback: bool = True, port: bool = False) -> None:
         if not is_prime(table_size):
-            raise ValueError(f"mh table size {table_size} is not prime")
+            raise SchedulerError(f"mh table size {table_size} is not prime")
         self.table_size = table_size
         self.fallback = fallback
         self.port = port
@@ -602,12 +603,12 @@ class LocalityLeastConnectionReplicated(_Locality):
 # Factory
 # --------------------------------------------------------------------------
 
-SCHEDULERS: dict[str, type[Scheduler]] = {
+SCHEDULERS: dict[str, type[Scheduler]] = {  # glb.config.SCHEDULERS is its names, in this order
     cls.name: cls
     for cls in (
         RoundRobin, WeightedRoundRobin, LeastConnection, WeightedLeastConnection,
-        ShortestExpectedDelay, NeverQueue, DestinationHash, SourceHash, MaglevHash,
-        LocalityLeastConnection, LocalityLeastConnectionReplicated,
+        ShortestExpectedDelay, NeverQueue, DestinationHash, SourceHash,
+        LocalityLeastConnection, LocalityLeastConnectionReplicated, MaglevHash,
     )
 }
 
@@ -618,7 +619,7 @@ def make_scheduler(name: str, dests: Iterable[Dest] = (), *, family: int | None 
     try:
         cls = SCHEDULERS[name]
     except KeyError:
-        raise ValueError(f"unknown scheduler {name!r} (known: {', '.join(SCHEDULERS)})") from None
+        raise SchedulerError(f"unknown scheduler {name!r} (known: {', '.join(SCHEDULERS)})") from None
     if cls is MaglevHash:
         options["table_size"] = table_size
     return cls(dests, family=family, **options)
@@ -661,7 +662,7 @@ class Persistence:
     def __init__(self, timeout: float = 300.0, netmask: int = 32, netmask6: int = 128,
                  max_entries: int = 1_000_000) -> None:
         if not 0 <= netmask <= 32 or not 0 <= netmask6 <= 128:
-            raise ValueError("persistence netmask out of range")
+            raise SchedulerError("persistence netmask out of range")
         self.timeout = timeout
         self.max_entries = max_entries
         self._mask4 = ((1 << 32) - 1) ^ ((1 << (32 - netmask)) - 1)

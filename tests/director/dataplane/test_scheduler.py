@@ -14,6 +14,7 @@ from director.dataplane.scheduler import (
     make_scheduler,
 )
 from glb import config
+from glb.errors import SchedulerError
 
 
 def ip(a: str) -> bytes:
@@ -41,7 +42,7 @@ def client(i: int) -> bytes:
 
 def test_every_configured_scheduler_exists():
     assert set(SCHEDULERS) == set(config.SCHEDULERS)
-    with pytest.raises(ValueError):
+    with pytest.raises(SchedulerError):
         make_scheduler("fo")
 
 
@@ -298,7 +299,7 @@ def test_mh_port_flag_and_ipv6():
 
 
 def test_mh_rejects_non_prime_table():
-    with pytest.raises(ValueError):
+    with pytest.raises(SchedulerError):
         make_scheduler("mh", dests(1), table_size=65536)
 
 
@@ -433,7 +434,7 @@ def test_persistence_ipv6_mask_and_sweep():
 def test_persistence_none_when_nothing_usable_and_bad_mask():
     p = Persistence()
     assert p.schedule(make_scheduler("rr", dests(0)), ip("198.51.100.7"), 1, VIP, 80, 0) is None
-    with pytest.raises(ValueError):
+    with pytest.raises(SchedulerError):
         Persistence(netmask=33)
 
 
@@ -444,5 +445,5 @@ def test_dest_from_config():
     assert d.family == 4 and d.usable and d.overhead == 0
     p = Persistence.from_config(config.Persistence(timeout=60, netmask=24))
     assert p.timeout == 60
-    with pytest.raises(ValueError):
+    with pytest.raises(SchedulerError):
         Dest(b"\x01\x02")
