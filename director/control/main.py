@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 
 from glb import config as glbconfig
 from glb.aio import cancel_and_wait
+from glb.http import Served, serve
 from glb.config import Config, Site
 from glb.errors import DirectorError, EngineError, GLBError, GuardError
 from glb.state import DeploymentState, SiteSnapshot
@@ -49,7 +50,7 @@ from director.control.health import ADMIN_DRAIN, ADMIN_NONE, HealthTable, Server
 from director.control.probes import Probe, ProbeResult, Prober
 from director.control.publisher import Publisher
 from director.control.site import ServerCounters, VipCounters, build_snapshot
-from director.control.status import DirectorMetrics, bound_port, make_app, serve
+from director.control.status import DirectorMetrics, make_app
 
 log = logging.getLogger("glb.director")
 
@@ -90,7 +91,7 @@ class Director:
         self.follower = StateFollower(config.redis, self._on_state)
         self.metrics = DirectorMetrics(self)
         self.status_port: int | None = None
-        self._runner = None
+        self._served: Served | None = None
         self._overrides = DeploymentState()
         self._reload_lock = asyncio.Lock()
         self._started = False
@@ -152,8 +153,8 @@ class Director:
         # Bind first: a port clash is the one startup error worth failing on;
         # Redis being down is not (we keep serving and publish when it returns).
         app = make_app(self, self.metrics, admin_token=self.config.admin.token, store=self.store)
-        self._runner = await serve(app, site.director.status_listen)
-        self.status_port = bound_port(self._runner)
+        self._served = await serve(app, site.director.status_listen, what="/status", error=DirectorError)
+        self.status_port = self._served.port
         # Then the packet path: a missing interface or privilege is a startup error too.
         await self._start_packet_path()
         self._started = True
@@ -177,9 +178,9 @@ class Director:
         await self._stop_packet_path()
         await self.publisher.stop(withdraw=self._started)
         self._started = False
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._served is not None:
+            await self._served.close()
+            self._served = None
         if self._prober is not None:
             await self._prober.close()
         await self.store.close()

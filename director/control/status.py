@@ -20,7 +20,6 @@ Each director has its own ``CollectorRegistry``: two directors in one process
 
 from __future__ import annotations
 
-import errno
 import hmac
 import ipaddress
 import time
@@ -32,8 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from glb.config import ListenAddress
-from glb.errors import DirectorError, StateError, StoreError
+from glb.errors import StateError, StoreError
 from glb.state import MAX_WEIGHT, SERVER_STATES, Override, override_to_json, server_target, site_target
 from director.control.checker import Checker, Target
 from director.control.health import HealthTable, ServerKey, Transition
@@ -505,25 +503,3 @@ def make_app(
     if store is not None:
         add_admin_routes(app, src, admin_token, store)
     return app
-
-
-async def serve(app: web.Application, listen: ListenAddress) -> web.AppRunner:
-    """Start serving ``app`` on ``listen``; DirectorError with one line if it cannot bind."""
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, listen.host, listen.port).start()
-    except OSError as e:
-        await runner.cleanup()
-        reason = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e)).lower()
-        raise DirectorError(f"cannot listen on {listen} for /status: {reason}") from None
-    return runner
-
-
-def bound_port(runner: web.AppRunner) -> int:
-    """The port actually bound (useful when the config asked for port 0)."""
-    for site in runner.sites:
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            return server.sockets[0].getsockname()[1]
-    raise DirectorError("status server is not listening")

@@ -46,14 +46,13 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import shutil
 import socket
 import struct
-import subprocess
 from collections.abc import Iterable
 
 from director.dataplane import codec
-from glb.errors import GuardError
+from glb import nft as nftables
+from glb.errors import GuardError, NftError
 
 log = logging.getLogger("glb.director.ownership")
 
@@ -117,16 +116,14 @@ class KernelGuard:
 
     def __init__(self, interface: str, nft: str | None = None) -> None:
         self.interface = interface
-        self.nft = nft or shutil.which("nft") or "/usr/sbin/nft"
+        self.nft = nft or nftables.binary() or "/usr/sbin/nft"
         self.installed = False
 
     def _run(self, script: str) -> None:
         try:
-            res = subprocess.run([self.nft, "-f", "-"], input=script, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired) as e:
+            nftables.load(script, nft=self.nft)
+        except NftError as e:
             raise GuardError(f"nft: {e}") from None
-        if res.returncode != 0:
-            raise GuardError(f"nft: {res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
 
     def install(self, vips: Iterable[bytes]) -> None:
         self._run(nft_script(self.interface, vips))

@@ -53,7 +53,6 @@ import json
 import logging
 import os
 import select
-import shutil
 import signal
 import socket
 import struct
@@ -65,7 +64,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol, Union
 
-from glb.errors import RealServerError
+from glb import nft as nftables
+from glb.errors import NftError, RealServerError
 
 log = logging.getLogger("glb.realserver")
 
@@ -637,10 +637,10 @@ class LinuxSystem:
             value = self.get_sysctl(key)
             if value is not None:
                 sysctls[key] = value
-        nft = shutil.which("nft") is not None
+        nft = nftables.binary() is not None
         nft_table = False
         if nft and req.mode == "tun" and privileged:
-            nft_table = subprocess.run(["nft", "list", "table", NFT_FAMILY, NFT_TABLE], capture_output=True).returncode == 0
+            nft_table = self._nft(["list", "table", NFT_FAMILY, NFT_TABLE]).returncode == 0
         return Facts(
             privileged=privileged,
             links=links,
@@ -763,19 +763,24 @@ class LinuxSystem:
 
     # -- nftables ----------------------------------------------------------
 
+    @staticmethod
+    def _nft(args: list[str], script: str | None = None) -> subprocess.CompletedProcess[str]:
+        try:
+            return nftables.run(args, script=script)
+        except NftError as e:
+            raise RealServerError(str(e)) from None
+
     def nft_load(self, script: str) -> None:
-        res = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
+        res = self._nft(["-f", "-"], script)
         if res.returncode != 0:
-            first = (res.stderr.strip().splitlines() or ["exit status %d" % res.returncode])[0]
-            raise RealServerError(f"nft could not load table {NFT_FAMILY} {NFT_TABLE}: {first}")
+            raise RealServerError(f"nft could not load table {NFT_FAMILY} {NFT_TABLE}: {nftables.reason(res)}")
 
     def nft_delete(self) -> None:
-        if shutil.which("nft") is None:
+        if nftables.binary() is None:
             return
-        res = subprocess.run(["nft", "delete", "table", NFT_FAMILY, NFT_TABLE], capture_output=True, text=True)
+        res = self._nft(["delete", "table", NFT_FAMILY, NFT_TABLE])
         if res.returncode != 0 and "No such file" not in res.stderr:
-            first = (res.stderr.strip().splitlines() or [""])[0]
-            raise RealServerError(f"nft could not delete table {NFT_FAMILY} {NFT_TABLE}: {first}")
+            raise RealServerError(f"nft could not delete table {NFT_FAMILY} {NFT_TABLE}: {nftables.reason(res)}")
 
     # -- the decapsulator daemon --------------------------------------------
 
