@@ -23,7 +23,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -32,7 +32,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from glb.errors import StateError, StoreError
-from glb.state import MAX_WEIGHT, SERVER_STATES, Override, override_to_json, server_target, site_target
+from glb.state import (
+    MAX_WEIGHT, SERVER_STATES, Override, merge_override, override_to_json, server_target, site_target,
+)
 from director.control.checker import Checker, Target
 from director.control.health import HealthTable, ServerKey, Transition
 from director.control.probes import ProbeResult
@@ -423,41 +425,37 @@ def add_admin_routes(app: web.Application, src: StatusSource, token: str | None,
             raise _Refused(_problem(400, "who and why must be strings"))
         return who or f"api {request.remote or 'unknown'}", why
 
-    async def write(target: str, drain: bool, weight: int | None, who: str, why: str) -> web.Response:
-        if not drain and weight is None:
+    def site_of(body: dict[str, Any]) -> str:
+        return site_target(src.table.site.name)
+
+    def weight_of(body: dict[str, Any]) -> dict[str, Any]:
+        weight = body.get("weight")
+        if weight is not None and (not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT):
+            raise _Refused(_problem(400, f"weight must be an integer 0..{MAX_WEIGHT} or null"))
+        return {"weight": weight}
+
+    async def write(target: str, override: Override | None) -> web.Response:
+        if override is None:
             version = await store.clear_override(target)
             return web.json_response({"target": target, "override": None, "version": version})
-        override = Override(target, drain=drain, weight=weight, who=who, why=why)
         version = await store.set_override(override)
         # Answer with what Redis holds: the store stamps ``when`` with Redis time.
         stored = await store.load_override(target) or override
         return web.json_response({"target": target, "override": override_to_json(stored), "version": version})
 
-    def handler(action: str):
+    def handler(target_of: Callable[[dict[str, Any]], str], change: Callable[[dict[str, Any]], dict[str, Any]]):
         async def handle(request: web.Request) -> web.Response:
             try:
                 authorize(request)
                 body = await body_of(request)
                 who, why = who_of(request, body)
-                if action.startswith("site-"):
-                    target = site_target(src.table.site.name)
-                else:
-                    target = server_of(body)
+                target = target_of(body)
+                changes = change(body)
                 try:
                     held = await store.load_override(target)
                 except StateError:
                     held = None  # a malformed document is replaced by this write
-                drain = held.drain if held else False
-                weight = held.weight if held else None
-                if action == "weight":
-                    weight = body.get("weight")
-                    if weight is not None and (
-                        not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT
-                    ):
-                        return _problem(400, f"weight must be an integer 0..{MAX_WEIGHT} or null")
-                else:
-                    drain = action in ("drain", "site-drain")
-                return await write(target, drain, weight, who, why)
+                return await write(target, merge_override(held, target, **changes, who=who, why=why))
             except _Refused as r:
                 return r.response
             except StateError as e:
@@ -467,11 +465,11 @@ def add_admin_routes(app: web.Application, src: StatusSource, token: str | None,
 
         return handle
 
-    app.router.add_post("/admin/drain", handler("drain"))
-    app.router.add_post("/admin/undrain", handler("undrain"))
-    app.router.add_post("/admin/weight", handler("weight"))
-    app.router.add_post("/admin/site/drain", handler("site-drain"))
-    app.router.add_post("/admin/site/undrain", handler("site-undrain"))
+    app.router.add_post("/admin/drain", handler(server_of, lambda _: {"drain": True}))
+    app.router.add_post("/admin/undrain", handler(server_of, lambda _: {"drain": False}))
+    app.router.add_post("/admin/weight", handler(server_of, weight_of))
+    app.router.add_post("/admin/site/drain", handler(site_of, lambda _: {"drain": True}))
+    app.router.add_post("/admin/site/undrain", handler(site_of, lambda _: {"drain": False}))
 
 
 # --------------------------------------------------------------------------
