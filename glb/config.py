@@ -264,32 +264,35 @@ class HttpsCheck(HttpCheck):
 _RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
 
 
-@dataclass(frozen=True, slots=True)
+# The types with a field that has no sensible default take keyword arguments
+# only, so that field can be required (the shared fields all have defaults).
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DnsCheck(HealthCheck):
     """One UDP query; the reply's rcode must be the expected one."""
 
     type: ClassVar[str] = "dns"
-    query_name: str = "."
+    query_name: str
     query_type: str = "A"
     expect_rcode: str = "NOERROR"
 
     @classmethod
     def _own(cls, ctx: _Context, m: _Map) -> dict[str, Any]:
-        d = cls()
-        rcode = m.get("expect_rcode", _choice("rcode", [r.lower() for r in _RCODES]), d.expect_rcode)
+        rcode = m.get("expect_rcode", _choice("rcode", [r.lower() for r in _RCODES]), "NOERROR")
         return dict(
             query_name=m.get("query_name", _domain, required_msg="required for dns checks"),
-            query_type=m.get("query_type", _query_type, d.query_type),
+            query_type=m.get("query_type", _query_type, "A"),
             expect_rcode=rcode.upper() if isinstance(rcode, str) else rcode,
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UdpCheck(HealthCheck):
     """Send a payload; a reply is required and must hold ``expect`` if set."""
 
     type: ClassVar[str] = "udp"
-    send: str = ""
+    send: str
     expect: str | None = None
 
     @classmethod
@@ -300,12 +303,12 @@ class UdpCheck(HealthCheck):
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ExecCheck(HealthCheck):
     """Run a command; exit status 0 means fit."""
 
     type: ClassVar[str] = "exec"
-    command: tuple[str, ...] = ()
+    command: tuple[str, ...]
     """argv; ``{address}`` and ``{port}`` are replaced."""
 
     @classmethod
@@ -1060,7 +1063,7 @@ def _check_keys(cls: type[HealthCheck]) -> set[str]:
 def _parse_health(ctx: _Context, m: _Map) -> HealthCheck:
     ctype = m.get("type", _choice("check type", CHECK_TYPES), TcpCheck.type)
     cls = CHECKS.get(ctype, TcpCheck)
-    d = cls()
+    d = HealthCheck()
     interval = m.get("interval", _float(0.05, open_lo=False), d.interval)
     timeout = m.get("timeout", _float(0, open_lo=True), min(d.timeout, interval) if isinstance(interval, float) else d.timeout)
     shared = dict(
