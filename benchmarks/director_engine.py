@@ -13,9 +13,9 @@ import ipaddress
 import json
 import sys
 
-from director.engine import Engine, EngineConfig
-from director.forwarder import Plan, ServerPlan, ServicePlan, VipPlan
-from director.health import ServerKey
+from director.dataplane.engine import Engine, EngineConfig
+from director.dataplane.forwarder import Plan, ServerPlan, ServicePlan, VipPlan
+from director.control.health import ServerKey
 from glb.config import ConnectionTableConfig
 
 

@@ -21,8 +21,8 @@ import time
 
 
 def blast(iface: str, dst_mac: str, src: str, vip: str, port: int, seconds: float, flows: int = 1024) -> None:
-    from director.codec import internet_checksum
-    from director.engine import Sender, _address
+    from director.dataplane.codec import internet_checksum
+    from director.dataplane.engine import Sender, _address
 
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
     s.bind((iface, 0))

@@ -31,7 +31,7 @@ from glb.config import Config, LBName
 from glb.state import DeploymentState
 
 from dnsfront import policy, wire
-from dnsfront.policy import ANSWER, SLOT_BITS, Client, Plan, Sticky, Topology, Weighted, weight_slots
+from dnsfront.policy import ANSWER, SLOT_BITS, Client, Plan
 from dnsfront.responder import Query, Responder
 from dnsfront.zone import AAAA, ANY, A, Zones, to_text
 from dnsfront.zone import SERVFAIL as RCODE_SERVFAIL
@@ -231,17 +231,12 @@ class Engine:
         """(slot table, client chooser, ECS chooser) for a plan with several choices."""
         sel = plan.selector
         bits = self.rng.getrandbits
-        if isinstance(sel, (Topology, Sticky)):
-            slots = sel.fallback.slots
-        elif isinstance(sel, Weighted):
-            slots = sel.slots
-        else:
-            slots = weight_slots((1.0,) * len(plan.choices))
+        slots = sel.slot_table(len(plan.choices))
 
         def weighted(_addr: Any = None) -> int:
             return slots[bits(SLOT_BITS)]
 
-        if not isinstance(sel, (Topology, Sticky)):
+        if not sel.client_dependent:
             def weighted_ecs(option: bytes) -> tuple[int, int]:
                 wire.parse_ecs(option)  # validate: a malformed option is FORMERR
                 return weighted(), 0

@@ -16,6 +16,7 @@ Rules (docs/dnsfront.md has the long form):
 * Effective weight = (operator weight override, else configured weight)
   x healthy fraction. Members of weight 0 are standby: used, equally, only
   when no live member has a positive weight (Route 53's semantics).
+* Policies (each a ``Policy`` in ``POLICIES``, the config's list of names):
 * weighted: random in proportion to effective weight.
 * failover: the lowest priority group with a live member; weighted inside it.
 * topology: the live member whose ``networks`` most specifically contain the
@@ -39,9 +40,14 @@ import math
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from glb.config import LBName, Site
 from glb.state import DeploymentState
+
+if TYPE_CHECKING:
+    # Annotations only: glb.config takes its list of policy names from POLICIES
+    # here, so this module must load without it.
+    from glb.config import LBName, Site
 
 OVERDUE_HEARTBEATS = 2
 """Heartbeats a live site may miss before its answers get the degraded TTL."""
@@ -106,10 +112,15 @@ class Selector:
     """Picks a choice index per query. Pure: randomness is passed in."""
 
     client_dependent = False
+    """True when ``decide(client)`` says which choice a client gets (topology, sticky)."""
 
     def select(self, rand: float, client: Client | None) -> tuple[int, int]:
         """(choice index, ECS scope prefix length) for one query."""
         raise NotImplementedError
+
+    def slot_table(self, n: int) -> bytes | array:
+        """The ``weight_slots`` table of this selector's random picks among ``n`` choices."""
+        return weight_slots((1.0,) * n)
 
 
 class Fixed(Selector):
@@ -169,6 +180,9 @@ class Weighted(Selector):
     def select(self, rand: float, client: Client | None) -> tuple[int, int]:
         return self.pick(rand), 0
 
+    def slot_table(self, n: int) -> bytes | array:
+        return self.slots
+
 
 @dataclass(frozen=True, slots=True)
 class _Net:
@@ -197,6 +211,9 @@ class _ByClient(Selector):
     def select(self, rand: float, client: Client | None) -> tuple[int, int]:
         index, scope = self.decide(client)
         return (self.fallback.pick(rand) if index is None else index), scope
+
+    def slot_table(self, n: int) -> bytes | array:
+        return self.fallback.slots
 
     def decide(self, client: Client | None) -> tuple[int | None, int]:
         raise NotImplementedError
@@ -266,6 +283,81 @@ class Sticky(_ByClient):
             if score > best_score:
                 best, best_score = i, score
         return best, prefix
+
+
+# --------------------------------------------------------------------------
+# Policies: what each one decides beyond the shared rules of ``plan``.
+
+
+class Policy:
+    """One answer policy: what it decides beyond the rules every policy shares.
+    The defaults are ``weighted``'s; a policy overrides what it does differently.
+    Stateless: one instance each, in ``POLICIES``."""
+
+    name = ""
+
+    def narrow(self, live: list[MemberView], members: list[MemberView]) -> tuple[list[MemberView], str]:
+        """(the live members the first address is chosen from, the reason's prefix)."""
+        return live, self.name
+
+    def rank(self, m: MemberView) -> tuple:
+        """Sort key of the next-best live members (answers > 1): best first."""
+        return (-m.weight, m.site)
+
+    def selector(self, candidates: list[MemberView], weights: list[float], members: list[MemberView],
+                 sites: Mapping[str, Site], fallback: Weighted) -> Selector:
+        """How a query picks among several choices (one per candidate, same order)."""
+        return fallback
+
+
+class WeightedPolicy(Policy):
+    """Random in proportion to effective weight."""
+
+    name = "weighted"
+
+
+class FailoverPolicy(Policy):
+    """The lowest priority group with a live member; weighted inside it."""
+
+    name = "failover"
+
+    def narrow(self, live: list[MemberView], members: list[MemberView]) -> tuple[list[MemberView], str]:
+        best = min(m.priority for m in live)
+        reason = f"failover to priority {best}" if best != min(m.priority for m in members) else self.name
+        return [m for m in live if m.priority == best], reason
+
+    def rank(self, m: MemberView) -> tuple:
+        return (m.priority, -m.weight, m.site)
+
+
+class TopologyPolicy(Policy):
+    """The live member whose networks most specifically hold the client."""
+
+    name = "topology"
+
+    def selector(self, candidates, weights, members, sites, fallback) -> Selector:
+        index_of = {m.site: i for i, m in enumerate(candidates)}
+        nets = [
+            _Net(net.version, int(net.network_address), net.prefixlen, m.site)
+            for m in members
+            for net in (sites[m.site].networks if m.site in sites else ())
+        ]
+        return Topology(nets, index_of, fallback)
+
+
+class StickyPolicy(Policy):
+    """Weighted rendezvous hashing of the client's subnet."""
+
+    name = "sticky"
+
+    def selector(self, candidates, weights, members, sites, fallback) -> Selector:
+        return Sticky([m.site for m in candidates], weights, fallback)
+
+
+POLICIES: dict[str, Policy] = {p.name: p for p in (WeightedPolicy(), FailoverPolicy(), TopologyPolicy(), StickyPolicy())}
+"""Answer policies by name; ``glb.config`` accepts exactly these names. A new
+policy is one ``Policy`` subclass (and, if it needs one, a ``Selector``) plus
+an entry here."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,14 +472,9 @@ def plan(
     if not live:
         return _all_down(lb, family, members, views)
 
-    # Candidates for the first address: failover narrows to the best group.
-    candidates = live
-    prefix_reason = lb.policy
-    if lb.policy == "failover":
-        best = min(m.priority for m in live)
-        candidates = [m for m in live if m.priority == best]
-        if best != min(m.priority for m in members):
-            prefix_reason = f"failover to priority {best}"
+    pol = POLICIES[lb.policy]
+    # Candidates for the first address (failover narrows to the best group).
+    candidates, prefix_reason = pol.narrow(live, members)
     positive = [m for m in candidates if m.weight > 0]
     standby = not positive
     if standby:
@@ -401,7 +488,7 @@ def plan(
     # Fallback order for answers > 1: the rest of the live members, best first.
     def order_after(first: MemberView) -> list[MemberView]:
         rest = [m for m in live if m is not first]
-        rest.sort(key=lambda m: (m.priority if lb.policy == "failover" else 0, -m.weight, m.site))
+        rest.sort(key=pol.rank)
         return [first, *rest]
 
     choices = []
@@ -425,18 +512,8 @@ def plan(
         # policy: ECS SCOPE 0 (RFC 7871 7.2.1) lets a resolver cache it for
         # everyone, and it is what the fast path answers for such an entry.
         selector = Fixed()
-    elif lb.policy == "topology":
-        index_of = {m.site: i for i, m in enumerate(candidates)}
-        nets = [
-            _Net(net.version, int(net.network_address), net.prefixlen, m.site)
-            for m in members
-            for net in (sites[m.site].networks if m.site in sites else ())
-        ]
-        selector = Topology(nets, index_of, fallback)
-    elif lb.policy == "sticky":
-        selector = Sticky([m.site for m in candidates], weights, fallback)
     else:
-        selector = fallback
+        selector = pol.selector(candidates, weights, members, sites, fallback)
 
     down = [f"{m.site} {m.status}" for m in members if not m.live or m.healthy_fraction < 1 or m.overdue]
     shares = ", ".join(f"{m.site} {w / total:.0%}" for m, w in zip(candidates, weights))

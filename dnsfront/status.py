@@ -21,6 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from glb.config import ListenAddress
 from glb.errors import DNSFrontError
+from glb.http import Served, serve
 
 Reports = Callable[[], list[dict[str, Any]]]
 
@@ -182,23 +183,14 @@ class StatusServer:
     def __init__(self, listen: ListenAddress, reports: Reports, expected_workers: int = 1):
         self.listen = listen
         self.app = build_app(reports, expected_workers=expected_workers)
-        self._runner: web.AppRunner | None = None
+        self._served: Served | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.listen.host, self.listen.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as e:
-            await self._runner.cleanup()
-            raise DNSFrontError(f"cannot listen on {self.listen} for the status server: {e.strerror or e}") from None
-        server = site._server  # noqa: SLF001 - the only way to learn an ephemeral port
-        if server is not None and server.sockets:
-            self.port = server.sockets[0].getsockname()[1]
+        self._served = await serve(self.app, self.listen, what="the status server", error=DNSFrontError)
+        self.port = self._served.port
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._served is not None:
+            await self._served.close()
+            self._served = None

@@ -159,16 +159,16 @@ def _cmd_dnsfront(args: argparse.Namespace) -> int:
 
 def _cmd_director(args: argparse.Namespace) -> int:
     if args.action == "list":
-        from director.listing import list_site
+        from director.control.listing import list_site
 
         return list_site(args.config, args.site)
-    from director.main import run
+    from director.control.main import run
 
     return run(args.config, args.site, log_level=args.log_level)
 
 
 def _cmd_realserver(args: argparse.Namespace) -> int:
-    from director import realserver
+    from director.realserver import cli as realserver
 
     if args.rs_command == "setup":
         return realserver.setup(args.vip, args.mode, state_file=args.state_file, mss=args.mss,

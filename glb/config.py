@@ -13,22 +13,23 @@ import ipaddress
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from collections.abc import Hashable
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import dnslib
 import yaml
 
+from director.dataplane.scheduler import SCHEDULERS as _SCHEDULER_REGISTRY
+from dnsfront.policy import POLICIES as _POLICY_REGISTRY
 from glb.errors import ConfigError
 from glb.hashing import is_prime
 
-SCHEDULERS = ("rr", "wrr", "lc", "wlc", "sed", "nq", "dh", "sh", "lblc", "lblcr", "mh")
+SCHEDULERS = tuple(_SCHEDULER_REGISTRY)
 FORWARDING = ("dr", "tun")
-POLICIES = ("weighted", "failover", "topology", "sticky")
+POLICIES = tuple(_POLICY_REGISTRY)
 ALL_DOWN = ("fail-open", "fallback", "servfail")
-CHECK_TYPES = ("tcp", "http", "https", "dns", "udp", "exec")
 SERVER_DOWN_ACTIONS = ("keep", "reschedule")
 STATIC_TYPES = ("A", "AAAA", "CNAME", "MX", "TXT", "SRV", "CAA", "PTR")
 MAX_TTL = 2**31 - 1
@@ -192,9 +193,14 @@ class VIP:
 
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
-    """How a director decides a real server is fit (gdnsd/keepalived-style rise/fall)."""
+    """How a director decides a real server is fit (gdnsd/keepalived-style rise/fall).
 
-    type: str = "tcp"
+    The fields every check type shares. Each type is a subclass below with its
+    own fields and its own reader (``_own``), found by name in ``CHECKS``; the
+    director's probe for it is found by the same name (``director.control.probes.PROBES``).
+    """
+
+    type: ClassVar[str] = ""
     port: int | None = None
     """Port probed; None = the real server's port."""
     interval: float = 1.0
@@ -207,18 +213,116 @@ class HealthCheck:
     """State before the first verdict: 'down' (prove it first) or 'up'."""
     start_jitter: float = 1.0
     """Probes start at a random offset in [0, start_jitter) s so they do not fire in lockstep."""
+
+    @classmethod
+    def _own(cls, ctx: _Context, m: _Map) -> dict[str, Any]:
+        """This type's own fields read from ``m`` (problems recorded in ``ctx``)."""
+        return {}
+
+
+@dataclass(frozen=True, slots=True)
+class TcpCheck(HealthCheck):
+    """A TCP connect [keepalived TCP_CHECK]."""
+
+    type: ClassVar[str] = "tcp"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpCheck(HealthCheck):
+    """One HTTP request; the status must be expected and the body may have to hold a string."""
+
+    type: ClassVar[str] = "http"
     method: str = "GET"
     path: str = "/"
     host: str | None = None
+    """Host header (and the TLS SNI name for https)."""
     expect_status: tuple[int, ...] = (200,)
     expect_body: str | None = None
     tls_verify: bool = True
-    query_name: str | None = None
+    """Verify the real server's certificate (https; accepted for http so one block serves both)."""
+
+    @classmethod
+    def _own(cls, ctx: _Context, m: _Map) -> dict[str, Any]:
+        d = cls()
+        return dict(
+            method=m.get("method", lambda v: _str(v).upper(), d.method),
+            path=m.get("path", _http_path, d.path),
+            host=m.get("host", _str, d.host),
+            expect_status=_list(ctx, m, "expect_status", _int(100, 599)) or d.expect_status,
+            expect_body=m.get("expect_body", _str, d.expect_body),
+            tls_verify=m.get("tls_verify", _bool, d.tls_verify),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HttpsCheck(HttpCheck):
+    """HTTP over TLS."""
+
+    type: ClassVar[str] = "https"
+
+
+_RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
+
+
+# The types with a field that has no sensible default take keyword arguments
+# only, so that field can be required (the shared fields all have defaults).
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DnsCheck(HealthCheck):
+    """One UDP query; the reply's rcode must be the expected one."""
+
+    type: ClassVar[str] = "dns"
+    query_name: str
     query_type: str = "A"
     expect_rcode: str = "NOERROR"
-    send: str | None = None
+
+    @classmethod
+    def _own(cls, ctx: _Context, m: _Map) -> dict[str, Any]:
+        rcode = m.get("expect_rcode", _choice("rcode", [r.lower() for r in _RCODES]), "NOERROR")
+        return dict(
+            query_name=m.get("query_name", _domain, required_msg="required for dns checks"),
+            query_type=m.get("query_type", _query_type, "A"),
+            expect_rcode=rcode.upper() if isinstance(rcode, str) else rcode,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UdpCheck(HealthCheck):
+    """Send a payload; a reply is required and must hold ``expect`` if set."""
+
+    type: ClassVar[str] = "udp"
+    send: str
     expect: str | None = None
-    command: tuple[str, ...] = ()
+
+    @classmethod
+    def _own(cls, ctx: _Context, m: _Map) -> dict[str, Any]:
+        return dict(
+            send=m.get("send", _str, required_msg="required for udp checks"),
+            expect=m.get("expect", _str, None),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecCheck(HealthCheck):
+    """Run a command; exit status 0 means fit."""
+
+    type: ClassVar[str] = "exec"
+    command: tuple[str, ...]
+    """argv; ``{address}`` and ``{port}`` are replaced."""
+
+    @classmethod
+    def _own(cls, ctx: _Context, m: _Map) -> dict[str, Any]:
+        command = _list(ctx, m, "command", _str)
+        if not command:
+            ctx.error(m.at("command"), "required for exec checks")
+        return dict(command=command)
+
+
+CHECKS: dict[str, type[HealthCheck]] = {c.type: c for c in (TcpCheck, HttpCheck, HttpsCheck, DnsCheck, UdpCheck, ExecCheck)}
+"""Health-check types by name. A new type is a subclass above plus an entry
+here and in ``director.control.probes.PROBES`` (a test holds the two to the same names)."""
+CHECK_TYPES = tuple(CHECKS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +356,7 @@ class Service:
     quorum: float = 0.0
     """Minimum healthy capacity fraction below which the service counts as down."""
     sorry_server: IPAddress | None = None
-    health_check: HealthCheck = HealthCheck()
+    health_check: HealthCheck = TcpCheck()
 
 
 @dataclass(frozen=True, slots=True)
@@ -951,25 +1055,18 @@ def _parse_lbname(ctx: _Context, raw_name: str, m: _Map) -> LBName:
     return lb
 
 
-_CHECK_KEYS = {
-    "http": {"method", "path", "host", "expect_status", "expect_body", "tls_verify"},
-    "https": {"method", "path", "host", "expect_status", "expect_body", "tls_verify"},
-    "dns": {"query_name", "query_type", "expect_rcode"},
-    "udp": {"send", "expect"},
-    "exec": {"command"},
-    "tcp": set(),
-}
-_ALL_CHECK_SPECIFIC = set().union(*_CHECK_KEYS.values())
-_RCODES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
+def _check_keys(cls: type[HealthCheck]) -> set[str]:
+    """The YAML keys of a check type beyond the shared ones."""
+    return {f.name for f in fields(cls)} - {f.name for f in fields(HealthCheck)}
 
 
 def _parse_health(ctx: _Context, m: _Map) -> HealthCheck:
+    ctype = m.get("type", _choice("check type", CHECK_TYPES), TcpCheck.type)
+    cls = CHECKS.get(ctype, TcpCheck)
     d = HealthCheck()
-    ctype = m.get("type", _choice("check type", CHECK_TYPES), d.type)
     interval = m.get("interval", _float(0.05, open_lo=False), d.interval)
     timeout = m.get("timeout", _float(0, open_lo=True), min(d.timeout, interval) if isinstance(interval, float) else d.timeout)
-    hc = HealthCheck(
-        type=ctype,
+    shared = dict(
         port=m.get("port", _port, None),
         interval=interval,
         timeout=timeout,
@@ -977,35 +1074,19 @@ def _parse_health(ctx: _Context, m: _Map) -> HealthCheck:
         fall=m.get("fall", _int(1, 1000), d.fall),
         initial=m.get("initial", _choice("initial state", ("down", "up")), d.initial),
         start_jitter=m.get("start_jitter", _float(0), min(d.start_jitter, interval) if isinstance(interval, float) else d.start_jitter),
-        method=m.get("method", lambda v: _str(v).upper(), d.method),
-        path=m.get("path", _http_path, d.path),
-        host=m.get("host", _str, d.host),
-        expect_status=_list(ctx, m, "expect_status", _int(100, 599)) or d.expect_status,
-        expect_body=m.get("expect_body", _str, d.expect_body),
-        tls_verify=m.get("tls_verify", _bool, d.tls_verify),
-        query_name=m.get("query_name", _domain, d.query_name),
-        query_type=m.get("query_type", _query_type, d.query_type),
-        expect_rcode=m.get("expect_rcode", _choice("rcode", [r.lower() for r in _RCODES]), d.expect_rcode),
-        send=m.get("send", _str, d.send),
-        expect=m.get("expect", _str, d.expect),
-        command=_list(ctx, m, "command", _str),
     )
-    if isinstance(hc.expect_rcode, str):
-        object.__setattr__(hc, "expect_rcode", hc.expect_rcode.upper())
-    if ctype is not INVALID:
-        for key in sorted(_ALL_CHECK_SPECIFIC - _CHECK_KEYS[ctype]):
-            if key in m.data:
-                owners = "/".join(t for t, keys in _CHECK_KEYS.items() if key in keys)
-                ctx.error(m.at(key), f"only applies to {owners} checks, this one is {ctype}")
-        if ctype == "dns" and hc.query_name is None:
-            ctx.error(m.at("query_name"), "required for dns checks")
-        if ctype == "udp" and hc.send is None:
-            ctx.error(m.at("send"), "required for udp checks")
-        if ctype == "exec" and not hc.command:
-            ctx.error(m.at("command"), "required for exec checks")
+    hc = cls(**shared, **cls._own(ctx, m))
     if isinstance(interval, float) and isinstance(timeout, float) and timeout > interval:
         ctx.error(m.at("timeout"), f"must not exceed interval ({interval:g}), got {timeout:g}")
-    m.finish()
+    # A key of another type is a mistake worth naming (a dns key on an http
+    # check), not just an unknown key; with an invalid type nothing more is said.
+    elsewhere = {}
+    for key in set().union(*(_check_keys(c) for c in CHECKS.values())) - _check_keys(cls):
+        owners = "/".join(t for t, c in CHECKS.items() if key in _check_keys(c))
+        elsewhere[key] = f"only applies to {owners} checks, this one is {ctype}"
+        if ctype is INVALID:
+            m.used.add(key)
+    m.finish(elsewhere)
     return hc
 
 

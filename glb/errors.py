@@ -45,6 +45,23 @@ class DirectorError(GLBError):
     """The director could not start or run its packet path."""
 
 
+class EngineError(DirectorError):
+    """The packet engine's workers could not start or take a plan."""
+
+
+class GuardError(DirectorError):
+    """The nftables table that keeps the kernel off VIP traffic could not be changed."""
+
+
+class NftError(GLBError):
+    """nft could not be run, overran its timeout, or refused a command (glb.nft)."""
+
+
+class SchedulerError(DirectorError):
+    """A scheduler, destination or persistence table was asked for something impossible
+    (an unknown name, a Maglev table size that is not prime, a bad address or netmask)."""
+
+
 class RealServerError(GLBError):
     """Preparing or restoring a real server failed (privileges, netlink)."""
 

@@ -409,6 +409,27 @@ class Override:
         return parse_target(self.target)
 
 
+KEEP: Any = ...
+"""``merge_override``'s "leave this as it is held" (None already means "no weight override")."""
+
+
+def merge_override(held: Override | None, target: str, *, drain: bool | None = None, weight: int | None = KEEP,
+                   who: str, why: str) -> Override | None:
+    """The override to store after an operator changes ``drain`` or ``weight`` of ``target``.
+
+    A target's drain and weight live in one document: what the request does
+    not change is kept from ``held`` (the override in Redis now, or None).
+    None when neither is left: the caller clears the override instead of
+    storing one that changes nothing. ``who``/``why`` become the new ones;
+    ``when`` is left for the store to stamp.
+    """
+    new_drain = (held.drain if held else False) if drain is None else drain
+    new_weight = (held.weight if held else None) if weight is KEEP else weight
+    if not new_drain and new_weight is None:
+        return None
+    return Override(target, drain=new_drain, weight=new_weight, who=who, why=why)
+
+
 # --------------------------------------------------------------------------
 # JSON encoding
 

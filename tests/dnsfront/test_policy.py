@@ -21,6 +21,13 @@ def lb(config):
     return lambda name: config.lbname(name)
 
 
+def test_config_accepts_exactly_the_registered_policies():
+    from glb.config import POLICIES as CONFIG_NAMES
+
+    assert CONFIG_NAMES == tuple(policy.POLICIES)
+    assert all(p.name == name for name, p in policy.POLICIES.items())
+
+
 def shares(plan, n=20000, seed=1, client=None):
     rng = random.Random(seed)
     c = Counter()

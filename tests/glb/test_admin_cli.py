@@ -17,7 +17,7 @@ from glb.admin import DirectorClient, default_who, parse_server, resolve_port
 from glb.config import VIP, RealServer, Service
 from glb.errors import AdminError
 from glb.state import server_target, site_target
-from tests.director.test_listing import (  # noqa: F401  (fixtures)
+from tests.director.control.test_listing import (  # noqa: F401  (fixtures)
     director_lab,
     free_port,
     glb,

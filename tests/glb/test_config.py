@@ -62,7 +62,7 @@ def test_example_loads_with_every_section():
     assert [str(v) for v in dc1.service("web").vips] == ["192.0.2.10:80/tcp", "[2001:db8:10::10]:80/tcp"]
     assert dc1.vip_addresses("web") == (ipaddress.ip_address("192.0.2.10"), ipaddress.ip_address("2001:db8:10::10"))
     assert dc1.service("web").persistence == config.Persistence(300.0, 24, 128)
-    assert dc1.service("dns").health_check.expect_rcode == "NOERROR"
+    assert dc1.service("dns").health_check == config.DnsCheck(query_name="example.net.", expect_rcode="NOERROR")
     assert dc1.director.packet == config.PacketPathConfig(workers=1, busy_poll=False, ring_frames=1024)
     dc2 = cfg.site("dc2")
     assert dc2.service("web").forwarding == "tun" and dc2.director.address == ipaddress.ip_address("192.0.2.130")
@@ -164,6 +164,19 @@ BROKEN = [
         ["sites.dc1.services[1].health_check.query_name: required for dns checks"],
     ),
     (
+        _set("sites/dc1/services/1/health_check", {"type": "udp", "expect": "PONG"}),
+        ["sites.dc1.services[1].health_check.send: required for udp checks"],
+    ),
+    (
+        _set("sites/dc1/services/1/health_check", {"type": "exec"}),
+        ["sites.dc1.services[1].health_check.command: required for exec checks"],
+    ),
+    (
+        _set("sites/dc1/services/1/health_check", {"type": "tcp", "send": "x", "path": "/"}),
+        ["sites.dc1.services[1].health_check.send: only applies to udp checks, this one is tcp",
+         "sites.dc1.services[1].health_check.path: only applies to http/https checks, this one is tcp"],
+    ),
+    (
         _set("sites/dc1/services/1/health_check/query_type", "AAA"),
         ["sites.dc1.services[1].health_check.query_type: unknown DNS query type 'AAA' "
          "(a type name such as A, AAAA, MX or SOA, or TYPEnnn)"],
@@ -176,9 +189,10 @@ BROKEN = [
     (
         _set("sites/dc1/services/0/health_check/intervall", 2),
         [
-            "sites.dc1.services[0].health_check.intervall: unknown key (expected one of command, expect, "
-            "expect_body, expect_rcode, expect_status, fall, host, initial, interval, method, path, port, "
-            "query_name, query_type, rise, send, start_jitter, timeout, tls_verify, type)"
+            # Only the keys an http check has are offered.
+            "sites.dc1.services[0].health_check.intervall: unknown key (expected one of "
+            "expect_body, expect_status, fall, host, initial, interval, method, path, port, "
+            "rise, start_jitter, timeout, tls_verify, type)"
         ],
     ),
     (

@@ -24,6 +24,7 @@ from glb.state import (
     decode_snapshot,
     encode_override,
     encode_snapshot,
+    merge_override,
     format_vip,
     parse_change,
     parse_target,
@@ -84,6 +85,51 @@ def test_unstamped_encoding_leaves_out_version() -> None:
 def test_override_round_trip() -> None:
     o = Override(server_target("ams", "web", "10.0.0.1", 80), weight=0, who="alice", when=5.5, why="disk")
     assert decode_override(encode_override(o)) == o
+
+
+SERVER = server_target("ams", "web", "10.0.0.1", 80)
+
+
+def test_merge_drain_keeps_the_held_weight_and_takes_the_new_who() -> None:
+    held = Override(SERVER, weight=5, who="alice", when=5.5, why="disk")
+    assert merge_override(held, SERVER, drain=True, who="bob", why="reboot") == Override(
+        SERVER, drain=True, weight=5, who="bob", why="reboot"
+    )
+
+
+def test_merge_weight_keeps_the_held_drain() -> None:
+    held = Override(SERVER, drain=True, who="alice")
+    assert merge_override(held, SERVER, weight=0, who="bob", why="") == Override(SERVER, drain=True, weight=0, who="bob")
+
+
+def test_merge_with_nothing_held_sets_only_what_was_asked() -> None:
+    assert merge_override(None, SERVER, drain=True, who="bob", why="") == Override(SERVER, drain=True, who="bob")
+    assert merge_override(None, SERVER, weight=7, who="bob", why="") == Override(SERVER, weight=7, who="bob")
+
+
+@pytest.mark.parametrize(
+    "held, change",
+    [
+        (None, {"drain": False}),  # undrain what was never drained
+        (None, {"weight": None}),  # remove a weight that was never set
+        (Override(SERVER, drain=True), {"drain": False}),  # undrain, no weight held
+        (Override(SERVER, weight=3), {"weight": None}),  # remove the weight, not drained
+    ],
+)
+def test_merge_that_leaves_nothing_means_clear(held, change) -> None:
+    assert merge_override(held, SERVER, **change, who="bob", why="") is None
+
+
+def test_merge_undrain_keeps_a_weight_and_removing_the_weight_keeps_a_drain() -> None:
+    both = Override(SERVER, drain=True, weight=3, who="alice")
+    assert merge_override(both, SERVER, drain=False, who="bob", why="") == Override(SERVER, weight=3, who="bob")
+    assert merge_override(both, SERVER, weight=None, who="bob", why="") == Override(SERVER, drain=True, who="bob")
+
+
+def test_merge_site_drain_keeps_a_site_weight() -> None:
+    site = site_target("ams")
+    held = Override(site, weight=2, who="alice")
+    assert merge_override(held, site, drain=True, who="bob", why="") == Override(site, drain=True, weight=2, who="bob")
 
 
 def test_unknown_fields_are_ignored() -> None:

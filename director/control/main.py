@@ -1,0 +1,478 @@
+"""The director process: health checker + publisher + status server for one site.
+
+``run(config_path, site, log_level)`` is what ``glb director --config FILE
+--site NAME`` calls. It wires the pieces together and handles signals:
+
+* SIGTERM / SIGINT: stop probing, publish the site as withdrawn (so DNS moves
+  clients away at once), close everything, return 0.
+* SIGHUP: re-read the config. Real servers added, removed or reweighted take
+  effect; servers that stay keep their health state, counters, overrides and
+  probe cadence, so a reload never flaps the pool (keepalived #1228, #187). A
+  config that does not load is logged and the running one kept.
+
+Data flow: ``Checker`` -> probe results -> ``HealthTable`` (pure) ->
+transitions -> log + metrics + ``Publisher.poke()``; the publisher builds
+snapshots with ``director.control.site.build_snapshot``. Operator overrides (drain,
+weight) are followed from Redis with ``glb.store.StateFollower`` and applied
+to the table, so they survive director restarts.
+
+The packet path (director/dataplane/engine.py, in worker processes) follows the
+health table: every decision (a transition, an override, a reload, a real
+server's MAC learnt or lost) rebuilds a ``forwarder.Plan`` and hands the
+whole plan to the engine, which swaps it in between two batches. The engine
+reports its counters back twice a second; ``Director.counters`` /
+``Director.vip_counters`` / ``Director.packet_stats`` serve them to the
+snapshot, /status and /metrics. A director on ``lo`` runs the control plane
+only: loopback carries no client traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ipaddress
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping
+
+from glb import config as glbconfig
+from glb.aio import cancel_and_wait
+from glb.http import Served, serve
+from glb.config import Config, Site
+from glb.errors import DirectorError, EngineError, GLBError, GuardError
+from glb.state import DeploymentState, SiteSnapshot
+from glb.store import RedisStore, StateFollower
+from director.control.checker import Checker, Target, targets
+from director.dataplane.forwarder import Plan, build_plan
+from director.control.health import ADMIN_DRAIN, ADMIN_NONE, HealthTable, ServerKey, Transition
+from director.control.probes import Probe, ProbeResult, Prober
+from director.control.publisher import Publisher
+from director.control.site import ServerCounters, VipCounters, build_snapshot
+from director.control.status import DirectorMetrics, make_app
+
+log = logging.getLogger("glb.director")
+
+
+def find_site(config: Config, name: str) -> Site:
+    site = config.site(name)
+    if site is None:
+        known = ", ".join(s.name for s in config.sites) or "none"
+        raise DirectorError(f"{config.source}: no site {name!r} (sites: {known})")
+    return site
+
+
+class Director:
+    """One site's control plane. ``start()``, then ``reload()`` as needed, then ``stop()``."""
+
+    def __init__(
+        self,
+        config: Config,
+        site_name: str,
+        *,
+        config_path: str | None = None,
+        probe: Probe | None = None,
+        clock: Callable[[], float] = time.time,
+        packet_path: bool | None = None,
+    ):
+        self.config = config
+        self.site_name = site_name
+        self.config_path = config_path or config.source
+        site = find_site(config, site_name)
+        self._clock = clock
+        self.director_id = site.director.id or socket.gethostname()
+        self.started_at = clock()
+        self.table = HealthTable(site, self.started_at)
+        self._prober = Prober() if probe is None else None
+        self.checker = Checker(probe or self._prober, self._on_result, site.director.max_probes)
+        self.store = RedisStore(config.redis)
+        self.publisher = Publisher(self.store, self._build, site.director.heartbeat)
+        self.follower = StateFollower(config.redis, self._on_state)
+        self.metrics = DirectorMetrics(self)
+        self.status_port: int | None = None
+        self._served: Served | None = None
+        self._overrides = DeploymentState()
+        self._reload_lock = asyncio.Lock()
+        self._started = False
+        # The packet path (None = control plane only).
+        self._packet_path = packet_path
+        self.engine = None
+        self._guard = None
+        self._groups = None
+        self._neighbours = None
+        self._netlink: concurrent.futures.ThreadPoolExecutor | None = None
+        self._macs: dict[bytes, bytes | None] = {}
+        self._resolving: asyncio.Task | None = None
+        self._resolved_at = 0.0
+        self._mtu = 1500
+        self._plan: Plan | None = None
+        self._plan_pending = False
+        self._housekeeping: asyncio.Task | None = None
+        self._counters: dict[ServerKey, ServerCounters] = {}
+        self._vip_counters: dict[str, VipCounters] = {}
+        self._rates_at: tuple[float, dict] | None = None
+
+    # -- what the packet path reports
+
+    def counters(self) -> Mapping[ServerKey, ServerCounters]:
+        return self._counters
+
+    def vip_counters(self) -> Mapping[str, VipCounters]:
+        return self._vip_counters
+
+    def packet_stats(self):
+        """The engine's merged EngineStats, or None without a packet path."""
+        return self.engine.stats() if self.engine is not None else None
+
+    def packet_loop(self) -> str | None:
+        """'c' or 'python': what forwards established DR flows; None without a packet path."""
+        if self.engine is None:
+            return None
+        from director.dataplane.engine import LOOP
+        return LOOP
+
+    def packet_workers(self) -> list:
+        """(pid, EngineStats) of each packet worker; empty without a packet path."""
+        return self.engine.worker_stats() if self.engine is not None else []
+
+    def packet_plan(self) -> tuple[int, int, dict[str, bytes | None]]:
+        """(plan generation sent, generation every worker applied, address -> next-hop MAC)."""
+        if self.engine is None:
+            return 0, 0, {}
+        hops = {str(ipaddress.ip_address(a)): m for a, m in self._macs.items()}
+        return self.engine.generation, self.engine.applied, hops
+
+    def site_drained(self) -> bool:
+        return self._overrides.is_drained(self.site_name)
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        site = self.table.site
+        # Bind first: a port clash is the one startup error worth failing on;
+        # Redis being down is not (we keep serving and publish when it returns).
+        app = make_app(self, self.metrics, admin_token=self.config.admin.token, store=self.store)
+        self._served = await serve(app, site.director.status_listen, what="/status", error=DirectorError)
+        self.status_port = self._served.port
+        # Then the packet path: a missing interface or privilege is a startup error too.
+        await self._start_packet_path()
+        self._started = True
+        self.publisher.start()
+        self.checker.update(targets(site))
+        await self.follower.start()
+        log.info(
+            "director %s for site %s: %d services, %d real servers, status on %s:%d",
+            self.director_id, site.name, len(site.services), len(self.table),
+            site.director.status_listen.host, self.status_port,
+        )
+
+    async def stop(self) -> None:
+        """Stop probing, withdraw the site, close everything.
+
+        A director that never started does not withdraw: its start most
+        likely failed because another director for the site is running.
+        """
+        await self.checker.stop()
+        await self.follower.stop()
+        await self._stop_packet_path()
+        await self.publisher.stop(withdraw=self._started)
+        self._started = False
+        if self._served is not None:
+            await self._served.close()
+            self._served = None
+        if self._prober is not None:
+            await self._prober.close()
+        await self.store.close()
+
+    async def reload(self) -> bool:
+        """Re-read the config file (SIGHUP); keep running on any error."""
+        async with self._reload_lock:
+            try:
+                config = glbconfig.load(self.config_path)
+                site = find_site(config, self.site_name)
+            except GLBError as e:  # ConfigError included: its problems, one line
+                log.error("reload failed, keeping the running config: %s", "; ".join(str(e).splitlines()))
+                return False
+            old = self.table.site.director
+            new = site.director
+            for field in ("status_listen", "max_probes", "interface", "address", "address6",
+                          "connection_table", "packet"):
+                if getattr(old, field) != getattr(new, field):
+                    log.warning("reload: director.%s changed; it takes effect on restart", field)
+            if config.redis != self.config.redis:
+                log.warning("reload: redis settings changed; they take effect on restart")
+            self.config = config
+            self.publisher.heartbeat = new.heartbeat
+            self.director_id = new.id or socket.gethostname()
+            now = self._clock()
+            self._changed(self.table.reconfigure(site, now))
+            self._apply_overrides(now)  # servers added by the reload may have overrides
+            self.checker.update(targets(site))
+            self.publisher.poke()  # weights may have changed without any state change
+            self._plan_dirty()
+            log.info("reloaded %s: %d real servers", self.config_path, len(self.table))
+            return True
+
+    # -- callbacks
+
+    def _build(self, withdrawn: bool) -> SiteSnapshot:
+        return build_snapshot(self.table, self.director_id, self._clock(), self.counters(), withdrawn=withdrawn)
+
+    def _on_result(self, target: Target, result: ProbeResult) -> None:
+        self.metrics.observe_check(target, result)
+        transitions = self.table.record(target.key, result.ok, result.detail, self._clock(), result.latency)
+        self._changed(transitions)
+        if transitions:  # only a state change can change what the packet path does
+            self._plan_dirty()
+
+    def _on_state(self, state: DeploymentState) -> None:
+        # The follower reports every change in Redis, including each of our
+        # own publications: react to overrides only, or every publish would
+        # trigger the next one.
+        previous, self._overrides = self._overrides, state
+        if state.overrides == previous.overrides:
+            return
+        if self._apply_overrides(self._clock()):
+            self.publisher.poke()
+            self._plan_dirty()
+
+    def _apply_overrides(self, now: float) -> bool:
+        """Bring every server's admin mode and weight override in line with
+        Redis; True if anything changed (a weight alone changes the snapshot)."""
+        changed = False
+        for key in self.table.keys():
+            ov = self._overrides.server_override(self.site_name, key.service, key.address, key.port)
+            admin = ADMIN_DRAIN if ov is not None and ov.drain else ADMIN_NONE
+            weight = ov.weight if ov is not None else None
+            current = self.table.server(key)
+            if (current.admin, current.weight_override) != (admin, weight):
+                changed = True
+                who = f"override by {ov.who or 'unknown'}: {ov.why}" if ov is not None else "override cleared"
+                self._changed(self.table.set_override(key, admin, weight, now, reason=who))
+        return changed
+
+    def _changed(self, transitions: list[Transition]) -> None:
+        if not transitions:
+            return
+        for t in transitions:
+            self.metrics.observe_transition(t)
+            level = logging.WARNING if t.new in ("down", "removed") else logging.INFO
+            log.log(level, "%s", t)
+        self.publisher.poke()
+
+
+    # -- the packet path
+
+    def _wants_packet_path(self) -> bool:
+        if self._packet_path is not None:
+            return self._packet_path
+        return self.table.site.director.interface != "lo"
+
+    async def _start_packet_path(self) -> None:
+        from director.dataplane.engine import LOOP, Engine, EngineConfig
+        from director.dataplane.neighbours import Neighbours
+        from director.dataplane.ownership import KernelGuard, SolicitedNodeGroups, vips_on_kernel
+
+        site = self.table.site
+        iface = site.director.interface
+        if not self._wants_packet_path():
+            log.info("interface %s: packet path off (control plane only)", iface)
+            return
+        # pyroute2's synchronous API runs its own event loop: keep it on one thread of its own.
+        self._netlink = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glb-netlink")
+        loop = asyncio.get_running_loop()
+        try:
+            self._neighbours = await loop.run_in_executor(self._netlink, Neighbours, iface)
+        except LookupError:
+            raise DirectorError(f"director.interface {iface!r}: no such interface") from None
+        self._mtu = await loop.run_in_executor(self._netlink, self._neighbours.mtu)
+        plan = self._build_plan(await loop.run_in_executor(self._netlink, self._neighbours.mac))
+        on_kernel = await loop.run_in_executor(self._netlink, vips_on_kernel, plan.vips)
+        if on_kernel:
+            raise DirectorError(f"VIPs must not be configured on the director's interfaces "
+                                f"(the kernel would answer for them): {', '.join(on_kernel)}")
+        self._guard = KernelGuard(iface)
+        try:
+            self._guard.install(plan.vips)
+        except GuardError as e:
+            raise DirectorError(f"cannot keep the kernel off VIP traffic: {e}") from None
+        self._groups = SolicitedNodeGroups(iface)
+        self._groups.update(plan.vips)
+        self._macs = await loop.run_in_executor(self._netlink, self._resolve)
+        plan = self._build_plan(plan.mac)
+        pp = site.director.packet
+        engine = Engine(EngineConfig(iface, frames=pp.ring_frames, workers=pp.workers, busy_poll=pp.busy_poll,
+                                     conntable=site.director.connection_table))
+        try:
+            await loop.run_in_executor(None, engine.start, plan)
+        except EngineError as e:
+            raise DirectorError(f"packet engine on {iface}: {e}") from None
+        self.engine, self._plan = engine, plan
+        self._housekeeping = asyncio.create_task(self._packet_housekeeping())
+        log.info("packet path on %s (MAC %s, pids %s): %d VIPs", iface, plan.mac.hex(":"),
+                 engine.pids, len(plan.vips))
+        if LOOP != "c":
+            log.warning("director.dataplane._fastpath is not built (no compiler when GLB was installed?): established "
+                        "flows take the Python loop, about 0.8x the packets per second")
+
+    async def _stop_packet_path(self) -> None:
+        await cancel_and_wait(t for t in (self._housekeeping, self._resolving) if t is not None)
+        self._housekeeping = self._resolving = None
+        if self.engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+            self.engine = None
+        if self._guard is not None:
+            self._guard.remove()
+            self._guard = None
+        if self._groups is not None:
+            self._groups.close()
+            self._groups = None
+        if self._neighbours is not None:
+            await asyncio.get_running_loop().run_in_executor(self._netlink, self._neighbours.close)
+            self._neighbours = None
+        if self._netlink is not None:
+            self._netlink.shutdown(wait=False)
+            self._netlink = None
+
+    def _real_addresses(self) -> list[bytes]:
+        out = []
+        for svc in self.table.site.services:
+            out.extend(rs.address.packed for rs in svc.real_servers)
+            if svc.sorry_server is not None:
+                out.append(svc.sorry_server.packed)
+        return list(dict.fromkeys(out))
+
+    def _resolve(self) -> dict[bytes, bytes | None]:
+        assert self._neighbours is not None
+        return self._neighbours.resolve(self._real_addresses())
+
+    def _build_plan(self, mac: bytes | None = None) -> Plan:
+        mac = mac or (self._plan.mac if self._plan is not None else b"\x00" * 6)
+        return build_plan(self.table.site, self.table.services(), mac, self._macs, self._mtu)
+
+    def _plan_dirty(self) -> None:
+        """Coalesce: however many decisions this loop iteration, one plan is built and sent."""
+        if self.engine is None or self._plan_pending:
+            return
+        self._plan_pending = True
+        asyncio.get_running_loop().call_soon(self._send_plan)
+
+    def _send_plan(self) -> None:
+        self._plan_pending = False
+        if self.engine is None:
+            return
+        plan = self._build_plan()
+        if plan != self._plan:
+            if self._guard is not None and self._plan is not None and plan.vips != self._plan.vips:
+                try:
+                    self._guard.install(plan.vips)
+                except Exception as e:
+                    log.error("could not update the nftables guard: %s", e)
+                if self._groups is not None:
+                    self._groups.update(plan.vips)
+            self._plan = plan
+            self.engine.update(plan)
+        if any(s.available and s.mac is None for svc in plan.services for s in svc.servers):
+            self._resolve_soon()
+
+    def _resolve_soon(self) -> None:
+        """A server may take flows but its MAC is unknown (just added, or just
+        up): look now rather than at the next tick, at most every 100 ms."""
+        if self._resolving is not None and not self._resolving.done():
+            return
+        delay = max(0.0, self._resolved_at + 0.1 - time.monotonic())
+        self._resolving = asyncio.get_running_loop().create_task(self._refresh_neighbours(delay))
+
+    async def _refresh_neighbours(self, delay: float = 0.0) -> None:
+        if delay:
+            await asyncio.sleep(delay)
+        if self._netlink is None or self._neighbours is None:
+            return
+        self._resolved_at = time.monotonic()
+        try:
+            macs = await asyncio.get_running_loop().run_in_executor(self._netlink, self._resolve)
+        except Exception as e:
+            log.warning("neighbour refresh failed: %s", e)
+            return
+        if macs != self._macs:
+            lost = [a for a, m in self._macs.items() if m and not macs.get(a)]
+            if lost:
+                log.warning("lost the MAC of %d real server(s); they are unreachable", len(lost))
+            self._macs = macs
+            self._plan_dirty()
+
+    async def _packet_housekeeping(self) -> None:
+        """Once a second: refresh neighbours (a changed MAC means a new plan), derive rates."""
+        reported_failure = False
+        while True:
+            await asyncio.sleep(1.0)
+            await self._refresh_neighbours()
+            self._update_counters()
+            if self.engine is not None and self.engine.failed and not reported_failure:
+                reported_failure = True
+                log.error("%s: the packet path is down", self.engine.failed)
+
+    def _update_counters(self) -> None:
+        if self.engine is None:
+            return
+        stats = self.engine.stats().forwarder
+        now = time.monotonic()
+        prev_at, prev = self._rates_at or (now, {})
+        dt = now - prev_at
+        counters = {}
+        for key, (active, inactive, packets, octets, conns) in stats.servers.items():
+            p = prev.get(key)
+            if p is not None and dt > 0:
+                rates = ((conns - p[4]) / dt, (packets - p[2]) / dt, (octets - p[3]) / dt)
+            else:
+                rates = (0.0, 0.0, 0.0)
+            counters[key] = ServerCounters(active, inactive, *(max(0.0, r) for r in rates), packets, octets)
+        self._rates_at = (now, dict(stats.servers))
+        self._counters = counters
+        self._vip_counters = {label: VipCounters(*v) for label, v in stats.vips.items()}
+
+
+async def serve_director(config_path: str, site_name: str, *, ready: Callable[[Director], None] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit status."""
+    config = glbconfig.load(config_path)
+    director = Director(config, site_name, config_path=config_path)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(director.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    try:
+        await director.start()
+    except BaseException:
+        await director.stop()
+        raise
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    try:
+        if ready is not None:
+            ready(director)
+        await stop.wait()
+        log.info("stopping: withdrawing site %s", site_name)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        for task in list(reloads):
+            task.cancel()
+        await director.stop()
+    return 0
+
+
+def run(config_path: str, site: str, log_level: str = "info") -> int:
+    """Entry point for ``glb director``. Raises GLBError subclasses with one-line messages."""
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        raise DirectorError(f"unknown log level {log_level!r}")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("glb").setLevel(level)
+    return asyncio.run(serve_director(config_path, site))

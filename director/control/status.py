@@ -1,0 +1,503 @@
+"""The director's HTTP status endpoints and Prometheus metrics.
+
+* ``/healthz``: 200 while the director runs (Redis being down does not make
+  the director unhealthy: it keeps forwarding; the body says so).
+* ``/status``: JSON with what ``ipvsadm -Ln --stats --rate`` shows for the
+  site (services, VIPs, forwarding method, scheduler, real servers with
+  weights, states, connections, totals and rates) plus what ipvsadm cannot
+  know: health verdict, admin mode, last check result, time and latency,
+  quorum and sorry-server decisions, and the publication to Redis.
+* ``/admin/...``: drain, undrain and reweight a real server, drain the site;
+  bearer token required; recorded as overrides in Redis (``add_admin_routes``).
+* ``/metrics``: Prometheus text. Health transitions, checks and check latency
+  are counted as they happen; states, weights, connections and traffic are
+  read from the director at scrape time, so a server removed by a reload
+  disappears from the gauges instead of lingering at its last value.
+
+Each director has its own ``CollectorRegistry``: two directors in one process
+(tests) never share or clash on metrics.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from glb.errors import StateError, StoreError
+from glb.state import (
+    MAX_WEIGHT, SERVER_STATES, Override, merge_override, override_to_json, server_target, site_target,
+)
+from director.control.checker import Checker, Target
+from director.control.health import HealthTable, ServerKey, Transition
+from director.control.probes import ProbeResult
+from director.control.publisher import Publisher
+from director.control.site import ZERO, ServerCounters, VipCounters
+
+def _version() -> str:
+    # The installed distribution's version, not ``glb.__version__``: with
+    # tests/ on pytest's pythonpath, ``glb`` can import as a namespace package.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("glb")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class StatusSource(Protocol):
+    """What the endpoints read; ``director.control.main.Director`` provides it."""
+
+    director_id: str
+    started_at: float
+    table: HealthTable
+    checker: Checker
+    publisher: Publisher
+
+    def counters(self) -> Mapping[ServerKey, ServerCounters]: ...
+
+    def vip_counters(self) -> Mapping[str, VipCounters]: ...
+
+    def site_drained(self) -> bool: ...
+
+
+# --------------------------------------------------------------------------
+# /status
+
+
+def status_document(src: StatusSource, now: float) -> dict[str, Any]:
+    """The /status JSON as a dict (also what a CLI table would be built from)."""
+    site = src.table.site
+    counters = src.counters()
+    vip_counters = src.vip_counters()
+    pub = src.publisher
+    services = []
+    for svc, sh in zip(site.services, src.table.services()):
+        servers = []
+        for s in sh.servers:
+            c = counters.get(s.key, ZERO)
+            servers.append({
+                "address": s.key.address,
+                "port": s.key.port,
+                "state": s.state,
+                "health": s.health,
+                "admin": s.admin,
+                "weight": s.weight,
+                "configured_weight": s.configured_weight,
+                "weight_override": s.weight_override,
+                "active_conns": c.active_conns,
+                "inactive_conns": c.inactive_conns,
+                "packets": c.packets,
+                "bytes": c.bytes,
+                "new_conns_per_s": c.new_conns_per_s,
+                "packets_per_s": c.packets_per_s,
+                "bytes_per_s": c.bytes_per_s,
+                "last_check": s.last_check,
+                "last_ok": s.last_ok,
+                "last_result": s.last_result,
+                "last_latency": s.last_latency,
+                "since": s.since,
+            })
+        per = [counters.get(s.key, ZERO) for s in sh.servers]
+        check = svc.health_check
+        services.append({
+            "name": svc.name,
+            "vips": [
+                {"vip": str(v), **_vip_stats(vip_counters.get(str(v)))} for v in svc.vips
+            ],
+            "forwarding": svc.forwarding,
+            "scheduler": svc.scheduler,
+            "persistence": None if svc.persistence is None else {
+                "timeout": svc.persistence.timeout,
+                "netmask": svc.persistence.netmask,
+                "netmask6": svc.persistence.netmask6,
+            },
+            "up": sh.up,
+            "healthy_fraction": sh.healthy_fraction,
+            "quorum": sh.quorum,
+            "sorry_server": None if svc.sorry_server is None else str(svc.sorry_server),
+            "sorry_active": sh.sorry_active,
+            "health_check": {
+                "type": check.type, "port": check.port, "interval": check.interval,
+                "timeout": check.timeout, "rise": check.rise, "fall": check.fall,
+            },
+            "active_conns": sum(c.active_conns for c in per),
+            "inactive_conns": sum(c.inactive_conns for c in per),
+            "new_conns_per_s": sum(c.new_conns_per_s for c in per),
+            "packets_per_s": sum(c.packets_per_s for c in per),
+            "bytes_per_s": sum(c.bytes_per_s for c in per),
+            "real_servers": servers,
+        })
+    last = pub.last
+    return {
+        "site": site.name,
+        "director_id": src.director_id,
+        "glb_version": _version(),
+        "now": now,
+        "uptime": max(0.0, now - src.started_at),
+        "drained": src.site_drained(),
+        "redis": {
+            "connected": pub.connected,
+            "last_error": pub.last_error,
+            "outage_since": pub.outage_since,
+            "published": pub.published,
+            "failed": pub.failed,
+            "last_version": last.version if last else None,
+            "last_published_at": last.published_at if last else None,
+        },
+        "checker": {
+            "targets": len(src.checker.targets()),
+            "in_flight": src.checker.in_flight,
+            "max_probes": src.checker.max_probes,
+        },
+        "services": services,
+        "packet_path": packet_path_document(src),
+    }
+
+
+def packet_path_document(src: StatusSource) -> dict[str, Any] | None:
+    """The packet engine's own counters (None when the director runs without one)."""
+    stats_of = getattr(src, "packet_stats", None)
+    st = stats_of() if stats_of is not None else None
+    if st is None:
+        return None
+    f = st.forwarder
+    return {
+        "connections": f.connections,
+        "evicted": f.evicted,
+        "expired": f.expired,
+        "forwarded": f.forwarded,
+        "replies": f.replies,
+        "drops": dict(sorted(f.drops.items())),
+        "rx_frames": st.rx_frames,
+        "ring_drops": st.ring_drops,
+        "truncated": st.truncated,
+        "tx_frames": st.tx_frames,
+        "tx_errors": {str(k): v for k, v in st.tx_errors.items()},
+        "cpu_seconds": st.cpu,
+        "loop": getattr(src, "packet_loop", lambda: None)(),
+        "workers": [{"pid": pid, "rx_frames": w.rx_frames, "forwarded": w.forwarder.forwarded,
+                     "cpu_seconds": w.cpu} for pid, w in getattr(src, "packet_workers", list)()],
+        **_plan_document(src),
+    }
+
+
+def _plan_document(src: StatusSource) -> dict[str, Any]:
+    # Which plan the workers forward by and the MAC each real server gets:
+    # "up" in the health table means nothing to the packet path until its
+    # next hop is resolved and the plan carrying it has been applied.
+    plan_of = getattr(src, "packet_plan", None)
+    if plan_of is None:
+        return {}
+    generation, applied, hops = plan_of()
+    return {
+        "plan_generation": generation,
+        "plan_applied": applied,
+        "next_hops": {addr: None if mac is None else mac.hex(":") for addr, mac in hops.items()},
+    }
+
+
+def _vip_stats(c: VipCounters | None) -> dict[str, Any]:
+    c = c or VipCounters()
+    return {"packets": c.packets, "bytes": c.bytes, "connections": c.connections}
+
+
+# --------------------------------------------------------------------------
+# /metrics
+
+
+class DirectorMetrics:
+    """Prometheus metrics of one director."""
+
+    def __init__(self, src: StatusSource):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.transitions = Counter(
+            "glb_director_health_transitions",
+            "Changes of a real server's published state.",
+            ["service", "server", "from", "to"],
+            registry=self.registry,
+        )
+        self.checks = Counter(
+            "glb_director_checks",
+            "Health probes run, by result.",
+            ["service", "server", "result"],
+            registry=self.registry,
+        )
+        self.check_latency = Histogram(
+            "glb_director_check_latency_seconds",
+            "Health probe duration (a timed-out probe counts its timeout).",
+            ["service", "type"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_LiveCollector(src))
+
+    def observe_check(self, target: Target, result: ProbeResult) -> None:
+        self.checks.labels(target.key.service, target.key.server, "ok" if result.ok else "fail").inc()
+        self.check_latency.labels(target.key.service, target.check.type).observe(result.latency)
+
+    def observe_transition(self, t: Transition) -> None:
+        if t.server is not None:
+            self.transitions.labels(t.service, t.server.server, t.old, t.new).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveCollector:
+    """Reads the director's current state at scrape time."""
+
+    def __init__(self, src: StatusSource):
+        self.src = src
+
+    def describe(self) -> list:
+        return []  # families are dynamic; nothing to check at registration
+
+    def collect(self) -> Iterator[Any]:
+        src = self.src
+        table = src.table
+        counters = src.counters()
+        state = GaugeMetricFamily("glb_director_server_state", "1 for the real server's current state.",
+                                  labels=["service", "server", "state"])
+        weight = GaugeMetricFamily("glb_director_server_weight", "Effective scheduling weight.",
+                                   labels=["service", "server"])
+        conns = GaugeMetricFamily("glb_director_server_connections", "Connections in the connection table.",
+                                  labels=["service", "server", "state"])
+        packets = CounterMetricFamily("glb_director_server_packets", "Packets forwarded to the real server.",
+                                      labels=["service", "server"])
+        octets = CounterMetricFamily("glb_director_server_bytes", "Bytes forwarded to the real server.",
+                                     labels=["service", "server"])
+        up = GaugeMetricFamily("glb_director_service_up", "1 if the service takes new flows at or above quorum.",
+                               labels=["service"])
+        fraction = GaugeMetricFamily("glb_director_service_healthy_fraction",
+                                     "Healthy capacity / configured capacity.", labels=["service"])
+        sorry = GaugeMetricFamily("glb_director_service_sorry_active", "1 while the sorry server takes new flows.",
+                                  labels=["service"])
+        for sh in table.services():
+            up.add_metric([sh.name], 1.0 if sh.up else 0.0)
+            fraction.add_metric([sh.name], sh.healthy_fraction)
+            sorry.add_metric([sh.name], 1.0 if sh.sorry_active else 0.0)
+            for s in sh.servers:
+                labels = [sh.name, s.key.server]
+                for name in SERVER_STATES:
+                    state.add_metric([*labels, name], 1.0 if s.state == name else 0.0)
+                weight.add_metric(labels, s.weight)
+                c = counters.get(s.key, ZERO)
+                conns.add_metric([*labels, "active"], c.active_conns)
+                conns.add_metric([*labels, "inactive"], c.inactive_conns)
+                packets.add_metric(labels, c.packets)
+                octets.add_metric(labels, c.bytes)
+        vip_counters = src.vip_counters()
+        vip_packets = CounterMetricFamily("glb_director_vip_packets", "Packets received for the VIP.",
+                                          labels=["service", "vip"])
+        vip_bytes = CounterMetricFamily("glb_director_vip_bytes", "Bytes received for the VIP.",
+                                        labels=["service", "vip"])
+        vip_conns = CounterMetricFamily("glb_director_vip_connections", "Connections scheduled for the VIP.",
+                                        labels=["service", "vip"])
+        for svc in table.site.services:
+            for v in svc.vips:
+                c = vip_counters.get(str(v)) or VipCounters()
+                vip_packets.add_metric([svc.name, str(v)], c.packets)
+                vip_bytes.add_metric([svc.name, str(v)], c.bytes)
+                vip_conns.add_metric([svc.name, str(v)], c.connections)
+        pub = src.publisher
+        published = CounterMetricFamily("glb_director_publications", "Snapshot publications to Redis.",
+                                        labels=["result"])
+        published.add_metric(["ok"], pub.published)
+        published.add_metric(["failed"], pub.failed)
+        redis_up = GaugeMetricFamily("glb_director_redis_connected", "1 if the last publication reached Redis.")
+        redis_up.add_metric([], 1.0 if pub.connected else 0.0)
+        in_flight = GaugeMetricFamily("glb_director_probes_in_flight", "Health probes running now.")
+        in_flight.add_metric([], src.checker.in_flight)
+        yield from (state, weight, conns, packets, octets, up, fraction, sorry,
+                    vip_packets, vip_bytes, vip_conns, published, redis_up, in_flight)
+        yield from _packet_path_metrics(packet_path_document(src))
+
+
+def _packet_path_metrics(pp: dict[str, Any] | None) -> Iterator[Any]:
+    if pp is None:
+        return
+    drops = CounterMetricFamily("glb_director_packet_drops", "Frames the packet path dropped, by reason.",
+                                labels=["reason"])
+    for reason, n in pp["drops"].items():
+        drops.add_metric([reason], n)
+    tracked = GaugeMetricFamily("glb_director_connections_tracked", "Entries in the connection table.")
+    tracked.add_metric([], pp["connections"])
+    evicted = CounterMetricFamily("glb_director_connections_evicted",
+                                  "Connection entries evicted because the table was full.")
+    evicted.add_metric([], pp["evicted"])
+    rx = CounterMetricFamily("glb_director_rx_frames", "Frames read from the RX ring.")
+    rx.add_metric([], pp["rx_frames"])
+    ring = CounterMetricFamily("glb_director_ring_drops", "Frames the kernel dropped: the RX ring was full.")
+    ring.add_metric([], pp["ring_drops"])
+    tx = CounterMetricFamily("glb_director_tx_frames", "Frames sent by the packet path.")
+    tx.add_metric([], pp["tx_frames"])
+    tx_err = CounterMetricFamily("glb_director_tx_errors", "Frames the kernel refused to send, by errno.",
+                                 labels=["errno"])
+    for err, n in pp["tx_errors"].items():
+        tx_err.add_metric([err], n)
+    cpu = CounterMetricFamily("glb_director_packet_cpu_seconds", "CPU time of the packet engine workers.")
+    cpu.add_metric([], pp["cpu_seconds"])
+    yield from (drops, tracked, evicted, rx, ring, tx, tx_err, cpu)
+
+
+# --------------------------------------------------------------------------
+# Admin endpoints
+
+
+class OverrideStore(Protocol):
+    """The part of ``glb.store.RedisStore`` the admin endpoints need."""
+
+    async def load_override(self, target: str) -> Override | None: ...
+
+    async def set_override(self, override: Override) -> int: ...
+
+    async def clear_override(self, target: str) -> int: ...
+
+
+def _problem(status: int, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers or None)
+
+
+class _Refused(Exception):
+    def __init__(self, response: web.Response):
+        self.response = response
+
+
+def add_admin_routes(app: web.Application, src: StatusSource, token: str | None, store: OverrideStore) -> None:
+    """POST /admin/{drain,undrain,weight} for a real server, /admin/site/{drain,undrain}.
+
+    Each writes an ``Override`` (who, when, why) to Redis; the director, like
+    every other GLB process, applies it when it sees it there, so it survives
+    restarts and the DNS tier sees a drained site. Requests need
+    ``Authorization: Bearer <admin.token>``: 401 without or with a wrong one,
+    403 when the config has no token (the admin API is then disabled).
+    A server's drain and weight live in one override document: changing one
+    keeps the other; when neither is left the override is cleared.
+    """
+
+    def authorize(request: web.Request) -> None:
+        if token is None:
+            raise _Refused(_problem(403, "admin API disabled: no admin.token in the config"))
+        given = request.headers.get("Authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise _Refused(_problem(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"}))
+
+    async def body_of(request: web.Request) -> dict[str, Any]:
+        if not request.can_read_body:
+            return {}
+        try:
+            body = await request.json()
+        except ValueError:
+            raise _Refused(_problem(400, "body is not valid JSON")) from None
+        if not isinstance(body, dict):
+            raise _Refused(_problem(400, "body must be a JSON object"))
+        return body
+
+    def server_of(body: dict[str, Any]) -> str:
+        service, address, port = body.get("service"), body.get("address"), body.get("port", 0)
+        if not isinstance(service, str) or not isinstance(address, str):
+            raise _Refused(_problem(400, "service and address are required"))
+        try:
+            address = str(ipaddress.ip_address(address))
+        except ValueError:
+            raise _Refused(_problem(400, f"not an IP address: {address!r}")) from None
+        if not isinstance(port, int) or isinstance(port, bool):
+            raise _Refused(_problem(400, "port must be an integer (0 = the VIP's port)"))
+        if ServerKey(service, address, port) not in src.table:
+            raise _Refused(_problem(404, f"no real server {address} port {port} in service {service!r}"))
+        return server_target(src.table.site.name, service, address, port)
+
+    def who_of(request: web.Request, body: dict[str, Any]) -> tuple[str, str]:
+        who, why = body.get("who"), body.get("why", "")
+        if (who is not None and not isinstance(who, str)) or not isinstance(why, str):
+            raise _Refused(_problem(400, "who and why must be strings"))
+        return who or f"api {request.remote or 'unknown'}", why
+
+    def site_of(body: dict[str, Any]) -> str:
+        return site_target(src.table.site.name)
+
+    def weight_of(body: dict[str, Any]) -> dict[str, Any]:
+        weight = body.get("weight")
+        if weight is not None and (not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT):
+            raise _Refused(_problem(400, f"weight must be an integer 0..{MAX_WEIGHT} or null"))
+        return {"weight": weight}
+
+    async def write(target: str, override: Override | None) -> web.Response:
+        if override is None:
+            version = await store.clear_override(target)
+            return web.json_response({"target": target, "override": None, "version": version})
+        version = await store.set_override(override)
+        # Answer with what Redis holds: the store stamps ``when`` with Redis time.
+        stored = await store.load_override(target) or override
+        return web.json_response({"target": target, "override": override_to_json(stored), "version": version})
+
+    def handler(target_of: Callable[[dict[str, Any]], str], change: Callable[[dict[str, Any]], dict[str, Any]]):
+        async def handle(request: web.Request) -> web.Response:
+            try:
+                authorize(request)
+                body = await body_of(request)
+                who, why = who_of(request, body)
+                target = target_of(body)
+                changes = change(body)
+                try:
+                    held = await store.load_override(target)
+                except StateError:
+                    held = None  # a malformed document is replaced by this write
+                return await write(target, merge_override(held, target, **changes, who=who, why=why))
+            except _Refused as r:
+                return r.response
+            except StateError as e:
+                return _problem(400, str(e))
+            except StoreError as e:
+                return _problem(503, str(e))
+
+        return handle
+
+    app.router.add_post("/admin/drain", handler(server_of, lambda _: {"drain": True}))
+    app.router.add_post("/admin/undrain", handler(server_of, lambda _: {"drain": False}))
+    app.router.add_post("/admin/weight", handler(server_of, weight_of))
+    app.router.add_post("/admin/site/drain", handler(site_of, lambda _: {"drain": True}))
+    app.router.add_post("/admin/site/undrain", handler(site_of, lambda _: {"drain": False}))
+
+
+# --------------------------------------------------------------------------
+# The app
+
+
+def make_app(
+    src: StatusSource,
+    metrics: DirectorMetrics,
+    *,
+    admin_token: str | None = None,
+    store: OverrideStore | None = None,
+) -> web.Application:
+    async def healthz(request: web.Request) -> web.Response:
+        pub = src.publisher
+        redis = "unknown" if pub.connected is None else ("ok" if pub.connected else "unreachable")
+        return web.json_response({"status": "ok", "site": src.table.site.name, "redis": redis})
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(status_document(src, time.time()))
+
+    async def prometheus(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", prometheus)
+    if store is not None:
+        add_admin_routes(app, src, admin_token, store)
+    return app

@@ -1,0 +1,472 @@
+"""The connection table: which real server owns each flow, with LVS-like timeouts.
+
+Pure: no I/O, no clock; every call takes ``now`` (seconds, any monotonic origin).
+
+Key: any hashable whose first item is the IP protocol number; the director
+uses the codec's ``flow_key`` bytes (``proto | client | VIP | ports``). Value:
+a :class:`Conn` holding the :class:`~director.dataplane.scheduler.Dest`, the TCP state,
+the expiry and an opaque ``tag`` for the caller (the forwarder keeps the
+flow's counters there).
+
+Hot path. :meth:`ConnTable.refresh` is the whole cost of an established
+flow's packet: one dict ``get``, an expiry compare, one tuple index for the
+state transition, one attribute store and an ``OrderedDict.move_to_end``
+(the LRU). Everything else (new flows, state changes, expiry, eviction) is
+:meth:`ConnTable.lookup`'s slower path.
+
+TCP state follows IPVS's INPUT-ONLY table (ip_vs_proto_tcp.c), the one IPVS
+uses for DR and TUN where the director sees only client -> server packets.
+Counters follow IPVS too: a new connection counts as *inactive*; it becomes
+*active* while in ESTABLISHED. UDP flows are always inactive.
+
+Bounded memory. Entries live in two LRU segments:
+
+* ``unconfirmed``: TCP flows that never reached ESTABLISHED and UDP flows
+  that have seen one packet. A SYN flood (or a spoofed UDP flood) only
+  ever fills this segment;
+* ``confirmed``: everything that proved two-way life.
+
+When the table is full the oldest *unconfirmed* entry is evicted first, so a
+flood churns its own entries and established connections keep their server;
+only when no unconfirmed entry is left does the least recently used
+confirmed one go.
+
+Expiry is lazy on lookup, plus :meth:`ConnTable.sweep` which the engine calls
+every ~100 ms: a calendar of one-second buckets where each entry is filed
+under the second it may expire. Refreshing an entry on each packet does not
+touch the calendar (an entry found alive in its bucket is re-filed), so the
+counters lc/wlc read stay right without per-packet cost.
+
+A down (not ``available``) destination's flows: if ``dest.reschedule`` (the
+service's ``on_server_down: reschedule``) the next packet drops the entry and
+lookup returns None, so the caller schedules the flow afresh; otherwise
+(``keep``, IPVS's default) they keep flowing to it until they time out.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Iterator
+
+from director.dataplane.scheduler import Dest, Template
+
+# IPVS TCP states (include/uapi/linux/ip_vs.h order) plus one for UDP.
+NONE, ESTABLISHED, SYN_SENT, SYN_RECV, FIN_WAIT, TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, LISTEN, SYNACK, UDP = range(12)
+STATE_NAMES = (
+    "NONE", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT", "TIME_WAIT",
+    "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "SYNACK", "UDP",
+)
+RESCHEDULE = -1
+"""Pseudo next-state: a SYN reusing a closing flow's ports starts a new connection."""
+
+TCP_FIN, TCP_SYN, TCP_RST, TCP_ACK = 0x01, 0x02, 0x04, 0x10
+
+# IPVS INPUT-ONLY transitions, rows by event, columns by current state:
+#          sNO  sES  sSS  sSR  sFW  sTW  sCL  sCW  sLA  sLI  sSA
+_sNO, _sES, _sSS, _sSR, _sFW, _sTW, _sCL, _sCW, _sLA, _sLI, _sSA = range(11)
+_INPUT_ONLY = {
+    "syn": (_sSR, _sES, _sES, _sSR, _sSR, _sSR, _sSR, _sSR, _sSR, _sSR, _sSR),
+    "fin": (_sCL, _sFW, _sSS, _sTW, _sFW, _sTW, _sCL, _sCW, _sLA, _sLI, _sTW),
+    "ack": (_sCL, _sES, _sSS, _sES, _sFW, _sTW, _sCL, _sCW, _sCL, _sLI, _sES),
+    "rst": (_sCL, _sCL, _sCL, _sSR, _sCL, _sCL, _sCL, _sCL, _sLA, _sLI, _sCL),
+}
+# IPVS conn_reuse_mode 1, plus bit 2 for DR/TUN: a SYN on a flow that is
+# closing (the client reused its port) is a new connection, scheduled afresh,
+# so a quiesced or down server does not inherit it.
+_REUSE_ON_SYN = (FIN_WAIT, TIME_WAIT, CLOSE)
+
+
+def _event(flags: int) -> str | None:
+    """IPVS tcp_state_idx: RST beats SYN beats FIN beats ACK."""
+    if flags & TCP_RST:
+        return "rst"
+    if flags & TCP_SYN:
+        return "syn"
+    if flags & TCP_FIN:
+        return "fin"
+    if flags & TCP_ACK:
+        return "ack"
+    return None
+
+
+def _build_next() -> tuple[tuple[int, ...], ...]:
+    """NEXT[state][flags byte] -> next state; one double index per packet."""
+    table = []
+    for state in range(12):
+        row = []
+        for flags in range(256):
+            if state == UDP:
+                row.append(UDP)
+                continue
+            ev = _event(flags)
+            if ev is None:
+                row.append(state)  # no flag IPVS cares about: no change
+            elif ev == "syn" and state in _REUSE_ON_SYN:
+                row.append(RESCHEDULE)
+            else:
+                row.append(_INPUT_ONLY[ev][state])
+        table.append(tuple(row))
+    return tuple(table)
+
+
+NEXT = _build_next()
+NEXT_BYTES = bytes(255 if ns == RESCHEDULE else ns for row in NEXT for ns in row)
+"""NEXT as 12 x 256 bytes (RESCHEDULE as 255), for the engine's C loop (director/dataplane/_fastpath.c)."""
+
+
+class Conn:
+    """One tracked flow."""
+
+    __slots__ = ("key", "dest", "state", "expires", "template", "due", "confirmed", "tag")
+
+    def __init__(self, key: Any, dest: Dest, state: int, template: Template | None, tag: Any = None) -> None:
+        self.key = key
+        self.dest = dest
+        self.state = state
+        self.expires = 0.0
+        self.template = template
+        self.due = 0
+        """Calendar second it is filed under (0 = none); -1 once removed from the table."""
+        self.confirmed = False
+        self.tag = tag
+        """The caller's, never read by the table."""
+
+    def __repr__(self) -> str:
+        return f"Conn({STATE_NAMES[self.state]}, {self.dest!r}, expires={self.expires})"
+
+
+class ConnTable:
+    """Bounded flow -> destination table with TCP state tracking and lazy expiry."""
+
+    def __init__(
+        self,
+        max_entries: int = 1_000_000,
+        *,
+        tcp_established: float = 900.0,
+        tcp_syn: float = 60.0,
+        tcp_fin_wait: float = 120.0,
+        tcp_time_wait: float = 120.0,
+        tcp_close: float = 10.0,
+        tcp_close_wait: float = 60.0,
+        tcp_last_ack: float = 30.0,
+        tcp_none: float = 2.0,
+        udp: float = 300.0,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be positive")
+        self.max_entries = max_entries
+        # Timeout per state, IPVS defaults (tcp_timeouts[] in ip_vs_proto_tcp.c).
+        self.timeouts = (
+            tcp_none, tcp_established, 120.0, tcp_syn, tcp_fin_wait, tcp_time_wait,
+            tcp_close, tcp_close_wait, tcp_last_ack, 120.0, 120.0, udp,
+        )
+        self._confirmed: OrderedDict[Any, Conn] = OrderedDict()
+        self._unconfirmed: OrderedDict[Any, Conn] = OrderedDict()
+        self._touch = self._confirmed.move_to_end  # the LRU step of every established packet
+        self._calendar: dict[int, dict[Conn, None]] = {}  # second -> entries (an ordered set)
+        self._cursor: int | None = None  # last calendar second swept
+        self.evicted = 0
+        """Entries dropped because the table was full (a counter for /metrics)."""
+        self.expired = 0
+        """Entries dropped because they timed out."""
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ConnTable:
+        """From a glb.config.ConnectionTableConfig; TIME_WAIT follows tcp_fin_wait as in IPVS's defaults."""
+        return cls(
+            cfg.max_entries,
+            tcp_established=cfg.tcp_established,
+            tcp_fin_wait=cfg.tcp_fin_wait,
+            tcp_time_wait=cfg.tcp_fin_wait,
+            tcp_close=cfg.tcp_close,
+            udp=cfg.udp,
+        )
+
+    def __len__(self) -> int:
+        return len(self._confirmed) + len(self._unconfirmed)
+
+    # ---- the packet path ---------------------------------------------------
+
+    def refresh(self, key: Any, flags: int, now: float) -> Conn | None:
+        """The hot path: a confirmed, live flow whose packet changes only its expiry.
+
+        Refreshes the expiry and the LRU position and returns the entry; or
+        returns None, changing nothing, when anything more is needed
+        (unknown or unconfirmed flow, expired, a down destination, a state
+        change): then :meth:`lookup` does it. A :meth:`lookup` with the same
+        arguments right after a successful refresh changes nothing more, so a
+        caller that cannot use the entry may still fall back to it.
+        """
+        c = self._confirmed.get(key)
+        if c is None or c.expires <= now or not c.dest.available:
+            return None
+        state = c.state
+        if NEXT[state][flags] != state:
+            return None
+        c.expires = now + self.timeouts[state]
+        self._touch(key)
+        return c
+
+    @property
+    def confirmed_flows(self) -> OrderedDict[Any, Conn]:
+        """The confirmed segment, in LRU order. Only for the engine's C loop,
+        which applies :meth:`refresh` to it; nothing else may change it."""
+        return self._confirmed
+
+    def lookup(self, key: Any, flags: int, now: float) -> Conn | None:
+        """The flow's entry after applying this packet (TCP flags; 0 for UDP), or None.
+
+        None means: unknown, expired, a SYN reusing a closing flow, or a down
+        destination whose service reschedules. The caller then schedules the
+        flow and calls :meth:`add`.
+        """
+        c = self.refresh(key, flags, now)
+        if c is not None:
+            return c
+        c = self._confirmed.get(key)
+        if c is None:
+            return self._lookup_unconfirmed(key, flags, now)
+        if (c.expires <= now or not c.dest.available) and self._drop_stale(c, now):
+            return None
+        ns = NEXT[c.state][flags]
+        if ns != c.state:
+            if not self._transition(c, ns, now):
+                return None
+        else:
+            c.expires = now + self.timeouts[ns]
+        self._confirmed.move_to_end(key)
+        return c
+
+    def _lookup_unconfirmed(self, key: Any, flags: int, now: float) -> Conn | None:
+        c = self._unconfirmed.get(key)
+        if c is None:
+            return None
+        if (c.expires <= now or not c.dest.available) and self._drop_stale(c, now):
+            return None
+        ns = NEXT[c.state][flags]
+        if ns != c.state:
+            if not self._transition(c, ns, now):
+                return None
+        else:
+            c.expires = now + self.timeouts[ns]
+        if c.state == ESTABLISHED or c.state == UDP:
+            # Two-way life proven (TCP handshake done, or a second UDP packet).
+            del self._unconfirmed[key]
+            c.confirmed = True
+            self._confirmed[key] = c
+        return c
+
+    def _drop_stale(self, c: Conn, now: float) -> bool:
+        """An entry found expired or pointing at a down server: True if it was removed."""
+        if c.expires <= now:
+            self._remove(c)
+            self.expired += 1
+            return True
+        if c.dest.reschedule:  # down, and the service says its flows move
+            self._remove(c)
+            return True
+        return False  # down, 'keep': forward to it until the flow times out (IPVS)
+
+    def _transition(self, c: Conn, ns: int, now: float) -> bool:
+        """Apply a state change; False if the flow must be rescheduled instead."""
+        if ns == RESCHEDULE:
+            self._remove(c)
+            return False
+        d = c.dest
+        if ns == ESTABLISHED:
+            d.inactive -= 1
+            d.active += 1
+        elif c.state == ESTABLISHED:
+            d.active -= 1
+            d.inactive += 1
+        c.state = ns
+        c.expires = now + self.timeouts[ns]
+        if int(c.expires) + 1 < c.due:
+            self._file(c)  # an earlier expiry must be seen by sweep in time
+        return True
+
+    def peek(self, key: Any, now: float) -> Conn | None:
+        """The live entry without touching state, expiry or LRU order (for ICMP errors)."""
+        c = self._confirmed.get(key) or self._unconfirmed.get(key)
+        if c is None or c.expires <= now:
+            return None
+        return c
+
+    def add(self, key: Any, dest: Dest, flags: int, now: float, template: Template | None = None,
+            tag: Any = None) -> Conn:
+        """Track a new flow to ``dest``; ``flags`` are the first packet's TCP flags.
+
+        Replaces any entry under the same key. Evicts when full (oldest
+        unconfirmed first). Counts the flow on ``dest`` (and ``template``).
+        """
+        old = self._confirmed.get(key) or self._unconfirmed.get(key)
+        if old is not None:
+            self._remove(old)
+        while len(self._confirmed) + len(self._unconfirmed) >= self.max_entries:
+            self._evict()
+        # From NONE a first packet leads to SYN_RECV (SYN) or CLOSE (a flow
+        # picked up mid-stream, IPVS's sloppy case): never ESTABLISHED, so the
+        # connection starts inactive as in IPVS.
+        state = NEXT[NONE][flags] if key[0] == 6 else UDP
+        c = Conn(key, dest, state, template, tag)
+        dest.inactive += 1
+        if template is not None:
+            template.controlled += 1
+        c.expires = now + self.timeouts[state]
+        self._unconfirmed[key] = c
+        if self._cursor is None:
+            self._cursor = int(now)
+        self._file(c)
+        return c
+
+    # ---- removal -------------------------------------------------------------
+
+    def _file(self, c: Conn) -> None:
+        """(Re)file an entry in the calendar under the second after its expiry."""
+        cal = self._calendar
+        if c.due > 0:
+            bucket = cal.get(c.due)
+            if bucket is not None:
+                bucket.pop(c, None)
+        due = int(c.expires) + 1
+        c.due = due
+        bucket = cal.get(due)
+        if bucket is None:
+            cal[due] = bucket = {}
+        bucket[c] = None
+
+    def _release(self, c: Conn) -> None:
+        """Give back what an entry holds: its calendar slot, counters and template."""
+        bucket = self._calendar.get(c.due)
+        if bucket is not None:
+            bucket.pop(c, None)
+        c.due = -1
+        d = c.dest
+        if c.state == ESTABLISHED:
+            d.active -= 1
+        else:
+            d.inactive -= 1
+        if c.template is not None:
+            c.template.controlled -= 1
+
+    def _remove(self, c: Conn) -> None:
+        if c.due < 0:
+            return
+        (self._confirmed if c.confirmed else self._unconfirmed).pop(c.key, None)
+        self._release(c)
+
+    def _evict(self) -> None:
+        seg = self._unconfirmed if self._unconfirmed else self._confirmed
+        _, c = seg.popitem(last=False)
+        self._release(c)
+        self.evicted += 1
+
+    def remove(self, key: Any) -> bool:
+        """Forget a flow (e.g. an operator flush)."""
+        c = self._confirmed.get(key) or self._unconfirmed.get(key)
+        if c is None:
+            return False
+        self._remove(c)
+        return True
+
+    def flush(self, match: Callable[[Conn], bool]) -> int:
+        """Remove every entry ``match`` accepts (e.g. a removed service's); O(n), off the hot path."""
+        doomed = [c for c in self if match(c)]
+        for c in doomed:
+            self._remove(c)
+        return len(doomed)
+
+    def sweep(self, now: float, budget: int = 20000) -> int:
+        """Expire entries whose calendar second has passed; returns how many were removed.
+
+        Examines at most ``budget`` entries so one call stays short; call it
+        again (every ~100 ms) to catch up.
+        """
+        if self._cursor is None:
+            return 0
+        removed = 0
+        examined = 0
+        target = int(now)
+        cal = self._calendar
+        if target - self._cursor > 4 * len(cal) + 64:
+            seconds = sorted(s for s in cal if s <= target)  # a long jump: visit only what exists
+        else:
+            seconds = range(self._cursor + 1, target + 1)
+        for s in seconds:
+            bucket = cal.pop(s, None)
+            if bucket:
+                entries = list(bucket)
+                for i, c in enumerate(entries):
+                    if examined >= budget:
+                        cal[s] = dict.fromkeys(entries[i:])  # resume here next time
+                        return removed
+                    examined += 1
+                    c.due = 0  # taken out of this bucket
+                    if c.expires <= now:
+                        self._remove_unfiled(c)
+                        self.expired += 1
+                        removed += 1
+                    else:
+                        self._file(c)  # refreshed since it was filed
+            self._cursor = s
+        self._cursor = max(self._cursor, target)
+        return removed
+
+    def _remove_unfiled(self, c: Conn) -> None:
+        (self._confirmed if c.confirmed else self._unconfirmed).pop(c.key, None)
+        self._release(c)
+
+    # ---- inspection ----------------------------------------------------------
+
+    def get(self, key: Any) -> Conn | None:
+        """The entry under ``key`` whatever its expiry (tests, /status)."""
+        return self._confirmed.get(key) or self._unconfirmed.get(key)
+
+    def __iter__(self) -> Iterator[Conn]:
+        yield from list(self._unconfirmed.values())
+        yield from list(self._confirmed.values())
+
+    @property
+    def unconfirmed(self) -> int:
+        return len(self._unconfirmed)
+
+    @property
+    def confirmed(self) -> int:
+        return len(self._confirmed)
+
+
+class FragmentTable:
+    """Where the fragments of one IP datagram go: its first fragment decides.
+
+    Later fragments carry no ports, so the connection table cannot place
+    them. The first fragment (which has the ports) records its flow's entry
+    (or any value: the forwarder stores the :class:`Conn`) under
+    ``(protocol, src, dst, fragment id)``; later fragments look it up.
+    A later fragment that arrives before its first is dropped (counted) and
+    the sender's retransmission recovers; bounded FIFO like the reassembly
+    queues of a kernel (timeout 30 s as ipfrag_time).
+    """
+
+    def __init__(self, max_entries: int = 65536, timeout: float = 30.0) -> None:
+        self.max_entries = max_entries
+        self.timeout = timeout
+        self._table: OrderedDict[tuple, tuple[Any, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def add(self, key: tuple, dest: Any, now: float) -> None:
+        table = self._table
+        table[key] = (dest, now + self.timeout)
+        table.move_to_end(key)
+        while len(table) > self.max_entries:
+            table.popitem(last=False)
+
+    def get(self, key: tuple, now: float) -> Any:
+        hit = self._table.get(key)
+        if hit is None:
+            return None
+        if hit[1] <= now:
+            del self._table[key]
+            return None
+        return hit[0]

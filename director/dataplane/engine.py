@@ -1,0 +1,796 @@
+"""The AF_PACKET I/O engine: frames in from an RX ring, actions out in batches.
+
+Layout (one worker per process; ``workers`` processes share the interface
+through PACKET_FANOUT_HASH, so each flow always reaches the same worker):
+
+* **RX**: one AF_PACKET socket on the director's interface, TPACKET_V2 RX
+  ring, PACKET_VNET_HDR (veth/virtio checksum and GSO metadata arrive with
+  each frame), a classic BPF filter (:func:`bpf_program`) so only frames for
+  a VIP (and ARP/NDP asking for one) ever wake Python. Frames the host
+  itself sends and frames for other MACs (promiscuous mode) are refused by
+  the filter too.
+* **TX**: the same socket (a packet socket never receives its own frames
+  back), PACKET_QDISC_BYPASS, and ``sendmmsg(2)`` through ctypes with
+  iovecs pointing *into the RX ring*: DR is zero-copy (the 12 MAC bytes are
+  rewritten in the slot, the slot's virtio_net_hdr goes out with it); TUN
+  sends a small scratch header (virtio_net_hdr + Ethernet + outer IP) and
+  the inner packet straight from the slot. Slots go back to the kernel
+  only after the batch was sent.
+* **Decisions**: runs of established DR flows go through the C loop
+  (director/dataplane/_fastpath.c, Forwarder.fast's DR case in C); the rest through
+  Forwarder.fast() and Forwarder.forward() in Python.
+
+Why TPACKET_V2 and not V3: a V3 block is handed to userspace when it is full
+or when its retire timer fires (>= 1 ms), which adds ~0.9 ms at low load
+(REFERENCES.md); V2 hands over every frame at once, so the added latency is
+the poll wake-up. V3 packs small frames densely and reads ~5 % faster at
+saturation; V2 needs a slot per frame sized for the largest (64 KiB GSO
+frames), which costs memory: 1024 slots = 67 MB per worker. Documented in
+docs/packet-path.md.
+
+The worker is a separate process so the packet path never holds the GIL of
+the asyncio control plane (and vice versa), and so ``workers`` > 1 can use
+more cores. It gets a whole :class:`~director.dataplane.forwarder.Plan` through a pipe
+whenever the control plane decides something and applies it between two
+batches (so no packet ever sees half a plan); it sends its counters back
+every half second. It exits when the pipe closes (the director died) and
+on PR_SET_PDEATHSIG.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import multiprocessing
+import os
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from director.dataplane import codec
+from director.dataplane.conntable import NEXT_BYTES, ConnTable
+from director.dataplane.forwarder import Forwarder, ForwarderStats, Plan
+from director.dataplane.ownership import Announcer
+from glb.errors import EngineError
+
+try:  # the established-flow loop in C; the same logic runs in Python without it
+    from director.dataplane import _fastpath
+except ImportError:  # pragma: no cover - built by `pip install` wherever a compiler is
+    _fastpath = None
+LOOP = "c" if _fastpath is not None else "python"
+"""Which loop forwards established DR flows (/status packet_path.loop)."""
+
+log = logging.getLogger("glb.director.engine")
+
+# <linux/if_packet.h>, <asm-generic/socket.h>
+SOL_PACKET = 263
+PACKET_RX_RING = 5
+PACKET_STATISTICS = 6
+PACKET_VERSION = 10
+PACKET_VNET_HDR = 15
+PACKET_FANOUT = 18
+PACKET_QDISC_BYPASS = 20
+PACKET_IGNORE_OUTGOING = 23
+TPACKET_V2 = 1
+PACKET_FANOUT_HASH = 0
+SO_ATTACH_FILTER = 26
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+ETH_P_ALL = 0x0003
+PACKET_OTHERHOST = 3
+PACKET_OUTGOING = 4
+TP_STATUS_USER = 1
+MSG_DONTWAIT = 0x40
+
+VNET_LEN = codec.VNET_HDR_LEN
+FRAME_SIZE = 65792
+"""One V2 slot: tpacket2_hdr + sockaddr_ll + virtio_net_hdr + a 64 KiB GSO frame, 16-aligned."""
+BLOCK_SIZE = FRAME_SIZE * 16
+"""16 slots per block: the smallest multiple of both the slot and the page size."""
+DEFAULT_FRAMES = 1024
+BATCH = 64
+"""Frames per sendmmsg call."""
+RX_BUDGET = 256
+"""Frames handled before housekeeping gets a look."""
+TICK = 0.02
+SWEEP_EVERY = 0.1
+STATS_EVERY = 0.5
+
+_IOV2 = struct.Struct("=QQQQ")  # two struct iovec
+_TPACKET_REQ = struct.Struct("=IIII")
+_TPACKET_STATS = struct.Struct("=II")
+
+
+# --------------------------------------------------------------------------
+# The kernel filter (pure)
+# --------------------------------------------------------------------------
+
+# Classic BPF opcodes (<linux/filter.h>)
+_LD_W_ABS, _LD_H_ABS, _LD_B_ABS = 0x20, 0x28, 0x30
+_JEQ_K, _JGE_K, _JA = 0x15, 0x35, 0x05
+_RET_K = 0x06
+_SKF_AD_PKTTYPE = (-0x1000 + 4) & 0xFFFFFFFF
+BPF_MAXINSNS = 4096
+ACCEPT_LEN = 0x40000
+"""Bytes of a frame the filter keeps: more than any GSO frame."""
+
+
+def bpf_program(vips) -> list[tuple[int, int, int, int]]:
+    """A classic BPF program accepting only frames a director must see.
+
+    Accepted: IPv4/IPv6 packets whose destination is a VIP (flows, ICMP
+    errors about them), ARP whose target is a VIP, ICMPv6 neighbour
+    solicitations whose target is a VIP (without extension headers). Refused:
+    everything else, and frames the host sends (PACKET_OUTGOING) or that
+    were for another MAC (PACKET_OTHERHOST, promiscuous mode).
+
+    Returns (code, jt, jf, k) tuples. Conditional jumps only ever skip one
+    instruction; ``ja`` (32-bit offset) makes the long jumps, so any number
+    of VIPs up to the kernel's 4096-instruction limit fits.
+    """
+    v4 = sorted(v for v in vips if len(v) == 4)
+    v6 = sorted(v for v in vips if len(v) == 16)
+    prog: list[list[Any]] = []  # [code, jt, jf, k or label]
+    labels: dict[str, int] = {}
+
+    def emit(code, jt=0, jf=0, k=0):
+        prog.append([code, jt, jf, k])
+
+    def label(name):
+        labels[name] = len(prog)
+
+    def match_words(offset: int, words: list[int]):
+        # compare consecutive 32-bit words; any mismatch skips to after "ja accept"
+        n = len(words)
+        for i, w in enumerate(words):
+            emit(_LD_W_ABS, k=offset + 4 * i)
+            emit(_JEQ_K, 0, 2 * (n - i - 1) + 1, w)
+        emit(_JA, k="accept")
+
+    emit(_LD_W_ABS, k=_SKF_AD_PKTTYPE)
+    emit(_JGE_K, 0, 1, PACKET_OTHERHOST)  # OTHERHOST, LOOPBACK, OUTGOING ...
+    emit(_RET_K, k=0)
+    emit(_LD_H_ABS, k=12)
+    for ethertype, name in ((codec.ETH_P_IP, "ipv4"), (codec.ETH_P_IPV6, "ipv6"), (codec.ETH_P_ARP, "arp")):
+        emit(_JEQ_K, 0, 1, ethertype)
+        emit(_JA, k=name)
+    emit(_RET_K, k=0)
+    label("ipv4")
+    for v in v4:
+        match_words(30, [int.from_bytes(v, "big")])
+    emit(_RET_K, k=0)
+    label("arp")
+    for v in v4:
+        match_words(38, [int.from_bytes(v, "big")])  # target protocol address
+    emit(_RET_K, k=0)
+    label("ipv6")
+    for v in v6:
+        match_words(38, [int.from_bytes(v[i:i + 4], "big") for i in range(0, 16, 4)])
+    if v6:  # a neighbour solicitation: ICMPv6 type 135, target at 14 + 40 + 8
+        emit(_LD_B_ABS, k=20)
+        emit(_JEQ_K, 0, 1, codec.IPPROTO_ICMPV6)
+        emit(_JA, k="ns")
+    emit(_RET_K, k=0)
+    label("ns")
+    if v6:
+        emit(_LD_B_ABS, k=54)
+        emit(_JEQ_K, 1, 0, 135)
+        emit(_RET_K, k=0)
+        for v in v6:
+            match_words(62, [int.from_bytes(v[i:i + 4], "big") for i in range(0, 16, 4)])
+    emit(_RET_K, k=0)
+    label("accept")
+    emit(_RET_K, k=ACCEPT_LEN)
+    out = []
+    for i, (code, jt, jf, k) in enumerate(prog):
+        if isinstance(k, str):
+            k = labels[k] - i - 1
+        out.append((code, jt, jf, k))
+    return out
+
+
+def bpf_bytes(prog) -> bytes:
+    return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
+
+
+def bpf_run(prog, frame: bytes, pkttype: int = 0) -> int:
+    """A tiny classic BPF interpreter for the instructions bpf_program uses (tests)."""
+    pc = 0
+    a = 0
+    while True:
+        code, jt, jf, k = prog[pc]
+        pc += 1
+        if code in (_LD_W_ABS, _LD_H_ABS, _LD_B_ABS):
+            if k == _SKF_AD_PKTTYPE:
+                a = pkttype
+                continue
+            size = {_LD_W_ABS: 4, _LD_H_ABS: 2, _LD_B_ABS: 1}[code]
+            if k + size > len(frame):
+                return 0  # the kernel rejects the frame on an out-of-bounds load
+            a = int.from_bytes(frame[k:k + size], "big")
+        elif code == _JEQ_K:
+            pc += jt if a == k else jf
+        elif code == _JGE_K:
+            pc += jt if a >= k else jf
+        elif code == _JA:
+            pc += k
+        elif code == _RET_K:
+            return k
+        else:  # pragma: no cover
+            raise ValueError(f"opcode {code:#x}")
+
+
+# --------------------------------------------------------------------------
+# Batched TX: sendmmsg through ctypes
+# --------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_sendmmsg = _libc.sendmmsg
+_sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+_sendmmsg.restype = ctypes.c_int
+
+_MSG_SIZE = 64  # struct mmsghdr on 64-bit Linux
+_IOV_SIZE = 32  # two struct iovec per message
+_SCRATCH = 128  # virtio_net_hdr + Ethernet + outer IPv6 header fit
+_MSG = struct.Struct("=QI4xQQQQi4xI4x")  # name, namelen, iov, iovlen, control, controllen, flags, msg_len
+
+
+def _address(buf) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def _send_messages(fd: int, base: int, first: int, end: int, errors: dict[int, int]) -> int:
+    """sendmmsg(2) messages first .. end - 1 of the mmsghdr array at ``base``.
+
+    A message the kernel refuses is counted under its errno and skipped, so
+    one bad frame never holds up the rest. Returns how many went out.
+    """
+    sent = 0
+    while first < end:
+        done = _sendmmsg(fd, base + first * _MSG_SIZE, end - first, MSG_DONTWAIT)
+        if done < 0:
+            err = ctypes.get_errno()
+            errors[err] = errors.get(err, 0) + 1
+            done = 1
+        else:
+            sent += done
+        first += done
+    return sent
+
+
+class Sender:
+    """Up to BATCH frames described by iovecs, sent with one sendmmsg call.
+
+    Every message has two iovecs: a frame straight from the ring is one
+    iovec (the second empty), a tunnelled frame is scratch header + ring
+    slice. The memory they point to must stay put until :meth:`flush`.
+    """
+
+    def __init__(self, fd: int, batch: int = BATCH) -> None:
+        self.fd = fd
+        self.batch = batch
+        self.mm = mmap.mmap(-1, batch * (_MSG_SIZE + _IOV_SIZE + _SCRATCH))
+        self.base = _address(self.mm)
+        self._iov = batch * _MSG_SIZE
+        self._scratch = self._iov + batch * _IOV_SIZE
+        for i in range(batch):
+            _MSG.pack_into(self.mm, i * _MSG_SIZE, 0, 0, self.base + self._iov + i * _IOV_SIZE, 2, 0, 0, 0, 0)
+        self.n = 0
+        self.sent = 0
+        self.errors: dict[int, int] = {}
+
+    def frame(self, addr: int, length: int) -> None:
+        n = self.n
+        _IOV2.pack_into(self.mm, self._iov + n * _IOV_SIZE, addr, length, 0, 0)
+        self.n = n + 1
+        if n + 1 == self.batch:
+            self.flush()
+
+    def parts(self, head: bytes, addr: int, length: int) -> None:
+        n = self.n
+        s = self._scratch + n * _SCRATCH
+        self.mm[s:s + len(head)] = head
+        _IOV2.pack_into(self.mm, self._iov + n * _IOV_SIZE, self.base + s, len(head), addr, length)
+        self.n = n + 1
+        if n + 1 == self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        n, self.n = self.n, 0
+        self.sent += _send_messages(self.fd, self.base, 0, n, self.errors)
+
+    def close(self) -> None:
+        self.mm.close()
+
+
+class SlotSender:
+    """DR transmission straight from the RX ring: one message per ring slot.
+
+    Message *i* always describes slot *i* (one iovec, set per frame to the
+    frame's virtio_net_hdr and bytes), so the messages of consecutive slots
+    are consecutive in memory and a run of forwarded frames goes out with
+    one ``sendmmsg`` from the run's first message. Per frame that is two
+    integer stores: no packing, no copy.
+    """
+
+    def __init__(self, fd: int, frames: int) -> None:
+        self.fd = fd
+        self.frames = frames
+        self.mm = mmap.mmap(-1, frames * (_MSG_SIZE + 16))
+        self.base = _address(self.mm)
+        iov = frames * _MSG_SIZE
+        for i in range(frames):
+            _MSG.pack_into(self.mm, i * _MSG_SIZE, 0, 0, self.base + iov + i * 16, 1, 0, 0, 0, 0)
+        self.iov = memoryview(self.mm).cast("Q")
+        """Slot i's iovec: base at [iov0 + 2 i], length at [iov0 + 2 i + 1]."""
+        self.iov0 = iov // 8
+        self.sent = 0
+        self.errors: dict[int, int] = {}
+
+    def send(self, first: int, count: int) -> None:
+        """Send the messages of slots first .. first + count - 1."""
+        self.sent += _send_messages(self.fd, self.base, first, first + count, self.errors)
+
+    def close(self) -> None:
+        self.iov.release()
+        self.mm.close()
+
+
+# --------------------------------------------------------------------------
+# The socket and its RX ring
+# --------------------------------------------------------------------------
+
+
+def _prctl_pdeathsig() -> None:
+    try:
+        _libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: go when the director goes
+    except Exception:  # pragma: no cover - not Linux
+        pass
+
+
+@dataclass
+class EngineConfig:
+    """How to open the interface (picklable: it crosses into the worker process)."""
+
+    interface: str
+    frames: int = DEFAULT_FRAMES
+    """RX ring slots (64 KiB each)."""
+    workers: int = 1
+    fanout_group: int = 0
+    """PACKET_FANOUT group id shared by the workers (0 = none; set by Engine)."""
+    conntable: Any = None
+    """glb.config.ConnectionTableConfig (None = defaults)."""
+    announce: tuple[float, ...] = (0.0, 1.0, 2.0)
+    """When (s after taking a VIP) gratuitous ARP / unsolicited NA go out."""
+    busy_poll: bool = False
+    """Spin on the ring instead of sleeping in poll(2) when it is empty: a
+    whole core per worker, always, for the lowest latency (no wake-up)."""
+
+
+class PacketSocket:
+    """The AF_PACKET socket: V2 RX ring, vnet headers, BPF filter, optional fanout."""
+
+    def __init__(self, cfg: EngineConfig, vips) -> None:
+        # Protocol 0: receives nothing until bind, so nothing slips in before the filter.
+        self.sock = s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        try:
+            self.ifindex = socket.if_nametoindex(cfg.interface)
+            s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+            s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+            s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+            try:
+                s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            except OSError:  # kernels before 4.20: the BPF filter refuses them anyway
+                pass
+            for opt in (SO_SNDBUFFORCE, SO_RCVBUFFORCE):
+                s.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
+            self.set_filter(vips)
+            self.frames = frames = max(16, (cfg.frames + 15) // 16 * 16)
+            s.setsockopt(SOL_PACKET, PACKET_RX_RING,
+                         _TPACKET_REQ.pack(BLOCK_SIZE, frames // 16, FRAME_SIZE, frames))
+            self.ring = mmap.mmap(s.fileno(), FRAME_SIZE * frames, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            s.bind((cfg.interface, ETH_P_ALL))
+            if cfg.fanout_group:
+                s.setsockopt(SOL_PACKET, PACKET_FANOUT, (cfg.fanout_group & 0xFFFF) | PACKET_FANOUT_HASH << 16)
+        except BaseException:
+            s.close()
+            raise
+        self.mac = bytes.fromhex(open(f"/sys/class/net/{cfg.interface}/address").read().strip().replace(":", ""))
+
+    def set_filter(self, vips) -> None:
+        prog = bpf_program(vips)
+        if len(prog) > BPF_MAXINSNS:  # very many VIPs: let IP/ARP through, Python filters
+            prog = [(_LD_H_ABS, 0, 0, 12), (_JGE_K, 1, 0, 0), (_RET_K, 0, 0, 0), (_RET_K, 0, 0, ACCEPT_LEN)]
+        code = ctypes.create_string_buffer(bpf_bytes(prog))
+        fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(code))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+    def statistics(self) -> tuple[int, int]:
+        """(packets, drops) since the last call (the kernel resets them on read)."""
+        return _TPACKET_STATS.unpack(self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+
+    def close(self) -> None:
+        self.ring.close()
+        self.sock.close()
+
+
+# --------------------------------------------------------------------------
+# The worker
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class EngineStats:
+    """What a worker reports every STATS_EVERY seconds."""
+
+    forwarder: ForwarderStats = field(default_factory=ForwarderStats)
+    rx_frames: int = 0
+    ring_drops: int = 0
+    """Frames the kernel dropped because the ring was full (the worker fell behind)."""
+    truncated: int = 0
+    """Frames larger than a ring slot."""
+    tx_frames: int = 0
+    tx_errors: dict[int, int] = field(default_factory=dict)
+    """errno -> frames sendmmsg refused."""
+    cpu: float = 0.0
+    """CPU seconds this worker used (user + system)."""
+
+    def merge(self, other: EngineStats) -> EngineStats:
+        errors = dict(self.tx_errors)
+        for k, v in other.tx_errors.items():
+            errors[k] = errors.get(k, 0) + v
+        return EngineStats(self.forwarder.merge(other.forwarder), self.rx_frames + other.rx_frames,
+                           self.ring_drops + other.ring_drops, self.truncated + other.truncated,
+                           self.tx_frames + other.tx_frames, errors, self.cpu + other.cpu)
+
+
+def _declined(buf, start: int, length: int, now: float) -> None:
+    """Forwarder.fast's answer for a frame the C loop already declined, without asking."""
+    return None
+
+
+class Worker:
+    """One packet loop: ring -> Forwarder -> Sender; plans and stats over a pipe."""
+
+    def __init__(self, cfg: EngineConfig, plan: Plan, conn, index: int = 0, ps: PacketSocket | None = None) -> None:
+        """``ps`` replaces the AF_PACKET socket (tests: any datagram socket and an mmap laid out as a ring)."""
+        self.cfg = cfg
+        self.conn = conn
+        self.index = index
+        table = ConnTable.from_config(cfg.conntable) if cfg.conntable is not None else ConnTable()
+        self.fwd = Forwarder(table)
+        self.ps = ps if ps is not None else PacketSocket(cfg, plan.vips)
+        self.ring = self.ps.ring
+        self.view = memoryview(self.ring)
+        self.words = self.view.cast("I")  # tpacket2_hdr fields, read without unpacking
+        self.halves = self.view.cast("H")
+        self._ring_ref = ctypes.c_char.from_buffer(self.ring)
+        self.ring_addr = ctypes.addressof(self._ring_ref)
+        self.sender = Sender(self.ps.sock.fileno())
+        self.slots = SlotSender(self.ps.sock.fileno(), self.ps.frames)
+        self.idx = 0
+        self.stats = EngineStats()
+        self.announcer = Announcer(cfg.announce)
+        self.need_vnet = self.dr_services = False
+        self._sent_now = 0
+        self.running = True
+        self.apply(plan, time.monotonic())
+
+    def apply(self, plan: Plan, now: float) -> None:
+        if plan.mac == b"\x00" * 6 or not plan.mac:
+            plan = Plan(self.ps.mac, plan.services, plan.source4, plan.source6)
+        if plan.vips != self.fwd.vips:
+            self.ps.set_filter(plan.vips)
+        self.fwd.apply(plan)
+        self.need_vnet = any(s.forwarding == "tun" for s in plan.services)
+        self.dr_services = any(s.forwarding == "dr" for s in plan.services)
+        if self.index == 0:  # one worker announces for all
+            self.announcer.update(plan.vips, plan.mac, now)
+
+    def run(self) -> None:
+        poller = select.poll()
+        poller.register(self.ps.sock.fileno(), select.POLLIN | select.POLLERR)
+        poller.register(self.conn.fileno(), select.POLLIN)
+        next_tick = next_sweep = next_stats = 0.0
+        while self.running:
+            n = self.drain()
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK
+                self.control(now)
+                for f in self.announcer.due(now):
+                    self.send_now(f)
+                if now >= next_sweep:
+                    next_sweep = now + SWEEP_EVERY
+                    self.fwd.sweep(now)
+                if now >= next_stats:
+                    next_stats = now + STATS_EVERY
+                    self.report()
+            if n == 0:
+                if self.cfg.busy_poll:
+                    # Watch the next slot's status word until a frame lands or housekeeping is due.
+                    words, w, clock = self.words, (self.idx * FRAME_SIZE) >> 2, time.monotonic
+                    while not words[w] & TP_STATUS_USER and clock() < next_tick:
+                        pass
+                else:
+                    poller.poll(int(TICK * 1000))
+
+    def drain(self) -> int:
+        """Handle up to RX_BUDGET ready frames; send them; give the slots back.
+
+        Frames go in ring order. A DR frame (the fast path's or forward's)
+        joins the current run of consecutive slots, sent with one sendmmsg
+        from the ring itself; anything else ends the run first, so frames of
+        one flow never overtake each other.
+        """
+        ring, view, words, halves = self.ring, self.view, self.words, self.halves
+        fsz, nfr = FRAME_SIZE, self.ps.frames
+        forward = self.fwd.forward
+        sender, slots = self.sender, self.slots
+        iov, iov0 = slots.iov, slots.iov0
+        base = self.ring_addr
+        need_vnet = self.need_vnet
+        vnet_none = codec.VNET_NONE
+        idx = self.idx
+        first = idx  # the current DR run: slots first .. idx - 1
+        step = fsz >> 2  # tpacket2_hdr words per slot
+        w = idx * step  # the slot's status word
+        now = time.monotonic()
+        handled = truncated = 0
+        # The C loop takes runs of established DR flows (Forwarder.fast's DR case, in C);
+        # whatever it leaves, Python's fast() or forward() decides.
+        crun = _fastpath.run if _fastpath is not None and self.dr_services else None
+        confirmed, timeouts = self.fwd.table.confirmed_flows, self.fwd.table.timeouts
+        # Python's fast() would only repeat the C loop's refusal unless a TUN service needs it.
+        fast = self.fwd.fast if crun is None or self.need_vnet else _declined
+        while handled < RX_BUDGET:
+            if crun is not None:
+                n = crun(ring, iov, iov0, idx, min(RX_BUDGET - handled, nfr - idx), fsz, now, confirmed,
+                         NEXT_BYTES, timeouts)
+                if n:
+                    handled += n
+                    idx += n
+                    w += n * step
+                    if idx == nfr:
+                        if nfr > first:
+                            slots.send(first, nfr - first)
+                        idx = first = w = 0
+                    continue
+            if not words[w] & TP_STATUS_USER:
+                break
+            handled += 1
+            snaplen = words[w + 2]
+            start = (w << 2) + halves[(w << 1) + 6]  # tp_mac
+            # fast() refuses a cut frame by itself: its IP length does not fit.
+            r = fast(ring, start, snaplen, now)
+            if r is None:
+                if snaplen != words[w + 1]:
+                    truncated += 1
+                else:
+                    r = forward(view[start:start + snaplen], now, view[start - VNET_LEN:start] if need_vnet else None)
+            if r.__class__ is bytes:
+                ring[start:start + 12] = r
+                j = iov0 + 2 * idx
+                iov[j] = base + start - VNET_LEN
+                iov[j + 1] = snaplen + VNET_LEN
+            else:
+                if idx > first:
+                    slots.send(first, idx - first)
+                first = idx + 1
+                cls = r.__class__
+                if cls is tuple:
+                    v, head, n = r
+                    sender.parts((v or vnet_none) + head, base + start + 14, n)
+                elif cls is list:
+                    for out in r:
+                        self.send_now(out)
+            idx += 1
+            w += step
+            if idx == nfr:  # the next slot is not next in memory: end the run
+                if nfr > first:
+                    slots.send(first, nfr - first)
+                idx = first = w = 0
+        if handled:
+            if idx > first:
+                slots.send(first, idx - first)
+            sender.flush()
+            # Give the slots back (TP_STATUS_KERNEL) only now: the sends above read them.
+            start_slot = self.idx
+            end_slot = start_slot + handled
+            for x in range(start_slot * step, min(end_slot, nfr) * step, step):
+                words[x] = 0
+            for x in range(0, (end_slot - nfr) * step, step):  # wrapped round
+                words[x] = 0
+            self.idx = idx
+            self.stats.rx_frames += handled
+            self.stats.truncated += truncated
+        return handled
+
+    def send_now(self, frame: bytes) -> None:
+        """A frame the forwarder made (ARP/NDP answer, ICMP error, outer fragment)."""
+        try:
+            self.ps.sock.send(codec.VNET_NONE + frame, MSG_DONTWAIT)
+            self._sent_now += 1
+        except OSError as e:
+            self.sender.errors[e.errno or 0] = self.sender.errors.get(e.errno or 0, 0) + 1
+
+    def control(self, now: float) -> None:
+        try:
+            while self.conn.poll():
+                msg = self.conn.recv()
+                if msg[0] == "plan":
+                    self.apply(msg[1], now)
+                    self.conn.send(("applied", msg[2]))
+                elif msg[0] == "stop":
+                    self.running = False
+                elif msg[0] == "stats":
+                    self.report()
+        except (EOFError, OSError):
+            self.running = False  # the director is gone
+
+    def report(self) -> None:
+        s = self.stats
+        _, drops = self.ps.statistics()
+        s.ring_drops += drops
+        s.forwarder = self.fwd.stats()
+        s.tx_frames = self.sender.sent + self.slots.sent + self._sent_now
+        s.tx_errors = dict(self.sender.errors)
+        for err, n in self.slots.errors.items():
+            s.tx_errors[err] = s.tx_errors.get(err, 0) + n
+        t = os.times()
+        s.cpu = t.user + t.system
+        try:
+            self.conn.send(("stats", s))
+        except (BrokenPipeError, OSError):
+            self.running = False
+
+    def close(self) -> None:
+        self.sender.close()
+        self.slots.close()
+        del self._ring_ref
+        self.words.release()
+        self.halves.release()
+        self.view.release()
+        self.ps.close()
+
+
+def worker_main(cfg: EngineConfig, plan: Plan, conn, index: int) -> None:
+    """Entry point of a worker process."""
+    _prctl_pdeathsig()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the director decides when we stop
+    signal.signal(signal.SIGTERM, lambda *_: setattr(w, "running", False) if w else os._exit(0))
+    w = None
+    try:
+        w = Worker(cfg, plan, conn, index)
+    except OSError as e:
+        conn.send(("error", f"cannot open {cfg.interface}: {e.strerror or e}"))
+        return
+    conn.send(("ready", w.ps.mac))
+    try:
+        w.run()
+    finally:
+        w.close()
+
+
+# --------------------------------------------------------------------------
+# The director's handle on its workers
+# --------------------------------------------------------------------------
+
+
+class Engine:
+    """Starts the worker processes, hands them plans, gathers their counters.
+
+    Used from the asyncio control plane: every method returns at once
+    (``start`` waits for the workers to open the interface, bounded).
+    """
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self._procs: list[Any] = []
+        self._conns: list[Any] = []
+        self._stats: list[EngineStats] = []
+        self._lock = threading.Lock()
+        self._readers: list[threading.Thread] = []
+        self.mac: bytes | None = None
+        self.failed: str | None = None
+        # Plans are numbered so the control plane can tell when every worker
+        # forwards by the latest one (0 = the plan given to start()).
+        self.generation = 0
+        self._applied: list[int] = []
+
+    def start(self, plan: Plan, timeout: float = 20.0) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        cfg = self.cfg
+        if cfg.workers > 1 and not cfg.fanout_group:
+            cfg.fanout_group = (os.getpid() & 0xFFFF) or 1
+        for i in range(cfg.workers):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=worker_main, args=(cfg, plan, child, i), name=f"glb-engine-{i}", daemon=True)
+            p.start()
+            child.close()
+            self._procs.append(p)
+            self._conns.append(parent)
+            self._stats.append(EngineStats())
+            self._applied.append(0)
+        for i, conn in enumerate(self._conns):
+            if not conn.poll(timeout):
+                self.stop()
+                raise EngineError(f"packet engine worker {i} did not start within {timeout:g}s")
+            try:
+                msg = conn.recv()
+            except EOFError:
+                self.stop()
+                raise EngineError(f"packet engine worker {i} died while starting") from None
+            if msg[0] != "ready":
+                self.stop()
+                raise EngineError(msg[1])
+            self.mac = msg[1]
+        for i, conn in enumerate(self._conns):
+            t = threading.Thread(target=self._read, args=(i, conn), name=f"glb-engine-stats-{i}", daemon=True)
+            t.start()
+            self._readers.append(t)
+
+    def _read(self, i: int, conn) -> None:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                if self._procs and self.failed is None and self._conns:
+                    self.failed = f"packet engine worker {i} exited"
+                return
+            if msg[0] == "stats":
+                with self._lock:
+                    self._stats[i] = msg[1]
+            elif msg[0] == "applied":
+                self._applied[i] = msg[1]
+
+    def update(self, plan: Plan) -> None:
+        self.generation += 1
+        for conn in self._conns:
+            try:
+                conn.send(("plan", plan, self.generation))
+            except (BrokenPipeError, OSError):
+                pass
+
+    @property
+    def applied(self) -> int:
+        """The newest plan generation every worker forwards by."""
+        return min(self._applied, default=0)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            out = EngineStats()
+            for s in self._stats:
+                out = out.merge(s)
+            return out
+
+    def worker_stats(self) -> list[tuple[int, EngineStats]]:
+        """(pid, its last report) per worker: how PACKET_FANOUT spreads the load."""
+        with self._lock:
+            return [(p.pid, s) for p, s in zip(self._procs, self._stats)]
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def stop(self, timeout: float = 5.0) -> None:
+        conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+        for p in self._procs:
+            p.join(timeout)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout)
+        for conn in conns:
+            conn.close()
+        self._procs = []
