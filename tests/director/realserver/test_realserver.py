@@ -336,22 +336,29 @@ def test_a_failing_step_rolls_back_what_was_applied(tmp_path):
 
 
 def test_the_state_file_records_each_step_as_applied(tmp_path):
-    system = FakeSystem(host_facts(kernel_tunnels={4: None}), fail="start_decap")
+    facts = host_facts(kernel_tunnels={4: None})
+    system = FakeSystem(facts, fail="start_decap")
     state = tmp_path / "rs.json"
-    seen = []
+    steps = plan_setup(parse_request(["192.0.2.10"], "tun"), system.facts(None)).steps
+    before_decap = [s.kind for s in steps[:[isinstance(s, StartDecap) for s in steps].index(True)]]
+    assert before_decap  # the plan changes things before the failing step, or this test proves nothing
+    on_disk = []  # the steps the file lists after each write, read back from the file
     real_write = rs._write_state
 
     def spy(path, doc):
-        seen.append(len(doc["steps"]))
         real_write(path, doc)
+        on_disk.append([r["step"]["kind"] for r in json.loads(path.read_text())["steps"]])
 
     rs._write_state = spy
     try:
-        with pytest.raises(RealServerError):
+        with pytest.raises(RealServerError, match="start_decap failed"):
             rs.setup(["192.0.2.10"], "tun", state_file=state, system=system)
     finally:
         rs._write_state = real_write
-    assert seen == list(range(len(seen)))  # rewritten after every step, starting empty
+    # Written before the first change, then once after each change, one more step each time:
+    # a crash at any point leaves a file that lists exactly what was applied.
+    assert on_disk == [before_decap[:n] for n in range(len(before_decap) + 1)]
+    assert not state.exists()  # the failure rolled everything back
 
 
 def test_teardown_restores_a_sysctl_even_if_changed_meanwhile(tmp_path, caplog):
