@@ -447,15 +447,19 @@ def test_second_instance_on_the_same_port_is_refused(server):
     assert exchange(q("mail.example.net"), server, False).answer  # the first one is untouched
 
 
-def test_bad_config_is_one_line_error(tmp_path):
-    from glb.errors import ConfigError
-
-    from dnsfront.main import run
+def test_bad_config_is_one_line_error(tmp_path, text_config):
+    # As an operator meets it: `glb dnsfront` with a config that has one mistake.
+    import subprocess
+    import sys
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("zones: []\n")
-    with pytest.raises(ConfigError):
-        run(str(bad))
+    bad.write_text(text_config().replace("policy: weighted", "policy: weighed"))
+    r = subprocess.run([sys.executable, "-m", "glb.cli", "dnsfront", "--config", str(bad)],
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (1, ""), r
+    assert r.stderr.splitlines() == [
+        f"{bad}: names[app.example.net].policy: unknown policy 'weighed' (expected one of weighted, failover, topology, sticky)",
+    ]
 
 
 def _has_ipv6_loopback() -> bool:
