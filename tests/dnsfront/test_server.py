@@ -331,6 +331,14 @@ def test_topology_by_ecs_over_udp(server):
 # Lifecycle
 
 
+def _until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
 def test_sighup_reload_and_sigterm_exit(dnsfront):
     import signal
     import threading
@@ -351,29 +359,30 @@ def test_sighup_reload_and_sigterm_exit(dnsfront):
                 except socket.timeout:
                     failures.append(m.id)
 
+    def reload_outcomes() -> tuple[int, int]:
+        text = srv.log.read_text()
+        return text.count("reloaded "), text.count("reload failed, keeping the running config")
+
     t = threading.Thread(target=hammer)
     t.start()
     try:
-        time.sleep(0.2)
+        _until(lambda: answered[0] > 0, 5, "the first answers")
         text = srv.path.read_text().replace("192.0.2.25", "192.0.2.26")
         srv.path.write_text(text)
         srv.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if exchange(q("mail.example.net"), srv, False).answer[0][0].address == "192.0.2.26":
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("reload did not take effect")
-        time.sleep(0.2)
+        _until(lambda: exchange(q("mail.example.net"), srv, False).answer[0][0].address == "192.0.2.26", 5,
+               "the reload to take effect")
+        during = answered[0]
+        _until(lambda: answered[0] > during + 50, 5, "answers after the reload")  # still served, none lost
     finally:
         stop.set()
         t.join(5)
-    assert failures == [] and answered[0] > 50
-    # A broken file is refused; the old config keeps serving.
+    assert failures == []
+    assert reload_outcomes() == (1, 0)
+    # A broken file is refused (the process says so) and the old config keeps serving.
     srv.path.write_text("zones: [")
     srv.proc.send_signal(signal.SIGHUP)
-    time.sleep(0.3)
+    _until(lambda: reload_outcomes() == (1, 1), 5, "the broken file's reload to be refused")
     assert exchange(q("mail.example.net"), srv, False).answer[0][0].address == "192.0.2.26"
     assert srv.stop() == 0
 
