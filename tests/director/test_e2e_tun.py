@@ -103,15 +103,23 @@ def test_every_real_server_serves_through_the_tunnel_ipv4_and_ipv6(tun):
 
 
 def test_tunnelled_replies_go_straight_to_the_client(tun):
-    before = nft_counters(tun.director, "glbt")
-    assert curl(tun.client, f"http://{VIP}/") in ("rs1", "rs2")
-    after = nft_counters(tun.director, "glbt")
-    assert after["to_vip"] - before["to_vip"] >= 5
-    assert after["from_vip"] == 0 and after["from_vip6"] == 0
+    def forwarded() -> dict[str, int]:
+        return {address: s["packets"] for address, s in tun.d.servers().items()}
+
+    nft_before, fwd_before = nft_counters(tun.director, "glbt"), forwarded()
+    assert set(fwd_before) == {RS[1], RS[2], RS6[1], RS6[2]}, fwd_before
+    served = curl(tun.client, f"http://{VIP}/")
+    assert served in ("rs1", "rs2")
+    nft_after = nft_counters(tun.director, "glbt")
+    # The client's packets crossed the director; the replies did not.
+    assert nft_after["to_vip"] - nft_before["to_vip"] >= 5
+    assert nft_after["from_vip"] == 0 and nft_after["from_vip6"] == 0
+    # The director tunnelled them to the server that answered (it samples the packet path each second).
+    rs = RS[1] if served == "rs1" else RS[2]
+    tun.lab.wait_for(lambda: forwarded()[rs] - fwd_before[rs] >= 5, timeout=5,
+                     what=f"the packets forwarded to {rs} to be counted")
     servers = tun.d.servers()
-    tun.lab.wait_for(lambda: sum(s["packets"] for s in tun.d.servers().values()) > 0, timeout=5,
-                     what="forwarded packets counted")
-    assert all(s["state"] == "up" for s in servers.values())
+    assert set(servers) == set(fwd_before) and all(s["state"] == "up" for s in servers.values()), servers
 
 
 DF_SENDER = r"""
