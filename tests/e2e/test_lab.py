@@ -26,6 +26,7 @@ from deploy.lab import topology as topo
 pytestmark = pytest.mark.netns
 
 APP = f"app.{topo.ZONE}"
+WEB = f"web.{topo.ZONE}"
 DC1_VIP = "192.0.2.10"
 DC2_VIP = "192.0.2.140"
 BOTH = [DC1_VIP, DC2_VIP]
@@ -229,8 +230,20 @@ def test_redis_outage_keeps_the_last_state_and_recovers(fresh):
 # Operator drain
 
 
+def web_answers(lab, n: int = 20) -> collections.Counter:
+    """``n`` answers of each dnsfront for the weighted name (one address each), counted."""
+    seen: collections.Counter = collections.Counter()
+    for _ in range(n):
+        for a in dnsfront_answers(lab, WEB).values():
+            seen[tuple(a)] += 1
+    return seen
+
+
 def test_site_drain_via_admin_api(fresh):
     lab = fresh
+    # Both sites take the weighted name before the drain (each 20 answers of 40 on average),
+    # so the answers below can only be all dc2 because of it.
+    assert set(web_answers(lab)) == {(DC1_VIP,), (DC2_VIP,)}
     code, body = admin(lab, "dc1", "/admin/site/drain", token=None)
     assert code == 401
     code, body = admin(lab, "dc1", "/admin/site/drain", token="wrong")
@@ -246,8 +259,18 @@ def test_site_drain_via_admin_api(fresh):
         wait_for(lambda: director_status(lab, "dc1")["drained"] is True, 10, "dc1's director to show the drain")
         # Draining is a DNS-level action: dc1's director and real servers keep serving (established clients, probes).
         assert set(server_states(lab, "dc1").values()) == {"up"}
+        assert web_answers(lab) == {(DC2_VIP,): 40}
+        # The resolver may still hold an answer from before the drain, but only until its TTL runs out.
         with lab.inside("client"):
-            assert probe.resolve(topo.RESOLVER, f"web.{topo.ZONE}").addresses in ([DC2_VIP], [DC1_VIP])
+            cached = probe.resolve(topo.RESOLVER, WEB)
+        if cached.addresses != [DC2_VIP]:
+            assert cached.addresses == [DC1_VIP] and 0 < cached.ttl <= 5, cached
+
+            def resolved() -> list[str]:
+                with lab.inside("client"):
+                    return probe.resolve(topo.RESOLVER, WEB).addresses
+
+            wait_for(lambda: resolved() == [DC2_VIP], cached.ttl + 2, "the resolver's cached dc1 answer to expire")
     finally:
         t0 = time.monotonic()
         code, body = admin(lab, "dc1", "/admin/site/undrain", body={"who": "e2e"})
