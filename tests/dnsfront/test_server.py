@@ -259,11 +259,27 @@ def test_tcp_length_prefix_split_across_segments(server):
     assert r.id == m.id and r.answer
 
 
+def _until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
 def test_tcp_idle_timeout_and_connection_cap(dnsfront):
+    import json
+    import urllib.request
+
     srv = dnsfront(idle=0.5, max_conns=2)
+
+    def tcp_counters() -> dict:
+        c = json.load(urllib.request.urlopen(f"http://127.0.0.1:{srv.status_port}/status", timeout=3))["counters"]
+        return {k: c[k] for k in ("tcp_open", "tcp_refused", "tcp_idle_closed")}
+
     a, b = tcp_connect(srv), tcp_connect(srv)
     try:
-        time.sleep(0.1)
+        _until(lambda: tcp_counters()["tcp_open"] == 2, 5, "the server to hold both connections")
         with tcp_connect(srv) as c:  # over the cap: closed at once
             c.settimeout(2)
             try:
@@ -277,6 +293,8 @@ def test_tcp_idle_timeout_and_connection_cap(dnsfront):
         b.settimeout(3)
         assert b.recv(10) == b""  # idle connection closed by the server
         assert time.monotonic() - start < 2.0
+        counters = tcp_counters()  # (a may have gone idle by now too)
+        assert counters["tcp_refused"] == 1 and counters["tcp_idle_closed"] >= 1, counters
     finally:
         a.close()
         b.close()
@@ -329,14 +347,6 @@ def test_topology_by_ecs_over_udp(server):
 
 # ---------------------------------------------------------------------------
 # Lifecycle
-
-
-def _until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def test_sighup_reload_and_sigterm_exit(dnsfront):
