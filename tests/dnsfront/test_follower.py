@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from glb.config import RedisConfig
+from tests.waiting import async_until
 
 from dnsfront.answers import Engine
 from dnsfront.follower import AnswerUpdater
@@ -31,13 +32,6 @@ class FakeFollower:
         self.on_change(state)
 
 
-async def until(predicate, what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        await asyncio.sleep(0.005)
-
-
 async def test_no_state_until_first_load_then_rebuild_on_change(config, st):
     engine = Engine(config)
     upd = AnswerUpdater(RedisConfig(stale_after=3.0), lambda: engine, follower_factory=FakeFollower)
@@ -47,7 +41,7 @@ async def test_no_state_until_first_load_then_rebuild_on_change(config, st):
         assert "no Redis state" in engine.plans[("fo.example.net.", 4)].reason
         now = time.time()
         upd.follower.push(st.state(st.snapshot("dc2", at=now)))
-        await until(lambda: engine.state is upd.follower.state, "the pushed state to be built")
+        await async_until(lambda: engine.state is upd.follower.state, "the pushed state to be built")
         assert engine.plans[("fo.example.net.", 4)].choices[0].sites == ("dc2",)
     finally:
         await upd.stop()
@@ -63,10 +57,10 @@ async def test_site_going_stale_rebuilds_without_any_message(text_config, st):
     try:
         now = time.time()
         upd.follower.push(st.state(st.snapshot("dc1", at=now), st.snapshot("dc2", at=now + 60)))
-        await until(lambda: engine.state is upd.follower.state, "the pushed state to be built")
+        await async_until(lambda: engine.state is upd.follower.state, "the pushed state to be built")
         assert engine.plans[("fo.example.net.", 4)].choices[0].sites == ("dc1",)
         # No message comes: only time makes dc1's snapshot older than stale_after (0.3 s).
-        await until(lambda: engine.plans[("fo.example.net.", 4)].choices[0].sites == ("dc2",), "dc1 to go stale")
+        await async_until(lambda: engine.plans[("fo.example.net.", 4)].choices[0].sites == ("dc2",), "dc1 to go stale")
         assert time.time() - now >= 0.3  # not before it is stale
         assert "stale" in engine.plans[("fo.example.net.", 4)].reason
     finally:

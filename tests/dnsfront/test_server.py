@@ -23,6 +23,8 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
+from tests.waiting import until
+
 AA, RD, RA, TC, CD = dns.flags.AA, dns.flags.RD, dns.flags.RA, dns.flags.TC, dns.flags.CD
 
 
@@ -259,14 +261,6 @@ def test_tcp_length_prefix_split_across_segments(server):
     assert r.id == m.id and r.answer
 
 
-def _until(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def test_tcp_idle_timeout_and_connection_cap(dnsfront):
     import json
     import urllib.request
@@ -279,7 +273,7 @@ def test_tcp_idle_timeout_and_connection_cap(dnsfront):
 
     a, b = tcp_connect(srv), tcp_connect(srv)
     try:
-        _until(lambda: tcp_counters()["tcp_open"] == 2, 5, "the server to hold both connections")
+        until(lambda: tcp_counters()["tcp_open"] == 2, "the server to hold both connections", timeout=5)
         with tcp_connect(srv) as c:  # over the cap: closed at once
             c.settimeout(2)
             try:
@@ -376,14 +370,14 @@ def test_sighup_reload_and_sigterm_exit(dnsfront):
     t = threading.Thread(target=hammer)
     t.start()
     try:
-        _until(lambda: answered[0] > 0, 5, "the first answers")
+        until(lambda: answered[0] > 0, "the first answers", timeout=5)
         text = srv.path.read_text().replace("192.0.2.25", "192.0.2.26")
         srv.path.write_text(text)
         srv.proc.send_signal(signal.SIGHUP)
-        _until(lambda: exchange(q("mail.example.net"), srv, False).answer[0][0].address == "192.0.2.26", 5,
-               "the reload to take effect")
+        until(lambda: exchange(q("mail.example.net"), srv, False).answer[0][0].address == "192.0.2.26",
+              "the reload to take effect", timeout=5)
         during = answered[0]
-        _until(lambda: answered[0] > during + 50, 5, "answers after the reload")  # still served, none lost
+        until(lambda: answered[0] > during + 50, "answers after the reload", timeout=5)  # still served, none lost
     finally:
         stop.set()
         t.join(5)
@@ -392,7 +386,7 @@ def test_sighup_reload_and_sigterm_exit(dnsfront):
     # A broken file is refused (the process says so) and the old config keeps serving.
     srv.path.write_text("zones: [")
     srv.proc.send_signal(signal.SIGHUP)
-    _until(lambda: reload_outcomes() == (1, 1), 5, "the broken file's reload to be refused")
+    until(lambda: reload_outcomes() == (1, 1), "the broken file's reload to be refused", timeout=5)
     assert exchange(q("mail.example.net"), srv, False).answer[0][0].address == "192.0.2.26"
     assert srv.stop() == 0
 
