@@ -10,7 +10,6 @@ servers to the client through the router, never through the director.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import pytest
@@ -129,7 +128,9 @@ s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO: DF s
 s.connect((sys.argv[1], 5353))
 s.send(b"x" * 1472)  # a 1500-byte packet: does not fit the tunnel (1480 inside)
 import time
-time.sleep(0.5)
+deadline = time.monotonic() + 5
+while s.getsockopt(socket.IPPROTO_IP, 14) >= 1500 and time.monotonic() < deadline:  # until the ICMP is in
+    time.sleep(0.01)
 try:
     s.send(b"x" * 1472)
     print("sent")
@@ -142,8 +143,8 @@ print(s.getsockopt(socket.IPPROTO_IP, 14))  # IP_MTU: the path MTU the kernel le
 def test_a_df_packet_too_big_for_the_tunnel_gets_frag_needed_back(tun):
     out = tun.client.run([PY, "-c", DF_SENDER, VIP]).stdout.split()
     assert out == ["refused", "90", "1480"]  # EMSGSIZE: the client learnt the tunnel's MTU from the director
-    doc = tun.d.status()
-    assert doc["packet_path"]["drops"].get("too_big", 0) >= 1
+    tun.lab.wait_for(lambda: tun.d.status()["packet_path"]["drops"].get("too_big", 0) >= 1, timeout=5,
+                     what="the director to count the too-big packet (it samples each second)")
 
 
 def test_the_director_survives_and_keeps_serving_after_garbage(tun):
@@ -159,7 +160,12 @@ for i in range(300):
     except OSError:
         pass
 """.replace("VIP", VIP)
+    def dropped() -> int:
+        return sum(tun.d.status()["packet_path"]["drops"].values())
+
+    before = dropped()
     tun.client.run([PY, "-c", garbage])
-    time.sleep(0.2)
+    # The 200 with a valid IPv4 header (i % 3 != 0) cross the router: wait until the director has counted them.
+    tun.lab.wait_for(lambda: dropped() - before >= 200, timeout=10, what="the garbage to be counted as dropped")
     assert tun.d.proc.poll() is None
     assert curl(tun.client, f"http://{VIP}/") in ("rs1", "rs2")
