@@ -147,9 +147,17 @@ def test_real_server_dies_inside_a_site(fresh):
           f"(fall {check.fall} x interval {check.interval} s)")
     assert took <= limit
     assert server_states(lab, "dc1")["10.1.0.12"] == "up"
-    # The site still has capacity: DNS keeps answering it, before and after the decision.
-    time.sleep(0.3)
-    answers_during.append(dnsfront_answers(lab))
+    # The site still has capacity: DNS keeps answering it, before and after the decision reached
+    # dnsfront (which then answers with the degraded TTL: dc1 is below full capacity).
+    degraded_ttl = next(n.degraded_ttl for n in lab.config.names if n.name.rstrip(".") == APP)
+
+    def after_the_decision() -> bool:
+        with lab.inside("client"):
+            got = [probe.resolve(addr, APP, rd=False, timeout=0.5) for addr in topo.DNSFRONTS.values()]
+        answers_during.append({str(i): r.addresses for i, r in enumerate(got)})
+        return all(r.ttl == degraded_ttl for r in got)
+
+    wait_for(after_the_decision, 5, "dnsfront to learn that dc1 runs at half capacity")
     assert all(DC1_VIP in a for snap in answers_during for a in snap.values()), answers_during
     served = fetch_many(lab, DC1_VIP, 20)
     print(f"new connections after the decision: {dict(served)}")

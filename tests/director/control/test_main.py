@@ -30,6 +30,7 @@ from glb.state import Override, SiteSnapshot, server_target
 from glb.store import RedisStore
 from director.control.main import Director, run
 from director.control.probes import Prober
+from tests.waiting import async_until
 
 ROOT = Path(__file__).resolve().parents[3]
 INTERVAL = 0.1
@@ -635,7 +636,8 @@ async def test_process_reloads_on_sighup_and_withdraws_on_sigterm(tmp_path, redi
             # A broken config on SIGHUP is logged and the running one kept.
             path.write_text("sites: [")
             os.kill(proc.pid, signal.SIGHUP)
-            await asyncio.sleep(0.5)
+            await async_until(lambda: "reload failed, keeping the running config" in (tmp_path / "director.log").read_text(),
+                              "the director to refuse the broken config")
             assert proc.poll() is None
             async with http.get(f"http://127.0.0.1:{status_port}/healthz") as r:
                 assert r.status == 200
