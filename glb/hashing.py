@@ -15,6 +15,8 @@ Maglev follows IPVS's ``mh`` scheduler (net/netfilter/ipvs/ip_vs_mh.c):
   ``weight / gcd(weights)`` slots per turn (shifted right so the largest
   turn fits in 6 bits, as IPVS does, so a 1000:1 weight cannot make one
   backend fill the table before the others get a turn);
+* the turns go in the order of the names, not of the list (IPVS goes in
+  list order): the table depends on the set of (name, weight) pairs only;
 * the weights given here are the *last non-zero* weights: a drained
   (weight 0) backend keeps its slots so draining does not reshuffle anyone
   else; the scheduler skips it at lookup time and falls back.
@@ -89,7 +91,9 @@ def maglev_table(names: Sequence[bytes], weights: Sequence[int], size: int = DEF
     """Build a Maglev lookup table: slot -> index into ``names`` (-1 = no backend).
 
     ``weights`` are the weights the table is built from; pass a drained
-    backend's last non-zero weight so its slots stay put. Raises ValueError
+    backend's last non-zero weight so its slots stay put. Listing the same
+    (name, weight) pairs in another order gives the same table, its indices
+    following the new order. Raises ValueError
     for a non-prime size, duplicate names or a length mismatch.
     """
     if not is_prime(size):
@@ -102,7 +106,10 @@ def maglev_table(names: Sequence[bytes], weights: Sequence[int], size: int = DEF
         raise ValueError(f"{len(names)} backends do not fit a table of {size}")
     table = [-1] * size
     turns = maglev_turns(weights)
-    members = [i for i, t in enumerate(turns) if t > 0]
+    # Turns in name order, not list order: two directors listing the same
+    # servers differently, or a reload that only reorders them, must build the
+    # same table, or the same client lands on different servers.
+    members = sorted((i for i, t in enumerate(turns) if t > 0), key=names.__getitem__)
     if not members:
         return table
     perms = [maglev_permutation(names[i], size) for i in members]

@@ -10,7 +10,6 @@ servers to the client through the router, never through the director.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 import pytest
@@ -103,15 +102,23 @@ def test_every_real_server_serves_through_the_tunnel_ipv4_and_ipv6(tun):
 
 
 def test_tunnelled_replies_go_straight_to_the_client(tun):
-    before = nft_counters(tun.director, "glbt")
-    assert curl(tun.client, f"http://{VIP}/") in ("rs1", "rs2")
-    after = nft_counters(tun.director, "glbt")
-    assert after["to_vip"] - before["to_vip"] >= 5
-    assert after["from_vip"] == 0 and after["from_vip6"] == 0
+    def forwarded() -> dict[str, int]:
+        return {address: s["packets"] for address, s in tun.d.servers().items()}
+
+    nft_before, fwd_before = nft_counters(tun.director, "glbt"), forwarded()
+    assert set(fwd_before) == {RS[1], RS[2], RS6[1], RS6[2]}, fwd_before
+    served = curl(tun.client, f"http://{VIP}/")
+    assert served in ("rs1", "rs2")
+    nft_after = nft_counters(tun.director, "glbt")
+    # The client's packets crossed the director; the replies did not.
+    assert nft_after["to_vip"] - nft_before["to_vip"] >= 5
+    assert nft_after["from_vip"] == 0 and nft_after["from_vip6"] == 0
+    # The director tunnelled them to the server that answered (it samples the packet path each second).
+    rs = RS[1] if served == "rs1" else RS[2]
+    tun.lab.wait_for(lambda: forwarded()[rs] - fwd_before[rs] >= 5, timeout=5,
+                     what=f"the packets forwarded to {rs} to be counted")
     servers = tun.d.servers()
-    tun.lab.wait_for(lambda: sum(s["packets"] for s in tun.d.servers().values()) > 0, timeout=5,
-                     what="forwarded packets counted")
-    assert all(s["state"] == "up" for s in servers.values())
+    assert set(servers) == set(fwd_before) and all(s["state"] == "up" for s in servers.values()), servers
 
 
 DF_SENDER = r"""
@@ -121,7 +128,9 @@ s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO: DF s
 s.connect((sys.argv[1], 5353))
 s.send(b"x" * 1472)  # a 1500-byte packet: does not fit the tunnel (1480 inside)
 import time
-time.sleep(0.5)
+deadline = time.monotonic() + 5
+while s.getsockopt(socket.IPPROTO_IP, 14) >= 1500 and time.monotonic() < deadline:  # until the ICMP is in
+    time.sleep(0.01)
 try:
     s.send(b"x" * 1472)
     print("sent")
@@ -134,8 +143,8 @@ print(s.getsockopt(socket.IPPROTO_IP, 14))  # IP_MTU: the path MTU the kernel le
 def test_a_df_packet_too_big_for_the_tunnel_gets_frag_needed_back(tun):
     out = tun.client.run([PY, "-c", DF_SENDER, VIP]).stdout.split()
     assert out == ["refused", "90", "1480"]  # EMSGSIZE: the client learnt the tunnel's MTU from the director
-    doc = tun.d.status()
-    assert doc["packet_path"]["drops"].get("too_big", 0) >= 1
+    tun.lab.wait_for(lambda: tun.d.status()["packet_path"]["drops"].get("too_big", 0) >= 1, timeout=5,
+                     what="the director to count the too-big packet (it samples each second)")
 
 
 def test_the_director_survives_and_keeps_serving_after_garbage(tun):
@@ -151,7 +160,12 @@ for i in range(300):
     except OSError:
         pass
 """.replace("VIP", VIP)
+    def dropped() -> int:
+        return sum(tun.d.status()["packet_path"]["drops"].values())
+
+    before = dropped()
     tun.client.run([PY, "-c", garbage])
-    time.sleep(0.2)
+    # The 200 with a valid IPv4 header (i % 3 != 0) cross the router: wait until the director has counted them.
+    tun.lab.wait_for(lambda: dropped() - before >= 200, timeout=10, what="the garbage to be counted as dropped")
     assert tun.d.proc.poll() is None
     assert curl(tun.client, f"http://{VIP}/") in ("rs1", "rs2")

@@ -173,7 +173,10 @@ class DNSFrontProcess:
 
         self.path, self.port, self.status_port = path, port, status_port
         self.log = path.with_suffix(".log")
-        code = "import sys; from dnsfront.main import run; sys.exit(run(sys.argv[1], int(sys.argv[2]) or None, 'debug'))"
+        # Logging as `glb dnsfront` sets it up, so tests can read what the process reports.
+        code = ("import logging, sys; from dnsfront.main import run; "
+                "logging.basicConfig(level=logging.DEBUG, format='%(levelname)s %(name)s: %(message)s'); "
+                "sys.exit(run(sys.argv[1], int(sys.argv[2]) or None, 'debug'))")
         self.proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(workers or 0)],
                                      stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
 

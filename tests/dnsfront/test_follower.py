@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from glb.config import RedisConfig
+from tests.waiting import async_until
 
 from dnsfront.answers import Engine
 from dnsfront.follower import AnswerUpdater
@@ -40,10 +41,7 @@ async def test_no_state_until_first_load_then_rebuild_on_change(config, st):
         assert "no Redis state" in engine.plans[("fo.example.net.", 4)].reason
         now = time.time()
         upd.follower.push(st.state(st.snapshot("dc2", at=now)))
-        deadline = time.monotonic() + 1
-        while engine.state is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        assert engine.state is upd.follower.state
+        await async_until(lambda: engine.state is upd.follower.state, "the pushed state to be built")
         assert engine.plans[("fo.example.net.", 4)].choices[0].sites == ("dc2",)
     finally:
         await upd.stop()
@@ -59,10 +57,11 @@ async def test_site_going_stale_rebuilds_without_any_message(text_config, st):
     try:
         now = time.time()
         upd.follower.push(st.state(st.snapshot("dc1", at=now), st.snapshot("dc2", at=now + 60)))
-        await asyncio.sleep(0.05)
+        await async_until(lambda: engine.state is upd.follower.state, "the pushed state to be built")
         assert engine.plans[("fo.example.net.", 4)].choices[0].sites == ("dc1",)
-        await asyncio.sleep(0.4)  # dc1's snapshot is now older than stale_after
-        plan = engine.plans[("fo.example.net.", 4)]
-        assert plan.choices[0].sites == ("dc2",) and "stale" in plan.reason
+        # No message comes: only time makes dc1's snapshot older than stale_after (0.3 s).
+        await async_until(lambda: engine.plans[("fo.example.net.", 4)].choices[0].sites == ("dc2",), "dc1 to go stale")
+        assert time.time() - now >= 0.3  # not before it is stale
+        assert "stale" in engine.plans[("fo.example.net.", 4)].reason
     finally:
         await upd.stop()

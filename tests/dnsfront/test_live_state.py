@@ -122,13 +122,17 @@ def test_stale_heartbeat_takes_a_site_out(dnsfront, redis_url):
 
 def test_redis_outage_keeps_last_good_state(dnsfront, redis_url, redis_server):
     publish(redis_url, "dc1", withdrawn=True)
-    publish(redis_url, "dc2", "dc3")
-    srv = dnsfront(redis=redis_url, stale_after=2.0)
-    wait_for(lambda: answer(srv), VIPS["dc2"], 5)
+    # Heartbeats until the outage: published once only, dc2 could be stale before a slow start is over.
+    with Heartbeat(redis_url, "dc2", "dc3"):
+        srv = dnsfront(redis=redis_url, stale_after=2.0)
+        wait_for(lambda: answer(srv), VIPS["dc2"], 5)
+    stale_from = time.time() + 2.0  # every snapshot is older than stale_after from then on
     redis_server.stop()
     try:
         wait_for(lambda: status(srv)["redis"][0]["connected"], False, 5)
-        time.sleep(2.5)  # longer than stale_after: the frozen state must not go stale
+        # Here time passing is the event: once the snapshots are older than stale_after,
+        # the frozen state must still not go stale.
+        time.sleep(max(0.0, stale_from - time.time()) + 0.2)
         for _ in range(10):
             assert answer(srv) == VIPS["dc2"]
         health = urllib.request.urlopen(f"http://127.0.0.1:{srv.status_port}/healthz", timeout=3).read().decode()

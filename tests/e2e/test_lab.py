@@ -26,6 +26,7 @@ from deploy.lab import topology as topo
 pytestmark = pytest.mark.netns
 
 APP = f"app.{topo.ZONE}"
+WEB = f"web.{topo.ZONE}"
 DC1_VIP = "192.0.2.10"
 DC2_VIP = "192.0.2.140"
 BOTH = [DC1_VIP, DC2_VIP]
@@ -146,9 +147,17 @@ def test_real_server_dies_inside_a_site(fresh):
           f"(fall {check.fall} x interval {check.interval} s)")
     assert took <= limit
     assert server_states(lab, "dc1")["10.1.0.12"] == "up"
-    # The site still has capacity: DNS keeps answering it, before and after the decision.
-    time.sleep(0.3)
-    answers_during.append(dnsfront_answers(lab))
+    # The site still has capacity: DNS keeps answering it, before and after the decision reached
+    # dnsfront (which then answers with the degraded TTL: dc1 is below full capacity).
+    degraded_ttl = next(n.degraded_ttl for n in lab.config.names if n.name.rstrip(".") == APP)
+
+    def after_the_decision() -> bool:
+        with lab.inside("client"):
+            got = [probe.resolve(addr, APP, rd=False, timeout=0.5) for addr in topo.DNSFRONTS.values()]
+        answers_during.append({str(i): r.addresses for i, r in enumerate(got)})
+        return all(r.ttl == degraded_ttl for r in got)
+
+    wait_for(after_the_decision, 5, "dnsfront to learn that dc1 runs at half capacity")
     assert all(DC1_VIP in a for snap in answers_during for a in snap.values()), answers_during
     served = fetch_many(lab, DC1_VIP, 20)
     print(f"new connections after the decision: {dict(served)}")
@@ -229,8 +238,20 @@ def test_redis_outage_keeps_the_last_state_and_recovers(fresh):
 # Operator drain
 
 
+def web_answers(lab, n: int = 20) -> collections.Counter:
+    """``n`` answers of each dnsfront for the weighted name (one address each), counted."""
+    seen: collections.Counter = collections.Counter()
+    for _ in range(n):
+        for a in dnsfront_answers(lab, WEB).values():
+            seen[tuple(a)] += 1
+    return seen
+
+
 def test_site_drain_via_admin_api(fresh):
     lab = fresh
+    # Both sites take the weighted name before the drain (each 20 answers of 40 on average),
+    # so the answers below can only be all dc2 because of it.
+    assert set(web_answers(lab)) == {(DC1_VIP,), (DC2_VIP,)}
     code, body = admin(lab, "dc1", "/admin/site/drain", token=None)
     assert code == 401
     code, body = admin(lab, "dc1", "/admin/site/drain", token="wrong")
@@ -246,8 +267,18 @@ def test_site_drain_via_admin_api(fresh):
         wait_for(lambda: director_status(lab, "dc1")["drained"] is True, 10, "dc1's director to show the drain")
         # Draining is a DNS-level action: dc1's director and real servers keep serving (established clients, probes).
         assert set(server_states(lab, "dc1").values()) == {"up"}
+        assert web_answers(lab) == {(DC2_VIP,): 40}
+        # The resolver may still hold an answer from before the drain, but only until its TTL runs out.
         with lab.inside("client"):
-            assert probe.resolve(topo.RESOLVER, f"web.{topo.ZONE}").addresses in ([DC2_VIP], [DC1_VIP])
+            cached = probe.resolve(topo.RESOLVER, WEB)
+        if cached.addresses != [DC2_VIP]:
+            assert cached.addresses == [DC1_VIP] and 0 < cached.ttl <= 5, cached
+
+            def resolved() -> list[str]:
+                with lab.inside("client"):
+                    return probe.resolve(topo.RESOLVER, WEB).addresses
+
+            wait_for(lambda: resolved() == [DC2_VIP], cached.ttl + 2, "the resolver's cached dc1 answer to expire")
     finally:
         t0 = time.monotonic()
         code, body = admin(lab, "dc1", "/admin/site/undrain", body={"who": "e2e"})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -85,22 +87,45 @@ def test_maglev_removing_one_backend_moves_few_other_slots(n):
     assert all(after[i] != gone for i in range(M))
 
 
-def test_maglev_drained_backend_keeps_its_slots_via_last_weight():
+def test_maglev_zero_weight_backend_owns_no_slot_and_only_its_slots_move():
+    # What draining by last weight relies on (the scheduler's side is
+    # tests/director/test_scheduler.py::test_mh_drained_server_keeps_its_slots_via_last_weight):
+    # built with weight 0 a backend owns nothing, so keeping its last weight is what keeps its slots.
     names = backends(4)
-    assert maglev_table(names, [5, 5, 5, 5]) == maglev_table(names, [5, 5, 5, 5])
-    # built with weight 0 instead, the backend vanishes and others move
+    live = maglev_table(names, [5, 5, 5, 5])
     without = maglev_table(names, [5, 5, 0, 5])
     assert 2 not in without
+    owned = [i for i in range(M) if live[i] == 2]
+    assert abs(len(owned) / M - 0.25) < 0.01
+    others_moved = sum(live[i] != without[i] for i in range(M) if live[i] != 2)
+    assert others_moved / (M - len(owned)) < 0.02
 
 
-def test_maglev_is_deterministic_and_order_independent_per_backend_name():
-    names = backends(6)
-    a = maglev_table(names, [1] * 6)
-    b = maglev_table(names, [1] * 6)
-    assert a == b
+def _by_name(names: list[bytes], table: list[int]) -> list[bytes | None]:
+    return [names[i] if i >= 0 else None for i in table]
+
+
+@pytest.mark.parametrize("n", [2, 6, 40])
+def test_maglev_is_deterministic_and_order_independent_per_backend_name(n):
+    names = backends(n)
+    weights = [1 + i % 3 for i in range(n)]
+    if n > 2:
+        weights[n // 2] = 0  # a member without a turn does not shift the others either
+    table = maglev_table(names, weights)
+    want = _by_name(names, table)
     key = b"\xc6\x33\x64\x07"
-    assert maglev_lookup(a, key) == maglev_lookup(b, key)
-    assert maglev_permutation(names[0], M) == maglev_permutation(names[0], M)
+    orders = [list(reversed(range(n)))] + [random.Random(seed).sample(range(n), n) for seed in range(3)]
+    for order in orders:
+        shuffled = [names[i] for i in order]
+        other = maglev_table(shuffled, [weights[i] for i in order])
+        assert _by_name(shuffled, other) == want, order
+        assert shuffled[maglev_lookup(other, key)] == names[maglev_lookup(table, key)]
+    # The same table in another process (no per-process hash salt anywhere).
+    code = (f"import json; from glb.hashing import maglev_table; "
+            f"print(json.dumps(maglev_table({list(reversed(names))!r}, {list(reversed(weights))!r}, 251)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONHASHSEED="4242")).stdout
+    assert _by_name(list(reversed(names)), json.loads(out)) == _by_name(names, maglev_table(names, weights, 251))
     off, skip = maglev_permutation(names[0], M)
     assert 0 <= off < M and 1 <= skip < M
 

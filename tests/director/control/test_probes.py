@@ -19,6 +19,7 @@ from glb.config import CHECK_TYPES, CHECKS, DnsCheck, ExecCheck, HttpCheck, Http
 from director.control.checker import Checker, Target
 from director.control.health import ServerKey
 from director.control.probes import PROBES, ProbeResult, Prober
+from tests.waiting import async_until
 
 HOST = "127.0.0.1"
 
@@ -397,12 +398,13 @@ async def test_checker_update_keeps_unchanged_targets_and_restarts_changed_ones(
 
     checker = Checker(probe, lambda t, r: None, max_probes=5)
     checker.update([_target(1, interval=5.0), _target(2, interval=5.0)])
-    await asyncio.sleep(0.1)
+    await async_until(lambda: len(probed) == 2, "the first probes")
     assert sorted(probed) == ["10.0.0.1/5.0", "10.0.0.2/5.0"]
     task1 = checker._tasks[_target(1).key][1]
-    # Target 1 unchanged, target 2's check changed, target 3 new.
+    # Target 1 unchanged, target 2's check changed, target 3 new. Tasks start in
+    # that order (no jitter), so a restarted target 1 would be probed before 2 and 3.
     checker.update([_target(1, interval=5.0), _target(2, interval=6.0), _target(3, interval=5.0)])
-    await asyncio.sleep(0.1)
+    await async_until(lambda: {"10.0.0.2/6.0", "10.0.0.3/5.0"} <= set(probed), "the changed and new targets' probes")
     await checker.stop()
     assert checker._tasks == {}
     assert task1.cancelled()
@@ -421,8 +423,9 @@ async def test_checker_start_jitter_spreads_first_probes():
     values = iter([0.0, 0.5, 0.99])
     checker = Checker(probe, lambda t, r: None, max_probes=5, rng=lambda: next(values))
     checker.update([_target(i, start_jitter=0.4, interval=5.0) for i in (1, 2, 3)])
-    await asyncio.sleep(0.6)
+    await async_until(lambda: len(first) == 3, "every first probe")
     await checker.stop()
-    assert first["10.0.0.1"] < 0.15
-    assert 0.15 < first["10.0.0.2"] < 0.35
-    assert 0.35 < first["10.0.0.3"] < 0.55
+    # rng() x start_jitter: 0, 0.2 and 0.396 s. A sleep never ends early, so the lower
+    # bounds hold on any machine; the order shows each waited its own offset.
+    assert sorted(first, key=first.get) == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    assert first["10.0.0.2"] >= 0.2 and first["10.0.0.3"] >= 0.396

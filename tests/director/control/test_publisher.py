@@ -17,6 +17,7 @@ from glb.store import RedisStore
 from director.control.health import HealthTable, ServerKey
 from director.control.publisher import Publisher
 from director.control.site import build_snapshot
+from tests.waiting import async_until
 
 CONFIG = """
 zones:
@@ -119,10 +120,11 @@ async def test_a_change_reaches_redis_at_once_not_at_the_next_heartbeat(store, r
 
 async def test_pokes_during_a_publication_coalesce():
     published: list[SiteSnapshot] = []
-    gate = asyncio.Event()
+    gate, entered = asyncio.Event(), asyncio.Event()
 
     class SlowStore:
         async def publish(self, snapshot):
+            entered.set()
             await gate.wait()
             published.append(snapshot)
             return snapshot
@@ -135,11 +137,13 @@ async def test_pokes_during_a_publication_coalesce():
 
     pub = Publisher(SlowStore(), build, heartbeat=30.0)
     pub.start()
-    await asyncio.sleep(0.05)  # first publication is waiting on the gate
+    await asyncio.wait_for(entered.wait(), 5)  # the first publication is waiting on the gate
     for _ in range(10):
         pub.poke()
     gate.set()
-    await asyncio.sleep(0.2)
+    # The gate open, the store answers without yielding: publications owed for the pokes
+    # all land before this poll looks again, so it sees any beyond the coalesced one.
+    await async_until(lambda: len(published) >= 2, "the publication the pokes asked for")
     await pub.stop(withdraw=True)
     # One publication in flight + one for all ten pokes + the withdrawal.
     assert [(s.heartbeat, s.withdrawn) for s in published] == [(1.0, False), (2.0, False), (3.0, True)]
@@ -157,8 +161,7 @@ async def test_survives_a_redis_restart_and_republishes(redis_server, redis_url,
         # A state change during the outage: decided, not yet publishable.
         table.record(A, True, "came up during the outage", 1.0)
         pub.poke()
-        await asyncio.sleep(0.5)  # several failed attempts
-        assert pub.failed >= 3
+        await async_until(lambda: pub.failed >= 3, "several failed attempts")
         redis_server.start()
 
         async def republished():

@@ -255,6 +255,29 @@ def test_mh_drain_moves_only_the_drained_servers_clients():
     assert [s.schedule(client(i), 1, VIP, 80, 0) for i in range(3000)] == before
 
 
+def test_mh_drained_server_keeps_its_slots_via_last_weight():
+    # Without fallback a lookup that lands on the drained server's slot finds no one:
+    # exactly its old clients get None, so its slots were neither rebuilt away nor moved.
+    ds = dests(5, 5, 5, 5)
+    s = make_scheduler("mh", ds, table_size=4093, fallback=False)
+    before = [s.schedule(client(i), 1, VIP, 80, 0) for i in range(3000)]
+    assert ds[2] in before
+    ds[2].weight = 0
+    s.update()
+    after = [s.schedule(client(i), 1, VIP, 80, 0) for i in range(3000)]
+    assert after == [None if b is ds[2] else b for b in before]
+
+
+def test_mh_order_of_the_servers_does_not_matter():
+    # Two directors (or a reload) listing the same servers in another order send each client to the same server.
+    ds = dests(1, 2, 3, 1, 2)
+    there = dests(1, 2, 3, 1, 2)[::-1]
+    a = make_scheduler("mh", ds, table_size=4093)
+    b = make_scheduler("mh", there, table_size=4093)
+    for i in range(2000):
+        assert a.schedule(client(i), 1, VIP, 80, 0).addr == b.schedule(client(i), 1, VIP, 80, 0).addr
+
+
 def test_mh_down_server_falls_back_or_none_without_fallback():
     ds = dests(1, 1, 1)
     strict = make_scheduler("mh", ds, table_size=251, fallback=False)

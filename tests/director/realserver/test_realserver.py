@@ -336,22 +336,29 @@ def test_a_failing_step_rolls_back_what_was_applied(tmp_path):
 
 
 def test_the_state_file_records_each_step_as_applied(tmp_path):
-    system = FakeSystem(host_facts(kernel_tunnels={4: None}), fail="start_decap")
+    facts = host_facts(kernel_tunnels={4: None})
+    system = FakeSystem(facts, fail="start_decap")
     state = tmp_path / "rs.json"
-    seen = []
+    steps = plan_setup(parse_request(["192.0.2.10"], "tun"), system.facts(None)).steps
+    before_decap = [s.kind for s in steps[:[isinstance(s, StartDecap) for s in steps].index(True)]]
+    assert before_decap  # the plan changes things before the failing step, or this test proves nothing
+    on_disk = []  # the steps the file lists after each write, read back from the file
     real_write = rs._write_state
 
     def spy(path, doc):
-        seen.append(len(doc["steps"]))
         real_write(path, doc)
+        on_disk.append([r["step"]["kind"] for r in json.loads(path.read_text())["steps"]])
 
     rs._write_state = spy
     try:
-        with pytest.raises(RealServerError):
+        with pytest.raises(RealServerError, match="start_decap failed"):
             rs.setup(["192.0.2.10"], "tun", state_file=state, system=system)
     finally:
         rs._write_state = real_write
-    assert seen == list(range(len(seen)))  # rewritten after every step, starting empty
+    # Written before the first change, then once after each change, one more step each time:
+    # a crash at any point leaves a file that lists exactly what was applied.
+    assert on_disk == [before_decap[:n] for n in range(len(before_decap) + 1)]
+    assert not state.exists()  # the failure rolled everything back
 
 
 def test_teardown_restores_a_sysctl_even_if_changed_meanwhile(tmp_path, caplog):
@@ -798,6 +805,22 @@ def wait_stats(state: Path, want, timeout: float = 5.0) -> dict:
         time.sleep(0.1)
 
 
+def wait_settled_stats(state: Path, timeout: float = 15.0) -> dict:
+    """Counters of a stats write that found nothing new since the write before: the backlog is drained."""
+    stats_file, _ = rs._side_files(state)
+    deadline = time.monotonic() + timeout
+    previous = None
+    while True:
+        doc = dc.read_stats(stats_file)
+        if doc is not None and (previous is None or doc["updated"] > previous["updated"]):
+            if previous is not None and doc["counters"] == previous["counters"]:
+                return doc["counters"]
+            previous = doc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"decapsulator counters never settled: {doc and doc['counters']}")
+        time.sleep(0.1)
+
+
 def ipip(inner, outer6: bool = False) -> bytes:
     if outer6:
         return bytes(IPv6(src=DIRECTOR6, dst=RS6, nh=41 if inner.version == 6 else 4) / inner)
@@ -1044,8 +1067,7 @@ def test_tun_packets_lost_while_the_decapsulator_lags_are_counted(tun):
     finally:
         os.kill(pid, signal.SIGCONT)
     wait_stats(t.state, lambda c: c.get("received", 0) + c.get("socket_overflow", 0) >= 0.99 * sent, timeout=15)
-    time.sleep(1.5)  # one more stats period: the backlog is drained
-    c = wait_stats(t.state, lambda c: True)
+    c = wait_settled_stats(t.state)
     assert c["socket_overflow"] > 0
     assert c["received"] == c["delivered"]
     # veth may also drop a few at its backlog before the socket sees them; nothing else goes missing.
