@@ -35,6 +35,7 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 from director.control import vrrp_packet as wire
 from director.control.vrrp_packet import Address, Advertisement, Received
@@ -85,6 +86,23 @@ class RouterConfig:
             raise ValueError("advert_interval must be 1..4095 centiseconds")
         if any(a.version != self.address.version for a in (*self.addresses, *self.peers)):
             raise ValueError("address, virtual addresses and peers must be of one family")
+
+    @classmethod
+    def from_pair(cls, pair: Any, member_id: str, vips: Iterable[Address]) -> RouterConfig:
+        """The virtual router of ``member_id`` in a ``glb.config.PairConfig``, advertising the site's ``vips`` of its family."""
+        me = pair.member(member_id)
+        if me is None:
+            raise HAError("member", f"{member_id!r} is not a member of the pair ({', '.join(m.id for m in pair.members)})")
+        return cls(
+            vrid=pair.virtual_router_id,
+            priority=me.priority,
+            address=me.address,
+            addresses=tuple(dict.fromkeys(v for v in vips if v.version == me.address.version)),
+            advert_interval=round(pair.advert_interval * 100),
+            preempt=pair.preempt,
+            preempt_delay=pair.preempt_delay,
+            peers=tuple(m.address for m in pair.peers(member_id)) if pair.unicast else (),
+        )
 
     @property
     def group(self) -> Address:

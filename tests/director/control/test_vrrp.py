@@ -13,6 +13,7 @@ from director.control.vrrp import (
     skew_time,
 )
 from director.control.vrrp_packet import Advertisement, Received
+from glb.errors import HAError
 
 A = ipaddress.ip_address
 ME, PEER, LOW_PEER = A("10.0.0.2"), A("10.0.0.3"), A("10.0.0.1")
@@ -356,3 +357,18 @@ def test_split_brain_ends_when_advertisements_cross():
     lan = LAN(a, b)
     lan.run_until(1.0)
     assert lan.masters() == [a.config.address] and b.state is State.BACKUP
+
+
+def test_router_config_from_a_pair_in_the_config():
+    from glb.config import PairConfig, PairMember
+
+    pair = PairConfig(51, (PairMember("a", A("10.0.0.1"), 200), PairMember("b", A("10.0.0.2"), 100),
+                           PairMember("c", A("10.0.0.3"), 50)), advert_interval=0.25, preempt=False, preempt_delay=3.0)
+    vips = (A("10.0.0.100"), A("2001:db8::100"), A("10.0.0.100"), A("10.0.0.101"))
+    cfg = RouterConfig.from_pair(pair, "b", vips)
+    assert cfg == RouterConfig(vrid=51, priority=100, address=A("10.0.0.2"), addresses=(A("10.0.0.100"), A("10.0.0.101")),
+                               advert_interval=25, preempt=False, preempt_delay=3.0, peers=())
+    assert RouterConfig.from_pair(replace(pair, unicast=True), "b", vips).peers == (A("10.0.0.1"), A("10.0.0.3"))
+    with pytest.raises(HAError) as info:
+        RouterConfig.from_pair(pair, "z", vips)
+    assert str(info.value) == "member: 'z' is not a member of the pair (a, b, c)"
