@@ -1,8 +1,7 @@
-"""The VRRP socket adapter: raw IP protocol 112 on one interface, and an in-memory LAN for tests.
+"""The VRRP socket adapter: raw IP protocol 112 on one interface.
 
-A channel does three things: :meth:`recv` the next packet as a
-:class:`~director.control.vrrp_packet.Received`, :meth:`send` bytes to an
-address, :meth:`close`. The state machine (:mod:`director.control.vrrp`)
+A :class:`~director.control.datagram.Channel` (its in-memory fake for tests
+is :class:`~director.control.datagram.MemoryLAN`). The state machine (:mod:`director.control.vrrp`)
 never sees a socket; the speaker (:mod:`director.control.vrrp_speaker`)
 moves bytes between the two.
 
@@ -28,19 +27,17 @@ ownership is announced by gratuitous ARP / unsolicited NA from the master.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import socket
 import struct
 from collections import Counter
 
 from director.control import vrrp_packet as wire
+from director.control.datagram import QueuedReader
 from director.control.vrrp_packet import Address, Received
 from glb.errors import HAError
 
 IP_PKTINFO = 8  # <linux/in.h>; the socket module does not export it
-_QUEUE = 256
-"""Packets waiting for the speaker; beyond it they are dropped and counted (``queue_full``)."""
 
 
 class RawChannel:
@@ -56,10 +53,7 @@ class RawChannel:
             self.sock = self._open_v4() if address.version == 4 else self._open_v6()
         except OSError as e:
             raise HAError("socket", f"VRRP socket on {interface}: {e.strerror or e}") from None
-        self.sock.setblocking(False)
-        self._queue: asyncio.Queue[Received] = asyncio.Queue(_QUEUE)
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self.sock.fileno(), self._readable)
+        self._reader = QueuedReader(self.sock, self._parse, self.counters)
 
     def _open_v4(self) -> socket.socket:
         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, wire.PROTO)
@@ -84,27 +78,11 @@ class RawChannel:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
         return s
 
-    def _readable(self) -> None:
-        while True:
-            try:
-                data, anc, _, addr = self.sock.recvmsg(65535, 256)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self.counters["recv_error"] += 1
-                return
-            try:
-                pkt = wire.parse_ipv4(data) if self.address.version == 4 else _v6_received(data, anc, addr)
-            except HAError as e:
-                self.counters[e.reason] += 1
-                continue
-            try:
-                self._queue.put_nowait(pkt)
-            except asyncio.QueueFull:
-                self.counters["queue_full"] += 1
+    def _parse(self, data: bytes, ancillary, addr) -> Received:
+        return wire.parse_ipv4(data) if self.address.version == 4 else _v6_received(data, ancillary, addr)
 
     async def recv(self) -> Received:
-        return await self._queue.get()
+        return await self._reader.get()
 
     def send(self, dst: Address, payload: bytes) -> None:
         """Send one VRRP message to ``dst`` from our address; a full or failing socket costs this packet only."""
@@ -120,8 +98,7 @@ class RawChannel:
             self.counters["send_error"] += 1
 
     def close(self) -> None:
-        self._loop.remove_reader(self.sock.fileno())
-        self.sock.close()
+        self._reader.close()
 
 
 def _v6_received(data: bytes, ancillary, addr) -> Received:
@@ -134,41 +111,3 @@ def _v6_received(data: bytes, ancillary, addr) -> Received:
     if dst is None or ttl < 0:
         raise HAError(wire.BAD_LENGTH, "IPv6 packet without hop limit or destination")
     return Received(ipaddress.IPv6Address(addr[0].split("%")[0]), dst, ttl, data)
-
-
-class MemoryLAN:
-    """An in-memory LAN for unit tests: channels hear each other's multicast and their own unicast."""
-
-    def __init__(self) -> None:
-        self.channels: list[MemoryChannel] = []
-        self.sent: list[tuple[Address, Address, bytes]] = []
-        """Every (source, destination, payload) sent, in order."""
-
-    def channel(self, address: Address) -> MemoryChannel:
-        ch = MemoryChannel(self, address)
-        self.channels.append(ch)
-        return ch
-
-    def deliver(self, src: Address, dst: Address, payload: bytes, ttl: int = wire.TTL) -> None:
-        self.sent.append((src, dst, payload))
-        for ch in self.channels:
-            if ch.address != src and (dst.is_multicast or dst == ch.address):
-                ch.inbox.put_nowait(Received(src, dst, ttl, payload))
-
-
-class MemoryChannel:
-    def __init__(self, lan: MemoryLAN, address: Address) -> None:
-        self.lan = lan
-        self.address = address
-        self.counters: Counter = Counter()
-        self.inbox: asyncio.Queue[Received] = asyncio.Queue()
-
-    async def recv(self) -> Received:
-        return await self.inbox.get()
-
-    def send(self, dst: Address, payload: bytes) -> None:
-        self.lan.deliver(self.address, dst, payload)
-
-    def close(self) -> None:
-        if self in self.lan.channels:
-            self.lan.channels.remove(self)

@@ -30,23 +30,13 @@ import signal
 import sys
 import time
 from collections import Counter
-from typing import Callable, Protocol
+from typing import Callable
 
+from director.control.datagram import Channel
 from director.control.vrrp import CancelTimer, LogDrop, Router, RouterConfig, SetTimer, State, StateChange, Transmit
-from director.control.vrrp_packet import Address, Received
 from glb.errors import GLBError
 
 log = logging.getLogger("glb.director.vrrp")
-
-
-class Channel(Protocol):
-    counters: Counter
-
-    async def recv(self) -> Received: ...
-
-    def send(self, dst: Address, payload: bytes) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class Speaker:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 
-
 from director.control import vrrp_packet as wire
+from director.control.datagram import MemoryLAN
 from director.control.vrrp import Router, RouterConfig, State
-from director.control.vrrp_socket import MemoryLAN
 from director.control.vrrp_speaker import Speaker
+from tests.aio import until
 
 A = ipaddress.ip_address
 VIPS = (A("10.0.0.100"),)
@@ -18,14 +18,6 @@ VIPS = (A("10.0.0.100"),)
 def speaker(lan: MemoryLAN, addr: str, priority: int, states: list) -> Speaker:
     cfg = RouterConfig(vrid=9, priority=priority, address=A(addr), addresses=VIPS, advert_interval=1)
     return Speaker(Router(cfg), lan.channel(A(addr)), on_state=lambda s, why: states.append((addr, s)))
-
-
-async def until(predicate, what: str) -> None:
-    for _ in range(2000):  # a safety net against a hang, not a measurement
-        if predicate():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"never happened: {what}")
 
 
 async def test_two_speakers_elect_and_a_clean_stop_sends_priority_zero():
