@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from director.control import vrrp_packet as wire
 from director.control.datagram import MemoryLAN
@@ -56,3 +61,18 @@ async def test_bad_packets_are_counted_and_never_stop_the_speaker():
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert sp.router.state is State.INITIALIZE
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--vrid", "0"], "error: vrrp_speaker: vrid must be 1..255"),
+    (["--interval", "50"], "error: vrrp_speaker: advert_interval must be 1..4095 centiseconds"),
+    (["--interface", "glb-no-such-if"], "error: socket: VRRP socket on glb-no-such-if: no interface with this name"),
+])
+def test_runner_mistakes_are_one_line(args, line):
+    base = {"--interface": "lo", "--address": "127.0.0.1", "--vrid": "9", "--priority": "100"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    argv = [x for kv in base.items() for x in kv]
+    r = subprocess.run([sys.executable, "-m", "director.control.vrrp_speaker", *argv], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[3], timeout=60)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [line]
