@@ -44,7 +44,13 @@ vrrp_instance VI_1 {{
   virtual_ipaddress {{
     {vip}
   }}
-}}
+{unicast}}}
+"""
+KEEPALIVED_UNICAST = """\
+  unicast_src_ip {src}
+  unicast_peer {{
+    {peer}
+  }}
 """
 
 
@@ -67,11 +73,12 @@ class Pair:
 
     # ---- keepalived ------------------------------------------------------------
 
-    def start_keepalived(self, priority: int, interval: float = 0.1) -> None:
+    def start_keepalived(self, priority: int, interval: float = 0.1, *, unicast: bool = False) -> None:
         self.ka_runs += 1
         conf = self.tmp / "keepalived.conf"
+        peers = KEEPALIVED_UNICAST.format(src=KA_ADDR, peer=GLB_ADDR) if unicast else ""
         conf.write_text(KEEPALIVED_CONF.format(vrid=VRID, priority=priority, interval=interval,
-                                                vip=f"{self.vip}/{self.prefix}"))
+                                                vip=f"{self.vip}/{self.prefix}", unicast=peers))
         self.ka_log = self.tmp / f"keepalived-{self.ka_runs}.log"
         self.ka_pid, self.ka_vrrp_pid = self.tmp / f"ka-{self.ka_runs}.pid", self.tmp / f"ka-vrrp-{self.ka_runs}.pid"
         self.ka_proc = self.ka.popen(
@@ -194,6 +201,31 @@ def test_glb_master_keepalived_backup_and_a_clean_glb_stop_hands_over_at_once(pa
     assert "Entering BACKUP STATE" in log and "Backup received priority 0 advertisement" in log
     assert log.count("Entering MASTER STATE") == 1  # only after GLB's priority 0
     print(f"IPv{pair.family}: keepalived took over {took:.2f} s after GLB's clean stop")
+
+
+def test_unicast_peers_interoperate(pair):
+    """keepalived's unicast_peer and GLB's --peer: no multicast on the LAN at all."""
+    capture = pair.tmp / "bystander.pcap"  # a bystander on the bridge sees any multicast VRRP (224.0.0.x is flooded)
+    tcpdump = pair.evil.popen(["tcpdump", "-i", "eth0", "-n", "-U", "-w", capture, "ip proto 112"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pair.wait(capture.exists, "tcpdump listening")
+    pair.start_keepalived(priority=150, unicast=True)
+    pair.start_glb(100, "--peer", KA_ADDR)
+    pair.wait(lambda: pair.ka_holds_vip() and pair.glb_status().get("master") == KA_ADDR, "GLB follows keepalived")
+    pair.kill_keepalived()
+    pair.wait(lambda: pair.glb_state() == "master", "GLB takes over from a dead keepalived")
+    pair.start_keepalived(priority=50, unicast=True)  # now the lower one: it must follow GLB
+    time.sleep(2)
+    assert not pair.ka_holds_vip() and pair.glb_state() == "master"
+    pair.glb_proc.send_signal(signal.SIGTERM)
+    assert pair.glb_proc.wait(timeout=10) == 0
+    pair.wait(pair.ka_holds_vip, "keepalived takes over")
+    log = pair.stop_keepalived()
+    assert "Backup received priority 0 advertisement" in log
+    tcpdump.terminate()
+    tcpdump.wait(timeout=10)
+    seen = pair.evil.run(["tcpdump", "-n", "-r", capture], check=False).stdout
+    assert seen.strip() == "", seen
 
 
 CRAFT = r"""
