@@ -383,6 +383,57 @@ class PacketPathConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PairMember:
+    """One director of an active/standby pair (docs/ha.md)."""
+
+    id: str
+    """What ``glb director --id`` names; published with the site's snapshots."""
+    address: IPAddress
+    """Its own IPv4 address on the LAN: the VRRP advertisements' source and the sync peer address."""
+    priority: int
+    """VRRP priority 1..254; the highest live member is master (and owns every VIP of the site, IPv6 too)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncConfig:
+    """Connection-table sync from the master to the backups (the IPVS sync daemon's role)."""
+
+    enabled: bool = True
+    port: int = 8848
+    """UDP port (IPVS's)."""
+    group: IPAddress = ipaddress.IPv4Address("224.0.0.81")
+    """Multicast group (IPVS's); with ``unicast`` the members' addresses instead."""
+    max_rate: int = 20_000
+    """Connection changes sent per second at most; beyond it changes wait (newest state wins)."""
+    mtu: int = 1500
+    """Of the LAN: a datagram never exceeds it, so sync is never fragmented."""
+
+
+@dataclass(frozen=True, slots=True)
+class PairConfig:
+    """A site run by two or more directors that elect a master with VRRPv3 (RFC 5798)."""
+
+    virtual_router_id: int
+    members: tuple[PairMember, ...]
+    advert_interval: float = 0.1
+    """Seconds between the master's advertisements (VRRP counts centiseconds); keepalived's default is 1."""
+    preempt: bool = True
+    """A recovered higher-priority member takes the VIPs back; false: it stays backup until the master fails."""
+    preempt_delay: float = 0.0
+    """Seconds a higher-priority backup waits before preempting (its health checks settle first)."""
+    unicast: bool = False
+    """Advertise and sync to the other members' addresses, for LANs without multicast."""
+    sync: SyncConfig = SyncConfig()
+
+    def member(self, member_id: str) -> PairMember | None:
+        return next((m for m in self.members if m.id == member_id), None)
+
+    def peers(self, member_id: str) -> tuple[PairMember, ...]:
+        """The other members."""
+        return tuple(m for m in self.members if m.id != member_id)
+
+
+@dataclass(frozen=True, slots=True)
 class DirectorConfig:
     interface: str
     id: str | None = None
@@ -399,6 +450,8 @@ class DirectorConfig:
     connection_table: ConnectionTableConfig = ConnectionTableConfig()
     """Per packet worker."""
     packet: PacketPathConfig = PacketPathConfig()
+    pair: PairConfig | None = None
+    """None: one director for the site (no VRRP)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1155,6 +1208,7 @@ def _parse_site(ctx: _Context, name: str, m: _Map) -> Site:
         ring_frames=pm.get("ring_frames", _int(16, 1 << 16), pd.ring_frames),
     )
     pm.finish()
+    pair = _parse_pair(ctx, dm.map("pair")) if dm.has("pair") else None
     director = DirectorConfig(
         interface=dm.get("interface", _str) if m.has("director") else INVALID,
         id=dm.get("id", _str, dd.id),
@@ -1165,8 +1219,11 @@ def _parse_site(ctx: _Context, name: str, m: _Map) -> Site:
         max_probes=dm.get("max_probes", _int(1, 100_000), dd.max_probes),
         connection_table=conn,
         packet=packet,
+        pair=pair,
     )
     dm.finish()
+    if pair is not None and isinstance(director.id, str) and not any(mb.id == director.id for mb in pair.members):
+        ctx.error(dm.at("id"), f"{director.id!r} is not a member of the pair ({', '.join(mb.id for mb in pair.members)})")
     services = tuple(_parse_service(ctx, _Map(ctx, p, s)) for p, s in m.items("services", required=True))
     site = Site(
         name=name,
@@ -1177,6 +1234,66 @@ def _parse_site(ctx: _Context, name: str, m: _Map) -> Site:
     )
     m.finish()
     return site
+
+
+def _centiseconds(value: Any) -> float:
+    seconds = _float(0.01, 40.95)(value)
+    if abs(seconds * 100 - round(seconds * 100)) > 1e-6:
+        raise _Bad(f"must be a multiple of 0.01 s (VRRP counts centiseconds), got {seconds:g}")
+    return seconds
+
+
+def _parse_pair(ctx: _Context, m: _Map) -> PairConfig:
+    """``director.pair``: the members, their VRRP virtual router and connection sync."""
+    dflt = PairConfig(0, ())
+    members: list[PairMember] = []
+    for path, raw in m.items("members", required=True):
+        mm = _Map(ctx, path, raw)
+        members.append(PairMember(
+            id=mm.get("id", _name("director")),
+            address=mm.get("address", _ipv(4)),
+            priority=mm.get("priority", _int(1, 254), required_msg="required (1..254; the highest live member is master)"),
+        ))
+        mm.finish()
+    if 0 < len(members) < 2:
+        ctx.error(m.at("members"), "a pair needs two or more members (remove 'pair' to run one director)")
+    for key in ("id", "address"):
+        seen: dict[Any, int] = {}
+        for i, mb in enumerate(members):
+            value = getattr(mb, key)
+            if value is INVALID:
+                continue
+            if value in seen:
+                ctx.error(f"{m.at('members')}[{i}].{key}", f"{value} is also members[{seen[value]}]'s")
+            seen.setdefault(value, i)
+    sm = m.map("sync")
+    sd = SyncConfig()
+    sync = SyncConfig(
+        enabled=sm.get("enabled", _bool, sd.enabled),
+        port=sm.get("port", _port, sd.port),
+        group=sm.get("group", _multicast4, sd.group),
+        max_rate=sm.get("max_rate", _int(100, 10_000_000), sd.max_rate),
+        mtu=sm.get("mtu", _int(576, 65535), sd.mtu),
+    )
+    sm.finish()
+    pair = PairConfig(
+        virtual_router_id=m.get("virtual_router_id", _int(1, 255)),
+        members=tuple(members),
+        advert_interval=m.get("advert_interval", _centiseconds, dflt.advert_interval),
+        preempt=m.get("preempt", _bool, dflt.preempt),
+        preempt_delay=m.get("preempt_delay", _float(0, 3600), dflt.preempt_delay),
+        unicast=m.get("unicast", _bool, dflt.unicast),
+        sync=sync,
+    )
+    m.finish()
+    return pair
+
+
+def _multicast4(value: Any) -> IPAddress:
+    addr = _ipv(4)(value)
+    if not addr.is_multicast:
+        raise _Bad(f"not an IPv4 multicast group: {addr}")
+    return addr
 
 
 def _parse_service(ctx: _Context, m: _Map) -> Service:

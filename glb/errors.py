@@ -68,3 +68,15 @@ class RealServerError(GLBError):
 
 class AdminError(GLBError):
     """An admin API call was refused or failed."""
+
+
+class HAError(GLBError):
+    """A director-pair protocol (VRRP, connection sync) refused a packet or could not run.
+
+    ``reason`` is a short stable name (``ttl``, ``checksum``, ``version``...):
+    the drop counter the packet is charged to.
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)

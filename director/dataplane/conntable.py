@@ -299,21 +299,39 @@ class ConnTable:
         Replaces any entry under the same key. Evicts when full (oldest
         unconfirmed first). Counts the flow on ``dest`` (and ``template``).
         """
-        old = self._confirmed.get(key) or self._unconfirmed.get(key)
-        if old is not None:
-            self._remove(old)
-        while len(self._confirmed) + len(self._unconfirmed) >= self.max_entries:
-            self._evict()
         # From NONE a first packet leads to SYN_RECV (SYN) or CLOSE (a flow
         # picked up mid-stream, IPVS's sloppy case): never ESTABLISHED, so the
         # connection starts inactive as in IPVS.
         state = NEXT[NONE][flags] if key[0] == 6 else UDP
-        c = Conn(key, dest, state, template, tag)
-        dest.inactive += 1
-        if template is not None:
-            template.controlled += 1
-        c.expires = now + self.timeouts[state]
-        self._unconfirmed[key] = c
+        return self._insert(Conn(key, dest, state, template, tag), now + self.timeouts[state], now, confirmed=False)
+
+    def install(self, key: Any, dest: Dest, state: int, expires: float, now: float,
+                template: Template | None = None, *, confirmed: bool = True, tag: Any = None) -> Conn:
+        """Track a flow another director scheduled (connection sync), with the state and expiry it sent.
+
+        Like :meth:`add` otherwise: replaces an entry under the same key,
+        evicts when full, counts the flow on ``dest`` (active if ESTABLISHED)
+        and ``template``. The entry then lives and times out as any other.
+        """
+        if not 0 <= state < len(STATE_NAMES) or (state == UDP) != (key[0] != 6):
+            raise ValueError(f"state {state} does not fit a protocol {key[0]} flow")
+        return self._insert(Conn(key, dest, state, template, tag), expires, now, confirmed)
+
+    def _insert(self, c: Conn, expires: float, now: float, confirmed: bool) -> Conn:
+        old = self._confirmed.get(c.key) or self._unconfirmed.get(c.key)
+        if old is not None:
+            self._remove(old)
+        while len(self._confirmed) + len(self._unconfirmed) >= self.max_entries:
+            self._evict()
+        if c.state == ESTABLISHED:
+            c.dest.active += 1
+        else:
+            c.dest.inactive += 1
+        if c.template is not None:
+            c.template.controlled += 1
+        c.expires = expires
+        c.confirmed = confirmed
+        (self._confirmed if confirmed else self._unconfirmed)[c.key] = c
         if self._cursor is None:
             self._cursor = int(now)
         self._file(c)

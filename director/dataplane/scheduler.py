@@ -715,6 +715,24 @@ class Persistence:
             self._table.move_to_end(k)
         return t
 
+    def install(self, src: bytes, dest: Dest, expires: float) -> Template:
+        """Take over a template another director made (connection sync): ``src`` sticks to ``dest`` until ``expires``.
+
+        An existing template to the same ``dest`` is kept (its connections
+        still count on it) and its expiry extended; one to another ``dest``
+        is replaced.
+        """
+        k = self.key(src)
+        t = self._table.get(k)
+        if t is not None and t.dest is dest:
+            t.expires = max(t.expires, expires)
+        else:
+            t = self._table[k] = Template(dest, expires)
+        self._table.move_to_end(k)
+        while len(self._table) > self.max_entries:
+            self._table.popitem(last=False)
+        return t
+
     def sweep(self, now: float, budget: int = 10000) -> int:
         """Drop up to ``budget`` expired templates from the least recently used end."""
         removed = 0

@@ -393,3 +393,25 @@ def test_refresh_then_lookup_is_exactly_lookup(ops):
         assert len(set(map(str, results))) <= 1
         assert _snapshot(tables[0]) == _snapshot(tables[1])
         assert counts(*dests[0]) == counts(*dests[1])
+
+
+def test_install_takes_a_synced_flow_with_its_state_expiry_and_counters():
+    import pytest
+
+    from director.dataplane.scheduler import Template
+
+    d = Dest(b"\x0a\x01\x00\x0b")
+    t = Template(d, 500.0)
+    table = ConnTable(max_entries=2)
+    key = b"\x06" + bytes(12)
+    c = table.install(key, d, ESTABLISHED, 400.0, 10.0, t)
+    assert (c.state, c.expires, c.confirmed, d.active, d.inactive, t.controlled) == (ESTABLISHED, 400.0, True, 1, 0, 1)
+    assert table.lookup(key, 0x10, 11.0) is c  # an ACK: the established flow goes on
+    table.install(key, d, FIN_WAIT, 30.0, 12.0, confirmed=False)  # replaces: counters follow
+    assert (d.active, d.inactive, t.controlled, len(table), table.unconfirmed) == (0, 1, 0, 1, 1)
+    with pytest.raises(ValueError):
+        table.install(key, d, UDP, 30.0, 12.0)  # a TCP flow in the UDP state
+    with pytest.raises(ValueError):
+        table.install(b"\x11" + bytes(12), d, ESTABLISHED, 30.0, 12.0)
+    table.sweep(100.0)
+    assert len(table) == 0 and d.inactive == 0

@@ -470,3 +470,16 @@ def test_dest_from_config():
     assert p.timeout == 60
     with pytest.raises(SchedulerError):
         Dest(b"\x01\x02")
+
+
+def test_persistence_install_takes_a_synced_template():
+    a, b = Dest(b"\x0a\x00\x00\x01"), Dest(b"\x0a\x00\x00\x02")
+    p = Persistence(300.0, netmask=24, max_entries=2)
+    t = p.install(b"\x0a\x09\x09\x00", a, 100.0)
+    assert p.get(b"\x0a\x09\x09\x63", 50.0) is t and t.dest is a
+    assert p.install(b"\x0a\x09\x09\x01", a, 80.0) is t and t.expires == 100.0  # same dest: kept, never shortened
+    t2 = p.install(b"\x0a\x09\x09\x00", b, 120.0)
+    assert t2 is not t and p.get(b"\x0a\x09\x09\x05", 50.0) is t2
+    p.install(b"\x0b\x00\x00\x00", a, 100.0)
+    p.install(b"\x0c\x00\x00\x00", a, 100.0)
+    assert len(p) == 2 and p.get(b"\x0a\x09\x09\x05", 50.0) is None  # bounded: the oldest went
