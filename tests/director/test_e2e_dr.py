@@ -27,7 +27,8 @@ from tests.director.director_lab import (
     service_yaml,
     start_http,
 )
-from tests.netns import Lab, netns_unavailable
+from tests.environment import require
+from tests.netns import Lab, lab_unavailable
 
 pytestmark = pytest.mark.netns
 
@@ -89,9 +90,7 @@ class DRLab:
 
 @pytest.fixture(scope="module")
 def dr(tmp_path_factory, redis_server):
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require(lab_unavailable())
     redis_server.start()
     tmp = tmp_path_factory.mktemp("dr")
     with Lab("dr") as lab:
@@ -208,6 +207,7 @@ print(count)
 """
 
 
+@pytest.mark.timeout(600)  # about 20 s alone; the flood's length scales with a loaded machine
 def test_a_syn_flood_keeps_the_table_at_its_bound_and_the_director_serving(base):
     director_mac = base.director.run(["cat", "/sys/class/net/eth0/address"]).stdout.strip()
     flood = base.client.popen([PY, "-c", SYN_FLOOD, VIP, "12000", director_mac], stdout=subprocess.PIPE, text=True)
