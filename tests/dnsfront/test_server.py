@@ -465,3 +465,56 @@ def test_ipv6_listen_udp_and_tcp(dnsfront):
     for fn in (dns.query.udp, dns.query.tcp):
         r = fn(q("mail.example.net", "AAAA"), "::1", port=srv.port, timeout=2)
         assert r.answer[0][0].address == "2001:db8::25"
+
+
+# ---------------------------------------------------------------------------
+# The supervisor of several workers
+
+
+def status_of(srv) -> dict:
+    """The supervisor's /status, or {"workers": 0} while it does not serve it yet."""
+    import json
+    import urllib.request
+
+    try:
+        return json.load(urllib.request.urlopen(f"http://127.0.0.1:{srv.status_port}/status", timeout=3))
+    except OSError:
+        return {"workers": 0}
+
+
+def worker_pids(srv, n: int, timeout: float = 20.0) -> set[int]:
+    """The PIDs of the supervisor's ``n`` workers, once all of them report."""
+    deadline = time.monotonic() + timeout
+    while (status := status_of(srv))["workers"] != n:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{n} workers never reported: {status}")
+        time.sleep(0.1)
+    return {r["pid"] for r in status["redis"]}
+
+
+def wait_exited(pids, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(_exited(p) for p in pids):
+        if time.monotonic() > deadline:
+            pytest.fail(f"still running: {[p for p in pids if not _exited(p)]}")
+        time.sleep(0.05)
+
+
+def test_the_crash_loop_limit_gives_up_with_exit_1(dnsfront):
+    import os
+    import signal
+
+    srv = dnsfront(workers=2)
+    pids = worker_pids(srv, 2)
+    # The file breaks behind the supervisor's back: every worker it starts from now on fails to.
+    srv.path.write_text("zones: [\n")
+    os.kill(min(pids), signal.SIGKILL)
+    assert srv.proc.wait(90) == 1
+    log = srv.log.read_text()
+    assert "workers keep dying (11 restarts in 60 s); giving up" in log
+    # The killed one, then each failed start with its exit code and why; the 11th death ends it.
+    assert log.count(" exited with code -9; restarting it") == 1
+    assert log.count(f" exited with code 1: {srv.path}:2:1: YAML syntax error") == 9
+    wait_exited(pids)  # the healthy worker is stopped too
+    assert "Traceback" not in log
+
