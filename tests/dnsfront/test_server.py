@@ -500,6 +500,39 @@ def wait_exited(pids, timeout: float = 15.0) -> None:
         time.sleep(0.05)
 
 
+def test_sighup_reaches_every_worker(dnsfront):
+    import re
+    import signal
+
+    srv = dnsfront(workers=3)
+    pids = worker_pids(srv, 3)
+    srv.path.write_text(srv.path.read_text().replace("192.0.2.25", "192.0.2.26"))
+    srv.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 15
+    while (reloaded := set(re.findall(r"\[w(\d)\]: reloaded ", srv.log.read_text()))) != {"0", "1", "2"}:
+        if time.monotonic() > deadline:
+            pytest.fail(f"only workers {sorted(reloaded)} reloaded:\n{srv.log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    # Whichever worker the kernel hands a query to (by source port) answers from the new file.
+    for _ in range(60):
+        assert exchange(q("mail.example.net"), srv, False).answer[0][0].address == "192.0.2.26"
+    assert worker_pids(srv, 3) == pids  # reloaded in place, none restarted
+    assert srv.stop() == 0
+
+
+def test_workers_exit_when_the_supervisor_is_killed(dnsfront):
+    import os
+    import signal
+
+    srv = dnsfront(workers=2)
+    pids = worker_pids(srv, 2)
+    os.kill(srv.proc.pid, signal.SIGKILL)
+    srv.proc.wait(10)
+    wait_exited(pids)  # no orphan keeps answering on the port
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", srv.port))  # nothing holds it any more
+
+
 def test_the_crash_loop_limit_gives_up_with_exit_1(dnsfront):
     import os
     import signal
