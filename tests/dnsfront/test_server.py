@@ -551,3 +551,22 @@ def test_the_crash_loop_limit_gives_up_with_exit_1(dnsfront):
     wait_exited(pids)  # the healthy worker is stopped too
     assert "Traceback" not in log
 
+
+
+def test_a_workers_startup_error_is_the_supervisors_one_line_error(tmp_path, text_config):
+    """The config file broke between the supervisor's read and the workers' (an edit during start-up):
+    the supervisor fails with the worker's reason, which `glb dnsfront` prints as one line and exits 1."""
+    import asyncio
+
+    from glb import config as configmod
+    from glb.errors import DNSFrontError
+    from tests.conftest import free_port
+
+    from dnsfront.main import _supervise
+
+    good, broken = tmp_path / "good.yaml", tmp_path / "broken.yaml"
+    good.write_text(text_config(port=free_port(), status_port=free_port()))
+    broken.write_text("zones: [\n")
+    with pytest.raises(DNSFrontError) as info:
+        asyncio.run(_supervise(str(broken), configmod.load(good), 2, "info"))
+    assert str(info.value) == f"{broken}:2:1: YAML syntax error: expected the node content, but found '<stream end>'"
