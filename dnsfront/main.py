@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from contextlib import suppress
 from multiprocessing.connection import Connection
@@ -177,7 +178,11 @@ async def _serve_single(config_path: str, config: Config) -> int:
 
 
 def _worker_main(config_path: str, index: int, log_level: str, conn: Connection) -> None:
-    """Entry point of a worker process (spawned: nothing inherited but args)."""
+    """Entry point of a worker process (spawned: nothing inherited but args).
+
+    A worker that cannot run sends the reason to the supervisor and exits 1,
+    so a restarted worker's failure is told apart from a clean exit.
+    """
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format=f"%(asctime)s %(levelname)s %(name)s[w{index}]: %(message)s")
     # The supervisor handles Ctrl-C for the group; a worker waits for SIGTERM.
@@ -186,10 +191,12 @@ def _worker_main(config_path: str, index: int, log_level: str, conn: Connection)
         asyncio.run(_worker_async(config_path, index, conn))
     except GLBError as e:
         with suppress(OSError):
-            conn.send(("error", str(e)))
+            conn.send(("error", "; ".join(str(e).splitlines())))
+        sys.exit(1)
     except Exception as e:  # noqa: BLE001 - report, the parent prints it
         with suppress(OSError):
             conn.send(("error", f"internal error: {type(e).__name__}: {e}"))
+        sys.exit(1)
 
 
 async def _worker_async(config_path: str, index: int, conn: Connection) -> None:
@@ -309,7 +316,9 @@ async def _supervise(config_path: str, config: Config, workers: int, log_level: 
                 if len(restarts) > 5 * workers:
                     log.error("workers keep dying (%d restarts in 60 s); giving up", len(restarts))
                     return 1
-                log.error("worker %d (pid %s) exited with code %s; restarting it", c.index, c.proc.pid, c.proc.exitcode)
+                c.poll()  # what it said before it went
+                log.error("worker %d (pid %s) exited with code %s%s; restarting it", c.index, c.proc.pid,
+                          c.proc.exitcode, f": {c.error}" if c.error else "")
                 children[i] = _Child(ctx, config_path, c.index, log_level)
     finally:
         log.info("dnsfront stopping %d workers", len(children))

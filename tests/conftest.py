@@ -11,7 +11,18 @@ from pathlib import Path
 
 import pytest
 
+from tests import netns
+from tests.environment import require
+
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@needs(reason)`` marks (tests/environment.py): skip, or fail under CI=true, before any fixture runs."""
+    for mark in item.iter_markers("needs"):
+        require(*mark.args)
+    netns.unmarked_test = None if item.get_closest_marker("netns") else item.nodeid
 
 
 def free_port() -> int:

@@ -2,11 +2,10 @@
 
 Generic on purpose: any test that needs hosts on a virtual network uses it.
 
-    from netns import Lab, netns_unavailable
+    from tests.environment import require
+    from tests.netns import Lab, lab_unavailable
 
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require(lab_unavailable())  # skips, or fails under CI=true
     with Lab() as lab:
         client, server = lab.netns("client"), lab.netns("server")
         lab.veth(client, server, "10.0.0.1/24", "10.0.0.2/24")
@@ -14,9 +13,8 @@ Generic on purpose: any test that needs hosts on a virtual network uses it.
         client.run(["curl", "-s", "http://10.0.0.2:8080/"])
 
 pytest puts the project root on ``sys.path`` (``pythonpath = ["."]``), so a
-test imports this helper as::
-
-    from tests.netns import Lab, netns_unavailable
+test imports this helper as ``tests.netns``. Tests using it are marked
+``netns`` (``-m "not netns"`` leaves them out).
 
 Rules it enforces:
 
@@ -44,22 +42,47 @@ from collections.abc import Sequence
 from pathlib import Path
 
 IP = shutil.which("ip") or "/usr/sbin/ip"
+NFT = shutil.which("nft") or "/usr/sbin/nft"
 ETHTOOL = shutil.which("ethtool") or "/usr/sbin/ethtool"
 PREFIX = f"glbt-{os.getpid()}-"
 _counter = itertools.count(1)
+unmarked_test: str | None = None
+"""The running test if it is not marked ``netns`` (tests/conftest.py keeps it): it may not build a Lab."""
 
 
 def netns_unavailable() -> str | None:
-    """Why namespace tests cannot run here (a pytest skip reason), or None if they can."""
+    """Why namespace tests cannot run here (a reason for tests.environment.require), or None if they can."""
+    return _probe(nft=False)
+
+
+def lab_unavailable() -> str | None:
+    """Why a :class:`Lab` (namespaces, nftables in them) cannot run here, or None."""
+    return _probe(nft=True)
+
+
+# A netdev ingress chain is the least common nftables piece the tests (and the director's guard) use.
+_NFT_PROBE = 'table netdev glbt_probe {\n chain in { type filter hook ingress device "lo" priority 0; }\n}\n'
+
+
+def _probe(nft: bool) -> str | None:
     if os.geteuid() != 0:
         return "needs root (network namespaces)"
     if not Path(IP).exists():
         return "needs iproute2's 'ip'"
+    if nft and not Path(NFT).exists():
+        return "needs nft (apt package nftables; bash scripts/setup installs it)"
     probe = f"{PREFIX}probe{next(_counter)}"
     res = subprocess.run([IP, "netns", "add", probe], capture_output=True, text=True)
     if res.returncode != 0:
         return f"cannot create network namespaces: {res.stderr.strip()}"
-    subprocess.run([IP, "netns", "del", probe], capture_output=True)
+    try:
+        if nft:
+            res = subprocess.run([IP, "netns", "exec", probe, NFT, "-f", "-"], input=_NFT_PROBE,
+                                 capture_output=True, text=True, timeout=30)
+            if res.returncode != 0:
+                return f"nftables does not work in a namespace (netdev ingress): {res.stderr.strip()}"
+    finally:
+        subprocess.run([IP, "netns", "del", probe], capture_output=True)
     return None
 
 
@@ -120,6 +143,9 @@ class Lab:
     """A set of namespaces and the processes running in them, all removed by :meth:`close`."""
 
     def __init__(self, tag: str = ""):
+        if unmarked_test:
+            # `-m "not netns"` must leave out every test that needs namespaces.
+            raise RuntimeError(f"{unmarked_test} builds a namespace Lab: mark it @pytest.mark.netns")
         self.tag = tag
         self.namespaces: list[Netns] = []
         self.processes: list[subprocess.Popen] = []

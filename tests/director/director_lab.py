@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -209,14 +210,16 @@ def service_yaml(name: str, vips: list[str], servers: list[tuple[str, int]], *, 
 class DirectorProcess:
     """`glb director` in a namespace, with helpers to read its /status."""
 
-    def __init__(self, ns, config: Path, log: Path, status_port: int = 9100) -> None:
+    def __init__(self, ns, config: Path, log: Path, status_port: int = 9100, *,
+                 prefix: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
+        """``prefix``: a command the director runs under (setpriv ...); ``env``: its environment."""
         self.ns = ns
         self.config = config
         self.log = log
         self.status_port = status_port
         self._log = open(log, "w")
-        self.proc = ns.popen([GLB, "--log-level", "info", "director", "--config", str(config), "--site", "dc1"],
-                             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.proc = ns.popen([*prefix, GLB, "--log-level", "info", "director", "--config", str(config), "--site", "dc1"],
+                             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
     def status(self) -> dict | None:
         res = self.ns.run(["curl", "-s", "-m", "2", f"http://127.0.0.1:{self.status_port}/status"], check=False)

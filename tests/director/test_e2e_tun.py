@@ -25,7 +25,8 @@ from tests.director.director_lab import (
     service_yaml,
     start_http,
 )
-from tests.netns import Lab, netns_unavailable
+from tests.environment import require
+from tests.netns import Lab, lab_unavailable
 
 pytestmark = pytest.mark.netns
 
@@ -82,9 +83,7 @@ class TunLab:
 
 @pytest.fixture(scope="module")
 def tun(tmp_path_factory, redis_server):
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require(lab_unavailable())
     redis_server.start()
     tmp = tmp_path_factory.mktemp("tun")
     with Lab("tun") as lab:

@@ -14,9 +14,10 @@ import dns.query
 import pytest
 
 from tests.waiting import until
+from tests.environment import binary_unavailable, needs
 
 UNBOUND = shutil.which("unbound") or "/usr/sbin/unbound"
-pytestmark = pytest.mark.skipif(not Path(UNBOUND).exists(), reason="unbound not installed")
+pytestmark = needs(None if Path(UNBOUND).exists() else binary_unavailable("unbound"))
 
 
 @pytest.fixture

@@ -11,28 +11,20 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 import time
 
 import pytest
 
-REQUIRED = ("redis-server", "unbound", "nsd", "ip")
+from tests.environment import binary_unavailable, require
+from tests.netns import lab_unavailable
+
+REQUIRED = (("redis-server", "redis-server"), ("unbound", "unbound"), ("nsd", "nsd"))
 PREFIX_RE = re.compile(r"^glbe2e-(\d+)-")
 
 
 def unavailable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces)"
-    missing = [b for b in REQUIRED if shutil.which(b) is None]
-    if missing:
-        return f"needs {', '.join(missing)} (bash scripts/setup installs them)"
-    probe = f"glbe2e-{os.getpid()}-probe"
-    res = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if res.returncode != 0:
-        return f"cannot create network namespaces: {res.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
+    missing = [r for name, package in REQUIRED if (r := binary_unavailable(name, package))]
+    return lab_unavailable() or (missing[0] if missing else None)
 
 
 def _remove_leftovers() -> None:
@@ -47,9 +39,7 @@ def _remove_leftovers() -> None:
 
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory):
-    reason = unavailable()
-    if reason:
-        pytest.skip(reason)
+    require(unavailable())
     from deploy.lab.lab import Lab
 
     _remove_leftovers()

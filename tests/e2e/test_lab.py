@@ -23,7 +23,8 @@ import pytest
 from deploy.lab import probe
 from deploy.lab import topology as topo
 
-pytestmark = pytest.mark.netns
+# The first test also builds the whole lab (about 10 s alone): more than the default bound.
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 
 APP = f"app.{topo.ZONE}"
 WEB = f"web.{topo.ZONE}"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.environment import binary_unavailable, require
+
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "deploy" / "systemd"
 ANALYZE = shutil.which("systemd-analyze")
@@ -62,10 +64,8 @@ def test_unit_settings(name):
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory) -> Path:
     """A root for systemd-analyze: the units, a stand-in /opt/glb/bin/glb, the system's targets."""
-    if ANALYZE is None:
-        pytest.skip("systemd-analyze not installed (apt install systemd)")
-    if not SYSTEM_UNITS.is_dir():
-        pytest.skip(f"no {SYSTEM_UNITS} to resolve targets against")
+    require(binary_unavailable("systemd-analyze", "systemd"),
+            None if SYSTEM_UNITS.is_dir() else f"no {SYSTEM_UNITS} to resolve targets against (apt package systemd)")
     root = tmp_path_factory.mktemp("sdroot")
     (root / "opt/glb/bin").mkdir(parents=True)
     glb = root / "opt/glb/bin/glb"
@@ -100,7 +100,7 @@ def test_systemd_analyze_security(fake_root, unit):
     res = subprocess.run([ANALYZE, "security", "--offline=yes", f"--root={fake_root}", "--no-pager", unit],
                          capture_output=True, text=True)
     if res.returncode != 0 and "offline" in res.stderr:
-        pytest.skip(f"this systemd-analyze has no offline security check: {res.stderr.strip()}")
+        require(f"this systemd-analyze has no offline security check (systemd 250 or later has): {res.stderr.strip()}")
     m = re.search(r"Overall exposure level for \S+: ([\d.]+)", res.stdout)
     assert m, res.stdout + res.stderr
     print(f"{unit}: exposure {m.group(1)}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +28,7 @@ from glb.state import (
     site_target,
 )
 from glb.store import RedisStore, StateFollower
+from tests.environment import binary_unavailable, require
 
 
 def free_port() -> int:
@@ -495,8 +495,7 @@ async def test_follower_survives_callback_errors_and_bad_messages(store: RedisSt
 
 @pytest.fixture
 def sentinel(redis_server: Any, redis_url: str, tmp_path):
-    if not shutil.which("redis-server"):
-        pytest.skip("no redis-server")
+    require(binary_unavailable("redis-server"))
     port = free_port()
     conf = tmp_path / "sentinel.conf"
     conf.write_text(

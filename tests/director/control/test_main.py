@@ -31,6 +31,7 @@ from glb.store import RedisStore
 from director.control.main import Director, run
 from director.control.probes import Prober
 from tests.waiting import async_until
+from tests.environment import binary_unavailable, require
 
 ROOT = Path(__file__).resolve().parents[3]
 INTERVAL = 0.1
@@ -178,8 +179,7 @@ async def udp_server(host: str, port: int, dns: bool) -> tuple[asyncio.DatagramT
 
 def self_signed(tmp: Path) -> ssl.SSLContext:
     openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl CLI not available")
+    require(binary_unavailable("openssl"))
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),

@@ -19,6 +19,7 @@ from glb.config import CHECK_TYPES, CHECKS, DnsCheck, ExecCheck, HttpCheck, Http
 from director.control.checker import Checker, Target
 from director.control.health import ServerKey
 from director.control.probes import PROBES, ProbeResult, Prober
+from tests.environment import binary_unavailable, require
 from tests.waiting import async_until
 
 HOST = "127.0.0.1"
@@ -143,8 +144,7 @@ async def test_http_server_goes_away(prober):
 def self_signed(tmp: Path, name: str = "app.example.net") -> tuple[Path, Path]:
     """A throwaway certificate made with the openssl CLI (no extra Python package)."""
     openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl CLI not available")
+    require(binary_unavailable("openssl"))
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from director.dataplane.conntable import NEXT_BYTES
 from director.dataplane.forwarder import Forwarder
 from tests.director.dataplane.test_forwarder import FAST_OPS, _fast_vs_forward, long_random_ops, python_fast
+from tests.environment import needs
 
 try:
     from director.dataplane import _fastpath
@@ -56,7 +57,7 @@ def c_then_python(f: Forwarder, data: bytes, now: float):
     return bytes(ring[off + MAC_OFF:off + MAC_OFF + 12]), True
 
 
-needs_c = pytest.mark.skipif(_fastpath is None, reason="the C loop is not built")
+needs_c = needs(None if _fastpath is not None else "the C loop is not built (bash scripts/setup builds it; needs gcc)")
 
 
 @needs_c

@@ -22,11 +22,11 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,7 +35,8 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP, IPOption_EOL, IPOption_NOP
 from scapy.layers.inet6 import IPv6
 
-from tests.netns import Lab, netns_unavailable
+from tests.environment import binary_unavailable, require
+from tests.netns import Lab, lab_unavailable
 
 from director.realserver import decap as dc  # noqa: E402
 from director.realserver import cli as rs  # noqa: E402
@@ -607,12 +608,6 @@ sys.exit(rc)
 """
 
 
-def needs_netns():
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-
-
 def realserver(ns, op: str, state: Path, check: bool = True, **kw) -> subprocess.CompletedProcess:
     res = ns.run([PY, "-c", RS_DRIVER, json.dumps({"op": op, "state": str(state), **kw})], check=False, cwd=ROOT)
     if check and res.returncode != 0:
@@ -632,11 +627,12 @@ def addresses(ns, dev: str) -> set[str]:
 
 @pytest.fixture
 def lab():
-    needs_netns()
+    require(lab_unavailable())
     with Lab("rs") as lab:
         yield lab
 
 
+@pytest.mark.netns
 def test_dr_setup_and_teardown_in_a_namespace(lab, tmp_path):
     host = lab.netns("dr")
     peer = lab.netns("peer")
@@ -671,10 +667,10 @@ def test_dr_setup_and_teardown_in_a_namespace(lab, tmp_path):
     assert not state.exists()
 
 
+@pytest.mark.netns
 def test_setup_without_capabilities_fails_in_one_line(lab, tmp_path):
     host = lab.netns("nocap")
-    if not shutil.which("setpriv"):
-        pytest.skip("needs setpriv to drop capabilities")
+    require(binary_unavailable("setpriv", "util-linux"))
     res = host.run(["setpriv", "--bounding-set", "-all", "--inh-caps", "-all", PY, "-c", RS_DRIVER,
                     json.dumps({"op": "setup", "state": str(tmp_path / "rs.json"), "vips": [VIP4], "mode": "dr"})],
                    check=False, cwd=ROOT)
@@ -827,28 +823,63 @@ def ipip(inner, outer6: bool = False) -> bytes:
     return bytes(IP(src=DIRECTOR4, dst=RS4, proto=4 if inner.version == 4 else 41) / inner)
 
 
-@pytest.fixture
-def tun(lab, tmp_path):
-    """The TUN topology with `glb realserver setup --mode tun` applied on the real server (torn down after)."""
+def kernel_decapsulates(lab: Lab) -> bool:
+    """Whether this kernel offers ipip and ip6tnl devices, asked in a namespace of its own.
+
+    A throwaway namespace, because the first tunnel device of a kind also
+    creates that driver's fallback device (tunl0, ip6tnl0) for good.
+    """
+    probe = lab.netns("tunprobe")
+    ok = [probe.ip("link", "add", f"probe{kind}", "type", kind, "remote", remote, check=False).returncode == 0
+          for kind, remote in (("ipip", "192.0.2.1"), ("ip6tnl", "2001:db8::1"))]
+    return all(ok)
+
+
+@contextmanager
+def tun_setup(lab: Lab, tmp_path: Path, decap: str):
+    """The TUN topology with `glb realserver setup --mode tun --decap DECAP` on the real server (torn down after)."""
     t = TunLab(lab)
     t.state = tmp_path / "rs.json"
-    res = realserver(t.rs, "setup", t.state, vips=[VIP4, VIP6], mode="tun")
-    assert "userspace decapsulation" in res.stderr, res.stderr
+    # What `auto` must choose: the kernel's decapsulation where it has the drivers (ipip is
+    # a module: loadable on most machines, absent here), the userspace decapsulator otherwise.
+    t.decap = decap if decap != "auto" else ("kernel" if kernel_decapsulates(lab) else "userspace")
+    res = realserver(t.rs, "setup", t.state, vips=[VIP4, VIP6], mode="tun", decap=decap)
     try:
+        assert f"({t.decap} decapsulation)" in res.stderr, res.stderr
+        assert json.loads(t.state.read_text())["decap"] == t.decap
         yield t
     finally:
         realserver(t.rs, "teardown", t.state, check=False)
 
 
-def test_tun_userspace_decap_replies_go_straight_to_the_client(tun):
+@pytest.fixture
+def tun(lab, tmp_path):
+    """TUN with the decapsulation `auto` picks on this kernel."""
+    with tun_setup(lab, tmp_path, "auto") as t:
+        yield t
+
+
+@pytest.fixture
+def tun_userspace(lab, tmp_path):
+    """TUN with the userspace decapsulator, whatever the kernel offers: the tests of its counters."""
+    with tun_setup(lab, tmp_path, "userspace") as t:
+        yield t
+
+
+@pytest.mark.netns
+def test_tun_replies_go_straight_to_the_client(tun):
     t = tun
-    # This kernel has no ipip: setup chose userspace and left no probe interface behind.
-    doc = json.loads(t.state.read_text())
-    assert doc["decap"] == "userspace"
     links = {link["ifname"] for link in json.loads(t.rs.ip("-j", "link").stdout)}
-    assert links == {"lo", "eth0", "glbtun0"}
-    assert addresses(t.rs, "glbtun0") >= {VIP4, VIP6}
-    assert sysctls(t.rs, k("glbtun0", "rp_filter"), k("all", "rp_filter")) == {k("glbtun0", "rp_filter"): "2", k("all", "rp_filter"): "1"}
+    if t.decap == "userspace":
+        # No probe interface left behind; the VIPs on the decapsulator's TUN device.
+        assert links == {"lo", "eth0", "glbtun0"}
+        device4 = device6 = "glbtun0"
+    else:
+        # The drivers' fallback devices (other tunnel modules may add theirs, sit0, gre0 ...).
+        assert links >= {"lo", "eth0", "tunl0", "ip6tnl0"} and "glbtun0" not in links
+        device4, device6 = "tunl0", "ip6tnl0"
+    assert VIP4 in addresses(t.rs, device4) and VIP6 in addresses(t.rs, device6)
+    assert sysctls(t.rs, k(device4, "rp_filter"), k("all", "rp_filter")) == {k(device4, "rp_filter"): "2", k("all", "rp_filter"): "1"}
     assert "maxseg size set 1440" in t.rs.run(["nft", "list", "table", "inet", "glb_realserver"]).stdout
 
     start(t.rs, UDP_ECHO, VIP4, VIP6)
@@ -862,8 +893,9 @@ def test_tun_userspace_decap_replies_go_straight_to_the_client(tun):
     )
     assert json.loads(c4.communicate(timeout=10)[0]) == [[VIP4, 5353, "echo:v4"]]
     assert json.loads(c6.communicate(timeout=10)[0]) == [[VIP6, 5353, "echo:v6"]]
-    counters = wait_stats(t.state, lambda c: c.get("delivered", 0) >= 3)
-    assert counters["received"] == 3 and counters["delivered"] == 3
+    if t.decap == "userspace":
+        counters = wait_stats(t.state, lambda c: c.get("delivered", 0) >= 3)
+        assert counters["received"] == 3 and counters["delivered"] == 3
     # The replies (two echoes, the SYN-ACK with its MSS clamped to 1440) reached the client ...
     client = t.lab.wait_for(lambda: (c := TunLab.counters(t.client))["synack1440"] >= 1 and c, what="the SYN-ACK at the client")
     assert client["vip4"] >= 1 and client["vip6"] >= 1
@@ -871,8 +903,9 @@ def test_tun_userspace_decap_replies_go_straight_to_the_client(tun):
     assert not any(TunLab.counters(t.director).values())
 
 
-def test_tun_malformed_packets_are_dropped_and_counted(tun):
-    t = tun
+@pytest.mark.netns
+def test_tun_malformed_packets_are_dropped_and_counted(tun_userspace):
+    t = tun_userspace
     start(t.rs, UDP_ECHO, VIP4, VIP6)
     good = IP(src=CLIENT4, dst=VIP4) / UDP(sport=40000, dport=5353) / b"ok"
     bad_version = bytes([0x65]) + bytes(good)[1:]
@@ -956,6 +989,7 @@ print(json.dumps({"upload_ok": got[:32] == hashlib.sha256(data).digest(),
 """
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize("offload", [False, True], ids=["complete-checksums", "partial-checksums"])
 def test_tun_full_tcp_exchange_through_a_test_director(lab, tmp_path, offload):
     t = TunLab(lab, offload=offload)
@@ -989,6 +1023,7 @@ def test_tun_full_tcp_exchange_through_a_test_director(lab, tmp_path, offload):
         realserver(t.rs, "teardown", state, check=False)
 
 
+@pytest.mark.netns
 def test_tun_teardown_removes_everything(lab, tmp_path):
     t = TunLab(lab)
     state = tmp_path / "rs.json"
@@ -1007,6 +1042,7 @@ def test_tun_teardown_removes_everything(lab, tmp_path):
     assert not state.exists()
 
 
+@pytest.mark.netns
 def test_tun_foreground_restores_on_sigterm(lab, tmp_path):
     t = TunLab(lab)
     state = tmp_path / "rs.json"
@@ -1028,6 +1064,7 @@ def test_tun_foreground_restores_on_sigterm(lab, tmp_path):
     assert t.rs.run(["nft", "list", "table", "inet", "glb_realserver"], check=False).returncode != 0
 
 
+@pytest.mark.netns
 def test_tun_foreground_sigterm_directly(lab, tmp_path):
     t = TunLab(lab)
     state = tmp_path / "rs.json"
@@ -1056,9 +1093,10 @@ print(sent)
 """
 
 
-def test_tun_packets_lost_while_the_decapsulator_lags_are_counted(tun):
+@pytest.mark.netns
+def test_tun_packets_lost_while_the_decapsulator_lags_are_counted(tun_userspace):
     """Stop the decapsulator, flood it past its socket buffer, resume: every packet is delivered or counted as overflow."""
-    t = tun
+    t = tun_userspace
     pid = json.loads(t.state.read_text())["steps"][-1]["runtime"]["pid"]
     pkt = ipip(IP(src=CLIENT4, dst=VIP4) / UDP(sport=40000, dport=9) / b"x")
     os.kill(pid, signal.SIGSTOP)
