@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.environment import require
 from tests.netns import Lab, netns_unavailable
+
+pytestmark = pytest.mark.netns
 
 ROOT = Path(__file__).resolve().parents[3]
 PEER = [sys.executable, "-m", "tests.director.control.sync_peer"]
@@ -17,9 +20,7 @@ PEER = [sys.executable, "-m", "tests.director.control.sync_peer"]
 
 @pytest.mark.parametrize("dst", ["224.0.0.81", "10.9.0.3"], ids=["multicast", "unicast"])
 def test_a_thousand_flows_reach_the_backup(dst):
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require(netns_unavailable())
     with Lab("sync") as lab:
         switch = lab.netns("sw")
         lab.bridge(switch)

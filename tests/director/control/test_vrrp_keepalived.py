@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.environment import binary_unavailable, require
 from tests.netns import Lab, netns_unavailable
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -52,6 +52,8 @@ KEEPALIVED_UNICAST = """\
     {peer}
   }}
 """
+
+pytestmark = pytest.mark.netns
 
 
 class Pair:
@@ -144,11 +146,7 @@ def _zombie(pid: int) -> bool:
 
 @pytest.fixture(params=[4])
 def pair(request, tmp_path):
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    if not shutil.which("keepalived"):
-        pytest.skip("needs keepalived (scripts/setup installs it)")
+    require(netns_unavailable(), binary_unavailable("keepalived"))
     with Lab("vrrp") as lab:
         yield Pair(lab, tmp_path, request.param)
 
