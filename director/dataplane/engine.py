@@ -57,7 +57,7 @@ from director.dataplane import bpf, codec
 from director.dataplane.actions import Encap, Frames, MacRewrite
 from director.dataplane.conntable import NEXT_BYTES, ConnTable
 from director.dataplane.forwarder import Forwarder, ForwarderStats, Plan
-from director.dataplane.ownership import Announcer
+from director.dataplane.announce import Announcer
 from director.modes import MODES
 
 try:  # the established-flow loop in C; the same logic runs in Python without it

@@ -461,7 +461,7 @@ def test_bpf_filter_also_accepts_a_modes_extra_matches():
 
 
 def test_announcer_sends_garp_and_na_for_newly_taken_vips_only():
-    from director.dataplane.ownership import Announcer
+    from director.dataplane.announce import Announcer
 
     a = Announcer((0.0, 1.0))
     me = codec.mac_bytes(DIR_MAC)
