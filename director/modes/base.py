@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # the forwarder imports the registry; these are for annotations only
     from director.dataplane.bpf import Match
     from director.dataplane.forwarder import Plan, ServerPlan, ServicePlan
+    from director.realserver.plan import Facts, Request
+    from director.realserver.steps import Step
 
 
 class Mode:
@@ -32,6 +35,9 @@ class Mode:
     """The config's ``forwarding`` value."""
     label: ClassVar[str]
     """ipvsadm's word for it (``glb director list``'s Forward column)."""
+    realserver_facts: ClassVar[frozenset[str]] = frozenset()
+    """What the real server's adapter must find out beyond the basics: ``kernel_tunnels``
+    (probe the kernel's tunnel drivers), ``nft_table`` (a leftover MSS-clamp table)."""
     needs_vnet: ClassVar[bool]
     """The slow path reads each frame's virtio_net_hdr (checksum and GSO state)."""
     mac_rewrite: ClassVar[bool]
@@ -48,3 +54,18 @@ class Mode:
         real servers' replies (NAT) names them here.
         """
         return ()
+
+    # -- the real server's side (glb realserver setup; director/realserver/plan.py) --
+
+    def realserver_sysctls(self, req: Request) -> list[str]:
+        """Sysctls beyond the ARP ones that :meth:`realserver_steps` reads (the adapter reads exactly these)."""
+        return []
+
+    def realserver_devices(self, req: Request, facts: Facts, *, notes: list[str]) -> tuple[dict[int, str], str | None]:
+        """(IP version -> the device that holds that family's VIPs, decapsulation or None); pure."""
+        raise NotImplementedError
+
+    def realserver_steps(self, req: Request, facts: Facts, device: Mapping[int, str], *, new_tun: bool,
+                         daemon: bool, stats_file: str, log_file: str, notes: list[str]) -> list[Step]:
+        """The steps after the VIPs are on their devices (sysctls, tables, daemons); pure."""
+        raise NotImplementedError

@@ -15,6 +15,7 @@ director/realserver/).
 from __future__ import annotations
 
 from director.modes.base import Mode
+from director.realserver import plan as rsplan
 
 
 class DirectRouting(Mode):
@@ -27,6 +28,15 @@ class DirectRouting(Mode):
         if server.mac is None:
             return None
         return server.mac + plan.mac
+
+    def realserver_devices(self, req, facts, *, notes):
+        if req.mss is not None or req.decap != "auto":
+            notes.append("--mss and --decap apply to TUN mode only; ignored for DR")
+        return {f: "lo" for f in req.families}, None
+
+    def realserver_steps(self, req, facts, device, *, new_tun, daemon, stats_file, log_file, notes):
+        # lo as well as all, as the LVS documentation has it.
+        return rsplan.arp_steps(facts, ["lo"], notes=notes) if 4 in req.families else []
 
 
 MODE = DirectRouting()

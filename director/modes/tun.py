@@ -19,6 +19,9 @@ from __future__ import annotations
 from director.dataplane import codec
 from director.dataplane.codec import FLOW, VNET_HDR_LEN, VNET_NONE, Drop
 from director.modes.base import Mode
+from director.realserver import plan as rsplan
+from director.realserver.steps import NFT_FAMILY, NFT_TABLE, NftTable, StartDecap, conf_key
+from glb.errors import RealServerError
 
 
 class TunnelTransmit(codec.Tunnel):
@@ -82,6 +85,7 @@ class Tunnelling(Mode):
     label = "Tunnel"
     mac_rewrite = False
     needs_vnet = True
+    realserver_facts = frozenset({"kernel_tunnels", "nft_table"})
 
     def transmit(self, server, plan):
         if server.mac is None:
@@ -90,6 +94,48 @@ class Tunnelling(Mode):
         if src is None:
             return None
         return TunnelTransmit(src, server.address, server.mac, plan.mac, server.mtu)
+
+    def realserver_sysctls(self, req):
+        if 4 not in req.families:
+            return []
+        return [conf_key(4, dev, "rp_filter") for dev in ("all", "default", rsplan.KERNEL_TUNNELS[4][1])]
+
+    def realserver_devices(self, req, facts, *, notes):
+        kernel_ok = all(facts.kernel_tunnels.get(f) for f in req.families)
+        if req.decap == "kernel" and not kernel_ok:
+            missing = ", ".join(rsplan.KERNEL_TUNNELS[f][0] for f in sorted(req.families)
+                                if not facts.kernel_tunnels.get(f))
+            raise RealServerError(f"this kernel cannot decapsulate in the kernel (no {missing} driver): "
+                                  f"use --decap userspace or auto")
+        decap = "kernel" if (req.decap == "kernel" or (req.decap == "auto" and kernel_ok)) else "userspace"
+        if decap == "kernel":
+            device = {f: facts.kernel_tunnels[f] for f in req.families}
+        else:
+            if not facts.tun:
+                raise RealServerError("userspace decapsulation needs /dev/net/tun: load the tun module (modprobe tun)")
+            device = {f: req.tun_device for f in req.families}
+        if req.mss != 0 and not facts.nft:
+            raise RealServerError("TUN mode clamps TCP MSS with nftables but 'nft' is not installed: install "
+                                  "nftables, or pass --mss 0 to skip the clamp")
+        return device, decap
+
+    def realserver_steps(self, req, facts, device, *, new_tun, daemon, stats_file, log_file, notes):
+        steps = []
+        if 4 in req.families:
+            steps += rsplan.arp_steps(facts, [], notes=notes)  # a TUN device never does ARP
+            rp = rsplan.rp_filter_step(facts, device[4], new_device=new_tun, notes=notes)
+            if rp:
+                steps.append(rp)
+        mss = rsplan.mss_values(req, facts)
+        if mss:
+            if facts.nft_table:
+                notes.append(f"nftables table {NFT_FAMILY} {NFT_TABLE} exists already (a leftover?): it is replaced")
+            steps.append(NftTable(rsplan.nft_script(req.vips, mss), mss))
+        else:
+            notes.append("MSS clamping is off (--mss 0): clients may need a fragmentation round trip")
+        if new_tun and daemon:
+            steps.append(StartDecap(req.tun_device, tuple(str(v) for v in req.vips), stats_file, log_file))
+        return steps
 
 
 MODE = Tunnelling()

@@ -37,19 +37,18 @@ from scapy.layers.inet6 import IPv6
 
 from tests.netns import Lab, netns_unavailable
 
-from director.realserver import decap as dc  # noqa: E402
+from director.realserver import decap  # noqa: E402
+from director.realserver import decapsulate as dc  # noqa: E402
 from director.realserver import cli as rs  # noqa: E402
-from director.realserver.cli import (  # noqa: E402
+from director.realserver import steps as rs_steps  # noqa: E402
+from director.realserver.plan import Facts, Link, parse_request, plan_setup  # noqa: E402
+from director.realserver.steps import (  # noqa: E402
     AddAddress,
     CreateTun,
-    Facts,
-    Link,
     LinkUp,
     NftTable,
     SetSysctl,
     StartDecap,
-    parse_request,
-    plan_setup,
 )
 from glb.errors import RealServerError  # noqa: E402
 
@@ -339,18 +338,18 @@ def test_the_state_file_records_each_step_as_applied(tmp_path):
     system = FakeSystem(host_facts(kernel_tunnels={4: None}), fail="start_decap")
     state = tmp_path / "rs.json"
     seen = []
-    real_write = rs._write_state
+    real_write = rs_steps.write_state
 
     def spy(path, doc):
         seen.append(len(doc["steps"]))
         real_write(path, doc)
 
-    rs._write_state = spy
+    rs_steps.write_state = spy
     try:
         with pytest.raises(RealServerError):
             rs.setup(["192.0.2.10"], "tun", state_file=state, system=system)
     finally:
-        rs._write_state = real_write
+        rs_steps.write_state = real_write
     assert seen == list(range(len(seen)))  # rewritten after every step, starting empty
 
 
@@ -434,7 +433,7 @@ def test_dry_run_changes_nothing(tmp_path, capsys):
 def test_steps_survive_the_state_file_round_trip():
     plan = plan_setup(parse_request(["192.0.2.10", "2001:db8::1"], "tun"), host_facts(kernel_tunnels={4: None, 6: None}))
     for step in plan.steps:
-        assert rs.step_from_dict(json.loads(json.dumps(rs.step_to_dict(step)))) == step
+        assert rs_steps.step_from_dict(json.loads(json.dumps(rs_steps.step_to_dict(step)))) == step
 
 
 # ---------------------------------------------------------------------------
@@ -790,7 +789,7 @@ def wait_stats(state: Path, want, timeout: float = 5.0) -> dict:
     stats_file, _ = rs._side_files(state)
     deadline = time.monotonic() + timeout
     while True:
-        doc = dc.read_stats(stats_file) or {"counters": {}}
+        doc = decap.read_stats(stats_file) or {"counters": {}}
         if want(doc["counters"]):
             return doc["counters"]
         if time.monotonic() > deadline:
