@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import NoReturn, Sequence
 
 from glb import __version__
+from glb.config import FORWARDING
 from glb.errors import ConfigError, GLBError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs_sub.required = True
     setup = rs_sub.add_parser("setup", help="hold the VIPs for DR (on lo, ARP silenced) or TUN (tunnel device or userspace decapsulator)")
     setup.add_argument("--vip", action="append", required=True, metavar="ADDR", help="a VIP this server serves (repeatable)")
-    setup.add_argument("--mode", required=True, choices=["dr", "tun"], help="the director's forwarding method")
+    setup.add_argument("--mode", required=True, choices=FORWARDING, help="the director's forwarding method")
     setup.add_argument("--decap", default="auto", choices=["auto", "kernel", "userspace"],
                        help="TUN: kernel ipip/ip6tnl device, userspace decapsulator, or auto (kernel when it has ipip)")
     setup.add_argument("--mss", type=int, metavar="N", help="TUN: clamp TCP MSS of replies to N (IPv6 gets N-40; 0 = off; default 1440)")

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from director.modes import MODES
 from glb.errors import AdminError
 
-FORWARD = {"dr": "Route", "tun": "Tunnel", "nat": "Masq"}
+FORWARD = {name: mode.label for name, mode in MODES.items()}
 HEADER = ("  -> RemoteAddress:Port", "Forward", "Weight", "State", "ActiveConn", "InActConn",
           "CPS", "PPS", "BPS", "Last check")
 

@@ -16,21 +16,20 @@ snapshots with ``director.control.site.build_snapshot``. Operator overrides (dra
 weight) are followed from Redis with ``glb.store.StateFollower`` and applied
 to the table, so they survive director restarts.
 
-The packet path (director/dataplane/engine.py, in worker processes) follows the
-health table: every decision (a transition, an override, a reload, a real
-server's MAC learnt or lost) rebuilds a ``forwarder.Plan`` and hands the
-whole plan to the engine, which swaps it in between two batches. The engine
-reports its counters back twice a second; ``Director.counters`` /
-``Director.vip_counters`` / ``Director.packet_stats`` serve them to the
-snapshot, /status and /metrics. A director on ``lo`` runs the control plane
-only: loopback carries no client traffic.
+The packet path (``director.dataplane.packetpath.PacketPath``: neighbours,
+VIP ownership, the engine's worker processes) follows the health table:
+every decision (a transition, an override, a reload) calls
+``PacketPath.apply``, which rebuilds a ``forwarder.Plan`` (coalesced) and
+hands the whole plan to the engine; a real server's MAC learnt or lost does
+the same from inside. The engine reports its counters back twice a second;
+``Director.counters`` / ``Director.vip_counters`` / ``Director.packet_stats``
+serve them to the snapshot, /status and /metrics. A director on ``lo`` runs
+the control plane only: loopback carries no client traffic.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import ipaddress
 import logging
 import signal
 import socket
@@ -38,7 +37,6 @@ import time
 from collections.abc import Callable, Mapping
 
 from glb import config as glbconfig
-from glb.aio import cancel_and_wait
 from glb.http import Served, serve
 from glb.config import Config, Site
 from glb.errors import DirectorError, EngineError, GLBError, GuardError
@@ -46,6 +44,7 @@ from glb.state import DeploymentState, SiteSnapshot
 from glb.store import RedisStore, StateFollower
 from director.control.checker import Checker, Target, targets
 from director.dataplane.forwarder import Plan, build_plan
+from director.dataplane.packetpath import PacketPath
 from director.control.health import ADMIN_DRAIN, ADMIN_NONE, HealthTable, ServerKey, Transition
 from director.control.probes import Probe, ProbeResult, Prober
 from director.control.publisher import Publisher
@@ -95,53 +94,36 @@ class Director:
         self._overrides = DeploymentState()
         self._reload_lock = asyncio.Lock()
         self._started = False
-        # The packet path (None = control plane only).
-        self._packet_path = packet_path
-        self.engine = None
-        self._guard = None
-        self._groups = None
-        self._neighbours = None
-        self._netlink: concurrent.futures.ThreadPoolExecutor | None = None
-        self._macs: dict[bytes, bytes | None] = {}
-        self._resolving: asyncio.Task | None = None
-        self._resolved_at = 0.0
-        self._mtu = 1500
-        self._plan: Plan | None = None
-        self._plan_pending = False
-        self._housekeeping: asyncio.Task | None = None
-        self._counters: dict[ServerKey, ServerCounters] = {}
-        self._vip_counters: dict[str, VipCounters] = {}
-        self._rates_at: tuple[float, dict] | None = None
+        # The packet path (None = control plane only, until start decides).
+        self._packet_path_wanted = packet_path
+        self.packet_path: PacketPath | None = None
 
-    # -- what the packet path reports
+    # -- what the packet path reports (StatusSource)
 
     def counters(self) -> Mapping[ServerKey, ServerCounters]:
-        return self._counters
+        return self.packet_path.counters() if self.packet_path is not None else {}
 
     def vip_counters(self) -> Mapping[str, VipCounters]:
-        return self._vip_counters
+        return self.packet_path.vip_counters() if self.packet_path is not None else {}
 
     def packet_stats(self):
         """The engine's merged EngineStats, or None without a packet path."""
-        return self.engine.stats() if self.engine is not None else None
+        return self.packet_path.stats() if self.packet_path is not None else None
 
     def packet_loop(self) -> str | None:
         """'c' or 'python': what forwards established DR flows; None without a packet path."""
-        if self.engine is None:
+        if self.packet_path is None:
             return None
         from director.dataplane.engine import LOOP
         return LOOP
 
     def packet_workers(self) -> list:
         """(pid, EngineStats) of each packet worker; empty without a packet path."""
-        return self.engine.worker_stats() if self.engine is not None else []
+        return self.packet_path.worker_stats() if self.packet_path is not None else []
 
     def packet_plan(self) -> tuple[int, int, dict[str, bytes | None]]:
         """(plan generation sent, generation every worker applied, address -> next-hop MAC)."""
-        if self.engine is None:
-            return 0, 0, {}
-        hops = {str(ipaddress.ip_address(a)): m for a, m in self._macs.items()}
-        return self.engine.generation, self.engine.applied, hops
+        return self.packet_path.plan_state() if self.packet_path is not None else (0, 0, {})
 
     def site_drained(self) -> bool:
         return self._overrides.is_drained(self.site_name)
@@ -265,172 +247,42 @@ class Director:
     # -- the packet path
 
     def _wants_packet_path(self) -> bool:
-        if self._packet_path is not None:
-            return self._packet_path
+        if self._packet_path_wanted is not None:
+            return self._packet_path_wanted
         return self.table.site.director.interface != "lo"
 
+    def _build_plan(self, mac: bytes, neighbours: Mapping[bytes, bytes | None], mtu: int) -> Plan:
+        return build_plan(self.table.site, self.table.services(), mac, dict(neighbours), mtu)
+
     async def _start_packet_path(self) -> None:
-        from director.dataplane.engine import LOOP, Engine, EngineConfig
-        from director.dataplane.neighbours import Neighbours
-        from director.dataplane.ownership import KernelGuard, SolicitedNodeGroups, vips_on_kernel
+        from director.dataplane.engine import LOOP, EngineConfig
 
         site = self.table.site
         iface = site.director.interface
         if not self._wants_packet_path():
             log.info("interface %s: packet path off (control plane only)", iface)
             return
-        # pyroute2's synchronous API runs its own event loop: keep it on one thread of its own.
-        self._netlink = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glb-netlink")
-        loop = asyncio.get_running_loop()
-        try:
-            self._neighbours = await loop.run_in_executor(self._netlink, Neighbours, iface)
-        except LookupError:
-            raise DirectorError(f"director.interface {iface!r}: no such interface") from None
-        self._mtu = await loop.run_in_executor(self._netlink, self._neighbours.mtu)
-        plan = self._build_plan(await loop.run_in_executor(self._netlink, self._neighbours.mac))
-        on_kernel = await loop.run_in_executor(self._netlink, vips_on_kernel, plan.vips)
-        if on_kernel:
-            raise DirectorError(f"VIPs must not be configured on the director's interfaces "
-                                f"(the kernel would answer for them): {', '.join(on_kernel)}")
-        self._guard = KernelGuard(iface)
-        try:
-            self._guard.install(plan.vips)
-        except GuardError as e:
-            raise DirectorError(f"cannot keep the kernel off VIP traffic: {e}") from None
-        self._groups = SolicitedNodeGroups(iface)
-        self._groups.update(plan.vips)
-        self._macs = await loop.run_in_executor(self._netlink, self._resolve)
-        plan = self._build_plan(plan.mac)
         pp = site.director.packet
-        engine = Engine(EngineConfig(iface, frames=pp.ring_frames, workers=pp.workers, busy_poll=pp.busy_poll,
-                                     conntable=site.director.connection_table))
+        path = PacketPath(iface, EngineConfig(iface, frames=pp.ring_frames, workers=pp.workers, busy_poll=pp.busy_poll,
+                                              conntable=site.director.connection_table), self._build_plan)
         try:
-            await loop.run_in_executor(None, engine.start, plan)
-        except EngineError as e:
-            raise DirectorError(f"packet engine on {iface}: {e}") from None
-        self.engine, self._plan = engine, plan
-        self._housekeeping = asyncio.create_task(self._packet_housekeeping())
-        log.info("packet path on %s (MAC %s, pids %s): %d VIPs", iface, plan.mac.hex(":"),
-                 engine.pids, len(plan.vips))
+            await path.start()
+        except BaseException:
+            await path.stop()
+            raise
+        self.packet_path = path
         if LOOP != "c":
             log.warning("director.dataplane._fastpath is not built (no compiler when GLB was installed?): established "
                         "flows take the Python loop, about 0.8x the packets per second")
 
     async def _stop_packet_path(self) -> None:
-        await cancel_and_wait(t for t in (self._housekeeping, self._resolving) if t is not None)
-        self._housekeeping = self._resolving = None
-        if self.engine is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
-            self.engine = None
-        if self._guard is not None:
-            self._guard.remove()
-            self._guard = None
-        if self._groups is not None:
-            self._groups.close()
-            self._groups = None
-        if self._neighbours is not None:
-            await asyncio.get_running_loop().run_in_executor(self._netlink, self._neighbours.close)
-            self._neighbours = None
-        if self._netlink is not None:
-            self._netlink.shutdown(wait=False)
-            self._netlink = None
-
-    def _real_addresses(self) -> list[bytes]:
-        out = []
-        for svc in self.table.site.services:
-            out.extend(rs.address.packed for rs in svc.real_servers)
-            if svc.sorry_server is not None:
-                out.append(svc.sorry_server.packed)
-        return list(dict.fromkeys(out))
-
-    def _resolve(self) -> dict[bytes, bytes | None]:
-        assert self._neighbours is not None
-        return self._neighbours.resolve(self._real_addresses())
-
-    def _build_plan(self, mac: bytes | None = None) -> Plan:
-        mac = mac or (self._plan.mac if self._plan is not None else b"\x00" * 6)
-        return build_plan(self.table.site, self.table.services(), mac, self._macs, self._mtu)
+        if self.packet_path is not None:
+            await self.packet_path.stop()
+            self.packet_path = None
 
     def _plan_dirty(self) -> None:
-        """Coalesce: however many decisions this loop iteration, one plan is built and sent."""
-        if self.engine is None or self._plan_pending:
-            return
-        self._plan_pending = True
-        asyncio.get_running_loop().call_soon(self._send_plan)
-
-    def _send_plan(self) -> None:
-        self._plan_pending = False
-        if self.engine is None:
-            return
-        plan = self._build_plan()
-        if plan != self._plan:
-            if self._guard is not None and self._plan is not None and plan.vips != self._plan.vips:
-                try:
-                    self._guard.install(plan.vips)
-                except Exception as e:
-                    log.error("could not update the nftables guard: %s", e)
-                if self._groups is not None:
-                    self._groups.update(plan.vips)
-            self._plan = plan
-            self.engine.update(plan)
-        if any(s.available and s.mac is None for svc in plan.services for s in svc.servers):
-            self._resolve_soon()
-
-    def _resolve_soon(self) -> None:
-        """A server may take flows but its MAC is unknown (just added, or just
-        up): look now rather than at the next tick, at most every 100 ms."""
-        if self._resolving is not None and not self._resolving.done():
-            return
-        delay = max(0.0, self._resolved_at + 0.1 - time.monotonic())
-        self._resolving = asyncio.get_running_loop().create_task(self._refresh_neighbours(delay))
-
-    async def _refresh_neighbours(self, delay: float = 0.0) -> None:
-        if delay:
-            await asyncio.sleep(delay)
-        if self._netlink is None or self._neighbours is None:
-            return
-        self._resolved_at = time.monotonic()
-        try:
-            macs = await asyncio.get_running_loop().run_in_executor(self._netlink, self._resolve)
-        except Exception as e:
-            log.warning("neighbour refresh failed: %s", e)
-            return
-        if macs != self._macs:
-            lost = [a for a, m in self._macs.items() if m and not macs.get(a)]
-            if lost:
-                log.warning("lost the MAC of %d real server(s); they are unreachable", len(lost))
-            self._macs = macs
-            self._plan_dirty()
-
-    async def _packet_housekeeping(self) -> None:
-        """Once a second: refresh neighbours (a changed MAC means a new plan), derive rates."""
-        reported_failure = False
-        while True:
-            await asyncio.sleep(1.0)
-            await self._refresh_neighbours()
-            self._update_counters()
-            if self.engine is not None and self.engine.failed and not reported_failure:
-                reported_failure = True
-                log.error("%s: the packet path is down", self.engine.failed)
-
-    def _update_counters(self) -> None:
-        if self.engine is None:
-            return
-        stats = self.engine.stats().forwarder
-        now = time.monotonic()
-        prev_at, prev = self._rates_at or (now, {})
-        dt = now - prev_at
-        counters = {}
-        for key, (active, inactive, packets, octets, conns) in stats.servers.items():
-            p = prev.get(key)
-            if p is not None and dt > 0:
-                rates = ((conns - p[4]) / dt, (packets - p[2]) / dt, (octets - p[3]) / dt)
-            else:
-                rates = (0.0, 0.0, 0.0)
-            counters[key] = ServerCounters(active, inactive, *(max(0.0, r) for r in rates), packets, octets)
-        self._rates_at = (now, dict(stats.servers))
-        self._counters = counters
-        self._vip_counters = {label: VipCounters(*v) for label, v in stats.vips.items()}
+        if self.packet_path is not None:
+            self.packet_path.apply()
 
 
 async def serve_director(config_path: str, site_name: str, *, ready: Callable[[Director], None] | None = None) -> int:

@@ -5,7 +5,7 @@ through PACKET_FANOUT_HASH, so each flow always reaches the same worker):
 
 * **RX**: one AF_PACKET socket on the director's interface, TPACKET_V2 RX
   ring, PACKET_VNET_HDR (veth/virtio checksum and GSO metadata arrive with
-  each frame), a classic BPF filter (:func:`bpf_program`) so only frames for
+  each frame), a classic BPF filter (director/dataplane/bpf.py) so only frames for
   a VIP (and ARP/NDP asking for one) ever wake Python. Frames the host
   itself sends and frames for other MACs (promiscuous mode) are refused by
   the filter too.
@@ -53,10 +53,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from director.dataplane import codec
+from director.dataplane import bpf, codec
+from director.dataplane.actions import Encap, Frames, MacRewrite
 from director.dataplane.conntable import NEXT_BYTES, ConnTable
 from director.dataplane.forwarder import Forwarder, ForwarderStats, Plan
-from director.dataplane.ownership import Announcer
+from director.dataplane.announce import Announcer
+from director.modes import MODES
 from glb.errors import EngineError
 
 try:  # the established-flow loop in C; the same logic runs in Python without it
@@ -83,7 +85,6 @@ SO_ATTACH_FILTER = 26
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 ETH_P_ALL = 0x0003
-PACKET_OTHERHOST = 3
 PACKET_OUTGOING = 4
 TP_STATUS_USER = 1
 MSG_DONTWAIT = 0x40
@@ -105,125 +106,6 @@ STATS_EVERY = 0.5
 _IOV2 = struct.Struct("=QQQQ")  # two struct iovec
 _TPACKET_REQ = struct.Struct("=IIII")
 _TPACKET_STATS = struct.Struct("=II")
-
-
-# --------------------------------------------------------------------------
-# The kernel filter (pure)
-# --------------------------------------------------------------------------
-
-# Classic BPF opcodes (<linux/filter.h>)
-_LD_W_ABS, _LD_H_ABS, _LD_B_ABS = 0x20, 0x28, 0x30
-_JEQ_K, _JGE_K, _JA = 0x15, 0x35, 0x05
-_RET_K = 0x06
-_SKF_AD_PKTTYPE = (-0x1000 + 4) & 0xFFFFFFFF
-BPF_MAXINSNS = 4096
-ACCEPT_LEN = 0x40000
-"""Bytes of a frame the filter keeps: more than any GSO frame."""
-
-
-def bpf_program(vips) -> list[tuple[int, int, int, int]]:
-    """A classic BPF program accepting only frames a director must see.
-
-    Accepted: IPv4/IPv6 packets whose destination is a VIP (flows, ICMP
-    errors about them), ARP whose target is a VIP, ICMPv6 neighbour
-    solicitations whose target is a VIP (without extension headers). Refused:
-    everything else, and frames the host sends (PACKET_OUTGOING) or that
-    were for another MAC (PACKET_OTHERHOST, promiscuous mode).
-
-    Returns (code, jt, jf, k) tuples. Conditional jumps only ever skip one
-    instruction; ``ja`` (32-bit offset) makes the long jumps, so any number
-    of VIPs up to the kernel's 4096-instruction limit fits.
-    """
-    v4 = sorted(v for v in vips if len(v) == 4)
-    v6 = sorted(v for v in vips if len(v) == 16)
-    prog: list[list[Any]] = []  # [code, jt, jf, k or label]
-    labels: dict[str, int] = {}
-
-    def emit(code, jt=0, jf=0, k=0):
-        prog.append([code, jt, jf, k])
-
-    def label(name):
-        labels[name] = len(prog)
-
-    def match_words(offset: int, words: list[int]):
-        # compare consecutive 32-bit words; any mismatch skips to after "ja accept"
-        n = len(words)
-        for i, w in enumerate(words):
-            emit(_LD_W_ABS, k=offset + 4 * i)
-            emit(_JEQ_K, 0, 2 * (n - i - 1) + 1, w)
-        emit(_JA, k="accept")
-
-    emit(_LD_W_ABS, k=_SKF_AD_PKTTYPE)
-    emit(_JGE_K, 0, 1, PACKET_OTHERHOST)  # OTHERHOST, LOOPBACK, OUTGOING ...
-    emit(_RET_K, k=0)
-    emit(_LD_H_ABS, k=12)
-    for ethertype, name in ((codec.ETH_P_IP, "ipv4"), (codec.ETH_P_IPV6, "ipv6"), (codec.ETH_P_ARP, "arp")):
-        emit(_JEQ_K, 0, 1, ethertype)
-        emit(_JA, k=name)
-    emit(_RET_K, k=0)
-    label("ipv4")
-    for v in v4:
-        match_words(30, [int.from_bytes(v, "big")])
-    emit(_RET_K, k=0)
-    label("arp")
-    for v in v4:
-        match_words(38, [int.from_bytes(v, "big")])  # target protocol address
-    emit(_RET_K, k=0)
-    label("ipv6")
-    for v in v6:
-        match_words(38, [int.from_bytes(v[i:i + 4], "big") for i in range(0, 16, 4)])
-    if v6:  # a neighbour solicitation: ICMPv6 type 135, target at 14 + 40 + 8
-        emit(_LD_B_ABS, k=20)
-        emit(_JEQ_K, 0, 1, codec.IPPROTO_ICMPV6)
-        emit(_JA, k="ns")
-    emit(_RET_K, k=0)
-    label("ns")
-    if v6:
-        emit(_LD_B_ABS, k=54)
-        emit(_JEQ_K, 1, 0, 135)
-        emit(_RET_K, k=0)
-        for v in v6:
-            match_words(62, [int.from_bytes(v[i:i + 4], "big") for i in range(0, 16, 4)])
-    emit(_RET_K, k=0)
-    label("accept")
-    emit(_RET_K, k=ACCEPT_LEN)
-    out = []
-    for i, (code, jt, jf, k) in enumerate(prog):
-        if isinstance(k, str):
-            k = labels[k] - i - 1
-        out.append((code, jt, jf, k))
-    return out
-
-
-def bpf_bytes(prog) -> bytes:
-    return b"".join(struct.pack("=HBBI", *insn) for insn in prog)
-
-
-def bpf_run(prog, frame: bytes, pkttype: int = 0) -> int:
-    """A tiny classic BPF interpreter for the instructions bpf_program uses (tests)."""
-    pc = 0
-    a = 0
-    while True:
-        code, jt, jf, k = prog[pc]
-        pc += 1
-        if code in (_LD_W_ABS, _LD_H_ABS, _LD_B_ABS):
-            if k == _SKF_AD_PKTTYPE:
-                a = pkttype
-                continue
-            size = {_LD_W_ABS: 4, _LD_H_ABS: 2, _LD_B_ABS: 1}[code]
-            if k + size > len(frame):
-                return 0  # the kernel rejects the frame on an out-of-bounds load
-            a = int.from_bytes(frame[k:k + size], "big")
-        elif code == _JEQ_K:
-            pc += jt if a == k else jf
-        elif code == _JGE_K:
-            pc += jt if a >= k else jf
-        elif code == _JA:
-            pc += k
-        elif code == _RET_K:
-            return k
-        else:  # pragma: no cover
-            raise ValueError(f"opcode {code:#x}")
 
 
 # --------------------------------------------------------------------------
@@ -403,11 +285,9 @@ class PacketSocket:
             raise
         self.mac = bytes.fromhex(open(f"/sys/class/net/{cfg.interface}/address").read().strip().replace(":", ""))
 
-    def set_filter(self, vips) -> None:
-        prog = bpf_program(vips)
-        if len(prog) > BPF_MAXINSNS:  # very many VIPs: let IP/ARP through, Python filters
-            prog = [(_LD_H_ABS, 0, 0, 12), (_JGE_K, 1, 0, 0), (_RET_K, 0, 0, 0), (_RET_K, 0, 0, ACCEPT_LEN)]
-        code = ctypes.create_string_buffer(bpf_bytes(prog))
+    def set_filter(self, vips, extra=()) -> None:
+        prog = bpf.socket_filter(vips, extra)
+        code = ctypes.create_string_buffer(bpf.bpf_bytes(prog))
         fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(code))
         self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
@@ -477,7 +357,8 @@ class Worker:
         self.idx = 0
         self.stats = EngineStats()
         self.announcer = Announcer(cfg.announce)
-        self.need_vnet = self.dr_services = False
+        self.need_vnet = self.mac_rewrites = False
+        self._filter = (plan.vips, frozenset())  # what PacketSocket opened with
         self._sent_now = 0
         self.running = True
         self.apply(plan, time.monotonic())
@@ -485,11 +366,14 @@ class Worker:
     def apply(self, plan: Plan, now: float) -> None:
         if plan.mac == b"\x00" * 6 or not plan.mac:
             plan = Plan(self.ps.mac, plan.services, plan.source4, plan.source6)
-        if plan.vips != self.fwd.vips:
-            self.ps.set_filter(plan.vips)
+        wanted = (plan.vips, frozenset(m for s in plan.services for m in MODES[s.forwarding].filter_matches(s)))
+        if wanted != self._filter:
+            self.ps.set_filter(*wanted)
+            self._filter = wanted
         self.fwd.apply(plan)
-        self.need_vnet = any(s.forwarding == "tun" for s in plan.services)
-        self.dr_services = any(s.forwarding == "dr" for s in plan.services)
+        modes = {MODES[s.forwarding] for s in plan.services}
+        self.need_vnet = any(m.needs_vnet for m in modes)
+        self.mac_rewrites = any(m.mac_rewrite for m in modes)
         if self.index == 0:  # one worker announces for all
             self.announcer.update(plan.vips, plan.mac, now)
 
@@ -545,7 +429,7 @@ class Worker:
         handled = truncated = 0
         # The C loop takes runs of established DR flows (Forwarder.fast's DR case, in C);
         # whatever it leaves, Python's fast() or forward() decides.
-        crun = _fastpath.run if _fastpath is not None and self.dr_services else None
+        crun = _fastpath.run if _fastpath is not None and self.mac_rewrites else None
         confirmed, timeouts = self.fwd.table.confirmed_flows, self.fwd.table.timeouts
         # Python's fast() would only repeat the C loop's refusal unless a TUN service needs it.
         fast = self.fwd.fast if crun is None or self.need_vnet else _declined
@@ -574,7 +458,7 @@ class Worker:
                     truncated += 1
                 else:
                     r = forward(view[start:start + snaplen], now, view[start - VNET_LEN:start] if need_vnet else None)
-            if r.__class__ is bytes:
+            if r.__class__ is MacRewrite:
                 ring[start:start + 12] = r
                 j = iov0 + 2 * idx
                 iov[j] = base + start - VNET_LEN
@@ -584,10 +468,10 @@ class Worker:
                     slots.send(first, idx - first)
                 first = idx + 1
                 cls = r.__class__
-                if cls is tuple:
+                if cls is Encap:
                     v, head, n = r
                     sender.parts((v or vnet_none) + head, base + start + 14, n)
-                elif cls is list:
+                elif cls is Frames:
                     for out in r:
                         self.send_now(out)
             idx += 1

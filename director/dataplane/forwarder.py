@@ -7,18 +7,12 @@ health table decided, plus MAC addresses) with :meth:`Forwarder.apply`.
 Everything here is exercised by tests/director/dataplane/test_forwarder.py with scapy
 frames and made-up times.
 
-Actions returned by ``forward`` (dispatched by class, the cheapest test):
-
-* ``bytes`` (12 bytes): **DR**. Write them over the frame's MAC addresses
-  (real server's MAC, director's MAC) and send the frame as it came, with
-  its virtio_net_hdr: checksums and GSO stay valid because the IP packet is
-  untouched;
-* ``tuple`` ``(vnet, header, length)``: **TUN**. Send ``vnet`` (None when
-  the engine runs without PACKET_VNET_HDR), then ``header`` (Ethernet +
-  outer IP), then the inner IP packet ``frame[14:14 + length]``;
-* ``list`` of frames: send each as a new, complete frame (ARP/NDP answers,
-  ICMP "too big" to a client, outer fragments of a tunnelled packet);
-* ``None``: dropped; the reason was counted in ``drops``.
+Actions returned by ``forward`` and ``fast`` are the types of
+director/dataplane/actions.py (None: dropped, the reason counted in
+``drops``). Everything a forwarding mode does differently is its module's
+in director/modes/: the forwarder holds each real server's transmit object
+(``Mode.transmit``) and asks it per packet, except that a
+:data:`~director.dataplane.actions.MacRewrite` is the action itself.
 
 Decisions and why:
 
@@ -52,13 +46,13 @@ from director.dataplane.codec import (
     ICMP_ERROR,
     LATER_FRAGMENT,
     NEIGHBOR_SOLICIT,
-    VNET_HDR_LEN,
-    VNET_NONE,
     Drop,
 )
-from director.dataplane.conntable import Conn, ConnTable, FragmentTable
 from director.control.health import PER_SERVICE, ServerKey, ServiceHealth
+from director.dataplane.actions import MacRewrite
+from director.dataplane.conntable import Conn, ConnTable, FragmentTable
 from director.dataplane.scheduler import Dest, Persistence, Scheduler, make_scheduler
+from director.modes import MODES
 
 PROTOCOLS = {"tcp": 6, "udp": 17}
 TCP_SYN = 0x02
@@ -103,7 +97,7 @@ class VipPlan:
 class ServicePlan:
     name: str
     forwarding: str
-    """'dr' or 'tun'."""
+    """A mode's name (director.modes.MODES)."""
     scheduler: str
     vips: tuple[VipPlan, ...]
     servers: tuple[ServerPlan, ...]
@@ -288,7 +282,8 @@ class Forwarder:
         self._by_vip: dict[tuple[bytes, int, int], tuple[_Service, str]] = {}
         self._routes: dict[tuple[ServerKey, str], Route] = {}
         self._refresh = self.table.refresh
-        self._ident = 0  # outer IPv4 id for TUN, per worker
+        self.ident = 0
+        """The last outer IPv4 id a mode used (tunnels), per worker."""
 
     # -- control --------------------------------------------------------------
 
@@ -350,14 +345,7 @@ class Forwarder:
 
     @staticmethod
     def _configure(d: ServerDest, s: ServerPlan, plan: Plan, sp: ServicePlan) -> None:
-        tx: Any = None
-        if s.mac is not None:
-            if sp.forwarding == "dr":
-                tx = s.mac + plan.mac
-            else:
-                src = plan.source4 if len(s.address) == 4 else plan.source6
-                if src is not None:
-                    tx = codec.Tunnel(src, s.address, s.mac, plan.mac, s.mtu)
+        tx = MODES[sp.forwarding].transmit(s, plan)
         d.tx = tx
         # No way to reach it = down for the packet path (and its flows follow reschedule).
         d.available = s.available and tx is not None
@@ -382,8 +370,9 @@ class Forwarder:
         ``bytes`` (an mmap'd ring, bytes). Handles a TCP/UDP packet (IPv4
         without options, IPv6 without extension headers, not a fragment) of
         a confirmed flow that changes nothing but the flow's expiry: what
-        nearly every packet of an established connection is. DR always; TUN
-        when the packet fits the tunnel and its checksum is complete. It
+        nearly every packet of an established connection is, when its
+        server's mode takes it (DR always; TUN when the packet fits the
+        tunnel and its checksum is complete). It
         reads the connection-table key straight off the wire (codec.flow_key's
         layout) instead of parsing, and returns the same action
         :meth:`forward` would. Anything else, including every frame parse
@@ -433,17 +422,13 @@ class Forwarder:
         r = c.tag
         if not r.live:
             return None
-        if tx.__class__ is bytes:
+        if tx.__class__ is MacRewrite:  # the same action for every packet to this server (DR)
             r.packets += 1
             r.bytes += total
             return tx
-        if (tx is None or tx.family != family or total > tx.max_inner
-                or buf[start - VNET_HDR_LEN:start] != VNET_NONE):
-            return None  # unreachable, too big, or a partial checksum: forward knows what to do
-        self._ident = ident = (self._ident + 1) & 0xFFFF
-        r.packets += 1
-        r.bytes += total
-        return (VNET_NONE, tx.header_at(buf, start + 14, total, ident), total)
+        if tx is None:
+            return None  # unreachable: forward knows what to do
+        return tx.fast(self, buf, start, total, family, r)
 
     def forward(self, frame, now: float, vnet=None):
         """What to do with one frame (see the module docstring for the actions).
@@ -488,12 +473,12 @@ class Forwarder:
         if tx is None:
             self.drops[Drop.NO_NEIGHBOUR] += 1
             return None
-        if tx.__class__ is bytes:
+        if tx.__class__ is MacRewrite:
             r = c.tag
             r.packets += 1
             r.bytes += p.length
             return tx
-        return self._encap(tx, frame, p, vnet, c.tag)
+        return tx.slow(self, frame, p, vnet, c.tag)
 
     def _new_flow(self, p, now: float) -> Conn | None:
         """Schedule a flow the table does not know; None if it must be dropped (counted)."""
@@ -527,49 +512,6 @@ class Forwarder:
             self._routes[(dest.key, label)] = route = Route(dest.key, label)
         route.conns += 1
         return self.table.add(p.key, dest, p.flags, now, template=tpl, tag=route)
-
-    def _encap(self, tun: codec.Tunnel, frame, p, vnet, route: Route):
-        """TUN: the header to send before the inner packet, or what to do instead."""
-        if tun.family != p.family:
-            self.drops[Drop.NO_DESTINATION] += 1
-            return None
-        h = None
-        if vnet is not None:
-            h = codec.parse_vnet(vnet)
-            if h.__class__ is Drop:
-                self.drops[h] += 1
-                return None
-        if tun.fits(p):
-            out_vnet = None
-            if h is not None:
-                out_vnet = codec.vnet_for_tun(h, tun.overhead)
-                if out_vnet.__class__ is Drop:
-                    self.drops[out_vnet] += 1
-                    return None
-            self._ident = ident = (self._ident + 1) & 0xFFFF
-            route.packets += 1
-            route.bytes += p.length
-            return (out_vnet, tun.header(frame, p, ident), p.length)
-        if p.family == 4 and not codec.is_df(frame, p) and p.kind == FLOW:
-            # IPv4 without DF: fragment outside the tunnel (the real server reassembles).
-            if h is not None and h.gso_type != codec.VIRTIO_NET_HDR_GSO_NONE:
-                self.drops[Drop.GSO_UNSUPPORTED] += 1
-                return None
-            if h is not None and h.flags & codec.VIRTIO_NET_HDR_F_NEEDS_CSUM:
-                bad = codec.complete_checksum(frame, h.csum_start, h.csum_offset, p.l3 + p.length)
-                if bad is not None:
-                    self.drops[bad] += 1
-                    return None
-            self._ident = ident = (self._ident + 1) & 0xFFFF
-            route.packets += 1
-            route.bytes += p.length
-            return tun.fragments(frame, p, ident)
-        self.drops[Drop.TOO_BIG] += 1
-        reply = codec.too_big(frame, p, tun.max_inner)
-        if reply.__class__ is Drop:
-            return None
-        self.replies += 1
-        return [reply]
 
     # -- reporting ----------------------------------------------------------------
 

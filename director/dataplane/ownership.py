@@ -1,4 +1,7 @@
-"""VIP ownership: the director answers for its VIPs, and its own kernel stays out.
+"""VIP ownership's Linux side: the director answers for its VIPs, and its own kernel stays out.
+
+Whether the director owns its VIPs at all is ``packetpath.VipOwnership``
+(switchable at run time); this module holds the adapters it drives.
 
 A director owns a VIP without configuring it on any interface of its kernel:
 
@@ -11,7 +14,7 @@ A director owns a VIP without configuring it on any interface of its kernel:
   IPv4, an unsolicited neighbour advertisement with the override flag for
   IPv6, at ``EngineConfig.announce`` offsets (0, 1 and 2 s by default;
   keepalived sends 5 and 5 more after 5 s), so caches that pointed at a
-  previous owner move at once. :class:`Announcer` decides when (pure).
+  previous owner move at once. ``announce.Announcer`` decides when (pure).
 * **The kernel stays out** (:class:`KernelGuard`). AF_PACKET taps see a
   frame before the IP stack does, so the engine gets every VIP packet; the
   kernel must then *not* act on its own copy: forwarding it (if
@@ -57,34 +60,6 @@ from glb.errors import GuardError, NftError
 log = logging.getLogger("glb.director.ownership")
 
 NFT_TABLE = "glb_director"
-
-
-class Announcer:
-    """When to send gratuitous ARP / unsolicited NA for each VIP (pure; time passed in)."""
-
-    def __init__(self, offsets: Iterable[float] = (0.0, 1.0, 2.0)) -> None:
-        self.offsets = tuple(sorted(offsets))
-        self._owned: frozenset[bytes] = frozenset()
-        self._pending: list[tuple[float, bytes, bytes]] = []  # (when, vip, mac)
-
-    def update(self, vips: Iterable[bytes], mac: bytes, now: float, *, again: bool = False) -> None:
-        """Adopt the VIP set; newly taken VIPs (all of them with ``again``) get announced."""
-        vips = frozenset(vips)
-        new = vips if again else vips - self._owned
-        self._owned = vips
-        self._pending = [p for p in self._pending if p[1] in vips]
-        for vip in sorted(new):
-            for off in self.offsets:
-                self._pending.append((now + off, vip, mac))
-        self._pending.sort()
-
-    def due(self, now: float) -> list[bytes]:
-        """Frames to send now."""
-        out = []
-        while self._pending and self._pending[0][0] <= now:
-            _, vip, mac = self._pending.pop(0)
-            out.append(codec.gratuitous_arp(vip, mac) if len(vip) == 4 else codec.unsolicited_na(vip, mac))
-        return out
 
 
 def nft_script(interface: str, vips: Iterable[bytes]) -> str:

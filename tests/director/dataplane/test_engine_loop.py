@@ -42,9 +42,10 @@ class FakeSocket:
         self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.peer.setblocking(False)
         self.mac = codec.mac_bytes(DIR_MAC)
+        self.filters: list[frozenset] = []
 
-    def set_filter(self, vips) -> None:
-        pass
+    def set_filter(self, vips, extra=()) -> None:
+        self.filters.append(frozenset(vips))
 
     def statistics(self) -> tuple[int, int]:
         return 0, 0
@@ -78,17 +79,22 @@ def tcp(sport: int, flags: str) -> bytes:
     return bytes(Ether(dst=DIR_MAC, src=GW_MAC) / IP(src=CLIENT, dst=VIP) / TCP(sport=sport, dport=80, flags=flags))
 
 
-@pytest.fixture
-def worker():
+def make_worker(announce=()):
     ps = FakeSocket(frames=8)
     server = ServerPlan(ServerKey("web", RS, 0), packed(RS), 1, True, False, codec.mac_bytes(RS_MAC))
     svc = ServicePlan("web", "dr", "rr", (VipPlan(packed(VIP), 80, 6, f"{VIP}:80/tcp"),), (server,))
     parent, child = multiprocessing.Pipe()
-    w = Worker(EngineConfig("fake0", announce=()), Plan(ps.mac, (svc,)), child, ps=ps)
+    w = Worker(EngineConfig("fake0", announce=announce), Plan(ps.mac, (svc,)), child, ps=ps)
+    return w, ps, (parent, child)
+
+
+@pytest.fixture
+def worker():
+    w, ps, pipe = make_worker()
     yield w, ps
     w.close()
-    parent.close()
-    child.close()
+    for end in pipe:
+        end.close()
 
 
 def test_drain_forwards_in_order_across_the_ring_end_and_gives_every_slot_back(worker):
@@ -129,3 +135,35 @@ def test_established_packets_take_the_fast_path(worker, monkeypatch):
         ps.put(i, tcp(40001, "PA"))
     assert w.drain() == 6
     assert calls == [] and len(ps.sent()) == 6
+
+
+def test_a_worker_without_vip_ownership_answers_and_forwards_nothing_and_announces_on_return():
+    from director.dataplane.packetpath import without_vips
+
+    w, ps, pipe = make_worker(announce=(0.0,))
+    try:
+        owned = w.fwd.plan
+        assert len(w.announcer.due(1e12)) == 1  # the start's gratuitous ARP
+        ps.put(0, tcp(40002, "S"))
+        w.drain()
+        assert len(ps.sent()) == 1
+
+        w.apply(without_vips(owned), 10.0)  # VIP ownership switched off
+        assert ps.filters[-1] == frozenset()  # the kernel filter lets nothing in
+        arp = bytes(Ether(dst="ff:ff:ff:ff:ff:ff", src=GW_MAC) / ARP(op=1, psrc=CLIENT, pdst=VIP, hwsrc=GW_MAC))
+        ps.put(1, arp)
+        ps.put(2, tcp(40002, "A"))
+        assert w.drain() == 2 and ps.sent() == []
+        assert w.announcer.due(20.0) == []
+
+        w.apply(owned, 30.0)  # and on again
+        assert ps.filters[-1] == {packed(VIP)}
+        assert [Ether(f)[ARP].psrc for f in w.announcer.due(30.0)] == [VIP]
+        ps.put(3, tcp(40002, "A"))  # the flow survived
+        assert w.drain() == 1
+        assert [f[10:22] for f in ps.sent()] == [codec.mac_bytes(RS_MAC) + codec.mac_bytes(DIR_MAC)]
+    finally:
+        w.close()
+        for end in pipe:
+            end.close()
+

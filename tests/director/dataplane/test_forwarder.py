@@ -426,7 +426,7 @@ def test_forward_never_raises(data, forwarding):
 
 
 def test_bpf_filter_accepts_only_what_the_director_must_see():
-    from director.dataplane.engine import bpf_program, bpf_run
+    from director.dataplane.bpf import bpf_program, bpf_run
 
     prog = bpf_program({P(VIP4), P(VIP6)})
     ok = lambda l3, pkttype=0: bpf_run(prog, bytes(Ether(dst=DIR_MAC, src=GW_MAC) / l3), pkttype) > 0  # noqa: E731
@@ -443,8 +443,25 @@ def test_bpf_filter_accepts_only_what_the_director_must_see():
     assert not ok(IP(src=CLIENT4, dst=VIP4) / TCP(), pkttype=3)  # for another MAC (promiscuous)
 
 
+def test_bpf_filter_also_accepts_a_modes_extra_matches():
+    from director.dataplane.bpf import Match, bpf_program, bpf_run
+
+    # say, replies from a real server (IPv4 source at 26, IPv6 source at 22)
+    extra = {Match(codec.ETH_P_IP, 26, P(RS[0])), Match(codec.ETH_P_IPV6, 22, P(RS6[0]))}
+    prog = bpf_program({P(VIP4)}, extra)
+    ok = lambda l3: bpf_run(prog, bytes(Ether(dst=DIR_MAC, src=GW_MAC) / l3)) > 0  # noqa: E731
+    assert ok(IP(src=CLIENT4, dst=VIP4) / TCP())
+    assert ok(IP(src=RS[0], dst=CLIENT4) / TCP())
+    assert ok(IPv6(src=RS6[0], dst=CLIENT6) / TCP())
+    assert not ok(IP(src=RS[1], dst=CLIENT4) / TCP())
+    assert not ok(IPv6(src=RS6[1], dst=CLIENT6) / TCP())
+    assert not ok(IP(src=CLIENT4, dst=RS[0]) / TCP())
+    with pytest.raises(ValueError):
+        bpf_program(set(), {Match(codec.ETH_P_ARP, 28, P(RS[0]))})
+
+
 def test_announcer_sends_garp_and_na_for_newly_taken_vips_only():
-    from director.dataplane.ownership import Announcer
+    from director.dataplane.announce import Announcer
 
     a = Announcer((0.0, 1.0))
     me = codec.mac_bytes(DIR_MAC)
@@ -594,6 +611,6 @@ def test_fast_tunnels_an_established_flow_and_leaves_partial_checksums_to_forwar
     data = bytes(syn(40000, flags="PA"))
     vnet, head, n = f.fast(bytes(10) + data, 10, len(data), 1.0)
     assert vnet == codec.VNET_NONE and n == len(data) - 14
-    assert head == codec.Tunnel(P(DIR4), P(RS[0]), mac(1), codec.mac_bytes(DIR_MAC)).header_at(data, 14, n, f._ident)
+    assert head == codec.Tunnel(P(DIR4), P(RS[0]), mac(1), codec.mac_bytes(DIR_MAC)).header_at(data, 14, n, f.ident)
     partial = codec.VnetHdr(codec.VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 16).pack()
     assert f.fast(partial + data, 10, len(data), 1.0) is None  # forward shifts the checksum offsets

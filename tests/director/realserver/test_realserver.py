@@ -38,19 +38,18 @@ from scapy.layers.inet6 import IPv6
 from tests.environment import binary_unavailable, require
 from tests.netns import Lab, lab_unavailable
 
-from director.realserver import decap as dc  # noqa: E402
+from director.realserver import decap  # noqa: E402
+from director.realserver import decapsulate as dc  # noqa: E402
 from director.realserver import cli as rs  # noqa: E402
-from director.realserver.cli import (  # noqa: E402
+from director.realserver import steps as rs_steps  # noqa: E402
+from director.realserver.plan import Facts, Link, parse_request, plan_setup  # noqa: E402
+from director.realserver.steps import (  # noqa: E402
     AddAddress,
     CreateTun,
-    Facts,
-    Link,
     LinkUp,
     NftTable,
     SetSysctl,
     StartDecap,
-    parse_request,
-    plan_setup,
 )
 from glb.errors import RealServerError  # noqa: E402
 
@@ -344,18 +343,18 @@ def test_the_state_file_records_each_step_as_applied(tmp_path):
     before_decap = [s.kind for s in steps[:[isinstance(s, StartDecap) for s in steps].index(True)]]
     assert before_decap  # the plan changes things before the failing step, or this test proves nothing
     on_disk = []  # the steps the file lists after each write, read back from the file
-    real_write = rs._write_state
+    real_write = rs_steps.write_state
 
     def spy(path, doc):
         real_write(path, doc)
         on_disk.append([r["step"]["kind"] for r in json.loads(path.read_text())["steps"]])
 
-    rs._write_state = spy
+    rs_steps.write_state = spy
     try:
         with pytest.raises(RealServerError, match="start_decap failed"):
             rs.setup(["192.0.2.10"], "tun", state_file=state, system=system)
     finally:
-        rs._write_state = real_write
+        rs_steps.write_state = real_write
     # Written before the first change, then once after each change, one more step each time:
     # a crash at any point leaves a file that lists exactly what was applied.
     assert on_disk == [before_decap[:n] for n in range(len(before_decap) + 1)]
@@ -442,7 +441,7 @@ def test_dry_run_changes_nothing(tmp_path, capsys):
 def test_steps_survive_the_state_file_round_trip():
     plan = plan_setup(parse_request(["192.0.2.10", "2001:db8::1"], "tun"), host_facts(kernel_tunnels={4: None, 6: None}))
     for step in plan.steps:
-        assert rs.step_from_dict(json.loads(json.dumps(rs.step_to_dict(step)))) == step
+        assert rs_steps.step_from_dict(json.loads(json.dumps(rs_steps.step_to_dict(step)))) == step
 
 
 # ---------------------------------------------------------------------------
@@ -793,7 +792,7 @@ def wait_stats(state: Path, want, timeout: float = 5.0) -> dict:
     stats_file, _ = rs._side_files(state)
     deadline = time.monotonic() + timeout
     while True:
-        doc = dc.read_stats(stats_file) or {"counters": {}}
+        doc = decap.read_stats(stats_file) or {"counters": {}}
         if want(doc["counters"]):
             return doc["counters"]
         if time.monotonic() > deadline:
@@ -807,7 +806,7 @@ def wait_settled_stats(state: Path, timeout: float = 15.0) -> dict:
     deadline = time.monotonic() + timeout
     previous = None
     while True:
-        doc = dc.read_stats(stats_file)
+        doc = decap.read_stats(stats_file)
         if doc is not None and (previous is None or doc["updated"] > previous["updated"]):
             if previous is not None and doc["counters"] == previous["counters"]:
                 return doc["counters"]

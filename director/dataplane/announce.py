@@ -1,0 +1,42 @@
+"""When to announce the VIPs: gratuitous ARP (IPv4) and unsolicited neighbour advertisements (IPv6). Pure.
+
+A director that takes a VIP (start, a reload that adds one, VIP ownership
+switched on) announces it at ``EngineConfig.announce`` offsets, so caches
+that pointed at a previous owner move at once (docs/packet-path.md, VIP
+ownership). One engine worker runs an :class:`Announcer` and sends what
+:meth:`Announcer.due` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from director.dataplane import codec
+
+
+class Announcer:
+    """When to send gratuitous ARP / unsolicited NA for each VIP (pure; time passed in)."""
+
+    def __init__(self, offsets: Iterable[float] = (0.0, 1.0, 2.0)) -> None:
+        self.offsets = tuple(sorted(offsets))
+        self._owned: frozenset[bytes] = frozenset()
+        self._pending: list[tuple[float, bytes, bytes]] = []  # (when, vip, mac)
+
+    def update(self, vips: Iterable[bytes], mac: bytes, now: float, *, again: bool = False) -> None:
+        """Adopt the VIP set; newly taken VIPs (all of them with ``again``) get announced."""
+        vips = frozenset(vips)
+        new = vips if again else vips - self._owned
+        self._owned = vips
+        self._pending = [p for p in self._pending if p[1] in vips]
+        for vip in sorted(new):
+            for off in self.offsets:
+                self._pending.append((now + off, vip, mac))
+        self._pending.sort()
+
+    def due(self, now: float) -> list[bytes]:
+        """Frames to send now."""
+        out = []
+        while self._pending and self._pending[0][0] <= now:
+            _, vip, mac = self._pending.pop(0)
+            out.append(codec.gratuitous_arp(vip, mac) if len(vip) == 4 else codec.unsolicited_na(vip, mac))
+        return out
