@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -192,6 +193,9 @@ class DNSFrontProcess:
                 raise RuntimeError(f"dnsfront exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
             try:
                 dns.query.udp(dns.message.make_query("example.net", "SOA"), "127.0.0.1", timeout=0.2, port=self.port)
+                # Workers answer DNS before the status server is bound (it may
+                # live in the supervisor): ready means both.
+                socket.create_connection(("127.0.0.1", self.status_port), timeout=0.2).close()
                 return
             except Exception:  # noqa: BLE001 - not up yet
                 time.sleep(0.05)
