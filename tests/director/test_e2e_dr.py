@@ -31,7 +31,7 @@ from tests.director.director_lab import (
     service_yaml,
     start_http,
 )
-from director.dataplane.engine import BPF_MAXINSNS, bpf_program
+from director.dataplane.bpf import BPF_MAXINSNS, bpf_program
 from tests.environment import require
 from tests.netns import Lab, lab_unavailable
 
