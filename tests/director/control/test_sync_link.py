@@ -13,7 +13,7 @@ from director.control.sync_socket import SyncLink, UDPChannel
 from director.dataplane.codec import flow_key
 from director.dataplane.conntable import ESTABLISHED, ConnTable
 from director.dataplane.scheduler import Dest
-from tests.aio import until
+from tests.waiting import async_until as until
 
 A = ipaddress.ip_address
 RS = A("10.1.0.11").packed

@@ -14,7 +14,7 @@ from director.control import vrrp_packet as wire
 from director.control.datagram import MemoryLAN
 from director.control.vrrp import Router, RouterConfig, State
 from director.control.vrrp_speaker import Speaker
-from tests.aio import until
+from tests.waiting import async_until as until
 
 A = ipaddress.ip_address
 VIPS = (A("10.0.0.100"),)
