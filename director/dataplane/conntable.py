@@ -272,13 +272,10 @@ class ConnTable:
         if ns == RESCHEDULE:
             self._remove(c)
             return False
-        d = c.dest
         if ns == ESTABLISHED:
-            d.inactive -= 1
-            d.active += 1
+            c.dest.counts.add(1, -1)
         elif c.state == ESTABLISHED:
-            d.active -= 1
-            d.inactive += 1
+            c.dest.counts.add(-1, 1)
         c.state = ns
         c.expires = now + self.timeouts[ns]
         if int(c.expires) + 1 < c.due:
@@ -309,7 +306,7 @@ class ConnTable:
         # connection starts inactive as in IPVS.
         state = NEXT[NONE][flags] if key[0] == 6 else UDP
         c = Conn(key, dest, state, template, tag)
-        dest.inactive += 1
+        dest.counts.add(0, 1)
         if template is not None:
             template.controlled += 1
         c.expires = now + self.timeouts[state]
@@ -341,11 +338,10 @@ class ConnTable:
         if bucket is not None:
             bucket.pop(c, None)
         c.due = -1
-        d = c.dest
         if c.state == ESTABLISHED:
-            d.active -= 1
+            c.dest.counts.add(-1, 0)
         else:
-            d.inactive -= 1
+            c.dest.counts.add(0, -1)
         if c.template is not None:
             c.template.controlled -= 1
 
