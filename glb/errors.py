@@ -51,3 +51,7 @@ class RealServerError(GLBError):
 
 class AdminError(GLBError):
     """An admin API call was refused or failed."""
+
+
+class SupervisorError(GLBError):
+    """A worker process could not start (it reported why, died or did not answer in time)."""
