@@ -187,7 +187,8 @@ def packet_path_document(src: StatusSource) -> dict[str, Any] | None:
         "cpu_seconds": st.cpu,
         "loop": getattr(src, "packet_loop", lambda: None)(),
         "workers": [{"pid": pid, "rx_frames": w.rx_frames, "forwarded": w.forwarder.forwarded,
-                     "cpu_seconds": w.cpu} for pid, w in getattr(src, "packet_workers", list)()],
+                     "cpu_seconds": w.cpu, "restarts": restarts}
+                    for pid, w, restarts in getattr(src, "packet_workers", list)()],
         **_plan_document(src),
     }
 
