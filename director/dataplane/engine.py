@@ -698,6 +698,7 @@ class Engine:
             self._sup.broadcast(("fanout", self._members.table()))
 
     def _exit(self, i: int) -> None:
+        self._applied[i] = -1  # forwards by no plan until its replacement is ready
         if self.cfg.workers > 1:
             self._members.leave(i)  # the kernel moved the last socket into its place
             self._sup.broadcast(("fanout", self._members.table()))
@@ -720,7 +721,7 @@ class Engine:
 
     @property
     def applied(self) -> int:
-        """The newest plan generation every worker forwards by."""
+        """The newest plan generation every worker forwards by (-1 while one restarts)."""
         return min(self._applied, default=0)
 
     def stats(self) -> EngineStats:

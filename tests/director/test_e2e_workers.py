@@ -9,6 +9,7 @@ restarted and the director keeps serving.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import time
@@ -35,6 +36,7 @@ RS = {1: "10.0.0.11", 2: "10.0.0.12"}
 CLIENTS = [f"10.0.1.{i}" for i in range(1, 120)]  # on the client, in 10.0.0.0/16
 
 # "hold VIP SRC...": one connection per source address, held open until stdin closes.
+# "keep VIP SRC": one HTTP/1.1 connection from SRC; a request per stdin line; prints who answered.
 # "ask VIP SRC N": N HTTP requests, each on a new connection from SRC; prints who answered.
 CLIENT = r"""
 import http.client, socket, sys
@@ -43,6 +45,14 @@ if mode == "hold":
     held = [socket.create_connection((vip, 80), timeout=5, source_address=(s, 0)) for s in sys.argv[3:]]
     print("held", len(held), flush=True)
     sys.stdin.read()
+elif mode == "keep":
+    c = http.client.HTTPConnection(vip, 80, timeout=5, source_address=(sys.argv[3], 0))
+    for line in sys.stdin:
+        try:
+            c.request("GET", "/")
+            print(c.getresponse().read().decode().strip(), flush=True)
+        except Exception as e:
+            print("error", type(e).__name__, flush=True)
 else:
     for _ in range(int(sys.argv[4])):
         c = http.client.HTTPConnection(vip, 80, timeout=5, source_address=(sys.argv[3], 0))
@@ -55,8 +65,8 @@ else:
 """
 
 
-def yaml(persistence: bool) -> str:
-    svc = service_yaml("web", [f"{VIP}:80/tcp"], [(RS[1], 1), (RS[2], 1)], scheduler="wlc")
+def yaml(persistence: bool, scheduler: str = "wlc") -> str:
+    svc = service_yaml("web", [f"{VIP}:80/tcp"], [(RS[1], 1), (RS[2], 1)], scheduler=scheduler)
     if persistence:
         svc += "        persistence: {timeout: 300}\n"
     return config_yaml(redis_port=6379, services=svc, workers=2)
@@ -81,11 +91,11 @@ class WorkersLab:
         self.config = tmp / "glb.yaml"
         self.d: DirectorProcess | None = None
 
-    def run_director(self, persistence: bool) -> DirectorProcess:
+    def run_director(self, persistence: bool, scheduler: str = "wlc") -> DirectorProcess:
         if self.d is not None:
             self.d.stop()
-        self.config.write_text(yaml(persistence))
-        self.d = DirectorProcess(self.director, self.config, self.tmp / f"director-{persistence}.log")
+        self.config.write_text(yaml(persistence, scheduler))
+        self.d = DirectorProcess(self.director, self.config, self.tmp / f"director-{persistence}-{scheduler}.log")
         self.d.wait_up([RS[1], RS[2]])
         return self.d
 
@@ -96,6 +106,12 @@ class WorkersLab:
                               stdout=subprocess.PIPE, text=True)
         assert p.stdout.readline().strip() == f"held {len(sources)}"
         return p
+
+    def keep(self, source: str):
+        import subprocess
+
+        return self.client.popen([PY, "-c", CLIENT, "keep", VIP, source], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, bufsize=1)
 
     def ask(self, source: str, n: int) -> list[str]:
         res = self.client.run([PY, "-c", CLIENT, "ask", VIP, source, str(n)], timeout=120)
@@ -176,3 +192,49 @@ def test_a_killed_worker_comes_back_and_the_director_keeps_serving(wl):
         assert set(wl.ask(client, 3)) <= {"rs1", "rs2"}
     assert curl(wl.client, f"http://{VIP}/") in ("rs1", "rs2")
     assert d.proc.poll() is None
+
+
+def forwarded(d: DirectorProcess) -> list[int]:
+    """Frames each worker forwarded, once their reports (every 0.5 s) settled."""
+    last = None
+    while True:
+        now = [w["forwarded"] for w in d.status()["packet_path"]["workers"]]
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.7)
+
+
+def test_the_first_worker_killed_gets_its_clients_back_and_their_mh_flows_resume(wl):
+    """Killing worker 0 moves worker 1 to the kernel's first fanout position and
+    appends the new worker 0: the program must follow, or the client lands on
+    worker 1, which never saw its connection."""
+    from director.dataplane import fanout
+
+    d = wl.run_director(persistence=False, scheduler="mh")
+    client = next(c for c in CLIENTS[90:] if fanout.bucket(ipaddress.ip_address(c).packed, 2) == 0)
+    conn = wl.keep(client)
+    try:
+        conn.stdin.write("GET\n")
+        first = conn.stdout.readline().strip()
+        assert first in ("rs1", "rs2")
+        before = forwarded(d)
+        assert before[0] > 0 and before[1] == 0  # the kernel put the client on worker 0
+        victim = d.status()["packet_path"]["workers"][0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while True:
+            workers = d.status()["packet_path"]["workers"]
+            if workers[0]["pid"] not in (None, victim) and workers[0]["restarts"] == 1:
+                break
+            assert time.monotonic() < deadline, workers
+            time.sleep(0.2)
+        d.wait_plan()  # the new worker is ready: it joined the fanout group
+        for _ in range(3):  # the same connection, picked up mid-stream by the new worker 0 (mh)
+            conn.stdin.write("GET\n")
+            assert conn.stdout.readline().strip() == first
+        after = forwarded(d)
+        assert after[0] > 0 and after[1] == before[1], (before, after)
+    finally:
+        conn.stdin.close()
+        conn.wait(10)
