@@ -174,20 +174,26 @@ def test_wlc_balances_40_long_lived_connections_over_both_workers(wl):
         release(*holders)
 
 
-def test_a_killed_worker_comes_back_and_the_director_keeps_serving(wl):
-    d = wl.d if wl.d is not None else wl.run_director(persistence=False)
-    before = d.status()["packet_path"]["workers"]
-    victim = before[1]["pid"]
+def kill_and_wait(d: DirectorProcess, index: int) -> list[dict]:
+    """SIGKILL packet worker ``index``; return /status's workers once its replacement is ready."""
+    victim = d.status()["packet_path"]["workers"][index]["pid"]
     os.kill(victim, signal.SIGKILL)
     deadline = time.monotonic() + 20
     while True:
         workers = d.status()["packet_path"]["workers"]
-        if workers[1]["pid"] not in (None, victim) and workers[1]["restarts"] == 1:
+        if workers[index]["pid"] not in (None, victim) and workers[index]["restarts"] == 1:
             break
         assert time.monotonic() < deadline, workers
         time.sleep(0.2)
+    d.wait_plan()  # plan_applied is -1 until the new worker is ready (it joined the fanout group)
+    return d.status()["packet_path"]["workers"]
+
+
+def test_a_killed_worker_comes_back_and_the_director_keeps_serving(wl):
+    d = wl.d if wl.d is not None else wl.run_director(persistence=False)
+    before = d.status()["packet_path"]["workers"]
+    workers = kill_and_wait(d, 1)
     assert workers[0]["pid"] == before[0]["pid"] and workers[0]["restarts"] == 0
-    d.wait_plan()
     for client in CLIENTS[80:90]:  # clients of both workers are served
         assert set(wl.ask(client, 3)) <= {"rs1", "rs2"}
     assert curl(wl.client, f"http://{VIP}/") in ("rs1", "rs2")
@@ -220,16 +226,7 @@ def test_the_first_worker_killed_gets_its_clients_back_and_their_mh_flows_resume
         assert first in ("rs1", "rs2")
         before = forwarded(d)
         assert before[0] > 0 and before[1] == 0  # the kernel put the client on worker 0
-        victim = d.status()["packet_path"]["workers"][0]["pid"]
-        os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while True:
-            workers = d.status()["packet_path"]["workers"]
-            if workers[0]["pid"] not in (None, victim) and workers[0]["restarts"] == 1:
-                break
-            assert time.monotonic() < deadline, workers
-            time.sleep(0.2)
-        d.wait_plan()  # the new worker is ready: it joined the fanout group
+        kill_and_wait(d, 0)
         for _ in range(3):  # the same connection, picked up mid-stream by the new worker 0 (mh)
             conn.stdin.write("GET\n")
             assert conn.stdout.readline().strip() == first
