@@ -53,23 +53,21 @@ class Counts:
 class SharedCounts:
     """One destination's row of a :class:`CountTable`: reads sum every worker, writes go to this one's cells."""
 
-    __slots__ = ("cells", "mine", "row", "workers")
+    __slots__ = ("cells", "mine", "row", "end")
 
     def __init__(self, cells: Any, slot: int, workers: int, worker: int) -> None:
         self.cells = cells
         self.row = slot * workers * 2
+        self.end = self.row + workers * 2
         self.mine = self.row + worker * 2
-        self.workers = workers
 
     @property
     def active(self) -> int:
-        cells, row = self.cells, self.row
-        return sum(cells[row + 2 * w] for w in range(self.workers))
+        return sum(self.cells[self.row:self.end:2])
 
     @property
     def inactive(self) -> int:
-        cells, row = self.cells, self.row + 1
-        return sum(cells[row + 2 * w] for w in range(self.workers))
+        return sum(self.cells[self.row + 1:self.end:2])
 
     def add(self, active: int, inactive: int) -> None:
         cells, mine = self.cells, self.mine
@@ -86,6 +84,8 @@ class CountTable:
     """A worker's handle on the shared cells: a :class:`SharedCounts` per slot."""
 
     def __init__(self, cells: Any, workers: int, worker: int) -> None:
+        # Read through a memoryview of int64: slices of it sum without copying.
+        cells = memoryview(cells).cast("B").cast("q")
         if len(cells) % (2 * workers):
             raise ValueError("the count table's length is not a multiple of 2 x workers")
         self.cells = cells

@@ -277,7 +277,8 @@ class LeastConnection(Scheduler):
         for d in self.dests:
             if not d.available or d.weight <= 0:
                 continue
-            doh = (d.active << 8) + d.inactive
+            c = d.counts  # straight from the counts object: no Dest property call per read
+            doh = (c.active << 8) + c.inactive
             if least is None or doh < loh:
                 least, loh = d, doh
         return least
@@ -290,7 +291,8 @@ def _wlc(dests: Sequence[Dest]) -> Dest | None:
     for d in dests:
         if not d.available or d.weight <= 0:
             continue
-        doh = (d.active << 8) + d.inactive
+        c = d.counts
+        doh = (c.active << 8) + c.inactive
         # loh / least.weight > doh / d.weight, in integers as IPVS does
         if least is None or loh * d.weight > doh * least.weight:
             least, loh = d, doh
@@ -317,7 +319,7 @@ class ShortestExpectedDelay(Scheduler):
         for d in self.dests:
             if not d.available or d.weight <= 0:
                 continue
-            doh = d.active + 1
+            doh = d.counts.active + 1
             if least is None or loh * d.weight > doh * least.weight:
                 least, loh = d, doh
         return least
@@ -334,9 +336,10 @@ class NeverQueue(Scheduler):
         for d in self.dests:
             if not d.available or d.weight <= 0:
                 continue
-            if d.active == 0:
+            active = d.counts.active
+            if active == 0:
                 return d
-            doh = d.active + 1
+            doh = active + 1
             if least is None or loh * d.weight > doh * least.weight:
                 least, loh = d, doh
         return least
@@ -614,7 +617,8 @@ class LocalityLeastConnectionReplicated(_Locality):
         for d in dests:
             if d.weight <= 0:
                 continue
-            doh = (d.active << 8) + d.inactive
+            c = d.counts
+            doh = (c.active << 8) + c.inactive
             if most is None or moh * d.weight < doh * most.weight:
                 most, moh = d, doh
         return most
