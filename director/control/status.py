@@ -349,7 +349,11 @@ def _packet_path_metrics(pp: dict[str, Any] | None) -> Iterator[Any]:
         tx_err.add_metric([err], n)
     cpu = CounterMetricFamily("glb_director_packet_cpu_seconds", "CPU time of the packet engine workers.")
     cpu.add_metric([], pp["cpu_seconds"])
-    yield from (drops, tracked, evicted, rx, ring, tx, tx_err, cpu)
+    restarts = CounterMetricFamily("glb_director_packet_worker_restarts",
+                                   "Packet workers started again after they died, by worker.", labels=["worker"])
+    for i, w in enumerate(pp["workers"]):
+        restarts.add_metric([str(i)], w["restarts"])
+    yield from (drops, tracked, evicted, rx, ring, tx, tx_err, cpu, restarts)
 
 
 # --------------------------------------------------------------------------

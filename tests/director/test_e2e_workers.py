@@ -194,6 +194,7 @@ def test_a_killed_worker_comes_back_and_the_director_keeps_serving(wl):
     before = d.status()["packet_path"]["workers"]
     workers = kill_and_wait(d, 1)
     assert workers[0]["pid"] == before[0]["pid"] and workers[0]["restarts"] == 0
+    assert 'glb_director_packet_worker_restarts_total{worker="1"} 1.0' in d.metrics()
     for client in CLIENTS[80:90]:  # clients of both workers are served
         assert set(wl.ask(client, 3)) <= {"rs1", "rs2"}
     assert curl(wl.client, f"http://{VIP}/") in ("rs1", "rs2")
