@@ -66,7 +66,11 @@ else:
 
 
 def yaml(persistence: bool, scheduler: str = "wlc") -> str:
-    svc = service_yaml("web", [f"{VIP}:80/tcp"], [(RS[1], 1), (RS[2], 1)], scheduler=scheduler)
+    return yaml_with({1: 1, 2: 1}, persistence, scheduler)
+
+
+def yaml_with(weights: dict[int, int], persistence: bool = False, scheduler: str = "wlc") -> str:
+    svc = service_yaml("web", [f"{VIP}:80/tcp"], [(RS[i], w) for i, w in weights.items()], scheduler=scheduler)
     if persistence:
         svc += "        persistence: {timeout: 300}\n"
     return config_yaml(redis_port=6379, services=svc, workers=2)
@@ -160,16 +164,33 @@ def test_persistence_holds_across_50_connections_while_others_hold_theirs(wl):
 
 
 def test_wlc_balances_40_long_lived_connections_over_both_workers(wl):
-    wl.run_director(persistence=False)
-    holders = [wl.hold(CLIENTS[k:k + 10]) for k in range(0, 40, 10)]  # 40 clients, one connection each
+    """Worker 0 takes 10 connections while only rs1 serves; then rs2 is back and
+    worker 1 takes 30. Counting alone, worker 1 would see two idle servers and
+    split 15/15 (25 against 15); with the counts of both it fills rs2 first."""
+    from director.dataplane import fanout
+
+    def on(worker: int) -> list[str]:
+        return [c for c in CLIENTS if fanout.bucket(ipaddress.ip_address(c).packed, 2) == worker]
+
+    d = wl.run_director(persistence=False)
+    holders = []
     try:
+        d.reload(yaml_with({1: 1}))
+        d.wait_plan()
+        deadline = time.monotonic() + 10
+        while RS[2] in d.servers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        holders.append(wl.hold(on(0)[:10]))
+        d.reload(yaml_with({1: 1, 2: 1}))
+        d.wait_up([RS[1], RS[2]])
+        holders += [wl.hold(on(1)[k:k + 10]) for k in range(0, 30, 10)]
         deadline = time.monotonic() + 10
         while sum(wl.active().values()) < 40 and time.monotonic() < deadline:
             time.sleep(0.3)  # workers report twice a second
         active = wl.active()
         assert sum(active.values()) == 40, active
         assert all(17 <= n <= 23 for n in active.values()), active
-        assert all(w["forwarded"] > 0 for w in wl.d.status()["packet_path"]["workers"])
+        assert all(w["forwarded"] > 0 for w in d.status()["packet_path"]["workers"])
     finally:
         release(*holders)
 
