@@ -53,6 +53,11 @@ def test_a_crash_loop_gives_up_and_old_deaths_are_forgotten():
 
 def echo_worker(index: int, fail: str, conn) -> None:
     """Handshake, then echo every message with the worker's index until SIGTERM."""
+    if fail == "stubborn":  # ignores SIGTERM: only the stop deadline's SIGKILL ends it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        conn.send(("ready", os.getpid()))
+        while True:
+            time.sleep(1)
     if fail:
         conn.send(("error", fail))
         return
@@ -125,3 +130,12 @@ def test_a_crash_loop_stops_the_restarts():
         assert sup.failed and "keep dying" in sup.failed and sup.pids == [None]
     finally:
         sup.stop(5.0)
+
+
+def test_a_worker_that_ignores_sigterm_is_killed_at_the_stop_deadline():
+    sup = Supervisor("t", echo_worker, lambda i: (i, "stubborn"), 1, policy=POLICY)
+    sup.start()
+    pid = sup.pids[0]
+    sup.stop(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
