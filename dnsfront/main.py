@@ -3,8 +3,9 @@
 One worker = one process with one asyncio loop running the UDP/TCP server,
 the Redis follower and the answer engine (``Worker``). With ``--workers 1``
 that process also serves the status endpoints. With N > 1 the parent process
-is a supervisor: it starts N workers (each binds the DNS addresses with
-SO_REUSEPORT and follows Redis on its own), restarts one that dies, collects
+is a supervisor (glb/supervisor.py): it starts N workers (each binds the DNS
+addresses with SO_REUSEPORT and follows Redis on its own), restarts one that
+dies (after a backoff; it gives up and exits 1 on a crash loop), collects
 their reports over a pipe every second for /status and /metrics, forwards
 SIGHUP (reload) and SIGTERM (exit) to them, and stops them all on exit.
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import multiprocessing
 import os
 import signal
 import sys
@@ -32,7 +32,8 @@ from typing import Any
 
 from glb import config as configmod
 from glb.config import Config
-from glb.errors import DNSFrontError, GLBError
+from glb.errors import DNSFrontError, GLBError, SupervisorError
+from glb.supervisor import Supervisor
 
 from dnsfront.answers import Engine
 from dnsfront.follower import AnswerUpdater
@@ -220,110 +221,53 @@ async def _worker_async(config_path: str, index: int, conn: Connection) -> None:
         await worker.stop()
 
 
-class _Child:
-    def __init__(self, ctx: Any, config_path: str, index: int, log_level: str):
-        self.index = index
-        parent, child = ctx.Pipe(duplex=False)
-        self.conn: Connection = parent
-        self.proc = ctx.Process(target=_worker_main, args=(config_path, index, log_level, child),
-                                name=f"dnsfront-worker-{index}", daemon=True)
-        self.proc.start()
-        child.close()
-        self.report: dict[str, Any] | None = None
-        self.report_at = 0.0
-        self.ready = False
-        self.error: str | None = None
-
-    def poll(self) -> None:
-        """Read every message waiting on the pipe (non-blocking)."""
-        try:
-            while self.conn.poll():
-                kind, payload = self.conn.recv()
-                if kind == "report":
-                    self.report, self.report_at = payload, time.time()
-                elif kind == "ready":
-                    self.ready = True
-                elif kind == "error":
-                    self.error = payload
-        except (EOFError, OSError):
-            pass
-
-    def signal(self, sig: int) -> None:
-        if self.proc.pid is not None and self.proc.is_alive():
-            with suppress(ProcessLookupError):
-                os.kill(self.proc.pid, sig)
-
-
 async def _supervise(config_path: str, config: Config, workers: int, log_level: str) -> int:
-    ctx = multiprocessing.get_context("spawn")
-    children = [_Child(ctx, config_path, i, log_level) for i in range(workers)]
+    reports: dict[int, tuple[float, dict[str, Any]]] = {}
 
-    def stop_all() -> None:
-        for c in children:
-            c.signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for c in children:
-            c.proc.join(max(0.0, deadline - time.monotonic()))
-            if c.proc.is_alive():
-                c.proc.kill()
-                c.proc.join(1.0)
+    def on_message(index: int, msg: Any) -> None:
+        if msg[0] == "report":
+            reports[index] = (time.time(), msg[1])
 
+    sup = Supervisor("dnsfront-worker", _worker_main, lambda i: (config_path, i, log_level), workers,
+                     ready_timeout=READY_TIMEOUT, on_message=on_message)
+    loop = asyncio.get_running_loop()
     try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while not all(c.ready for c in children):
-            for c in children:
-                c.poll()
-                if c.error or (not c.proc.is_alive() and not c.ready):
-                    c.poll()
-                    raise DNSFrontError(c.error or f"worker {c.index} exited with code {c.proc.exitcode}")
-            if time.monotonic() > deadline:
-                raise DNSFrontError(f"workers did not start within {READY_TIMEOUT:.0f}s")
-            await asyncio.sleep(0.02)
+        await loop.run_in_executor(None, sup.start)
+    except SupervisorError as e:
+        raise DNSFrontError(str(e)) from None
 
-        def reports() -> list[dict[str, Any]]:
-            now = time.time()
-            for c in children:
-                c.poll()
-            return [c.report for c in children if c.report is not None and now - c.report_at < 5 * REPORT_INTERVAL]
+    def fresh_reports() -> list[dict[str, Any]]:
+        sup.poll()
+        now = time.time()
+        return [r for at, r in reports.values() if now - at < 5 * REPORT_INTERVAL]
 
-        status = StatusServer(config.dnsfront.status_listen, reports, expected_workers=workers)
+    status = StatusServer(config.dnsfront.status_listen, fresh_reports, expected_workers=workers)
+    try:
         await status.start()
     except BaseException:
-        stop_all()
+        await loop.run_in_executor(None, sup.stop, STOP_TIMEOUT)
         raise
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
 
     def hup() -> None:
-        log.info("SIGHUP: reloading %d workers", len(children))
-        for c in children:
-            c.signal(signal.SIGHUP)
+        log.info("SIGHUP: reloading %d workers", workers)
+        sup.signal(signal.SIGHUP)
 
     _install_signals(loop, stop, hup)
     log.info("dnsfront serving %s with %d workers; status on %s", config.summary(), workers, config.dnsfront.status_listen)
-    restarts: list[float] = []
     try:
         while not stop.is_set():
             with suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
-            for i, c in enumerate(children):
-                c.poll()
-                if c.proc.is_alive() or stop.is_set():
-                    continue
-                now = time.monotonic()
-                restarts = [t for t in restarts if now - t < 60] + [now]
-                if len(restarts) > 5 * workers:
-                    log.error("workers keep dying (%d restarts in 60 s); giving up", len(restarts))
-                    return 1
-                c.poll()  # what it said before it went
-                log.error("worker %d (pid %s) exited with code %s%s; restarting it", c.index, c.proc.pid,
-                          c.proc.exitcode, f": {c.error}" if c.error else "")
-                children[i] = _Child(ctx, config_path, c.index, log_level)
+            if not stop.is_set():
+                sup.poll()
+            if sup.failed:
+                return 1
     finally:
-        log.info("dnsfront stopping %d workers", len(children))
+        log.info("dnsfront stopping %d workers", workers)
         await status.stop()
-        await loop.run_in_executor(None, stop_all)
+        await loop.run_in_executor(None, sup.stop, STOP_TIMEOUT)
     return 0
 
 

@@ -374,7 +374,8 @@ class PacketPathConfig:
 
     workers: int = 1
     """Packet worker processes, one per core to give it; they share the
-    interface with PACKET_FANOUT_HASH, each with its own connection table."""
+    interface in a fanout group that keeps each client on one worker (its
+    own connection table), and count connections together for lc/wlc."""
     busy_poll: bool = False
     """Workers spin on their ring instead of sleeping: lowest latency, a
     whole core each, always."""

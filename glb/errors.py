@@ -80,3 +80,7 @@ class HAError(GLBError):
     def __init__(self, reason: str, detail: str = ""):
         self.reason = reason
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class SupervisorError(GLBError):
+    """A worker process could not start (it reported why, died or did not answer in time)."""

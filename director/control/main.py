@@ -118,7 +118,7 @@ class Director:
         return LOOP
 
     def packet_workers(self) -> list:
-        """(pid, EngineStats) of each packet worker; empty without a packet path."""
+        """(pid or None while it restarts, EngineStats, restarts) of each packet worker; empty without a packet path."""
         return self.packet_path.worker_stats() if self.packet_path is not None else []
 
     def packet_plan(self) -> tuple[int, int, dict[str, bytes | None]]:

@@ -187,7 +187,8 @@ def packet_path_document(src: StatusSource) -> dict[str, Any] | None:
         "cpu_seconds": st.cpu,
         "loop": getattr(src, "packet_loop", lambda: None)(),
         "workers": [{"pid": pid, "rx_frames": w.rx_frames, "forwarded": w.forwarder.forwarded,
-                     "cpu_seconds": w.cpu} for pid, w in getattr(src, "packet_workers", list)()],
+                     "cpu_seconds": w.cpu, "restarts": restarts}
+                    for pid, w, restarts in getattr(src, "packet_workers", list)()],
         **_plan_document(src),
     }
 
@@ -348,7 +349,11 @@ def _packet_path_metrics(pp: dict[str, Any] | None) -> Iterator[Any]:
         tx_err.add_metric([err], n)
     cpu = CounterMetricFamily("glb_director_packet_cpu_seconds", "CPU time of the packet engine workers.")
     cpu.add_metric([], pp["cpu_seconds"])
-    yield from (drops, tracked, evicted, rx, ring, tx, tx_err, cpu)
+    restarts = CounterMetricFamily("glb_director_packet_worker_restarts",
+                                   "Packet workers started again after they died, by worker.", labels=["worker"])
+    for i, w in enumerate(pp["workers"]):
+        restarts.add_metric([str(i)], w["restarts"])
+    yield from (drops, tracked, evicted, rx, ring, tx, tx_err, cpu, restarts)
 
 
 # --------------------------------------------------------------------------

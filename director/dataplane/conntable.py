@@ -272,13 +272,10 @@ class ConnTable:
         if ns == RESCHEDULE:
             self._remove(c)
             return False
-        d = c.dest
         if ns == ESTABLISHED:
-            d.inactive -= 1
-            d.active += 1
+            c.dest.counts.add(1, -1)
         elif c.state == ESTABLISHED:
-            d.active -= 1
-            d.inactive += 1
+            c.dest.counts.add(-1, 1)
         c.state = ns
         c.expires = now + self.timeouts[ns]
         if int(c.expires) + 1 < c.due:
@@ -324,9 +321,9 @@ class ConnTable:
         while len(self._confirmed) + len(self._unconfirmed) >= self.max_entries:
             self._evict()
         if c.state == ESTABLISHED:
-            c.dest.active += 1
+            c.dest.counts.add(1, 0)
         else:
-            c.dest.inactive += 1
+            c.dest.counts.add(0, 1)
         if c.template is not None:
             c.template.controlled += 1
         c.expires = expires
@@ -359,11 +356,10 @@ class ConnTable:
         if bucket is not None:
             bucket.pop(c, None)
         c.due = -1
-        d = c.dest
         if c.state == ESTABLISHED:
-            d.active -= 1
+            c.dest.counts.add(-1, 0)
         else:
-            d.inactive -= 1
+            c.dest.counts.add(0, -1)
         if c.template is not None:
             c.template.controlled -= 1
 

@@ -1,7 +1,9 @@
 """The AF_PACKET I/O engine: frames in from an RX ring, actions out in batches.
 
 Layout (one worker per process; ``workers`` processes share the interface
-through PACKET_FANOUT_HASH, so each flow always reaches the same worker):
+through a PACKET_FANOUT_CBPF group whose program, director/dataplane/fanout.py,
+sends every frame about one client to the same worker, and they count
+connections in one shared table, director/dataplane/counters.py):
 
 * **RX**: one AF_PACKET socket on the director's interface, TPACKET_V2 RX
   ring, PACKET_VNET_HDR (veth/virtio checksum and GSO metadata arrive with
@@ -34,7 +36,7 @@ more cores. It gets a whole :class:`~director.dataplane.forwarder.Plan` through 
 whenever the control plane decides something and applies it between two
 batches (so no packet ever sees half a plan); it sends its counters back
 every half second. It exits when the pipe closes (the director died) and
-on PR_SET_PDEATHSIG.
+on PR_SET_PDEATHSIG. The director's glb.supervisor restarts a worker that dies.
 """
 
 from __future__ import annotations
@@ -53,13 +55,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from director.dataplane import bpf, codec
+from director.dataplane import bpf, codec, fanout
 from director.dataplane.actions import Encap, Frames, MacRewrite
 from director.dataplane.conntable import NEXT_BYTES, ConnTable
+from director.dataplane.counters import DEFAULT_SLOTS, CountTable, SlotAllocator
 from director.dataplane.forwarder import Forwarder, ForwarderStats, Plan
 from director.dataplane.announce import Announcer
 from director.modes import MODES
-from glb.errors import EngineError
+from glb.errors import EngineError, SupervisorError
+from glb.supervisor import RestartPolicy, Supervisor
 
 try:  # the established-flow loop in C; the same logic runs in Python without it
     from director.dataplane import _fastpath
@@ -80,7 +84,6 @@ PACKET_FANOUT = 18
 PACKET_QDISC_BYPASS = 20
 PACKET_IGNORE_OUTGOING = 23
 TPACKET_V2 = 1
-PACKET_FANOUT_HASH = 0
 SO_ATTACH_FILTER = 26
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
@@ -279,17 +282,23 @@ class PacketSocket:
             self.ring = mmap.mmap(s.fileno(), FRAME_SIZE * frames, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             s.bind((cfg.interface, ETH_P_ALL))
             if cfg.fanout_group:
-                s.setsockopt(SOL_PACKET, PACKET_FANOUT, (cfg.fanout_group & 0xFFFF) | PACKET_FANOUT_HASH << 16)
+                s.setsockopt(SOL_PACKET, PACKET_FANOUT, (cfg.fanout_group & 0xFFFF) | fanout.PACKET_FANOUT_CBPF << 16)
         except BaseException:
             s.close()
             raise
         self.mac = bytes.fromhex(open(f"/sys/class/net/{cfg.interface}/address").read().strip().replace(":", ""))
 
     def set_filter(self, vips, extra=()) -> None:
-        prog = bpf.socket_filter(vips, extra)
+        self._attach(socket.SOL_SOCKET, SO_ATTACH_FILTER, bpf.socket_filter(vips, extra))
+
+    def set_fanout(self, prog) -> None:
+        """Install the group's fanout program (director/dataplane/fanout.py); any member may."""
+        self._attach(SOL_PACKET, fanout.PACKET_FANOUT_DATA, prog)
+
+    def _attach(self, level: int, opt: int, prog) -> None:
         code = ctypes.create_string_buffer(bpf.bpf_bytes(prog))
         fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(code))
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        self.sock.setsockopt(level, opt, fprog)
 
     def statistics(self) -> tuple[int, int]:
         """(packets, drops) since the last call (the kernel resets them on read)."""
@@ -338,13 +347,24 @@ def _declined(buf, start: int, length: int, now: float) -> None:
 class Worker:
     """One packet loop: ring -> Forwarder -> Sender; plans and stats over a pipe."""
 
-    def __init__(self, cfg: EngineConfig, plan: Plan, conn, index: int = 0, ps: PacketSocket | None = None) -> None:
-        """``ps`` replaces the AF_PACKET socket (tests: any datagram socket and an mmap laid out as a ring)."""
+    def __init__(self, cfg: EngineConfig, plan: Plan, conn, index: int = 0, ps: PacketSocket | None = None,
+                 cells: Any = None, positions: tuple[int, ...] | None = None) -> None:
+        """``ps`` replaces the AF_PACKET socket (tests: any datagram socket and an mmap laid out as a ring).
+
+        ``cells``: the workers' shared connection counts (director/dataplane/counters.py);
+        ``positions``: each fanout bucket's socket position (fanout.Members.table).
+        """
         self.cfg = cfg
         self.conn = conn
         self.index = index
         table = ConnTable.from_config(cfg.conntable) if cfg.conntable is not None else ConnTable()
-        self.fwd = Forwarder(table)
+        counts = None
+        if cells is not None:
+            counts = CountTable(cells, cfg.workers, index)
+            counts.reset()  # whatever a dead predecessor counted died with it
+        self.fwd = Forwarder(table, counts=counts)
+        self.positions = positions
+        self._fanout: list | None = None
         self.ps = ps if ps is not None else PacketSocket(cfg, plan.vips)
         self.ring = self.ps.ring
         self.view = memoryview(self.ring)
@@ -374,8 +394,21 @@ class Worker:
         modes = {MODES[s.forwarding] for s in plan.services}
         self.need_vnet = any(m.needs_vnet for m in modes)
         self.mac_rewrites = any(m.mac_rewrite for m in modes)
+        self.set_fanout(plan)
         if self.index == 0:  # one worker announces for all
             self.announcer.update(plan.vips, plan.mac, now)
+
+    def set_fanout(self, plan: Plan) -> None:
+        """(Re)install the group's program when the persistence masks or the positions changed."""
+        if not self.cfg.fanout_group:
+            return
+        prog = fanout.program(self.cfg.workers, fanout.masks(plan), self.positions)
+        if len(prog) > bpf.BPF_MAXINSNS:  # very many persistent VIPs: whole addresses (persistence per worker)
+            log.warning("too many persistent VIPs for the fanout program; persistence holds per worker only")
+            prog = fanout.program(self.cfg.workers, None, self.positions)
+        if prog != self._fanout:
+            self.ps.set_fanout(prog)
+            self._fanout = prog
 
     def run(self) -> None:
         poller = select.poll()
@@ -511,6 +544,9 @@ class Worker:
                 if msg[0] == "plan":
                     self.apply(msg[1], now)
                     self.conn.send(("applied", msg[2]))
+                elif msg[0] == "fanout":
+                    self.positions = msg[1]
+                    self.set_fanout(self.fwd.plan)
                 elif msg[0] == "stop":
                     self.running = False
                 elif msg[0] == "stats":
@@ -544,14 +580,15 @@ class Worker:
         self.ps.close()
 
 
-def worker_main(cfg: EngineConfig, plan: Plan, conn, index: int) -> None:
-    """Entry point of a worker process."""
+def worker_main(cfg: EngineConfig, plan: Plan, index: int, cells: Any, positions: tuple[int, ...] | None,
+                conn) -> None:
+    """Entry point of a worker process (glb.supervisor's protocol: ready or error, then stats)."""
     _prctl_pdeathsig()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the director decides when we stop
     signal.signal(signal.SIGTERM, lambda *_: setattr(w, "running", False) if w else os._exit(0))
     w = None
     try:
-        w = Worker(cfg, plan, conn, index)
+        w = Worker(cfg, plan, conn, index, cells=cells, positions=positions)
     except OSError as e:
         conn.send(("error", f"cannot open {cfg.interface}: {e.strerror or e}"))
         return
@@ -571,80 +608,116 @@ class Engine:
     """Starts the worker processes, hands them plans, gathers their counters.
 
     Used from the asyncio control plane: every method returns at once
-    (``start`` waits for the workers to open the interface, bounded).
+    (``start`` waits for the workers to open the interface, bounded). The
+    workers run under a glb.supervisor.Supervisor, polled from a thread: a
+    worker that dies is started again (with the latest plan) after a
+    backoff. Its flows resume on their next packet when the service's
+    scheduler is stateless (mh); others are re-learnt (a SYN reschedules).
+
+    With several workers they share a PACKET_FANOUT group whose program
+    (director/dataplane/fanout.py) sends all frames about one client to one
+    worker, and one table of connection counts (director/dataplane/counters.py).
+    They start one at a time, so the kernel's array of the group's sockets is
+    known (fanout.Members) and kept right as workers leave and come back.
     """
 
-    def __init__(self, cfg: EngineConfig) -> None:
+    def __init__(self, cfg: EngineConfig, policy: RestartPolicy = RestartPolicy()) -> None:
         self.cfg = cfg
-        self._procs: list[Any] = []
-        self._conns: list[Any] = []
+        self.policy = policy
+        self._sup: Supervisor | None = None
         self._stats: list[EngineStats] = []
         self._lock = threading.Lock()
-        self._readers: list[threading.Thread] = []
+        self._poller: threading.Thread | None = None
+        self._closing = threading.Event()
         self.mac: bytes | None = None
-        self.failed: str | None = None
         # Plans are numbered so the control plane can tell when every worker
         # forwards by the latest one (0 = the plan given to start()).
         self.generation = 0
         self._applied: list[int] = []
+        self._spawned_with: list[int] = []
+        self._plan: Plan | None = None
+        self._cells: Any = None
+        self._counts: CountTable | None = None
+        self._slots = SlotAllocator(DEFAULT_SLOTS)
+        self._members = fanout.Members(cfg.workers)
+
+    @property
+    def failed(self) -> str | None:
+        """Why the packet path is down (its workers keep dying), else None."""
+        return self._sup.failed if self._sup is not None else None
+
+    def _placed(self, plan: Plan) -> Plan:
+        if self._counts is None:
+            return plan
+        plan, unplaced = self._slots.assign(plan, self._counts.in_use)
+        if unplaced:
+            log.warning("%d real server(s) beyond %d count slots: each worker counts their connections alone",
+                        len(unplaced), self._slots.slots)
+        return plan
 
     def start(self, plan: Plan, timeout: float = 20.0) -> None:
-        ctx = multiprocessing.get_context("spawn")
         cfg = self.cfg
-        if cfg.workers > 1 and not cfg.fanout_group:
-            cfg.fanout_group = (os.getpid() & 0xFFFF) or 1
-        for i in range(cfg.workers):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=worker_main, args=(cfg, plan, child, i), name=f"glb-engine-{i}", daemon=True)
-            p.start()
-            child.close()
-            self._procs.append(p)
-            self._conns.append(parent)
-            self._stats.append(EngineStats())
-            self._applied.append(0)
-        for i, conn in enumerate(self._conns):
-            if not conn.poll(timeout):
-                self.stop()
-                raise EngineError(f"packet engine worker {i} did not start within {timeout:g}s")
-            try:
-                msg = conn.recv()
-            except EOFError:
-                self.stop()
-                raise EngineError(f"packet engine worker {i} died while starting") from None
-            if msg[0] != "ready":
-                self.stop()
-                raise EngineError(msg[1])
-            self.mac = msg[1]
-        for i, conn in enumerate(self._conns):
-            t = threading.Thread(target=self._read, args=(i, conn), name=f"glb-engine-stats-{i}", daemon=True)
-            t.start()
-            self._readers.append(t)
+        n = cfg.workers
+        if n > 1:
+            if not cfg.fanout_group:
+                cfg.fanout_group = (os.getpid() & 0xFFFF) or 1
+            ctx = multiprocessing.get_context("spawn")
+            self._cells = ctx.RawArray("q", CountTable.size(DEFAULT_SLOTS, n))
+            self._counts = CountTable(self._cells, n, 0)
+        self._plan = self._placed(plan)
+        self._stats = [EngineStats() for _ in range(n)]
+        self._applied = [0] * n
+        self._spawned_with = [0] * n
+        self._sup = Supervisor("glb-engine", worker_main, self._worker_args, n, policy=self.policy, serial=True,
+                               ready_timeout=timeout, on_message=self._message, on_ready=self._ready,
+                               on_exit=self._exit)
+        try:
+            self._sup.start()
+        except SupervisorError as e:
+            raise EngineError(str(e)) from None
+        self._poller = threading.Thread(target=self._poll, name="glb-engine-supervisor", daemon=True)
+        self._poller.start()
 
-    def _read(self, i: int, conn) -> None:
-        while True:
-            try:
-                msg = conn.recv()
-            except (EOFError, OSError):
-                if self._procs and self.failed is None and self._conns:
-                    self.failed = f"packet engine worker {i} exited"
-                return
-            if msg[0] == "stats":
-                with self._lock:
-                    self._stats[i] = msg[1]
-            elif msg[0] == "applied":
-                self._applied[i] = msg[1]
+    def _worker_args(self, i: int) -> tuple:
+        """Called as worker ``i`` (re)starts: it joins the fanout group last."""
+        positions = None
+        if self.cfg.workers > 1:
+            self._members.join(i)
+            positions = self._members.table()
+        self._spawned_with[i] = self.generation
+        return (self.cfg, self._plan, i, self._cells, positions)
+
+    def _ready(self, i: int, mac: bytes) -> None:
+        self.mac = mac
+        self._applied[i] = self._spawned_with[i]
+        if self.cfg.workers > 1:  # the others learn the new member's position
+            self._sup.broadcast(("fanout", self._members.table()))
+
+    def _exit(self, i: int) -> None:
+        self._applied[i] = -1  # forwards by no plan until its replacement is ready
+        if self.cfg.workers > 1:
+            self._members.leave(i)  # the kernel moved the last socket into its place
+            self._sup.broadcast(("fanout", self._members.table()))
+
+    def _message(self, i: int, msg) -> None:
+        if msg[0] == "stats":
+            with self._lock:
+                self._stats[i] = msg[1]
+        elif msg[0] == "applied":
+            self._applied[i] = msg[1]
+
+    def _poll(self) -> None:
+        while not self._closing.is_set():
+            self._sup.poll(0.2)
 
     def update(self, plan: Plan) -> None:
         self.generation += 1
-        for conn in self._conns:
-            try:
-                conn.send(("plan", plan, self.generation))
-            except (BrokenPipeError, OSError):
-                pass
+        self._plan = self._placed(plan)
+        self._sup.broadcast(("plan", self._plan, self.generation))
 
     @property
     def applied(self) -> int:
-        """The newest plan generation every worker forwards by."""
+        """The newest plan generation every worker forwards by (-1 while one restarts)."""
         return min(self._applied, default=0)
 
     def stats(self) -> EngineStats:
@@ -654,27 +727,18 @@ class Engine:
                 out = out.merge(s)
             return out
 
-    def worker_stats(self) -> list[tuple[int, EngineStats]]:
-        """(pid, its last report) per worker: how PACKET_FANOUT spreads the load."""
+    def worker_stats(self) -> list[tuple[int | None, EngineStats, int]]:
+        """(pid, its last report, restarts) per worker: how the fanout spreads the load."""
         with self._lock:
-            return [(p.pid, s) for p, s in zip(self._procs, self._stats)]
+            return list(zip(self.pids, self._stats, self._sup.restarts if self._sup else []))
 
     @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
+    def pids(self) -> list[int | None]:
+        return self._sup.pids if self._sup is not None else []
 
     def stop(self, timeout: float = 5.0) -> None:
-        conns, self._conns = self._conns, []
-        for conn in conns:
-            try:
-                conn.send(("stop",))
-            except (BrokenPipeError, OSError):
-                pass
-        for p in self._procs:
-            p.join(timeout)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout)
-        for conn in conns:
-            conn.close()
-        self._procs = []
+        self._closing.set()
+        if self._poller is not None:
+            self._poller.join(timeout)
+        if self._sup is not None:
+            self._sup.stop(timeout)

@@ -51,6 +51,7 @@ from director.dataplane.codec import (
 from director.control.health import PER_SERVICE, ServerKey, ServiceHealth
 from director.dataplane.actions import MacRewrite
 from director.dataplane.conntable import Conn, ConnTable, FragmentTable
+from director.dataplane.counters import CountTable
 from director.dataplane.scheduler import Dest, Persistence, Scheduler, make_scheduler
 from director.modes import MODES
 
@@ -82,6 +83,10 @@ class ServerPlan:
     """DR: the real server's MAC; TUN: the next hop's. None = not resolved (yet)."""
     mtu: int = 1500
     """TUN: MTU of the link towards the next hop."""
+    slot: int = -1
+    """Row of its connection counts in the workers' shared count table
+    (director/dataplane/counters.py; set by the engine); -1 = counted by each
+    worker alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,8 +195,8 @@ class ServerDest(Dest):
 
     __slots__ = ("key", "forwarding")
 
-    def __init__(self, key: ServerKey, addr: bytes, forwarding: str) -> None:
-        super().__init__(addr, 0, available=False)
+    def __init__(self, key: ServerKey, addr: bytes, forwarding: str, counts: Any = None) -> None:
+        super().__init__(addr, 0, available=False, counts=counts)
         self.key = key
         self.forwarding = forwarding
 
@@ -269,9 +274,12 @@ class ForwarderStats:
 class Forwarder:
     """Decides, for each frame, where it goes. One per engine worker."""
 
-    def __init__(self, table: ConnTable | None = None, frags: FragmentTable | None = None) -> None:
+    def __init__(self, table: ConnTable | None = None, frags: FragmentTable | None = None,
+                 counts: CountTable | None = None) -> None:
+        """``counts``: the packet workers' shared count table (None = this forwarder counts alone)."""
         # "is None", not "or": an empty table is falsy (it has a length).
         self.table = ConnTable() if table is None else table
+        self.counts = counts
         self.frags = FragmentTable() if frags is None else frags
         self.plan = Plan(b"\x00" * 6)
         self.vips: frozenset[bytes] = frozenset()
@@ -297,7 +305,7 @@ class Forwarder:
             for s in sp.servers:
                 d = old.dests.get(s.key) if old else None
                 if d is None or d.forwarding != sp.forwarding:
-                    d = ServerDest(s.key, s.address, sp.forwarding)
+                    d = self._dest(s, sp.forwarding)
                 self._configure(d, s, plan, sp)
                 svc.dests[s.key] = d
             if old is not None:
@@ -324,7 +332,7 @@ class Forwarder:
                 svc.persistence = old.persistence if keep else Persistence(*sp.persistence)
             if sp.sorry is not None:
                 d = old.sorry if old is not None and old.sorry is not None and old.sorry.key == sp.sorry.key else None
-                svc.sorry = d or ServerDest(sp.sorry.key, sp.sorry.address, sp.forwarding)
+                svc.sorry = d or self._dest(sp.sorry, sp.forwarding)
                 self._configure(svc.sorry, sp.sorry, plan, sp)
                 svc.sorry.weight = 1 if sp.sorry_active else 0
             for v in sp.vips:
@@ -342,6 +350,11 @@ class Forwarder:
         # Swap whole objects: a packet sees the old plan or the new one.
         self._services, self._by_vip, self.plan = services, by_vip, plan
         self.vips = plan.vips
+
+    def _dest(self, s: ServerPlan, forwarding: str) -> ServerDest:
+        """A new Dest, counted in the shared table's row for it when there is one."""
+        counts = self.counts.counts(s.slot) if self.counts is not None and s.slot >= 0 else None
+        return ServerDest(s.key, s.address, forwarding, counts)
 
     @staticmethod
     def _configure(d: ServerDest, s: ServerPlan, plan: Plan, sp: ServicePlan) -> None:
@@ -531,7 +544,8 @@ class Forwarder:
             out.forwarded += r.packets
         for svc in self._services.values():
             for key, d in svc.dests.items():
-                out.servers[key] = (d.active, d.inactive, *by_server.get(key, (0, 0, 0)))
+                # This worker's own connections: merging the workers' reports sums them.
+                out.servers[key] = (*d.counts.own(), *by_server.get(key, (0, 0, 0)))
             for v in svc.plan.vips:
                 out.vips[v.label] = tuple(by_vip.get(v.label, (0, 0, 0)))
         out.drops = {str(reason): n for reason, n in self.drops.items()}

@@ -9,7 +9,9 @@ them), ports are ints. ``None`` means no destination can take a new flow.
 
 A :class:`Dest` is one real server as the packet path sees it: its weight,
 whether it is up, and the active/inactive connection counters that the
-connection table maintains and lc/wlc/sed/nq/lblc/lblcr read. Schedulers hold
+connection table maintains and lc/wlc/sed/nq/lblc/lblcr read (through an
+injected counts object: with several packet workers, the sum over all of
+them, director/dataplane/counters.py). Schedulers hold
 a list of Dests; whoever changes a weight, availability or the list calls
 ``scheduler.update()`` (IPVS's add/del/upd_dest hooks), which rebuilds
 whatever table the algorithm keeps.
@@ -37,6 +39,7 @@ import math
 from collections import OrderedDict
 from typing import Any, Iterable, Sequence
 
+from director.dataplane.counters import Counts
 from glb.errors import SchedulerError
 from glb.hashing import DEFAULT_TABLE_SIZE, hash64, is_prime, maglev_table
 
@@ -48,7 +51,7 @@ class Dest:
 
     __slots__ = (
         "addr", "port", "weight", "last_weight", "available", "reschedule",
-        "active", "inactive", "server", "tx",
+        "counts", "server", "tx",
     )
 
     def __init__(
@@ -60,6 +63,7 @@ class Dest:
         available: bool = True,
         reschedule: bool = False,
         server: Any = None,
+        counts: Any = None,
     ) -> None:
         if len(addr) not in (4, 16):
             raise SchedulerError("a destination address is 4 or 16 packed bytes")
@@ -75,15 +79,33 @@ class Dest:
         """Up and configured. False = down or removed: no new flows."""
         self.reschedule = reschedule
         """Service's on_server_down == 'reschedule': established flows leave when not available."""
-        self.active = 0
-        """Connections in TCP ESTABLISHED (maintained by the connection table)."""
-        self.inactive = 0
-        """Every other tracked connection, UDP included (as IPVS counts them)."""
+        self.counts = Counts() if counts is None else counts
+        """Where the connection table counts this server's connections: this
+        process alone (:class:`~director.dataplane.counters.Counts`) or every
+        packet worker together (``SharedCounts``, as IPVS's counters are global)."""
         self.server = server
         """The config object this stands for (glb.config.RealServer), for the caller."""
         self.tx = None
         """Opaque forwarding data the packet engine attaches (e.g. the precomputed
         Ethernet header or a codec.Tunnel); the pure cores never read it."""
+
+    @property
+    def active(self) -> int:
+        """Connections in TCP ESTABLISHED (maintained by the connection table)."""
+        return self.counts.active
+
+    @active.setter
+    def active(self, value: int) -> None:
+        self.counts.active = value
+
+    @property
+    def inactive(self) -> int:
+        """Every other tracked connection, UDP included (as IPVS counts them)."""
+        return self.counts.inactive
+
+    @inactive.setter
+    def inactive(self, value: int) -> None:
+        self.counts.inactive = value
 
     @property
     def family(self) -> int:
@@ -256,7 +278,8 @@ class LeastConnection(Scheduler):
         for d in self.dests:
             if not d.available or d.weight <= 0:
                 continue
-            doh = (d.active << 8) + d.inactive
+            c = d.counts  # straight from the counts object: no Dest property call per read
+            doh = (c.active << 8) + c.inactive
             if least is None or doh < loh:
                 least, loh = d, doh
         return least
@@ -269,7 +292,8 @@ def _wlc(dests: Sequence[Dest]) -> Dest | None:
     for d in dests:
         if not d.available or d.weight <= 0:
             continue
-        doh = (d.active << 8) + d.inactive
+        c = d.counts
+        doh = (c.active << 8) + c.inactive
         # loh / least.weight > doh / d.weight, in integers as IPVS does
         if least is None or loh * d.weight > doh * least.weight:
             least, loh = d, doh
@@ -296,7 +320,7 @@ class ShortestExpectedDelay(Scheduler):
         for d in self.dests:
             if not d.available or d.weight <= 0:
                 continue
-            doh = d.active + 1
+            doh = d.counts.active + 1
             if least is None or loh * d.weight > doh * least.weight:
                 least, loh = d, doh
         return least
@@ -313,9 +337,10 @@ class NeverQueue(Scheduler):
         for d in self.dests:
             if not d.available or d.weight <= 0:
                 continue
-            if d.active == 0:
+            active = d.counts.active
+            if active == 0:
                 return d
-            doh = d.active + 1
+            doh = active + 1
             if least is None or loh * d.weight > doh * least.weight:
                 least, loh = d, doh
         return least
@@ -593,7 +618,8 @@ class LocalityLeastConnectionReplicated(_Locality):
         for d in dests:
             if d.weight <= 0:
                 continue
-            doh = (d.active << 8) + d.inactive
+            c = d.counts
+            doh = (c.active << 8) + c.inactive
             if most is None or moh * d.weight < doh * most.weight:
                 most, moh = d, doh
         return most

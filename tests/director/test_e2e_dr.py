@@ -251,7 +251,8 @@ def restarted(dr, text: str):
 
 def test_two_packet_workers_share_the_interface(dr):
     """packet.workers: 2 joins two workers with PACKET_FANOUT: each frame is
-    forwarded once, by one of them, and flows spread over both."""
+    forwarded once, by one of them, and clients spread over both (all of one
+    client's flows go to one worker: tests/director/test_e2e_workers.py)."""
     with restarted(dr, config_yaml(redis_port=6379, services=services({1: 1, 2: 1}), max_entries=MAX_ENTRIES,
                                    workers=2)):
         assert len(dr.d.status()["packet_path"]["workers"]) == 2
@@ -269,12 +270,21 @@ def test_two_packet_workers_share_the_interface(dr):
 
         before, before_each = settled()
         wire_before = nft_counters(dr.director, "glbt")["to_vip"]
-        served = dr.who(30)
+        sources = [f"10.0.0.{60 + i}" for i in range(12)]
+        for src in sources:
+            dr.client.ip("addr", "add", f"{src}/24", "dev", "eth0")
+        try:
+            served = Counter(dr.client.run(["curl", "-s", "-m", "3", "--interface", src, f"http://{VIP}/"],
+                                           check=False).stdout.strip() or None
+                             for src in sources for _ in range(3))
+        finally:
+            for src in sources:
+                dr.client.ip("addr", "del", f"{src}/24", "dev", "eth0")
         assert None not in served and set(served) == {"rs1", "rs2"}
         after, after_each = settled()
         wire = nft_counters(dr.director, "glbt")["to_vip"] - wire_before
         assert after - before == wire  # not one frame forwarded twice (or lost)
-        assert all(a > b for a, b in zip(after_each, before_each))  # both workers took flows
+        assert all(a > b for a, b in zip(after_each, before_each))  # both workers took clients
 
 
 def process_states(pid: int, samples: int = 40) -> list[str]:
