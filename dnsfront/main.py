@@ -116,6 +116,11 @@ class Worker:
                 "state_version": state.version if state is not None else 0,
                 "frozen": bool(state is not None and state.frozen_at is not None),
                 "answers_rebuilt_at": self.updater.last_rebuild,
+                # A follower that reconnects in a loop shows here: full_loads
+                # climbs faster than one per resync_interval.
+                "full_loads": getattr(f, "full_loads", 0),
+                "changes_applied": getattr(f, "changes_applied", 0),
+                "keepalives_answered": getattr(f, "keepalives_answered", 0),
             },
             "counters": {
                 "responses": [[q, r, n] for (q, r), n in c["responses"].items()],

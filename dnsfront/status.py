@@ -108,15 +108,20 @@ class _Collector:
         age = GaugeMetricFamily("dnsfront_state_age_seconds",
                                 "Seconds since the worker's last full load from Redis (-1: never)", labels=["worker"])
         ver = GaugeMetricFamily("dnsfront_state_version", "Version of the state being answered from", labels=["worker"])
+        loads = CounterMetricFamily("dnsfront_redis_full_loads",
+                                    "Full loads of the state from Redis (one per resync_interval and per reconnect)",
+                                    labels=["worker"])
         for r in reports:
             w = str(r["worker"])
             conn.add_metric([w], 1.0 if r["redis"]["connected"] else 0.0)
             last = r["redis"]["last_sync"]
             age.add_metric([w], now - last if last else -1.0)
             ver.add_metric([w], r["redis"]["state_version"])
+            loads.add_metric([w], r["redis"].get("full_loads", 0))
         yield conn
         yield age
         yield ver
+        yield loads
         workers = GaugeMetricFamily("dnsfront_workers", "Worker processes reporting")
         workers.add_metric([], len(reports))
         yield workers

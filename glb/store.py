@@ -51,6 +51,13 @@ from glb.state import (
 
 log = logging.getLogger("glb.store")
 
+# RESP2, pinned rather than left to the client's default. redis-py 8 defaults
+# to RESP3, where PING on a subscribed connection answers a plain "PONG" that
+# redis-py (with decode_responses) misreads as a message of type "P": the
+# keepalive never clears and every follower reconnects every few seconds. GLB
+# uses nothing RESP3 adds, and RESP2 also keeps Redis < 6 (no HELLO) working.
+PROTOCOL = 2
+
 # Lua. Each script runs atomically on the server: no reader can observe the
 # version bumped without the data, or the data without its PUBLISH. Every key
 # a script touches carries the same hash tag, so they are legal in Cluster too.
@@ -175,8 +182,11 @@ class RedisStore:
             "retry": Retry(NoBackoff(), 0),
             "decode_responses": True,
             "client_name": "glb",
+            "protocol": PROTOCOL,
         }
         url_kwargs = parse_url(cfg.url)
+        if int(url_kwargs.get("protocol", PROTOCOL)) != PROTOCOL:
+            raise ValueError(f"protocol={url_kwargs['protocol']} in the URL: GLB speaks RESP2 only (see docs/state.md)")
         self._password = str(url_kwargs.get("password") or "")
         if cfg.sentinel is None:
             return aioredis.Redis.from_url(cfg.url, **common)
@@ -189,6 +199,7 @@ class RedisStore:
                 "socket_timeout": cfg.timeout,
                 "socket_connect_timeout": cfg.timeout,
                 "retry": Retry(NoBackoff(), 0),
+                "protocol": PROTOCOL,
             },
             **common,
             **auth,
@@ -358,9 +369,12 @@ class RedisStore:
             secs, usecs = await self._client.time()
         return secs + usecs / 1e6
 
-    async def subscribe(self, keepalive: float = 1.0) -> Subscription:
-        """Subscribe to the changes channel; returns once Redis confirmed it."""
-        sub = Subscription(self, self._client.pubsub(), keepalive)
+    async def subscribe(self, keepalive: float = 1.0, on_pong: Callable[[], None] | None = None) -> Subscription:
+        """Subscribe to the changes channel; returns once Redis confirmed it.
+
+        ``on_pong`` is called for every keepalive PING the server answered.
+        """
+        sub = Subscription(self, self._client.pubsub(), keepalive, on_pong)
         try:
             await sub._start()
         except BaseException:
@@ -389,10 +403,12 @@ class Subscription:
     answering PING within the store's timeout raises StoreUnavailable instead
     of waiting silently forever (a half-open TCP connection never errors)."""
 
-    def __init__(self, store: RedisStore, pubsub: Any, keepalive: float):
+    def __init__(self, store: RedisStore, pubsub: Any, keepalive: float,
+                 on_pong: Callable[[], None] | None = None):
         self._store = store
         self._pubsub = pubsub
         self._keepalive = keepalive
+        self._on_pong = on_pong
         self._ping_sent: float | None = None
         self._last_rx = time.monotonic()
         self.last_contact = time.time()
@@ -446,6 +462,8 @@ class Subscription:
                 kind = msg.get("type")
                 if kind == "pong":
                     self._ping_sent = None
+                    if self._on_pong is not None:
+                        self._on_pong()
                 elif kind == "message":
                     return str(msg.get("data"))
 
@@ -498,6 +516,9 @@ class StateFollower:
         """The most recent failure (kept after recovery, for /status)."""
         self.full_loads = 0
         self.changes_applied = 0
+        self.keepalives_answered = 0
+        """Keepalive PINGs Redis answered on the changes channel (a quiet, healthy
+        connection counts up here while ``full_loads`` stays put)."""
         self._task: asyncio.Task[None] | None = None
         self._outage_since: float | None = None
         self._outage_logged = False
@@ -557,7 +578,7 @@ class StateFollower:
         store = self._factory()
         sub: Subscription | None = None
         try:
-            sub = await store.subscribe(self.keepalive)
+            sub = await store.subscribe(self.keepalive, self._pong)
             await self._full_load(store)
             next_resync = time.monotonic() + self.resync_interval
             while True:
@@ -572,6 +593,9 @@ class StateFollower:
             if sub is not None:
                 await sub.close()
             await store.close()
+
+    def _pong(self) -> None:
+        self.keepalives_answered += 1
 
     async def _full_load(self, store: RedisStore) -> None:
         state = await store.load()

@@ -31,9 +31,11 @@ def _redis_command(port: int, command: bytes, timeout: float = 0.5) -> bytes:
 class RedisServer:
     """A throwaway redis-server on 127.0.0.1 with no persistence, restartable on the same port."""
 
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(self, workdir: Path, port: int | None = None, password: str | None = None):
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -48,7 +50,8 @@ class RedisServer:
             [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
              "--save", "", "--appendonly", "no", "--dir", str(self.workdir),
              "--daemonize", "no", "--loglevel", "warning",
-             "--logfile", str(self.workdir / "redis.log")],
+             "--logfile", str(self.workdir / "redis.log"),
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
@@ -56,7 +59,7 @@ class RedisServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}; see {self.workdir}/redis.log")
             try:
-                if _redis_command(self.port, b"PING").startswith(b"+PONG"):
+                if _redis_command(self.port, b"PING").startswith((b"+PONG", b"-NOAUTH")):
                     return
             except OSError:
                 pass

@@ -355,6 +355,11 @@ async def test_follower_detects_a_hung_server(redis_server: Any, redis_url: str)
         first = await writer.publish(snapshot("ams"))
         async with follower:
             assert await follower.wait_synced(5)
+            # Healthy first: keepalives are answered and the connection stays.
+            # (Without this, a follower that reconnected on every keepalive
+            # would pass the check below with the server never stopped.)
+            await eventually(lambda: follower.keepalives_answered >= 5, timeout=5.0)
+            assert follower.connected and follower.full_loads == 1 and follower.last_error is None
             os.kill(pid, signal.SIGSTOP)
             try:
                 took = await eventually(lambda: not follower.connected, timeout=5.0)
@@ -367,6 +372,95 @@ async def test_follower_detects_a_hung_server(redis_server: Any, redis_url: str)
             await eventually(lambda: follower.connected and follower.state.sites["ams"] == second, timeout=10.0)
     finally:
         await writer.close()
+
+
+async def test_idle_follower_keeps_one_connection(
+    store: RedisStore, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """30 s of a quiet, healthy Redis: one subscribed connection throughout, one
+    full load, every keepalive answered, nothing logged at warning level."""
+    await store.publish(snapshot("ams"))
+    follower = StateFollower(RedisConfig(url=redis_url), resync_interval=3600)  # default keepalive, 1 s
+
+    async def pubsub_client_ids() -> list[str]:
+        listing = await store._client.execute_command("CLIENT", "LIST", "TYPE", "pubsub")
+        text = listing if isinstance(listing, str) else " ".join(str(x) for x in listing)
+        return [f.split("=", 1)[1] for f in text.split() if f.startswith("id=")]
+
+    with caplog.at_level(logging.WARNING, logger="glb.store"):
+        async with follower:
+            assert await follower.wait_synced(5)
+            first = await pubsub_client_ids()
+            assert len(first) == 1
+            start = time.monotonic()
+            await eventually(lambda: follower.keepalives_answered >= 30, timeout=45.0)
+            assert time.monotonic() - start >= 25.0  # the keepalive really is 1 s apart
+            assert await pubsub_client_ids() == first
+            assert follower.connected and follower.full_loads == 1 and follower.last_error is None
+    assert caplog.records == []
+
+
+async def test_malformed_change_message_keeps_previous_document(
+    store: RedisStore, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = await store.publish(snapshot("ams"))
+    follower, _ = follower_for(redis_url, resync_interval=3600)
+    k = Keys()
+    async with follower:
+        assert await follower.wait_synced(5)
+        with caplog.at_level(logging.WARNING, logger="glb.store"):
+            # Messages that do not parse.
+            for text in ("site ams notanumber", "site", "frobnicate ams 9", ""):
+                await store._client.publish(k.channel, text)
+            # A well-formed message announcing a document that does not decode.
+            await store._client.hset(k.site("ams"), mapping={"version": good.version + 10, "data": "{not json"})
+            await store._client.publish(k.channel, f"site ams {good.version + 10}")
+            # A sentinel change behind them: once it arrives, every message above was handled.
+            fra = await store.publish(snapshot("fra"))
+            await eventually(lambda: "fra" in follower.state.sites, timeout=2.0)
+        assert follower.state.sites["ams"] == good
+        assert follower.state.sites["fra"] == fra
+        assert follower.connected and follower.full_loads == 1
+        assert "notanumber" in caplog.text and "keeping previous site 'ams'" in caplog.text
+
+
+@pytest.fixture
+def redis_with_password(tmp_path):
+    from tests.conftest import RedisServer
+
+    server = RedisServer(tmp_path, password="s3cret-pw")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("auth", ["wrong-pw@", "", "nobody:s3cret-pw@"])
+async def test_authentication_failure_is_one_line_without_password(redis_with_password: Any, auth: str) -> None:
+    port = redis_with_password.port
+    url = f"redis://{':' + auth if auth and ':' not in auth else auth}127.0.0.1:{port}/0"
+    s = RedisStore(RedisConfig(url=url, timeout=1.0))
+    try:
+        with pytest.raises(StoreError) as info:
+            await s.load()
+    finally:
+        await s.close()
+    msg = str(info.value)
+    assert not isinstance(info.value, StoreUnavailable), msg  # the server is there; retrying will not help
+    assert "\n" not in msg and f"127.0.0.1:{port}" in msg and "authentication" in msg
+    assert "s3cret-pw" not in msg and "wrong-pw" not in msg
+    # The right password works against the same server.
+    ok = RedisStore(RedisConfig(url=redis_with_password.url))
+    try:
+        assert (await ok.load()).sites == {}
+    finally:
+        await ok.close()
+
+
+async def test_url_asking_for_resp3_is_refused() -> None:
+    with pytest.raises(StoreError, match="RESP2"):
+        RedisStore(RedisConfig(url="redis://127.0.0.1:1/0?protocol=3"))
 
 
 async def test_follower_starts_while_redis_is_down() -> None:
