@@ -2,14 +2,17 @@
 
 ``glb.store.StateFollower`` keeps a ``DeploymentState`` in step with Redis
 (full load, pub/sub, resync, reconnect with backoff, last good state kept).
-``AnswerUpdater`` turns each new state into a rebuilt answer table:
+``AnswerUpdater`` hands each new state to the engine:
 
-* a change marks the table dirty and a rebuild runs ``DEBOUNCE`` later, so a
-  burst of heartbeats from many directors costs one rebuild, well inside the
-  100 ms the issue allows;
+* at once, in the follower's callback: ``Engine.apply`` compares each site's
+  answer-relevant condition and drops only the names of the sites that
+  changed, which costs a comparison per site when nothing did (a heartbeat);
+  the next query of a dropped name is answered from the new state;
+* the dropped names are then rebuilt into the fast-path table by a
+  background task, ``BATCH`` names at a time, with queries served between
+  batches;
 * time alone changes answers too (a site whose heartbeat stops goes stale
-  with no message at all), so a rebuild also runs when the next live site
-  would cross ``stale_after``, and at least every ``MAX_INTERVAL``;
+  with no message at all): a timer fires at the engine's next deadline;
 * before the first successful load the engine gets ``None``: "no state",
   answered from the configured weights (policy.py says so in every reason).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -28,8 +32,17 @@ from dnsfront.answers import Engine
 
 log = logging.getLogger("glb.dnsfront")
 
-DEBOUNCE = 0.01
-MAX_INTERVAL = 1.0
+BATCH = 50
+"""Names rebuilt between two chances for queries to be served (a few ms of work)."""
+LATE = 0.001
+"""How long after a deadline the timer fires: a threshold is crossed strictly after it."""
+
+
+async def build_all(engine: Engine) -> None:
+    """Rebuild every queued name of ``engine``, letting queries through between batches."""
+    while engine.pending:
+        engine.build_pending(BATCH)
+        await asyncio.sleep(0)
 
 
 class AnswerUpdater:
@@ -45,32 +58,42 @@ class AnswerUpdater:
     ):
         self.redis = redis
         self.engine = engine
-        """Called at each rebuild: the current engine (a reload may replace it)."""
+        """The current engine (a reload may replace it)."""
         self.clock = clock
         if follower_factory is None:
             from glb.store import StateFollower  # the only Redis-aware import here
 
             follower_factory = StateFollower
         self.follower = follower_factory(redis, on_change=self._changed)
-        self._dirty = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        self._builder: asyncio.Task[None] | None = None
         self.rebuilds = 0
+        """State changes (or deadlines) that put at least one name out of date."""
         self.last_rebuild: float | None = None
         self.last_change: float | None = None
+        self._followed: DeploymentState | None = None
+        """The last state the follower handed over (it counts its first load
+        only after the callback, so ``follower.full_loads`` is 0 then)."""
 
     @property
     def state(self) -> DeploymentState | None:
         """The followed state, or None before the first successful load."""
+        if self._followed is not None:
+            return self._followed
         f = self.follower
         return f.state if getattr(f, "full_loads", 0) else None
 
     async def start(self) -> None:
-        self.rebuild()
+        self.apply()
+        await build_all(self.engine())  # nothing is served yet: build it all now
         await self.follower.start()
-        self._task = asyncio.create_task(self._loop(), name="dnsfront-rebuild")
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
+        task, self._builder = self._builder, None
         if task is not None:
             task.cancel()
             try:
@@ -80,38 +103,44 @@ class AnswerUpdater:
         await self.follower.stop()
 
     def _changed(self, state: DeploymentState) -> None:
+        self._followed = state
         self.last_change = self.clock()
-        self._dirty.set()
+        self.apply()
 
-    def rebuild(self) -> None:
-        """Recompute the engine's plans and answers now (also after a reload)."""
+    def apply(self) -> None:
+        """Give the engine the followed state as of now (also after a reload)."""
+        engine = self.engine()
         now = self.clock()
-        self.engine().update(self.state, now)
-        self.rebuilds += 1
-        self.last_rebuild = now
+        try:
+            dropped = engine.apply(self.state, now)
+        except Exception:  # noqa: BLE001 - keep serving the previous table
+            log.exception("applying a state change failed; still serving the previous answers")
+            return
+        if dropped:
+            self.rebuilds += 1
+            self.last_rebuild = now
+        if engine.pending and (self._builder is None or self._builder.done()):
+            self._builder = asyncio.get_running_loop().create_task(self._build(), name="dnsfront-rebuild")
+        self._arm(engine.next_deadline(), now)
 
-    def _next_deadline(self, now: float) -> float:
-        """When the next live site would go stale (local time), capped at MAX_INTERVAL."""
-        deadline = now + MAX_INTERVAL
-        state = self.state
-        if state is not None and state.frozen_at is None:
-            for snap in state.sites.values():
-                # published_at is on Redis's clock; clock_offset = redis - local.
-                stale_at = snap.published_at - state.clock_offset + self.redis.stale_after
-                if now < stale_at < deadline:
-                    deadline = stale_at + 0.001
-        return deadline
+    def _arm(self, at: float, now: float) -> None:
+        """Have ``apply`` run just after local time ``at`` (unless a timer fires sooner)."""
+        if at >= self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, at - now) + LATE, self._deadline)
 
-    async def _loop(self) -> None:
-        while True:
-            timeout = max(0.0, self._next_deadline(self.clock()) - self.clock())
-            try:
-                await asyncio.wait_for(self._dirty.wait(), timeout)
-                await asyncio.sleep(DEBOUNCE)  # let a burst of changes land first
-            except asyncio.TimeoutError:
-                pass
-            self._dirty.clear()
-            try:
-                self.rebuild()
-            except Exception:  # noqa: BLE001 - keep serving the previous table
-                log.exception("rebuilding answers failed; still serving the previous ones")
+    def _deadline(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        self.apply()
+
+    async def _build(self) -> None:
+        try:
+            # The engine is asked again each batch: a reload may swap it.
+            while (engine := self.engine()).pending:
+                engine.build_pending(BATCH)
+                await asyncio.sleep(0)
+        except Exception:  # noqa: BLE001 - the slow path still answers those names
+            log.exception("rebuilding answers failed; their queries take the slow path")

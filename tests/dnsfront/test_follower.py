@@ -37,14 +37,14 @@ async def test_no_state_until_first_load_then_rebuild_on_change(config, st):
     await upd.start()
     try:
         assert upd.state is None
-        assert "no Redis state" in engine.plans[("fo.example.net.", 4)].reason
+        assert "no Redis state" in engine.plan("fo.example.net.", 4).reason
         now = time.time()
         upd.follower.push(st.state(st.snapshot("dc2", at=now)))
         deadline = time.monotonic() + 1
         while engine.state is None and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         assert engine.state is upd.follower.state
-        assert engine.plans[("fo.example.net.", 4)].choices[0].sites == ("dc2",)
+        assert engine.plan("fo.example.net.", 4).choices[0].sites == ("dc2",)
     finally:
         await upd.stop()
 
@@ -60,9 +60,9 @@ async def test_site_going_stale_rebuilds_without_any_message(text_config, st):
         now = time.time()
         upd.follower.push(st.state(st.snapshot("dc1", at=now), st.snapshot("dc2", at=now + 60)))
         await asyncio.sleep(0.05)
-        assert engine.plans[("fo.example.net.", 4)].choices[0].sites == ("dc1",)
+        assert engine.plan("fo.example.net.", 4).choices[0].sites == ("dc1",)
         await asyncio.sleep(0.4)  # dc1's snapshot is now older than stale_after
-        plan = engine.plans[("fo.example.net.", 4)]
+        plan = engine.plan("fo.example.net.", 4)
         assert plan.choices[0].sites == ("dc2",) and "stale" in plan.reason
     finally:
         await upd.stop()
