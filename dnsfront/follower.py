@@ -26,16 +26,19 @@ import time
 from collections.abc import Callable
 
 from glb.config import RedisConfig
+from glb.histogram import Histogram
 from glb.state import DeploymentState
 
 from dnsfront.answers import Engine
 
 log = logging.getLogger("glb.dnsfront")
 
-BATCH = 50
+BATCH = 20
 """Names rebuilt between two chances for queries to be served (a few ms of work)."""
 LATE = 0.001
 """How long after a deadline the timer fires: a threshold is crossed strictly after it."""
+NAMES_BOUNDS = (1, 10, 100, 1000, 10_000, 100_000)
+SECONDS_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 async def build_all(engine: Engine) -> None:
@@ -72,6 +75,14 @@ class AnswerUpdater:
         """State changes (or deadlines) that put at least one name out of date."""
         self.last_rebuild: float | None = None
         self.last_change: float | None = None
+        self.names_rebuilt = Histogram(NAMES_BOUNDS)
+        """Per state change (or deadline) that changed something: names put out of date."""
+        self.rebuild_seconds = Histogram(SECONDS_BOUNDS)
+        """Per change: from applying it to the last of its names rebuilt."""
+        self.change_to_answer = Histogram(SECONDS_BOUNDS)
+        """Per site whose new snapshot changed answers: from its publish (Redis
+        time) to its names leaving the table (the next query answers anew)."""
+        self._rebuild_started: float | None = None
         self._followed: DeploymentState | None = None
         """The last state the follower handed over (it counts its first load
         only after the callback, so ``follower.full_loads`` is 0 then)."""
@@ -102,6 +113,16 @@ class AnswerUpdater:
                 pass
         await self.follower.stop()
 
+    def report(self) -> dict[str, object]:
+        """The rebuild metrics, as plain data (for /status and /metrics)."""
+        return {
+            "rebuilds": self.rebuilds,
+            "pending": len(self.engine().pending),
+            "names": self.names_rebuilt.as_dict(),
+            "seconds": self.rebuild_seconds.as_dict(),
+            "change_to_answer": self.change_to_answer.as_dict(),
+        }
+
     def _changed(self, state: DeploymentState) -> None:
         self._followed = state
         self.last_change = self.clock()
@@ -111,14 +132,25 @@ class AnswerUpdater:
         """Give the engine the followed state as of now (also after a reload)."""
         engine = self.engine()
         now = self.clock()
+        started = time.perf_counter()
+        state = self.state
         try:
-            dropped = engine.apply(self.state, now)
+            dropped = engine.apply(state, now)
         except Exception:  # noqa: BLE001 - keep serving the previous table
             log.exception("applying a state change failed; still serving the previous answers")
             return
         if dropped:
             self.rebuilds += 1
             self.last_rebuild = now
+            self.names_rebuilt.observe(dropped)
+            if self._rebuild_started is None:
+                self._rebuild_started = started
+            if state is not None:
+                done = self.clock()
+                for site in engine.watch.published:
+                    # published_at is Redis's clock; clock_offset = Redis - local.
+                    at = state.sites[site].published_at - state.clock_offset
+                    self.change_to_answer.observe(max(0.0, done - at))
         if engine.pending and (self._builder is None or self._builder.done()):
             self._builder = asyncio.get_running_loop().create_task(self._build(), name="dnsfront-rebuild")
         self._arm(engine.next_deadline(), now)
@@ -142,5 +174,8 @@ class AnswerUpdater:
             while (engine := self.engine()).pending:
                 engine.build_pending(BATCH)
                 await asyncio.sleep(0)
+            if self._rebuild_started is not None:
+                self.rebuild_seconds.observe(time.perf_counter() - self._rebuild_started)
+                self._rebuild_started = None
         except Exception:  # noqa: BLE001 - the slow path still answers those names
             log.exception("rebuilding answers failed; their queries take the slow path")

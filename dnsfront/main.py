@@ -121,6 +121,7 @@ class Worker:
             "reloads": self.reloads,
             "zones": [z.apex for z in self.config.zones],
             "names": self.engine.names_status(),
+            "rebuild": self.updater.report(),
             "redis": {
                 "connected": bool(getattr(f, "connected", False)),
                 "synced": state is not None,

@@ -47,6 +47,9 @@ class SiteWatch:
         """Local time at which each site's condition may next change by time alone."""
         self._seen: dict[str, tuple[object, object]] = {}
         self._state: object = _UNSEEN
+        self.published: list[str] = []
+        """Of the last call's changed sites, those that changed with a newly
+        published snapshot (empty when every site was looked at afresh)."""
 
     def next_deadline(self) -> float:
         """The earliest site deadline (``math.inf`` when none is pending)."""
@@ -61,6 +64,7 @@ class SiteWatch:
             assert isinstance(prev, DeploymentState)
             every = state.clock_offset != prev.clock_offset or state.frozen_at != prev.frozen_at
         out = set()
+        self.published = published = []
         sites = state.sites if state is not None else {}
         overrides = state.overrides if state is not None else {}
         seen, deadlines = self._seen, self.deadlines
@@ -74,6 +78,8 @@ class SiteWatch:
             if self.conditions.get(site) != cond:
                 self.conditions[site] = cond
                 out.add(site)
+                if not every and snap is not None and (held is None or held[0] is not snap):
+                    published.append(site)
         return out
 
     def _assess(self, state: DeploymentState | None, site: str, now: float) -> tuple[tuple, float]:

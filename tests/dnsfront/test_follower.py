@@ -66,3 +66,32 @@ async def test_site_going_stale_rebuilds_without_any_message(text_config, st):
         assert plan.choices[0].sites == ("dc2",) and "stale" in plan.reason
     finally:
         await upd.stop()
+
+
+async def test_rebuild_metrics_count_changes_not_heartbeats(config, st):
+    engine = Engine(config)
+    upd = AnswerUpdater(config.redis, lambda: engine, follower_factory=FakeFollower)
+    await upd.start()
+    try:
+        now = time.time()
+        upd.follower.push(st.all_up(at=now))
+        first = upd.report()
+        assert first["rebuilds"] == 2  # the start (no state) and the first load
+        assert first["change_to_answer"]["count"] == 0  # a first load is no publish
+        for i in range(5):  # heartbeats: nothing to rebuild
+            upd.follower.push(st.all_up(at=time.time()))
+        assert upd.report()["rebuilds"] == 2
+        # dc3 published 0.2 s ago (Redis time) with its service down: its three names.
+        down = st.state(st.snapshot("dc1", at=now), st.snapshot("dc2", at=now),
+                        st.snapshot("dc3", at=time.time() - 0.2, up=False, version=2))
+        upd.follower.push(down)
+        r = upd.report()
+        assert r["rebuilds"] == 3 and r["names"]["count"] == 3
+        assert r["names"]["sum"] == 2 * len(engine.names) + 3
+        assert r["change_to_answer"]["count"] == 1 and 0.2 <= r["change_to_answer"]["sum"] < 5
+        deadline = time.monotonic() + 2
+        while upd.report()["seconds"]["count"] < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert upd.report()["seconds"]["count"] == 3 and upd.report()["pending"] == 0
+    finally:
+        await upd.stop()
