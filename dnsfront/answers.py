@@ -138,6 +138,7 @@ class Engine:
         """Per load-balanced name: the (key, qname, qtype) of the precomputed
         entries that depend on it (its A and AAAA, CNAMEs that lead to it)."""
         self._fixed_built = False
+        self._status: dict[str, dict[str, Any]] = {}
         self._dynamic: list[tuple[dict[bytes, Entry], bytes]] = []
         self._dynamic_of: dict[str, list[tuple[dict[bytes, Entry], bytes]]] = {}
         self._templates: dict[tuple, tuple[tuple, int, int]] = {}
@@ -208,6 +209,7 @@ class Engine:
         self._fold(gone)
         self.plans.pop((name, 4), None)
         self.plans.pop((name, 6), None)
+        self._status.pop(name, None)
         self.pending[name] = None
 
     def _build_name(self, name: str) -> None:
@@ -543,27 +545,31 @@ class Engine:
         }
 
     def names_status(self) -> list[dict[str, Any]]:
-        out = []
-        for lb in self.config.names:
-            fams = {}
-            for family in (4, 6):
-                p = self._plan_for(lb, family)
-                fams[f"ipv{family}"] = {
-                    "kind": p.kind,
-                    "reason": p.reason,
-                    "degraded": p.degraded,
-                    "choices": [
-                        {"sites": list(c.sites), "addresses": list(c.addresses), "ttl": c.ttl, "reason": c.reason}
-                        for c in p.choices
-                    ],
-                    "members": [
-                        {"site": m.site, "live": m.live, "status": m.status, "weight": m.weight,
-                         "configured_weight": m.configured_weight, "healthy_fraction": m.healthy_fraction}
-                        for m in p.members
-                    ],
-                }
-            out.append({"name": lb.name, "policy": lb.policy, "ttl": lb.ttl, **fams})
-        return out
+        """Every name's plans for /status; a name's part is made again only after it changed."""
+        cache = self._status
+        return [cache[lb.name] if lb.name in cache else self._name_status(lb) for lb in self.config.names]
+
+    def _name_status(self, lb: LBName) -> dict[str, Any]:
+        fams = {}
+        for family in (4, 6):
+            p = self._plan_for(lb, family)
+            fams[f"ipv{family}"] = {
+                "kind": p.kind,
+                "reason": p.reason,
+                "degraded": p.degraded,
+                "choices": [
+                    {"sites": list(c.sites), "addresses": list(c.addresses), "ttl": c.ttl, "reason": c.reason}
+                    for c in p.choices
+                ],
+                "members": [
+                    {"site": m.site, "live": m.live, "status": m.status, "weight": m.weight,
+                     "configured_weight": m.configured_weight, "healthy_fraction": m.healthy_fraction}
+                    for m in p.members
+                ],
+            }
+        status = {"name": lb.name, "policy": lb.policy, "ttl": lb.ttl, **fams}
+        self._status[lb.name] = status
+        return status
 
 
 def _fixed_ecs(option: bytes) -> tuple[int, int]:
