@@ -186,12 +186,15 @@ class Engine:
         """Local time at which time alone may change an answer (``math.inf``: never)."""
         return self.watch.next_deadline()
 
-    def build_pending(self, limit: int | None = None) -> int:
-        """Rebuild up to ``limit`` (default: all) queued names; returns how many."""
+    def build_pending(self, limit: int | None = None, until: Callable[[], bool] | None = None) -> int:
+        """Rebuild queued names, up to ``limit`` (default: all) or until
+        ``until()`` says stop (checked after each name); returns how many."""
         n = 0
         while self.pending and (limit is None or n < limit):
             self._build_name(next(iter(self.pending)))
             n += 1
+            if until is not None and until():
+                break
         return n
 
     def _drop(self, name: str) -> None:
@@ -216,9 +219,9 @@ class Engine:
         """Plans and entries of one load-balanced name, from the state as of ``updated_at``."""
         self.pending.pop(name, None)
         lb = self.names[name]
-        now = self.updated_at if self.updated_at is not None else 0.0
         for family in (4, 6):
-            self.plans[(name, family)] = policy.plan(lb, self.sites, self.state, now, self.stale_after, family)
+            if (name, family) not in self.plans:  # (or made since the drop by ``_plan_for``)
+                self._make_plan(lb, family)
         for key, qname, qtype in self._keys_of.get(name, ()):
             for table, use_edns in ((self.plain, False), (self.edns, True)):
                 entry = self._build_entry(qname, qtype, use_edns)
@@ -260,9 +263,14 @@ class Engine:
         p = self.plans.get((lb.name, family))
         if p is None:
             # Out of date (queued): this query gets the current answer now,
-            # and the name is back in the table for the next one.
-            self._build_name(lb.name)
-            p = self.plans[(lb.name, family)]
+            # from a plan alone; the entries are left to build_pending, so a
+            # burst of queries for dropped names costs a plan each, not more.
+            p = self._make_plan(lb, family)
+        return p
+
+    def _make_plan(self, lb: LBName, family: int) -> Plan:
+        now = self.updated_at if self.updated_at is not None else 0.0
+        p = self.plans[(lb.name, family)] = policy.plan(lb, self.sites, self.state, now, self.stale_after, family)
         return p
 
     def _template(self, qname: bytes, qtype: int, use_edns: bool, res, kind, choice) -> tuple[tuple, int, int]:
@@ -545,11 +553,18 @@ class Engine:
         }
 
     def names_status(self) -> list[dict[str, Any]]:
-        """Every name's plans for /status; a name's part is made again only after it changed."""
+        """Every name's plans for /status; a name's part is made again only after it changed.
+
+        A name waiting to be rebuilt shows ``"rebuilding": true`` and no plans:
+        a report (every /healthz, /metrics and, with workers, every second)
+        must not compute thousands of plans after a change.
+        """
         cache = self._status
         return [cache[lb.name] if lb.name in cache else self._name_status(lb) for lb in self.config.names]
 
     def _name_status(self, lb: LBName) -> dict[str, Any]:
+        if lb.name in self.pending:
+            return {"name": lb.name, "policy": lb.policy, "ttl": lb.ttl, "rebuilding": True}
         fams = {}
         for family in (4, 6):
             p = self._plan_for(lb, family)

@@ -9,8 +9,8 @@
   changed, which costs a comparison per site when nothing did (a heartbeat);
   the next query of a dropped name is answered from the new state;
 * the dropped names are then rebuilt into the fast-path table by a
-  background task, ``BATCH`` names at a time, with queries served between
-  batches;
+  background task, ``BATCH_SECONDS`` of work at a time, with queries and
+  further changes served between batches;
 * time alone changes answers too (a site whose heartbeat stops goes stale
   with no message at all): a timer fires at the engine's next deadline;
 * before the first successful load the engine gets ``None``: "no state",
@@ -33,18 +33,26 @@ from dnsfront.answers import Engine
 
 log = logging.getLogger("glb.dnsfront")
 
-BATCH = 20
-"""Names rebuilt between two chances for queries to be served (a few ms of work)."""
+BATCH_SECONDS = 0.002
+"""Rebuilding gives the loop back after this long (a few names), then rests as
+long: queries and, above all, the follower's next changes must not wait
+behind a rebuild (a change takes several loop turns: message, fetch, reply),
+or heartbeats are seen late, sites look overdue, and that is more to rebuild."""
 LATE = 0.001
 """How long after a deadline the timer fires: a threshold is crossed strictly after it."""
 NAMES_BOUNDS = (1, 10, 100, 1000, 10_000, 100_000)
 SECONDS_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+def _budget() -> Callable[[], bool]:
+    end = time.perf_counter() + BATCH_SECONDS
+    return lambda: time.perf_counter() >= end
+
+
 async def build_all(engine: Engine) -> None:
     """Rebuild every queued name of ``engine``, letting queries through between batches."""
     while engine.pending:
-        engine.build_pending(BATCH)
+        engine.build_pending(until=_budget())
         await asyncio.sleep(0)
 
 
@@ -172,8 +180,8 @@ class AnswerUpdater:
         try:
             # The engine is asked again each batch: a reload may swap it.
             while (engine := self.engine()).pending:
-                engine.build_pending(BATCH)
-                await asyncio.sleep(0)
+                engine.build_pending(until=_budget())
+                await asyncio.sleep(BATCH_SECONDS)
             if self._rebuild_started is not None:
                 self.rebuild_seconds.observe(time.perf_counter() - self._rebuild_started)
                 self._rebuild_started = None
