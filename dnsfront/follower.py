@@ -40,6 +40,14 @@ behind a rebuild (a change takes several loop turns: message, fetch, reply),
 or heartbeats are seen late, sites look overdue, and that is more to rebuild."""
 LATE = 0.001
 """How long after a deadline the timer fires: a threshold is crossed strictly after it."""
+HOLD = 1.0
+"""How far the engine's clock may stay behind the local clock when the change
+stream is behind (see ``_engine_now``): the most a silent deployment's
+staleness is judged late."""
+GRACE = 0.05
+"""How far past the newest publish processed the engine's clock may run."""
+RETRY = 0.02
+"""The soonest a deadline is looked at again while the engine's clock is held back."""
 NAMES_BOUNDS = (1, 10, 100, 1000, 10_000, 100_000)
 SECONDS_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -136,12 +144,29 @@ class AnswerUpdater:
         self.last_change = self.clock()
         self.apply()
 
+    def _engine_now(self, state: DeploymentState | None, now: float) -> float:
+        """The time the engine judges ages at: not past the newest publish
+        processed (+ GRACE), unless that is more than HOLD ago.
+
+        A dnsfront behind its change stream (busy, or short of CPU) would
+        otherwise judge sites by its own clock, see their heartbeats late,
+        turn them overdue and back, and queue their names again, which keeps
+        it behind. The newest publish is evidence of how far Redis time has
+        got in what was processed; with everything silent (every director
+        dead), the local clock takes over HOLD later.
+        """
+        if state is None or not state.sites:
+            return now
+        newest = max(s.published_at for s in state.sites.values()) - state.clock_offset
+        return min(now, max(newest + GRACE, now - HOLD))
+
     def apply(self) -> None:
         """Give the engine the followed state as of now (also after a reload)."""
         engine = self.engine()
-        now = self.clock()
-        started = time.perf_counter()
         state = self.state
+        local = self.clock()
+        now = self._engine_now(state, local)
+        started = time.perf_counter()
         try:
             dropped = engine.apply(state, now)
         except Exception:  # noqa: BLE001 - keep serving the previous table
@@ -149,7 +174,7 @@ class AnswerUpdater:
             return
         if dropped:
             self.rebuilds += 1
-            self.last_rebuild = now
+            self.last_rebuild = local
             self.names_rebuilt.observe(dropped)
             if self._rebuild_started is None:
                 self._rebuild_started = started
@@ -161,16 +186,21 @@ class AnswerUpdater:
                     self.change_to_answer.observe(max(0.0, done - at))
         if engine.pending and (self._builder is None or self._builder.done()):
             self._builder = asyncio.get_running_loop().create_task(self._build(), name="dnsfront-rebuild")
-        self._arm(engine.next_deadline(), now)
+        self._arm(engine.next_deadline(), now, local)
 
-    def _arm(self, at: float, now: float) -> None:
-        """Have ``apply`` run just after local time ``at`` (unless a timer fires sooner)."""
+    def _arm(self, at: float, now: float, local: float) -> None:
+        """Have ``apply`` run just after the engine's clock (``now``) passes
+        ``at``; it runs no faster than the local clock, and while held back
+        (``now < local``) it may not move at all until the next publish."""
         if at >= self._timer_at:
             return
         if self._timer is not None:
             self._timer.cancel()
         self._timer_at = at
-        self._timer = asyncio.get_running_loop().call_later(max(0.0, at - now) + LATE, self._deadline)
+        delay = max(0.0, at - now) + LATE
+        if now < local:
+            delay = max(delay, RETRY)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._deadline)
 
     def _deadline(self) -> None:
         self._timer, self._timer_at = None, math.inf

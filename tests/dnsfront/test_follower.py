@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from glb.config import RedisConfig
 
 from dnsfront.answers import Engine
@@ -98,5 +100,27 @@ async def test_rebuild_metrics_count_changes_not_heartbeats(config, st):
         assert r["names"]["sum"] == 2 * len(engine.names) + 3
         assert r["change_to_answer"]["count"] == 1 and 0.2 <= r["change_to_answer"]["sum"] < 5
         assert await drained() == before + 1 and upd.report()["pending"] == 0
+    finally:
+        await upd.stop()
+
+
+async def test_a_follower_behind_its_change_stream_does_not_turn_sites_overdue(config, st):
+    engine = Engine(config)
+    t = 2_000_000.0
+    upd = AnswerUpdater(config.redis, lambda: engine, follower_factory=FakeFollower, clock=lambda: t)
+    await upd.start()
+    try:
+        # The newest publish processed is 0.6 s old: we are that far behind.
+        # dc1's last one is 2.5 s old by the local clock (overdue after 2 s),
+        # 1.95 s old as of what we have processed: not overdue yet.
+        upd.follower.push(st.state(st.snapshot("dc1", at=t - 2.5), st.snapshot("dc2", at=t - 0.6),
+                                   st.snapshot("dc3", at=t - 0.6)))
+        assert upd._engine_now(upd.state, t) == pytest.approx(t - 0.55)
+        assert "overdue" not in engine.plan("app.example.net.", 4).reason
+        # Everything silent for longer than HOLD: the local clock takes over (HOLD late).
+        silent = st.state(st.snapshot("dc1", at=t - 5), st.snapshot("dc2", at=t - 5))
+        assert upd._engine_now(silent, t) == t - 1.0
+        fresh = st.state(st.snapshot("dc1", at=t - 0.01))
+        assert upd._engine_now(fresh, t) == t
     finally:
         await upd.stop()
