@@ -28,16 +28,9 @@ for tool in dnsperf nsd redis-server taskset; do
   command -v "$tool" >/dev/null || { echo "dns_qps: $tool not found (apt install dnsperf nsd redis-server util-linux)" >&2; exit 1; }
 done
 
-WORK=$(mktemp -d /tmp/dns_qps.XXXXXX)
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
-
-free_port() { "$PY" -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+BENCH=dns_qps
+# shellcheck source=benchmarks/dns_common.sh
+. "$ROOT/benchmarks/dns_common.sh"
 REDIS_PORT=$(free_port); DNSF_PORT=$(free_port); STATUS_PORT=$(free_port); NSD_PORT=$(free_port)
 
 # --- shared state: redis + two live sites ---------------------------------

@@ -4,18 +4,22 @@ Pure (no sockets, no asyncio): the server hands it query bytes and the
 client's address and sends back whatever it returns. Randomness and time are
 injected so tests can drive it.
 
-On every state change (``update``) the engine recomputes each load-balanced
-name's ``Plan`` and, for every (name, type) we serve, the response bytes of
-every possible choice: an ``Entry``. The hot path is then
+Precomputed: for every (name, type) we serve, the response bytes of every
+possible choice: an ``Entry``. Static answers are built once per config; a
+load-balanced name's ``Plan`` and entries are rebuilt only when a site among
+its members changes in a way an answer can see (``dnsfront.sitewatch``), so
+a heartbeat that changes nothing costs nothing and a change costs what it
+touches. The hot path is then
 
     header check -> dict lookup on the question's bytes -> pick a choice
     (random or by client, cached) -> patch ID/flags/question case -> bytes
 
-and everything else (other shapes, names not precomputed, truncation) goes to
-the slow path: ``Responder.parse`` + ``Zones.resolve`` + ``Responder.build``.
-Deterministic slow-path results are added to the table, so repeated queries
-(NXDOMAIN floods, rarely asked types) become fast too; that part of the table
-is bounded and dropped on every rebuild.
+and everything else (other shapes, names not precomputed or out of date,
+truncation) goes to the slow path: ``Responder.parse`` + ``Zones.resolve`` +
+``Responder.build``. Deterministic slow-path results are added to the table,
+so repeated queries (NXDOMAIN floods, rarely asked types) become fast too;
+that part of the table is bounded, and an added entry that depends on a
+load-balanced name leaves with that name's.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from glb.state import DeploymentState
 from dnsfront import policy, wire
 from dnsfront.policy import ANSWER, SLOT_BITS, Client, Plan
 from dnsfront.responder import Query, Responder
+from dnsfront.sitewatch import SiteWatch
 from dnsfront.zone import AAAA, ANY, A, Zones, to_text
 from dnsfront.zone import SERVFAIL as RCODE_SERVFAIL
 
@@ -41,7 +46,9 @@ log = logging.getLogger("glb.dnsfront")
 CLIENT_CACHE_MAX = 65536
 """Per-entry cache of client -> choice for topology/sticky; reset when full."""
 DYNAMIC_MAX = 20000
-"""Slow-path results added to the table before it is reset to the precomputed part."""
+"""Slow-path results added to the table before they are all dropped (and added again as asked)."""
+TEMPLATES_PER_NAME = 32
+"""Response templates kept per load-balanced name (choices x TTLs x EDNS) before the cache starts over."""
 
 _HEADER_PLAIN = wire.HEADER_PLAIN
 _HEADER_EDNS = wire.HEADER_EDNS
@@ -49,13 +56,28 @@ _OPT_HEAD = wire.OPT_HEAD
 _ECS_CODE = struct.pack("!H", wire.ECS_CODE)
 
 
+def _part(template: bytes, qlen: int) -> tuple[tuple[bytes, ...], bytes, bytes]:
+    """(four header variants, tail, tail with DO set) of one response template."""
+    flags = struct.unpack_from("!H", template, 2)[0]
+    heads = []
+    for v in range(4):  # bit 0: RD, bit 1: CD (from the query)
+        f = flags | (0x0100 if v & 1 else 0) | (0x0010 if v & 2 else 0)
+        heads.append(struct.pack("!H", f) + template[4:12])
+    tail = template[12 + qlen :]
+    tail_do = tail
+    if len(tail) >= 11 and tail[-11:-8] == _OPT_HEAD:
+        # Our OPT is always last, RDLEN 0: its flags are at [-4:-2].
+        tail_do = tail[:-4] + bytes((tail[-4] | 0x80,)) + tail[-3:]
+    return tuple(heads), tail, tail_do
+
+
 class Entry:
     """Every possible response for one question shape.
 
-    ``parts[i]`` = (four header variants for choice i, tail, tail with DO set).
-    A header variant is bytes 2..12 of the response (flags + counts) with the
-    query's RD/CD bits folded in, indexed by ``rd | cd >> 3``; the tail is
-    everything after the question.
+    ``parts[i]`` = (four header variants for choice i, tail, tail with DO set)
+    (see ``_part``). A header variant is bytes 2..12 of the response (flags +
+    counts) with the query's RD/CD bits folded in, indexed by ``rd | cd >> 3``;
+    the tail is everything after the question.
 
     Picking a choice per query: ``slots`` (random policies) is a table of
     2**16 choice indices in proportion to the weights, indexed by 16 random
@@ -65,10 +87,9 @@ class Entry:
     ECS option and also returns the SCOPE.
     """
 
-    __slots__ = ("parts", "slots", "choose", "choose_ecs", "hits", "qtype", "rcodes", "sites", "name", "label",
-                 "fixed")
+    __slots__ = ("parts", "slots", "choose", "choose_ecs", "hits", "qtype", "rcodes", "sites", "name", "label")
 
-    def __init__(self, name: bytes, qtype: int, templates: list[bytes], qlen: int, sites: list[str | None],
+    def __init__(self, name: bytes, qtype: int, parts: list, rcodes: list[int], sites: list[str | None],
                  slots: bytes | None, choose: Callable[[Any], int] | None,
                  choose_ecs: Callable[[bytes], tuple[int, int]], label: str | None = None):
         self.name, self.qtype, self.sites = name, qtype, sites
@@ -76,28 +97,21 @@ class Entry:
         """Name the site answers are counted under: the load-balanced name
         (the slow path's ``plan.name``), also when a CNAME led to it."""
         self.slots, self.choose, self.choose_ecs = slots, choose, choose_ecs
-        self.fixed = False
-        """Built once per config and kept across state updates (its hits too)."""
-        self.hits = [0] * len(templates)
-        self.rcodes = [t[3] & 0xF for t in templates]
-        parts = []
-        for t in templates:
-            flags = struct.unpack_from("!H", t, 2)[0]
-            heads = []
-            for v in range(4):  # bit 0: RD, bit 1: CD (from the query)
-                f = flags | (0x0100 if v & 1 else 0) | (0x0010 if v & 2 else 0)
-                heads.append(struct.pack("!H", f) + t[4:12])
-            tail = t[12 + qlen :]
-            tail_do = tail
-            if len(tail) >= 11 and tail[-11:-8] == _OPT_HEAD:
-                # Our OPT is always last, RDLEN 0: its flags are at [-4:-2].
-                tail_do = tail[:-4] + bytes((tail[-4] | 0x80,)) + tail[-3:]
-            parts.append((tuple(heads), tail, tail_do))
-        self.parts = parts
+        self.hits = [0] * len(parts)
+        self.parts, self.rcodes = parts, rcodes
 
 
 class Engine:
-    """Answers queries for one config, following state given to ``update``."""
+    """Answers queries for one config, following state given to ``apply``/``update``.
+
+    Answers that no state can change are built once per config. Each
+    load-balanced name's plans and entries are rebuilt only when a site among
+    its members changes in a way an answer can see (``SiteWatch``): ``apply``
+    drops them at once (the next query of such a name computes its answer on
+    the slow path, and puts it back in the table) and queues the name in
+    ``pending``; ``build_pending`` rebuilds queued names, a bounded number at
+    a time, so a caller can let queries through between batches.
+    """
 
     def __init__(self, config: Config, *, rng: _random.Random | None = None):
         self.config = config
@@ -112,11 +126,25 @@ class Engine:
         self.plans: dict[tuple[str, int], Plan] = {}
         self.plain: dict[bytes, Entry] = {}
         self.edns: dict[bytes, Entry] = {}
-        self._static = 0  # precomputed entries; beyond are slow-path additions
-        self._fixed: tuple[dict[bytes, Entry], dict[bytes, Entry], list[tuple[bytes, int]]] | None = None
-        self._templates: dict[tuple, bytes] = {}
+        self.watch = SiteWatch({s.name: s.director.heartbeat for s in config.sites}, self.stale_after)
+        self.names = {lb.name: lb for lb in config.names}
+        self._names_of_site: dict[str, list[str]] = {}
+        for lb in config.names:
+            for m in lb.members:
+                self._names_of_site.setdefault(m.site, []).append(lb.name)
+        self.pending: dict[str, None] = {}
+        """Load-balanced names whose plans and entries are out of date (in order)."""
+        self._keys_of: dict[str, list[tuple[bytes, bytes, int]]] = {}
+        """Per load-balanced name: the (key, qname, qtype) of the precomputed
+        entries that depend on it (its A and AAAA, CNAMEs that lead to it)."""
+        self._fixed_built = False
+        self._status: dict[str, dict[str, Any]] = {}
+        self._dynamic: list[tuple[dict[bytes, Entry], bytes]] = []
+        self._dynamic_of: dict[str, list[tuple[dict[bytes, Entry], bytes]]] = {}
+        self._templates: dict[tuple, tuple[tuple, int, int]] = {}
+        self._templates_max = 4 * DYNAMIC_MAX + TEMPLATES_PER_NAME * len(config.names)
         # Counters. Fast-path hits live in the entries (one list increment per
-        # query); they are folded in here when the table is replaced.
+        # query); they are folded in here when an entry is replaced.
         self.responses: Counter[tuple[int, int]] = Counter()  # (qtype, rcode)
         self.site_answers: Counter[tuple[str, str]] = Counter()  # (name, site)
         self.dropped = 0
@@ -129,53 +157,93 @@ class Engine:
     # ------------------------------------------------------------------
     # Rebuilding
 
-    def update(self, state: DeploymentState | None, now: float) -> None:
-        """Recompute plans and precomputed answers from ``state`` as of ``now``.
+    def update(self, state: DeploymentState | None, now: float) -> int:
+        """``apply`` then ``build_pending`` with no bound: everything current
+        on return. Returns the number of load-balanced names rebuilt."""
+        self.apply(state, now)
+        return self.build_pending()
 
-        Only the answers that depend on a load-balanced name are rebuilt;
-        static ones are built once per config (``_fixed``) and kept, so the
-        cost of a state change does not grow with the size of the zones.
+    def apply(self, state: DeploymentState | None, now: float) -> int:
+        """Take ``state`` as of ``now``; returns how many names went out of date.
+
+        Only the names with a changed site among their members are dropped
+        (their entries leave the table, their plans are forgotten) and queued;
+        a heartbeat that changes no condition drops nothing.
         """
-        plans = {}
-        for lb in self.config.names:
-            for family in (4, 6):
-                plans[(lb.name, family)] = policy.plan(lb, self.sites, state, now, self.stale_after, family)
-        old = [e for t in (self.plain, self.edns) for e in t.values() if not e.fixed]
-        self.state, self.plans = state, plans
-        if self._fixed is None:
-            self._fixed = self._build_fixed()
-        fixed_plain, fixed_edns, lb_keys = self._fixed
-        plain: dict[bytes, Entry] = dict(fixed_plain)
-        edns: dict[bytes, Entry] = dict(fixed_edns)
-        for qname, qtype in lb_keys:
-            key = qname + struct.pack("!HH", qtype, 1)
-            for table, use_edns in ((plain, False), (edns, True)):
-                entry = self._build_entry(qname, qtype, use_edns)
-                if entry is not None:
-                    table[key] = entry
-        if len(self._templates) > 4 * DYNAMIC_MAX:
-            self._templates.clear()
-        self._fold(old)
-        self.plain, self.edns = plain, edns  # one swap each: a query sees old or new
-        self._static = len(plain) + len(edns)
-        self.updated_at = now
+        if not self._fixed_built:
+            self._build_fixed()
+            self._fixed_built = True
+        changed = self.watch.changed(state, now)
+        self.state, self.updated_at = state, now
+        names: set[str] = set()
+        for site in changed:
+            names.update(self._names_of_site.get(site, ()))
+        for name in names:
+            self._drop(name)
+        return len(names)
 
-    def _build_fixed(self) -> tuple[dict[bytes, Entry], dict[bytes, Entry], list[tuple[bytes, int]]]:
-        """Entries that no state can change, and the keys that depend on a policy."""
-        plain: dict[bytes, Entry] = {}
-        edns: dict[bytes, Entry] = {}
-        lb_keys = []
-        for qname, qtype in self._precomputed_keys():
-            if self.zones.resolve(qname, qtype).lb_step is not None:
-                lb_keys.append((qname, qtype))
-                continue
-            key = qname + struct.pack("!HH", qtype, 1)
-            for table, use_edns in ((plain, False), (edns, True)):
+    def next_deadline(self) -> float:
+        """Local time at which time alone may change an answer (``math.inf``: never)."""
+        return self.watch.next_deadline()
+
+    def build_pending(self, limit: int | None = None, until: Callable[[], bool] | None = None) -> int:
+        """Rebuild queued names, up to ``limit`` (default: all) or until
+        ``until()`` says stop (checked after each name); returns how many."""
+        n = 0
+        while self.pending and (limit is None or n < limit):
+            self._build_name(next(iter(self.pending)))
+            n += 1
+            if until is not None and until():
+                break
+        return n
+
+    def _drop(self, name: str) -> None:
+        """Forget one name's plans and entries (folding their hits) and queue it."""
+        gone = []
+        for key, _, _ in self._keys_of.get(name, ()):
+            for table in (self.plain, self.edns):
+                e = table.pop(key, None)
+                if e is not None:
+                    gone.append(e)
+        for table, key in self._dynamic_of.pop(name, ()):
+            e = table.pop(key, None)
+            if e is not None:
+                gone.append(e)
+        self._fold(gone)
+        self.plans.pop((name, 4), None)
+        self.plans.pop((name, 6), None)
+        self._status.pop(name, None)
+        self.pending[name] = None
+
+    def _build_name(self, name: str) -> None:
+        """Plans and entries of one load-balanced name, from the state as of ``updated_at``."""
+        self.pending.pop(name, None)
+        lb = self.names[name]
+        for family in (4, 6):
+            if (name, family) not in self.plans:  # (or made since the drop by ``_plan_for``)
+                self._make_plan(lb, family)
+        for key, qname, qtype in self._keys_of.get(name, ()):
+            for table, use_edns in ((self.plain, False), (self.edns, True)):
                 entry = self._build_entry(qname, qtype, use_edns)
                 if entry is not None:
-                    entry.fixed = True
                     table[key] = entry
-        return plain, edns, lb_keys
+        if len(self._templates) > self._templates_max:
+            self._templates.clear()
+
+    def _build_fixed(self) -> None:
+        """Entries that no state can change, and which keys depend on which name."""
+        for qname, qtype in self._precomputed_keys():
+            key = qname + struct.pack("!HH", qtype, 1)
+            step = self.zones.resolve(qname, qtype).lb_step
+            if step is not None:
+                self._keys_of.setdefault(step.lb.name, []).append((key, qname, qtype))
+                continue
+            for table, use_edns in ((self.plain, False), (self.edns, True)):
+                entry = self._build_entry(qname, qtype, use_edns)
+                if entry is not None:
+                    table[key] = entry
+        for name in self.names:
+            self.pending[name] = None
 
     def _precomputed_keys(self) -> list[tuple[bytes, int]]:
         """Every (name, type) with data, plus A and AAAA at every name (the
@@ -187,18 +255,31 @@ class Engine:
                     keys.update(((w, A), (w, AAAA)))
         return sorted(keys)
 
+    def plan(self, name: str, family: int) -> Plan:
+        """The current plan of load-balanced ``name`` (built now if out of date)."""
+        return self._plan_for(self.names[name], family)
+
     def _plan_for(self, lb: LBName, family: int) -> Plan:
         p = self.plans.get((lb.name, family))
-        if p is None:  # a name outside config.names cannot happen; be safe
-            p = policy.plan(lb, self.sites, self.state, 0.0, self.stale_after, family)
+        if p is None:
+            # Out of date (queued): this query gets the current answer now,
+            # from a plan alone; the entries are left to build_pending, so a
+            # burst of queries for dropped names costs a plan each, not more.
+            p = self._make_plan(lb, family)
         return p
 
-    def _template(self, qname: bytes, qtype: int, use_edns: bool, res, kind, choice) -> bytes:
-        # (qname, qtype) determine ``res`` for this engine's zones.
+    def _make_plan(self, lb: LBName, family: int) -> Plan:
+        now = self.updated_at if self.updated_at is not None else 0.0
+        p = self.plans[(lb.name, family)] = policy.plan(lb, self.sites, self.state, now, self.stale_after, family)
+        return p
+
+    def _template(self, qname: bytes, qtype: int, use_edns: bool, res, kind, choice) -> tuple[tuple, int, int]:
+        """(entry part, rcode, length) of one response; (qname, qtype) determine ``res``."""
         key = (qname, qtype, use_edns, kind, choice.addresses if choice else None, choice.ttl if choice else None)
         t = self._templates.get(key)
         if t is None:
-            t = self.responder.template(qname, qtype, use_edns, res, kind, choice)
+            raw = self.responder.template(qname, qtype, use_edns, res, kind, choice)
+            t = (_part(raw, len(qname) + 4), raw[3] & 0xF, len(raw))
             self._templates[key] = t
         return t
 
@@ -209,23 +290,23 @@ class Engine:
         slots, choose, choose_ecs = None, None, _fixed_ecs
         label = None
         if step is None:
-            templates = [self._template(qname, qtype, use_edns, res, None, None)]
+            made = [self._template(qname, qtype, use_edns, res, None, None)]
             sites: list[str | None] = [None]
         else:
             plan = self._plan_for(step.lb, 4 if step.rtype == A else 6)
             label = plan.name
             if plan.kind == ANSWER:
-                templates = [self._template(qname, qtype, use_edns, res, ANSWER, c) for c in plan.choices]
+                made = [self._template(qname, qtype, use_edns, res, ANSWER, c) for c in plan.choices]
                 sites = [c.sites[0] if c.sites else "fallback" for c in plan.choices]
-                if len(templates) > 1:
+                if len(made) > 1:
                     slots, choose, choose_ecs = self._choosers(plan)
             else:
-                templates = [self._template(qname, qtype, use_edns, res, plan.kind, None)]
+                made = [self._template(qname, qtype, use_edns, res, plan.kind, None)]
                 sites = [None]
-        if not use_edns and max(len(t) for t in templates) > wire.NO_EDNS_LIMIT:
+        if not use_edns and max(m[2] for m in made) > wire.NO_EDNS_LIMIT:
             return None  # needs TC over UDP: the slow path does that
-        qlen = len(qname) + 4
-        return Entry(qname, qtype, templates, qlen, sites, slots, choose, choose_ecs, label)
+        return Entry(qname, qtype, [m[0] for m in made], [m[1] for m in made], sites, slots, choose, choose_ecs,
+                     label)
 
     def _choosers(self, plan: Plan) -> tuple[bytes, Callable[[Any], int] | None, Callable[[bytes], tuple[int, int]]]:
         """(slot table, client chooser, ECS chooser) for a plan with several choices."""
@@ -419,11 +500,20 @@ class Engine:
         key = q.qname + qtc
         if key in table:
             return
-        if len(self.plain) + len(self.edns) >= self._static + DYNAMIC_MAX:
-            return  # full until the next rebuild resets it
+        if len(self._dynamic) >= DYNAMIC_MAX:
+            # Full (a flood of random names, most likely): start over, so the
+            # questions asked from now on get their place.
+            gone = [e for t, k in self._dynamic if (e := t.pop(k, None)) is not None]
+            self._fold(gone)
+            self._dynamic.clear()
+            self._dynamic_of.clear()
         entry = self._build_entry(q.qname, q.qtype, use_edns)
         if entry is not None:
             table[key] = entry
+            self._dynamic.append((table, key))
+            step = self.zones.resolve(q.qname, q.qtype).lb_step
+            if step is not None:  # e.g. a wildcard CNAME to a load-balanced name
+                self._dynamic_of.setdefault(step.lb.name, []).append((table, key))
 
     # ------------------------------------------------------------------
     # Reporting
@@ -463,29 +553,38 @@ class Engine:
         }
 
     def names_status(self) -> list[dict[str, Any]]:
-        out = []
-        for lb in self.config.names:
-            fams = {}
-            for family in (4, 6):
-                p = self.plans.get((lb.name, family))
-                if p is None:
-                    continue
-                fams[f"ipv{family}"] = {
-                    "kind": p.kind,
-                    "reason": p.reason,
-                    "degraded": p.degraded,
-                    "choices": [
-                        {"sites": list(c.sites), "addresses": list(c.addresses), "ttl": c.ttl, "reason": c.reason}
-                        for c in p.choices
-                    ],
-                    "members": [
-                        {"site": m.site, "live": m.live, "status": m.status, "weight": m.weight,
-                         "configured_weight": m.configured_weight, "healthy_fraction": m.healthy_fraction}
-                        for m in p.members
-                    ],
-                }
-            out.append({"name": lb.name, "policy": lb.policy, "ttl": lb.ttl, **fams})
-        return out
+        """Every name's plans for /status; a name's part is made again only after it changed.
+
+        A name waiting to be rebuilt shows ``"rebuilding": true`` and no plans:
+        a report (every /healthz, /metrics and, with workers, every second)
+        must not compute thousands of plans after a change.
+        """
+        cache = self._status
+        return [cache[lb.name] if lb.name in cache else self._name_status(lb) for lb in self.config.names]
+
+    def _name_status(self, lb: LBName) -> dict[str, Any]:
+        if lb.name in self.pending:
+            return {"name": lb.name, "policy": lb.policy, "ttl": lb.ttl, "rebuilding": True}
+        fams = {}
+        for family in (4, 6):
+            p = self._plan_for(lb, family)
+            fams[f"ipv{family}"] = {
+                "kind": p.kind,
+                "reason": p.reason,
+                "degraded": p.degraded,
+                "choices": [
+                    {"sites": list(c.sites), "addresses": list(c.addresses), "ttl": c.ttl, "reason": c.reason}
+                    for c in p.choices
+                ],
+                "members": [
+                    {"site": m.site, "live": m.live, "status": m.status, "weight": m.weight,
+                     "configured_weight": m.configured_weight, "healthy_fraction": m.healthy_fraction}
+                    for m in p.members
+                ],
+            }
+        status = {"name": lb.name, "policy": lb.policy, "ttl": lb.ttl, **fams}
+        self._status[lb.name] = status
+        return status
 
 
 def _fixed_ecs(option: bytes) -> tuple[int, int]:

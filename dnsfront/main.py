@@ -10,9 +10,10 @@ their reports over a pipe every second for /status and /metrics, forwards
 SIGHUP (reload) and SIGTERM (exit) to them, and stops them all on exit.
 
 Signals: SIGHUP reloads the config file; a bad file is logged and the old
-config keeps serving. The new engine is built and warmed with the current
-state before it replaces the old one, in the same event loop as the UDP
-reader, so no query is dropped or answered half-old/half-new. Changing the
+config keeps serving. The new config is read and its engine built and
+warmed with the current state in a thread, while the old engine keeps
+answering; the swap is one assignment in the event loop, so no query is
+dropped or answered half-old/half-new. Changing the
 listen addresses, the status address or the worker count needs a restart
 (logged). SIGTERM/SIGINT: stop listening, stop following, exit 0.
 """
@@ -34,6 +35,7 @@ from glb import config as configmod
 from glb.config import Config
 from glb.errors import DNSFrontError, GLBError, SupervisorError
 from glb.supervisor import Supervisor
+from glb.state import DeploymentState
 
 from dnsfront.answers import Engine
 from dnsfront.follower import AnswerUpdater
@@ -59,6 +61,7 @@ class Worker:
         self.server = DNSServer(config.dnsfront, self.engine.handle)
         self.updater = AnswerUpdater(config.redis, lambda: self.engine)
         self.reloads = 0
+        self._reload_lock = asyncio.Lock()
 
     async def start(self) -> None:
         await self.updater.start()
@@ -73,11 +76,20 @@ class Worker:
         await self.updater.stop()
 
     async def reload(self) -> bool:
-        """Re-read the config file and swap in a new engine; False if it is invalid."""
+        """Re-read the config file and swap in a new engine; False if it is invalid.
+
+        Reading, checking and building a big config takes seconds: it runs in
+        a thread, on a new engine nothing else sees, while this loop keeps
+        answering from the old one. The swap is one assignment; changes that
+        arrived meanwhile are then applied to the new engine (incrementally).
+        """
+        async with self._reload_lock:  # SIGHUPs in a row: one reload at a time
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         try:
-            new = configmod.load(self.config_path)
-            engine = Engine(new)
-            engine.update(self.updater.state, time.time())
+            new, engine = await asyncio.get_running_loop().run_in_executor(
+                None, _prepare, self.config_path, self.updater.state)
         except GLBError as e:  # ConfigError included: its problems, one line
             log.error("reload failed, keeping the running config: %s", "; ".join(str(e).splitlines()))
             return False
@@ -91,6 +103,8 @@ class Worker:
             await self.updater.stop()
             self.updater = AnswerUpdater(new.redis, lambda: self.engine)
             await self.updater.start()
+        else:
+            self.updater.apply()
         self.config = new
         self.reloads += 1
         log.info("reloaded %s: %s", self.config_path, new.summary())
@@ -109,6 +123,7 @@ class Worker:
             "reloads": self.reloads,
             "zones": [z.apex for z in self.config.zones],
             "names": self.engine.names_status(),
+            "rebuild": self.updater.report(),
             "redis": {
                 "connected": bool(getattr(f, "connected", False)),
                 "synced": state is not None,
@@ -140,6 +155,14 @@ class Worker:
                 "tcp_open": sc.tcp_open,
             },
         }
+
+
+def _prepare(config_path: str, state: DeploymentState | None) -> tuple[Config, Engine]:
+    """A new config and its engine, fully built from ``state`` (run in a thread)."""
+    config = configmod.load(config_path)
+    engine = Engine(config)
+    engine.update(state, time.time())
+    return config, engine
 
 
 def _install_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, on_hup: Any) -> None:

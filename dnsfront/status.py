@@ -16,11 +16,12 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from glb.config import ListenAddress
 from glb.errors import DNSFrontError
+from glb.histogram import Histogram
 from glb.http import Served, serve
 
 Reports = Callable[[], list[dict[str, Any]]]
@@ -122,9 +123,35 @@ class _Collector:
         yield age
         yield ver
         yield loads
+        yield from _rebuild_metrics(reports)
         workers = GaugeMetricFamily("dnsfront_workers", "Worker processes reporting")
         workers.add_metric([], len(reports))
         yield workers
+
+
+_REBUILD_HISTOGRAMS = (
+    ("names", "dnsfront_rebuild_names", "Load-balanced names put out of date and rebuilt, per state change"),
+    ("seconds", "dnsfront_rebuild_seconds", "Seconds from applying a state change to the last of its names rebuilt"),
+    ("change_to_answer", "dnsfront_change_to_answer_seconds",
+     "Seconds from a site's publish in Redis to its names answering from it"),
+)
+
+
+def _rebuild_metrics(reports: list[dict[str, Any]]) -> Iterator[Any]:
+    """Rebuild counters and histograms, summed over the workers."""
+    parts = [r["rebuild"] for r in reports if "rebuild" in r]
+    n = CounterMetricFamily("dnsfront_rebuilds", "State changes (or staleness deadlines) that changed some answers")
+    n.add_metric([], sum(p["rebuilds"] for p in parts))
+    yield n
+    pending = GaugeMetricFamily("dnsfront_rebuild_pending", "Load-balanced names waiting to be rebuilt")
+    pending.add_metric([], sum(p["pending"] for p in parts))
+    yield pending
+    for key, name, help_ in _REBUILD_HISTOGRAMS:
+        h = Histogram.merged(p[key] for p in parts)
+        if h is not None:
+            m = HistogramMetricFamily(name, help_)
+            m.add_metric([], h.cumulative(), h.sum)
+            yield m
 
 
 def build_app(reports: Reports, *, expected_workers: int = 1) -> web.Application:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from glb.config import RedisConfig
 from tests.waiting import async_until
 
@@ -38,11 +40,11 @@ async def test_no_state_until_first_load_then_rebuild_on_change(config, st):
     await upd.start()
     try:
         assert upd.state is None
-        assert "no Redis state" in engine.plans[("fo.example.net.", 4)].reason
+        assert "no Redis state" in engine.plan("fo.example.net.", 4).reason
         now = time.time()
         upd.follower.push(st.state(st.snapshot("dc2", at=now)))
         await async_until(lambda: engine.state is upd.follower.state, "the pushed state to be built")
-        assert engine.plans[("fo.example.net.", 4)].choices[0].sites == ("dc2",)
+        assert engine.plan("fo.example.net.", 4).choices[0].sites == ("dc2",)
     finally:
         await upd.stop()
 
@@ -58,10 +60,66 @@ async def test_site_going_stale_rebuilds_without_any_message(text_config, st):
         now = time.time()
         upd.follower.push(st.state(st.snapshot("dc1", at=now), st.snapshot("dc2", at=now + 60)))
         await async_until(lambda: engine.state is upd.follower.state, "the pushed state to be built")
-        assert engine.plans[("fo.example.net.", 4)].choices[0].sites == ("dc1",)
+        assert engine.plan("fo.example.net.", 4).choices[0].sites == ("dc1",)
         # No message comes: only time makes dc1's snapshot older than stale_after (0.3 s).
-        await async_until(lambda: engine.plans[("fo.example.net.", 4)].choices[0].sites == ("dc2",), "dc1 to go stale")
+        await async_until(lambda: engine.plan("fo.example.net.", 4).choices[0].sites == ("dc2",), "dc1 to go stale")
         assert time.time() - now >= 0.3  # not before it is stale
-        assert "stale" in engine.plans[("fo.example.net.", 4)].reason
+        assert "stale" in engine.plan("fo.example.net.", 4).reason
+    finally:
+        await upd.stop()
+
+
+async def test_rebuild_metrics_count_changes_not_heartbeats(config, st):
+    engine = Engine(config)
+    upd = AnswerUpdater(config.redis, lambda: engine, follower_factory=FakeFollower)
+    await upd.start()
+    try:
+        now = time.time()
+        upd.follower.push(st.all_up(at=now))
+        first = upd.report()
+        assert first["rebuilds"] == 2  # the start (no state) and the first load
+        assert first["change_to_answer"]["count"] == 0  # a first load is no publish
+        for i in range(5):  # heartbeats: nothing to rebuild
+            upd.follower.push(st.all_up(at=time.time()))
+        assert upd.report()["rebuilds"] == 2
+
+        async def drained():
+            deadline = time.monotonic() + 5
+            while (upd.report()["pending"] or upd._builder and not upd._builder.done()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return upd.report()["seconds"]["count"]
+
+        before = await drained()
+        # dc3 published 0.2 s ago (Redis time) with its service down: its three names.
+        down = st.state(st.snapshot("dc1", at=now), st.snapshot("dc2", at=now),
+                        st.snapshot("dc3", at=time.time() - 0.2, up=False, version=2))
+        upd.follower.push(down)
+        r = upd.report()
+        assert r["rebuilds"] == 3 and r["names"]["count"] == 3
+        assert r["names"]["sum"] == 2 * len(engine.names) + 3
+        assert r["change_to_answer"]["count"] == 1 and 0.2 <= r["change_to_answer"]["sum"] < 5
+        assert await drained() == before + 1 and upd.report()["pending"] == 0
+    finally:
+        await upd.stop()
+
+
+async def test_a_follower_behind_its_change_stream_does_not_turn_sites_overdue(config, st):
+    engine = Engine(config)
+    t = 2_000_000.0
+    upd = AnswerUpdater(config.redis, lambda: engine, follower_factory=FakeFollower, clock=lambda: t)
+    await upd.start()
+    try:
+        # The newest publish processed is 0.6 s old: we are that far behind.
+        # dc1's last one is 2.5 s old by the local clock (overdue after 2 s),
+        # 1.95 s old as of what we have processed: not overdue yet.
+        upd.follower.push(st.state(st.snapshot("dc1", at=t - 2.5), st.snapshot("dc2", at=t - 0.6),
+                                   st.snapshot("dc3", at=t - 0.6)))
+        assert upd._engine_now(upd.state, t) == pytest.approx(t - 0.55)
+        assert "overdue" not in engine.plan("app.example.net.", 4).reason
+        # Everything silent for longer than HOLD: the local clock takes over (HOLD late).
+        silent = st.state(st.snapshot("dc1", at=t - 5), st.snapshot("dc2", at=t - 5))
+        assert upd._engine_now(silent, t) == t - 1.0
+        fresh = st.state(st.snapshot("dc1", at=t - 0.01))
+        assert upd._engine_now(fresh, t) == t
     finally:
         await upd.stop()

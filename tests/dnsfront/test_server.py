@@ -314,6 +314,9 @@ def test_status_endpoints(server):
     assert 'dnsfront_responses_total{qtype="A",rcode="NOERROR"}' in metrics
     assert "dnsfront_answers_total{" in metrics
     assert "dnsfront_state_age_seconds" in metrics
+    assert "dnsfront_rebuilds_total 1.0" in metrics  # the start: every name, from configured weights
+    for family in ("dnsfront_rebuild_names", "dnsfront_rebuild_seconds", "dnsfront_change_to_answer_seconds"):
+        assert f"{family}_bucket{{le=\"+Inf\"}}" in metrics and f"{family}_sum" in metrics
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,42 @@
+"""A reload reads and builds the new config off the event loop, then swaps."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import dns.message
+
+from glb import config as configmod
+
+from dnsfront import main
+
+
+async def test_reload_builds_in_a_thread_while_the_loop_keeps_answering(write_config, monkeypatch):
+    path = write_config()
+    worker = main.Worker(str(path), configmod.load(path))
+    gate = threading.Event()
+    real = main._prepare
+
+    def slow(config_path, state):
+        assert threading.current_thread() is not threading.main_thread()
+        gate.wait(10)
+        return real(config_path, state)
+
+    monkeypatch.setattr(main, "_prepare", slow)
+    old = worker.engine
+    old.update(None, 0.0)
+    query = dns.message.make_query("app.example.net", "A").to_wire()
+    try:
+        reload = asyncio.create_task(worker.reload())
+        await asyncio.sleep(0.05)
+        # The build is blocked in its thread; this loop still answers, from the old engine.
+        assert not reload.done()
+        assert worker.engine is old and old.handle(query, ("127.0.0.1", 5300)) is not None
+        gate.set()
+        assert await reload
+        assert worker.engine is not old and worker.server.handler == worker.engine.handle
+        assert worker.engine.handle(query, ("127.0.0.1", 5300)) is not None
+    finally:
+        gate.set()
+        await worker.updater.stop()
