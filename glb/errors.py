@@ -51,3 +51,9 @@ class RealServerError(GLBError):
 
 class AdminError(GLBError):
     """An admin API call was refused or failed."""
+
+
+class KernelDataplaneError(DirectorError):
+    """The kernel data plane (the tc program and its maps) cannot be loaded, attached or updated.
+
+    The director then runs the userspace engine alone (``packet.dataplane: auto``)."""

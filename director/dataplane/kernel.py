@@ -1,0 +1,107 @@
+"""The kernel data plane's tables as the packet path programs them, over an injected map adapter.
+
+:class:`KernelTables` says what to write (through kernelmaps.py's packing);
+a :class:`BpfMaps` does the writing: :class:`~director.dataplane.libbpf.LibBpf`
+on a real kernel, :class:`FakeMaps` (dicts) in unit tests, as Katran's
+``BpfAdapter``. Nothing here knows ctypes or netlink.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Protocol
+
+from director.dataplane import kernelmaps as km
+
+
+class BpfMaps(Protocol):
+    """Byte-level access to the program's maps, by the names of the C file."""
+
+    cpus: int
+
+    def update(self, name: str, key: bytes, value: bytes) -> None: ...
+
+    def lookup(self, name: str, key: bytes) -> bytes | None: ...
+
+    def delete(self, name: str, key: bytes) -> bool: ...
+
+    def keys(self, name: str) -> list[bytes]: ...
+
+
+class FakeMaps:
+    """In-memory maps with the kernel's per-CPU value shape (one slot per CPU on lookup)."""
+
+    PERCPU = frozenset({"route_counters", "reasons", "ident"})
+
+    def __init__(self, cpus: int = 2) -> None:
+        self.cpus = cpus
+        self.maps: dict[str, dict[bytes, bytes]] = {name: {} for name in km.MAPS}
+
+    def update(self, name: str, key: bytes, value: bytes) -> None:
+        ks, vs = km.MAPS[name]
+        want = ((vs + 7) & ~7) * self.cpus if name in self.PERCPU else vs
+        if len(key) != ks or len(value) != want:
+            raise ValueError(f"{name}: key {len(key)} / value {len(value)} bytes, want {ks} / {want}")
+        self.maps[name][key] = value
+
+    def lookup(self, name: str, key: bytes) -> bytes | None:
+        return self.maps[name].get(key)
+
+    def delete(self, name: str, key: bytes) -> bool:
+        return self.maps[name].pop(key, None) is not None
+
+    def keys(self, name: str) -> list[bytes]:
+        return list(self.maps[name])
+
+
+class KernelTables:
+    """What the tc program knows: flows, routes, the state machine; and its counters."""
+
+    def __init__(self, maps: BpfMaps, timeouts: Iterable[float]) -> None:
+        self.maps = maps
+        maps.update("timeouts", km.ZERO, km.timeouts_value(list(timeouts)))
+        maps.update("next_state", km.ZERO, km.next_state_value())
+
+    # -- writing ---------------------------------------------------------------
+
+    def set_route(self, index: int, tx, live: bool, ifindex: int = 0) -> None:
+        if not 0 <= index < km.MAX_ROUTES:
+            raise ValueError(f"route index {index} out of range")
+        self.maps.update("routes", km.U32.pack(index), km.route_value(tx, live, ifindex))
+
+    def install(self, key: bytes, route: int, state: int, expires: float) -> None:
+        """The flow (a connection-table key) goes to ``route`` until ``expires`` (``now`` seconds)."""
+        self.maps.update("conns", km.flow_key(key), km.flow_value(route, state, expires))
+
+    def remove(self, key: bytes) -> bool:
+        return self.maps.delete("conns", km.flow_key(key))
+
+    def flow(self, key: bytes) -> tuple[int, int, float] | None:
+        """(route, state, expires) of an installed flow; the kernel moves ``expires`` on."""
+        v = self.maps.lookup("conns", km.flow_key(key))
+        return None if v is None else km.parse_flow_value(v)
+
+    def flows(self) -> list[bytes]:
+        """Every installed flow's connection-table key."""
+        return [km.conn_key(k) for k in self.maps.keys("conns")]
+
+    def set_ident(self, ident: int) -> None:
+        """The last outer IPv4 id on every CPU (the next tunnelled packet gets ident + 1)."""
+        self.maps.update("ident", km.ZERO, km.percpu(km.U32.pack(ident & 0xFFFF), km.U32.size, self.maps.cpus))
+
+    # -- reading ---------------------------------------------------------------
+
+    def route_counters(self, index: int) -> tuple[int, int]:
+        """(packets, bytes) the kernel forwarded along a route, summed over CPUs."""
+        v = self.maps.lookup("route_counters", km.U32.pack(index))
+        if v is None:
+            return 0, 0
+        packets, nbytes = km.sum_percpu(v, km.COUNTER.size, km.COUNTER)
+        return packets, nbytes
+
+    def reasons(self) -> dict[str, int]:
+        """Packets per :data:`~director.dataplane.kernelmaps.REASONS` entry, summed over CPUs."""
+        out = {}
+        for i, name in enumerate(km.REASONS):
+            v = self.maps.lookup("reasons", km.U32.pack(i))
+            out[name] = km.sum_percpu(v, km.U64.size, km.U64)[0] if v is not None else 0
+        return out
