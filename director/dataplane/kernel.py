@@ -8,7 +8,7 @@ on a real kernel, :class:`FakeMaps` (dicts) in unit tests, as Katran's
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+from typing import Any, Iterable, Protocol
 
 from director.dataplane import kernelmaps as km
 
@@ -58,6 +58,8 @@ class KernelTables:
 
     def __init__(self, maps: BpfMaps, timeouts: Iterable[float]) -> None:
         self.maps = maps
+        self._routes: dict[tuple[Any, str], int] = {}
+        """(server key, VIP label) -> route index: a forwarder Route's place in ``routes``."""
         maps.update("timeouts", km.ZERO, km.timeouts_value(list(timeouts)))
         maps.update("next_state", km.ZERO, km.next_state_value())
 
@@ -67,6 +69,32 @@ class KernelTables:
         if not 0 <= index < km.MAX_ROUTES:
             raise ValueError(f"route index {index} out of range")
         self.maps.update("routes", km.U32.pack(index), km.route_value(tx, live, ifindex))
+
+    def route_index(self, route) -> int:
+        """The kernel's index for a forwarder ``Route`` (one real server x one VIP), allocated once."""
+        k = (route.server, route.vip)
+        i = self._routes.get(k)
+        if i is None:
+            i = len(self._routes)
+            if i >= km.MAX_ROUTES:
+                raise ValueError(f"more than {km.MAX_ROUTES} routes")
+            self._routes[k] = i
+        return i
+
+    def mirror(self, fwd, ifindex: int = 0) -> int:
+        """Write every confirmed flow of a Forwarder, and the routes they take (a full resync).
+
+        An entry says what ``ConnTable.refresh`` needs: the route (its
+        transmit object, and whether the server is available and the VIP
+        live), the state and the expiry. Returns the number of flows written.
+        """
+        n = 0
+        for c in fwd.table.confirmed_flows.values():
+            i = self.route_index(c.tag)
+            self.set_route(i, c.dest.tx, c.dest.available and c.tag.live, ifindex)
+            self.install(c.key, i, c.state, c.expires)
+            n += 1
+        return n
 
     def install(self, key: bytes, route: int, state: int, expires: float) -> None:
         """The flow (a connection-table key) goes to ``route`` until ``expires`` (``now`` seconds)."""

@@ -340,16 +340,18 @@ int glb_ingress(struct __sk_buff *skb)
 	if (r->mode == MODE_TUN && !skb->gso_size && total > r->max_inner)
 		return count(R_TOO_BIG, TC_ACT_OK);
 
-	/* Decided: refresh the expiry as ConnTable.refresh does, and count. */
+	/* Decided: refresh the expiry as ConnTable.refresh does. */
 	f->expires = now + to->ns[state];
-	struct counter *c = bpf_map_lookup_elem(&route_counters, &ri);
-	if (c) {
-		c->packets += 1;
-		c->bytes += total;
+	int verdict = r->mode == MODE_DR ? forward_dr(skb, r) : forward_tun(skb, r, total, family, tos, ttl, frag_off);
+	if (verdict == TC_ACT_REDIRECT) {
+		struct counter *c = bpf_map_lookup_elem(&route_counters, &ri);
+
+		if (c) {
+			c->packets += 1;
+			c->bytes += total;
+		}
 	}
-	if (r->mode == MODE_DR)
-		return forward_dr(skb, r);
-	return forward_tun(skb, r, total, family, tos, ttl, frag_off);
+	return verdict;
 }
 
 char LICENSE[] SEC("license") = "GPL";
