@@ -133,3 +133,29 @@ class KernelTables:
             v = self.maps.lookup("reasons", km.U32.pack(i))
             out[name] = km.sum_percpu(v, km.U64.size, km.U64)[0] if v is not None else 0
         return out
+
+
+class KernelDataplane:
+    """The program loaded (libbpf), its tables, and its attachment at an interface's tc ingress.
+
+    What the packet path holds while the kernel forwards established flows;
+    ``close`` detaches and unloads (the maps go with the program).
+    """
+
+    def __init__(self, interface: str, max_entries: int, timeouts: Iterable[float]) -> None:
+        from director.dataplane.libbpf import LibBpf
+        from director.dataplane.tcattach import TcIngress
+
+        self.bpf = LibBpf(max_entries={"conns": max_entries}, sizes=km.MAPS)
+        try:
+            self.tables = KernelTables(self.bpf, timeouts)
+            self.tc = TcIngress(interface, self.bpf.prog_fd)
+        except BaseException:
+            self.bpf.close()
+            raise
+
+    def close(self) -> None:
+        try:
+            self.tc.detach()
+        finally:
+            self.bpf.close()
