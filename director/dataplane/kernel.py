@@ -96,6 +96,15 @@ class KernelTables:
             n += 1
         return n
 
+    def set_vips(self, addrs: Iterable[bytes]) -> None:
+        """The VIPs (packed addresses) the engine's socket filter lets through: add new, delete gone."""
+        want = {km.vip_key(a) for a in addrs}
+        have = set(self.maps.keys("vips"))
+        for k in want - have:
+            self.maps.update("vips", k, b"\x01")
+        for k in have - want:
+            self.maps.delete("vips", k)
+
     def install(self, key: bytes, route: int, state: int, expires: float) -> None:
         """The flow (a connection-table key) goes to ``route`` until ``expires`` (``now`` seconds)."""
         self.maps.update("conns", km.flow_key(key), km.flow_value(route, state, expires))

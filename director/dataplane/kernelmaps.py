@@ -22,6 +22,8 @@ Maps (names as in the C file):
   timeouts per state and its transition table (``conntable.NEXT_BYTES``), so
   the kernel's idea of "this packet changes nothing" is Python's.
 * ``ident`` (per-CPU array): the last outer IPv4 id of a tunnel.
+* ``vips`` (hash): :func:`vip_key` -> 1, what the engine's socket filter
+  (``glb_engine_filter``) lets through besides ARP/NDP.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 FLOW_KEY = struct.Struct("=BBH16s16s2s2s")
 FLOW_VALUE = struct.Struct("=IB3xQ")
 ROUTE = struct.Struct("=6s6sBBBxIHH16s16s")
+VIP_KEY = struct.Struct("=B3x16s")
 COUNTER = struct.Struct("=QQ")
 TIMEOUTS = struct.Struct(f"={STATES}Q")
 U32 = struct.Struct("=I")
@@ -71,6 +74,7 @@ MAPS = {
     "timeouts": (U32.size, TIMEOUTS.size),
     "next_state": (U32.size, STATES * 256),
     "ident": (U32.size, U32.size),
+    "vips": (VIP_KEY.size, 1),
 }
 """Map name -> (key size, value size), as the C structs must have them."""
 
@@ -95,6 +99,11 @@ def conn_key(kernel_key: bytes) -> bytes:
     proto, family, _, src, dst, sport, dport = FLOW_KEY.unpack(kernel_key)
     n = 4 if family == 4 else 16
     return bytes([proto]) + src[:n] + dst[:n] + sport + dport
+
+
+def vip_key(addr: bytes) -> bytes:
+    """A packed VIP address (4 or 16 bytes) as the ``vips`` map's key."""
+    return VIP_KEY.pack(4 if len(addr) == 4 else 6, addr)
 
 
 def ns(seconds: float) -> int:

@@ -83,6 +83,12 @@ struct route {
 	__u8 daddr[16];  /* TUN outer destination (the real server) */
 };
 
+struct vip_key {
+	__u8 family; /* 4 or 6 */
+	__u8 pad[3];
+	__u8 addr[16];
+};
+
 struct counter {
 	__u64 packets;
 	__u64 bytes; /* IP length of the inner packet, as the Python counters */
@@ -137,6 +143,14 @@ struct {
 	__type(key, __u32);
 	__type(value, struct next_state);
 } next_state SEC(".maps");
+
+/* The VIPs (for the engine's socket filter); value unused. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct vip_key);
+	__type(value, __u8);
+} vips SEC(".maps");
 
 /* The outer IPv4 id, per CPU (the engine keeps one per worker). */
 struct {
@@ -251,107 +265,191 @@ static __always_inline int forward_tun(struct __sk_buff *skb, struct route *r, _
 	return bpf_redirect(r->ifindex ? r->ifindex : skb->ifindex, 0);
 }
 
-SEC("tc")
-int glb_ingress(struct __sk_buff *skb)
+/* What the decision reads of a packet (copied out with bpf_skb_load_bytes,
+ * which both program types may call; socket filters have no direct access). */
+struct pkt {
+	struct flow_key key;
+	__u32 total;  /* IP length */
+	__u8 flags;   /* TCP flags; 0 for UDP */
+	__u8 family;
+	__u8 tos;     /* IPv4 TOS / IPv6 traffic class */
+	__u8 ttl;     /* TTL / hop limit */
+	__u16 frag_off;
+};
+
+/*
+ * Forwarder.fast()'s decision, without side effects: R_DR or R_TUN with the
+ * flow, its route and its index set, or the reason userspace must decide.
+ */
+static __always_inline __u32 decide(struct __sk_buff *skb, struct pkt *p, __u64 now,
+				    struct flow **fp, struct route **rp, __u32 *ri)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct flow_key key = {};
-	__u8 *th;
-	__u32 total, hlen;
-	__u8 flags = 0, proto, tos, ttl;
-	__u16 frag_off = 0;
+	__u8 h[40];
+	__u16 proto_eth;
+	__u32 hlen;
+	__u8 proto;
 
-	if (data + ETH_HLEN > data_end)
-		return count(R_NOT_IP, TC_ACT_OK);
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = data + ETH_HLEN;
+	if (bpf_skb_load_bytes(skb, 12, &proto_eth, 2))
+		return R_NOT_IP;
+	if (proto_eth == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (struct iphdr *)h;
 
-		if ((void *)(ip + 1) > data_end)
-			return count(R_NOT_SIMPLE, TC_ACT_OK);
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, h, sizeof(*ip)))
+			return R_NOT_SIMPLE;
 		/* no options; neither MF nor an offset (DF may be set) */
 		if (ip->version != 4 || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
-			return count(R_NOT_SIMPLE, TC_ACT_OK);
-		total = bpf_ntohs(ip->tot_len);
+			return R_NOT_SIMPLE;
+		p->total = bpf_ntohs(ip->tot_len);
 		hlen = sizeof(*ip);
 		proto = ip->protocol;
-		th = (__u8 *)(ip + 1);
-		key.family = 4;
-		__builtin_memcpy(key.src, &ip->saddr, 4);
-		__builtin_memcpy(key.dst, &ip->daddr, 4);
-		tos = ip->tos;
-		ttl = ip->ttl;
-		frag_off = ip->frag_off;
-	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = data + ETH_HLEN;
+		p->key.family = 4;
+		__builtin_memcpy(p->key.src, &ip->saddr, 4);
+		__builtin_memcpy(p->key.dst, &ip->daddr, 4);
+		p->tos = ip->tos;
+		p->ttl = ip->ttl;
+		p->frag_off = ip->frag_off;
+	} else if (proto_eth == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (struct ipv6hdr *)h;
 
-		if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
-			return count(R_NOT_SIMPLE, TC_ACT_OK);
-		total = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, h, sizeof(*ip6)) || ip6->version != 6)
+			return R_NOT_SIMPLE;
+		p->total = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
 		hlen = sizeof(*ip6);
 		proto = ip6->nexthdr; /* extension headers and ICMPv6 are declined below */
-		th = (__u8 *)(ip6 + 1);
-		key.family = 6;
-		__builtin_memcpy(key.src, &ip6->saddr, 16);
-		__builtin_memcpy(key.dst, &ip6->daddr, 16);
-		tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
-		ttl = ip6->hop_limit;
+		p->key.family = 6;
+		__builtin_memcpy(p->key.src, &ip6->saddr, 16);
+		__builtin_memcpy(p->key.dst, &ip6->daddr, 16);
+		p->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
+		p->ttl = ip6->hop_limit;
 	} else {
-		return count(R_NOT_IP, TC_ACT_OK);
+		return R_NOT_IP;
 	}
 	/* TCP up to its flags, UDP up to its length, both inside the IP packet and the frame */
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-		return count(R_NOT_SIMPLE, TC_ACT_OK);
-	if (total < hlen + (proto == IPPROTO_TCP ? 14 : 8) || ETH_HLEN + total > skb->len)
-		return count(R_NOT_SIMPLE, TC_ACT_OK);
-	if ((void *)(th + 8) > data_end)
-		return count(R_NOT_SIMPLE, TC_ACT_OK); /* headers not in the linear part */
-	if (proto == IPPROTO_TCP) {
-		if ((void *)(th + 14) > data_end)
-			return count(R_NOT_SIMPLE, TC_ACT_OK);
-		flags = th[13];
-	}
-	key.proto = proto;
-	__builtin_memcpy(&key.sport, th, 4);
-	__u8 family = key.family;
+		return R_NOT_SIMPLE;
+	if (p->total < hlen + (proto == IPPROTO_TCP ? 14 : 8) || ETH_HLEN + p->total > skb->len)
+		return R_NOT_SIMPLE;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + hlen, h, proto == IPPROTO_TCP ? 14 : 8))
+		return R_NOT_SIMPLE;
+	p->flags = proto == IPPROTO_TCP ? h[13] : 0;
+	p->key.proto = proto;
+	__builtin_memcpy(&p->key.sport, h, 4);
+	p->family = p->key.family;
 
-	struct flow *f = bpf_map_lookup_elem(&conns, &key);
+	struct flow *f = bpf_map_lookup_elem(&conns, &p->key);
 	if (!f)
-		return count(R_NO_FLOW, TC_ACT_OK);
-	__u64 now = bpf_ktime_get_ns();
+		return R_NO_FLOW;
 	if (f->expires <= now)
-		return count(R_EXPIRED, TC_ACT_OK);
+		return R_EXPIRED;
 	__u32 zero = 0;
-	__u32 state = f->state;
+	__u32 state = f->state & (STATES - 1);
 	struct next_state *ns = bpf_map_lookup_elem(&next_state, &zero);
-	struct timeouts *to = bpf_map_lookup_elem(&timeouts, &zero);
-	if (!ns || !to)
-		return count(R_ERROR, TC_ACT_OK);
-	state &= STATES - 1;
-	if (ns->next[state * 256 + flags] != state)
-		return count(R_STATE, TC_ACT_OK);
-	__u32 ri = f->route;
-	struct route *r = bpf_map_lookup_elem(&routes, &ri);
+	if (!ns)
+		return R_ERROR;
+	if (ns->next[state * 256 + p->flags] != state)
+		return R_STATE;
+	*ri = f->route;
+	struct route *r = bpf_map_lookup_elem(&routes, ri);
 	if (!r || !(r->flags & ROUTE_LIVE) || r->mode == MODE_NONE)
-		return count(R_ROUTE_DOWN, TC_ACT_OK);
-	if (r->mode == MODE_TUN && family != r->family)
-		return count(R_FAMILY, TC_ACT_OK);
-	if (r->mode == MODE_TUN && !skb->gso_size && total > r->max_inner)
-		return count(R_TOO_BIG, TC_ACT_OK);
+		return R_ROUTE_DOWN;
+	if (r->mode == MODE_TUN && p->family != r->family)
+		return R_FAMILY;
+	if (r->mode == MODE_TUN && !skb->gso_size && p->total > r->max_inner)
+		return R_TOO_BIG;
+	*fp = f;
+	*rp = r;
+	return r->mode == MODE_DR ? R_DR : R_TUN;
+}
 
+SEC("tc")
+int glb_ingress(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct flow *f = 0;
+	struct route *r = 0;
+	__u32 ri = 0, zero = 0;
+	__u64 now = bpf_ktime_get_ns();
+	__u32 why = decide(skb, &p, now, &f, &r, &ri);
+
+	if (why != R_DR && why != R_TUN)
+		return count(why, TC_ACT_OK);
+	if (!f || !r)
+		return count(R_ERROR, TC_ACT_OK);
+	struct timeouts *to = bpf_map_lookup_elem(&timeouts, &zero);
+	if (!to)
+		return count(R_ERROR, TC_ACT_OK);
 	/* Decided: refresh the expiry as ConnTable.refresh does. */
-	f->expires = now + to->ns[state];
-	int verdict = r->mode == MODE_DR ? forward_dr(skb, r) : forward_tun(skb, r, total, family, tos, ttl, frag_off);
+	f->expires = now + to->ns[f->state & (STATES - 1)];
+	int verdict = why == R_DR ? forward_dr(skb, r)
+				  : forward_tun(skb, r, p.total, p.family, p.tos, p.ttl, p.frag_off);
 	if (verdict == TC_ACT_REDIRECT) {
 		struct counter *c = bpf_map_lookup_elem(&route_counters, &ri);
 
 		if (c) {
 			c->packets += 1;
-			c->bytes += total;
+			c->bytes += p.total;
 		}
 	}
 	return verdict;
+}
+
+/*
+ * The userspace engine's socket filter while the kernel forwards: AF_PACKET
+ * sockets see every frame *before* tc ingress, so the engine must refuse
+ * exactly the frames glb_ingress is about to forward (the same decide(),
+ * nanoseconds earlier), and otherwise take what its classic filter
+ * (director/dataplane/bpf.py) takes: frames to this host's MAC (or
+ * broadcast/multicast) that are IP to a VIP, ARP about a VIP, or ICMPv6 to
+ * a solicited-node group (neighbour solicitations; the engine checks them).
+ */
+#define PACKET_OTHERHOST 3
+#define PACKET_OUTGOING 4
+
+static __always_inline int is_vip(__u8 family, void *addr)
+{
+	struct vip_key k = {.family = family};
+
+	__builtin_memcpy(k.addr, addr, family == 4 ? 4 : 16);
+	return bpf_map_lookup_elem(&vips, &k) != 0;
+}
+
+SEC("socket")
+int glb_engine_filter(struct __sk_buff *skb)
+{
+	__u16 proto_eth;
+	__u8 a[16];
+
+	if (skb->pkt_type == PACKET_OTHERHOST || skb->pkt_type == PACKET_OUTGOING)
+		return 0;
+	if (bpf_skb_load_bytes(skb, 12, &proto_eth, 2))
+		return 0;
+	if (proto_eth == bpf_htons(ETH_P_ARP)) {
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 24, a, 4))
+			return 0;
+		return is_vip(4, a) ? skb->len : 0;
+	}
+	if (proto_eth == bpf_htons(ETH_P_IP)) {
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 16, a, 4) || !is_vip(4, a))
+			return 0;
+	} else if (proto_eth == bpf_htons(ETH_P_IPV6)) {
+		__u8 nh;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 24, a, 16) || bpf_skb_load_bytes(skb, ETH_HLEN + 6, &nh, 1))
+			return 0;
+		if (nh == IPPROTO_ICMPV6 && a[0] == 0xff && a[1] == 0x02 && a[11] == 1 && a[12] == 0xff)
+			return skb->len; /* ff02::1:ffXX:XXXX */
+		if (!is_vip(6, a))
+			return 0;
+	} else {
+		return 0;
+	}
+	struct pkt p = {};
+	struct flow *f = 0;
+	struct route *r = 0;
+	__u32 ri = 0;
+	__u32 why = decide(skb, &p, bpf_ktime_get_ns(), &f, &r, &ri);
+
+	return why == R_DR || why == R_TUN ? 0 : skb->len;
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -5,7 +5,9 @@ the same flows installed in the kernel's maps as the forwarder has them
 (KernelTables.mirror), through the BPF program with BPF_PROG_TEST_RUN. Both
 must decide the same: forwarded with the same output frame (and the golden
 table's expected frame, test_codec.py), or left to the userspace engine
-with the frame untouched. DR and TUN, IPv4 and IPv6.
+with the frame untouched. DR and TUN, IPv4 and IPv6. The engine's socket
+filter (glb_engine_filter, which sees each frame just before tc) must take
+exactly the frames the program leaves.
 
 Needs root and BPF: skipped otherwise, failed under CI=true.
 """
@@ -113,6 +115,7 @@ class Case:
             self.f.apply(_plan(forwarding, **plan_kw))
         self.tables = KernelTables(bpf, self.f.table.timeouts)
         self.tables.mirror(self.f)
+        self.tables.set_vips(self.f.vips)
 
     def run(self, data: bytes):
         """(Python's action, kernel's return code, kernel's output frame, reasons counted by this packet)."""
@@ -121,9 +124,25 @@ class Case:
         self.tables.set_ident(IDENT - 1)
         buf = VNET_NONE + data
         action = self.f.fast(buf, len(VNET_NONE), len(data), time.monotonic())
+        engine_takes = engine_filter(self.bpf, data)
         rc, out = self.bpf.test_run(data)
         after = self.tables.reasons()
+        assert engine_takes == (rc == km.TC_ACT_OK), "the engine must take exactly what the kernel leaves"
         return action, rc, out, {k: after[k] - before[k] for k in after if after[k] != before[k]}
+
+
+def engine_filter(bpf, data: bytes) -> bool:
+    """Whether the engine's socket filter takes ``data``.
+
+    A test run of a socket filter pulls an Ethernet header off first (the
+    filter then sees the network header at offset 0), while an AF_PACKET
+    socket's filter sees the frame from its MAC header: so the frame goes in
+    behind one more header, addressed to the test device (lo, MAC zero) so
+    it counts as for this host.
+    """
+    rc, _ = bpf.test_run(bytes(12) + b"\x08\x00" + data, prog_fd=bpf.filter_fd)
+    assert rc in (0, len(data))
+    return rc != 0
 
 
 def same_decision(action, rc: int, out: bytes, data: bytes) -> str:
@@ -244,3 +263,17 @@ def test_tunnelled_ids_count_on(bpf):
         ids.append(IP(out[14:]).id)
     case.run(frame(_tcp4()))
     assert ids[1] == (ids[0] + 1) & 0xFFFF and ids[2] == (ids[1] + 1) & 0xFFFF
+
+
+def test_the_engine_filter_takes_arp_and_ndp_for_vips_and_nothing_else(bpf):
+    from scapy.layers.inet6 import ICMPv6ND_NS
+    from scapy.layers.l2 import ARP
+
+    Case(bpf, "dr", None)
+    assert engine_filter(bpf, frame(ARP(op=1, psrc="192.0.2.1", pdst=VIP4)))
+    assert not engine_filter(bpf, frame(ARP(op=1, psrc="192.0.2.1", pdst="192.0.2.99")))
+    ns = IPv6(src="2001:db8:10::1", dst="ff02::1:ff00:10", hlim=255) / ICMPv6ND_NS(tgt=VIP6)
+    assert engine_filter(bpf, frame(ns))
+    assert not engine_filter(bpf, frame(IP(src=CLIENT4, dst="192.0.2.99") / UDP(sport=1, dport=53)))
+    assert not engine_filter(bpf, frame(IPv6(src=CLIENT6, dst="2001:db8:10::99") / UDP(sport=1, dport=53)))
+    assert engine_filter(bpf, frame(IP(src=CLIENT4, dst=VIP4) / UDP(sport=1, dport=53)))  # a new flow
