@@ -186,6 +186,8 @@ def packet_path_document(src: StatusSource) -> dict[str, Any] | None:
         "tx_errors": {str(k): v for k, v in st.tx_errors.items()},
         "cpu_seconds": st.cpu,
         "loop": getattr(src, "packet_loop", lambda: None)(),
+        "dataplane": st.dataplane,
+        "kernel": dict(st.kernel),
         "workers": [{"pid": pid, "rx_frames": w.rx_frames, "forwarded": w.forwarder.forwarded,
                      "cpu_seconds": w.cpu} for pid, w in getattr(src, "packet_workers", list)()],
         **_plan_document(src),
@@ -348,7 +350,12 @@ def _packet_path_metrics(pp: dict[str, Any] | None) -> Iterator[Any]:
         tx_err.add_metric([err], n)
     cpu = CounterMetricFamily("glb_director_packet_cpu_seconds", "CPU time of the packet engine workers.")
     cpu.add_metric([], pp["cpu_seconds"])
-    yield from (drops, tracked, evicted, rx, ring, tx, tx_err, cpu)
+    kernel = CounterMetricFamily("glb_director_kernel_packets",
+                                 "Packets the kernel data plane saw: forwarded_dr/_tun, or why it left them to the "
+                                 "userspace engine.", labels=["reason"])
+    for reason, n in pp.get("kernel", {}).items():
+        kernel.add_metric([reason], n)
+    yield from (drops, tracked, evicted, rx, ring, tx, tx_err, cpu, kernel)
 
 
 # --------------------------------------------------------------------------

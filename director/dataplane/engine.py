@@ -59,6 +59,7 @@ from director.dataplane.conntable import NEXT_BYTES, ConnTable
 from director.dataplane.forwarder import Forwarder, ForwarderStats, Plan
 from director.dataplane.announce import Announcer
 from director.modes import MODES
+from glb.errors import KernelDataplaneError
 
 try:  # the established-flow loop in C; the same logic runs in Python without it
     from director.dataplane import _fastpath
@@ -81,6 +82,7 @@ PACKET_IGNORE_OUTGOING = 23
 TPACKET_V2 = 1
 PACKET_FANOUT_HASH = 0
 SO_ATTACH_FILTER = 26
+SO_ATTACH_BPF = 50
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 ETH_P_ALL = 0x0003
@@ -252,12 +254,15 @@ class EngineConfig:
     busy_poll: bool = False
     """Spin on the ring instead of sleeping in poll(2) when it is empty: a
     whole core per worker, always, for the lowest latency (no wake-up)."""
+    dataplane: str = "userspace"
+    """glb.config.PacketPathConfig.dataplane: auto, kernel or userspace."""
 
 
 class PacketSocket:
     """The AF_PACKET socket: V2 RX ring, vnet headers, BPF filter, optional fanout."""
 
-    def __init__(self, cfg: EngineConfig, vips) -> None:
+    def __init__(self, cfg: EngineConfig, vips, filter_fd: int | None = None) -> None:
+        """``filter_fd``: an eBPF socket filter to attach instead of the classic one (the kernel data plane's)."""
         # Protocol 0: receives nothing until bind, so nothing slips in before the filter.
         self.sock = s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         try:
@@ -271,7 +276,10 @@ class PacketSocket:
                 pass
             for opt in (SO_SNDBUFFORCE, SO_RCVBUFFORCE):
                 s.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
-            self.set_filter(vips)
+            if filter_fd is None:
+                self.set_filter(vips)
+            else:
+                s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, filter_fd)
             self.frames = frames = max(16, (cfg.frames + 15) // 16 * 16)
             s.setsockopt(SOL_PACKET, PACKET_RX_RING,
                          _TPACKET_REQ.pack(BLOCK_SIZE, frames // 16, FRAME_SIZE, frames))
@@ -319,14 +327,22 @@ class EngineStats:
     """errno -> frames sendmmsg refused."""
     cpu: float = 0.0
     """CPU seconds this worker used (user + system)."""
+    dataplane: str = "userspace"
+    """Who forwards established flows: ``kernel`` (the tc program) or ``userspace``."""
+    kernel: dict[str, int] = field(default_factory=dict)
+    """The kernel data plane's packets per reason (kernelmaps.REASONS); empty in userspace."""
 
     def merge(self, other: EngineStats) -> EngineStats:
         errors = dict(self.tx_errors)
         for k, v in other.tx_errors.items():
             errors[k] = errors.get(k, 0) + v
+        kernel = dict(self.kernel)
+        for k, v in other.kernel.items():
+            kernel[k] = kernel.get(k, 0) + v
         return EngineStats(self.forwarder.merge(other.forwarder), self.rx_frames + other.rx_frames,
                            self.ring_drops + other.ring_drops, self.truncated + other.truncated,
-                           self.tx_frames + other.tx_frames, errors, self.cpu + other.cpu)
+                           self.tx_frames + other.tx_frames, errors, self.cpu + other.cpu,
+                           "kernel" if "kernel" in (self.dataplane, other.dataplane) else "userspace", kernel)
 
 
 def _declined(buf, start: int, length: int, now: float) -> None:
@@ -344,7 +360,19 @@ class Worker:
         self.index = index
         table = ConnTable.from_config(cfg.conntable) if cfg.conntable is not None else ConnTable()
         self.fwd = Forwarder(table)
-        self.ps = ps if ps is not None else PacketSocket(cfg, plan.vips)
+        self.kernel = None
+        """The kernel data plane (director/dataplane/kernel.py) while it forwards established flows."""
+        self.dataplane_note = ""
+        """Why ``dataplane: auto`` runs in userspace ("" when it does not)."""
+        if ps is None and cfg.dataplane != "userspace":
+            self._open_kernel(cfg, table)
+        try:
+            self.ps = ps if ps is not None else PacketSocket(
+                cfg, plan.vips, self.kernel.bpf.filter_fd if self.kernel is not None else None)
+        except BaseException:
+            if self.kernel is not None:
+                self.kernel.close()
+            raise
         self.ring = self.ps.ring
         self.view = memoryview(self.ring)
         self.words = self.view.cast("I")  # tpacket2_hdr fields, read without unpacking
@@ -362,14 +390,37 @@ class Worker:
         self.running = True
         self.apply(plan, time.monotonic())
 
+    def _open_kernel(self, cfg: EngineConfig, table: ConnTable) -> None:
+        """Load and attach the kernel data plane (``dataplane: kernel`` raises what ``auto`` only notes).
+
+        Here in the worker, not in the director's process: the forwarder that
+        installs flows lives here, and BPF map fds do not cross the spawn
+        boundary (pinning them needs a bpffs, which ``ip netns exec`` hides).
+        """
+        from director.dataplane.kernel import KernelDataplane, KernelSync
+
+        try:
+            if cfg.workers > 1:
+                raise KernelDataplaneError("the kernel data plane needs packet.workers: 1")
+            kd = KernelDataplane(cfg.interface, table.max_entries, table.timeouts)
+        except KernelDataplaneError as e:
+            if cfg.dataplane == "kernel":
+                raise
+            self.dataplane_note = str(e)
+            return
+        self.kernel = kd
+        self.fwd.kernel = table.outside = KernelSync(kd.tables, socket.if_nametoindex(cfg.interface))
+
     def apply(self, plan: Plan, now: float) -> None:
         if plan.mac == b"\x00" * 6 or not plan.mac:
             plan = Plan(self.ps.mac, plan.services, plan.source4, plan.source6)
         wanted = (plan.vips, frozenset(m for s in plan.services for m in MODES[s.forwarding].filter_matches(s)))
-        if wanted != self._filter:
+        if wanted != self._filter and self.kernel is None:  # the kernel's filter reads its vips map
             self.ps.set_filter(*wanted)
             self._filter = wanted
         self.fwd.apply(plan)
+        if self.kernel is not None:
+            self.fwd.kernel.plan_applied(plan.vips)
         modes = {MODES[s.forwarding] for s in plan.services}
         self.need_vnet = any(m.needs_vnet for m in modes)
         self.mac_rewrites = any(m.mac_rewrite for m in modes)
@@ -428,10 +479,13 @@ class Worker:
         handled = truncated = 0
         # The C loop takes runs of established DR flows (Forwarder.fast's DR case, in C);
         # whatever it leaves, Python's fast() or forward() decides.
-        crun = _fastpath.run if _fastpath is not None and self.mac_rewrites else None
+        # With the kernel data plane, frames here are those the kernel left: forward() decides
+        # them all, so that it can install each flow back into the kernel.
+        kernel = self.kernel is not None
+        crun = _fastpath.run if _fastpath is not None and self.mac_rewrites and not kernel else None
         confirmed, timeouts = self.fwd.table.confirmed_flows, self.fwd.table.timeouts
         # Python's fast() would only repeat the C loop's refusal unless a TUN service needs it.
-        fast = self.fwd.fast if crun is None or self.need_vnet else _declined
+        fast = self.fwd.fast if (crun is None or self.need_vnet) and not kernel else _declined
         while handled < RX_BUDGET:
             if crun is not None:
                 n = crun(ring, iov, iov0, idx, min(RX_BUDGET - handled, nfr - idx), fsz, now, confirmed,
@@ -521,6 +575,10 @@ class Worker:
         s = self.stats
         _, drops = self.ps.statistics()
         s.ring_drops += drops
+        if self.kernel is not None:
+            self.fwd.kernel.fold_counters()
+            s.kernel = self.kernel.tables.reasons()
+            s.dataplane = "kernel"
         s.forwarder = self.fwd.stats()
         s.tx_frames = self.sender.sent + self.slots.sent + self._sent_now
         s.tx_errors = dict(self.sender.errors)
@@ -541,6 +599,8 @@ class Worker:
         self.halves.release()
         self.view.release()
         self.ps.close()
+        if self.kernel is not None:
+            self.kernel.close()
 
 
 def worker_main(cfg: EngineConfig, plan: Plan, conn, index: int) -> None:
@@ -554,7 +614,10 @@ def worker_main(cfg: EngineConfig, plan: Plan, conn, index: int) -> None:
     except OSError as e:
         conn.send(("error", f"cannot open {cfg.interface}: {e.strerror or e}"))
         return
-    conn.send(("ready", w.ps.mac))
+    except KernelDataplaneError as e:
+        conn.send(("error", str(e)))
+        return
+    conn.send(("ready", w.ps.mac, "kernel" if w.kernel is not None else "userspace", w.dataplane_note))
     try:
         w.run()
     finally:
@@ -585,6 +648,10 @@ class Engine:
         self._lock = threading.Lock()
         self._readers: list[threading.Thread] = []
         self.mac: bytes | None = None
+        self.dataplane = "userspace"
+        """Who forwards established flows, as the workers reported when they started."""
+        self.dataplane_note = ""
+        """Why ``dataplane: auto`` fell back to userspace ("" if it did not)."""
         self.failed: str | None = None
         # Plans are numbered so the control plane can tell when every worker
         # forwards by the latest one (0 = the plan given to start()).
@@ -618,6 +685,7 @@ class Engine:
                 self.stop()
                 raise EngineError(msg[1])
             self.mac = msg[1]
+            self.dataplane, self.dataplane_note = msg[2], msg[3]
         for i, conn in enumerate(self._conns):
             t = threading.Thread(target=self._read, args=(i, conn), name=f"glb-engine-stats-{i}", daemon=True)
             t.start()

@@ -144,6 +144,66 @@ class KernelTables:
         return out
 
 
+class KernelSync:
+    """Keeps the kernel's tables in step with one Forwarder (the engine worker's), incrementally.
+
+    The forwarder calls :meth:`flow` for every flow packet it decided (its
+    ``kernel`` hook): a confirmed flow is (re)installed with its route, state
+    and expiry, so the kernel takes its next packets, and every scheduler
+    keeps its semantics because only Python schedules. The connection table
+    calls :meth:`expiry` before it expires an entry (the kernel refreshed
+    flows Python never saw a packet of) and :meth:`forget` when it drops one
+    (its ``outside`` hook). :meth:`plan_applied` rewrites the routes whose
+    server or VIP changed; :meth:`fold_counters` adds what the kernel
+    forwarded to the forwarder's Route counters, so every figure an
+    operator reads keeps its meaning.
+    """
+
+    def __init__(self, tables: KernelTables, ifindex: int = 0) -> None:
+        self.tables = tables
+        self.ifindex = ifindex
+        self._routes: dict[int, tuple[Any, Any]] = {}
+        """route index -> (forwarder Route, the Dest its flows go to)."""
+        self._written: dict[int, bytes] = {}
+        self._counted: dict[int, tuple[int, int]] = {}
+
+    def _write_route(self, index: int) -> None:
+        route, dest = self._routes[index]
+        value = km.route_value(dest.tx, dest.available and route.live, self.ifindex)
+        if self._written.get(index) != value:
+            self.tables.maps.update("routes", km.U32.pack(index), value)
+            self._written[index] = value
+
+    def flow(self, c) -> None:
+        if not c.confirmed or c.tag is None:
+            return
+        index = self.tables.route_index(c.tag)
+        if self._routes.get(index) != (c.tag, c.dest):
+            self._routes[index] = (c.tag, c.dest)
+        self._write_route(index)
+        self.tables.install(c.key, index, c.state, c.expires)
+
+    def expiry(self, c) -> float:
+        got = self.tables.flow(c.key)
+        return got[2] if got is not None else 0.0
+
+    def forget(self, c) -> None:
+        self.tables.remove(c.key)
+
+    def plan_applied(self, vips: Iterable[bytes]) -> None:
+        self.tables.set_vips(vips)
+        for index in self._routes:
+            self._write_route(index)
+
+    def fold_counters(self) -> None:
+        for index, (route, _) in self._routes.items():
+            packets, nbytes = self.tables.route_counters(index)
+            p0, b0 = self._counted.get(index, (0, 0))
+            route.packets += packets - p0
+            route.bytes += nbytes - b0
+            self._counted[index] = (packets, nbytes)
+
+
 class KernelDataplane:
     """The program loaded (libbpf), its tables, and its attachment at an interface's tc ingress.
 

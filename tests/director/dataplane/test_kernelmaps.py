@@ -119,3 +119,71 @@ def test_kernel_tables_over_the_fake():
         t.set_route(km.MAX_ROUTES, TUN4, True)
     with pytest.raises(ValueError):
         maps.update("conns", b"x", b"y")  # the fake refuses what the kernel would
+
+
+# --------------------------------------------------------------------------
+# KernelSync: the forwarder's flows mirrored into the (fake) kernel tables
+
+
+def _sync_lab():
+    from director.dataplane.forwarder import Forwarder
+    from director.dataplane.kernel import KernelSync
+    from tests.director.dataplane.test_forwarder import RS, plan, server, syn
+
+    f = Forwarder()
+    f.apply(plan(server(RS[0]), server(RS[1])))
+    maps = FakeMaps(cpus=2)
+    tables = KernelTables(maps, f.table.timeouts)
+    sync = KernelSync(tables, ifindex=7)
+    f.kernel = f.table.outside = sync
+    return f, maps, tables, sync, syn, plan, server, RS
+
+
+def test_a_flow_is_installed_once_confirmed_with_its_route():
+    f, maps, tables, sync, syn, plan, server, RS = _sync_lab()
+    f.forward(memoryview(syn(40000)), 0.0)
+    assert tables.flows() == []  # a SYN alone proves nothing (a flood stays in userspace)
+    action = f.forward(memoryview(syn(40000, flags="A")), 1.0)
+    (key,) = tables.flows()
+    route, state, expires = tables.flow(key)
+    assert state == ESTABLISHED and expires == pytest.approx(1.0 + f.table.timeouts[ESTABLISHED])
+    r = km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(route)))
+    assert r[0] + r[1] == action and r[2:6] == (km.MODE_DR, 0, km.ROUTE_LIVE, 7)
+    f.forward(memoryview(syn(40000, flags="FA")), 2.0)  # a state change the kernel left to Python
+    assert tables.flow(key)[1] != ESTABLISHED
+
+
+def test_a_plan_that_takes_the_server_away_turns_its_route_off():
+    f, maps, tables, sync, syn, plan, server, RS = _sync_lab()
+    f.forward(memoryview(syn(40000)), 0.0)
+    owner = f.forward(memoryview(syn(40000, flags="A")), 0.0)
+    (key,) = tables.flows()
+    route = tables.flow(key)[0]
+    down = [server(a, available=a != RS[owner[5] - 1], weight=int(a != RS[owner[5] - 1])) for a in RS[:2]]
+    f.apply(plan(*down))
+    sync.plan_applied(f.vips)
+    assert km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(route)))[4] == 0  # not live: the kernel passes
+    assert {k[4:] for k in maps.keys("vips")} == {ipaddressed("192.0.2.10")}
+
+
+def ipaddressed(a: str) -> bytes:
+    return P(a).ljust(16, b"\0")
+
+
+def test_kernel_counters_fold_into_the_forwarders_and_expiry_follows_the_kernel():
+    f, maps, tables, sync, syn, plan, server, RS = _sync_lab()
+    f.forward(memoryview(syn(40000)), 0.0)
+    f.forward(memoryview(syn(40000, flags="A")), 0.0)
+    (key,) = tables.flows()
+    route = tables.flow(key)[0]
+    before = f.stats().forwarded
+    maps.update("route_counters", km.U32.pack(route), km.COUNTER.pack(10, 400) + km.COUNTER.pack(5, 200))
+    sync.fold_counters()
+    sync.fold_counters()  # deltas: folding twice counts once
+    assert f.stats().forwarded == before + 15
+    # The kernel kept the flow alive past Python's expiry: the sweep adopts the kernel's.
+    es = f.table.timeouts[ESTABLISHED]
+    tables.install(key, route, ESTABLISHED, es + 500.0)
+    assert f.sweep(es + 10.0) == 0 and len(f.table) == 1
+    assert f.sweep(es + 600.0) == 1 and len(f.table) == 0
+    assert tables.flows() == []  # forgotten in the kernel too
