@@ -38,7 +38,9 @@ class TcIngress:
             except NetlinkError as e:
                 if e.code != errno.EEXIST:
                     raise
-            ipr.tc("add-filter", "bpf", self.ifindex, ":1", fd=prog_fd, name=name, parent=INGRESS,
+            # replace, not add: a director killed without detaching left its filter here, still
+            # forwarding by maps nobody updates; this one takes its place.
+            ipr.tc("replace-filter", "bpf", self.ifindex, ":1", fd=prog_fd, name=name, parent=INGRESS,
                    classid=1, direct_action=True, prio=PRIO)
         except NetlinkError as e:
             self.detach()

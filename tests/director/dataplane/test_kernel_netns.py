@@ -6,7 +6,8 @@ with libbpf, attached with pyroute2, one flow installed as the forwarder
 would. The client's datagrams of that flow reach the real server rewritten
 (DR: the director's source MAC) or tunnelled (TUN: IP-in-IP from the
 director); another flow's are left to the (absent) userspace engine; the
-kernel's counters say so; detaching leaves the interface as it was.
+kernel's counters say so; a program left attached by a killed process is
+replaced, and detaching removes it.
 Needs root, namespaces and BPF (fails under CI=true when missing).
 """
 
@@ -73,10 +74,17 @@ def test_installed_flows_are_forwarded_by_the_kernel(mode):
             f"  {match} counter drop\n }}\n}}\n"))
         plan = {"interface": "eth0", "mode": mode, "servers": [[RS, rmac]], "source": DIRECTOR,
                 "flows": [[17, CLIENT, 5000, VIP, 9]]}
+        # A director killed outright leaves its program attached: the next one replaces it.
+        killed = director.popen([sys.executable, HELPER, json.dumps({**plan, "flows": []})], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert killed.stdout.readline().startswith("ready")
+        killed.kill()
+        killed.wait(10)
         helper = director.popen([sys.executable, HELPER, json.dumps(plan)], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True, cwd=ROOT)
         assert helper.stdout.readline().startswith("ready")
-        assert "clsact" in director.run(["tc", "qdisc", "show", "dev", "eth0"]).stdout
+        filters = director.run(["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
+        assert filters.count("direct-action") == 1, filters  # one filter: the new program replaced the old
 
         send(client, 5000)  # the installed flow
         lab.wait_for(lambda: nft_count(rs) == SENDS, what="the installed flow at the real server")
@@ -92,4 +100,4 @@ def test_installed_flows_are_forwarded_by_the_kernel(mode):
 
         helper.stdin.close()
         assert helper.wait(10) == 0
-        assert "clsact" not in director.run(["tc", "qdisc", "show", "dev", "eth0"]).stdout
+        assert "glb_ingress" not in director.run(["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
