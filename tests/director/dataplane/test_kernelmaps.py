@@ -166,6 +166,19 @@ def test_a_plan_that_takes_the_server_away_turns_its_route_off():
     assert {k[4:] for k in maps.keys("vips")} == {ipaddressed("192.0.2.10")}
 
 
+def test_a_standby_plan_without_vips_turns_every_route_off():
+    from director.dataplane.packetpath import without_vips
+
+    f, maps, tables, sync, syn, plan, server, RS = _sync_lab()
+    f.forward(memoryview(syn(40000)), 0.0)
+    f.forward(memoryview(syn(40000, flags="A")), 0.0)
+    (key,) = tables.flows()
+    f.apply(without_vips(plan(server(RS[0]), server(RS[1]))))
+    sync.plan_applied(f.vips)
+    assert km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(tables.flow(key)[0])))[4] == 0
+    assert maps.keys("vips") == []
+
+
 def ipaddressed(a: str) -> bytes:
     return P(a).ljust(16, b"\0")
 
