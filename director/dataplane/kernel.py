@@ -30,15 +30,13 @@ class BpfMaps(Protocol):
 class FakeMaps:
     """In-memory maps with the kernel's per-CPU value shape (one slot per CPU on lookup)."""
 
-    PERCPU = frozenset({"route_counters", "reasons", "ident"})
-
     def __init__(self, cpus: int = 2) -> None:
         self.cpus = cpus
         self.maps: dict[str, dict[bytes, bytes]] = {name: {} for name in km.MAPS}
 
     def update(self, name: str, key: bytes, value: bytes) -> None:
         ks, vs = km.MAPS[name]
-        want = ((vs + 7) & ~7) * self.cpus if name in self.PERCPU else vs
+        want = ((vs + 7) & ~7) * self.cpus if name in km.PERCPU_MAPS else vs
         if len(key) != ks or len(value) != want:
             raise ValueError(f"{name}: key {len(key)} / value {len(value)} bytes, want {ks} / {want}")
         self.maps[name][key] = value
@@ -80,21 +78,6 @@ class KernelTables:
                 raise ValueError(f"more than {km.MAX_ROUTES} routes")
             self._routes[k] = i
         return i
-
-    def mirror(self, fwd, ifindex: int = 0) -> int:
-        """Write every confirmed flow of a Forwarder, and the routes they take (a full resync).
-
-        An entry says what ``ConnTable.refresh`` needs: the route (its
-        transmit object, and whether the server is available and the VIP
-        live), the state and the expiry. Returns the number of flows written.
-        """
-        n = 0
-        for c in fwd.table.confirmed_flows.values():
-            i = self.route_index(c.tag)
-            self.set_route(i, c.dest.tx, c.dest.available and c.tag.live, ifindex)
-            self.install(c.key, i, c.state, c.expires)
-            n += 1
-        return n
 
     def set_vips(self, addrs: Iterable[bytes]) -> None:
         """The VIPs (packed addresses) the engine's socket filter lets through: add new, delete gone."""

@@ -78,6 +78,8 @@ MAPS = {
 }
 """Map name -> (key size, value size), as the C structs must have them."""
 
+PERCPU_MAPS = frozenset({"route_counters", "reasons", "ident"})
+"""Per-CPU maps: a lookup returns one 8-byte-aligned value per CPU, an update takes as many."""
 MAX_ROUTES = 65536
 ZERO = U32.pack(0)
 

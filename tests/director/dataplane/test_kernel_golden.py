@@ -2,7 +2,7 @@
 
 Each case runs one frame through the Python forwarder's fast path and, with
 the same flows installed in the kernel's maps as the forwarder has them
-(KernelTables.mirror), through the BPF program with BPF_PROG_TEST_RUN. Both
+(mirror()), through the BPF program with BPF_PROG_TEST_RUN. Both
 must decide the same: forwarded with the same output frame (and the golden
 table's expected frame, test_codec.py), or left to the userspace engine
 with the frame untouched. DR and TUN, IPv4 and IPv6. The engine's socket
@@ -96,6 +96,15 @@ def _opening(l3) -> list[bytes]:
     return [frame(base / UDP(sport=t.sport, dport=t.dport) / Raw(b"o"))] * 2
 
 
+def mirror(tables: KernelTables, fwd: Forwarder) -> None:
+    """Every confirmed flow of ``fwd`` into the kernel's tables, with the routes they take, as KernelSync
+    would have written them flow by flow."""
+    for c in fwd.table.confirmed_flows.values():
+        i = tables.route_index(c.tag)
+        tables.set_route(i, c.dest.tx, c.dest.available and c.tag.live)
+        tables.install(c.key, i, c.state, c.expires)
+
+
 class Case:
     """A forwarder and the kernel's maps holding the same flows."""
 
@@ -114,7 +123,7 @@ class Case:
         if plan_kw:
             self.f.apply(_plan(forwarding, **plan_kw))
         self.tables = KernelTables(bpf, self.f.table.timeouts)
-        self.tables.mirror(self.f)
+        mirror(self.tables, self.f)
         self.tables.set_vips(self.f.vips)
 
     def run(self, data: bytes):
@@ -213,7 +222,7 @@ def test_an_expired_flow_goes_to_userspace(bpf, forwarding):
     case = Case(bpf, forwarding, _tcp4())
     for c in case.f.table.confirmed_flows.values():
         c.expires = time.monotonic() - 1
-    case.tables.mirror(case.f)
+    mirror(case.tables, case.f)
     action, rc, out, reasons = case.run(frame(_tcp4()))
     assert same_decision(action, rc, out, frame(_tcp4())) == "pass"
     assert reasons == {"pass_expired": 1}
