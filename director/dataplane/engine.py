@@ -82,7 +82,6 @@ PACKET_IGNORE_OUTGOING = 23
 TPACKET_V2 = 1
 PACKET_FANOUT_HASH = 0
 SO_ATTACH_FILTER = 26
-SO_ATTACH_BPF = 50
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 ETH_P_ALL = 0x0003
@@ -261,50 +260,62 @@ class EngineConfig:
 class PacketSocket:
     """The AF_PACKET socket: V2 RX ring, vnet headers, BPF filter, optional fanout."""
 
-    def __init__(self, cfg: EngineConfig, vips, filter_fd: int | None = None) -> None:
-        """``filter_fd``: an eBPF socket filter to attach instead of the classic one (the kernel data plane's)."""
+    def __init__(self, cfg: EngineConfig, vips, rx_interface: str | None = None) -> None:
+        """``rx_interface``: read frames there, send them on ``cfg.interface`` (the kernel data
+        plane's slow-path veth: only what the tc program left for the engine comes out of it)."""
         # Protocol 0: receives nothing until bind, so nothing slips in before the filter.
-        self.sock = s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self.rx = s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self.sock = s
+        """Sends (the same socket as ``rx`` unless frames come in elsewhere)."""
         try:
             self.ifindex = socket.if_nametoindex(cfg.interface)
-            s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
-            s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
-            s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+            self._setup(s)
             try:
                 s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             except OSError:  # kernels before 4.20: the BPF filter refuses them anyway
                 pass
-            for opt in (SO_SNDBUFFORCE, SO_RCVBUFFORCE):
-                s.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
-            if filter_fd is None:
-                self.set_filter(vips)
-            else:
-                s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, filter_fd)
+            self.set_filter(vips)
             self.frames = frames = max(16, (cfg.frames + 15) // 16 * 16)
             s.setsockopt(SOL_PACKET, PACKET_RX_RING,
                          _TPACKET_REQ.pack(BLOCK_SIZE, frames // 16, FRAME_SIZE, frames))
             self.ring = mmap.mmap(s.fileno(), FRAME_SIZE * frames, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            s.bind((cfg.interface, ETH_P_ALL))
+            s.bind((rx_interface or cfg.interface, ETH_P_ALL))
             if cfg.fanout_group:
                 s.setsockopt(SOL_PACKET, PACKET_FANOUT, (cfg.fanout_group & 0xFFFF) | PACKET_FANOUT_HASH << 16)
+            if rx_interface is not None:
+                self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: never receives
+                self._setup(self.sock)
+                self.sock.bind((cfg.interface, 0))
         except BaseException:
-            s.close()
+            self.close()
             raise
         self.mac = bytes.fromhex(open(f"/sys/class/net/{cfg.interface}/address").read().strip().replace(":", ""))
+
+    @staticmethod
+    def _setup(s: socket.socket) -> None:
+        s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+        s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+        for opt in (SO_SNDBUFFORCE, SO_RCVBUFFORCE):
+            s.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
 
     def set_filter(self, vips, extra=()) -> None:
         prog = bpf.socket_filter(vips, extra)
         code = ctypes.create_string_buffer(bpf.bpf_bytes(prog))
         fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(code))
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        self.rx.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
     def statistics(self) -> tuple[int, int]:
         """(packets, drops) since the last call (the kernel resets them on read)."""
-        return _TPACKET_STATS.unpack(self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        return _TPACKET_STATS.unpack(self.rx.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
 
     def close(self) -> None:
-        self.ring.close()
-        self.sock.close()
+        ring = getattr(self, "ring", None)
+        if ring is not None:
+            ring.close()
+        if self.sock is not self.rx:
+            self.sock.close()
+        self.rx.close()
 
 
 # --------------------------------------------------------------------------
@@ -368,7 +379,7 @@ class Worker:
             self._open_kernel(cfg, table)
         try:
             self.ps = ps if ps is not None else PacketSocket(
-                cfg, plan.vips, self.kernel.bpf.filter_fd if self.kernel is not None else None)
+                cfg, plan.vips, self.kernel.rx_interface if self.kernel is not None else None)
         except BaseException:
             if self.kernel is not None:
                 self.kernel.close()
@@ -415,7 +426,7 @@ class Worker:
         if plan.mac == b"\x00" * 6 or not plan.mac:
             plan = Plan(self.ps.mac, plan.services, plan.source4, plan.source6)
         wanted = (plan.vips, frozenset(m for s in plan.services for m in MODES[s.forwarding].filter_matches(s)))
-        if wanted != self._filter and self.kernel is None:  # the kernel's filter reads its vips map
+        if wanted != self._filter:
             self.ps.set_filter(*wanted)
             self._filter = wanted
         self.fwd.apply(plan)
@@ -429,7 +440,7 @@ class Worker:
 
     def run(self) -> None:
         poller = select.poll()
-        poller.register(self.ps.sock.fileno(), select.POLLIN | select.POLLERR)
+        poller.register(self.ps.rx.fileno(), select.POLLIN | select.POLLERR)
         poller.register(self.conn.fileno(), select.POLLIN)
         next_tick = next_sweep = next_stats = 0.0
         while self.running:
@@ -479,8 +490,8 @@ class Worker:
         handled = truncated = 0
         # The C loop takes runs of established DR flows (Forwarder.fast's DR case, in C);
         # whatever it leaves, Python's fast() or forward() decides.
-        # With the kernel data plane, frames here are those the kernel left: forward() decides
-        # them all, so that it can install each flow back into the kernel.
+        # With the kernel data plane, frames here are those the kernel left (they come out of
+        # its slow-path veth): forward() decides them all, so that it installs each flow back.
         kernel = self.kernel is not None
         crun = _fastpath.run if _fastpath is not None and self.mac_rewrites and not kernel else None
         confirmed, timeouts = self.fwd.table.confirmed_flows, self.fwd.table.timeouts

@@ -79,8 +79,12 @@ class KernelTables:
             self._routes[k] = i
         return i
 
+    def set_slowpath(self, ifindex: int) -> None:
+        """Where the frames the program leaves for the engine go (0: to the host, as everything else)."""
+        self.maps.update("slowpath", km.ZERO, km.U32.pack(ifindex))
+
     def set_vips(self, addrs: Iterable[bytes]) -> None:
-        """The VIPs (packed addresses) the engine's socket filter lets through: add new, delete gone."""
+        """The VIPs (packed addresses): frames to them that the program leaves are the engine's. Add new, delete gone."""
         want = {km.vip_key(a) for a in addrs}
         have = set(self.maps.keys("vips"))
         for k in want - have:
@@ -188,26 +192,38 @@ class KernelSync:
 
 
 class KernelDataplane:
-    """The program loaded (libbpf), its tables, and its attachment at an interface's tc ingress.
+    """The program loaded (libbpf), its tables, its slow-path veth, its attachment at tc ingress.
 
-    What the packet path holds while the kernel forwards established flows;
-    ``close`` detaches and unloads (the maps go with the program).
+    What the engine worker holds while the kernel forwards established
+    flows. With ``slowpath`` the frames the program leaves for the engine go
+    to a veth pair whose far end (``rx_interface``) the engine reads, so
+    the engine never sees a frame the kernel forwarded. ``close`` detaches,
+    removes the veth and unloads (the maps go with the program).
     """
 
-    def __init__(self, interface: str, max_entries: int, timeouts: Iterable[float]) -> None:
+    def __init__(self, interface: str, max_entries: int, timeouts: Iterable[float], slowpath: bool = True) -> None:
         from director.dataplane.libbpf import LibBpf
-        from director.dataplane.tcattach import TcIngress
+        from director.dataplane.tcattach import SlowPathVeth, TcIngress
 
+        self.tc = self.veth = None
+        self.rx_interface: str | None = None
         self.bpf = LibBpf(max_entries={"conns": max_entries}, sizes=km.MAPS)
         try:
             self.tables = KernelTables(self.bpf, timeouts)
+            if slowpath:
+                self.veth = SlowPathVeth(interface)
+                self.tables.set_slowpath(self.veth.tx_ifindex)
+                self.rx_interface = self.veth.rx_name
             self.tc = TcIngress(interface, self.bpf.prog_fd)
         except BaseException:
-            self.bpf.close()
+            self.close()
             raise
 
     def close(self) -> None:
         try:
-            self.tc.detach()
+            if self.tc is not None:
+                self.tc.detach()
+            if self.veth is not None:
+                self.veth.remove()
         finally:
             self.bpf.close()

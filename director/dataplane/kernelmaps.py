@@ -22,8 +22,10 @@ Maps (names as in the C file):
   timeouts per state and its transition table (``conntable.NEXT_BYTES``), so
   the kernel's idea of "this packet changes nothing" is Python's.
 * ``ident`` (per-CPU array): the last outer IPv4 id of a tunnel.
-* ``vips`` (hash): :func:`vip_key` -> 1, what the engine's socket filter
-  (``glb_engine_filter``) lets through besides ARP/NDP.
+* ``vips`` (hash): :func:`vip_key` -> 1: which frames the program leaves
+  are the engine's (IP to a VIP, ARP about one), besides NDP.
+* ``slowpath`` (one-element array): the ifindex of the veth the engine reads,
+  where those go (0: none; everything left goes to the host).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ REASONS = (
     "pass_too_big",
     "pass_family",
     "error",
+    "pass_other_host",
 )
 """What happened to each packet the program saw, in the C ``enum reason`` order:
 forwarded by the kernel, or passed to the userspace engine and why."""
@@ -75,6 +78,7 @@ MAPS = {
     "next_state": (U32.size, STATES * 256),
     "ident": (U32.size, U32.size),
     "vips": (VIP_KEY.size, 1),
+    "slowpath": (U32.size, U32.size),
 }
 """Map name -> (key size, value size), as the C structs must have them."""
 

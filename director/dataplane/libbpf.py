@@ -21,7 +21,6 @@ from glb.errors import KernelDataplaneError
 
 OBJECT = Path(__file__).with_name("tc") / "glb_tc.bpf.o"
 PROGRAM = "glb_ingress"
-FILTER = "glb_engine_filter"
 
 _c_p = ctypes.c_void_p
 _PERCPU = {5, 6, 10}
@@ -110,14 +109,10 @@ class LibBpf:
                 e = _errno(rc)
                 hint = " (not root, or no CAP_BPF)" if e in (errno.EPERM, errno.EACCES) else ""
                 raise KernelDataplaneError(f"the kernel refused the tc program: {os.strerror(e)}{hint}")
-            fds = []
-            for name in (PROGRAM, FILTER):
-                prog = lib.bpf_object__find_program_by_name(obj, name.encode())
-                if not prog:
-                    raise KernelDataplaneError(f"{path} has no program {name}")
-                fds.append(lib.bpf_program__fd(prog))
-            self.prog_fd, self.filter_fd = fds
-            """The tc program; the engine's socket filter (SO_ATTACH_BPF)."""
+            prog = lib.bpf_object__find_program_by_name(obj, PROGRAM.encode())
+            if not prog:
+                raise KernelDataplaneError(f"{path} has no program {PROGRAM}")
+            self.prog_fd = lib.bpf_program__fd(prog)
             for name, (ks, vs) in (sizes or {}).items():
                 m = self._map_ptr(name)
                 got = (lib.bpf_map__key_size(m), lib.bpf_map__value_size(m))
@@ -183,8 +178,8 @@ class LibBpf:
             out.append(nxt.raw)
             key = ctypes.create_string_buffer(nxt.raw, ks)
 
-    def test_run(self, frame: bytes, ctx: bytes | None = None, prog_fd: int | None = None) -> tuple[int, bytes]:
-        """BPF_PROG_TEST_RUN: run the tc program (or ``prog_fd``) once on ``frame``; (return code, the frame after it)."""
+    def test_run(self, frame: bytes, ctx: bytes | None = None) -> tuple[int, bytes]:
+        """BPF_PROG_TEST_RUN: run the program once on ``frame``; (return code, the frame after it)."""
         out = ctypes.create_string_buffer(len(frame) + 256)
         opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_size_in=len(frame), data_size_out=len(out),
                             repeat=1)
@@ -195,7 +190,7 @@ class LibBpf:
             cbuf = ctypes.create_string_buffer(ctx, len(ctx))
             opts.ctx_in = ctypes.cast(cbuf, _c_p)
             opts.ctx_size_in = len(ctx)
-        rc = self._lib.bpf_prog_test_run_opts(self.prog_fd if prog_fd is None else prog_fd, ctypes.byref(opts))
+        rc = self._lib.bpf_prog_test_run_opts(self.prog_fd, ctypes.byref(opts))
         if rc:
             raise KernelDataplaneError(f"BPF_PROG_TEST_RUN failed: {os.strerror(_errno(rc))}")
         return opts.retval, out.raw[:opts.data_size_out]

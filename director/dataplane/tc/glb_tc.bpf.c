@@ -8,10 +8,11 @@
  * (IPv4 without options, IPv6 without extension headers, not a fragment) of
  * a flow Python installed in `conns`, not expired, whose route is usable and
  * whose TCP flags change nothing in the flow's state (NEXT[state][flags] ==
- * state, the table Python writes into `next_state`). Everything else returns
- * TC_ACT_OK untouched, so the userspace engine decides it: new flows and every
- * scheduler, state changes, ICMP, ARP/NDP, fragments, packets too big for the
- * tunnel. tests/director/dataplane/test_kernel_golden.py holds this file to
+ * state, the table Python writes into `next_state`). Everything else is left
+ * untouched for the userspace engine, through the slow-path veth it reads
+ * (see leave()), or to the host when it is not the engine's: new flows and
+ * every scheduler, state changes, ICMP, ARP/NDP, fragments, packets too big
+ * for the tunnel. tests/director/dataplane/test_kernel_golden.py holds this file to
  * the golden table and to the Python forwarder with BPF_PROG_TEST_RUN.
  *
  * The map layout is director/dataplane/kernelmaps.py's: keep both in step
@@ -25,6 +26,9 @@
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+
+#define PACKET_OTHERHOST 3 /* skb->pkt_type */
+#define PACKET_OUTGOING 4
 
 #define MODE_NONE 0 /* unreachable: userspace decides (and counts no_neighbour) */
 #define MODE_DR 1
@@ -49,6 +53,7 @@ enum reason {
 	R_TOO_BIG,       /* does not fit the tunnel */
 	R_FAMILY,        /* flow and tunnel of different families */
 	R_ERROR,         /* a helper failed: userspace gets the (untouched) packet */
+	R_OTHER_HOST,    /* for another host's MAC (promiscuous mode, a flooding switch): never ours */
 	R_MAX,
 };
 
@@ -144,13 +149,21 @@ struct {
 	__type(value, struct next_state);
 } next_state SEC(".maps");
 
-/* The VIPs (for the engine's socket filter); value unused. */
+/* The VIPs (which frames the engine needs); value unused. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
 	__type(key, struct vip_key);
 	__type(value, __u8);
 } vips SEC(".maps");
+
+/* The slow-path veth's ifindex (0: none, frames the program leaves go to the host). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} slowpath SEC(".maps");
 
 /* The outer IPv4 id, per CPU (the engine keeps one per worker). */
 struct {
@@ -265,8 +278,7 @@ static __always_inline int forward_tun(struct __sk_buff *skb, struct route *r, _
 	return bpf_redirect(r->ifindex ? r->ifindex : skb->ifindex, 0);
 }
 
-/* What the decision reads of a packet (copied out with bpf_skb_load_bytes,
- * which both program types may call; socket filters have no direct access). */
+/* What the decision reads of a packet (copied out with bpf_skb_load_bytes). */
 struct pkt {
 	struct flow_key key;
 	__u32 total;  /* IP length */
@@ -361,49 +373,16 @@ static __always_inline __u32 decide(struct __sk_buff *skb, struct pkt *p, __u64 
 	return r->mode == MODE_DR ? R_DR : R_TUN;
 }
 
-SEC("tc")
-int glb_ingress(struct __sk_buff *skb)
-{
-	struct pkt p = {};
-	struct flow *f = 0;
-	struct route *r = 0;
-	__u32 ri = 0, zero = 0;
-	__u64 now = bpf_ktime_get_ns();
-	__u32 why = decide(skb, &p, now, &f, &r, &ri);
-
-	if (why != R_DR && why != R_TUN)
-		return count(why, TC_ACT_OK);
-	if (!f || !r)
-		return count(R_ERROR, TC_ACT_OK);
-	struct timeouts *to = bpf_map_lookup_elem(&timeouts, &zero);
-	if (!to)
-		return count(R_ERROR, TC_ACT_OK);
-	/* Decided: refresh the expiry as ConnTable.refresh does. */
-	f->expires = now + to->ns[f->state & (STATES - 1)];
-	int verdict = why == R_DR ? forward_dr(skb, r)
-				  : forward_tun(skb, r, p.total, p.family, p.tos, p.ttl, p.frag_off);
-	if (verdict == TC_ACT_REDIRECT) {
-		struct counter *c = bpf_map_lookup_elem(&route_counters, &ri);
-
-		if (c) {
-			c->packets += 1;
-			c->bytes += p.total;
-		}
-	}
-	return verdict;
-}
-
 /*
- * The userspace engine's socket filter while the kernel forwards: AF_PACKET
- * sockets see every frame *before* tc ingress, so the engine must refuse
- * exactly the frames glb_ingress is about to forward (the same decide(),
- * nanoseconds earlier), and otherwise take what its classic filter
- * (director/dataplane/bpf.py) takes: frames to this host's MAC (or
- * broadcast/multicast) that are IP to a VIP, ARP about a VIP, or ICMPv6 to
- * a solicited-node group (neighbour solicitations; the engine checks them).
+ * Frames the userspace engine must see (what its classic filter,
+ * director/dataplane/bpf.py, takes): not another host's or an outgoing one;
+ * IP to a VIP (the `vips` map), ARP about a VIP: the engine's alone;
+ * ICMPv6 to a solicited-node group (neighbour solicitations; the engine
+ * checks the target): the host may need them too.
  */
-#define PACKET_OTHERHOST 3
-#define PACKET_OUTGOING 4
+#define NOT_ENGINE 0
+#define ENGINE_ONLY 1
+#define ENGINE_TOO 2
 
 static __always_inline int is_vip(__u8 family, void *addr)
 {
@@ -413,43 +392,96 @@ static __always_inline int is_vip(__u8 family, void *addr)
 	return bpf_map_lookup_elem(&vips, &k) != 0;
 }
 
-SEC("socket")
-int glb_engine_filter(struct __sk_buff *skb)
+static __always_inline int for_engine(struct __sk_buff *skb)
 {
 	__u16 proto_eth;
 	__u8 a[16];
 
 	if (skb->pkt_type == PACKET_OTHERHOST || skb->pkt_type == PACKET_OUTGOING)
-		return 0;
+		return NOT_ENGINE;
 	if (bpf_skb_load_bytes(skb, 12, &proto_eth, 2))
-		return 0;
+		return NOT_ENGINE;
 	if (proto_eth == bpf_htons(ETH_P_ARP)) {
 		if (bpf_skb_load_bytes(skb, ETH_HLEN + 24, a, 4))
-			return 0;
-		return is_vip(4, a) ? skb->len : 0;
+			return NOT_ENGINE;
+		return is_vip(4, a) ? ENGINE_ONLY : NOT_ENGINE;
 	}
 	if (proto_eth == bpf_htons(ETH_P_IP)) {
-		if (bpf_skb_load_bytes(skb, ETH_HLEN + 16, a, 4) || !is_vip(4, a))
-			return 0;
-	} else if (proto_eth == bpf_htons(ETH_P_IPV6)) {
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 16, a, 4))
+			return NOT_ENGINE;
+		return is_vip(4, a) ? ENGINE_ONLY : NOT_ENGINE;
+	}
+	if (proto_eth == bpf_htons(ETH_P_IPV6)) {
 		__u8 nh;
 
 		if (bpf_skb_load_bytes(skb, ETH_HLEN + 24, a, 16) || bpf_skb_load_bytes(skb, ETH_HLEN + 6, &nh, 1))
-			return 0;
+			return NOT_ENGINE;
 		if (nh == IPPROTO_ICMPV6 && a[0] == 0xff && a[1] == 0x02 && a[11] == 1 && a[12] == 0xff)
-			return skb->len; /* ff02::1:ffXX:XXXX */
-		if (!is_vip(6, a))
-			return 0;
-	} else {
-		return 0;
+			return ENGINE_TOO; /* ff02::1:ffXX:XXXX */
+		return is_vip(6, a) ? ENGINE_ONLY : NOT_ENGINE;
 	}
+	return NOT_ENGINE;
+}
+
+/*
+ * A frame the program does not forward: the engine's frames go to the
+ * slow-path veth it reads (AF_PACKET taps on this interface would see every
+ * frame, forwarded or not, before tc: so the engine does not listen here);
+ * the rest to the host. No slow path set (tests): everything to the host.
+ */
+static __always_inline int leave(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	__u32 *slow = bpf_map_lookup_elem(&slowpath, &zero);
+
+	if (!slow || !*slow)
+		return TC_ACT_OK;
+	switch (for_engine(skb)) {
+	case ENGINE_ONLY:
+		return bpf_redirect(*slow, 0);
+	case ENGINE_TOO:
+		bpf_clone_redirect(skb, *slow, 0);
+		return TC_ACT_OK;
+	}
+	return TC_ACT_OK;
+}
+
+SEC("tc")
+int glb_ingress(struct __sk_buff *skb)
+{
 	struct pkt p = {};
 	struct flow *f = 0;
 	struct route *r = 0;
-	__u32 ri = 0;
-	__u32 why = decide(skb, &p, bpf_ktime_get_ns(), &f, &r, &ri);
+	__u32 ri = 0, zero = 0;
+	__u64 now = bpf_ktime_get_ns();
 
-	return why == R_DR || why == R_TUN ? 0 : skb->len;
+	/* The engine's filter refuses these too: forwarding one would duplicate another host's frame. */
+	if (skb->pkt_type == PACKET_OTHERHOST)
+		return count(R_OTHER_HOST, TC_ACT_OK);
+	__u32 why = decide(skb, &p, now, &f, &r, &ri);
+
+	if (why != R_DR && why != R_TUN)
+		return count(why, leave(skb));
+	if (!f || !r)
+		return count(R_ERROR, leave(skb));
+	struct timeouts *to = bpf_map_lookup_elem(&timeouts, &zero);
+	if (!to)
+		return count(R_ERROR, leave(skb));
+	/* Decided: refresh the expiry as ConnTable.refresh does. */
+	f->expires = now + to->ns[f->state & (STATES - 1)];
+	int verdict = why == R_DR ? forward_dr(skb, r)
+				  : forward_tun(skb, r, p.total, p.family, p.tos, p.ttl, p.frag_off);
+	if (verdict == TC_ACT_OK)
+		return leave(skb); /* a helper failed before changing the packet */
+	if (verdict == TC_ACT_REDIRECT) {
+		struct counter *c = bpf_map_lookup_elem(&route_counters, &ri);
+
+		if (c) {
+			c->packets += 1;
+			c->bytes += p.total;
+		}
+	}
+	return verdict;
 }
 
 char LICENSE[] SEC("license") = "GPL";
