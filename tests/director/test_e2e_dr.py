@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import signal
 import subprocess
 import time
 from collections import Counter
@@ -360,4 +362,38 @@ def test_more_vips_than_a_classic_bpf_program_holds(dr):
                             what=f"packets to {far} counted")
     finally:
         dr.client.ip("route", "del", "10.1.0.0/16", "dev", "eth0")
+
+
+def test_a_killed_packet_worker_comes_back_with_its_data_plane(base):
+    """The supervisor restarts a worker killed with SIGKILL. With the kernel data plane the new
+    worker loads the program again and takes the dead one's place at tc ingress and its
+    slow-path veth: replaced, not added beside them (the old program would forward by maps
+    nobody updates)."""
+
+    def attached() -> list[str]:
+        out = base.director.run(["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
+        return [line for line in out.splitlines() if "direct-action" in line]
+
+    def slow_paths() -> list[str]:
+        links = json.loads(base.director.ip("-j", "link", "show").stdout)
+        return sorted(link["ifname"] for link in links if link["ifname"].startswith("glb"))
+
+    before = attached()
+    (victim,) = [w["pid"] for w in base.d.status()["packet_path"]["workers"]]
+    os.kill(victim, signal.SIGKILL)
+    base.lab.wait_for(lambda: base.d.status()["packet_path"]["workers"][0]["pid"] not in (None, victim), timeout=20,
+                      what="the killed worker's replacement")
+    base.d.wait_plan()
+    pp = base.d.status()["packet_path"]
+    assert pp["dataplane"] == base.dataplane and pp["workers"][0]["restarts"] == 1
+    assert base.who(8) == Counter({"rs1": 4, "rs2": 4})
+    assert base.who(8, six=True) == Counter({"rs1": 4, "rs2": 4})
+    after = attached()
+    if base.dataplane == "kernel":
+        assert len(before) == 1 and len(after) == 1, (before, after)
+        assert after != before  # a newly loaded program (its id), in the old one's place
+        ifindex = json.loads(base.director.ip("-j", "link", "show", "eth0").stdout)[0]["ifindex"]
+        assert slow_paths() == [f"glb{ifindex}r", f"glb{ifindex}s"]
+    else:
+        assert before == after == [] and slow_paths() == []
 
