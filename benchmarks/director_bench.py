@@ -16,6 +16,13 @@ DR-style MAC rewrite) in the same run:
 * **TCP**: one stream client -> VIP -> real server for SECONDS, with
   checksum/TSO/GSO offloads on (DR passes GSO super-frames; TUN cannot,
   see docs/packet-path.md, so TUN runs with them off).
+
+Each is measured for the userspace engine alone and for the kernel data
+plane (``packet.dataplane: kernel``: the engine schedules each new flow and
+installs it, the tc program forwards the rest; offloads on for both modes,
+since it tunnels GSO frames whole). The TUN real server decapsulates in
+userspace here (this kernel has no ipip), which bounds TUN TCP whoever
+forwards.
 """
 
 from __future__ import annotations
@@ -186,6 +193,15 @@ def run(mode: str, tmp: Path) -> dict:
         b.start_engine(busy_poll=True)  # director.packet.busy_poll: no wake-up, a core spinning
         out["busy_latency"] = b.latency()
         b.stop_engine()
+        b.start_engine(dataplane="kernel")
+        out["kernel_pps"] = b.pps(True)
+        out["kernel_latency"] = b.latency()
+        b.offloads(True)
+        out["kernel_tcp"] = b.tcp()
+        b.offloads(False)
+        st = b.engine_stats()
+        out["kernel_reasons"], out["kernel_dataplane"] = st["kernel"], st["dataplane"]
+        b.stop_engine()
         return out
 
 
@@ -197,32 +213,50 @@ def main() -> None:
     results = {m: run(m, tmp) for m in sys.argv[1:] or ["dr", "tun"]}
     print(json.dumps(results, indent=1))
     print()
-    print(f"{'':24}{'DR':>14}{'TUN':>14}{'nftables fwd':>14}")
     dr, tun = results.get("dr", {}), results.get("tun", {})
     ref = dr or tun
+    nft_p50 = ref["nft_latency"]["p50"]
 
     def fmt(v, f="{:,.0f}"):
         return f.format(v) if isinstance(v, (int, float)) else "-"
 
+    def got(r, *path):
+        for k in path:
+            r = r.get(k) if isinstance(r, dict) else None
+        return r
+
+    def ratio(a, b):
+        return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+    def per_core(r, who):
+        us = got(r, f"{who}_pps", "engine_us_per_pkt")
+        return 1e6 / us if us else None
+
+    def added(r, key):
+        p50 = got(r, key, "p50")
+        return p50 - nft_p50 if isinstance(p50, (int, float)) else None
+
+    # (row, value for a column's results and its forwarder ("engine" / "kernel"), nftables' value, format)
     rows = [
-        ("delivered pps", lambda r: r.get("engine_pps", {}).get("delivered_pps"), ref["nft_pps"]["delivered_pps"], "{:,.0f}"),
-        ("engine CPU us/pkt", lambda r: r.get("engine_pps", {}).get("engine_us_per_pkt"), None, "{:.2f}"),
-        ("machine CPU us/pkt", lambda r: r.get("engine_pps", {}).get("machine_us_per_pkt"),
+        ("delivered pps", lambda r, w: got(r, f"{w}_pps", "delivered_pps"), ref["nft_pps"]["delivered_pps"], "{:,.0f}"),
+        ("engine CPU us/pkt", lambda r, w: got(r, f"{w}_pps", "engine_us_per_pkt"), None, "{:.2f}"),
+        ("machine CPU us/pkt", lambda r, w: got(r, f"{w}_pps", "machine_us_per_pkt"),
          ref["nft_pps"]["machine_us_per_pkt"], "{:.2f}"),
-        ("TCP Gbit/s", lambda r: r.get("engine_tcp", {}).get("gbit"), ref["nft_tcp"]["gbit"], "{:.2f}"),
-        ("RTT p50 us", lambda r: r.get("engine_latency", {}).get("p50"), ref["nft_latency"]["p50"], "{:.0f}"),
-        ("added p50 us", lambda r: (r["engine_latency"]["p50"] - ref["nft_latency"]["p50"]) if r else None, None, "{:.0f}"),
-        ("added p50 us, busy_poll", lambda r: (r["busy_latency"]["p50"] - ref["nft_latency"]["p50"]) if r else None,
-         None, "{:.0f}"),
+        ("TCP Gbit/s", lambda r, w: got(r, f"{w}_tcp", "gbit"), ref["nft_tcp"]["gbit"], "{:.2f}"),
+        ("RTT p50 us", lambda r, w: got(r, f"{w}_latency", "p50"), nft_p50, "{:.0f}"),
+        ("added p50 us", lambda r, w: added(r, f"{w}_latency"), None, "{:.0f}"),
+        ("added p50 us, busy_poll", lambda r, w: added(r, "busy_latency") if w == "engine" else None, None, "{:.0f}"),
+        ("pps per engine core", lambda r, w: per_core(r, w) if w == "engine" else None, None, "{:,.0f}"),
+        ("  / target 300k", lambda r, w: ratio(per_core(r, w), 300_000) if w == "engine" else None, None, "{:.2f}"),
+        ("delivered / nftables", lambda r, w: ratio(got(r, f"{w}_pps", "delivered_pps"),
+                                                    ref["nft_pps"]["delivered_pps"]), None, "{:.2f}"),
+        ("TCP / nftables", lambda r, w: ratio(got(r, f"{w}_tcp", "gbit"), ref["nft_tcp"]["gbit"]), None, "{:.2f}"),
     ]
-    per_core = lambda r: 1e6 / r["engine_pps"]["engine_us_per_pkt"] if r.get("engine_pps", {}).get("engine_us_per_pkt") else None  # noqa: E731
-    rows += [
-        ("pps per engine core", per_core, None, "{:,.0f}"),
-        ("  / target 300k", lambda r: per_core(r) / 300_000 if per_core(r) else None, None, "{:.2f}"),
-        ("TCP / nftables", lambda r: r["engine_tcp"]["gbit"] / ref["nft_tcp"]["gbit"] if r else None, None, "{:.2f}"),
-    ]
+    columns = [("DR", dr, "engine"), ("TUN", tun, "engine"), ("DR kernel", dr, "kernel"), ("TUN kernel", tun, "kernel")]
+    print(f"{'':24}" + "".join(f"{name:>12}" for name, _, _ in columns) + f"{'nftables fwd':>14}")
     for name, get, nft, f in rows:
-        print(f"{name:24}{fmt(get(dr), f):>14}{fmt(get(tun), f):>14}{fmt(nft, f):>14}")
+        cells = "".join(f"{fmt(get(r, w) if r else None, f):>12}" for _, r, w in columns)
+        print(f"{name:24}{cells}{fmt(nft, f):>14}")
 
 
 if __name__ == "__main__":

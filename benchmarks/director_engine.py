@@ -3,7 +3,7 @@
     python benchmarks/director_engine.py PLAN_JSON
 
 PLAN_JSON: {"interface", "mode": "dr"|"tun", "vip", "ports": [[port, proto]], "servers": [[addr, mac]],
-"source": outer source for tun, "max_entries"}. Prints "ready", then one JSON line of
+"source": outer source for tun, "max_entries", "dataplane": "userspace"|"kernel"|"auto"}. Prints "ready", then one JSON line of
 engine stats per line read on stdin; exits on EOF.
 """
 
@@ -29,14 +29,15 @@ def main() -> None:
     src = P(a["source"]) if a.get("source") else None
     plan = Plan(b"", (svc,), src if src and len(src) == 4 else None, src if src and len(src) == 16 else None)
     engine = Engine(EngineConfig(a["interface"], workers=a.get("workers", 1), busy_poll=a.get("busy_poll", False),
+                                 dataplane=a.get("dataplane", "userspace"),
                                  conntable=ConnectionTableConfig(max_entries=a.get("max_entries", 1_000_000))))
     engine.start(plan)
-    print("ready", json.dumps({"pids": engine.pids}), flush=True)
+    print("ready", json.dumps({"pids": engine.pids, "dataplane": engine.dataplane}), flush=True)
     for _ in sys.stdin:
         s = engine.stats()
         f = s.forwarder
         doc = {"cpu": s.cpu, "rx_frames": s.rx_frames, "ring_drops": s.ring_drops, "tx_frames": s.tx_frames,
-               "tx_errors": s.tx_errors, "forwarder": {"connections": f.connections, "drops": f.drops,
+               "tx_errors": s.tx_errors, "dataplane": s.dataplane, "kernel": s.kernel, "forwarder": {"connections": f.connections, "drops": f.drops,
                                                        "forwarded": f.forwarded}}
         print(json.dumps(doc), flush=True)
     engine.stop()

@@ -28,6 +28,8 @@ from glb import yamlfast
 from glb.errors import ConfigError
 from glb.hashing import is_prime
 
+DATAPLANES = ("auto", "kernel", "userspace")
+"""director.packet.dataplane: who forwards established flows (docs/packet-path.md, section 10)."""
 SCHEDULERS = tuple(_SCHEDULER_REGISTRY)
 FORWARDING = ("dr", "tun")
 POLICIES = tuple(_POLICY_REGISTRY)
@@ -383,6 +385,12 @@ class PacketPathConfig:
     whole core each, always."""
     ring_frames: int = 1024
     """RX ring slots per worker (64 KiB each, so a GSO frame fits)."""
+    dataplane: str = "auto"
+    """Who forwards established DR/TUN flows: ``kernel`` (the eBPF program at
+    tc ingress; the engine schedules new flows and takes everything else),
+    ``userspace`` (the engine alone), ``auto`` (kernel where the program loads
+    and attaches, else userspace with one warning). The kernel data plane
+    needs ``workers: 1``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1226,7 +1234,11 @@ def _parse_site(ctx: _Context, name: str, m: _Map) -> Site:
         workers=pm.get("workers", _int(1, 64), pd.workers),
         busy_poll=pm.get("busy_poll", _bool, pd.busy_poll),
         ring_frames=pm.get("ring_frames", _int(16, 1 << 16), pd.ring_frames),
+        dataplane=pm.get("dataplane", _choice("dataplane", DATAPLANES), pd.dataplane),
     )
+    if packet.dataplane == "kernel" and packet.workers > 1:
+        ctx.error(pm.at("dataplane"), "the kernel data plane runs with workers: 1 (its flows are installed by one "
+                                      "worker); use dataplane: auto or userspace with more workers")
     pm.finish()
     pair = _parse_pair(ctx, dm.map("pair")) if dm.has("pair") else None
     director = DirectorConfig(

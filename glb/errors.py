@@ -84,3 +84,9 @@ class HAError(GLBError):
 
 class SupervisorError(GLBError):
     """A worker process could not start (it reported why, died or did not answer in time)."""
+
+
+class KernelDataplaneError(DirectorError):
+    """The kernel data plane (the tc program and its maps) cannot be loaded, attached or updated.
+
+    The director then runs the userspace engine alone (``packet.dataplane: auto``)."""

@@ -1,7 +1,7 @@
 """What a test needs from the machine, and what happens when the machine lacks it.
 
 Outside CI a missing capability (root, network namespaces, nftables, IPv6
-loopback, a tool from apt, the C loop) skips the test with its reason, so a
+loopback, a tool from apt, the C loop, BPF) skips the test with its reason, so a
 laptop without root still runs everything else. Under ``CI=true`` the same
 test FAILS with that reason: the namespace tests are the only real tests of
 the packet path, and a CI run that skipped them would pass without testing
@@ -22,6 +22,7 @@ missing).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
@@ -60,4 +61,24 @@ def ipv6_loopback_unavailable() -> str | None:
             s.bind(("::1", 0))
     except OSError as e:
         return f"no IPv6 loopback (::1): {e.strerror or e}"
+    return None
+
+
+@functools.cache
+def bpf_unavailable() -> str | None:
+    """Why the kernel data plane's tc program cannot be loaded here (root, libbpf, the built object), or None.
+
+    Loads it for real, as the director would: anything less (a file check) would
+    let a test start a director that then fails for a reason the probe knew.
+    """
+    if os.geteuid() != 0:
+        return "needs root (loading a BPF program)"
+    from director.dataplane import kernelmaps
+    from director.dataplane.libbpf import LibBpf
+    from glb.errors import KernelDataplaneError
+
+    try:
+        LibBpf(max_entries={"conns": 16}, sizes=kernelmaps.MAPS).close()
+    except KernelDataplaneError as e:
+        return f"the kernel data plane cannot load: {e}"
     return None

@@ -186,6 +186,8 @@ def packet_path_document(src: StatusSource) -> dict[str, Any] | None:
         "tx_errors": {str(k): v for k, v in st.tx_errors.items()},
         "cpu_seconds": st.cpu,
         "loop": getattr(src, "packet_loop", lambda: None)(),
+        "dataplane": st.dataplane,
+        "kernel": dict(st.kernel),
         "workers": [{"pid": pid, "rx_frames": w.rx_frames, "forwarded": w.forwarder.forwarded,
                      "cpu_seconds": w.cpu, "restarts": restarts}
                     for pid, w, restarts in getattr(src, "packet_workers", list)()],
@@ -353,7 +355,12 @@ def _packet_path_metrics(pp: dict[str, Any] | None) -> Iterator[Any]:
                                    "Packet workers started again after they died, by worker.", labels=["worker"])
     for i, w in enumerate(pp["workers"]):
         restarts.add_metric([str(i)], w["restarts"])
-    yield from (drops, tracked, evicted, rx, ring, tx, tx_err, cpu, restarts)
+    kernel = CounterMetricFamily("glb_director_kernel_packets",
+                                 "Packets the kernel data plane saw: forwarded_dr/_tun, or why it left them to the "
+                                 "userspace engine.", labels=["reason"])
+    for reason, n in pp.get("kernel", {}).items():
+        kernel.add_metric([reason], n)
+    yield from (drops, tracked, evicted, rx, ring, tx, tx_err, cpu, restarts, kernel)
 
 
 # --------------------------------------------------------------------------

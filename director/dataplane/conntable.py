@@ -169,6 +169,12 @@ class ConnTable:
         """Entries dropped because the table was full (a counter for /metrics)."""
         self.expired = 0
         """Entries dropped because they timed out."""
+        self.outside: Any = None
+        """Another forwarder of the confirmed flows (the kernel data plane), or None:
+        ``expiry(conn)`` is the expiry it gave the flow (it refreshes flows this
+        table never sees a packet of, so an entry found expired here lives on
+        if that is later), ``forget(conn)`` is told of every confirmed entry the
+        table drops (expired, evicted, replaced, rescheduled)."""
 
     @classmethod
     def from_config(cls, cfg: Any) -> ConnTable:
@@ -256,12 +262,23 @@ class ConnTable:
             self._confirmed[key] = c
         return c
 
+    def _outlived(self, c: Conn, now: float) -> bool:
+        """True if another forwarder of this flow (``outside``) kept it alive past ``now``: adopt its expiry."""
+        later = self.outside.expiry(c) if self.outside is not None else 0.0
+        if later > now:
+            c.expires = later
+            return True
+        return False
+
     def _drop_stale(self, c: Conn, now: float) -> bool:
         """An entry found expired or pointing at a down server: True if it was removed."""
         if c.expires <= now:
-            self._remove(c)
-            self.expired += 1
-            return True
+            if not self._outlived(c, now):
+                self._remove(c)
+                self.expired += 1
+                return True
+            if c.dest.available:
+                return False
         if c.dest.reschedule:  # down, and the service says its flows move
             self._remove(c)
             return True
@@ -356,6 +373,8 @@ class ConnTable:
         if bucket is not None:
             bucket.pop(c, None)
         c.due = -1
+        if c.confirmed and self.outside is not None:
+            self.outside.forget(c)
         if c.state == ESTABLISHED:
             c.dest.counts.add(-1, 0)
         else:
@@ -416,7 +435,7 @@ class ConnTable:
                         return removed
                     examined += 1
                     c.due = 0  # taken out of this bucket
-                    if c.expires <= now:
+                    if c.expires <= now and not self._outlived(c, now):
                         self._remove_unfiled(c)
                         self.expired += 1
                         removed += 1

@@ -62,7 +62,7 @@ from director.dataplane.counters import DEFAULT_SLOTS, CountTable, SlotAllocator
 from director.dataplane.forwarder import Forwarder, ForwarderStats, Plan
 from director.dataplane.announce import Announcer
 from director.modes import MODES
-from glb.errors import EngineError, SupervisorError
+from glb.errors import EngineError, KernelDataplaneError, SupervisorError
 from glb.supervisor import RestartPolicy, Supervisor
 
 try:  # the established-flow loop in C; the same logic runs in Python without it
@@ -256,37 +256,51 @@ class EngineConfig:
     busy_poll: bool = False
     """Spin on the ring instead of sleeping in poll(2) when it is empty: a
     whole core per worker, always, for the lowest latency (no wake-up)."""
+    dataplane: str = "userspace"
+    """glb.config.PacketPathConfig.dataplane: auto, kernel or userspace."""
 
 
 class PacketSocket:
     """The AF_PACKET socket: V2 RX ring, vnet headers, BPF filter, optional fanout."""
 
-    def __init__(self, cfg: EngineConfig, vips) -> None:
+    def __init__(self, cfg: EngineConfig, vips, rx_interface: str | None = None) -> None:
+        """``rx_interface``: read frames there, send them on ``cfg.interface`` (the kernel data
+        plane's slow-path veth: only what the tc program left for the engine comes out of it)."""
         # Protocol 0: receives nothing until bind, so nothing slips in before the filter.
-        self.sock = s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self.rx = s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self.sock = s
+        """Sends (the same socket as ``rx`` unless frames come in elsewhere)."""
         try:
             self.ifindex = socket.if_nametoindex(cfg.interface)
-            s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
-            s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
-            s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+            self._setup(s)
             try:
                 s.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             except OSError:  # kernels before 4.20: the BPF filter refuses them anyway
                 pass
-            for opt in (SO_SNDBUFFORCE, SO_RCVBUFFORCE):
-                s.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
             self.set_filter(vips)
             self.frames = frames = max(16, (cfg.frames + 15) // 16 * 16)
             s.setsockopt(SOL_PACKET, PACKET_RX_RING,
                          _TPACKET_REQ.pack(BLOCK_SIZE, frames // 16, FRAME_SIZE, frames))
             self.ring = mmap.mmap(s.fileno(), FRAME_SIZE * frames, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            s.bind((cfg.interface, ETH_P_ALL))
+            s.bind((rx_interface or cfg.interface, ETH_P_ALL))
             if cfg.fanout_group:
                 s.setsockopt(SOL_PACKET, PACKET_FANOUT, (cfg.fanout_group & 0xFFFF) | fanout.PACKET_FANOUT_CBPF << 16)
+            if rx_interface is not None:
+                self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: never receives
+                self._setup(self.sock)
+                self.sock.bind((cfg.interface, 0))
         except BaseException:
-            s.close()
+            self.close()
             raise
         self.mac = bytes.fromhex(open(f"/sys/class/net/{cfg.interface}/address").read().strip().replace(":", ""))
+
+    @staticmethod
+    def _setup(s: socket.socket) -> None:
+        s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        s.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+        s.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+        for opt in (SO_SNDBUFFORCE, SO_RCVBUFFORCE):
+            s.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
 
     def set_filter(self, vips, extra=()) -> None:
         self._attach(socket.SOL_SOCKET, SO_ATTACH_FILTER, bpf.socket_filter(vips, extra))
@@ -298,15 +312,19 @@ class PacketSocket:
     def _attach(self, level: int, opt: int, prog) -> None:
         code = ctypes.create_string_buffer(bpf.bpf_bytes(prog))
         fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(code))
-        self.sock.setsockopt(level, opt, fprog)
+        self.rx.setsockopt(level, opt, fprog)
 
     def statistics(self) -> tuple[int, int]:
         """(packets, drops) since the last call (the kernel resets them on read)."""
-        return _TPACKET_STATS.unpack(self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        return _TPACKET_STATS.unpack(self.rx.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
 
     def close(self) -> None:
-        self.ring.close()
-        self.sock.close()
+        ring = getattr(self, "ring", None)
+        if ring is not None:
+            ring.close()
+        if self.sock is not self.rx:
+            self.sock.close()
+        self.rx.close()
 
 
 # --------------------------------------------------------------------------
@@ -329,14 +347,22 @@ class EngineStats:
     """errno -> frames sendmmsg refused."""
     cpu: float = 0.0
     """CPU seconds this worker used (user + system)."""
+    dataplane: str = "userspace"
+    """Who forwards established flows: ``kernel`` (the tc program) or ``userspace``."""
+    kernel: dict[str, int] = field(default_factory=dict)
+    """The kernel data plane's packets per reason (kernelmaps.REASONS); empty in userspace."""
 
     def merge(self, other: EngineStats) -> EngineStats:
         errors = dict(self.tx_errors)
         for k, v in other.tx_errors.items():
             errors[k] = errors.get(k, 0) + v
+        kernel = dict(self.kernel)
+        for k, v in other.kernel.items():
+            kernel[k] = kernel.get(k, 0) + v
         return EngineStats(self.forwarder.merge(other.forwarder), self.rx_frames + other.rx_frames,
                            self.ring_drops + other.ring_drops, self.truncated + other.truncated,
-                           self.tx_frames + other.tx_frames, errors, self.cpu + other.cpu)
+                           self.tx_frames + other.tx_frames, errors, self.cpu + other.cpu,
+                           "kernel" if "kernel" in (self.dataplane, other.dataplane) else "userspace", kernel)
 
 
 def _declined(buf, start: int, length: int, now: float) -> None:
@@ -365,7 +391,19 @@ class Worker:
         self.fwd = Forwarder(table, counts=counts)
         self.positions = positions
         self._fanout: list | None = None
-        self.ps = ps if ps is not None else PacketSocket(cfg, plan.vips)
+        self.kernel = None
+        """The kernel data plane (director/dataplane/kernel.py) while it forwards established flows."""
+        self.dataplane_note = ""
+        """Why ``dataplane: auto`` runs in userspace ("" when it does not)."""
+        if ps is None and cfg.dataplane != "userspace":
+            self._open_kernel(cfg, table)
+        try:
+            self.ps = ps if ps is not None else PacketSocket(
+                cfg, plan.vips, self.kernel.rx_interface if self.kernel is not None else None)
+        except BaseException:
+            if self.kernel is not None:
+                self.kernel.close()
+            raise
         self.ring = self.ps.ring
         self.view = memoryview(self.ring)
         self.words = self.view.cast("I")  # tpacket2_hdr fields, read without unpacking
@@ -383,6 +421,27 @@ class Worker:
         self.running = True
         self.apply(plan, time.monotonic())
 
+    def _open_kernel(self, cfg: EngineConfig, table: ConnTable) -> None:
+        """Load and attach the kernel data plane (``dataplane: kernel`` raises what ``auto`` only notes).
+
+        Here in the worker, not in the director's process: the forwarder that
+        installs flows lives here, and BPF map fds do not cross the spawn
+        boundary (pinning them needs a bpffs, which ``ip netns exec`` hides).
+        """
+        from director.dataplane.kernel import KernelDataplane, KernelSync
+
+        try:
+            if cfg.workers > 1:
+                raise KernelDataplaneError("the kernel data plane needs packet.workers: 1")
+            kd = KernelDataplane(cfg.interface, table.max_entries, table.timeouts)
+        except KernelDataplaneError as e:
+            if cfg.dataplane == "kernel":
+                raise
+            self.dataplane_note = str(e)
+            return
+        self.kernel = kd
+        self.fwd.kernel = table.outside = KernelSync(kd.tables, socket.if_nametoindex(cfg.interface))
+
     def apply(self, plan: Plan, now: float) -> None:
         if plan.mac == b"\x00" * 6 or not plan.mac:
             plan = Plan(self.ps.mac, plan.services, plan.source4, plan.source6)
@@ -391,6 +450,8 @@ class Worker:
             self.ps.set_filter(*wanted)
             self._filter = wanted
         self.fwd.apply(plan)
+        if self.kernel is not None:
+            self.fwd.kernel.plan_applied(plan.vips)
         modes = {MODES[s.forwarding] for s in plan.services}
         self.need_vnet = any(m.needs_vnet for m in modes)
         self.mac_rewrites = any(m.mac_rewrite for m in modes)
@@ -412,7 +473,7 @@ class Worker:
 
     def run(self) -> None:
         poller = select.poll()
-        poller.register(self.ps.sock.fileno(), select.POLLIN | select.POLLERR)
+        poller.register(self.ps.rx.fileno(), select.POLLIN | select.POLLERR)
         poller.register(self.conn.fileno(), select.POLLIN)
         next_tick = next_sweep = next_stats = 0.0
         while self.running:
@@ -462,10 +523,13 @@ class Worker:
         handled = truncated = 0
         # The C loop takes runs of established DR flows (Forwarder.fast's DR case, in C);
         # whatever it leaves, Python's fast() or forward() decides.
-        crun = _fastpath.run if _fastpath is not None and self.mac_rewrites else None
+        # With the kernel data plane, frames here are those the kernel left (they come out of
+        # its slow-path veth): forward() decides them all, so that it installs each flow back.
+        kernel = self.kernel is not None
+        crun = _fastpath.run if _fastpath is not None and self.mac_rewrites and not kernel else None
         confirmed, timeouts = self.fwd.table.confirmed_flows, self.fwd.table.timeouts
         # Python's fast() would only repeat the C loop's refusal unless a TUN service needs it.
-        fast = self.fwd.fast if crun is None or self.need_vnet else _declined
+        fast = self.fwd.fast if (crun is None or self.need_vnet) and not kernel else _declined
         while handled < RX_BUDGET:
             if crun is not None:
                 n = crun(ring, iov, iov0, idx, min(RX_BUDGET - handled, nfr - idx), fsz, now, confirmed,
@@ -558,6 +622,10 @@ class Worker:
         s = self.stats
         _, drops = self.ps.statistics()
         s.ring_drops += drops
+        if self.kernel is not None:
+            self.fwd.kernel.fold_counters()
+            s.kernel = self.kernel.tables.reasons()
+            s.dataplane = "kernel"
         s.forwarder = self.fwd.stats()
         s.tx_frames = self.sender.sent + self.slots.sent + self._sent_now
         s.tx_errors = dict(self.sender.errors)
@@ -578,6 +646,8 @@ class Worker:
         self.halves.release()
         self.view.release()
         self.ps.close()
+        if self.kernel is not None:
+            self.kernel.close()
 
 
 def worker_main(cfg: EngineConfig, plan: Plan, index: int, cells: Any, positions: tuple[int, ...] | None,
@@ -592,7 +662,10 @@ def worker_main(cfg: EngineConfig, plan: Plan, index: int, cells: Any, positions
     except OSError as e:
         conn.send(("error", f"cannot open {cfg.interface}: {e.strerror or e}"))
         return
-    conn.send(("ready", w.ps.mac))
+    except KernelDataplaneError as e:
+        conn.send(("error", str(e)))
+        return
+    conn.send(("ready", (w.ps.mac, "kernel" if w.kernel is not None else "userspace", w.dataplane_note)))
     try:
         w.run()
     finally:
@@ -630,6 +703,10 @@ class Engine:
         self._poller: threading.Thread | None = None
         self._closing = threading.Event()
         self.mac: bytes | None = None
+        self.dataplane = "userspace"
+        """Who forwards established flows, as the workers reported when they started."""
+        self.dataplane_note = ""
+        """Why ``dataplane: auto`` fell back to userspace ("" if it did not)."""
         # Plans are numbered so the control plane can tell when every worker
         # forwards by the latest one (0 = the plan given to start()).
         self.generation = 0
@@ -687,8 +764,8 @@ class Engine:
         self._spawned_with[i] = self.generation
         return (self.cfg, self._plan, i, self._cells, positions)
 
-    def _ready(self, i: int, mac: bytes) -> None:
-        self.mac = mac
+    def _ready(self, i: int, payload: tuple[bytes, str, str]) -> None:
+        self.mac, self.dataplane, self.dataplane_note = payload
         self._applied[i] = self._spawned_with[i]
         if self.cfg.workers > 1:  # the others learn the new member's position
             self._sup.broadcast(("fanout", self._members.table()))

@@ -292,6 +292,9 @@ class Forwarder:
         self._refresh = self.table.refresh
         self.ident = 0
         """The last outer IPv4 id a mode used (tunnels), per worker."""
+        self.kernel: Any = None
+        """The kernel data plane's sync (director/dataplane/kernel.py KernelSync), or None:
+        told of every flow :meth:`forward` decides, so the kernel takes the flow's next packets."""
 
     # -- control --------------------------------------------------------------
 
@@ -468,6 +471,8 @@ class Forwarder:
                         return None
                 if frag == FIRST_FRAGMENT:
                     self.frags.add((p.proto, p.src, p.dst, p.frag_id), c, now)
+            if self.kernel is not None:
+                self.kernel.flow(c)
         elif kind == ICMP_ERROR:
             # About a packet the real server sent: its owner gets it. Never creates state.
             c = self.table.peek(p.key, now)

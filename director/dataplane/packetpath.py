@@ -187,8 +187,12 @@ class PacketPath:
             raise DirectorError(f"packet engine on {iface}: {e}") from None
         self.engine, self._plan = engine, plan
         self._housekeeping = asyncio.create_task(self._packet_housekeeping())
-        log.info("packet path on %s (MAC %s, pids %s): %d VIPs%s", iface, plan.mac.hex(":"),
-                 engine.pids, len(plan.vips), "" if self.ownership.owned else " (not owned: standing by)")
+        if engine.dataplane_note:  # dataplane: auto, and the kernel's program could not run here
+            log.warning("kernel data plane unavailable, the userspace engine forwards every packet: %s",
+                        engine.dataplane_note)
+        log.info("packet path on %s (MAC %s, pids %s, established flows forwarded in %s): %d VIPs%s", iface,
+                 plan.mac.hex(":"), engine.pids, engine.dataplane, len(plan.vips),
+                 "" if self.ownership.owned else " (not owned: standing by)")
 
     async def stop(self) -> None:
         await cancel_and_wait(t for t in (self._housekeeping, self._resolving) if t is not None)

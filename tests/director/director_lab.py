@@ -166,7 +166,8 @@ def start_http(ns, name: str):
 
 
 def config_yaml(*, redis_port: int, services: str, address: str | None = None, address6: str | None = None,
-                max_entries: int = 100000, status_port: int = 9100, workers: int = 1) -> str:
+                max_entries: int = 100000, status_port: int = 9100, workers: int = 1,
+                dataplane: str = "auto") -> str:
     extra = ""
     if address:
         extra += f", address: {address}"
@@ -187,7 +188,7 @@ sites:
       status_listen: "127.0.0.1:{status_port}"
       heartbeat: 0.5
       connection_table: {{max_entries: {max_entries}}}
-      packet: {{workers: {workers}}}
+      packet: {{workers: {workers}, dataplane: {dataplane}}}
       {extra.lstrip(", ").replace(", ", chr(10) + "      ")}
     services:
 {services}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import signal
 import subprocess
 import time
 from collections import Counter
@@ -32,7 +34,7 @@ from tests.director.director_lab import (
     start_http,
 )
 from director.dataplane.bpf import BPF_MAXINSNS, bpf_program
-from tests.environment import require
+from tests.environment import bpf_unavailable, require
 from tests.netns import Lab, lab_unavailable
 
 pytestmark = pytest.mark.netns
@@ -50,8 +52,9 @@ def services(weights: dict[int, int]) -> str:
 
 
 class DRLab:
-    def __init__(self, lab: Lab, tmp, redis_port: int) -> None:
+    def __init__(self, lab: Lab, tmp, redis_port: int, dataplane: str) -> None:
         self.lab = lab
+        self.dataplane = dataplane
         sw = lab.netns("sw")
         br = lab.bridge(sw)
         self.client = lab.netns("client")
@@ -75,11 +78,12 @@ class DRLab:
         self.bridge = RedisBridge(self.director.name, redis_port)
         self.config = tmp / "glb.yaml"
         self.config.write_text(self.yaml({1: 1, 2: 1}))
+
         self.d = DirectorProcess(self.director, self.config, tmp / "director.log")
 
-    @staticmethod
-    def yaml(weights: dict[int, int]) -> str:
-        return config_yaml(redis_port=6379, services=services(weights), max_entries=MAX_ENTRIES)
+    def yaml(self, weights: dict[int, int]) -> str:
+        return config_yaml(redis_port=6379, services=services(weights), max_entries=MAX_ENTRIES,
+                           dataplane=self.dataplane)
 
     def reload(self, weights: dict[int, int]) -> None:
         self.d.reload(self.yaml(weights))
@@ -93,13 +97,15 @@ class DRLab:
         self.bridge.close()
 
 
-@pytest.fixture(scope="module")
-def dr(tmp_path_factory, redis_server):
-    require(lab_unavailable())
+@pytest.fixture(scope="module", params=["userspace", "kernel"])
+def dr(request, tmp_path_factory, redis_server):
+    """The lab with the director forwarding established flows in userspace (the engine alone), then
+    in the kernel (the tc program; the engine schedules new flows and takes the rest)."""
+    require(lab_unavailable(), bpf_unavailable() if request.param == "kernel" else None)
     redis_server.start()
     tmp = tmp_path_factory.mktemp("dr")
     with Lab("dr") as lab:
-        t = DRLab(lab, tmp, redis_server.port)
+        t = DRLab(lab, tmp, redis_server.port, request.param)
         try:
             t.d.wait_up([RS[1], RS[2], RS6[1], RS6[2]])
             yield t
@@ -125,19 +131,33 @@ def test_every_real_server_serves_over_time_ipv4_and_ipv6(base):
 
 def test_replies_do_not_pass_through_the_director(base):
     before = nft_counters(base.director, "glbt")
+    rx_before = base.director.link_stats("eth0")["rx_packets"]
     got = base.who(6)
     assert sum(got.values()) == 6 and None not in got
     after = nft_counters(base.director, "glbt")
     client = nft_counters(base.client, "glbt")
-    assert after["to_vip"] - before["to_vip"] >= 6 * 5  # the client's packets came through the director ...
+    # The client's packets came through the director (nftables' ingress hook runs after tc's, so it
+    # sees only what the kernel data plane left to the engine; the link counts them all) ...
+    if base.dataplane == "kernel":
+        assert base.director.link_stats("eth0")["rx_packets"] - rx_before >= 6 * 5
+    else:
+        assert after["to_vip"] - before["to_vip"] >= 6 * 5
     assert after["from_vip"] == 0 and after["from_vip6"] == 0  # ... the replies never did
     assert client["from_vip"] >= 6 * 4  # yet the client got them, straight from the real servers
-    # The director's kernel dropped its own copy of every VIP packet (no RST, no forwarding).
+    # The director's kernel dropped its own copy of every VIP packet (no RST, no forwarding); with the
+    # kernel data plane its stack gets none at all (forwarded, or sent down the engine's slow-path veth).
     guard = base.director.run(["nft", "list", "table", "netdev", "glb_director"]).stdout
-    assert "drop" in guard and "packets 0 " not in guard.split("ip daddr @vips4")[1].split("\n")[0]
+    guarded = guard.split("ip daddr @vips4")[1].split("\n")[0]
+    assert "drop" in guard and (("packets 0 " in guarded) == (base.dataplane == "kernel"))
     metrics = base.d.metrics()
     assert 'glb_director_vip_packets_total{service="web",vip="10.0.0.100:80/tcp"}' in metrics
-    assert base.d.status()["packet_path"]["loop"] == "c"  # established flows took the C loop
+    pp = base.d.status()["packet_path"]
+    assert pp["dataplane"] == base.dataplane
+    if base.dataplane == "kernel":  # established flows took the tc program; the engine the rest
+        assert pp["kernel"]["forwarded_dr"] >= 6 * 2
+        assert 'glb_director_kernel_packets_total{reason="forwarded_dr"}' in metrics
+    else:
+        assert pp["loop"] == "c"  # established flows took the C loop
 
 
 def _keepalive(ns, vip: str):
@@ -244,7 +264,7 @@ def restarted(dr, text: str):
         yield dr
     finally:
         dr.d.stop()
-        dr.config.write_text(DRLab.yaml({1: 1, 2: 1}))
+        dr.config.write_text(dr.yaml({1: 1, 2: 1}))
         dr.d = DirectorProcess(dr.director, dr.config, log)
         dr.d.wait_up([RS[1], RS[2], RS6[1], RS6[2]])
 
@@ -252,9 +272,10 @@ def restarted(dr, text: str):
 def test_two_packet_workers_share_the_interface(dr):
     """packet.workers: 2 joins two workers with PACKET_FANOUT: each frame is
     forwarded once, by one of them, and clients spread over both (all of one
-    client's flows go to one worker: tests/director/test_e2e_workers.py)."""
+    client's flows go to one worker: tests/director/test_e2e_workers.py). The
+    kernel data plane needs one worker: ``auto`` falls back to the engine."""
     with restarted(dr, config_yaml(redis_port=6379, services=services({1: 1, 2: 1}), max_entries=MAX_ENTRIES,
-                                   workers=2)):
+                                   workers=2, dataplane="userspace" if dr.dataplane == "userspace" else "auto")):
         assert len(dr.d.status()["packet_path"]["workers"]) == 2
 
         def settled() -> tuple[int, list[int]]:
@@ -299,8 +320,9 @@ def process_states(pid: int, samples: int = 40) -> list[str]:
 
 def test_busy_polling_workers_forward_and_never_sleep(dr):
     """packet.busy_poll: true: the worker spins on its ring instead of sleeping in poll(2), and forwards as before."""
-    text = config_yaml(redis_port=6379, services=services({1: 1, 2: 1}), max_entries=MAX_ENTRIES)
-    with restarted(dr, text.replace("packet: {workers: 1}", "packet: {workers: 1, busy_poll: true}")):
+    text = dr.yaml({1: 1, 2: 1})
+    assert "packet: {workers: 1," in text
+    with restarted(dr, text.replace("packet: {workers: 1,", "packet: {workers: 1, busy_poll: true,")):
         assert dr.who(8) == Counter({"rs1": 4, "rs2": 4})
         assert dr.who(8, six=True) == Counter({"rs1": 4, "rs2": 4})
         (worker,) = [w["pid"] for w in dr.d.status()["packet_path"]["workers"]]
@@ -325,7 +347,8 @@ def test_more_vips_than_a_classic_bpf_program_holds(dr):
     far = EXTRA_VIPS[-1]
     dr.client.ip("route", "add", "10.1.0.0/16", "dev", "eth0")
     try:
-        with restarted(dr, config_yaml(redis_port=6379, services=many, max_entries=MAX_ENTRIES)):
+        with restarted(dr, config_yaml(redis_port=6379, services=many, max_entries=MAX_ENTRIES,
+                                       dataplane=dr.dataplane)):
             assert dr.who(8) == Counter({"rs1": 4, "rs2": 4})
             assert dr.who(4, six=True) == Counter({"rs1": 2, "rs2": 2})
             # The last VIP of 801: its ARP request answered with the director's MAC, its SYNs forwarded
@@ -339,3 +362,38 @@ def test_more_vips_than_a_classic_bpf_program_holds(dr):
                             what=f"packets to {far} counted")
     finally:
         dr.client.ip("route", "del", "10.1.0.0/16", "dev", "eth0")
+
+
+def test_a_killed_packet_worker_comes_back_with_its_data_plane(base):
+    """The supervisor restarts a worker killed with SIGKILL. With the kernel data plane the new
+    worker loads the program again and takes the dead one's place at tc ingress and its
+    slow-path veth: replaced, not added beside them (the old program would forward by maps
+    nobody updates)."""
+
+    def attached() -> list[str]:
+        out = base.director.run(["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
+        return [line for line in out.splitlines() if "direct-action" in line]
+
+    def slow_paths() -> list[str]:
+        links = json.loads(base.director.ip("-j", "link", "show").stdout)
+        return sorted(link["ifname"] for link in links if link["ifname"].startswith("glb"))
+
+    before = attached()
+    (victim,) = [w["pid"] for w in base.d.status()["packet_path"]["workers"]]
+    os.kill(victim, signal.SIGKILL)
+    base.lab.wait_for(lambda: base.d.status()["packet_path"]["workers"][0]["pid"] not in (None, victim), timeout=20,
+                      what="the killed worker's replacement")
+    base.d.wait_plan()
+    pp = base.d.status()["packet_path"]
+    assert pp["dataplane"] == base.dataplane and pp["workers"][0]["restarts"] == 1
+    assert base.who(8) == Counter({"rs1": 4, "rs2": 4})
+    assert base.who(8, six=True) == Counter({"rs1": 4, "rs2": 4})
+    after = attached()
+    if base.dataplane == "kernel":
+        assert len(before) == 1 and len(after) == 1, (before, after)
+        assert after != before  # a newly loaded program (its id), in the old one's place
+        ifindex = json.loads(base.director.ip("-j", "link", "show", "eth0").stdout)[0]["ifindex"]
+        assert slow_paths() == [f"glb{ifindex}r", f"glb{ifindex}s"]
+    else:
+        assert before == after == [] and slow_paths() == []
+

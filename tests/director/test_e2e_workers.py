@@ -27,7 +27,8 @@ from tests.director.director_lab import (
     service_yaml,
     start_http,
 )
-from tests.netns import Lab, netns_unavailable
+from tests.environment import require
+from tests.netns import Lab, lab_unavailable
 
 pytestmark = pytest.mark.netns
 
@@ -132,9 +133,7 @@ class WorkersLab:
 
 @pytest.fixture(scope="module")
 def wl(tmp_path_factory, redis_server):
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require(lab_unavailable())
     redis_server.start()
     with Lab("wk") as lab:
         t = WorkersLab(lab, tmp_path_factory.mktemp("workers"), redis_server.port)

@@ -96,6 +96,15 @@ _DELETE = object()
 
 BROKEN = [
     (
+        _set("sites/dc1/director/packet", {"workers": 2, "dataplane": "kernel"}),
+        ["sites.dc1.director.packet.dataplane: the kernel data plane runs with workers: 1 (its flows are installed "
+         "by one worker); use dataplane: auto or userspace with more workers"],
+    ),
+    (
+        _set("sites/dc1/director/packet", {"dataplane": "xdp"}),
+        ["sites.dc1.director.packet.dataplane: unknown dataplane 'xdp' (expected one of auto, kernel, userspace)"],
+    ),
+    (
         _set("sites/dc1/director/packet", {"workers": 0, "busy_poll": "maybe"}),
         ["sites.dc1.director.packet.workers: must be at least 1, got 0",
          "sites.dc1.director.packet.busy_poll: expected true or false, got a string"],

@@ -40,6 +40,7 @@ class FakeSocket:
         self.frames = frames
         self.ring = mmap.mmap(-1, FRAME_SIZE * frames)
         self.sock, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.rx = self.sock
         self.peer.setblocking(False)
         self.mac = codec.mac_bytes(DIR_MAC)
         self.filters: list[frozenset] = []

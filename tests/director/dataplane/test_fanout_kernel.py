@@ -25,6 +25,7 @@ from scapy.packet import Raw  # noqa: E402
 
 from director.dataplane import fanout  # noqa: E402
 from tests.director.dataplane import cbpf  # noqa: E402
+from tests.environment import require  # noqa: E402
 from tests.netns import Lab, netns_unavailable  # noqa: E402
 
 pytestmark = pytest.mark.netns
@@ -98,9 +99,7 @@ def frames() -> list[bytes]:
 
 
 def test_the_kernel_places_frames_where_the_interpreter_and_members_say():
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require(netns_unavailable())
     fs = frames()
     # Workers 0 and 1 are the sockets w0 and w1; w0b is worker 0 started again.
     members = fanout.Members(2)

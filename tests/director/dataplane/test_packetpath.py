@@ -10,6 +10,7 @@ and the flows still there when ownership comes back.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from scapy.layers.l2 import ARP
 
@@ -64,11 +65,16 @@ class FakeGroups:
 
 
 class FakeEngine:
+    note = ""
+    """What the next FakeEngine reports as its dataplane note (auto's fallback reason)."""
+
     def __init__(self, cfg) -> None:
         self.plans: list[Plan] = []
         self.stopped = False
         self.pids: list[int] = []
         self.failed = None
+        self.dataplane_note = FakeEngine.note
+        self.dataplane = "userspace" if self.dataplane_note else "kernel"
 
     def start(self, plan: Plan) -> None:
         self.plans.append(plan)
@@ -117,6 +123,18 @@ async def test_start_owns_the_vips_and_hands_the_engine_a_resolved_plan():
     await lab.path.stop()
     assert lab.engine.stopped and lab.made["guard"].vips is None and lab.made["groups"].closed
     assert lab.made["neighbours"].closed
+
+
+async def test_a_kernel_data_plane_that_cannot_run_is_one_warning_line(caplog, monkeypatch):
+    monkeypatch.setattr(FakeEngine, "note", "the kernel refused the tc program: Operation not permitted")
+    lab = Lab()
+    with caplog.at_level(logging.INFO, logger="glb.director"):
+        await lab.path.start()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["kernel data plane unavailable, the userspace engine forwards every packet: "
+                        "the kernel refused the tc program: Operation not permitted"]
+    assert any("forwarded in userspace" in r.getMessage() for r in caplog.records)
+    await lab.path.stop()
 
 
 async def test_plans_are_coalesced_and_only_sent_when_they_change():

@@ -1,0 +1,174 @@
+"""The kernel data plane's map layout: how keys and values are packed, and what they mean.
+
+Pure: struct packing and the translation from the forwarder's objects
+(connection-table keys and entries, transmit objects) to the bytes the tc
+program (director/dataplane/tc/glb_tc.bpf.c) reads. No BPF calls: the adapter
+(director/dataplane/kernel.py) moves these bytes, and its loader checks every
+map's key and value size against :data:`MAPS`, so a C struct and its Python
+twin cannot drift apart silently.
+
+Maps (names as in the C file):
+
+* ``conns`` (LRU hash): :func:`flow_key` -> :func:`flow_value` (route index,
+  IPVS state, expiry in CLOCK_MONOTONIC nanoseconds). Python writes an entry
+  when a flow is confirmed or changes state; the kernel only refreshes the
+  expiry, as ``ConnTable.refresh`` does.
+* ``routes`` (array): route index -> :func:`route_value`. A route is one
+  real server x one VIP, the forwarder's ``Route``: counting per route gives
+  both the per-server and the per-VIP figures.
+* ``route_counters`` (per-CPU array): route index -> packets, bytes.
+* ``reasons`` (per-CPU array): :data:`REASONS` index -> packets.
+* ``timeouts``, ``next_state`` (one-element arrays): the connection table's
+  timeouts per state and its transition table (``conntable.NEXT_BYTES``), so
+  the kernel's idea of "this packet changes nothing" is Python's.
+* ``ident`` (per-CPU array): the last outer IPv4 id of a tunnel.
+* ``vips`` (hash): :func:`vip_key` -> 1: which frames the program leaves
+  are the engine's (IP to a VIP, ARP about one), besides NDP.
+* ``slowpath`` (one-element array): the ifindex of the veth the engine reads,
+  where those go (0: none; everything left goes to the host).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from director.dataplane.conntable import NEXT_BYTES
+
+STATES = 16
+"""Rows the kernel's tables have (the 12 states of conntable.py, padded so the C can mask an index)."""
+
+MODE_NONE, MODE_DR, MODE_TUN = 0, 1, 2
+ROUTE_LIVE = 1
+
+REASONS = (
+    "forwarded_dr",
+    "forwarded_tun",
+    "pass_not_ip",
+    "pass_not_simple",
+    "pass_no_flow",
+    "pass_expired",
+    "pass_state_change",
+    "pass_route_down",
+    "pass_too_big",
+    "pass_family",
+    "error",
+    "pass_other_host",
+)
+"""What happened to each packet the program saw, in the C ``enum reason`` order:
+forwarded by the kernel, or passed to the userspace engine and why."""
+
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+
+FLOW_KEY = struct.Struct("=BBH16s16s2s2s")
+FLOW_VALUE = struct.Struct("=IB3xQ")
+ROUTE = struct.Struct("=6s6sBBBxIHH16s16s")
+VIP_KEY = struct.Struct("=B3x16s")
+COUNTER = struct.Struct("=QQ")
+TIMEOUTS = struct.Struct(f"={STATES}Q")
+U32 = struct.Struct("=I")
+U64 = struct.Struct("=Q")
+
+MAPS = {
+    "conns": (FLOW_KEY.size, FLOW_VALUE.size),
+    "routes": (U32.size, ROUTE.size),
+    "route_counters": (U32.size, COUNTER.size),
+    "reasons": (U32.size, U64.size),
+    "timeouts": (U32.size, TIMEOUTS.size),
+    "next_state": (U32.size, STATES * 256),
+    "ident": (U32.size, U32.size),
+    "vips": (VIP_KEY.size, 1),
+    "slowpath": (U32.size, U32.size),
+}
+"""Map name -> (key size, value size), as the C structs must have them."""
+
+PERCPU_MAPS = frozenset({"route_counters", "reasons", "ident"})
+"""Per-CPU maps: a lookup returns one 8-byte-aligned value per CPU, an update takes as many."""
+MAX_ROUTES = 65536
+ZERO = U32.pack(0)
+
+
+def flow_key(key: bytes) -> bytes:
+    """The kernel's key for a connection-table key (codec.flow_key: proto | client | VIP | ports).
+
+    13 bytes for IPv4, 37 for IPv6; the ports stay in network order.
+    """
+    if len(key) == 13:
+        return FLOW_KEY.pack(key[0], 4, 0, key[1:5], key[5:9], key[9:11], key[11:13])
+    if len(key) == 37:
+        return FLOW_KEY.pack(key[0], 6, 0, key[1:17], key[17:33], key[33:35], key[35:37])
+    raise ValueError(f"not a flow key: {len(key)} bytes")
+
+
+def conn_key(kernel_key: bytes) -> bytes:
+    """The inverse of :func:`flow_key`."""
+    proto, family, _, src, dst, sport, dport = FLOW_KEY.unpack(kernel_key)
+    n = 4 if family == 4 else 16
+    return bytes([proto]) + src[:n] + dst[:n] + sport + dport
+
+
+def vip_key(addr: bytes) -> bytes:
+    """A packed VIP address (4 or 16 bytes) as the ``vips`` map's key."""
+    return VIP_KEY.pack(4 if len(addr) == 4 else 6, addr)
+
+
+def ns(seconds: float) -> int:
+    """A ``now``-style time (time.monotonic seconds) as the kernel's bpf_ktime_get_ns."""
+    return max(0, int(seconds * 1e9))
+
+
+def flow_value(route: int, state: int, expires: float) -> bytes:
+    return FLOW_VALUE.pack(route, state, ns(expires))
+
+
+def parse_flow_value(value: bytes) -> tuple[int, int, float]:
+    """(route, state, expires in seconds)."""
+    route, state, expires = FLOW_VALUE.unpack(value)
+    return route, state, expires / 1e9
+
+
+def route_value(tx: Any, live: bool, ifindex: int = 0) -> bytes:
+    """A route's entry for a transmit object (director/modes/): DR's 12 MAC bytes or a TUN tunnel.
+
+    ``live``: the server is available and the VIP in the plan (``Dest.available``
+    and ``Route.live``). ``tx`` None (unreachable) or a mode the kernel does not
+    do gives a route the kernel always passes to userspace. ``ifindex`` 0: out
+    of the interface the packet came in on.
+    """
+    flags = ROUTE_LIVE if live else 0
+    empty = bytes(16)
+    if isinstance(tx, bytes) and len(tx) == 12:
+        return ROUTE.pack(tx[:6], tx[6:], MODE_DR, 0, flags, ifindex, 0, 0, empty, empty)
+    family = getattr(tx, "family", None)
+    if family in (4, 6) and hasattr(tx, "max_inner"):
+        eth = tx.eth
+        return ROUTE.pack(eth[:6], eth[6:12], MODE_TUN, family, flags, ifindex, tx.max_inner, 0,
+                          tx.src.ljust(16, b"\0"), tx.dst.ljust(16, b"\0"))
+    return ROUTE.pack(bytes(6), bytes(6), MODE_NONE, 0, 0, ifindex, 0, 0, empty, empty)
+
+
+def timeouts_value(timeouts: tuple[float, ...] | list[float]) -> bytes:
+    """The connection table's per-state timeouts (seconds), padded to :data:`STATES`."""
+    values = [ns(t) for t in timeouts][:STATES]
+    return TIMEOUTS.pack(*values, *([0] * (STATES - len(values))))
+
+
+def next_state_value() -> bytes:
+    """conntable.NEXT_BYTES padded to :data:`STATES` rows; an unused row never matches its own state."""
+    return NEXT_BYTES + bytes(STATES * 256 - len(NEXT_BYTES))
+
+
+def sum_percpu(value: bytes, size: int, fmt: struct.Struct) -> tuple[int, ...]:
+    """Sum a per-CPU map's value (one ``size``-byte slot, rounded up to 8, per CPU) field by field."""
+    stride = (size + 7) & ~7
+    total = [0] * len(fmt.unpack(bytes(fmt.size)))
+    for off in range(0, len(value) - size + 1, stride):
+        for i, v in enumerate(fmt.unpack_from(value, off)):
+            total[i] += v
+    return tuple(total)
+
+
+def percpu(value: bytes, size: int, cpus: int) -> bytes:
+    """The same value for every CPU, as a per-CPU map update takes it."""
+    stride = (size + 7) & ~7
+    return value.ljust(stride, b"\0") * cpus

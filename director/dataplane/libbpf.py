@@ -1,0 +1,201 @@
+"""The thin adapter over libbpf.so.1 (ctypes): load the tc program, move map bytes, run it on a packet.
+
+Only bytes cross this module: what the bytes mean is director/dataplane/kernelmaps.py's.
+Why ctypes over Debian's libbpf rather than a PyPI binding: libbpf is what
+compiles against the kernel's BTF and is packaged with the distribution
+(scripts/setup installs libbpf-dev, whose libbpf.so.1 is this), the calls
+needed are eleven, and no binding on PyPI is both maintained and free of a
+compiler step (bcc needs kernel headers this machine does not have).
+Every failure becomes one :class:`~glb.errors.KernelDataplaneError` line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from pathlib import Path
+
+from glb.errors import KernelDataplaneError
+
+OBJECT = Path(__file__).with_name("tc") / "glb_tc.bpf.o"
+PROGRAM = "glb_ingress"
+
+_c_p = ctypes.c_void_p
+_PERCPU = {5, 6, 10}
+"""BPF_MAP_TYPE_PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH: a lookup returns one 8-byte-aligned slot per CPU."""
+
+
+class _TestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts (libbpf 1.x bpf.h)."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("data_in", _c_p), ("data_out", _c_p),
+        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+        ("ctx_in", _c_p), ("ctx_out", _c_p),
+        ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32),
+    ]
+
+
+_lib: ctypes.CDLL | None = None
+
+
+def _libbpf() -> ctypes.CDLL:
+    global _lib
+    if _lib is None:
+        name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+        except OSError as e:
+            raise KernelDataplaneError(f"cannot load libbpf ({name}): {e}; install libbpf1") from None
+        for fn, res, args in (
+            ("bpf_object__open_file", _c_p, [ctypes.c_char_p, _c_p]),
+            ("bpf_object__load", ctypes.c_int, [_c_p]),
+            ("bpf_object__close", None, [_c_p]),
+            ("bpf_object__find_program_by_name", _c_p, [_c_p, ctypes.c_char_p]),
+            ("bpf_object__find_map_by_name", _c_p, [_c_p, ctypes.c_char_p]),
+            ("bpf_program__fd", ctypes.c_int, [_c_p]),
+            ("bpf_map__fd", ctypes.c_int, [_c_p]),
+            ("bpf_map__key_size", ctypes.c_uint32, [_c_p]),
+            ("bpf_map__value_size", ctypes.c_uint32, [_c_p]),
+            ("bpf_map__type", ctypes.c_int, [_c_p]),
+            ("bpf_map__set_max_entries", ctypes.c_int, [_c_p, ctypes.c_uint32]),
+            ("bpf_map_update_elem", ctypes.c_int, [ctypes.c_int, _c_p, _c_p, ctypes.c_uint64]),
+            ("bpf_map_lookup_elem", ctypes.c_int, [ctypes.c_int, _c_p, _c_p]),
+            ("bpf_map_delete_elem", ctypes.c_int, [ctypes.c_int, _c_p]),
+            ("bpf_map_get_next_key", ctypes.c_int, [ctypes.c_int, _c_p, _c_p]),
+            ("bpf_prog_test_run_opts", ctypes.c_int, [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]),
+            ("libbpf_num_possible_cpus", ctypes.c_int, []),
+            ("libbpf_set_print", _c_p, [_c_p]),
+        ):
+            f = getattr(lib, fn)
+            f.restype, f.argtypes = res, args
+        lib.libbpf_set_print(None)  # its log is many lines; the caller gets one
+        _lib = lib
+    return _lib
+
+
+def _errno(rc: int) -> int:
+    """libbpf returns -errno (and sets errno); either way, a positive errno."""
+    return -rc if rc < 0 else (ctypes.get_errno() or errno.EIO)
+
+
+class LibBpf:
+    """The loaded program and its maps (the real :class:`~director.dataplane.kernel.BpfMaps`)."""
+
+    def __init__(self, path: Path = OBJECT, max_entries: dict[str, int] | None = None,
+                 sizes: dict[str, tuple[int, int]] | None = None) -> None:
+        """Open and load the object; ``max_entries`` resizes maps before loading; ``sizes``
+        (map -> key and value size) is checked after, so a stale object is refused."""
+        lib = _libbpf()
+        if not path.exists():
+            raise KernelDataplaneError(f"the tc program {path} is not built: run scripts/setup (needs clang)")
+        obj = lib.bpf_object__open_file(str(path).encode(), None)
+        if not obj:
+            raise KernelDataplaneError(f"cannot open {path}: {os.strerror(ctypes.get_errno() or errno.EINVAL)}")
+        self._lib, self._obj = lib, obj
+        self._maps: dict[str, tuple[int, int, int]] = {}
+        try:
+            for name, n in (max_entries or {}).items():
+                m = self._map_ptr(name)
+                if lib.bpf_map__set_max_entries(m, n):
+                    raise KernelDataplaneError(f"cannot size BPF map {name} to {n}")
+            rc = lib.bpf_object__load(obj)
+            if rc:
+                e = _errno(rc)
+                hint = " (not root, or no CAP_BPF)" if e in (errno.EPERM, errno.EACCES) else ""
+                raise KernelDataplaneError(f"the kernel refused the tc program: {os.strerror(e)}{hint}")
+            prog = lib.bpf_object__find_program_by_name(obj, PROGRAM.encode())
+            if not prog:
+                raise KernelDataplaneError(f"{path} has no program {PROGRAM}")
+            self.prog_fd = lib.bpf_program__fd(prog)
+            for name, (ks, vs) in (sizes or {}).items():
+                m = self._map_ptr(name)
+                got = (lib.bpf_map__key_size(m), lib.bpf_map__value_size(m))
+                if got != (ks, vs):
+                    raise KernelDataplaneError(f"{path}: map {name} has key/value sizes {got}, GLB expects "
+                                               f"{(ks, vs)}: rebuild it (scripts/setup)")
+        except BaseException:
+            self.close()
+            raise
+        self.cpus = lib.libbpf_num_possible_cpus()
+
+    def _map_ptr(self, name: str):
+        m = self._lib.bpf_object__find_map_by_name(self._obj, name.encode())
+        if not m:
+            raise KernelDataplaneError(f"the tc program has no map {name}")
+        return m
+
+    def _map(self, name: str) -> tuple[int, int, int]:
+        """(fd, key size, value size as lookups return it: per CPU maps hold one slot per CPU)."""
+        got = self._maps.get(name)
+        if got is None:
+            m = self._map_ptr(name)
+            vs = self._lib.bpf_map__value_size(m)
+            if self._lib.bpf_map__type(m) in _PERCPU:
+                vs = ((vs + 7) & ~7) * self._lib.libbpf_num_possible_cpus()
+            got = self._maps[name] = (self._lib.bpf_map__fd(m), self._lib.bpf_map__key_size(m), vs)
+        return got
+
+    def _call(self, what: str, name: str, rc: int) -> None:
+        if rc:
+            raise KernelDataplaneError(f"BPF map {name}: {what} failed: {os.strerror(_errno(rc))}")
+
+    def update(self, name: str, key: bytes, value: bytes) -> None:
+        fd, _, _ = self._map(name)
+        self._call("update", name, self._lib.bpf_map_update_elem(fd, key, value, 0))
+
+    def lookup(self, name: str, key: bytes) -> bytes | None:
+        fd, _, vs = self._map(name)
+        out = ctypes.create_string_buffer(vs)
+        rc = self._lib.bpf_map_lookup_elem(fd, key, out)
+        if rc and _errno(rc) == errno.ENOENT:
+            return None
+        self._call("lookup", name, rc)
+        return out.raw
+
+    def delete(self, name: str, key: bytes) -> bool:
+        fd, _, _ = self._map(name)
+        rc = self._lib.bpf_map_delete_elem(fd, key)
+        if rc and _errno(rc) == errno.ENOENT:
+            return False
+        self._call("delete", name, rc)
+        return True
+
+    def keys(self, name: str) -> list[bytes]:
+        fd, ks, _ = self._map(name)
+        out, key, nxt = [], None, ctypes.create_string_buffer(ks)
+        while True:
+            rc = self._lib.bpf_map_get_next_key(fd, key, nxt)
+            if rc:
+                if _errno(rc) == errno.ENOENT:
+                    return out
+                self._call("iteration", name, rc)
+            out.append(nxt.raw)
+            key = ctypes.create_string_buffer(nxt.raw, ks)
+
+    def test_run(self, frame: bytes, ctx: bytes | None = None) -> tuple[int, bytes]:
+        """BPF_PROG_TEST_RUN: run the program once on ``frame``; (return code, the frame after it)."""
+        out = ctypes.create_string_buffer(len(frame) + 256)
+        opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_size_in=len(frame), data_size_out=len(out),
+                            repeat=1)
+        data = ctypes.create_string_buffer(frame, len(frame))
+        opts.data_in = ctypes.cast(data, _c_p)
+        opts.data_out = ctypes.cast(out, _c_p)
+        if ctx is not None:
+            cbuf = ctypes.create_string_buffer(ctx, len(ctx))
+            opts.ctx_in = ctypes.cast(cbuf, _c_p)
+            opts.ctx_size_in = len(ctx)
+        rc = self._lib.bpf_prog_test_run_opts(self.prog_fd, ctypes.byref(opts))
+        if rc:
+            raise KernelDataplaneError(f"BPF_PROG_TEST_RUN failed: {os.strerror(_errno(rc))}")
+        return opts.retval, out.raw[:opts.data_size_out]
+
+    def close(self) -> None:
+        obj, self._obj = self._obj, None
+        if obj:
+            self._lib.bpf_object__close(obj)

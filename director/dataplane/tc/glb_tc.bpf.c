@@ -1,0 +1,487 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * GLB's kernel data plane: established flows of DR and TUN forwarded at tc
+ * ingress (clsact, direct-action), IPv4 and IPv6.
+ *
+ * It makes exactly the decision Forwarder.fast() makes in Python
+ * (director/dataplane/forwarder.py) and nothing more: a TCP/UDP packet
+ * (IPv4 without options, IPv6 without extension headers, not a fragment) of
+ * a flow Python installed in `conns`, not expired, whose route is usable and
+ * whose TCP flags change nothing in the flow's state (NEXT[state][flags] ==
+ * state, the table Python writes into `next_state`). Everything else is left
+ * untouched for the userspace engine, through the slow-path veth it reads
+ * (see leave()), or to the host when it is not the engine's: new flows and
+ * every scheduler, state changes, ICMP, ARP/NDP, fragments, packets too big
+ * for the tunnel. tests/director/dataplane/test_kernel_golden.py holds this file to
+ * the golden table and to the Python forwarder with BPF_PROG_TEST_RUN.
+ *
+ * The map layout is director/dataplane/kernelmaps.py's: keep both in step
+ * (the loader compares every map's key and value sizes with it).
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define PACKET_OTHERHOST 3 /* skb->pkt_type */
+#define PACKET_OUTGOING 4
+
+#define MODE_NONE 0 /* unreachable: userspace decides (and counts no_neighbour) */
+#define MODE_DR 1
+#define MODE_TUN 2
+
+#define ROUTE_LIVE 1 /* the server is available and its VIP in the plan */
+
+/* IPVS's 11 TCP states and UDP; rows for 16 so that an index is bounded by a mask */
+#define STATES 16
+#define MAX_ROUTES 65536
+
+/* Why a packet went where it went; the index of `reasons`. */
+enum reason {
+	R_DR = 0,        /* forwarded, MACs rewritten */
+	R_TUN,           /* forwarded, encapsulated */
+	R_NOT_IP,        /* not IPv4/IPv6 (ARP, VLAN, ...) */
+	R_NOT_SIMPLE,    /* IP options, fragment, extension headers, not TCP/UDP, truncated */
+	R_NO_FLOW,       /* not in `conns` (new flow, or not a VIP) */
+	R_EXPIRED,       /* the entry's expiry passed */
+	R_STATE,         /* the TCP flags change the flow's state */
+	R_ROUTE_DOWN,    /* server down, VIP gone, or unreachable */
+	R_TOO_BIG,       /* does not fit the tunnel */
+	R_FAMILY,        /* flow and tunnel of different families */
+	R_ERROR,         /* a helper failed: userspace gets the (untouched) packet */
+	R_OTHER_HOST,    /* for another host's MAC (promiscuous mode, a flooding switch): never ours */
+	R_MAX,
+};
+
+struct flow_key {
+	__u8 proto;
+	__u8 family; /* 4 or 6 */
+	__u16 pad;
+	__u8 src[16]; /* client; IPv4 in the first 4 bytes, the rest zero */
+	__u8 dst[16]; /* VIP */
+	__u16 sport;  /* network order, as on the wire */
+	__u16 dport;
+};
+
+struct flow {
+	__u32 route;  /* index in `routes` */
+	__u8 state;   /* IPVS state (conntable.py's numbers) */
+	__u8 pad[3];
+	__u64 expires; /* CLOCK_MONOTONIC ns (bpf_ktime_get_ns) */
+};
+
+struct route {
+	__u8 dst_mac[6]; /* DR: the real server's; TUN: the next hop's */
+	__u8 src_mac[6]; /* the director's */
+	__u8 mode;
+	__u8 family;     /* TUN: the tunnel's */
+	__u8 flags;
+	__u8 pad;
+	__u32 ifindex;   /* out of here; 0 = the interface the packet came in on */
+	__u16 max_inner; /* TUN: the largest inner packet that fits */
+	__u16 pad2;
+	__u8 saddr[16];  /* TUN outer source (the director) */
+	__u8 daddr[16];  /* TUN outer destination (the real server) */
+};
+
+struct vip_key {
+	__u8 family; /* 4 or 6 */
+	__u8 pad[3];
+	__u8 addr[16];
+};
+
+struct counter {
+	__u64 packets;
+	__u64 bytes; /* IP length of the inner packet, as the Python counters */
+};
+
+struct timeouts {
+	__u64 ns[STATES];
+};
+
+struct next_state {
+	__u8 next[STATES * 256];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1 << 20); /* the loader sets connection_table.max_entries */
+	__type(key, struct flow_key);
+	__type(value, struct flow);
+} conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_ROUTES);
+	__type(key, __u32);
+	__type(value, struct route);
+} routes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_ROUTES);
+	__type(key, __u32);
+	__type(value, struct counter);
+} route_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, R_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} reasons SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct timeouts);
+} timeouts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct next_state);
+} next_state SEC(".maps");
+
+/* The VIPs (which frames the engine needs); value unused. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct vip_key);
+	__type(value, __u8);
+} vips SEC(".maps");
+
+/* The slow-path veth's ifindex (0: none, frames the program leaves go to the host). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} slowpath SEC(".maps");
+
+/* The outer IPv4 id, per CPU (the engine keeps one per worker). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} ident SEC(".maps");
+
+static __always_inline int count(__u32 reason, int verdict)
+{
+	__u64 *n = bpf_map_lookup_elem(&reasons, &reason);
+
+	if (n)
+		*n += 1;
+	return verdict;
+}
+
+static __always_inline __u16 csum_fold(__u32 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+/* Only the MACs change: the IP packet, its checksums and GSO stay valid. */
+static __always_inline int forward_dr(struct __sk_buff *skb, struct route *r)
+{
+	if (bpf_skb_store_bytes(skb, 0, r->dst_mac, 12, 0))
+		return count(R_ERROR, TC_ACT_OK);
+	count(R_DR, 0);
+	return bpf_redirect(r->ifindex ? r->ifindex : skb->ifindex, 0);
+}
+
+/*
+ * IP-in-IP as codec.Tunnel builds it (IPVS's ip_vs_tunnel_xmit): IPv4 in
+ * IPv4 with the inner TOS, TTL and DF, an id from a counter; IPv6 in IPv6
+ * with the inner traffic class and hop limit, flow label 0. Room is made
+ * after the MAC header with the encap flags, so the kernel marks a GSO
+ * frame as a tunnel's and shrinks its segment size by the outer header:
+ * large segments stay whole and still fit the link once segmented.
+ */
+static __always_inline int forward_tun(struct __sk_buff *skb, struct route *r, __u32 total,
+				       __u8 family, __u8 tos, __u8 ttl, __u16 frag_off)
+{
+	__u32 room = family == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr);
+	__u64 flags = family == 4 ? BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 : BPF_F_ADJ_ROOM_ENCAP_L3_IPV6;
+
+	/* Ethernet padding is not part of the inner packet (codec.Tunnel drops it too). */
+	if (skb->len > ETH_HLEN + total && bpf_skb_change_tail(skb, ETH_HLEN + total, 0))
+		return count(R_ERROR, TC_ACT_OK);
+	if (bpf_skb_adjust_room(skb, room, BPF_ADJ_ROOM_MAC, flags))
+		return count(R_ERROR, TC_ACT_OK);
+
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if (family == 4) {
+		struct iphdr *ip = data + ETH_HLEN;
+
+		/* the packet already has its room: it cannot go back to userspace as it came */
+		if ((void *)(ip + 1) > data_end)
+			return count(R_ERROR, TC_ACT_SHOT);
+		__builtin_memcpy(eth->h_dest, r->dst_mac, 6);
+		__builtin_memcpy(eth->h_source, r->src_mac, 6);
+		__u32 key = 0;
+		__u32 *id = bpf_map_lookup_elem(&ident, &key);
+		__u16 next = 0;
+
+		if (id) {
+			*id = (*id + 1) & 0xffff;
+			next = *id;
+		}
+		ip->version = 4;
+		ip->ihl = 5;
+		ip->tos = tos;
+		ip->tot_len = bpf_htons(total + sizeof(struct iphdr));
+		ip->id = bpf_htons(next);
+		ip->frag_off = frag_off & bpf_htons(0x4000); /* DF copied, nothing else */
+		ip->ttl = ttl;
+		ip->protocol = IPPROTO_IPIP;
+		ip->check = 0;
+		__builtin_memcpy(&ip->saddr, r->saddr, 4);
+		__builtin_memcpy(&ip->daddr, r->daddr, 4);
+		__u16 *w = (__u16 *)ip;
+		__u32 sum = 0;
+#pragma unroll
+		for (int i = 0; i < 10; i++)
+			sum += w[i];
+		ip->check = csum_fold(sum);
+	} else {
+		struct ipv6hdr *ip6 = data + ETH_HLEN;
+		__u8 *b = (__u8 *)ip6;
+
+		if ((void *)(ip6 + 1) > data_end)
+			return count(R_ERROR, TC_ACT_SHOT);
+		__builtin_memcpy(eth->h_dest, r->dst_mac, 6);
+		__builtin_memcpy(eth->h_source, r->src_mac, 6);
+
+		b[0] = 0x60 | (tos >> 4);
+		b[1] = (tos & 0x0f) << 4;
+		b[2] = 0;
+		b[3] = 0;
+		ip6->payload_len = bpf_htons(total);
+		ip6->nexthdr = IPPROTO_IPV6;
+		ip6->hop_limit = ttl;
+		__builtin_memcpy(&ip6->saddr, r->saddr, 16);
+		__builtin_memcpy(&ip6->daddr, r->daddr, 16);
+	}
+	count(R_TUN, 0);
+	return bpf_redirect(r->ifindex ? r->ifindex : skb->ifindex, 0);
+}
+
+/* What the decision reads of a packet (copied out with bpf_skb_load_bytes). */
+struct pkt {
+	struct flow_key key;
+	__u32 total;  /* IP length */
+	__u8 flags;   /* TCP flags; 0 for UDP */
+	__u8 family;
+	__u8 tos;     /* IPv4 TOS / IPv6 traffic class */
+	__u8 ttl;     /* TTL / hop limit */
+	__u16 frag_off;
+};
+
+/*
+ * Forwarder.fast()'s decision, without side effects: R_DR or R_TUN with the
+ * flow, its route and its index set, or the reason userspace must decide.
+ */
+static __always_inline __u32 decide(struct __sk_buff *skb, struct pkt *p, __u64 now,
+				    struct flow **fp, struct route **rp, __u32 *ri)
+{
+	__u8 h[40];
+	__u16 proto_eth;
+	__u32 hlen;
+	__u8 proto;
+
+	if (bpf_skb_load_bytes(skb, 12, &proto_eth, 2))
+		return R_NOT_IP;
+	if (proto_eth == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (struct iphdr *)h;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, h, sizeof(*ip)))
+			return R_NOT_SIMPLE;
+		/* no options; neither MF nor an offset (DF may be set) */
+		if (ip->version != 4 || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
+			return R_NOT_SIMPLE;
+		p->total = bpf_ntohs(ip->tot_len);
+		hlen = sizeof(*ip);
+		proto = ip->protocol;
+		p->key.family = 4;
+		__builtin_memcpy(p->key.src, &ip->saddr, 4);
+		__builtin_memcpy(p->key.dst, &ip->daddr, 4);
+		p->tos = ip->tos;
+		p->ttl = ip->ttl;
+		p->frag_off = ip->frag_off;
+	} else if (proto_eth == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (struct ipv6hdr *)h;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, h, sizeof(*ip6)) || ip6->version != 6)
+			return R_NOT_SIMPLE;
+		p->total = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+		hlen = sizeof(*ip6);
+		proto = ip6->nexthdr; /* extension headers and ICMPv6 are declined below */
+		p->key.family = 6;
+		__builtin_memcpy(p->key.src, &ip6->saddr, 16);
+		__builtin_memcpy(p->key.dst, &ip6->daddr, 16);
+		p->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
+		p->ttl = ip6->hop_limit;
+	} else {
+		return R_NOT_IP;
+	}
+	/* TCP up to its flags, UDP up to its length, both inside the IP packet and the frame */
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return R_NOT_SIMPLE;
+	if (p->total < hlen + (proto == IPPROTO_TCP ? 14 : 8) || ETH_HLEN + p->total > skb->len)
+		return R_NOT_SIMPLE;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + hlen, h, proto == IPPROTO_TCP ? 14 : 8))
+		return R_NOT_SIMPLE;
+	p->flags = proto == IPPROTO_TCP ? h[13] : 0;
+	p->key.proto = proto;
+	__builtin_memcpy(&p->key.sport, h, 4);
+	p->family = p->key.family;
+
+	struct flow *f = bpf_map_lookup_elem(&conns, &p->key);
+	if (!f)
+		return R_NO_FLOW;
+	if (f->expires <= now)
+		return R_EXPIRED;
+	__u32 zero = 0;
+	__u32 state = f->state & (STATES - 1);
+	struct next_state *ns = bpf_map_lookup_elem(&next_state, &zero);
+	if (!ns)
+		return R_ERROR;
+	if (ns->next[state * 256 + p->flags] != state)
+		return R_STATE;
+	*ri = f->route;
+	struct route *r = bpf_map_lookup_elem(&routes, ri);
+	if (!r || !(r->flags & ROUTE_LIVE) || r->mode == MODE_NONE)
+		return R_ROUTE_DOWN;
+	if (r->mode == MODE_TUN && p->family != r->family)
+		return R_FAMILY;
+	if (r->mode == MODE_TUN && !skb->gso_size && p->total > r->max_inner)
+		return R_TOO_BIG;
+	*fp = f;
+	*rp = r;
+	return r->mode == MODE_DR ? R_DR : R_TUN;
+}
+
+/*
+ * Frames the userspace engine must see (what its classic filter,
+ * director/dataplane/bpf.py, takes): not another host's or an outgoing one;
+ * IP to a VIP (the `vips` map), ARP about a VIP: the engine's alone;
+ * ICMPv6 to a solicited-node group (neighbour solicitations; the engine
+ * checks the target): the host may need them too.
+ */
+#define NOT_ENGINE 0
+#define ENGINE_ONLY 1
+#define ENGINE_TOO 2
+
+static __always_inline int is_vip(__u8 family, void *addr)
+{
+	struct vip_key k = {.family = family};
+
+	__builtin_memcpy(k.addr, addr, family == 4 ? 4 : 16);
+	return bpf_map_lookup_elem(&vips, &k) != 0;
+}
+
+static __always_inline int for_engine(struct __sk_buff *skb)
+{
+	__u16 proto_eth;
+	__u8 a[16];
+
+	if (skb->pkt_type == PACKET_OTHERHOST || skb->pkt_type == PACKET_OUTGOING)
+		return NOT_ENGINE;
+	if (bpf_skb_load_bytes(skb, 12, &proto_eth, 2))
+		return NOT_ENGINE;
+	if (proto_eth == bpf_htons(ETH_P_ARP)) {
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 24, a, 4))
+			return NOT_ENGINE;
+		return is_vip(4, a) ? ENGINE_ONLY : NOT_ENGINE;
+	}
+	if (proto_eth == bpf_htons(ETH_P_IP)) {
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 16, a, 4))
+			return NOT_ENGINE;
+		return is_vip(4, a) ? ENGINE_ONLY : NOT_ENGINE;
+	}
+	if (proto_eth == bpf_htons(ETH_P_IPV6)) {
+		__u8 nh;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 24, a, 16) || bpf_skb_load_bytes(skb, ETH_HLEN + 6, &nh, 1))
+			return NOT_ENGINE;
+		if (nh == IPPROTO_ICMPV6 && a[0] == 0xff && a[1] == 0x02 && a[11] == 1 && a[12] == 0xff)
+			return ENGINE_TOO; /* ff02::1:ffXX:XXXX */
+		return is_vip(6, a) ? ENGINE_ONLY : NOT_ENGINE;
+	}
+	return NOT_ENGINE;
+}
+
+/*
+ * A frame the program does not forward: the engine's frames go to the
+ * slow-path veth it reads (AF_PACKET taps on this interface would see every
+ * frame, forwarded or not, before tc: so the engine does not listen here);
+ * the rest to the host. No slow path set (tests): everything to the host.
+ */
+static __always_inline int leave(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	__u32 *slow = bpf_map_lookup_elem(&slowpath, &zero);
+
+	if (!slow || !*slow)
+		return TC_ACT_OK;
+	switch (for_engine(skb)) {
+	case ENGINE_ONLY:
+		return bpf_redirect(*slow, 0);
+	case ENGINE_TOO:
+		bpf_clone_redirect(skb, *slow, 0);
+		return TC_ACT_OK;
+	}
+	return TC_ACT_OK;
+}
+
+SEC("tc")
+int glb_ingress(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct flow *f = 0;
+	struct route *r = 0;
+	__u32 ri = 0, zero = 0;
+	__u64 now = bpf_ktime_get_ns();
+
+	/* The engine's filter refuses these too: forwarding one would duplicate another host's frame. */
+	if (skb->pkt_type == PACKET_OTHERHOST)
+		return count(R_OTHER_HOST, TC_ACT_OK);
+	__u32 why = decide(skb, &p, now, &f, &r, &ri);
+
+	if (why != R_DR && why != R_TUN)
+		return count(why, leave(skb));
+	if (!f || !r)
+		return count(R_ERROR, leave(skb));
+	struct timeouts *to = bpf_map_lookup_elem(&timeouts, &zero);
+	if (!to)
+		return count(R_ERROR, leave(skb));
+	/* Decided: refresh the expiry as ConnTable.refresh does. */
+	f->expires = now + to->ns[f->state & (STATES - 1)];
+	int verdict = why == R_DR ? forward_dr(skb, r)
+				  : forward_tun(skb, r, p.total, p.family, p.tos, p.ttl, p.frag_off);
+	if (verdict == TC_ACT_OK)
+		return leave(skb); /* a helper failed before changing the packet */
+	if (verdict == TC_ACT_REDIRECT) {
+		struct counter *c = bpf_map_lookup_elem(&route_counters, &ri);
+
+		if (c) {
+			c->packets += 1;
+			c->bytes += p.total;
+		}
+	}
+	return verdict;
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,202 @@
+"""The kernel data plane's map layout (director/dataplane/kernelmaps.py) and KernelTables over the fake maps.
+
+Pure: no BPF. test_kernel_golden.py holds the C program to the same layout.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+
+import pytest
+
+from director.dataplane import codec
+from director.dataplane import kernelmaps as km
+from director.dataplane.conntable import ESTABLISHED, NEXT, UDP
+from director.dataplane.kernel import FakeMaps, KernelTables
+
+
+def P(a: str) -> bytes:
+    return ipaddress.ip_address(a).packed
+
+
+KEY4 = codec.flow_key(6, P("198.51.100.7"), P("192.0.2.10"), 40000, 80)
+KEY6 = codec.flow_key(17, P("2001:db8:100::7"), P("2001:db8:10::10"), 5353, 53)
+TUN4 = codec.Tunnel(P("10.2.0.1"), P("10.2.0.11"), b"\x02\0\0\0\0\x11", b"\x02\0\0\0\0\xd1", mtu=1500)
+TUN6 = codec.Tunnel(P("2001:db8:2::1"), P("2001:db8:2::11"), b"\x02\0\0\0\0\x11", b"\x02\0\0\0\0\xd1", mtu=1400)
+
+
+def test_flow_keys_carry_family_addresses_and_ports_in_wire_order():
+    k = km.flow_key(KEY4)
+    assert len(k) == km.FLOW_KEY.size == 40
+    assert k == bytes([6, 4, 0, 0]) + P("198.51.100.7") + bytes(12) + P("192.0.2.10") + bytes(12) + b"\x9c\x40\x00\x50"
+    k6 = km.flow_key(KEY6)
+    assert k6[:2] == bytes([17, 6]) and k6[4:20] == P("2001:db8:100::7") and k6[-4:] == b"\x14\xe9\x00\x35"
+    assert km.conn_key(k) == KEY4 and km.conn_key(k6) == KEY6
+    with pytest.raises(ValueError):
+        km.flow_key(b"short")
+
+
+def test_flow_values_hold_route_state_and_expiry_in_nanoseconds():
+    v = km.flow_value(7, ESTABLISHED, 12.5)
+    assert len(v) == 16
+    assert km.parse_flow_value(v) == (7, ESTABLISHED, 12.5)
+    assert km.FLOW_VALUE.unpack(v)[2] == 12_500_000_000
+
+
+def test_routes_for_dr_tun_and_unreachable():
+    macs = b"\x02\0\0\0\0\x11\x02\0\0\0\0\xd1"
+    dst, src, mode, fam, flags, ifindex, max_inner, _, saddr, daddr = km.ROUTE.unpack(km.route_value(macs, True, 3))
+    assert (dst + src, mode, flags, ifindex) == (macs, km.MODE_DR, km.ROUTE_LIVE, 3)
+    r = km.ROUTE.unpack(km.route_value(TUN4, False))
+    assert r[2:7] == (km.MODE_TUN, 4, 0, 0, 1480)
+    assert r[8][:4] == P("10.2.0.1") and r[9][:4] == P("10.2.0.11") and r[0] + r[1] == TUN4.eth[:12]
+    r6 = km.ROUTE.unpack(km.route_value(TUN6, True))
+    assert r6[2:7] == (km.MODE_TUN, 6, km.ROUTE_LIVE, 0, 1360) and r6[9] == P("2001:db8:2::11")
+    assert km.ROUTE.unpack(km.route_value(None, True))[2:5] == (km.MODE_NONE, 0, 0)
+
+
+def test_the_state_table_is_the_connection_tables():
+    v = km.next_state_value()
+    assert len(v) == km.STATES * 256
+    for state in range(12):
+        for flags in (0, 0x02, 0x10, 0x11, 0x04, 0x18):
+            ns = NEXT[state][flags]
+            assert v[state * 256 + flags] == (255 if ns < 0 else ns)
+    assert all(v[s * 256 + f] != s for s in range(12, km.STATES) for f in range(256))
+    t = km.TIMEOUTS.unpack(km.timeouts_value([1.0, 900.0, 0.5]))
+    assert t[:4] == (1_000_000_000, 900_000_000_000, 500_000_000, 0) and len(t) == km.STATES
+
+
+def test_percpu_values_sum_per_field():
+    two = km.COUNTER.pack(3, 300) + km.COUNTER.pack(4, 400)
+    assert km.sum_percpu(two, km.COUNTER.size, km.COUNTER) == (7, 700)
+    one = km.percpu(km.U32.pack(5), 4, 3)
+    assert len(one) == 24 and km.sum_percpu(one, 4, km.U32) == (15,)
+
+
+def test_the_c_structs_match_the_layout():
+    """The C file's structs, field by field in size, against the Python packing (the loader checks the
+    object too, but this runs without clang or BPF)."""
+    src = (Path(km.__file__).with_name("tc") / "glb_tc.bpf.c").read_text()
+    sizes = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8}
+
+    def size(struct: str) -> int:
+        body = re.search(r"struct %s \{(.*?)\};" % struct, src, re.S).group(1)
+        total = 0
+        for typ, name, n in re.findall(r"(__u\d+) (\w+)(?:\[(\w+)\])?;", body):
+            count = int(n) if n and n.isdigit() else (km.STATES if n == "STATES" else 1)
+            total += sizes[typ] * count
+        return total
+
+    assert size("flow_key") == km.FLOW_KEY.size
+    assert size("flow") == km.FLOW_VALUE.size
+    assert size("route") == km.ROUTE.size
+    assert size("counter") == km.COUNTER.size
+    assert size("timeouts") == km.TIMEOUTS.size
+    enum = re.search(r"enum reason \{(.*?)\};", src, re.S).group(1)
+    assert len(re.findall(r"^\s*R_(?!MAX)\w+", enum, re.M)) == len(km.REASONS)
+
+
+def test_kernel_tables_over_the_fake():
+    maps = FakeMaps(cpus=2)
+    t = KernelTables(maps, [60.0] * 12)
+    assert maps.lookup("next_state", km.ZERO) == km.next_state_value()
+    t.set_route(1, TUN4, True)
+    t.install(KEY4, 1, ESTABLISHED, 100.0)
+    t.install(KEY6, 1, UDP, 50.0)
+    assert t.flow(KEY4) == (1, ESTABLISHED, 100.0)
+    assert sorted(t.flows()) == sorted([KEY4, KEY6])
+    assert t.remove(KEY4) and not t.remove(KEY4) and t.flow(KEY4) is None
+    maps.update("route_counters", km.U32.pack(1), km.COUNTER.pack(2, 80) + km.COUNTER.pack(1, 40))
+    assert t.route_counters(1) == (3, 120) and t.route_counters(2) == (0, 0)
+    maps.update("reasons", km.U32.pack(km.REASONS.index("pass_no_flow")), km.percpu(km.U64.pack(4), 8, 2))
+    assert t.reasons()["pass_no_flow"] == 8 and t.reasons()["forwarded_dr"] == 0
+    t.set_ident(0x1233)
+    assert km.sum_percpu(maps.lookup("ident", km.ZERO), 4, km.U32) == (2 * 0x1233,)
+    with pytest.raises(ValueError):
+        t.set_route(km.MAX_ROUTES, TUN4, True)
+    with pytest.raises(ValueError):
+        maps.update("conns", b"x", b"y")  # the fake refuses what the kernel would
+
+
+# --------------------------------------------------------------------------
+# KernelSync: the forwarder's flows mirrored into the (fake) kernel tables
+
+
+def _sync_lab():
+    from director.dataplane.forwarder import Forwarder
+    from director.dataplane.kernel import KernelSync
+    from tests.director.dataplane.test_forwarder import RS, plan, server, syn
+
+    f = Forwarder()
+    f.apply(plan(server(RS[0]), server(RS[1])))
+    maps = FakeMaps(cpus=2)
+    tables = KernelTables(maps, f.table.timeouts)
+    sync = KernelSync(tables, ifindex=7)
+    f.kernel = f.table.outside = sync
+    return f, maps, tables, sync, syn, plan, server, RS
+
+
+def test_a_flow_is_installed_once_confirmed_with_its_route():
+    f, maps, tables, sync, syn, plan, server, RS = _sync_lab()
+    f.forward(memoryview(syn(40000)), 0.0)
+    assert tables.flows() == []  # a SYN alone proves nothing (a flood stays in userspace)
+    action = f.forward(memoryview(syn(40000, flags="A")), 1.0)
+    (key,) = tables.flows()
+    route, state, expires = tables.flow(key)
+    assert state == ESTABLISHED and expires == pytest.approx(1.0 + f.table.timeouts[ESTABLISHED])
+    r = km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(route)))
+    assert r[0] + r[1] == action and r[2:6] == (km.MODE_DR, 0, km.ROUTE_LIVE, 7)
+    f.forward(memoryview(syn(40000, flags="FA")), 2.0)  # a state change the kernel left to Python
+    assert tables.flow(key)[1] != ESTABLISHED
+
+
+def test_a_plan_that_takes_the_server_away_turns_its_route_off():
+    f, maps, tables, sync, syn, plan, server, RS = _sync_lab()
+    f.forward(memoryview(syn(40000)), 0.0)
+    owner = f.forward(memoryview(syn(40000, flags="A")), 0.0)
+    (key,) = tables.flows()
+    route = tables.flow(key)[0]
+    down = [server(a, available=a != RS[owner[5] - 1], weight=int(a != RS[owner[5] - 1])) for a in RS[:2]]
+    f.apply(plan(*down))
+    sync.plan_applied(f.vips)
+    assert km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(route)))[4] == 0  # not live: the kernel passes
+    assert {k[4:] for k in maps.keys("vips")} == {ipaddressed("192.0.2.10")}
+
+
+def test_a_standby_plan_without_vips_turns_every_route_off():
+    from director.dataplane.packetpath import without_vips
+
+    f, maps, tables, sync, syn, plan, server, RS = _sync_lab()
+    f.forward(memoryview(syn(40000)), 0.0)
+    f.forward(memoryview(syn(40000, flags="A")), 0.0)
+    (key,) = tables.flows()
+    f.apply(without_vips(plan(server(RS[0]), server(RS[1]))))
+    sync.plan_applied(f.vips)
+    assert km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(tables.flow(key)[0])))[4] == 0
+    assert maps.keys("vips") == []
+
+
+def ipaddressed(a: str) -> bytes:
+    return P(a).ljust(16, b"\0")
+
+
+def test_kernel_counters_fold_into_the_forwarders_and_expiry_follows_the_kernel():
+    f, maps, tables, sync, syn, plan, server, RS = _sync_lab()
+    f.forward(memoryview(syn(40000)), 0.0)
+    f.forward(memoryview(syn(40000, flags="A")), 0.0)
+    (key,) = tables.flows()
+    route = tables.flow(key)[0]
+    before = f.stats().forwarded
+    maps.update("route_counters", km.U32.pack(route), km.COUNTER.pack(10, 400) + km.COUNTER.pack(5, 200))
+    sync.fold_counters()
+    sync.fold_counters()  # deltas: folding twice counts once
+    assert f.stats().forwarded == before + 15
+    # The kernel kept the flow alive past Python's expiry: the sweep adopts the kernel's.
+    es = f.table.timeouts[ESTABLISHED]
+    tables.install(key, route, ESTABLISHED, es + 500.0)
+    assert f.sweep(es + 10.0) == 0 and len(f.table) == 1
+    assert f.sweep(es + 600.0) == 1 and len(f.table) == 0
+    assert tables.flows() == []  # forgotten in the kernel too
