@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -82,7 +83,9 @@ class AnswerUpdater:
         if follower_factory is None:
             from glb.store import StateFollower  # the only Redis-aware import here
 
-            follower_factory = StateFollower
+            # dnsfront reads only what answers depend on: a heartbeat whose
+            # answer digest is unchanged is applied without fetching it.
+            follower_factory = functools.partial(StateFollower, answers_only=True)
         self.follower = follower_factory(redis, on_change=self._changed)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf

@@ -137,6 +137,7 @@ class Worker:
                 # climbs faster than one per resync_interval.
                 "full_loads": getattr(f, "full_loads", 0),
                 "changes_applied": getattr(f, "changes_applied", 0),
+                "fetches_skipped": getattr(f, "fetches_skipped", 0),
                 "keepalives_answered": getattr(f, "keepalives_answered", 0),
             },
             "counters": {

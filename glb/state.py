@@ -15,6 +15,7 @@ a half-valid snapshot: decoding a malformed or unknown-schema document raises
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import math
@@ -615,16 +616,39 @@ class Keys:
         return f"{self.prefix}:changes"
 
 
+def answer_digest(s: SiteSnapshot) -> str:
+    """A short digest of what an answer can see in ``s``: ``withdrawn`` and each
+    service's ``up`` and ``healthy_fraction`` (dnsfront/sitewatch.py's condition
+    minus time). Counters, rates, real servers and stamps are left out, so a
+    heartbeat that changes only those keeps the digest; a reader that needs only
+    answers can then skip fetching the snapshot (see ``Change.digest``)."""
+    # bool()/float(): a publisher's 1 and a decoded 1.0 must hash alike.
+    doc = [bool(s.withdrawn), [[x.name, bool(x.up), float(x.healthy_fraction)] for x in s.services]]
+    raw = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    return hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+_DIGEST_RE = re.compile(r"[0-9a-f]{16}")
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One announcement on the changes channel: ``site <name> <version>`` or
+    """One announcement on the changes channel: ``site <name> <version>
+    <published_at> <digest>`` (or the older ``site <name> <version>``) or
     ``override <target> <version>``. It says *what* changed; readers then load
-    that item, so a message never carries state that could go out of date."""
+    that item, so a message never carries state that could go out of date,
+    except a site's stamps and ``answer_digest``: with those a reader that
+    holds a snapshot of the same digest may advance its stamps instead of
+    loading it (a heartbeat)."""
 
     kind: Literal["site", "override"]
     name: str
     """Site name, or override target."""
     version: int
+    published_at: float | None = None
+    """Redis TIME of the publish (site messages of the current format only)."""
+    digest: str | None = None
+    """``answer_digest`` of the published snapshot (idem)."""
 
 
 def format_change(kind: str, name: str, version: int) -> str:
@@ -638,17 +662,29 @@ def parse_change(message: str | bytes) -> Change:
     if not isinstance(message, str):
         raise StateError(f"change message: expected text, got {type(message).__name__}")
     parts = message.split(" ")
-    if len(parts) != 3 or not parts[2].isdigit():
+    if len(parts) not in (3, 5) or not parts[2].isdigit():
         raise StateError(f"change message {message[:100]!r}: expected '<kind> <name> <version>'")
-    kind, name, version_s = parts
+    kind, name, version_s = parts[:3]
+    published_at: float | None = None
+    digest: str | None = None
     if kind == "site":
         if not valid_name(name):
             raise StateError(f"change message {message[:100]!r}: bad site name")
+        if len(parts) == 5:
+            try:
+                published_at = float(parts[3])
+            except ValueError:
+                published_at = -1.0
+            if not (math.isfinite(published_at) and published_at >= 0) or not _DIGEST_RE.fullmatch(parts[4]):
+                raise StateError(f"change message {message[:100]!r}: bad published_at or digest")
+            digest = parts[4]
     elif kind == "override":
+        if len(parts) != 3:
+            raise StateError(f"change message {message[:100]!r}: expected 'override <target> <version>'")
         parse_target(name)
     else:
         raise StateError(f"change message {message[:100]!r}: unknown kind {kind!r}")
-    return Change(kind, name, int(version_s))  # type: ignore[arg-type]
+    return Change(kind, name, int(version_s), published_at, digest)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------

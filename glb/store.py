@@ -39,7 +39,9 @@ from glb.state import (
     DeploymentState,
     Keys,
     Override,
+    Change,
     SiteSnapshot,
+    answer_digest,
     decode_override,
     decode_snapshot,
     encode_override,
@@ -71,10 +73,12 @@ local t = redis.call('TIME')
 local at = t[1] .. '.' .. string.format('%06d', tonumber(t[2]))
 redis.call('HSET', KEYS[2], 'version', string.format('%d', v), 'published_at', at, 'data', ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[1])
-redis.call('PUBLISH', ARGV[3], 'site ' .. ARGV[1] .. ' ' .. string.format('%d', v))
+redis.call('PUBLISH', ARGV[3], 'site ' .. ARGV[1] .. ' ' .. string.format('%d', v) .. ' ' .. at .. ' ' .. ARGV[4])
 return {v, at}
 """
-# KEYS: version, site hash, sites set.  ARGV: site name, snapshot JSON, channel.
+# KEYS: version, site hash, sites set.  ARGV: site name, snapshot JSON, channel,
+# answer digest. The message carries published_at (only known in here) and the
+# digest, so a reader holding a document of the same digest needs no fetch.
 
 _REMOVE_SITE = """
 local v = redis.call('INCR', KEYS[1])
@@ -245,7 +249,7 @@ class RedisStore:
         with self._errors(f"publish site {snapshot.site!r}"):
             v, at = await self._publish(
                 keys=[k.version, k.site(snapshot.site), k.sites],
-                args=[snapshot.site, data, k.channel],
+                args=[snapshot.site, data, k.channel, answer_digest(snapshot)],
             )
         return replace(snapshot, version=int(v), published_at=float(at))
 
@@ -501,12 +505,18 @@ class StateFollower:
         store_factory: Callable[[], RedisStore] | None = None,
         resync_interval: float | None = None,
         keepalive: float = 1.0,
+        answers_only: bool = False,
     ):
         self.config = config
         self._on_change = on_change
         self._factory = store_factory or (lambda: RedisStore(config))
         self.resync_interval = config.resync_interval if resync_interval is None else resync_interval
         self.keepalive = keepalive
+        self.answers_only = answers_only
+        """The reader needs only what answers depend on (dnsfront): a site message
+        whose digest equals the held document's advances its stamps without a
+        fetch, so the held counters, rates and real servers may be older than
+        the version says (until the next answer-relevant change or resync)."""
         self.state = DeploymentState()
         """Empty until the first load: dnsfront then answers from configured weights."""
         self.connected = False
@@ -516,6 +526,10 @@ class StateFollower:
         """The most recent failure (kept after recovery, for /status)."""
         self.full_loads = 0
         self.changes_applied = 0
+        self.fetches_skipped = 0
+        """Site changes applied from the message alone (``answers_only``)."""
+        self._digests: dict[str, tuple[SiteSnapshot, str]] = {}
+        """Per site: the held snapshot object and its ``answer_digest``."""
         self.keepalives_answered = 0
         """Keepalive PINGs Redis answered on the changes channel (a quiet, healthy
         connection counts up here while ``full_loads`` stays put)."""
@@ -627,8 +641,13 @@ class StateFollower:
                 held = state.sites.get(change.name)
                 if held is not None and held.version >= change.version:
                     return  # already have it (or newer) from a full load
-                snap = await store.load_site(change.name)
+                snap = self._restamped(held, change)
                 if snap is None:
+                    snap = await store.load_site(change.name)
+                else:
+                    self.fetches_skipped += 1
+                if snap is None:
+                    self._digests.pop(change.name, None)
                     new = state.without_site(change.name, change.version)
                 else:
                     new = state.with_site(snap)
@@ -644,6 +663,19 @@ class StateFollower:
             return
         self.changes_applied += 1
         await self._set_state(new)
+
+    def _restamped(self, held: SiteSnapshot | None, change: Change) -> SiteSnapshot | None:
+        """``held`` with the change's stamps, if an answers-only reader may skip
+        the fetch (same digest); None when the document must be loaded."""
+        if not self.answers_only or held is None or change.digest is None or change.published_at is None:
+            return None
+        cached = self._digests.get(held.site)
+        digest = cached[1] if cached is not None and cached[0] is held else answer_digest(held)
+        if digest != change.digest:
+            return None
+        snap = replace(held, version=change.version, published_at=change.published_at)
+        self._digests[held.site] = (snap, digest)
+        return snap
 
     async def _set_state(self, new: DeploymentState) -> None:
         if new is self.state:

@@ -20,6 +20,7 @@ from glb.state import (
     ServiceState,
     SiteSnapshot,
     Target,
+    answer_digest,
     decode_override,
     decode_snapshot,
     encode_override,
@@ -294,6 +295,36 @@ def test_parse_change() -> None:
                 "site a b 3", "site  3"]:
         with pytest.raises(StateError):
             parse_change(bad)
+    # The current site format: stamps and answer digest (see docs/state.md).
+    assert parse_change("site ams 12 1700000000.000123 0123456789abcdef") == Change(
+        "site", "ams", 12, 1700000000.000123, "0123456789abcdef")
+    for bad in ["site ams 12 1700000000.5", "site ams 12 x 0123456789abcdef", "site ams 12 nan 0123456789abcdef",
+                "site ams 12 -1 0123456789abcdef", "site ams 12 1.5 0123456789ABCDEF", "site ams 12 1.5 0123",
+                "override site:ams 13 1.5 0123456789abcdef"]:
+        with pytest.raises(StateError):
+            parse_change(bad)
+
+
+def test_answer_digest_covers_exactly_what_answers_read() -> None:
+    rs = RealServerState("10.0.0.1", 80, "up", 100)
+    svc = ServiceState("web", ("192.0.2.10:80/tcp",), 1.0, True, (rs,))
+    base = SiteSnapshot("ams", "dir-1", 1.0, (svc,))
+    d = answer_digest(base)
+    assert len(d) == 16 and int(d, 16) >= 0
+    # A heartbeat: stamps, counters, rates, real servers, director: same digest.
+    beat = replace(base, heartbeat=2.0, version=9, published_at=5.0, director_id="dir-2", services=(
+        replace(svc, active_conns=7, new_conns_per_s=3.0, packets_per_s=1.0, bytes_per_s=2.0,
+                real_servers=(replace(rs, active_conns=4, state="down"),)),))
+    assert answer_digest(beat) == d
+    # Anything sitewatch's condition reads: a new digest.
+    changed = [
+        replace(base, withdrawn=True),
+        replace(base, services=(replace(svc, up=False),)),
+        replace(base, services=(replace(svc, healthy_fraction=0.5),)),
+        replace(base, services=(replace(svc, name="api"),)),
+        replace(base, services=()),
+    ]
+    assert len({answer_digest(s) for s in changed} | {d}) == len(changed) + 1
 
 
 # -- DeploymentState

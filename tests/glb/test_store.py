@@ -10,6 +10,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from glb.state import (
     SiteSnapshot,
     decode_snapshot,
     server_target,
+    answer_digest,
     site_target,
 )
 from glb.store import RedisStore, StateFollower
@@ -242,6 +244,71 @@ async def test_follower_sees_publish_through_pubsub(store: RedisStore, redis_url
         p2 = await store.publish(snapshot("ams", director="dir-2"))
         await eventually(lambda: follower.state.sites["ams"].version == p2.version, timeout=1.0)
         assert follower.full_loads == 1
+
+
+async def test_change_message_carries_stamps_and_answer_digest(store: RedisStore, redis_url: str) -> None:
+    """docs/state.md promises this exact message: site <name> <version> <published_at> <digest>."""
+    sub = store._client.pubsub()
+    try:
+        await sub.subscribe(Keys().channel)
+        assert (await sub.get_message(timeout=2))["type"] == "subscribe"
+        s = snapshot("ams")
+        p = await store.publish(s)
+        msg = await sub.get_message(timeout=2)
+        name, version, at, digest = msg["data"].split(" ")[1:]
+        assert (name, int(version), float(at), digest) == ("ams", p.version, p.published_at, answer_digest(s))
+        assert at == (await store._client.hget(Keys().site("ams"), "published_at"))
+    finally:
+        await sub.aclose()
+
+
+async def test_answers_only_follower_skips_the_fetch_of_a_heartbeat(store: RedisStore, redis_url: str) -> None:
+    fetched: list[str] = []
+
+    def counting_store() -> RedisStore:
+        s = RedisStore(RedisConfig(url=redis_url, timeout=0.5))
+        load_site = s.load_site
+
+        async def counted(name: str) -> SiteSnapshot | None:
+            fetched.append(name)
+            return await load_site(name)
+
+        s.load_site = counted  # type: ignore[method-assign]
+        return s
+
+    first = await store.publish(snapshot("ams"))
+    follower, _ = follower_for(redis_url, resync_interval=3600, answers_only=True, store_factory=counting_store)
+    async with follower:
+        assert await follower.wait_synced(5)
+        # A heartbeat: new counters and stamps, same answer digest: no fetch.
+        beat = await store.publish(replace(snapshot("ams", n_servers=2), heartbeat=first.heartbeat + 1))
+        await eventually(lambda: follower.state.sites["ams"].version == beat.version, timeout=1.0)
+        held = follower.state.sites["ams"]
+        assert (held.published_at, fetched, follower.fetches_skipped) == (beat.published_at, [], 1)
+        assert held.services == first.services  # the telemetry is the last fetched one
+        # A change an answer sees: fetched.
+        half = snapshot("ams")
+        half = replace(half, services=(replace(half.services[0], healthy_fraction=0.5),))
+        p = await store.publish(half)
+        await eventually(lambda: follower.state.sites["ams"].version == p.version, timeout=1.0)
+        assert follower.state.sites["ams"] == p and fetched == ["ams"] and follower.fetches_skipped == 1
+        # A second heartbeat after it is compared with the fetched document.
+        again = await store.publish(half)
+        await eventually(lambda: follower.state.sites["ams"].version == again.version, timeout=1.0)
+        assert fetched == ["ams"] and follower.fetches_skipped == 2
+        # A message in the older format (no digest) is fetched as before.
+        await store._client.publish(Keys().channel, f"site ams {again.version + 1}")
+        await eventually(lambda: fetched == ["ams", "ams"], timeout=1.0)
+
+
+async def test_follower_fetches_every_change_unless_answers_only(store: RedisStore, redis_url: str) -> None:
+    await store.publish(snapshot("ams"))
+    follower, _ = follower_for(redis_url, resync_interval=3600)
+    async with follower:
+        assert await follower.wait_synced(5)
+        beat = await store.publish(snapshot("ams", n_servers=2))
+        await eventually(lambda: follower.state.sites["ams"] == beat, timeout=1.0)
+        assert follower.fetches_skipped == 0
 
 
 async def test_follower_sees_overrides_and_removal(store: RedisStore, redis_url: str) -> None:
