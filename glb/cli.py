@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     director.add_argument("action", nargs="?", choices=["run", "list"], default="run", help="run (default) or list")
     director.add_argument("--config", required=True, metavar="FILE", help="the deployment's YAML file")
     director.add_argument("--site", required=True, metavar="NAME", help="the site this director serves")
+    director.add_argument("--id", metavar="MEMBER", help="which member of the site's director pair this is "
+                                                        "(default: the site's director.id)")
     director.set_defaults(func=_cmd_director)
 
     rs = sub.add_parser("realserver", help="prepare this host as a real server behind a director (root)")
@@ -165,7 +167,7 @@ def _cmd_director(args: argparse.Namespace) -> int:
         return list_site(args.config, args.site)
     from director.control.main import run
 
-    return run(args.config, args.site, log_level=args.log_level)
+    return run(args.config, args.site, log_level=args.log_level, member=args.id)
 
 
 def _cmd_realserver(args: argparse.Namespace) -> int:

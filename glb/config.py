@@ -435,6 +435,10 @@ class PairConfig:
     unicast: bool = False
     """Advertise and sync to the other members' addresses, for LANs without multicast."""
     sync: SyncConfig = SyncConfig()
+    garp_master_delay: float = 5.0
+    """Seconds after taking the VIPs when the gratuitous ARP / unsolicited NA burst goes out again (keepalived's)."""
+    garp_master_repeat: int = 5
+    """Announcements per VIP in each burst (keepalived's)."""
 
     def member(self, member_id: str) -> PairMember | None:
         return next((m for m in self.members if m.id == member_id), None)
@@ -1316,6 +1320,8 @@ def _parse_pair(ctx: _Context, m: _Map) -> PairConfig:
         preempt_delay=m.get("preempt_delay", _float(0, 3600), dflt.preempt_delay),
         unicast=m.get("unicast", _bool, dflt.unicast),
         sync=sync,
+        garp_master_delay=m.get("garp_master_delay", _float(0, 3600), dflt.garp_master_delay),
+        garp_master_repeat=m.get("garp_master_repeat", _int(1, 100), dflt.garp_master_repeat),
     )
     m.finish()
     return pair

@@ -253,6 +253,33 @@ class ServiceState:
         return None
 
 
+PAIR_ROLES = ("master", "backup", "init", "absent")
+
+
+@dataclass(frozen=True, slots=True)
+class PairMemberState:
+    """One member of the site's active/standby director pair, as the publishing (active) one sees it."""
+
+    id: str
+    role: str
+    """``master``, ``backup``, ``init`` (starting or stopping) or ``absent`` (not heard)."""
+    present: bool
+    """Heard within three hello intervals (the publisher itself always is)."""
+    healthy: bool
+    """Said it could take over now (packet path running, a real server up in every service)."""
+    last_heard: float | None = None
+    """Wall clock of its last hello (None: never heard)."""
+
+    def __post_init__(self) -> None:
+        _check_str("id", self.id, nonempty=True)
+        if self.role not in PAIR_ROLES:
+            raise StateError(f"role: expected one of {', '.join(PAIR_ROLES)}, got {self.role!r}")
+        _check_bool("present", self.present)
+        _check_bool("healthy", self.healthy)
+        if self.last_heard is not None:
+            _as_float(self, "last_heard", self.last_heard, 0.0)
+
+
 @dataclass(frozen=True, slots=True)
 class SiteSnapshot:
     """Everything one director says about its site, published as one document.
@@ -276,6 +303,8 @@ class SiteSnapshot:
     """Global version stamped by the store (0 = not yet published)."""
     published_at: float = 0.0
     """Redis TIME at publish, stamped by the store (0 = not yet published)."""
+    pair: tuple[PairMemberState, ...] = ()
+    """The site's director pair (empty: one director); ``director_id`` is the active member."""
 
     def __post_init__(self) -> None:
         _check_name("site", self.site)
@@ -289,6 +318,7 @@ class SiteSnapshot:
         _check_bool("withdrawn", self.withdrawn)
         _check_int("version", self.version, 0)
         _as_float(self, "published_at", self.published_at, 0.0)
+        _check_tuple("pair", self.pair, PairMemberState)
 
     def service(self, name: str) -> ServiceState | None:
         """The service called ``name``, or None if this site does not run it."""
@@ -460,6 +490,8 @@ def snapshot_to_json(s: SiteSnapshot, *, stamp: bool = True) -> dict[str, Any]:
         "withdrawn": s.withdrawn,
         "services": [_service_to_json(x) for x in s.services],
     }
+    if s.pair:  # only for a pair: a one-director site's document is as it always was
+        d["pair"] = [{f.name: getattr(m, f.name) for f in fields(m)} for m in s.pair]
     if stamp:
         d["version"] = s.version
         d["published_at"] = s.published_at
@@ -559,11 +591,15 @@ def _service_from(value: Any, where: str) -> ServiceState:
     )
 
 
+def _pair_from(value: Any, where: str) -> PairMemberState:
+    return _take(PairMemberState, value, where)
+
+
 def decode_snapshot(text: str | bytes) -> SiteSnapshot:
     """Parse and validate a snapshot document; StateError with a one-line reason."""
     doc = _load_json("snapshot", text)
     try:
-        return _take(SiteSnapshot, doc, "", {"services": _list_of(_service_from)})
+        return _take(SiteSnapshot, doc, "", {"services": _list_of(_service_from), "pair": _list_of(_pair_from)})
     except StateError as e:
         raise StateError(f"snapshot: {e}") from None
 

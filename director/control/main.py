@@ -40,12 +40,13 @@ from glb import config as glbconfig
 from glb.http import Served, serve
 from glb.config import Config, Site
 from glb.errors import DirectorError, EngineError, GLBError, GuardError
-from glb.state import DeploymentState, SiteSnapshot
+from glb.state import DeploymentState, PairMemberState, SiteSnapshot
 from glb.store import RedisStore, StateFollower
 from director.control.checker import Checker, Target, targets
 from director.dataplane.forwarder import Plan, build_plan
 from director.dataplane.packetpath import PacketPath
 from director.control.health import ADMIN_DRAIN, ADMIN_NONE, HealthTable, ServerKey, Transition
+from director.control.pair import PairMember
 from director.control.probes import Probe, ProbeResult, Prober
 from director.control.publisher import Publisher
 from director.control.site import ServerCounters, VipCounters, build_snapshot
@@ -74,13 +75,21 @@ class Director:
         probe: Probe | None = None,
         clock: Callable[[], float] = time.time,
         packet_path: bool | None = None,
+        member: str | None = None,
+        pair_channels: Mapping[str, Callable] | None = None,
     ):
+        """``member``: which member of the site's director pair this is (``glb director --id``);
+        ``pair_channels``: the pair's channel factories (tests: a MemoryLAN's), see director.control.pair."""
         self.config = config
         self.site_name = site_name
         self.config_path = config_path or config.source
         site = find_site(config, site_name)
         self._clock = clock
-        self.director_id = site.director.id or socket.gethostname()
+        self.member = pair_member_id(site, member)
+        self.director_id = self.member or site.director.id or socket.gethostname()
+        self._pair_channels = dict(pair_channels or {})
+        self.pair: PairMember | None = None
+        """This director's membership of the site's pair (None: one director)."""
         self.started_at = clock()
         self.table = HealthTable(site, self.started_at)
         self._prober = Prober() if probe is None else None
@@ -125,6 +134,15 @@ class Director:
         """(plan generation sent, generation every worker applied, address -> next-hop MAC)."""
         return self.packet_path.plan_state() if self.packet_path is not None else (0, 0, {})
 
+    def pair_status(self) -> dict | None:
+        """The pair as this member sees it, with what its packet workers applied from sync (/status)."""
+        if self.pair is None:
+            return None
+        doc = self.pair.status()
+        stats = self.packet_stats()
+        doc["counters"]["sync_received"] = dict(stats.sync) if stats is not None else {}
+        return doc
+
     def site_drained(self) -> bool:
         return self._overrides.is_drained(self.site_name)
 
@@ -139,6 +157,8 @@ class Director:
         self.status_port = self._served.port
         # Then the packet path: a missing interface or privilege is a startup error too.
         await self._start_packet_path()
+        if self.member is not None:
+            await self._start_pair()
         self._started = True
         self.publisher.start()
         self.checker.update(targets(site))
@@ -157,8 +177,15 @@ class Director:
         """
         await self.checker.stop()
         await self.follower.stop()
+        withdraw = self._started
+        if self.pair is not None:
+            # A master whose standby is there hands over (priority 0): withdrawing would take
+            # the site out of DNS for nothing. A backup never speaks for the site.
+            withdraw = withdraw and self.pair.master and not self.pair.standby_present()
+            await self.pair.stop()
+            self.pair = None
         await self._stop_packet_path()
-        await self.publisher.stop(withdraw=self._started)
+        await self.publisher.stop(withdraw=withdraw)
         self._started = False
         if self._served is not None:
             await self._served.close()
@@ -199,7 +226,8 @@ class Director:
     # -- callbacks
 
     def _build(self, withdrawn: bool) -> SiteSnapshot:
-        return build_snapshot(self.table, self.director_id, self._clock(), self.counters(), withdrawn=withdrawn)
+        return build_snapshot(self.table, self.director_id, self._clock(), self.counters(), withdrawn=withdrawn,
+                              pair=self._pair_state())
 
     def _on_result(self, target: Target, result: ProbeResult) -> None:
         self.metrics.observe_check(target, result)
@@ -244,6 +272,46 @@ class Director:
         self.publisher.poke()
 
 
+    # -- the pair (director/control/pair.py, docs/ha.md)
+
+    async def _start_pair(self) -> None:
+        site = self.table.site
+        pair = site.director.pair
+        vips = [v.address for svc in site.services for v in svc.vips]
+        self.pair = PairMember(pair, self.member, vips, site.director.interface, on_role=self._on_role,
+                               apply=self._sync_apply, healthy=self._can_take_over, **self._pair_channels)
+        self.publisher.enable(False)  # until elected: a backup does not publish
+        if self.packet_path is not None and self.packet_path.engine is not None:
+            self.packet_path.engine.on_sync = self.pair.changes
+        try:
+            await self.pair.start()
+        except GLBError as e:
+            raise DirectorError(f"director pair: {e}") from None
+
+    def _on_role(self, master: bool) -> None:
+        if self.packet_path is not None:
+            self.packet_path.set_owned(master)
+            if self.packet_path.engine is not None and self.table.site.director.pair.sync.enabled:
+                self.packet_path.engine.sync_send(master)
+        self.publisher.enable(master)
+        self.metrics.observe_role(master)
+
+    def _sync_apply(self, datagram: bytes, sender) -> None:
+        if self.packet_path is not None and self.packet_path.engine is not None:
+            self.packet_path.engine.sync_apply(datagram, sender)
+
+    def _can_take_over(self) -> bool:
+        """What a hello says: the packet path runs (or none is wanted) and every service has a server up."""
+        if self.packet_path is not None and (self.packet_path.engine is None or self.packet_path.engine.failed):
+            return False
+        return all(s.up for s in self.table.services())
+
+    def _pair_state(self) -> tuple[PairMemberState, ...]:
+        if self.pair is None:
+            return ()
+        return tuple(PairMemberState(m["id"], m["role"], m["present"], m["healthy"], m["last_heard"])
+                     for m in self.pair.members())
+
     # -- the packet path
 
     def _wants_packet_path(self) -> bool:
@@ -263,9 +331,14 @@ class Director:
             log.info("interface %s: packet path off (control plane only)", iface)
             return
         pp = site.director.packet
+        pair = site.director.pair
+        extra = {}
+        if pair is not None:  # a pair member starts as a standby; VRRP decides
+            extra = dict(sync_id=pair.virtual_router_id if pair.sync.enabled else 0, announce=announce_offsets(pair))
         path = PacketPath(iface, EngineConfig(iface, frames=pp.ring_frames, workers=pp.workers, busy_poll=pp.busy_poll,
                                               dataplane=pp.dataplane,
-                                              conntable=site.director.connection_table), self._build_plan)
+                                              conntable=site.director.connection_table, **extra), self._build_plan,
+                          owned=pair is None)
         try:
             await path.start()
         except BaseException:
@@ -286,10 +359,33 @@ class Director:
             self.packet_path.apply()
 
 
-async def serve_director(config_path: str, site_name: str, *, ready: Callable[[Director], None] | None = None) -> int:
+def pair_member_id(site: Site, member: str | None) -> str | None:
+    """Which member of ``site``'s pair this director is (None: the site has no pair); DirectorError if unclear."""
+    pair = site.director.pair
+    if pair is None:
+        if member is not None:
+            raise DirectorError(f"site {site.name} has one director (no director.pair): --id {member} names no member")
+        return None
+    names = ", ".join(m.id for m in pair.members)
+    member = member or site.director.id
+    if member is None:
+        raise DirectorError(f"site {site.name} has a director pair ({names}): say which member this is with --id")
+    if pair.member(member) is None:
+        raise DirectorError(f"site {site.name}: --id {member} is not a member of its director pair ({names})")
+    return member
+
+
+def announce_offsets(pair) -> tuple[float, ...]:
+    """When a pair member announces the VIPs after taking them: a burst at once and
+    again after ``garp_master_delay`` (keepalived's garp_master_delay / garp_master_repeat)."""
+    return (0.0,) * pair.garp_master_repeat + (pair.garp_master_delay,) * pair.garp_master_repeat
+
+
+async def serve_director(config_path: str, site_name: str, *, ready: Callable[[Director], None] | None = None,
+                         member: str | None = None) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads. Returns the exit status."""
     config = glbconfig.load(config_path)
-    director = Director(config, site_name, config_path=config_path)
+    director = Director(config, site_name, config_path=config_path, member=member)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads: set[asyncio.Task[bool]] = set()
@@ -321,11 +417,11 @@ async def serve_director(config_path: str, site_name: str, *, ready: Callable[[D
     return 0
 
 
-def run(config_path: str, site: str, log_level: str = "info") -> int:
+def run(config_path: str, site: str, log_level: str = "info", member: str | None = None) -> int:
     """Entry point for ``glb director``. Raises GLBError subclasses with one-line messages."""
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         raise DirectorError(f"unknown log level {log_level!r}")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("glb").setLevel(level)
-    return asyncio.run(serve_director(config_path, site))
+    return asyncio.run(serve_director(config_path, site, member=member))

@@ -69,12 +69,19 @@ class Publisher:
         self.outage_since: float | None = None
         self.published = 0
         self.failed = 0
+        self.enabled = True
+        """False: publish nothing (a pair's backup: only the master speaks for the site)."""
 
     # -- lifecycle
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="glb-publisher")
+
+    def enable(self, on: bool) -> None:
+        """Start (True, publishing at once) or stop (False) publishing, without withdrawing."""
+        self.enabled = on
+        self._wake.set()
 
     def poke(self) -> None:
         """Something changed: publish now (coalesced with any pending poke)."""
@@ -120,6 +127,9 @@ class Publisher:
             # Clear before building: a poke that arrives while we publish
             # must cause one more publication, not be swallowed.
             self._wake.clear()
+            if not self.enabled:
+                await self._wake.wait()
+                continue
             ok = await self._publish_once(withdrawn=False) is not None
             if self._stopping:
                 return

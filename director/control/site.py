@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from glb.config import Site
-from glb.state import RealServerState, ServiceState, SiteSnapshot
+from glb.state import PairMemberState, RealServerState, ServiceState, SiteSnapshot
 from director.control.health import HealthTable, ServerKey, ServiceHealth
 
 
@@ -100,8 +100,9 @@ def build_snapshot(
     counters: Mapping[ServerKey, ServerCounters] | None = None,
     *,
     withdrawn: bool = False,
+    pair: tuple[PairMemberState, ...] = (),
 ) -> SiteSnapshot:
-    """The snapshot of ``table.site`` as of ``now`` (wall-clock seconds).
+    """The snapshot of ``table.site`` as of ``now`` (wall-clock seconds); ``pair``: the director pair's members.
 
     ``version`` and ``published_at`` stay 0: the store stamps them.
     """
@@ -113,4 +114,5 @@ def build_snapshot(
         heartbeat=now,
         services=tuple(service_state(site, sh, counters, withdrawn=withdrawn) for sh in table.services()),
         withdrawn=withdrawn,
+        pair=pair,
     )

@@ -162,7 +162,14 @@ def status_document(src: StatusSource, now: float) -> dict[str, Any]:
         },
         "services": services,
         "packet_path": packet_path_document(src),
+        "pair": pair_document(src),
     }
+
+
+def pair_document(src: StatusSource) -> dict[str, Any] | None:
+    """The director pair as this member sees it (director/control/pair.py), None for a director alone."""
+    status_of = getattr(src, "pair_status", None)
+    return status_of() if status_of is not None else None
 
 
 def packet_path_document(src: StatusSource) -> dict[str, Any] | None:
@@ -243,7 +250,16 @@ class DirectorMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.role_changes = Counter(
+            "glb_director_pair_role_changes",
+            "Times this pair member became master or left master.",
+            ["to"],
+            registry=self.registry,
+        )
         self.registry.register(_LiveCollector(src))
+
+    def observe_role(self, master: bool) -> None:
+        self.role_changes.labels("master" if master else "backup").inc()
 
     def observe_check(self, target: Target, result: ProbeResult) -> None:
         self.checks.labels(target.key.service, target.key.server, "ok" if result.ok else "fail").inc()
@@ -325,6 +341,28 @@ class _LiveCollector:
         yield from (state, weight, conns, packets, octets, up, fraction, sorry,
                     vip_packets, vip_bytes, vip_conns, published, redis_up, in_flight)
         yield from _packet_path_metrics(packet_path_document(src))
+        yield from _pair_metrics(pair_document(src))
+
+
+def _pair_metrics(pair: dict[str, Any] | None) -> Iterator[Any]:
+    if pair is None:
+        return
+    master = GaugeMetricFamily("glb_director_pair_master", "1 while this pair member is master (owns the VIPs).")
+    master.add_metric([], 1.0 if pair["role"] == "master" else 0.0)
+    present = GaugeMetricFamily("glb_director_pair_member_present",
+                                "1 if the member was heard lately (this one: always).", labels=["member", "role"])
+    for m in pair["members"]:
+        present.add_metric([m["id"], m["role"]], 1.0 if m["present"] else 0.0)
+    vrrp = CounterMetricFamily("glb_director_vrrp_packets", "VRRP packets sent, received, and dropped by reason.",
+                               labels=["counter"])
+    for name, n in sorted(pair["counters"]["vrrp"].items()):
+        vrrp.add_metric([name], n)
+    sync = CounterMetricFamily("glb_director_sync", "Connection sync: records sent, received (applied), ignored "
+                               "(and why), datagrams.", labels=["direction", "counter"])
+    for direction in ("sent", "received", "link"):
+        for name, n in sorted(pair["counters"].get(f"sync_{direction}", {}).items()):
+            sync.add_metric([direction, name], n)
+    yield from (master, present, vrrp, sync)
 
 
 def _packet_path_metrics(pp: dict[str, Any] | None) -> Iterator[Any]:

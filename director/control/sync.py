@@ -17,6 +17,9 @@ Wire format, version 1 (all integers big-endian; docs/ha.md has the table)::
              state u8 (conntable state) | flags u8 | timeout ms u32 | dest port u16
              | dest address (4 or 16) | flow key (13 or 37: proto, client, VIP, ports)
              flags: 1 key is IPv6, 2 dest is IPv6, 4 confirmed, 8 made through a template
+    type 3, member hello (a backup tells the master it is there; docs/ha.md):
+             state u8 (0 init, 1 backup, 2 master) | flags u8 (1 healthy) | interval ms u32
+             | id length u8 | id (UTF-8)
     type 2, persistence template:
              flags u8 | 0 u8 | timeout ms u32 | dest port u16 | dest address (4 or 16)
              | client network address (4 or 16) | service name length u8 | service name (UTF-8)
@@ -40,9 +43,12 @@ from director.dataplane.scheduler import Dest, Persistence
 
 VERSION = 1
 HEADER = struct.Struct("!BBHI")
-CONN, TEMPLATE = 1, 2
+CONN, TEMPLATE, MEMBER = 1, 2, 3
 _CONN = struct.Struct("!BBBBIH")
 _TEMPLATE = struct.Struct("!BBBxIH")
+_MEMBER = struct.Struct("!BBBBIB")
+MEMBER_STATES = ("init", "backup", "master")
+F_HEALTHY = 1
 _KEY4, _KEY6 = 13, 37
 F_KEY6, F_DEST6, F_CONFIRMED, F_TEMPLATED = 1, 2, 4, 8
 F_CLIENT6 = 1
@@ -92,7 +98,27 @@ class TemplateRecord:
         return (TEMPLATE, self.service, self.client)
 
 
-Record = ConnRecord | TemplateRecord
+@dataclass(frozen=True)
+class MemberRecord:
+    """A pair member's hello: who it is, its VRRP state, whether it could take over now.
+
+    VRRP backups are silent, so without this the master could not tell an
+    operator whether its standby is there (the snapshot's ``pair``).
+    """
+
+    member: str
+    state: str
+    """One of MEMBER_STATES."""
+    healthy: bool
+    interval: float
+    """Seconds until the next hello: the master counts the member gone after three missed."""
+
+    @property
+    def ident(self) -> Any:
+        return (MEMBER, self.member)
+
+
+Record = ConnRecord | TemplateRecord | MemberRecord
 
 
 def _ms(seconds: float) -> int:
@@ -138,10 +164,33 @@ def _decode_template(data: bytes) -> TemplateRecord:
                           port, ms / 1000)
 
 
-_ENCODERS: dict[type, Callable[[Any], bytes]] = {ConnRecord: _encode_conn, TemplateRecord: _encode_template}
+def _encode_member(r: MemberRecord) -> bytes:
+    name = r.member.encode()
+    size = _MEMBER.size + len(name)
+    if size > 255:
+        raise ValueError("member id too long for a hello record")
+    return _MEMBER.pack(MEMBER, size, MEMBER_STATES.index(r.state), F_HEALTHY if r.healthy else 0,
+                        _ms(r.interval), len(name)) + name
+
+
+def _decode_member(data: bytes) -> MemberRecord:
+    _, size, state, flags, ms, n = _MEMBER.unpack_from(data)
+    if size != _MEMBER.size + n or state >= len(MEMBER_STATES):
+        raise ValueError("member record")
+    return MemberRecord(data[_MEMBER.size:size].decode(), MEMBER_STATES[state], bool(flags & F_HEALTHY), ms / 1000)
+
+
+def is_hello(data: bytes) -> bool:
+    """Whether a datagram carries member hellos (they are sent alone): the control plane's, not the tables'."""
+    return len(data) > HEADER.size and data[HEADER.size] == MEMBER
+
+
+_ENCODERS: dict[type, Callable[[Any], bytes]] = {
+    ConnRecord: _encode_conn, TemplateRecord: _encode_template, MemberRecord: _encode_member}
 _DECODERS: dict[int, tuple[int, Callable[[bytes], Record]]] = {
     CONN: (_CONN.size, _decode_conn),
     TEMPLATE: (_TEMPLATE.size, _decode_template),
+    MEMBER: (_MEMBER.size, _decode_member),
 }
 """Record type -> (fixed part's size, decoder). A new record type is one entry in each table."""
 
@@ -295,13 +344,21 @@ class SyncTarget(Protocol):
 class SyncReceiver:
     """A backup's side: apply datagrams to its own connection table and persistence templates."""
 
-    def __init__(self, table: ConnTable, target: SyncTarget, sync_id: int) -> None:
+    def __init__(self, table: ConnTable, target: SyncTarget, sync_id: int, *,
+                 owns: Callable[[Record], bool] | None = None,
+                 tag: Callable[[bytes, Dest], Any] | None = None) -> None:
+        """``owns(record)``: whether this table gets the packets of the record's client (packet
+        workers split clients among them: each applies only its own; None = every client)."""
         self.table = table
         self.target = target
         self.sync_id = sync_id
+        self.owns = owns
+        self.tag = tag
+        """``tag(flow key, dest)``: the entry's tag (the forwarder's Route), as a flow scheduled here gets."""
         self.counters: Counter = Counter()
         """conns and templates applied; unknown_dest (not in our config); other_sync_id; lost (sequence
-        gaps); and every decode problem by its reason."""
+        gaps); not_ours (another packet worker's client); members (hellos, not the table's business);
+        and every decode problem by its reason."""
         self._seq: dict[Any, int] = {}
 
     def apply(self, data: bytes, now: float, sender: Any = None) -> None:
@@ -323,6 +380,9 @@ class SyncReceiver:
             _APPLY[type(rec)](self, rec, now)
 
     def _conn(self, r: ConnRecord, now: float) -> None:
+        if self.owns is not None and not self.owns(r):
+            self.counters["not_ours"] += 1
+            return
         found = self.target.conn_dest(r.key, r.dest_addr, r.dest_port)
         if found is None:
             self.counters["unknown_dest"] += 1
@@ -336,10 +396,14 @@ class SyncReceiver:
             client = r.key[1:5] if len(r.key) == _KEY4 else r.key[1:17]
             t = persistence.get(client, now)
             template = t if t is not None and t.dest is dest else None
-        self.table.install(r.key, dest, r.state, now + r.timeout, now, template, confirmed=r.confirmed)
+        tag = self.tag(r.key, dest) if self.tag is not None else None
+        self.table.install(r.key, dest, r.state, now + r.timeout, now, template, confirmed=r.confirmed, tag=tag)
         self.counters["conns"] += 1
 
     def _template(self, r: TemplateRecord, now: float) -> None:
+        if self.owns is not None and not self.owns(r):
+            self.counters["not_ours"] += 1
+            return
         found = self.target.template_dest(r.service, r.dest_addr, r.dest_port)
         if found is None:
             self.counters["unknown_dest"] += 1
@@ -349,7 +413,12 @@ class SyncReceiver:
         self.counters["templates"] += 1
 
 
+    def _member(self, r: MemberRecord, now: float) -> None:
+        self.counters["members"] += 1
+
+
 _APPLY: dict[type, Callable[[SyncReceiver, Any, float], None]] = {
     ConnRecord: SyncReceiver._conn,
     TemplateRecord: SyncReceiver._template,
+    MemberRecord: SyncReceiver._member,
 }

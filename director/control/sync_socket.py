@@ -24,7 +24,7 @@ from collections import Counter
 from typing import Callable
 
 from director.control.datagram import Channel, QueuedReader
-from director.control.sync import SyncReceiver, SyncSender
+from director.control.sync import SyncReceiver, SyncSender, is_hello
 from director.control.vrrp_packet import Address, Received
 from glb.errors import HAError
 
@@ -80,6 +80,8 @@ class SyncLink:
         """Apply what arrives (a backup); a master's copy of the table is the one being sent."""
         self.counters: Counter = Counter()
         """ignored: datagrams that arrived while not accepting."""
+        self.on_hello: Callable[[bytes, Address], None] | None = None
+        """Member hellos (sync.is_hello) go here, whatever ``accepting`` says: the master reads them."""
         self._wake = asyncio.Event()
 
     def poke(self) -> None:
@@ -107,7 +109,9 @@ class SyncLink:
     async def _recv_loop(self) -> None:
         while True:
             pkt = await self.channel.recv()
-            if self.accepting:
+            if self.on_hello is not None and is_hello(pkt.payload):
+                self.on_hello(pkt.payload, pkt.src)
+            elif self.accepting:
                 self.receiver.apply(pkt.payload, self.clock(), sender=pkt.src)
             else:
                 self.counters["ignored"] += 1

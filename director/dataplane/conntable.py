@@ -175,6 +175,10 @@ class ConnTable:
         table never sees a packet of, so an entry found expired here lives on
         if that is later), ``forget(conn)`` is told of every confirmed entry the
         table drops (expired, evicted, replaced, rescheduled)."""
+        self.changed: Callable[[Conn], None] | None = None
+        """Told of each entry whose state changed, that was confirmed, or whose expiry a sweep
+        found moved on (connection sync: what a backup must hear). Never on the hot path:
+        the packets :meth:`refresh` handles change nothing a backup needs until the sweep."""
 
     @classmethod
     def from_config(cls, cfg: Any) -> ConnTable:
@@ -260,6 +264,8 @@ class ConnTable:
             del self._unconfirmed[key]
             c.confirmed = True
             self._confirmed[key] = c
+            if self.changed is not None:
+                self.changed(c)
         return c
 
     def _outlived(self, c: Conn, now: float) -> bool:
@@ -297,6 +303,8 @@ class ConnTable:
         c.expires = now + self.timeouts[ns]
         if int(c.expires) + 1 < c.due:
             self._file(c)  # an earlier expiry must be seen by sweep in time
+        if self.changed is not None and c.confirmed:
+            self.changed(c)  # an unconfirmed flow is told when it is confirmed
         return True
 
     def peek(self, key: Any, now: float) -> Conn | None:
@@ -441,6 +449,8 @@ class ConnTable:
                         removed += 1
                     else:
                         self._file(c)  # refreshed since it was filed
+                        if self.changed is not None and c.confirmed:
+                            self.changed(c)  # a backup's copy would expire at the old time
             self._cursor = s
         self._cursor = max(self._cursor, target)
         return removed

@@ -61,6 +61,7 @@ from director.dataplane.conntable import NEXT_BYTES, ConnTable
 from director.dataplane.counters import DEFAULT_SLOTS, CountTable, SlotAllocator
 from director.dataplane.forwarder import Forwarder, ForwarderStats, Plan
 from director.dataplane.announce import Announcer
+from director.dataplane.connsync import ConnSync
 from director.modes import MODES
 from glb.errors import EngineError, KernelDataplaneError, SupervisorError
 from glb.supervisor import RestartPolicy, Supervisor
@@ -258,6 +259,8 @@ class EngineConfig:
     whole core per worker, always, for the lowest latency (no wake-up)."""
     dataplane: str = "userspace"
     """glb.config.PacketPathConfig.dataplane: auto, kernel or userspace."""
+    sync_id: int = 0
+    """Connection sync's id (the pair's VRID; director/dataplane/connsync.py); 0 = a director alone, no sync."""
 
 
 class PacketSocket:
@@ -351,6 +354,8 @@ class EngineStats:
     """Who forwards established flows: ``kernel`` (the tc program) or ``userspace``."""
     kernel: dict[str, int] = field(default_factory=dict)
     """The kernel data plane's packets per reason (kernelmaps.REASONS); empty in userspace."""
+    sync: dict[str, int] = field(default_factory=dict)
+    """Connection sync applied here (a backup): the SyncReceiver's counters."""
 
     def merge(self, other: EngineStats) -> EngineStats:
         errors = dict(self.tx_errors)
@@ -359,10 +364,13 @@ class EngineStats:
         kernel = dict(self.kernel)
         for k, v in other.kernel.items():
             kernel[k] = kernel.get(k, 0) + v
+        sync = dict(self.sync)
+        for k, v in other.sync.items():
+            sync[k] = sync.get(k, 0) + v
         return EngineStats(self.forwarder.merge(other.forwarder), self.rx_frames + other.rx_frames,
                            self.ring_drops + other.ring_drops, self.truncated + other.truncated,
                            self.tx_frames + other.tx_frames, errors, self.cpu + other.cpu,
-                           "kernel" if "kernel" in (self.dataplane, other.dataplane) else "userspace", kernel)
+                           "kernel" if "kernel" in (self.dataplane, other.dataplane) else "userspace", kernel, sync)
 
 
 def _declined(buf, start: int, length: int, now: float) -> None:
@@ -389,6 +397,8 @@ class Worker:
             counts = CountTable(cells, cfg.workers, index)
             counts.reset()  # whatever a dead predecessor counted died with it
         self.fwd = Forwarder(table, counts=counts)
+        self.sync = ConnSync(self.fwd, cfg.sync_id, workers=cfg.workers, index=index) if cfg.sync_id else None
+        """Connection sync (a pair member); the director says when to send (master) or apply (backup)."""
         self.positions = positions
         self._fanout: list | None = None
         self.kernel = None
@@ -482,6 +492,8 @@ class Worker:
             if now >= next_tick:
                 next_tick = now + TICK
                 self.control(now)
+                if self.sync is not None and self.sync.sending:
+                    self.send_sync(now)
                 for f in self.announcer.due(now):
                     self.send_now(f)
                 if now >= next_sweep:
@@ -615,8 +627,21 @@ class Worker:
                     self.running = False
                 elif msg[0] == "stats":
                     self.report()
+                elif msg[0] == "sync_apply" and self.sync is not None:
+                    self.sync.apply(msg[1], now, msg[2])
+                elif msg[0] == "sync_send" and self.sync is not None:
+                    self.sync.send(msg[1])
         except (EOFError, OSError):
             self.running = False  # the director is gone
+
+    def send_sync(self, now: float) -> None:
+        """The table's changes since the last tick, to the control plane's SyncSender."""
+        records = self.sync.records(now)
+        if records:
+            try:
+                self.conn.send(("sync", records))
+            except (BrokenPipeError, OSError):
+                self.running = False
 
     def report(self) -> None:
         s = self.stats
@@ -627,6 +652,8 @@ class Worker:
             s.kernel = self.kernel.tables.reasons()
             s.dataplane = "kernel"
         s.forwarder = self.fwd.stats()
+        if self.sync is not None:
+            s.sync = dict(self.sync.receiver.counters)
         s.tx_frames = self.sender.sent + self.slots.sent + self._sent_now
         s.tx_errors = dict(self.sender.errors)
         for err, n in self.slots.errors.items():
@@ -717,6 +744,9 @@ class Engine:
         self._counts: CountTable | None = None
         self._slots = SlotAllocator(DEFAULT_SLOTS)
         self._members = fanout.Members(cfg.workers)
+        self.on_sync: Any = None
+        """Called (from the supervisor's thread) with each batch of sync records a worker sends."""
+        self._sync_sending = False
 
     @property
     def failed(self) -> str | None:
@@ -767,6 +797,8 @@ class Engine:
     def _ready(self, i: int, payload: tuple[bytes, str, str]) -> None:
         self.mac, self.dataplane, self.dataplane_note = payload
         self._applied[i] = self._spawned_with[i]
+        if self._sync_sending:  # a restarted worker of a master
+            self._sup.send(i, ("sync_send", True))
         if self.cfg.workers > 1:  # the others learn the new member's position
             self._sup.broadcast(("fanout", self._members.table()))
 
@@ -782,6 +814,8 @@ class Engine:
                 self._stats[i] = msg[1]
         elif msg[0] == "applied":
             self._applied[i] = msg[1]
+        elif msg[0] == "sync" and self.on_sync is not None:
+            self.on_sync(msg[1])
 
     def _poll(self) -> None:
         while not self._closing.is_set():
@@ -791,6 +825,15 @@ class Engine:
         self.generation += 1
         self._plan = self._placed(plan)
         self._sup.broadcast(("plan", self._plan, self.generation))
+
+    def sync_send(self, on: bool) -> None:
+        """Workers tell their tables' changes (a master) or not (a backup)."""
+        self._sync_sending = on
+        self._sup.broadcast(("sync_send", on))
+
+    def sync_apply(self, datagram: bytes, sender: Any) -> None:
+        """A sync datagram from the master: every worker applies the flows of its clients."""
+        self._sup.broadcast(("sync_apply", datagram, sender))
 
     @property
     def applied(self) -> int:

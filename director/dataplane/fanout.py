@@ -89,8 +89,10 @@ class Members:
         return tuple(pos[b] if b in pos else pos[live[b % len(live)]] for b in range(self.workers))
 
 
-def masks(plan: Any) -> dict[bytes, int]:
+def masks(plan: Any, parked: bool = False) -> dict[bytes, int]:
     """VIP address -> client prefix length, for VIPs of services with persistence.
+
+    ``parked``: a standby's parked VIPs too (connection sync: which worker a client will reach).
 
     Two services on one address with different netmasks: the shorter prefix
     wins (a coarser key keeps both services' clients together).
@@ -100,7 +102,7 @@ def masks(plan: Any) -> dict[bytes, int]:
         if sp.persistence is None:
             continue
         _, netmask, netmask6 = sp.persistence
-        for v in sp.vips:
+        for v in (*sp.vips, *sp.parked_vips) if parked else sp.vips:
             bits = netmask if len(v.address) == 4 else netmask6
             if bits < 8 * len(v.address):
                 out[v.address] = min(bits, out.get(v.address, bits))

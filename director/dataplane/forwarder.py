@@ -113,6 +113,9 @@ class ServicePlan:
     sorry: ServerPlan | None = None
     """Takes new flows while ``sorry_active``."""
     sorry_active: bool = False
+    parked_vips: tuple[VipPlan, ...] = ()
+    """VIPs the director does not own now (a standby, packetpath.without_vips): never answered
+    or forwarded, but connection sync places a flow's service by them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +291,8 @@ class Forwarder:
         self._services: dict[str, _Service] = {}
         # (VIP address, port, protocol) -> (service, the VIP's label)
         self._by_vip: dict[tuple[bytes, int, int], tuple[_Service, str]] = {}
+        self._by_any_vip: dict[tuple[bytes, int, int], tuple[_Service, str]] = {}
+        """As ``_by_vip``, parked VIPs too: where a synced flow belongs."""
         self._routes: dict[tuple[ServerKey, str], Route] = {}
         self._refresh = self.table.refresh
         self.ident = 0
@@ -302,6 +307,7 @@ class Forwarder:
         """Adopt a new plan. Servers that stay keep their Dest (flows, counters)."""
         services: dict[str, _Service] = {}
         by_vip: dict[tuple[bytes, int, int], tuple[_Service, str]] = {}
+        by_any_vip: dict[tuple[bytes, int, int], tuple[_Service, str]] = {}
         for sp in plan.services:
             old = self._services.get(sp.name)
             svc = _Service(sp)
@@ -340,6 +346,8 @@ class Forwarder:
                 svc.sorry.weight = 1 if sp.sorry_active else 0
             for v in sp.vips:
                 by_vip[(v.address, v.port, v.proto)] = (svc, v.label)
+            for v in sp.parked_vips:
+                by_any_vip[(v.address, v.port, v.proto)] = (svc, v.label)
             services[sp.name] = svc
         for name, old in self._services.items():
             if name not in services:  # a removed service: its flows follow its on_server_down
@@ -352,6 +360,7 @@ class Forwarder:
             r.live = r.vip in labels
         # Swap whole objects: a packet sees the old plan or the new one.
         self._services, self._by_vip, self.plan = services, by_vip, plan
+        self._by_any_vip = {**by_any_vip, **by_vip}
         self.vips = plan.vips
 
     def _dest(self, s: ServerPlan, forwarding: str) -> ServerDest:
@@ -525,11 +534,25 @@ class Forwarder:
             else:
                 self.drops[Drop.NO_DESTINATION] += 1
                 return None
+        route = self.route(dest, label)
+        route.conns += 1
+        return self.table.add(p.key, dest, p.flags, now, template=tpl, tag=route)
+
+    # -- connection sync (director/dataplane/connsync.py) ---------------------------
+
+    def service_of(self, vip: bytes, port: int, proto: int) -> tuple[_Service, str] | None:
+        """The service behind a VIP (owned or parked) and the VIP's label."""
+        return self._by_any_vip.get((vip, port, proto))
+
+    def service(self, name: str) -> _Service | None:
+        return self._services.get(name)
+
+    def route(self, dest: ServerDest, label: str) -> Route:
+        """The (server, VIP) route flows along ``dest`` count on, made on first use."""
         route = self._routes.get((dest.key, label))
         if route is None:
             self._routes[(dest.key, label)] = route = Route(dest.key, label)
-        route.conns += 1
-        return self.table.add(p.key, dest, p.flags, now, template=tpl, tag=route)
+        return route
 
     # -- reporting ----------------------------------------------------------------
 

@@ -78,8 +78,11 @@ def real_addresses(plan: Plan) -> list[bytes]:
 
 
 def without_vips(plan: Plan) -> Plan:
-    """The plan with no VIP: the engine answers and forwards nothing, and keeps every flow and counter."""
-    return dataclasses.replace(plan, services=tuple(dataclasses.replace(s, vips=()) for s in plan.services))
+    """The plan with no VIP: the engine answers and forwards nothing, and keeps every flow and counter.
+
+    The VIPs stay as ``parked_vips``: a standby's connection sync places flows by them."""
+    return dataclasses.replace(plan, services=tuple(dataclasses.replace(s, vips=(), parked_vips=s.vips)
+                                                    for s in plan.services))
 
 
 class VipOwnership:

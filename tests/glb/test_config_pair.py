@@ -88,8 +88,8 @@ BROKEN = [
     (dict(sync={"mtu": 100}), [f"{P}.sync.mtu: must be at least 576, got 100"]),
     (dict(sync={"port": 0}), [f"{P}.sync.port: must be at least 1, got 0"]),
     (dict(sync={"rate": 5}), [f"{P}.sync.rate: unknown key (expected one of enabled, group, max_rate, mtu, port)"]),
-    (dict(vrid=5), [f"{P}.vrid: unknown key (expected one of advert_interval, members, preempt, preempt_delay, "
-                    "sync, unicast, virtual_router_id)"]),
+    (dict(vrid=5), [f"{P}.vrid: unknown key (expected one of advert_interval, garp_master_delay, garp_master_repeat, "
+                    "members, preempt, preempt_delay, sync, unicast, virtual_router_id)"]),
 ]
 
 
