@@ -74,6 +74,9 @@ def build_report(cfg: configmod.Config, state: DeploymentState, now: float) -> d
                 "director": snap.director_id if snap else None,
                 "age": round(age, 3) if age is not None else None,
                 "version": snap.version if snap else None,
+                "pair": [{"id": m.id, "role": m.role, "present": m.present, "healthy": m.healthy,
+                          "heard_ago": round(now - m.last_heard, 3) if m.last_heard is not None else None}
+                         for m in snap.pair] if snap else [],
                 "services": services,
             }
         )
@@ -120,7 +123,7 @@ def render(report: dict[str, Any]) -> str:
             for v in s["services"]
         )
         age = f"{s['age']:.1f}s" if s["age"] is not None else "-"
-        rows.append((s["site"], s["state"], age, s["director"] or "-", svc))
+        rows.append((s["site"], s["state"], age, _director(s), svc))
     lines += _table(rows)
     lines += ["", "NAMES"]
     rows = [("name", "type", "policy", "answers now", "ttl", "why")]
@@ -135,6 +138,17 @@ def render(report: dict[str, Any]) -> str:
         rows.append((n["name"], n["type"], n["policy"], answers, ttl, n["reason"]))
     lines += _table(rows)
     return "\n".join(lines)
+
+
+def _director(site: dict[str, Any]) -> str:
+    """The publishing director, and for a pair its standbys: ``dc1-a (dc1-b backup ok)``."""
+    text = site["director"] or "-"
+    others = [m for m in site.get("pair", []) if m["id"] != site["director"]]
+    if others:
+        text += " (" + ", ".join(
+            f"{m['id']} {m['role']}" + (" ok" if m["healthy"] else " NOT HEALTHY" if m["present"] else "")
+            for m in others) + ")"
+    return text
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

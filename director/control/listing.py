@@ -53,6 +53,8 @@ def render(doc: dict[str, Any]) -> str:
     """The table for one /status document."""
     now = float(doc["now"])
     lines = [_headline(doc, now)]
+    if doc.get("pair"):
+        lines.append(pair_line(doc["pair"], now))
     if doc.get("drained"):
         lines.append("SITE DRAINED by an operator: DNS does not answer it (glb undrain to return it)")
     lines.append("Prot LocalAddress:Port Scheduler Flags")
@@ -128,6 +130,25 @@ def _headline(doc: dict[str, Any], now: float) -> str:
         if redis.get("last_published_at"):
             head += f" published {_duration(now - redis['last_published_at'])} ago"
     return head
+
+
+def pair_line(pair: dict[str, Any], now: float) -> str:
+    """``pair vrid 51: dc1-a MASTER (this one, for 2m05s); dc1-b backup, healthy, heard 0.4s ago``."""
+    parts = []
+    for m in pair["members"]:
+        role = m["role"].upper() if m["role"] == "master" else m["role"]
+        if m["id"] == pair["member"]:
+            parts.append(f"{m['id']} {role} (this one, for {_duration(now - pair['since'])})")
+            continue
+        text = f"{m['id']} {role}"
+        if m["role"] != "master":
+            text += ", healthy" if m["healthy"] else ", NOT HEALTHY" if m["present"] else ""
+        if m.get("last_heard") is not None:
+            text += f", heard {_duration(now - m['last_heard'])} ago"
+        elif not m["present"]:
+            text += ", never heard"
+        parts.append(text)
+    return f"pair vrid {pair['virtual_router_id']}: " + "; ".join(parts)
 
 
 def _split_vip(text: str) -> tuple[str, int, str]:

@@ -279,7 +279,8 @@ class Director:
         pair = site.director.pair
         vips = [v.address for svc in site.services for v in svc.vips]
         self.pair = PairMember(pair, self.member, vips, site.director.interface, on_role=self._on_role,
-                               apply=self._sync_apply, healthy=self._can_take_over, **self._pair_channels)
+                               apply=self._sync_apply, healthy=self._can_take_over, on_joined=self._sync_all,
+                               **self._pair_channels)
         self.publisher.enable(False)  # until elected: a backup does not publish
         if self.packet_path is not None and self.packet_path.engine is not None:
             self.packet_path.engine.on_sync = self.pair.changes
@@ -299,6 +300,11 @@ class Director:
     def _sync_apply(self, datagram: bytes, sender) -> None:
         if self.packet_path is not None and self.packet_path.engine is not None:
             self.packet_path.engine.sync_apply(datagram, sender)
+
+    def _sync_all(self, member: str) -> None:
+        if self.packet_path is not None and self.packet_path.engine is not None:
+            log.info("pair member %s joined: sending it the whole connection table", member)
+            self.packet_path.engine.sync_all()
 
     def _can_take_over(self) -> bool:
         """What a hello says: the packet path runs (or none is wanted) and every service has a server up."""

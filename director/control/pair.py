@@ -12,6 +12,10 @@ the sync channel. It owns no packet path: the director passes callbacks.
   packet workers' tables (they decode it: the control plane never does
   per-flow work).
 * ``healthy()``: whether this member could take over now; said in hellos.
+* ``on_joined(member)``: the master heard a member that was absent: the
+  workers tell their whole tables again (a fresh backup knows none of the
+  flows established before it came, and they tell nothing more until they
+  change).
 
 :meth:`PairMember.changes` is what the workers report (records); the
 :class:`~director.control.sync.SyncSender` rate-bounds them onto the LAN.
@@ -93,6 +97,7 @@ class PairMember:
     def __init__(self, pair: Any, member_id: str, vips, interface: str, *,
                  on_role: Callable[[bool], None], apply: Callable[[bytes, Any], None],
                  healthy: Callable[[], bool] = lambda: True,
+                 on_joined: Callable[[str], None] = lambda member: None,
                  vrrp_channel: Callable[[str, Address], Channel] = vrrp_channel,
                  sync_channel: Callable[[str, Address, int, Address | None], Channel] = sync_channel,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
@@ -106,6 +111,7 @@ class PairMember:
         self._clock, self._wall = clock, wall
         self._vrrp_channel, self._sync_channel = vrrp_channel, sync_channel
         self._apply = apply
+        self._on_joined = on_joined
         self.speaker: Speaker | None = None
         self.link: SyncLink | None = None
         self.master = False
@@ -200,7 +206,12 @@ class PairMember:
             return
         for rec in batch.records:
             if isinstance(rec, MemberRecord) and rec.member != self.id:
+                joined = not self._present(rec.member)
                 self.heard[rec.member] = Heard(rec, self._wall(), self._clock())
+                if joined:
+                    log.info("pair member %s heard from %s (%s)", rec.member, src, rec.state)
+                    if self.master:
+                        self._on_joined(rec.member)
 
     # -- what operators see
 
@@ -215,7 +226,7 @@ class PairMember:
                             "present": True, "healthy": bool(self._healthy()), "last_heard": self._wall()})
                 continue
             h = self.heard.get(m.id)
-            present = h is not None and now - h.mono <= ABSENT_AFTER * max(h.record.interval, 0.1)
+            present = self._present(m.id, now)
             if not self.master and master_addr is not None and m.address == master_addr:
                 role, present = "master", True  # a backup hears the master's advertisements
             else:
@@ -224,6 +235,11 @@ class PairMember:
                         "present": present, "healthy": bool(h.record.healthy) if present and h else False,
                         "last_heard": h.at if h is not None else None})
         return out
+
+    def _present(self, member: str, now: float | None = None) -> bool:
+        h = self.heard.get(member)
+        now = self._clock() if now is None else now
+        return h is not None and now - h.mono <= ABSENT_AFTER * max(h.record.interval, 0.1)
 
     def active(self) -> str | None:
         """The master's member id, as this member knows it (None: no master heard)."""

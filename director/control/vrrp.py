@@ -172,6 +172,8 @@ class Router:
     counters: Counter = field(default_factory=Counter)
     """Drops and tolerated oddities by reason, plus ``rx``/``tx`` advertisements."""
     _preempt_from: float | None = None
+    _released: bool = False
+    """The master's last word was priority 0: the takeover is a handover (its log says so)."""
 
     # ---- admin events --------------------------------------------------------
 
@@ -200,6 +202,8 @@ class Router:
         return _TIMER[self.state](self, now)
 
     def _master_down(self, now: float) -> list[Action]:
+        if self._released:
+            return self._to_master(now, f"{self.master or 'the master'} released (priority 0): took over after Skew_Time")
         return self._to_master(now, f"no advertisement from {self.master or 'a master'} for the master-down interval")
 
     def _adver_timer(self, now: float) -> list[Action]:
@@ -234,7 +238,9 @@ class Router:
         """6.4.2: priority 0 means the master left (wait only Skew_Time); else accept it unless we preempt it."""
         cfg = self.config
         if adv.priority == 0:
+            self._released = True
             return self._set_timer(now + skew_time(cfg.priority, self.master_adver_int))
+        self._released = False
         lower = adv.priority < cfg.priority
         if lower and cfg.preempt:
             if self._preempt_from is None:
@@ -264,7 +270,7 @@ class Router:
     # ---- transitions and helpers -----------------------------------------------
 
     def _to_master(self, now: float, reason: str) -> list[Action]:
-        self.state, self.master, self._preempt_from = State.MASTER, self.config.address, None
+        self.state, self.master, self._preempt_from, self._released = State.MASTER, self.config.address, None, False
         return [*self._advertise(self.config.priority), StateChange(State.MASTER, reason),
                 *self._set_timer(now + self.config.advert_interval / 100)]
 

@@ -69,6 +69,13 @@ class ConnSync:
     def _changed(self, c: Conn) -> None:
         self._pending[c.key] = c
 
+    def dump(self) -> None:
+        """Tell every flow and template again (a backup just joined: it knows none of the flows
+        established before, which tell nothing more until they change). The sender's rate bounds it."""
+        if self.sending:
+            for c in self.fwd.table:
+                self._pending[c.key] = c
+
     def records(self, now: float) -> list[Record]:
         """What changed since the last call, templates before the flows made through them."""
         if not self._pending:

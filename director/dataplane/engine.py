@@ -631,6 +631,8 @@ class Worker:
                     self.sync.apply(msg[1], now, msg[2])
                 elif msg[0] == "sync_send" and self.sync is not None:
                     self.sync.send(msg[1])
+                elif msg[0] == "sync_all" and self.sync is not None:
+                    self.sync.dump()
         except (EOFError, OSError):
             self.running = False  # the director is gone
 
@@ -830,6 +832,10 @@ class Engine:
         """Workers tell their tables' changes (a master) or not (a backup)."""
         self._sync_sending = on
         self._sup.broadcast(("sync_send", on))
+
+    def sync_all(self) -> None:
+        """Workers tell their whole tables again (a backup joined)."""
+        self._sup.broadcast(("sync_all",))
 
     def sync_apply(self, datagram: bytes, sender: Any) -> None:
         """A sync datagram from the master: every worker applies the flows of its clients."""

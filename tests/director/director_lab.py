@@ -165,6 +165,14 @@ def start_http(ns, name: str):
     return proc
 
 
+ZONES = """zones:
+  - apex: example.net
+    soa: {mname: ns1.example.net, rname: hostmaster@example.net}
+    ns: [{name: ns1.example.net, addresses: [192.0.2.53]}]
+"""
+"""The one zone every director test's config needs (a config must have one)."""
+
+
 def config_yaml(*, redis_port: int, services: str, address: str | None = None, address6: str | None = None,
                 max_entries: int = 100000, status_port: int = 9100, workers: int = 1,
                 dataplane: str = "auto") -> str:
@@ -176,11 +184,7 @@ def config_yaml(*, redis_port: int, services: str, address: str | None = None, a
     return f"""
 redis: {{url: "redis://127.0.0.1:{redis_port}/0", timeout: 1.0}}
 admin: {{token: lab-token-0123456789}}
-zones:
-  - apex: example.net
-    soa: {{mname: ns1.example.net, rname: hostmaster@example.net}}
-    ns: [{{name: ns1.example.net, addresses: [192.0.2.53]}}]
-sites:
+{ZONES}sites:
   dc1:
     director:
       interface: eth0
@@ -212,15 +216,17 @@ class DirectorProcess:
     """`glb director` in a namespace, with helpers to read its /status."""
 
     def __init__(self, ns, config: Path, log: Path, status_port: int = 9100, *,
-                 prefix: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
-        """``prefix``: a command the director runs under (setpriv ...); ``env``: its environment."""
+                 prefix: Sequence[str] = (), env: Mapping[str, str] | None = None, member: str | None = None) -> None:
+        """``prefix``: a command the director runs under (setpriv ...); ``env``: its environment;
+        ``member``: the pair member it runs as (``--id``)."""
         self.ns = ns
         self.config = config
         self.log = log
         self.status_port = status_port
         self._log = open(log, "w")
-        self.proc = ns.popen([*prefix, GLB, "--log-level", "info", "director", "--config", str(config), "--site", "dc1"],
-                             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        member_args = ["--id", member] if member else []
+        self.proc = ns.popen([*prefix, GLB, "--log-level", "info", "director", "--config", str(config), "--site", "dc1",
+                              *member_args], stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
 
     def status(self) -> dict | None:
         res = self.ns.run(["curl", "-s", "-m", "2", f"http://127.0.0.1:{self.status_port}/status"], check=False)

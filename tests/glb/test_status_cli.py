@@ -94,3 +94,17 @@ def test_status_unreachable_redis_is_one_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("glb: error: redis at redis://127.0.0.1:"), lines
     assert "Traceback" not in r.stderr
+
+
+def test_status_names_the_active_director_and_its_standby():
+    from glb.overview import build_report, render
+    from glb.state import DeploymentState, PairMemberState
+
+    cfg = config.load(ROOT / "deploy/examples/glb.yaml")
+    now = time.time()
+    snap = SiteSnapshot("dc1", "dc1-b", now, _snapshot("dc1", 1.0).services, published_at=now, pair=(
+        PairMemberState("dc1-a", "backup", True, False, now - 1), PairMemberState("dc1-b", "master", True, True, now)))
+    report = build_report(cfg, DeploymentState(sites={"dc1": snap}), now)
+    dc1 = next(s for s in report["sites"] if s["site"] == "dc1")
+    assert dc1["director"] == "dc1-b" and dc1["pair"][0]["role"] == "backup" and dc1["pair"][0]["heard_ago"] == 1.0
+    assert "dc1-b (dc1-a backup NOT HEALTHY)" in render(report)

@@ -497,3 +497,17 @@ def test_render_drained_site_and_redis_outage():
     # A single VIP port: a server without a port shows it.
     assert list_rows(text)["[2001:db8::21]:443"][:3] == ["Tunnel", "0", "down (drained)"]
     assert not lines[-1].startswith("*")
+
+
+def test_render_names_the_pair_and_each_members_role():
+    now = _doc()["now"]
+    pair = {"member": "dc1-a", "role": "master", "since": now - 125, "active": "dc1-a", "virtual_router_id": 51,
+            "members": [
+                {"id": "dc1-a", "role": "master", "present": True, "healthy": True, "last_heard": now},
+                {"id": "dc1-b", "role": "backup", "present": True, "healthy": True, "last_heard": now - 0.4},
+                {"id": "dc1-c", "role": "absent", "present": False, "healthy": False, "last_heard": None}]}
+    lines = render(_doc(pair=pair)).splitlines()
+    assert lines[1] == ("pair vrid 51: dc1-a MASTER (this one, for 2m05s); dc1-b backup, healthy, heard 0.4s ago; "
+                        "dc1-c absent, never heard")
+    assert lines[2] == "Prot LocalAddress:Port Scheduler Flags"
+    assert "pair" not in render(_doc(pair=None))  # a director alone: as before

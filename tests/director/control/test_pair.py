@@ -25,6 +25,7 @@ from glb.errors import DirectorError
 from glb.state import decode_snapshot, encode_snapshot
 from glb.store import RedisStore
 from tests.director.control.test_main import free_port
+from tests.director.director_lab import ZONES
 from tests.waiting import async_until as until
 
 
@@ -32,11 +33,7 @@ def write(path: Path, redis_url: str, port: int, **pair) -> Path:
     extra = "".join(f", {k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in pair.items())
     path.write_text(f"""
 redis: {{url: "{redis_url}", timeout: 0.5}}
-zones:
-  - apex: example.net
-    soa: {{mname: ns1.example.net, rname: hostmaster@example.net}}
-    ns: [{{name: ns1.example.net, addresses: [192.0.2.53]}}]
-sites:
+{ZONES}sites:
   dc1:
     director:
       interface: lo

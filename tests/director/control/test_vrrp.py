@@ -112,7 +112,9 @@ def test_backup_priority_zero_waits_only_skew_time():
     r = backup()
     r.receive(advert(200), 1.0)
     assert r.receive(advert(0), 1.5) == [SetTimer(1.5 + skew_time(100, 10))]
-    assert kinds(r.on_timer(1.5 + skew_time(100, 10))) == ["Transmit", "BecomeMaster", "SetTimer"]
+    actions = r.on_timer(1.5 + skew_time(100, 10))
+    assert kinds(actions) == ["Transmit", "BecomeMaster", "SetTimer"]
+    assert "released (priority 0)" in actions[1].reason  # the log tells a handover from a failure
 
 
 def test_backup_with_preempt_discards_a_lower_master_and_takes_over():

@@ -132,3 +132,17 @@ def test_flows_of_unknown_servers_are_counted_not_applied():
     s = ConnSync(other, VRID)
     s.apply(sync.encode(ms.records(0.2), VRID, 1), 0.2)
     assert s.receiver.counters["unknown_dest"] == 1 and len(other.table) == 0
+
+
+def test_a_dump_tells_every_flow_again_for_a_backup_that_just_joined():
+    p, master, _, ms, _ = pair("wlc", persistence=(300.0, 32, 128))
+    for i in range(10):
+        fwd(master, syn(41000 + i, src=f"198.51.100.{i + 1}"))
+        fwd(master, syn(41000 + i, src=f"198.51.100.{i + 1}", flags="A"), 0.1)
+    ms.records(0.2)  # sent long ago; a backup that starts now knows none of them
+    late = Forwarder()
+    late.apply(without_vips(p))
+    ls = ConnSync(late, VRID)
+    ms.dump()
+    ship(ms, ls, 5.0)
+    assert len(late.table) == 10 and ls.receiver.counters["templates"] == 10
