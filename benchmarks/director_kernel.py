@@ -40,6 +40,7 @@ def main() -> None:
         t = kd.tables
         t.set_route(0, tx, True, socket.if_nametoindex(a["interface"]))
         until = time.monotonic() + 3600
+        t.set_vips({P(f[3]) for f in a.get("flows", [])})
         for proto, client, sport, vip, dport in a.get("flows", []):
             t.install(codec.flow_key(proto, P(client), P(vip), sport, dport), 0, ESTABLISHED if proto == 6 else UDP,
                       until)

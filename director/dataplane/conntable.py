@@ -171,7 +171,7 @@ class ConnTable:
         """Entries dropped because they timed out."""
         self.outside: Any = None
         """Another forwarder of the confirmed flows (the kernel data plane), or None:
-        ``expiry(conn)`` is the expiry it gave the flow (it refreshes flows this
+        ``expiry(conn, now)`` is the expiry it gave the flow (it refreshes flows this
         table never sees a packet of, so an entry found expired here lives on
         if that is later), ``forget(conn)`` is told of every confirmed entry the
         table drops (expired, evicted, replaced, rescheduled)."""
@@ -270,7 +270,7 @@ class ConnTable:
 
     def _outlived(self, c: Conn, now: float) -> bool:
         """True if another forwarder of this flow (``outside``) kept it alive past ``now``: adopt its expiry."""
-        later = self.outside.expiry(c) if self.outside is not None else 0.0
+        later = self.outside.expiry(c, now) if self.outside is not None else 0.0
         if later > now:
             c.expires = later
             return True

@@ -58,6 +58,17 @@ class KernelTables:
         self.maps = maps
         self._routes: dict[tuple[Any, str], int] = {}
         """(server key, VIP label) -> route index: a forwarder Route's place in ``routes``."""
+        self._vips: dict[bytes, int] = {}
+        """VIP address -> its id in ``vips`` (flow keys hold it); read back from maps that outlived a director."""
+        self._live: set[bytes] = set()
+        """The VIPs written live."""
+        for k in maps.keys("vips"):
+            v = maps.lookup("vips", k)
+            if v is not None:
+                vip, flags = km.VIP.unpack(v)
+                self._vips[km.vip_address(k)] = vip
+                if flags & km.VIP_LIVE:
+                    self._live.add(km.vip_address(k))
         maps.update("timeouts", km.ZERO, km.timeouts_value(list(timeouts)))
         maps.update("next_state", km.ZERO, km.next_state_value())
 
@@ -83,30 +94,53 @@ class KernelTables:
         """Where the frames the program leaves for the engine go (0: to the host, as everything else)."""
         self.maps.update("slowpath", km.ZERO, km.U32.pack(ifindex))
 
+    def vip_id(self, addr: bytes) -> int:
+        """The VIP's id (allocated, and written not live, the first time): stable while it is in the maps."""
+        i = self._vips.get(addr)
+        if i is None:
+            used = set(self._vips.values())
+            i = next(n for n in range(len(used) + 1) if n not in used)
+            if i > 0xFFFF:
+                raise ValueError("more than 65536 VIP ids")
+            self.maps.update("vips", km.vip_key(addr), km.vip_value(i, False))
+            self._vips[addr] = i
+        return i
+
     def set_vips(self, addrs: Iterable[bytes]) -> None:
-        """The VIPs (packed addresses): frames to them that the program leaves are the engine's. Add new, delete gone."""
-        want = {km.vip_key(a) for a in addrs}
-        have = set(self.maps.keys("vips"))
-        for k in want - have:
-            self.maps.update("vips", k, b"\x01")
-        for k in have - want:
-            self.maps.delete("vips", k)
+        """The VIPs of the plan, live (packed addresses): the kernel forwards their flows, and frames to them
+        that it leaves are the engine's. A VIP that left stays, not live, keeping its id for when it comes
+        back; the oldest of those are forgotten when the map would be full."""
+        want = set(addrs)
+        for a in want - self._live:
+            self.maps.update("vips", km.vip_key(a), km.vip_value(self.vip_id(a), True))
+        for a in self._live - want:
+            self.maps.update("vips", km.vip_key(a), km.vip_value(self._vips[a], False))
+        self._live = want
+        dead = [a for a in self._vips if a not in want]
+        for a in dead[:max(0, len(self._vips) - km.MAX_VIPS)]:
+            self.maps.delete("vips", km.vip_key(a))
+            del self._vips[a]
+
+    def _key(self, key: bytes) -> bytes:
+        return km.flow_key(key, self.vip_id(km.flow_vip(key)))
 
     def install(self, key: bytes, route: int, state: int, expires: float) -> None:
         """The flow (a connection-table key) goes to ``route`` until ``expires`` (``now`` seconds)."""
-        self.maps.update("conns", km.flow_key(key), km.flow_value(route, state, expires))
+        self.maps.update("conns", self._key(key), km.flow_value(route, state, expires))
 
     def remove(self, key: bytes) -> bool:
-        return self.maps.delete("conns", km.flow_key(key))
+        return self.maps.delete("conns", self._key(key))
 
-    def flow(self, key: bytes) -> tuple[int, int, float] | None:
-        """(route, state, expires) of an installed flow; the kernel moves ``expires`` on."""
-        v = self.maps.lookup("conns", km.flow_key(key))
-        return None if v is None else km.parse_flow_value(v)
+    def flow(self, key: bytes, now: float) -> tuple[int, int, float] | None:
+        """(route, state, expires) of an installed flow; the kernel moves ``expires`` on. ``now`` places
+        the kernel's 32-bit expiry in time (to ~1 ms)."""
+        v = self.maps.lookup("conns", self._key(key))
+        return None if v is None else km.parse_flow_value(v, now)
 
     def flows(self) -> list[bytes]:
         """Every installed flow's connection-table key."""
-        return [km.conn_key(k) for k in self.maps.keys("conns")]
+        ids = {i: a for a, i in self._vips.items()}
+        return [k for k in (km.conn_key(k, ids) for k in self.maps.keys("conns")) if k is not None]
 
     def set_ident(self, ident: int) -> None:
         """The last outer IPv4 id on every CPU (the next tunnelled packet gets ident + 1)."""
@@ -170,8 +204,8 @@ class KernelSync:
         self._write_route(index)
         self.tables.install(c.key, index, c.state, c.expires)
 
-    def expiry(self, c) -> float:
-        got = self.tables.flow(c.key)
+    def expiry(self, c, now: float) -> float:
+        got = self.tables.flow(c.key, now)
         return got[2] if got is not None else 0.0
 
     def forget(self, c) -> None:

@@ -10,9 +10,10 @@ twin cannot drift apart silently.
 Maps (names as in the C file):
 
 * ``conns`` (LRU hash): :func:`flow_key` -> :func:`flow_value` (route index,
-  IPVS state, expiry in CLOCK_MONOTONIC nanoseconds). Python writes an entry
-  when a flow is confirmed or changes state; the kernel only refreshes the
-  expiry, as ``ConnTable.refresh`` does.
+  IPVS state, expiry in ticks (:data:`TICK`) of CLOCK_MONOTONIC, 32 bits, compared
+  modulo 2^32). Python writes an entry when a flow is confirmed or changes
+  state; the kernel only refreshes the expiry, as ``ConnTable.refresh`` does.
+  Small on purpose (24 + 8 bytes): the key holds the VIP's id, not its address.
 * ``routes`` (array): route index -> :func:`route_value`. A route is one
   real server x one VIP, the forwarder's ``Route``: counting per route gives
   both the per-server and the per-VIP figures.
@@ -22,8 +23,10 @@ Maps (names as in the C file):
   timeouts per state and its transition table (``conntable.NEXT_BYTES``), so
   the kernel's idea of "this packet changes nothing" is Python's.
 * ``ident`` (per-CPU array): the last outer IPv4 id of a tunnel.
-* ``vips`` (hash): :func:`vip_key` -> 1: which frames the program leaves
-  are the engine's (IP to a VIP, ARP about one), besides NDP.
+* ``vips`` (hash): :func:`vip_key` -> :func:`vip_value` (the VIP's id, which
+  flow keys hold, and whether it is live: its flows forwarded, the frames
+  the program leaves for it the engine's). A VIP that leaves the plan stays,
+  not live, so its id and flows are still there if it comes back.
 * ``slowpath`` (one-element array): the ifindex of the veth the engine reads,
   where those go (0: none; everything left goes to the host).
 """
@@ -60,12 +63,21 @@ forwarded by the kernel, or passed to the userspace engine and why."""
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 
-FLOW_KEY = struct.Struct("=BBH16s16s2s2s")
-FLOW_VALUE = struct.Struct("=IB3xQ")
+FLOW_KEY = struct.Struct("=BBH2s2s16s")
+FLOW_VALUE = struct.Struct("=HBxI")
+VIP = struct.Struct("=HBx")
+VIP_LIVE = 1
+TICK_SHIFT = 20
+TICK = (1 << TICK_SHIFT) / 1e9
+"""Seconds per unit of a flow's expiry (2^20 ns, ~1.05 ms)."""
+MAX_TIMEOUT = 24 * 86400.0
+"""The longest timeout the kernel keeps exactly: expiries are compared modulo 2^32 ticks (~52 days)."""
+MAX_VIPS = 4096
 ROUTE = struct.Struct("=6s6sBBBxIHH16s16s")
 VIP_KEY = struct.Struct("=B3x16s")
 COUNTER = struct.Struct("=QQ")
 TIMEOUTS = struct.Struct(f"={STATES}Q")
+U16 = struct.Struct("=H")
 U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")
 
@@ -77,7 +89,7 @@ MAPS = {
     "timeouts": (U32.size, TIMEOUTS.size),
     "next_state": (U32.size, STATES * 256),
     "ident": (U32.size, U32.size),
-    "vips": (VIP_KEY.size, 1),
+    "vips": (VIP_KEY.size, VIP.size),
     "slowpath": (U32.size, U32.size),
 }
 """Map name -> (key size, value size), as the C structs must have them."""
@@ -88,23 +100,45 @@ MAX_ROUTES = 65536
 ZERO = U32.pack(0)
 
 
-def flow_key(key: bytes) -> bytes:
-    """The kernel's key for a connection-table key (codec.flow_key: proto | client | VIP | ports).
-
-    13 bytes for IPv4, 37 for IPv6; the ports stay in network order.
-    """
+def flow_vip(key: bytes) -> bytes:
+    """The VIP address of a connection-table key (codec.flow_key: proto | client | VIP | ports)."""
     if len(key) == 13:
-        return FLOW_KEY.pack(key[0], 4, 0, key[1:5], key[5:9], key[9:11], key[11:13])
+        return key[5:9]
     if len(key) == 37:
-        return FLOW_KEY.pack(key[0], 6, 0, key[1:17], key[17:33], key[33:35], key[35:37])
+        return key[17:33]
     raise ValueError(f"not a flow key: {len(key)} bytes")
 
 
-def conn_key(kernel_key: bytes) -> bytes:
-    """The inverse of :func:`flow_key`."""
-    proto, family, _, src, dst, sport, dport = FLOW_KEY.unpack(kernel_key)
+def flow_key(key: bytes, vip: int) -> bytes:
+    """The kernel's key for a connection-table key whose VIP has the id ``vip``.
+
+    The ports stay in network order; an IPv4 client fills the first 4 bytes of 16.
+    """
+    if len(key) == 13:
+        return FLOW_KEY.pack(key[0], 4, vip, key[9:11], key[11:13], key[1:5])
+    if len(key) == 37:
+        return FLOW_KEY.pack(key[0], 6, vip, key[33:35], key[35:37], key[1:17])
+    raise ValueError(f"not a flow key: {len(key)} bytes")
+
+
+def conn_key(kernel_key: bytes, vips: dict[int, bytes]) -> bytes | None:
+    """The inverse of :func:`flow_key`, given VIP id -> address; None for an id not there."""
+    proto, family, vip, sport, dport, src = FLOW_KEY.unpack(kernel_key)
+    addr = vips.get(vip)
+    if addr is None:
+        return None
     n = 4 if family == 4 else 16
-    return bytes([proto]) + src[:n] + dst[:n] + sport + dport
+    return bytes([proto]) + src[:n] + addr + sport + dport
+
+
+def vip_value(vip: int, live: bool) -> bytes:
+    return VIP.pack(vip, VIP_LIVE if live else 0)
+
+
+def vip_address(key: bytes) -> bytes:
+    """The packed address of a ``vips`` key."""
+    family, addr = VIP_KEY.unpack(key)
+    return addr[:4] if family == 4 else addr
 
 
 def vip_key(addr: bytes) -> bytes:
@@ -117,14 +151,23 @@ def ns(seconds: float) -> int:
     return max(0, int(seconds * 1e9))
 
 
+def ticks(seconds: float) -> int:
+    """A ``now``-style time as the kernel's expiry unit, modulo 2^32; rounded up, so never early."""
+    return -(-ns(seconds) >> TICK_SHIFT) & 0xFFFFFFFF
+
+
 def flow_value(route: int, state: int, expires: float) -> bytes:
-    return FLOW_VALUE.pack(route, state, ns(expires))
+    return FLOW_VALUE.pack(route, state, ticks(expires))
 
 
-def parse_flow_value(value: bytes) -> tuple[int, int, float]:
-    """(route, state, expires in seconds)."""
+def parse_flow_value(value: bytes, now: float) -> tuple[int, int, float]:
+    """(route, state, expires in seconds), the expiry read as the one within 2^31 ticks of ``now``."""
     route, state, expires = FLOW_VALUE.unpack(value)
-    return route, state, expires / 1e9
+    base = ns(now) >> TICK_SHIFT
+    delta = (expires - base) & 0xFFFFFFFF
+    if delta >= 1 << 31:
+        delta -= 1 << 32
+    return route, state, (base + delta) * TICK
 
 
 def route_value(tx: Any, live: bool, ifindex: int = 0) -> bytes:
@@ -149,7 +192,7 @@ def route_value(tx: Any, live: bool, ifindex: int = 0) -> bytes:
 
 def timeouts_value(timeouts: tuple[float, ...] | list[float]) -> bytes:
     """The connection table's per-state timeouts (seconds), padded to :data:`STATES`."""
-    values = [ns(t) for t in timeouts][:STATES]
+    values = [ns(min(t, MAX_TIMEOUT)) for t in timeouts][:STATES]
     return TIMEOUTS.pack(*values, *([0] * (STATES - len(values))))
 
 

@@ -178,6 +178,14 @@ class LibBpf:
             out.append(nxt.raw)
             key = ctypes.create_string_buffer(nxt.raw, ks)
 
+    def memlock(self, name: str) -> int:
+        """The bytes the kernel charges for a map (its fdinfo's ``memlock``: elements, buckets, LRU lists)."""
+        fd, _, _ = self._map(name)
+        for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+            if line.startswith("memlock:"):
+                return int(line.split()[1])
+        raise KernelDataplaneError(f"BPF map {name}: the kernel reports no memlock")
+
     def test_run(self, frame: bytes, ctx: bytes | None = None) -> tuple[int, bytes]:
         """BPF_PROG_TEST_RUN: run the program once on ``frame``; (return code, the frame after it)."""
         out = ctypes.create_string_buffer(len(frame) + 256)

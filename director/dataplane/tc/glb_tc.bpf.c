@@ -57,21 +57,29 @@ enum reason {
 	R_MAX,
 };
 
+/*
+ * The connection table's key and value are kept small: at 1M entries the LRU
+ * hash's own element header and buckets are ~65 bytes an entry, so 24 + 8
+ * bytes here keep an entry under 100 (docs/benchmarks.md). The VIP is its id
+ * in `vips` rather than its address; the expiry is in ticks of 2^20 ns
+ * (~1.05 ms) in 32 bits, compared modulo 2^32 (valid for timeouts < 24 days).
+ */
+#define TICK_SHIFT 20
+
 struct flow_key {
 	__u8 proto;
-	__u8 family; /* 4 or 6 */
-	__u16 pad;
-	__u8 src[16]; /* client; IPv4 in the first 4 bytes, the rest zero */
-	__u8 dst[16]; /* VIP */
+	__u8 family;  /* 4 or 6 */
+	__u16 vip;    /* the VIP's id (`vips` value) */
 	__u16 sport;  /* network order, as on the wire */
 	__u16 dport;
+	__u8 src[16]; /* client; IPv4 in the first 4 bytes, the rest zero */
 };
 
 struct flow {
-	__u32 route;  /* index in `routes` */
-	__u8 state;   /* IPVS state (conntable.py's numbers) */
-	__u8 pad[3];
-	__u64 expires; /* CLOCK_MONOTONIC ns (bpf_ktime_get_ns) */
+	__u16 route;   /* index in `routes` */
+	__u8 state;    /* IPVS state (conntable.py's numbers) */
+	__u8 pad;
+	__u32 expires; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) >> TICK_SHIFT, modulo 2^32 */
 };
 
 struct route {
@@ -92,6 +100,14 @@ struct vip_key {
 	__u8 family; /* 4 or 6 */
 	__u8 pad[3];
 	__u8 addr[16];
+};
+
+#define VIP_LIVE 1 /* in this director's plan and owned: its frames are the engine's, its flows forwarded */
+
+struct vip {
+	__u16 id;    /* stable for the VIP's life in the maps: flows are keyed by it */
+	__u8 flags;
+	__u8 pad;
 };
 
 struct counter {
@@ -149,12 +165,12 @@ struct {
 	__type(value, struct next_state);
 } next_state SEC(".maps");
 
-/* The VIPs (which frames the engine needs); value unused. */
+/* The VIPs: their ids (flow keys hold them) and whether they are live (which frames the engine needs). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
 	__type(key, struct vip_key);
-	__type(value, __u8);
+	__type(value, struct vip);
 } vips SEC(".maps");
 
 /* The slow-path veth's ifindex (0: none, frames the program leaves go to the host). */
@@ -281,6 +297,7 @@ static __always_inline int forward_tun(struct __sk_buff *skb, struct route *r, _
 /* What the decision reads of a packet (copied out with bpf_skb_load_bytes). */
 struct pkt {
 	struct flow_key key;
+	struct vip_key vip; /* the destination, looked up for the VIP's id */
 	__u32 total;  /* IP length */
 	__u8 flags;   /* TCP flags; 0 for UDP */
 	__u8 family;
@@ -316,7 +333,7 @@ static __always_inline __u32 decide(struct __sk_buff *skb, struct pkt *p, __u64 
 		proto = ip->protocol;
 		p->key.family = 4;
 		__builtin_memcpy(p->key.src, &ip->saddr, 4);
-		__builtin_memcpy(p->key.dst, &ip->daddr, 4);
+		__builtin_memcpy(p->vip.addr, &ip->daddr, 4);
 		p->tos = ip->tos;
 		p->ttl = ip->ttl;
 		p->frag_off = ip->frag_off;
@@ -330,7 +347,7 @@ static __always_inline __u32 decide(struct __sk_buff *skb, struct pkt *p, __u64 
 		proto = ip6->nexthdr; /* extension headers and ICMPv6 are declined below */
 		p->key.family = 6;
 		__builtin_memcpy(p->key.src, &ip6->saddr, 16);
-		__builtin_memcpy(p->key.dst, &ip6->daddr, 16);
+		__builtin_memcpy(p->vip.addr, &ip6->daddr, 16);
 		p->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
 		p->ttl = ip6->hop_limit;
 	} else {
@@ -346,12 +363,16 @@ static __always_inline __u32 decide(struct __sk_buff *skb, struct pkt *p, __u64 
 	p->flags = proto == IPPROTO_TCP ? h[13] : 0;
 	p->key.proto = proto;
 	__builtin_memcpy(&p->key.sport, h, 4);
-	p->family = p->key.family;
+	p->family = p->vip.family = p->key.family;
 
+	struct vip *v = bpf_map_lookup_elem(&vips, &p->vip);
+	if (!v || !(v->flags & VIP_LIVE))
+		return R_NO_FLOW;
+	p->key.vip = v->id;
 	struct flow *f = bpf_map_lookup_elem(&conns, &p->key);
 	if (!f)
 		return R_NO_FLOW;
-	if (f->expires <= now)
+	if ((__s32)(f->expires - (__u32)(now >> TICK_SHIFT)) <= 0)
 		return R_EXPIRED;
 	__u32 zero = 0;
 	__u32 state = f->state & (STATES - 1);
@@ -389,7 +410,9 @@ static __always_inline int is_vip(__u8 family, void *addr)
 	struct vip_key k = {.family = family};
 
 	__builtin_memcpy(k.addr, addr, family == 4 ? 4 : 16);
-	return bpf_map_lookup_elem(&vips, &k) != 0;
+	struct vip *v = bpf_map_lookup_elem(&vips, &k);
+
+	return v && (v->flags & VIP_LIVE);
 }
 
 static __always_inline int for_engine(struct __sk_buff *skb)
@@ -468,7 +491,7 @@ int glb_ingress(struct __sk_buff *skb)
 	if (!to)
 		return count(R_ERROR, leave(skb));
 	/* Decided: refresh the expiry as ConnTable.refresh does. */
-	f->expires = now + to->ns[f->state & (STATES - 1)];
+	f->expires = (__u32)((now + to->ns[f->state & (STATES - 1)]) >> TICK_SHIFT);
 	int verdict = why == R_DR ? forward_dr(skb, r)
 				  : forward_tun(skb, r, p.total, p.family, p.tos, p.ttl, p.frag_off);
 	if (verdict == TC_ACT_OK)

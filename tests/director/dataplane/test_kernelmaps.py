@@ -27,22 +27,30 @@ TUN4 = codec.Tunnel(P("10.2.0.1"), P("10.2.0.11"), b"\x02\0\0\0\0\x11", b"\x02\0
 TUN6 = codec.Tunnel(P("2001:db8:2::1"), P("2001:db8:2::11"), b"\x02\0\0\0\0\x11", b"\x02\0\0\0\0\xd1", mtu=1400)
 
 
-def test_flow_keys_carry_family_addresses_and_ports_in_wire_order():
-    k = km.flow_key(KEY4)
-    assert len(k) == km.FLOW_KEY.size == 40
-    assert k == bytes([6, 4, 0, 0]) + P("198.51.100.7") + bytes(12) + P("192.0.2.10") + bytes(12) + b"\x9c\x40\x00\x50"
-    k6 = km.flow_key(KEY6)
-    assert k6[:2] == bytes([17, 6]) and k6[4:20] == P("2001:db8:100::7") and k6[-4:] == b"\x14\xe9\x00\x35"
-    assert km.conn_key(k) == KEY4 and km.conn_key(k6) == KEY6
+def test_flow_keys_carry_family_vip_id_ports_in_wire_order_and_client():
+    k = km.flow_key(KEY4, 0x0102)
+    assert len(k) == km.FLOW_KEY.size == 24  # with 8 of value: under 100 bytes an entry at 1M (benchmarks.md)
+    assert k == bytes([6, 4]) + km.U16.pack(0x0102) + b"\x9c\x40\x00\x50" + P("198.51.100.7") + bytes(12)
+    k6 = km.flow_key(KEY6, 3)
+    assert k6[:2] == bytes([17, 6]) and k6[4:8] == b"\x14\xe9\x00\x35" and k6[8:] == P("2001:db8:100::7")
+    ids = {0x0102: P("192.0.2.10"), 3: P("2001:db8:10::10")}
+    assert km.conn_key(k, ids) == KEY4 and km.conn_key(k6, ids) == KEY6 and km.conn_key(k, {}) is None
+    assert km.flow_vip(KEY4) == P("192.0.2.10") and km.flow_vip(KEY6) == P("2001:db8:10::10")
     with pytest.raises(ValueError):
-        km.flow_key(b"short")
+        km.flow_key(b"short", 0)
 
 
-def test_flow_values_hold_route_state_and_expiry_in_nanoseconds():
+def test_flow_values_hold_route_state_and_a_32_bit_expiry_read_near_now():
     v = km.flow_value(7, ESTABLISHED, 12.5)
-    assert len(v) == 16
-    assert km.parse_flow_value(v) == (7, ESTABLISHED, 12.5)
-    assert km.FLOW_VALUE.unpack(v)[2] == 12_500_000_000
+    assert len(v) == km.FLOW_VALUE.size == 8
+    route, state, expires = km.parse_flow_value(v, 10.0)
+    assert (route, state) == (7, ESTABLISHED) and 12.5 <= expires < 12.5 + km.TICK  # rounded up: never early
+    # The tick counter wraps every 2^32 ticks (~52 days); an expiry is read as the one nearest now.
+    wrap = (1 << 32) * km.TICK
+    late = km.flow_value(1, UDP, wrap + 5.0)
+    assert km.parse_flow_value(late, wrap - 5.0)[2] == pytest.approx(wrap + 5.0, abs=km.TICK)
+    assert km.parse_flow_value(km.flow_value(1, UDP, wrap - 5.0), wrap + 1.0)[2] == pytest.approx(wrap - 5.0, abs=km.TICK)
+    assert km.TIMEOUTS.unpack(km.timeouts_value([100 * 86400.0]))[0] == km.ns(km.MAX_TIMEOUT)
 
 
 def test_routes_for_dr_tun_and_unreachable():
@@ -92,6 +100,7 @@ def test_the_c_structs_match_the_layout():
 
     assert size("flow_key") == km.FLOW_KEY.size
     assert size("flow") == km.FLOW_VALUE.size
+    assert size("vip") == km.VIP.size
     assert size("route") == km.ROUTE.size
     assert size("counter") == km.COUNTER.size
     assert size("timeouts") == km.TIMEOUTS.size
@@ -106,9 +115,10 @@ def test_kernel_tables_over_the_fake():
     t.set_route(1, TUN4, True)
     t.install(KEY4, 1, ESTABLISHED, 100.0)
     t.install(KEY6, 1, UDP, 50.0)
-    assert t.flow(KEY4) == (1, ESTABLISHED, 100.0)
+    route, state, expires = t.flow(KEY4, 90.0)
+    assert (route, state) == (1, ESTABLISHED) and expires == pytest.approx(100.0, abs=km.TICK)
     assert sorted(t.flows()) == sorted([KEY4, KEY6])
-    assert t.remove(KEY4) and not t.remove(KEY4) and t.flow(KEY4) is None
+    assert t.remove(KEY4) and not t.remove(KEY4) and t.flow(KEY4, 90.0) is None
     maps.update("route_counters", km.U32.pack(1), km.COUNTER.pack(2, 80) + km.COUNTER.pack(1, 40))
     assert t.route_counters(1) == (3, 120) and t.route_counters(2) == (0, 0)
     maps.update("reasons", km.U32.pack(km.REASONS.index("pass_no_flow")), km.percpu(km.U64.pack(4), 8, 2))
@@ -145,12 +155,12 @@ def test_a_flow_is_installed_once_confirmed_with_its_route():
     assert tables.flows() == []  # a SYN alone proves nothing (a flood stays in userspace)
     action = f.forward(memoryview(syn(40000, flags="A")), 1.0)
     (key,) = tables.flows()
-    route, state, expires = tables.flow(key)
+    route, state, expires = tables.flow(key, 1.0)
     assert state == ESTABLISHED and expires == pytest.approx(1.0 + f.table.timeouts[ESTABLISHED])
     r = km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(route)))
     assert r[0] + r[1] == action and r[2:6] == (km.MODE_DR, 0, km.ROUTE_LIVE, 7)
     f.forward(memoryview(syn(40000, flags="FA")), 2.0)  # a state change the kernel left to Python
-    assert tables.flow(key)[1] != ESTABLISHED
+    assert tables.flow(key, 2.0)[1] != ESTABLISHED
 
 
 def test_a_plan_that_takes_the_server_away_turns_its_route_off():
@@ -158,12 +168,13 @@ def test_a_plan_that_takes_the_server_away_turns_its_route_off():
     f.forward(memoryview(syn(40000)), 0.0)
     owner = f.forward(memoryview(syn(40000, flags="A")), 0.0)
     (key,) = tables.flows()
-    route = tables.flow(key)[0]
+    route = tables.flow(key, 0.0)[0]
     down = [server(a, available=a != RS[owner[5] - 1], weight=int(a != RS[owner[5] - 1])) for a in RS[:2]]
     f.apply(plan(*down))
     sync.plan_applied(f.vips)
     assert km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(route)))[4] == 0  # not live: the kernel passes
-    assert {k[4:] for k in maps.keys("vips")} == {ipaddressed("192.0.2.10")}
+    live = {k[4:] for k, v in maps.maps["vips"].items() if km.VIP.unpack(v)[1] & km.VIP_LIVE}
+    assert live == {ipaddressed("192.0.2.10")}
 
 
 def test_a_standby_plan_without_vips_turns_every_route_off():
@@ -175,8 +186,8 @@ def test_a_standby_plan_without_vips_turns_every_route_off():
     (key,) = tables.flows()
     f.apply(without_vips(plan(server(RS[0]), server(RS[1]))))
     sync.plan_applied(f.vips)
-    assert km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(tables.flow(key)[0])))[4] == 0
-    assert maps.keys("vips") == []
+    assert km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(tables.flow(key, 0.0)[0])))[4] == 0
+    assert all(not km.VIP.unpack(v)[1] & km.VIP_LIVE for v in maps.maps["vips"].values())  # ids kept, none live
 
 
 def ipaddressed(a: str) -> bytes:
@@ -188,7 +199,7 @@ def test_kernel_counters_fold_into_the_forwarders_and_expiry_follows_the_kernel(
     f.forward(memoryview(syn(40000)), 0.0)
     f.forward(memoryview(syn(40000, flags="A")), 0.0)
     (key,) = tables.flows()
-    route = tables.flow(key)[0]
+    route = tables.flow(key, 0.0)[0]
     before = f.stats().forwarded
     maps.update("route_counters", km.U32.pack(route), km.COUNTER.pack(10, 400) + km.COUNTER.pack(5, 200))
     sync.fold_counters()
@@ -200,3 +211,22 @@ def test_kernel_counters_fold_into_the_forwarders_and_expiry_follows_the_kernel(
     assert f.sweep(es + 10.0) == 0 and len(f.table) == 1
     assert f.sweep(es + 600.0) == 1 and len(f.table) == 0
     assert tables.flows() == []  # forgotten in the kernel too
+
+
+def test_vip_ids_are_stable_kept_while_not_live_and_read_back_from_maps_that_outlived_a_director():
+    maps = FakeMaps()
+    t = KernelTables(maps, [60.0] * 12)
+    a, b, c = P("192.0.2.10"), P("192.0.2.11"), P("2001:db8:10::10")
+    t.set_vips([a, b])
+    ids = (t.vip_id(a), t.vip_id(b))
+    assert len(set(ids)) == 2
+    t.install(KEY4, 0, ESTABLISHED, 100.0)  # KEY4's VIP is a
+    t.set_vips([c])  # a standby's or a new plan: a and b not live, still known
+    t.set_vips([a, c])
+    assert t.vip_id(a) == ids[0] and t.vip_id(c) not in ids
+    again = KernelTables(maps, [60.0] * 12)  # a restarted director over pinned maps
+    assert again.vip_id(a) == ids[0] and again.vip_id(b) == ids[1] and again.flows() == [KEY4]
+    writes = []
+    maps.update = lambda name, k, v, _u=maps.update: (writes.append(name), _u(name, k, v))[1]
+    again.set_vips([a, c])
+    assert writes == []  # nothing changed: nothing written
