@@ -37,7 +37,7 @@ from glb.config import Config, LBName
 from glb.state import DeploymentState
 
 from dnsfront import cookies as cookies_mod
-from dnsfront import policy, wire
+from dnsfront import policy, rrl, wire
 from dnsfront.cookies import CookieJar
 from dnsfront.policy import ANSWER, SLOT_BITS, Client, Plan
 from dnsfront.responder import Query, Responder
@@ -91,7 +91,7 @@ class Entry:
     ECS option and also returns the SCOPE.
     """
 
-    __slots__ = ("parts", "slots", "choose", "choose_ecs", "hits", "qtype", "rcodes", "sites", "name", "label")
+    __slots__ = ("parts", "slots", "choose", "choose_ecs", "hits", "qtype", "rcodes", "sites", "name", "label", "rrl")
 
     def __init__(self, name: bytes, qtype: int, parts: list, rcodes: list[int], sites: list[str | None],
                  slots: bytes | None, choose: Callable[[Any], int] | None,
@@ -103,6 +103,8 @@ class Entry:
         self.slots, self.choose, self.choose_ecs = slots, choose, choose_ecs
         self.hits = [0] * len(parts)
         self.parts, self.rcodes = parts, rcodes
+        self.rrl = rrl.kind_of(name + struct.pack("!HH", qtype, 1), rcodes[0])
+        """What the rate limiter counts these answers as (the same for every choice)."""
 
 
 class Engine:
@@ -125,6 +127,8 @@ class Engine:
         self._clock = clock
         """Wall-clock time for cookie timestamps (the only time the answering path reads)."""
         self.responder = Responder(config.dnsfront.udp_payload, cookies=cookies is not None)
+        self.limit: rrl.Check | None = None
+        """Response rate limiting of UDP answers (``RateLimiter.check``); None: off."""
         self.zones = Zones.from_config(config)
         self.sites = {s.name: s for s in config.sites}
         self.stale_after = config.redis.stale_after
@@ -398,7 +402,10 @@ class Engine:
                             i = 0
                         e.hits[i] += 1
                         heads, tail, _ = e.parts[i]
-                        return data[:2] + heads[(data[2] & 1) | ((data[3] & 0x10) >> 3)] + question + tail
+                        if tcp or self.limit is None:
+                            return data[:2] + heads[(data[2] & 1) | ((data[3] & 0x10) >> 3)] + question + tail
+                        return self.limit(data, data[:2] + heads[(data[2] & 1) | ((data[3] & 0x10) >> 3)] + question
+                                          + tail, addr, e.rrl)
             elif data[4:12] == _HEADER_EDNS and not data[2] & 0xF8:
                 o = data.find(b"\x00", 12) + 5  # start of the OPT RR, if the shape is right
                 if len(data) >= o + 11 and data[o : o + 3] == _OPT_HEAD and not data[o + 6]:
@@ -446,10 +453,15 @@ class Engine:
                                 (data[o + 3] << 8) | data[o + 4], self.udp_payload
                             ):
                                 e.hits[i] += 1
-                                return out
+                                if tcp or self.limit is None:
+                                    return out
+                                return self.limit(data, out, addr, e.rrl)
         except Exception:  # noqa: BLE001 - a fast-path bug must not drop a query
             log.exception("fast path failed; answering on the slow path")
-        return self.answer_slow(data, addr, tcp)
+        if tcp or self.limit is None:
+            return self.answer_slow(data, addr, tcp)
+        out = self.answer_slow(data, addr, tcp)
+        return None if out is None else self.limit(data, out, addr, None)
 
     def _cookie_option(self, value: bytes, addr: Any) -> bytes | None:
         """The COOKIE option answering ``value`` from ``addr``; None if malformed."""

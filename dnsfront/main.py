@@ -64,7 +64,9 @@ class Worker:
         self.cookie_master = cookie_master or os.urandom(16)
         """Random per start unless the config names a secret file; the supervisor gives all workers one."""
         self.engine = Engine(config, cookies=cookie_jar(config, self.cookie_master))
-        self.server = DNSServer(config.dnsfront, self.engine.handle, self._limiter(config))
+        limiter = self._limiter(config)
+        self.engine.limit = limiter.check if limiter is not None else None
+        self.server = DNSServer(config.dnsfront, self.engine.handle, limiter)
         self.updater = AnswerUpdater(config.redis, lambda: self.engine)
         self.reloads = 0
         self._reload_lock = asyncio.Lock()
@@ -76,7 +78,7 @@ class Worker:
         return RateLimiter(rrl, cookie_valid=self._cookie_valid,
                            badcookie=functools.partial(cookies.badcookie, payload=config.dnsfront.udp_payload))
 
-    def _cookie_valid(self, query: bytes, addr: Any, _now: float) -> bool:
+    def _cookie_valid(self, query: bytes, addr: Any) -> bool:
         """Whether ``query`` presents a valid server cookie (RRL exemption); wall-clock time."""
         jar = self.engine.cookies
         return jar is not None and cookies.presents_valid(jar, query, addr, time.time())
@@ -114,14 +116,15 @@ class Worker:
         if new.dnsfront.listen != self.config.dnsfront.listen or new.dnsfront.status_listen != self.config.dnsfront.status_listen:
             log.warning("reload: listen addresses changed; restart dnsfront to apply them")
         engine.take_counters(self.engine)  # a reload must not reset the metrics
-        self.engine = engine
-        self.server.handler = engine.handle
-        self.server.config = dataclasses.replace(new.dnsfront, listen=self.config.dnsfront.listen)
         if new.dnsfront.rrl != self.config.dnsfront.rrl or new.dnsfront.udp_payload != self.config.dnsfront.udp_payload:
             old = self.server.limiter
             self.server.limiter = self._limiter(new)
             if old is not None and self.server.limiter is not None:
                 self.server.limiter.counters = old.counters  # buckets start over, counters do not
+        engine.limit = self.server.limiter.check if self.server.limiter is not None else None
+        self.engine = engine
+        self.server.handler = engine.handle
+        self.server.config = dataclasses.replace(new.dnsfront, listen=self.config.dnsfront.listen)
         if new.redis != self.config.redis:
             await self.updater.stop()
             self.updater = AnswerUpdater(new.redis, lambda: self.engine)

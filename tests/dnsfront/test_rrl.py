@@ -31,12 +31,18 @@ def pair(name: str = "app.example.net", rcode: int = dns.rcode.NOERROR, rtype: s
 
 
 def limiter(**kw) -> RateLimiter:
-    return RateLimiter(RRLConfig(enabled=True, **{"responses_per_second": 5, "slip": 0, **kw}))
+    return RateLimiter(RRLConfig(enabled=True, **{"responses_per_second": 5, "nxdomains_per_second": 5,
+                                                  "errors_per_second": 5, "slip": 0, **kw}))
+
+
+def check(lim, q, r, addr, now=100.0):
+    lim.tick(now)
+    return lim.check(q, r, addr, None)
 
 
 def run(lim, n, q_r=None, addr=VICTIM, now=100.0):
     q, r = q_r or pair()
-    return [lim.check(q, r, addr, now) for _ in range(n)]
+    return [check(lim, q, r, addr, now) for _ in range(n)]
 
 
 def test_within_rate_everything_passes_then_excess_is_dropped():
@@ -48,20 +54,18 @@ def test_within_rate_everything_passes_then_excess_is_dropped():
     assert lim.counters.limited == 3 and lim.counters.slipped == 0
 
 
-def test_credit_refills_at_the_rate():
+def test_each_second_brings_the_rate_again():
     lim = limiter()
     run(lim, 5, now=100.0)
-    assert run(lim, 1, now=100.0) == [None]
-    # Limited responses cost a token too: debt of 1 after the first miss.
-    assert run(lim, 1, now=100.2) == [None]  # +1 token: back to 0 - 1
-    assert run(lim, 1, now=100.8)[0] is not None  # +3 tokens
+    assert run(lim, 1, now=100.9) == [None]  # same second: over (and it counts: debt 1)
+    assert [o is not None for o in run(lim, 5, now=101.0)] == [True] * 4 + [False]  # 5 new, less the debt
 
 
 def test_window_bounds_the_debt():
     lim = limiter(window=2)
-    run(lim, 10_000, now=100.0)  # a long flood: debt capped at window x rate = 10
-    assert run(lim, 1, now=102.0)[0] is None  # 2 s x 5/s just pays the debt: -10 + 10 - 1
-    assert run(lim, 1, now=102.5)[0] is not None  # -1 (the miss at 102.0) + 0.5 s x 5/s - 1 >= 0
+    run(lim, 10_000, now=100.0)  # a long flood: the debt is capped at window x rate = 10
+    assert run(lim, 1, now=101.0)[0] is None  # 10 - 5 paid + 1 > 5
+    assert run(lim, 1, now=102.0)[0] is not None  # quiet (nearly) for the window: served again
 
 
 def test_slip_answers_every_nth_limited_response_truncated():
@@ -87,9 +91,9 @@ def test_kinds_have_separate_buckets():
     assert run(lim, 1)[0] is None
     assert run(lim, 1, pair(rtype="AAAA"))[0] is not None  # another type: its own bucket
     assert run(lim, 1, pair(name="mail.example.net"))[0] is not None
-    nx = [lim.check(*pair(f"n{i}.example.net", dns.rcode.NXDOMAIN), VICTIM, 100.0) for i in range(3)]
+    nx = [check(lim, *pair(f"n{i}.example.net", dns.rcode.NXDOMAIN), VICTIM) for i in range(3)]
     assert [o is not None for o in nx] == [True, True, False]  # every NXDOMAIN name together, 2/s
-    err = [lim.check(*pair(f"e{i}.example.net", dns.rcode.REFUSED), VICTIM, 100.0) for i in range(4)]
+    err = [check(lim, *pair(f"e{i}.example.net", dns.rcode.REFUSED), VICTIM) for i in range(4)]
     assert [o is not None for o in err] == [True, True, True, False]
 
 
@@ -127,8 +131,8 @@ def test_table_is_bounded_and_keeps_hot_buckets():
     q, r = pair()
     run(lim, 5, (q, r))
     for i in range(1000):  # a flood from many networks
-        lim.check(q, r, (f"10.{i // 256}.{i % 256}.1", 1), 100.0)
-        assert lim.check(q, r, VICTIM, 100.0) is None  # still limited: its bucket stays
+        check(lim, q, r, (f"10.{i // 256}.{i % 256}.1", 1))
+        assert check(lim, q, r, VICTIM) is None  # still limited: its bucket stays
     assert len(lim) <= 100
 
 
@@ -137,7 +141,7 @@ def test_idle_bucket_forgotten_loses_nothing():
     q, r = pair()
     run(lim, 5, (q, r))
     for i in range(10):
-        lim.check(q, r, (f"10.0.{i}.1", 1), 100.0)
+        check(lim, q, r, (f"10.0.{i}.1", 1))
     # Evicted, and 15 s (the window) later it would have had full credit anyway.
     assert run(lim, 5, (q, r), now=115.0) == [r] * 5
 
@@ -149,7 +153,7 @@ def test_valid_server_cookie_is_exempt_and_client_cookie_gets_badcookie_on_slip(
     ip = ipaddress.ip_address(VICTIM[0]).packed
     good = client + jar.make(client, ip, now_wall)
     lim = RateLimiter(RRLConfig(enabled=True, responses_per_second=5, slip=1),
-                      cookie_valid=lambda q, a, _n: cookies.presents_valid(jar, q, a, now_wall),
+                      cookie_valid=lambda q, a: cookies.presents_valid(jar, q, a, now_wall),
                       badcookie=lambda resp: cookies.badcookie(resp, 1232))
 
     def with_cookie(value):
@@ -176,3 +180,40 @@ def test_bytes_out_never_exceed_bytes_in_past_the_limit(slip):
     out = run(lim, 10_000, (q, r))
     sent = sum(len(o) for o in out[5:] if o is not None)
     assert sent <= len(q) * len(out[5:])
+
+
+# ---------------------------------------------------------------------------
+# In the engine: the fast path and the slow path count alike; TCP never
+
+
+@pytest.fixture
+def limited_engine(config, st):
+    import random
+
+    from dnsfront.answers import Engine
+
+    e = Engine(config, rng=random.Random(3))
+    e.update(st.all_up(), st.NOW)
+    lim = limiter()
+    lim.tick(100.0)
+    e.limit = lim.check
+    return e, lim
+
+
+@pytest.mark.parametrize("name,edns", [("mail.example.net", None), ("app.example.net", 0), ("ApP.example.net", 0),
+                                       ("nope.example.net", None)])
+def test_engine_limits_udp_on_both_paths(limited_engine, name, edns):
+    e, lim = limited_engine
+    q = dns.message.make_query(name, "A", use_edns=edns).to_wire()
+    out = [e.handle(q, VICTIM, False) for _ in range(8)]
+    assert [o is not None for o in out] == [True] * 5 + [False] * 3
+    if name.startswith("nope"):
+        assert e.slow == 1 and e.counters()["fast"] == 7  # first the slow path, then fast: one bucket
+    assert all(e.handle(q, VICTIM, True) is not None for _ in range(20))  # TCP: never limited
+
+
+def test_engine_nxdomain_names_share_a_bucket(limited_engine):
+    e, lim = limited_engine
+    out = [e.handle(dns.message.make_query(f"x{i}.example.net", "A").to_wire(), VICTIM, False) for i in range(8)]
+    assert sum(o is not None for o in out) == 5
+    assert dns.message.from_wire(out[0]).rcode() == dns.rcode.NXDOMAIN
