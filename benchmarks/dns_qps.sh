@@ -2,7 +2,13 @@
 # dnsfront vs NSD (and gdnsd's weighted plugin when installed), queries/s on
 # one core each, measured with dnsperf in one run and with the same pinning.
 #
-#   benchmarks/dns_qps.sh [-d SECONDS] [-s SERVER_CPU] [-c CLIENT_CPU] [-r RUNS]
+#   benchmarks/dns_qps.sh [-d SECONDS] [-s SERVER_CPU] [-c CLIENT_CPU] [-r RUNS] [-R]
+#
+# -R also measures a second dnsfront, identical but with response rate
+# limiting on (dnsfront.rrl) at a rate above the load, so every answer goes
+# through its buckets and none is limited: the cost of RRL on the fast path.
+# The two are measured in alternation, run by run, so load from elsewhere on
+# the machine falls on both alike.
 #
 # dnsfront serves app.example.net, a weighted load-balanced name with two
 # live sites (a throwaway redis-server plus a heartbeat publisher keep both
@@ -15,10 +21,11 @@ DURATION=10
 SERVER_CPU=1
 CLIENT_CPU=0
 RUNS=3
-while getopts "d:s:c:r:" opt; do
+RRL=0
+while getopts "d:s:c:r:R" opt; do
   case $opt in
-    d) DURATION=$OPTARG ;; s) SERVER_CPU=$OPTARG ;; c) CLIENT_CPU=$OPTARG ;; r) RUNS=$OPTARG ;;
-    *) echo "usage: $0 [-d SECONDS] [-s SERVER_CPU] [-c CLIENT_CPU] [-r RUNS]" >&2; exit 2 ;;
+    d) DURATION=$OPTARG ;; s) SERVER_CPU=$OPTARG ;; c) CLIENT_CPU=$OPTARG ;; r) RUNS=$OPTARG ;; R) RRL=1 ;;
+    *) echo "usage: $0 [-d SECONDS] [-s SERVER_CPU] [-c CLIENT_CPU] [-r RUNS] [-R]" >&2; exit 2 ;;
   esac
 done
 
@@ -64,9 +71,20 @@ sites:
     director: {interface: eth0}
     services: [{name: web, vips: ["192.0.2.20:80/tcp"], real_servers: [10.2.0.1]}]
 YAML
-taskset -c "$SERVER_CPU" "$PY" -c 'import sys; from dnsfront.main import run; sys.exit(run(sys.argv[1], 1, "warning"))' \
-  "$WORK/glb.yaml" >"$WORK/dnsfront.log" 2>&1 & PIDS+=($!)
+start_dnsfront() {  # config log -> pid
+  taskset -c "$SERVER_CPU" "$PY" -c 'import sys; from dnsfront.main import run; sys.exit(run(sys.argv[1], 1, "warning"))' \
+    "$1" >"$2" 2>&1 & PIDS+=($!)
+}
+start_dnsfront "$WORK/glb.yaml" "$WORK/dnsfront.log"
 DNSF_PID=$!
+if [ "$RRL" = 1 ]; then
+  RRL_PORT=$(free_port); RRL_STATUS_PORT=$(free_port)
+  # Same server, RRL on at a rate no single client here reaches: every answer is accounted, none limited.
+  sed -e "s/127.0.0.1:$DNSF_PORT/127.0.0.1:$RRL_PORT/" -e "s/127.0.0.1:$STATUS_PORT/127.0.0.1:$RRL_STATUS_PORT/" \
+    -e "s/^  status_listen: .*/&\n  rrl: {enabled: true, responses_per_second: 100000000}/" "$WORK/glb.yaml" >"$WORK/glb-rrl.yaml"
+  start_dnsfront "$WORK/glb-rrl.yaml" "$WORK/dnsfront-rrl.log"
+  RRL_PID=$!
+fi
 
 # --- NSD ------------------------------------------------------------------------
 cat >"$WORK/example.net.zone" <<ZONE
@@ -110,12 +128,15 @@ wait_answer() {
   echo "dns_qps: server on port $1 does not answer; logs in $WORK" >&2; cat "$WORK"/*.log >&2; exit 1
 }
 wait_answer "$DNSF_PORT"; wait_answer "$NSD_PORT"
-for _ in $(seq 100); do
-  curl -s "http://127.0.0.1:$STATUS_PORT/status" | grep -q '"weighted: dc1 50%, dc2 50%"' && break
-  sleep 0.1
-done
-curl -s "http://127.0.0.1:$STATUS_PORT/status" | grep -q '"weighted: dc1 50%, dc2 50%"' \
-  || { echo "dns_qps: dnsfront does not see two live sites" >&2; exit 1; }
+wait_live() {  # status port
+  for _ in $(seq 100); do
+    curl -s "http://127.0.0.1:$1/status" | grep -q '"weighted: dc1 50%, dc2 50%"' && return 0
+    sleep 0.1
+  done
+  echo "dns_qps: dnsfront does not see two live sites" >&2; exit 1
+}
+wait_live "$STATUS_PORT"
+if [ "$RRL" = 1 ]; then wait_answer "$RRL_PORT"; wait_live "$RRL_STATUS_PORT"; fi
 
 echo "app.example.net A" >"$WORK/queries.txt"
 descendants() { local c; for c in $(pgrep -P "$1"); do echo "$c"; descendants "$c"; done; }
@@ -164,3 +185,13 @@ else
   echo "gdnsd: not installed, skipped"
 fi
 "$PY" -c "import sys; d,n,dc,nc=map(int,sys.argv[1:]); print(f'ratio dnsfront/nsd: {d/n:.2f} (qps), {dc/nc:.2f} (qps/core)' if n and nc else 'ratio: n/a')" "$DNSF" "$NSDQ" "$DNSF_CORE" "$NSD_CORE"
+if [ "$RRL" = 1 ]; then
+  echo "RRL cost, measured in alternation (one run each, $RUNS times; qps and qps/core per run):"
+  for i in $(seq "$RUNS"); do
+    read -r A A_CORE <<<"$(RUNS=1 measure "$DNSF_PORT" "$DNSF_PID")"
+    read -r B B_CORE <<<"$(RUNS=1 measure "$RRL_PORT" "$RRL_PID")"
+    "$PY" -c "import sys; a,ac,b,bc=map(int,sys.argv[2:]); print(f'run {sys.argv[1]}: off {a} qps {ac} /core, on {b} qps {bc} /core: cost {100*(1-b/a):.1f} % (qps), {100*(1-bc/ac):.1f} % (qps/core)' if a and ac else 'n/a')" \
+      "$i" "$A" "$A_CORE" "$B" "$B_CORE"
+  done
+  curl -s "http://127.0.0.1:$RRL_STATUS_PORT/metrics" | grep -E '^dnsfront_rrl_limited_total' || true
+fi

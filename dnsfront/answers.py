@@ -24,9 +24,11 @@ load-balanced name leaves with that name's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random as _random
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -34,7 +36,9 @@ from typing import Any
 from glb.config import Config, LBName
 from glb.state import DeploymentState
 
-from dnsfront import policy, wire
+from dnsfront import cookies as cookies_mod
+from dnsfront import policy, rrl, wire
+from dnsfront.cookies import CookieJar
 from dnsfront.policy import ANSWER, SLOT_BITS, Client, Plan
 from dnsfront.responder import Query, Responder
 from dnsfront.sitewatch import SiteWatch
@@ -87,7 +91,7 @@ class Entry:
     ECS option and also returns the SCOPE.
     """
 
-    __slots__ = ("parts", "slots", "choose", "choose_ecs", "hits", "qtype", "rcodes", "sites", "name", "label")
+    __slots__ = ("parts", "slots", "choose", "choose_ecs", "hits", "qtype", "rcodes", "sites", "name", "label", "rrl")
 
     def __init__(self, name: bytes, qtype: int, parts: list, rcodes: list[int], sites: list[str | None],
                  slots: bytes | None, choose: Callable[[Any], int] | None,
@@ -99,6 +103,8 @@ class Entry:
         self.slots, self.choose, self.choose_ecs = slots, choose, choose_ecs
         self.hits = [0] * len(parts)
         self.parts, self.rcodes = parts, rcodes
+        self.rrl = rrl.kind_of(name + struct.pack("!HH", qtype, 1), rcodes[0])
+        """What the rate limiter counts these answers as (the same for every choice)."""
 
 
 class Engine:
@@ -113,9 +119,16 @@ class Engine:
     a time, so a caller can let queries through between batches.
     """
 
-    def __init__(self, config: Config, *, rng: _random.Random | None = None):
+    def __init__(self, config: Config, *, rng: _random.Random | None = None, cookies: CookieJar | None = None,
+                 clock: Callable[[], float] = time.time):
         self.config = config
-        self.responder = Responder(config.dnsfront.udp_payload)
+        self.cookies = cookies
+        """Server cookies (RFC 7873); None: COOKIE options are ignored."""
+        self._clock = clock
+        """Wall-clock time for cookie timestamps (the only time the answering path reads)."""
+        self.responder = Responder(config.dnsfront.udp_payload, cookies=cookies is not None)
+        self.limit: rrl.Check | None = None
+        """Response rate limiting of UDP answers (``RateLimiter.check``); None: off."""
         self.zones = Zones.from_config(config)
         self.sites = {s.name: s for s in config.sites}
         self.stale_after = config.redis.stale_after
@@ -389,22 +402,31 @@ class Engine:
                             i = 0
                         e.hits[i] += 1
                         heads, tail, _ = e.parts[i]
-                        return data[:2] + heads[(data[2] & 1) | ((data[3] & 0x10) >> 3)] + question + tail
+                        if tcp or self.limit is None:
+                            return data[:2] + heads[(data[2] & 1) | ((data[3] & 0x10) >> 3)] + question + tail
+                        return self.limit(data, data[:2] + heads[(data[2] & 1) | ((data[3] & 0x10) >> 3)] + question
+                                          + tail, addr, e.rrl)
             elif data[4:12] == _HEADER_EDNS and not data[2] & 0xF8:
                 o = data.find(b"\x00", 12) + 5  # start of the OPT RR, if the shape is right
                 if len(data) >= o + 11 and data[o : o + 3] == _OPT_HEAD and not data[o + 6]:
                     rdlen = (data[o + 9] << 8) | data[o + 10]
                     e = self.edns.get(data[12:o].lower()) if len(data) == o + 11 + rdlen else None
                     if e is not None:
-                        ecs = None
+                        ecs = cookie = None
                         if rdlen:
-                            # Options (a resolver's COOKIE, ECS...): unknown ones are
+                            # Options (ECS, a resolver's COOKIE...): unknown ones are
                             # ignored (RFC 6891 6.1.2); malformed ones go to the slow
                             # path, which answers FORMERR.
                             try:
-                                ecs = wire.find_ecs(data, o + 11)
+                                ecs, cookie = wire.find_options(data, o + 11)
                                 if ecs is not None:
                                     i, scope = e.choose_ecs(ecs)
+                                if cookie is not None and self.cookies is not None:
+                                    cookie = self._cookie_option(cookie, addr)  # None if malformed
+                                    if cookie is None:
+                                        e = None
+                                else:
+                                    cookie = None
                             except wire.WireError:
                                 e = None
                         if ecs is None and e is not None:
@@ -419,18 +441,36 @@ class Engine:
                             out = data[:2] + heads[(data[2] & 1) | ((data[3] & 0x10) >> 3)] + data[12:o] + (
                                 tail_do if data[o + 7] & 0x80 else tail
                             )
-                            if ecs is not None:
-                                # Echo FAMILY, SOURCE and ADDRESS; put our SCOPE (RFC 7871 7.2.1).
-                                opt = _ECS_CODE + struct.pack("!H", len(ecs)) + ecs[:3] + bytes((scope,)) + ecs[4:]
+                            if ecs is not None or cookie is not None:
+                                opt = b""
+                                if ecs is not None:
+                                    # Echo FAMILY, SOURCE and ADDRESS; put our SCOPE (RFC 7871 7.2.1).
+                                    opt = _ECS_CODE + struct.pack("!H", len(ecs)) + ecs[:3] + bytes((scope,)) + ecs[4:]
+                                if cookie is not None:
+                                    opt += cookie  # last: dnsfront.rrl looks for it there
                                 out = out[:-2] + struct.pack("!H", len(opt)) + opt
                             if tcp or len(out) <= wire.NO_EDNS_LIMIT or len(out) <= min(
                                 (data[o + 3] << 8) | data[o + 4], self.udp_payload
                             ):
                                 e.hits[i] += 1
-                                return out
+                                if tcp or self.limit is None:
+                                    return out
+                                return self.limit(data, out, addr, e.rrl)
         except Exception:  # noqa: BLE001 - a fast-path bug must not drop a query
             log.exception("fast path failed; answering on the slow path")
-        return self.answer_slow(data, addr, tcp)
+        if tcp or self.limit is None:
+            return self.answer_slow(data, addr, tcp)
+        out = self.answer_slow(data, addr, tcp)
+        return None if out is None else self.limit(data, out, addr, None)
+
+    def _cookie_option(self, value: bytes, addr: Any) -> bytes | None:
+        """The COOKIE option answering ``value`` from ``addr``; None if malformed."""
+        if not cookies_mod.well_formed(value):
+            return None
+        try:
+            return self.cookies.reply(value, addr, self._clock())
+        except (OSError, ValueError, TypeError, IndexError):
+            return None  # a peer that is no address (a test's fake peer)
 
     def answer_slow(self, data: bytes, addr: Any, tcp: bool) -> bytes | None:
         """Every query the fast path did not take. Never raises."""
@@ -446,6 +486,10 @@ class Engine:
                     self.malformed += 1
                 self.responses[(_qtype_of(data), rcode)] += 1
                 return parsed
+            if parsed.edns is not None and parsed.edns.cookie is not None and self.cookies is not None:
+                reply = self._cookie_option(parsed.edns.cookie, addr)
+                if reply is not None:
+                    parsed = dataclasses.replace(parsed, edns=dataclasses.replace(parsed.edns, cookie_reply=reply))
             out, cacheable = self._resolve(parsed, addr, tcp)
             self.responses[(parsed.qtype, out[3] & 0xF)] += 1
             if cacheable:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -37,7 +38,10 @@ from glb.errors import DNSFrontError, GLBError, SupervisorError
 from glb.supervisor import Supervisor
 from glb.state import DeploymentState
 
+from dnsfront import cookies
 from dnsfront.answers import Engine
+from dnsfront.cookies import CookieJar
+from dnsfront.rrl import RateLimiter, RRLCounters
 from dnsfront.follower import AnswerUpdater
 from dnsfront.server import DNSServer, probe_listen
 from dnsfront.status import StatusServer
@@ -52,16 +56,32 @@ STOP_TIMEOUT = 10.0
 class Worker:
     """One serving process: DNS server + Redis follower + engine."""
 
-    def __init__(self, config_path: str, config: Config, index: int = 0):
+    def __init__(self, config_path: str, config: Config, index: int = 0, cookie_master: bytes | None = None):
         self.config_path = config_path
         self.config = config
         self.index = index
         self.started_at = time.time()
-        self.engine = Engine(config)
-        self.server = DNSServer(config.dnsfront, self.engine.handle)
+        self.cookie_master = cookie_master or os.urandom(16)
+        """Random per start unless the config names a secret file; the supervisor gives all workers one."""
+        self.engine = Engine(config, cookies=cookie_jar(config, self.cookie_master))
+        limiter = self._limiter(config)
+        self.engine.limit = limiter.check if limiter is not None else None
+        self.server = DNSServer(config.dnsfront, self.engine.handle, limiter)
         self.updater = AnswerUpdater(config.redis, lambda: self.engine)
         self.reloads = 0
         self._reload_lock = asyncio.Lock()
+
+    def _limiter(self, config: Config) -> RateLimiter | None:
+        rrl = config.dnsfront.rrl
+        if not rrl.enabled:
+            return None
+        return RateLimiter(rrl, cookie_valid=self._cookie_valid,
+                           badcookie=functools.partial(cookies.badcookie, payload=config.dnsfront.udp_payload))
+
+    def _cookie_valid(self, query: bytes, addr: Any) -> bool:
+        """Whether ``query`` presents a valid server cookie (RRL exemption); wall-clock time."""
+        jar = self.engine.cookies
+        return jar is not None and cookies.presents_valid(jar, query, addr, time.time())
 
     async def start(self) -> None:
         await self.updater.start()
@@ -89,13 +109,19 @@ class Worker:
     async def _reload(self) -> bool:
         try:
             new, engine = await asyncio.get_running_loop().run_in_executor(
-                None, _prepare, self.config_path, self.updater.state)
+                None, _prepare, self.config_path, self.updater.state, self.cookie_master)
         except GLBError as e:  # ConfigError included: its problems, one line
             log.error("reload failed, keeping the running config: %s", "; ".join(str(e).splitlines()))
             return False
         if new.dnsfront.listen != self.config.dnsfront.listen or new.dnsfront.status_listen != self.config.dnsfront.status_listen:
             log.warning("reload: listen addresses changed; restart dnsfront to apply them")
         engine.take_counters(self.engine)  # a reload must not reset the metrics
+        if new.dnsfront.rrl != self.config.dnsfront.rrl or new.dnsfront.udp_payload != self.config.dnsfront.udp_payload:
+            old = self.server.limiter
+            self.server.limiter = self._limiter(new)
+            if old is not None and self.server.limiter is not None:
+                self.server.limiter.counters = old.counters  # buckets start over, counters do not
+        engine.limit = self.server.limiter.check if self.server.limiter is not None else None
         self.engine = engine
         self.server.handler = engine.handle
         self.server.config = dataclasses.replace(new.dnsfront, listen=self.config.dnsfront.listen)
@@ -151,6 +177,8 @@ class Worker:
                 "udp_send_errors": sc.udp_send_errors,
                 "tcp_accepted": sc.tcp_accepted,
                 "tcp_refused": sc.tcp_refused,
+                "tcp_refused_source": sc.tcp_refused_source,
+                **self._rrl_counters(),
                 "tcp_idle_closed": sc.tcp_idle_closed,
                 "tcp_queries": sc.tcp_queries,
                 "tcp_open": sc.tcp_open,
@@ -158,10 +186,24 @@ class Worker:
         }
 
 
-def _prepare(config_path: str, state: DeploymentState | None) -> tuple[Config, Engine]:
+    def _rrl_counters(self) -> dict[str, int]:
+        lim = self.server.limiter
+        c = lim.counters if lim is not None else RRLCounters()
+        return {"rrl_limited": c.limited, "rrl_slipped": c.slipped, "rrl_exempt_cookie": c.exempt_cookie}
+
+
+def cookie_jar(config: Config, master: bytes) -> CookieJar | None:
+    """The server-cookie maker for ``config`` (None: cookies off); the config's secret wins over ``master``."""
+    c = config.dnsfront.cookies
+    if not c.enabled:
+        return None
+    return CookieJar(c.secret or master, c.rotate)
+
+
+def _prepare(config_path: str, state: DeploymentState | None, master: bytes) -> tuple[Config, Engine]:
     """A new config and its engine, fully built from ``state`` (run in a thread)."""
     config = configmod.load(config_path)
-    engine = Engine(config)
+    engine = Engine(config, cookies=cookie_jar(config, master))
     engine.update(state, time.time())
     return config, engine
 
@@ -202,7 +244,7 @@ async def _serve_single(config_path: str, config: Config) -> int:
 # Several processes
 
 
-def _worker_main(config_path: str, index: int, log_level: str, conn: Connection) -> None:
+def _worker_main(config_path: str, index: int, log_level: str, cookie_master: bytes, conn: Connection) -> None:
     """Entry point of a worker process (spawned: nothing inherited but args).
 
     A worker that cannot run sends the reason to the supervisor and exits 1,
@@ -213,7 +255,7 @@ def _worker_main(config_path: str, index: int, log_level: str, conn: Connection)
     # The supervisor handles Ctrl-C for the group; a worker waits for SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        asyncio.run(_worker_async(config_path, index, conn))
+        asyncio.run(_worker_async(config_path, index, cookie_master, conn))
     except GLBError as e:
         with suppress(OSError):
             conn.send(("error", "; ".join(str(e).splitlines())))
@@ -224,9 +266,9 @@ def _worker_main(config_path: str, index: int, log_level: str, conn: Connection)
         sys.exit(1)
 
 
-async def _worker_async(config_path: str, index: int, conn: Connection) -> None:
+async def _worker_async(config_path: str, index: int, cookie_master: bytes, conn: Connection) -> None:
     config = configmod.load(config_path)
-    worker = Worker(config_path, config, index)
+    worker = Worker(config_path, config, index, cookie_master)
     await worker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -252,7 +294,10 @@ async def _supervise(config_path: str, config: Config, workers: int, log_level: 
         if msg[0] == "report":
             reports[index] = (time.time(), msg[1])
 
-    sup = Supervisor("dnsfront-worker", _worker_main, lambda i: (config_path, i, log_level), workers,
+    # One cookie secret for every worker (and every restart of one): a client's
+    # server cookie must verify whichever worker SO_REUSEPORT hands it to.
+    master = os.urandom(16)
+    sup = Supervisor("dnsfront-worker", _worker_main, lambda i: (config_path, i, log_level, master), workers,
                      ready_timeout=READY_TIMEOUT, on_message=on_message)
     loop = asyncio.get_running_loop()
     try:

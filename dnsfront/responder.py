@@ -19,6 +19,8 @@ Rules applied here (RFC in brackets):
   one OPT or an OPT not owned by the root; BADVERS for version > 0; unknown
   options ignored; the client's UDP size honoured, capped by ours.
 * ECS (7871): echoed with our SCOPE; malformed -> FORMERR.
+* COOKIE (7873), when cookies are on: a malformed option or two of them ->
+  FORMERR; the reply's option (client + server cookie) is the OPT's last.
 * Truncation: an answer that does not fit gets TC and empty sections, the
   OPT is kept (6891 7).
 * NOTIMP for opcodes other than QUERY; FORMERR for QDCOUNT != 1 or bytes that
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 
 import dnslib
 
-from dnsfront import wire
+from dnsfront import cookies, wire
 from dnsfront.policy import ANSWER, SERVFAIL, Choice, Client
 from dnsfront.zone import (
     AAAA, AXFR, CAA, CNAME, FORMERR, IXFR, MX, NOTIMP, NS, OPT, PTR, REFUSED, SOA, SRV, TXT, A,
@@ -73,6 +75,10 @@ class Edns:
     payload: int
     do: bool
     ecs: Ecs | None = None
+    cookie: bytes | None = None
+    """The query's COOKIE option data (well-formed), when cookies are on."""
+    cookie_reply: bytes | None = None
+    """The whole COOKIE option to answer with (set by the engine, which holds the secret)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +149,10 @@ def _rrs(rrset: RRset, owner: dnslib.DNSLabel) -> list[dnslib.RR]:
 class Responder:
     """Parses queries and builds responses. ``udp_payload`` = our EDNS size."""
 
-    def __init__(self, udp_payload: int = 1232):
+    def __init__(self, udp_payload: int = 1232, cookies: bool = False):
         self.udp_payload = udp_payload
+        self.cookies = cookies
+        """Whether COOKIE options are parsed (a malformed one is FORMERR) or ignored."""
 
     # -- parsing and query-level errors
 
@@ -169,16 +177,20 @@ class Responder:
                 return self._error(raw, FORMERR, edns=Edns(self.udp_payload, do))
             if (ttl >> 16) & 0xFF > 0:
                 return self._error(raw, BADVERS, edns=Edns(self.udp_payload, do))  # 6891 6.1.3
-            ecs = None
+            ecs = cookie = None
             try:
                 for code, value in wire.parse_options(rdata):
                     if code == wire.ECS_CODE:
                         if ecs is not None:
                             raise wire.WireError("two ECS options")
                         ecs = Ecs(*wire.parse_ecs(value))
+                    elif code == wire.COOKIE_CODE and self.cookies:
+                        if cookie is not None or not cookies.well_formed(value):
+                            raise wire.WireError("malformed COOKIE option")  # 7873 5.2.2
+                        cookie = value
             except wire.WireError:
                 return self._error(raw, FORMERR, edns=Edns(self.udp_payload, do))
-            edns = Edns(payload, do, ecs)
+            edns = Edns(payload, do, ecs, cookie)
         if raw.opcode != 0:
             return self._error(raw, NOTIMP, edns=edns)
         if raw.qdcount != 1:
@@ -237,6 +249,8 @@ class Responder:
             if q.edns.ecs is not None and rcode != FORMERR:
                 e = q.edns.ecs
                 options.append(dnslib.EDNSOption(wire.ECS_CODE, e.option(scope)[4:]))
+            if q.edns.cookie_reply is not None:
+                options.append(dnslib.EDNSOption(wire.COOKIE_CODE, q.edns.cookie_reply[4:]))  # last: rrl looks there
             opt.append(dnslib.EDNS0(flags="do" if q.edns.do else "", udp_len=self.udp_payload,
                                     ext_rcode=rcode >> 4, opts=options))
         rec.rr = list(answer)

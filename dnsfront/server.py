@@ -10,8 +10,13 @@ table needs no locks).
 
 TCP follows RFC 7766: several queries per connection, answered in order as
 soon as each is complete (pipelining), length prefixes split across
-segments, an idle timeout, a per-worker connection cap, and a bound on
-unsent responses (a client that stops reading is disconnected).
+segments, an idle timeout, a per-worker connection cap and a per-source one
+(``tcp_max_per_source``), and a bound on unsent responses (a client that
+stops reading is disconnected). TCP answers are never rate-limited: a TCP
+client's address is proven by the handshake.
+
+UDP answers are rate-limited by the engine (``dnsfront.rrl``) when RRL is
+on; this server keeps the limiter's clock.
 
 Every listening socket sets SO_REUSEPORT so ``--workers N`` processes can
 bind the same address and the kernel spreads clients across them.
@@ -23,11 +28,14 @@ import asyncio
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
 from glb.config import DNSFrontConfig, ListenAddress
 from glb.errors import DNSFrontError
+
+from dnsfront.rrl import RateLimiter
 
 log = logging.getLogger("glb.dnsfront")
 
@@ -47,6 +55,7 @@ class ServerCounters:
         self.udp_send_errors = 0
         self.tcp_accepted = 0
         self.tcp_refused = 0
+        self.tcp_refused_source = 0
         self.tcp_queries = 0
         self.tcp_idle_closed = 0
         self.tcp_open = 0
@@ -109,11 +118,14 @@ def probe_listen(addresses: tuple[ListenAddress, ...]) -> None:
 class DNSServer:
     """Serves ``handler`` on every ``listen`` address over UDP and TCP."""
 
-    def __init__(self, config: DNSFrontConfig, handler: Handler):
+    def __init__(self, config: DNSFrontConfig, handler: Handler, limiter: RateLimiter | None = None):
         self.config = config
         self.handler = handler
         """Replaceable at any time (reload); read once per datagram batch / TCP message."""
+        self.limiter = limiter
+        """The engine's response rate limiter (None: off), whose clock this server keeps."""
         self.counters = ServerCounters()
+        self._per_source: dict[str, int] = {}
         self._udp: list[socket.socket] = []
         self._tcp: list[asyncio.AbstractServer] = []
         self._conns: set[_TCPConnection] = set()
@@ -164,6 +176,10 @@ class DNSServer:
     def _on_udp(self, sock: socket.socket) -> None:
         recv, send = sock.recvfrom, sock.sendto
         handle = self.handler
+        if self.limiter is not None:
+            # The engine rate-limits UDP answers (on its fast path); the time is
+            # read once per batch: a batch takes well under a millisecond.
+            self.limiter.tick(time.monotonic())
         for _ in range(UDP_BATCH):
             try:
                 data, addr = recv(UDP_RECV_SIZE)
@@ -184,6 +200,13 @@ class DNSServer:
         if len(self._conns) >= self.config.tcp_max_connections:
             self.counters.tcp_refused += 1
             return False
+        # One source must not take the whole per-worker budget (slowloris-style).
+        host = conn.peer[0] if conn.peer else ""
+        n = self._per_source.get(host, 0)
+        if n >= self.config.tcp_max_per_source:
+            self.counters.tcp_refused_source += 1
+            return False
+        self._per_source[host] = n + 1
         self._conns.add(conn)
         self.counters.tcp_accepted += 1
         self.counters.tcp_open = len(self._conns)
@@ -191,6 +214,12 @@ class DNSServer:
 
     def _closed(self, conn: _TCPConnection) -> None:
         self._conns.discard(conn)
+        host = conn.peer[0] if conn.peer else ""
+        n = self._per_source.get(host, 0) - 1
+        if n > 0:
+            self._per_source[host] = n
+        else:
+            self._per_source.pop(host, None)
         self.counters.tcp_open = len(self._conns)
 
 

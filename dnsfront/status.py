@@ -37,7 +37,7 @@ def _version() -> str:
     except PackageNotFoundError:
         return "unknown"
 
-RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 16: "BADVERS"}
+RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 16: "BADVERS", 23: "BADCOOKIE"}
 QTYPE_NAMES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 13: "HINFO", 15: "MX", 16: "TXT", 28: "AAAA",
                33: "SRV", 35: "NAPTR", 41: "OPT", 43: "DS", 48: "DNSKEY", 64: "SVCB", 65: "HTTPS", 99: "SPF",
                251: "IXFR", 252: "AXFR", 255: "ANY", 257: "CAA"}
@@ -96,6 +96,10 @@ class _Collector:
             ("udp_send_errors", "UDP responses the kernel refused to send"),
             ("tcp_accepted", "TCP connections accepted"),
             ("tcp_refused", "TCP connections closed at once: over tcp_max_connections"),
+            ("tcp_refused_source", "TCP connections closed at once: over tcp_max_per_source for their address"),
+            ("rrl_limited", "UDP responses over the rate limit (dropped, or slipped)"),
+            ("rrl_slipped", "Rate-limited UDP responses answered truncated (or BADCOOKIE) instead of dropped"),
+            ("rrl_exempt_cookie", "Responses over the rate limit sent anyway: the query had a valid server cookie"),
             ("tcp_idle_closed", "TCP connections closed for idleness"),
             ("tcp_queries", "Queries received over TCP"),
         ):

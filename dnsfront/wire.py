@@ -33,6 +33,7 @@ OPT_HEAD = b"\x00\x00\x29"
 """Root owner name + TYPE=41: how every OPT RR starts."""
 
 ECS_CODE = 8  # EDNS Client Subnet (RFC 7871)
+COOKIE_CODE = 10  # DNS cookies (RFC 7873)
 ECS_FAMILIES = {1: (4, 32), 2: (6, 128)}  # FAMILY -> (IP version, address bits)
 
 NO_EDNS_LIMIT = 512
@@ -69,17 +70,21 @@ def parse_options(rdata: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
-def find_ecs(data: bytes, start: int) -> bytes | None:
-    """The ECS option's data among the options from ``start`` to the end of
-    ``data`` (an OPT's RDATA that ends the packet), or None. WireError if the
-    options overrun or there are two ECS options."""
-    ecs = None
+def find_options(data: bytes, start: int) -> tuple[bytes | None, bytes | None]:
+    """(ECS option data, COOKIE option data), each or None, among the options
+    from ``start`` to the end of ``data`` (an OPT's RDATA that ends the
+    packet). WireError if the options overrun or one of the two is repeated."""
+    ecs = cookie = None
     for code, value in parse_options(data[start:]):
         if code == ECS_CODE:
             if ecs is not None:
                 raise WireError("two ECS options")
             ecs = value
-    return ecs
+        elif code == COOKIE_CODE:
+            if cookie is not None:
+                raise WireError("two COOKIE options")
+            cookie = value
+    return ecs, cookie
 
 
 def parse_ecs(data: bytes) -> tuple[int, int, int, bytes]:

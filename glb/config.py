@@ -92,6 +92,40 @@ class ListenAddress:
 
 
 @dataclass(frozen=True, slots=True)
+class RRLConfig:
+    """Response rate limiting of UDP answers (dnsfront/rrl.py; off unless enabled, as in BIND and Knot)."""
+
+    enabled: bool = False
+    responses_per_second: int = 20
+    """Identical answers (same name and type, NODATA too) per second to one client network."""
+    nxdomains_per_second: int = 20
+    """NXDOMAIN answers per second to one client network, all names together."""
+    errors_per_second: int = 20
+    """Error answers (FORMERR, SERVFAIL, REFUSED...) per second to one client network."""
+    window: int = 15
+    """Seconds of excess a bucket remembers: a flooding network is limited until quiet this long."""
+    slip: int = 2
+    """Every Nth limited answer is sent truncated (TC=1) so real clients retry over TCP; 0 = drop all."""
+    ipv4_prefix_length: int = 24
+    ipv6_prefix_length: int = 56
+    allow: tuple[IPNetwork, ...] = ()
+    """Client networks never limited (monitoring, your own resolvers)."""
+    table_size: int = 200000
+    """Buckets kept (per worker) before the least recently used half is forgotten."""
+
+
+@dataclass(frozen=True, slots=True)
+class CookieConfig:
+    """DNS cookies (RFC 7873, server cookies as RFC 9018; dnsfront/cookies.py)."""
+
+    enabled: bool = True
+    secret: bytes | None = field(default=None, repr=False)
+    """16-byte SipHash key from ``secret_file`` (hex); None = random per start, shared by the workers."""
+    rotate: float = 3600.0
+    """Seconds each derived secret is used; the previous one is still accepted for as long."""
+
+
+@dataclass(frozen=True, slots=True)
 class DNSFrontConfig:
     """The DNS tier's process settings."""
 
@@ -107,6 +141,10 @@ class DNSFrontConfig:
     """Open TCP connections per worker; beyond it new ones are closed at once."""
     udp_payload: int = 1232
     """EDNS UDP payload size we advertise and cap at (DNS flag day 2020)."""
+    tcp_max_per_source: int = 32
+    """Open TCP connections per client address per worker; beyond it new ones are closed at once."""
+    rrl: RRLConfig = RRLConfig()
+    cookies: CookieConfig = CookieConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -962,9 +1000,55 @@ def _parse_dnsfront(ctx: _Context, m: _Map) -> DNSFrontConfig:
         tcp_idle_timeout=m.get("tcp_idle_timeout", _float(0, open_lo=True), d.tcp_idle_timeout),
         tcp_max_connections=m.get("tcp_max_connections", _int(1), d.tcp_max_connections),
         udp_payload=m.get("udp_payload", _int(512, 65535), d.udp_payload),
+        tcp_max_per_source=m.get("tcp_max_per_source", _int(1), d.tcp_max_per_source),
+        rrl=_parse_rrl(ctx, m.map("rrl")),
+        cookies=_parse_cookies(ctx, m.map("cookies")),
     )
     m.finish()
     return cfg
+
+
+def _parse_rrl(ctx: _Context, m: _Map) -> RRLConfig:
+    d = RRLConfig()
+    rate = m.get("responses_per_second", _int(1), d.responses_per_second)
+    cfg = RRLConfig(
+        enabled=m.get("enabled", _bool, d.enabled),
+        responses_per_second=rate,
+        # NXDOMAIN and errors default to the answers' rate, as in BIND.
+        nxdomains_per_second=m.get("nxdomains_per_second", _int(1), rate),
+        errors_per_second=m.get("errors_per_second", _int(1), rate),
+        window=m.get("window", _int(1, 3600), d.window),
+        slip=m.get("slip", _int(0, 10), d.slip),
+        ipv4_prefix_length=m.get("ipv4_prefix_length", _int(0, 32), d.ipv4_prefix_length),
+        ipv6_prefix_length=m.get("ipv6_prefix_length", _int(0, 128), d.ipv6_prefix_length),
+        allow=_list(ctx, m, "allow", _network),
+        table_size=m.get("table_size", _int(2), d.table_size),
+    )
+    m.finish()
+    return cfg
+
+
+def _parse_cookies(ctx: _Context, m: _Map) -> CookieConfig:
+    d = CookieConfig()
+    enabled = m.get("enabled", _bool, d.enabled)
+    rotate = m.get("rotate", _float(60, 86400), d.rotate)
+    secret_file = m.get("secret_file", _str, None)
+    m.finish()
+    secret = None
+    if isinstance(secret_file, str):
+        path = Path(secret_file)
+        if not path.is_absolute():
+            path = ctx.base_dir / path
+        try:
+            secret = bytes.fromhex(path.read_text(encoding="utf-8").strip())
+        except OSError as e:
+            ctx.error(m.at("secret_file"), f"cannot read {str(path)!r}: {e.strerror or e}")
+        except ValueError:
+            ctx.error(m.at("secret_file"), f"{str(path)!r} must hold 32 hex digits (a 16-byte secret)")
+        if secret is not None and len(secret) != 16:
+            ctx.error(m.at("secret_file"), f"{str(path)!r} must hold 32 hex digits (a 16-byte secret)")
+            secret = None
+    return CookieConfig(enabled, secret, rotate)
 
 
 def _parse_zone(ctx: _Context, m: _Map) -> Zone:

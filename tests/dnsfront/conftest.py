@@ -94,12 +94,14 @@ BIG_VALUES = ", ".join(f"192.0.2.{100 + i}" for i in range(40))  # > 512 bytes o
 
 
 def config_text(redis: str = "redis://127.0.0.1:1/0", port: int = 53, status_port: int = 8053, idle: float = 10.0,
-                max_conns: int = 1024, stale_after: float = 3.0, workers: int = 1, ipv6: bool = False) -> str:
+                max_conns: int = 1024, stale_after: float = 3.0, workers: int = 1, ipv6: bool = False,
+                dnsfront_extra: str = "") -> str:
+    """The test config; ``dnsfront_extra``: more lines for the dnsfront section (indented two spaces)."""
     text = textwrap.dedent(BASE).format(redis=redis, port=port, status_port=status_port, idle=idle,
                                         max_conns=max_conns, big_values=BIG_VALUES, stale_after=stale_after)
     if ipv6:
         text = text.replace(f'listen: ["127.0.0.1:{port}"]', f'listen: ["127.0.0.1:{port}", "[::1]:{port}"]')
-    return text.replace("  tcp_idle_timeout:", f"  workers: {workers}\n  tcp_idle_timeout:", 1)
+    return text.replace("  tcp_idle_timeout:", f"  workers: {workers}\n{dnsfront_extra}  tcp_idle_timeout:", 1)
 
 
 def free_port() -> int:

@@ -18,10 +18,10 @@ async def test_reload_builds_in_a_thread_while_the_loop_keeps_answering(write_co
     gate = threading.Event()
     real = main._prepare
 
-    def slow(config_path, state):
+    def slow(*args):
         assert threading.current_thread() is not threading.main_thread()
         gate.wait(10)
-        return real(config_path, state)
+        return real(*args)
 
     monkeypatch.setattr(main, "_prepare", slow)
     old = worker.engine
