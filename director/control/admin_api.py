@@ -46,11 +46,8 @@ UNAUTHORIZED = "unauthorized"
 class OverrideStore(Protocol):
     """The part of ``glb.store.RedisStore`` the admin endpoints need."""
 
-    async def load_override(self, target: str) -> Override | None: ...
-
-    async def set_override(self, override: Override) -> int: ...
-
-    async def clear_override(self, target: str) -> int: ...
+    async def update_override(self, target: str, change: Callable[[Override | None], Override | None]
+                              ) -> tuple[Override | None, int]: ...
 
 
 # --------------------------------------------------------------------------
@@ -163,15 +160,10 @@ def add_admin_routes(app: web.Application, src: StatusSource, tokens: Callable[[
     every other GLB process, applies it when it sees it there, so it survives
     restarts and the DNS tier sees a drained site. A server's drain and
     weight live in one override document: changing one keeps the other; when
-    neither is left the override is cleared.
+    neither is left the override is cleared. The read-modify-write is one
+    compare-and-set in Redis (``RedisStore.update_override``): two operators
+    acting on the same target at once both take effect.
     """
-
-    async def write(target: str, override: Override | None) -> tuple[Override | None, int]:
-        if override is None:
-            return None, await store.clear_override(target)
-        version = await store.set_override(override)
-        # Answer with what Redis holds: the store stamps ``when`` with Redis time.
-        return await store.load_override(target) or override, version
 
     def handler(action: str, target_of: Callable[[dict[str, Any]], str],
                 change: Callable[[dict[str, Any]], dict[str, Any]]) -> Handler:
@@ -182,11 +174,8 @@ def add_admin_routes(app: web.Application, src: StatusSource, tokens: Callable[[
                 who, why = _who_of(token, body)
                 target = target_of(body)
                 changes = change(body)
-                try:
-                    held = await store.load_override(target)
-                except StateError:
-                    held = None  # a malformed document is replaced by this write
-                stored, version = await write(target, merge_override(held, target, **changes, who=who, why=why))
+                stored, version = await store.update_override(
+                    target, lambda held: merge_override(held, target, **changes, who=who, why=why))
             except _Refused as r:
                 return r.response
             except StateError as e:

@@ -114,6 +114,41 @@ async def test_operate_token_records_overrides_and_every_action_is_logged(direct
                for m in actions), actions
 
 
+async def test_concurrent_operators_lose_no_update(director, redis_url):
+    """Operators acting at the same moment on one site: two drains of different
+    servers and a weight on one of them, as concurrent requests, many rounds:
+    every change takes effect (the read-modify-write is a compare-and-set)."""
+    port = director.admin_api.port
+    store = RedisStore(RedisConfig(url=redis_url, timeout=0.5))
+    web1 = {"service": "web", "address": "127.0.0.1"}
+    t1, t2 = server_target("dc1", "web", "127.0.0.1", 0), server_target("dc1", "web", "127.0.0.2", 0)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for weight in range(1, 21):
+                answers = await asyncio.gather(
+                    call(http, port, "/admin/drain", {**web1, "who": "alice"}),
+                    call(http, port, "/admin/drain", {**WEB2, "who": "bob"}),
+                    call(http, port, "/admin/weight", {**WEB2, "weight": weight, "who": "carol"}),
+                    call(http, port, "/admin/site/drain", {"who": "dave"}),
+                )
+                assert [status for status, _ in answers] == [200, 200, 200, 200], answers
+                held = (await store.load()).overrides
+                assert (held[t1].drain, held[t1].weight) == (True, None)
+                assert (held[t2].drain, held[t2].weight) == (True, weight), held[t2]
+                assert held[site_target("dc1")].drain is True
+                # And undone at once, the same way.
+                answers = await asyncio.gather(
+                    call(http, port, "/admin/undrain", web1),
+                    call(http, port, "/admin/undrain", WEB2),
+                    call(http, port, "/admin/weight", {**WEB2, "weight": None}),
+                    call(http, port, "/admin/site/undrain"),
+                )
+                assert [status for status, _ in answers] == [200, 200, 200, 200], answers
+                assert (await store.load()).overrides == {}
+    finally:
+        await store.close()
+
+
 async def test_every_wrong_credential_is_the_same_401(director, redis_url):
     port = director.admin_api.port
     wrong = [{}, {"Authorization": "Basic YWxpY2U6eA=="}, {"Authorization": "Bearer"},
