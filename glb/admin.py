@@ -345,11 +345,16 @@ class DirectorClient:
 
 
 def _client(config_path: str, site: str, timeout: float, token_file: str | None,
-            ca_file: str | None) -> tuple[Config, Site, DirectorClient]:
+            ca_file: str | None, direct: bool) -> tuple[Config, Site, Any]:
+    """The site's director, or with ``direct`` Redis itself (``glb.direct``): the same methods either way."""
     from glb import config as configmod
 
     cfg = configmod.load(config_path)
     site_cfg = find_site(cfg, site)
+    if direct:
+        from glb.direct import DirectClient
+
+        return cfg, site_cfg, DirectClient(cfg, site)
     client = DirectorClient.for_site(cfg, site, timeout=timeout, token_file=token_file, ca_file=ca_file)
     return cfg, site_cfg, client
 
@@ -362,9 +367,9 @@ def _by(ov: dict[str, Any] | None, who: str, why: str) -> str:
 
 def drain(config_path: str, site: str, *, service: str | None = None, server: tuple[str, int | None] | None = None,
           undo: bool = False, why: str = "", who: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-          token_file: str | None = None, ca_file: str | None = None) -> int:
+          token_file: str | None = None, ca_file: str | None = None, direct: bool = False) -> int:
     """``glb drain`` / ``glb undrain`` (``undo``): a real server, or the whole site without ``server``."""
-    _, site_cfg, client = _client(config_path, site, timeout, token_file, ca_file)
+    _, site_cfg, client = _client(config_path, site, timeout, token_file, ca_file, direct)
     who = who or default_who()
     client.require_token()  # before any request: nothing to ask without one
     client.check_site()
@@ -398,9 +403,9 @@ def drain(config_path: str, site: str, *, service: str | None = None, server: tu
 
 def set_weight(config_path: str, site: str, *, service: str, server: tuple[str, int | None], weight: int | None,
                why: str = "", who: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-               token_file: str | None = None, ca_file: str | None = None) -> int:
+               token_file: str | None = None, ca_file: str | None = None, direct: bool = False) -> int:
     """``glb weight``: set a real server's weight override, or remove it (``weight=None``)."""
-    _, site_cfg, client = _client(config_path, site, timeout, token_file, ca_file)
+    _, site_cfg, client = _client(config_path, site, timeout, token_file, ca_file, direct)
     who = who or default_who()
     client.require_token()  # before any request: nothing to ask without one
     client.check_site()

@@ -123,6 +123,9 @@ def _admin_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", metavar="FILE", help="your admin token (default $GLB_ADMIN_TOKEN_FILE, "
                    "$GLB_ADMIN_TOKEN, then admin.token of the config); never give a token itself as an argument")
     p.add_argument("--ca-file", metavar="FILE", help="the CA of the directors' admin certificates (default admin.ca_file)")
+    p.add_argument("--direct", action="store_true",
+                   help="write the override to Redis yourself, for a site whose director is down (Redis credentials: "
+                   "$GLB_REDIS_URL, else redis.url of the config; no token)")
 
 
 def _server(text: str) -> tuple[str, int | None]:
@@ -191,14 +194,16 @@ def _cmd_drain(args: argparse.Namespace) -> int:
     from glb.admin import drain
 
     return drain(args.config, args.site, service=args.service, server=args.server, undo=args.undo,
-                 why=args.reason, who=args.who, token_file=args.token_file, ca_file=args.ca_file)
+                 why=args.reason, who=args.who, token_file=args.token_file, ca_file=args.ca_file,
+                 direct=args.direct)
 
 
 def _cmd_weight(args: argparse.Namespace) -> int:
     from glb.admin import set_weight
 
     return set_weight(args.config, args.site, service=args.service, server=args.server, weight=args.weight,
-                      why=args.reason, who=args.who, token_file=args.token_file, ca_file=args.ca_file)
+                      why=args.reason, who=args.who, token_file=args.token_file, ca_file=args.ca_file,
+                      direct=args.direct)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -403,3 +403,70 @@ def test_client_gives_up_on_a_silent_director():
         silent.listen()
         client = DirectorClient("dc1", "127.0.0.1", silent.getsockname()[1], timeout=0.3)
         assert _error(client.status) == f"director of site dc1 at 127.0.0.1:{client.port} did not answer within 0.3s"
+
+
+# --------------------------------------------------------------------------
+# --direct: the override written to Redis by the CLI, for a director that is down
+
+
+def test_direct_drain_with_the_director_down(director_lab, tmp_path):
+    lab = director_lab
+    # dc1's director unreachable: only Redis is there.
+    config = write_config(tmp_path / "glb.yaml", lab.redis_url, free_port(), 8080, 25)
+    args = ("--config", str(config), "--site", "dc1", "--direct", "--who", "alice")
+    line = ok_line(glb("drain", *args, "--reason", "dc1 lost power"))
+    assert re.fullmatch(r'drained site dc1: DNS stops answering it \(by alice via redis:default: "dc1 lost power"\); '
+                        r"state version \d+", line), line
+    line = ok_line(glb("weight", *args, "--service", "web", "--server", "127.0.0.2", "4"))
+    assert line.startswith("weight of web 127.0.0.2 in site dc1 set to 4 (by alice via redis:default)")
+    overrides = load_state(lab.redis_url).overrides
+    assert (overrides[site_target("dc1")].drain, overrides[site_target("dc1")].who) == (True, "alice via redis:default")
+    assert overrides[server_target("dc1", "web", "127.0.0.2", 0)].weight == 4
+    # The same document the director writes: a director that runs applies it.
+    wait_for(lambda: lab.status()["drained"] and servers_of(lab.status())["web/127.0.0.2"]["weight"] == 4)
+    # And through the admin API the drain and weight stay one override.
+    ok_line(glb("drain", *lab.admin_args("--service", "web", "--server", "127.0.0.2")))
+    held = load_state(lab.redis_url).overrides[server_target("dc1", "web", "127.0.0.2", 0)]
+    assert (held.drain, held.weight) == (True, 4)
+    ok_line(glb("undrain", *args))
+    ok_line(glb("undrain", *args, "--service", "web", "--server", "127.0.0.2"))
+    ok_line(glb("weight", *args, "--service", "web", "--server", "127.0.0.2", "clear"))
+    assert load_state(lab.redis_url).overrides == {}
+
+
+def test_direct_refusals_are_one_line(director_lab, tmp_path):
+    lab = director_lab
+    config = write_config(tmp_path / "glb.yaml", lab.redis_url, free_port(), 8080, 25)
+    args = ("--config", str(config), "--site", "dc1", "--direct")
+    line = one_line_error(glb("drain", *args, "--service", "web", "--server", "127.0.0.9"))
+    assert line == f"glb: error: {config}: no real server 127.0.0.9 port 0 in service 'web' of site dc1"
+    gone = f"redis://127.0.0.1:{free_port()}/0"
+    line = one_line_error(glb("drain", *args, env={"GLB_REDIS_URL": gone}))
+    assert line.startswith(f"glb: error: site dc1 (direct to redis): redis at {gone}: ")
+    assert load_state(lab.redis_url).overrides == {}
+
+
+def test_direct_with_an_operators_redis_acl_user(director_lab, tmp_path):
+    """The Redis user docs/operations.md proposes for --direct may write overrides, and nothing else."""
+    import redis
+
+    from glb.direct import operator_acl
+
+    lab = director_lab
+    admin = redis.Redis.from_url(lab.redis_url)
+    admin.execute_command("ACL", "SETUSER", "glb-operator-test", "on", ">operator-pw-0123456789", *operator_acl())
+    try:
+        url = lab.redis_url.replace("redis://", "redis://glb-operator-test:operator-pw-0123456789@")
+        config = write_config(tmp_path / "glb.yaml", lab.redis_url, free_port(), 8080, 25)
+        line = ok_line(glb("drain", "--config", str(config), "--site", "dc1", "--direct", "--who", "alice",
+                           env={"GLB_REDIS_URL": url}))
+        assert "(by alice via redis:glb-operator-test)" in line
+        operator = redis.Redis.from_url(url)
+        for command in (("HSET", "{glb}:site:dc1", "data", "x"), ("DEL", "{glb}:overrides"), ("FLUSHALL",)):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                operator.execute_command(*command)
+        operator.close()
+        assert load_state(lab.redis_url).overrides[site_target("dc1")].drain is True
+    finally:
+        admin.execute_command("ACL", "DELUSER", "glb-operator-test")
+        admin.close()
