@@ -1,10 +1,14 @@
-"""`glb drain|undrain|weight`: the client of a director's HTTP API.
+"""`glb drain|undrain|weight`: the client of a director's admin API.
 
 The CLI talks to the director of the site it names, on that site's
-``director.status_listen``, with the bearer token from ``admin.token``. It
-never writes Redis itself: the director validates the request against what it
-runs (the real server must exist there), records the override in Redis with
-who, when and why, and from there every GLB process follows it.
+``director.admin_listen`` (HTTPS when ``admin.tls_cert`` is set, verified
+against ``admin.ca_file`` or ``--ca-file``), with the operator's own bearer
+token: ``--token-file``, ``$GLB_ADMIN_TOKEN_FILE`` or ``$GLB_ADMIN_TOKEN``
+(never a command-line argument: ``ps`` shows those to every user), or the
+legacy shared ``admin.token`` of the config. It does not write Redis itself:
+the director validates the request against what it runs (the real server
+must exist there), records the override in Redis with who, when and why,
+and from there every GLB process follows it.
 
 ``DirectorClient`` is deliberately small and synchronous (``http.client``: no
 event loop for one request, and no HTTP proxy from the environment in the way
@@ -22,13 +26,17 @@ import ipaddress
 import json
 import os
 import socket
+import ssl
 from typing import Any
 
-from glb.config import Config, ListenAddress, Service, Site
+from glb.config import AdminConfig, Config, ListenAddress, Service, Site
 from glb.errors import AdminError
+from glb.tokens import read_secret
 
 DEFAULT_TIMEOUT = 5.0
 """Seconds to wait for the director (connect, and each read)."""
+TOKEN_FILE_ENV = "GLB_ADMIN_TOKEN_FILE"
+TOKEN_ENV = "GLB_ADMIN_TOKEN"
 
 
 # --------------------------------------------------------------------------
@@ -112,6 +120,45 @@ def find_site(config: Config, name: str) -> Site:
 
 
 # --------------------------------------------------------------------------
+# Credentials
+
+
+def operator_token(config: Config, token_file: str | None = None) -> tuple[str | None, str]:
+    """(the operator's token or None, where it came from, for messages).
+
+    First found of: ``token_file`` (``--token-file``), ``$GLB_ADMIN_TOKEN_FILE``,
+    ``$GLB_ADMIN_TOKEN``, the config's shared ``admin.token``.
+    """
+    path = token_file or os.environ.get(TOKEN_FILE_ENV)
+    if path:
+        where = "--token-file" if token_file else f"${TOKEN_FILE_ENV}"
+        token = read_secret(path, f"admin token file ({where})").strip()
+        if not token:
+            raise AdminError(f"admin token file {path!r} is empty")
+        return token, f"the token in {path}"
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV].strip(), f"${TOKEN_ENV}"
+    if config.admin.token:
+        return config.admin.token, f"admin.token in {config.source}"
+    return None, "no token"
+
+
+def client_tls(admin: AdminConfig, ca_file: str | None = None) -> ssl.SSLContext | None:
+    """The client side of the admin listener's TLS: None when the directors serve plain HTTP."""
+    if not admin.tls:
+        return None
+    ca = ca_file or admin.ca_file
+    try:
+        ctx = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as e:
+        raise AdminError(f"admin CA file {ca!r}: cannot load: {getattr(e, 'strerror', None) or e}") from None
+    if not admin.tls_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+# --------------------------------------------------------------------------
 # The client
 
 
@@ -126,21 +173,45 @@ def connect_address(listen: ListenAddress) -> tuple[str, int]:
 
 
 class DirectorClient:
-    """One site's director, reached over HTTP on its status listener."""
+    """One site's director, reached over HTTP(S) on its admin listener (or its status listener for reads)."""
 
     def __init__(self, site: str, host: str, port: int, *, token: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, config_source: str | None = None):
+                 timeout: float = DEFAULT_TIMEOUT, config_source: str | None = None,
+                 tls: ssl.SSLContext | None = None, token_source: str | None = None,
+                 disabled: str | None = None, listener: str = "admin_listen"):
         self.site = site
         self.host = host
         self.port = port
         self.token = token
         self.timeout = timeout
         self.config_source = config_source
+        self.tls = tls
+        self.token_source = token_source or "the admin token"
+        self.disabled = disabled
+        """Why admin calls are refused before sending anything (no admin listener), or None."""
+        self.listener = listener
+        """The config key of the address reached, for messages."""
 
     @classmethod
-    def for_site(cls, config: Config, site: str, *, timeout: float = DEFAULT_TIMEOUT) -> DirectorClient:
+    def for_site(cls, config: Config, site: str, *, timeout: float = DEFAULT_TIMEOUT,
+                 token_file: str | None = None, ca_file: str | None = None) -> DirectorClient:
+        """The site's admin listener with the operator's token; a site without
+        one gets its status listener (reads only: admin calls are refused)."""
+        director = find_site(config, site).director
+        if director.admin_listen is None:
+            host, port = connect_address(director.status_listen)
+            return cls(site, host, port, timeout=timeout, config_source=config.source, listener="status_listen",
+                       disabled=f"{config.source}: site {site} has no director.admin_listen, so its admin API is off")
+        token, source = operator_token(config, token_file)
+        host, port = connect_address(director.admin_listen)
+        return cls(site, host, port, token=token, timeout=timeout, config_source=config.source,
+                   tls=client_tls(config.admin, ca_file), token_source=source)
+
+    @classmethod
+    def for_status(cls, config: Config, site: str, *, timeout: float = DEFAULT_TIMEOUT) -> DirectorClient:
+        """The site's status listener: read-only, no token, plain HTTP."""
         host, port = connect_address(find_site(config, site).director.status_listen)
-        return cls(site, host, port, token=config.admin.token, timeout=timeout, config_source=config.source)
+        return cls(site, host, port, timeout=timeout, config_source=config.source, listener="status_listen")
 
     @property
     def address(self) -> str:
@@ -165,8 +236,8 @@ class DirectorClient:
     def _check_site(self, doc: dict[str, Any]) -> None:
         served = doc.get("site")
         if served != self.site:
-            raise AdminError(f"the director at {self.address} serves site {served!r}, not {self.site!r}: "
-                             f"check director.status_listen of site {self.site} in {self.config_source or 'the config'}")
+            raise AdminError(f"the director at {self.address} serves site {served!r}, not {self.site!r}: check "
+                             f"director.{self.listener} of site {self.site} in {self.config_source or 'the config'}")
 
     # -- admin calls: each returns the director's answer {"target", "override", "version"}
 
@@ -189,10 +260,11 @@ class DirectorClient:
         return self._admin("site/undrain", {"who": who, "why": why})
 
     def require_token(self) -> None:
+        if self.disabled:
+            raise AdminError(self.disabled)
         if not self.token:
-            where = self.config_source or "the config"
-            raise AdminError(f"{where}: no admin.token configured, so the admin API is disabled "
-                             "(set admin.token or admin.token_file, the same the director runs with)")
+            raise AdminError(f"no admin token: give --token-file FILE, ${TOKEN_FILE_ENV} or ${TOKEN_ENV} "
+                             "(a token of scope operate from the directors' admin.tokens_file)")
 
     def _admin(self, action: str, body: dict[str, Any]) -> dict[str, Any]:
         self.require_token()
@@ -206,13 +278,22 @@ class DirectorClient:
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
-        if method == "POST" and self.token:
+        if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        if self.tls is not None:
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                self.host, self.port, timeout=self.timeout, context=self.tls)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
             conn.request(method, path, body=data, headers=headers)
             response = conn.getresponse()
             raw = response.read()
+        except ssl.SSLCertVerificationError as e:
+            raise AdminError(f"{self.label}: its TLS certificate is not trusted: {e.verify_message} "
+                             "(admin.ca_file or --ca-file names the CA that signed it)") from None
+        except ssl.SSLError as e:
+            raise AdminError(f"{self.label}: TLS failed: {e.reason or e} (does it serve TLS? admin.tls_cert)") from None
         except ConnectionRefusedError:
             raise AdminError(f"{self.label} is not reachable: connection refused "
                              f"(is 'glb director --site {self.site}' running?)") from None
@@ -224,8 +305,9 @@ class DirectorClient:
             reason = (e.strerror or str(e) or type(e).__name__).lower()
             raise AdminError(f"{self.label} is not reachable: {reason}") from None
         except http.client.HTTPException as e:
+            hint = " (TLS on one side only? admin.tls_cert)" if self.tls is None else ""
             raise AdminError(f"{self.label} sent a broken HTTP answer to {method} {path} "
-                             f"({type(e).__name__}): is a GLB director listening there?") from None
+                             f"({type(e).__name__}): is a GLB director listening there?{hint}") from None
         finally:
             conn.close()
         try:
@@ -246,10 +328,9 @@ class DirectorClient:
             return (f"{self.label} answered HTTP {status} {reason} to {method} {path}: "
                     "is a GLB director of this version listening there?")
         if status == 401:
-            where = f"admin.token in {self.config_source}" if self.config_source else "the admin token"
-            return f"{self.label} rejected the token (401): {where} is not the one the director runs with"
+            return f"{self.label} rejected the token (401): {self.token_source} is not one the director accepts"
         if status == 403:
-            return f"{self.label} refused (403): {message}; the director's admin API is off until it runs with a token"
+            return f"{self.label} refused (403): {message}"
         if status == 404:
             return f"{self.label}: {message} (404)"
         if status == 400:
@@ -263,12 +344,18 @@ class DirectorClient:
 # The commands
 
 
-def _client(config_path: str, site: str, timeout: float) -> tuple[Config, Site, DirectorClient]:
+def _client(config_path: str, site: str, timeout: float, token_file: str | None,
+            ca_file: str | None, direct: bool) -> tuple[Config, Site, Any]:
+    """The site's director, or with ``direct`` Redis itself (``glb.direct``): the same methods either way."""
     from glb import config as configmod
 
     cfg = configmod.load(config_path)
     site_cfg = find_site(cfg, site)
-    client = DirectorClient.for_site(cfg, site, timeout=timeout)
+    if direct:
+        from glb.direct import DirectClient
+
+        return cfg, site_cfg, DirectClient(cfg, site)
+    client = DirectorClient.for_site(cfg, site, timeout=timeout, token_file=token_file, ca_file=ca_file)
     return cfg, site_cfg, client
 
 
@@ -279,9 +366,10 @@ def _by(ov: dict[str, Any] | None, who: str, why: str) -> str:
 
 
 def drain(config_path: str, site: str, *, service: str | None = None, server: tuple[str, int | None] | None = None,
-          undo: bool = False, why: str = "", who: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> int:
+          undo: bool = False, why: str = "", who: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+          token_file: str | None = None, ca_file: str | None = None, direct: bool = False) -> int:
     """``glb drain`` / ``glb undrain`` (``undo``): a real server, or the whole site without ``server``."""
-    _, site_cfg, client = _client(config_path, site, timeout)
+    _, site_cfg, client = _client(config_path, site, timeout, token_file, ca_file, direct)
     who = who or default_who()
     client.require_token()  # before any request: nothing to ask without one
     client.check_site()
@@ -314,9 +402,10 @@ def drain(config_path: str, site: str, *, service: str | None = None, server: tu
 
 
 def set_weight(config_path: str, site: str, *, service: str, server: tuple[str, int | None], weight: int | None,
-               why: str = "", who: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> int:
+               why: str = "", who: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+               token_file: str | None = None, ca_file: str | None = None, direct: bool = False) -> int:
     """``glb weight``: set a real server's weight override, or remove it (``weight=None``)."""
-    _, site_cfg, client = _client(config_path, site, timeout)
+    _, site_cfg, client = _client(config_path, site, timeout, token_file, ca_file, direct)
     who = who or default_who()
     client.require_token()  # before any request: nothing to ask without one
     client.check_site()

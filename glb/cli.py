@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, undo in (("drain", False), ("undrain", True)):
         what = "end the drain of" if undo else "drain (no new connections)"
-        d = sub.add_parser(name, help=f"{what} a real server, or the whole site without --server (admin API)")
+        # No abbreviations: ``--token SECRET`` must not pass for ``--token-file``.
+        d = sub.add_parser(name, help=f"{what} a real server, or the whole site without --server (admin API)",
+                           allow_abbrev=False)
         _admin_args(d)
         d.add_argument("--server", type=_server, metavar="ADDR[:PORT]",
                        help="the real server (needs --service); without it the whole site is "
@@ -99,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--service", metavar="NAME", help="the service of --server")
         d.set_defaults(func=_cmd_drain, undo=undo, parser=d)
 
-    weight = sub.add_parser("weight", help="override a real server's weight, or 'clear' the override (admin API)")
+    weight = sub.add_parser("weight", help="override a real server's weight, or 'clear' the override (admin API)",
+                            allow_abbrev=False)
     _admin_args(weight)
     weight.add_argument("--service", required=True, metavar="NAME", help="the service of --server")
     weight.add_argument("--server", required=True, type=_server, metavar="ADDR[:PORT]", help="the real server")
@@ -119,6 +122,12 @@ def _admin_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site", required=True, metavar="NAME", help="the site whose director records it")
     p.add_argument("--reason", default="", metavar="TEXT", help="why, recorded with the override")
     p.add_argument("--who", metavar="NAME", help="who, recorded with the override (default $SUDO_USER or $USER @ this host)")
+    p.add_argument("--token-file", metavar="FILE", help="your admin token (default $GLB_ADMIN_TOKEN_FILE, "
+                   "$GLB_ADMIN_TOKEN, then admin.token of the config); never give a token itself as an argument")
+    p.add_argument("--ca-file", metavar="FILE", help="the CA of the directors' admin certificates (default admin.ca_file)")
+    p.add_argument("--direct", action="store_true",
+                   help="write the override to Redis yourself, for a site whose director is down (Redis credentials: "
+                   "$GLB_REDIS_URL, else redis.url of the config; no token)")
 
 
 def _server(text: str) -> tuple[str, int | None]:
@@ -187,14 +196,16 @@ def _cmd_drain(args: argparse.Namespace) -> int:
     from glb.admin import drain
 
     return drain(args.config, args.site, service=args.service, server=args.server, undo=args.undo,
-                 why=args.reason, who=args.who)
+                 why=args.reason, who=args.who, token_file=args.token_file, ca_file=args.ca_file,
+                 direct=args.direct)
 
 
 def _cmd_weight(args: argparse.Namespace) -> int:
     from glb.admin import set_weight
 
     return set_weight(args.config, args.site, service=args.service, server=args.server, weight=args.weight,
-                      why=args.reason, who=args.who)
+                      why=args.reason, who=args.who, token_file=args.token_file, ca_file=args.ca_file,
+                      direct=args.direct)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

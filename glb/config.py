@@ -79,7 +79,23 @@ class AdminConfig:
     """The operator API's credentials."""
 
     token: str | None = field(default=None, repr=False)
-    """Bearer token for admin endpoints; None disables them (they answer 403)."""
+    """One shared bearer token (scope operate, named ``shared-token``); prefer ``tokens_file``."""
+    tokens_file: str | None = None
+    """Scoped tokens, one per line ``NAME SCOPE TOKEN`` (see glb/tokens.py); read by the
+    director at start and on SIGHUP, never by the CLI. Absolute path."""
+    tls_cert: str | None = None
+    """PEM certificate (chain) the admin listener serves; None = plain HTTP. Absolute path."""
+    tls_key: str | None = None
+    """PEM private key of ``tls_cert``. Absolute path."""
+    ca_file: str | None = None
+    """For ``glb drain/undrain/weight``: the CA that signed the directors' admin
+    certificates; None = the system's trust store. Absolute path."""
+    tls_verify: bool = True
+    """For the CLI: verify the director's certificate (and its address in it)."""
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,6 +521,9 @@ class DirectorConfig:
     packet: PacketPathConfig = PacketPathConfig()
     pair: PairConfig | None = None
     """None: one director for the site (no VRRP)."""
+    admin_listen: ListenAddress | None = None
+    """The admin API (drain, undrain, weight; /status for read-only tokens), apart
+    from ``status_listen``; None = no admin API on this director."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -964,12 +983,19 @@ def _parse_redis(ctx: _Context, m: _Map) -> RedisConfig:
 def _parse_admin(ctx: _Context, m: _Map) -> AdminConfig:
     token = m.get("token", _str, None)
     token_file = m.get("token_file", _str, None)
+    paths = {key: _abs_path(ctx, m.get(key, _str, None)) for key in ("tokens_file", "tls_cert", "tls_key", "ca_file")}
+    tls_verify = m.get("tls_verify", _bool, True)
     m.finish()
-    if token is INVALID or token_file is INVALID:
+    if INVALID in paths.values() or tls_verify is INVALID:
         return AdminConfig()
+    if (paths["tls_cert"] is None) != (paths["tls_key"] is None):
+        ctx.error(m.at("tls_key" if paths["tls_cert"] else "tls_cert"), "tls_cert and tls_key go together")
+    extra = dict(paths, tls_verify=tls_verify)
+    if token is INVALID or token_file is INVALID:
+        return AdminConfig(**extra)
     if token and token_file:
         ctx.error(m.at("token_file"), "give token or token_file, not both")
-        return AdminConfig()
+        return AdminConfig(**extra)
     if token_file:
         path = Path(token_file)
         if not path.is_absolute():
@@ -978,13 +1004,21 @@ def _parse_admin(ctx: _Context, m: _Map) -> AdminConfig:
             token = path.read_text(encoding="utf-8").strip()
         except OSError as e:
             ctx.error(m.at("token_file"), f"cannot read {str(path)!r}: {e.strerror or e}")
-            return AdminConfig()
+            return AdminConfig(**extra)
         if not token:
             ctx.error(m.at("token_file"), f"{str(path)!r} is empty")
-            return AdminConfig()
+            return AdminConfig(**extra)
     if token is not None and len(token) < 16:
         ctx.error(m.at("token_file" if token_file else "token"), "token must be at least 16 characters")
-    return AdminConfig(token)
+    return AdminConfig(token, **extra)
+
+
+def _abs_path(ctx: _Context, text: Any) -> Any:
+    """A path from the config, anchored at the config's directory (files are read later, by who needs them)."""
+    if text is None or text is INVALID:
+        return text
+    path = Path(text)
+    return str(path if path.is_absolute() else ctx.base_dir / path)
 
 
 def _parse_dnsfront(ctx: _Context, m: _Map) -> DNSFrontConfig:
@@ -1340,6 +1374,7 @@ def _parse_site(ctx: _Context, name: str, m: _Map) -> Site:
         connection_table=conn,
         packet=packet,
         pair=pair,
+        admin_listen=dm.get("admin_listen", _hostport(), dd.admin_listen),
     )
     dm.finish()
     if pair is not None and isinstance(director.id, str) and not any(mb.id == director.id for mb in pair.members):
@@ -1472,7 +1507,21 @@ def _parse_service(ctx: _Context, m: _Map) -> Service:
 # ---- cross references -----------------------------------------------------
 
 
+def _check_admin_listen(ctx: _Context, cfg: Config) -> None:
+    """An admin listener needs credentials, and its own port."""
+    for site in cfg.sites:
+        listen = site.director.admin_listen
+        if listen is None:
+            continue
+        path = f"sites.{site.name}.director.admin_listen"
+        if cfg.admin.token is None and cfg.admin.tokens_file is None:
+            ctx.error(path, "needs admin.tokens_file (or admin.token): an admin API nobody may use is not served")
+        if listen == site.director.status_listen and listen.port != 0:
+            ctx.error(path, "must differ from status_listen (the admin API has its own listener)")
+
+
 def _cross_check(ctx: _Context, cfg: Config) -> None:
+    _check_admin_listen(ctx, cfg)
     site_names = {s.name for s in cfg.sites}
     apexes: dict[str, int] = {}
     for zi, zone in enumerate(cfg.zones):

@@ -9,6 +9,7 @@ chooses the error class of its tier (``DirectorError``, ``DNSFrontError``).
 from __future__ import annotations
 
 import errno
+import ssl
 
 from aiohttp import web
 
@@ -28,11 +29,11 @@ class Served:
 
 
 async def serve(app: web.Application, listen: ListenAddress, *, what: str,
-                error: type[GLBError] = GLBError) -> Served:
-    """Start serving ``app`` on ``listen``; ``error`` with one line if it cannot bind."""
+                error: type[GLBError] = GLBError, ssl_context: ssl.SSLContext | None = None) -> Served:
+    """Start serving ``app`` on ``listen`` (HTTPS with ``ssl_context``); ``error`` with one line if it cannot bind."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, listen.host, listen.port)
+    site = web.TCPSite(runner, listen.host, listen.port, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError as e:

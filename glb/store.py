@@ -105,6 +105,24 @@ return v
 """
 # KEYS: version, overrides hash.  ARGV: target, channel.
 
+_SWAP_OVERRIDE = """
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if (held or '') ~= ARGV[2] then
+  return {0, 0}
+end
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[2], ARGV[1])
+else
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+end
+local v = redis.call('INCR', KEYS[1])
+redis.call('PUBLISH', ARGV[4], 'override ' .. ARGV[1] .. ' ' .. string.format('%d', v))
+return {1, v}
+"""
+# KEYS: version, overrides hash.  ARGV: target, the document the caller read
+# ('' = none), the new document ('' = clear), channel. Compare-and-set: the
+# write happens only if the override is still what the caller based it on.
+
 _LOAD = """
 local t = redis.call('TIME')
 local sites = {}
@@ -118,6 +136,11 @@ return {t[1], t[2], redis.call('GET', KEYS[3]), redis.call('HGETALL', KEYS[2]), 
 # The site hashes are named from ARGV rather than KEYS because their names are
 # only known inside the script; they share the hash tag, so in Cluster they are
 # in the same slot as the declared keys.
+
+
+UPDATE_ATTEMPTS = 20
+"""Compare-and-set rounds of ``update_override`` before giving up (each lost
+round means another writer's change went in: progress, not a livelock)."""
 
 
 def _redact(url: str) -> str:
@@ -173,6 +196,7 @@ class RedisStore:
         self._remove_site = self._client.register_script(_REMOVE_SITE)
         self._set_override = self._client.register_script(_SET_OVERRIDE)
         self._clear_override = self._client.register_script(_CLEAR_OVERRIDE)
+        self._swap_override = self._client.register_script(_SWAP_OVERRIDE)
         self._load = self._client.register_script(_LOAD)
 
     def _make_client(self) -> aioredis.Redis:
@@ -288,6 +312,41 @@ class RedisStore:
         with self._errors(f"clear override {target!r}"):
             v = await self._clear_override(keys=[k.version, k.overrides], args=[target, k.channel])
         return int(v)
+
+    async def update_override(self, target: str, change: Callable[[Override | None], Override | None], *,
+                              attempts: int = UPDATE_ATTEMPTS) -> tuple[Override | None, int]:
+        """Read-modify-write one target's override without losing a concurrent write.
+
+        ``change`` gets the override held now (None: none, or a malformed
+        document, which this write replaces) and returns the one to store
+        (None: clear it). The write is a compare-and-set on the document read:
+        if another writer changed it in between (an operator draining the
+        server while another sets its weight), ``change`` runs again on the
+        new document. Returns (what was stored, with ``when`` stamped by
+        Redis time; the new version). StoreError if the target kept changing
+        for ``attempts`` rounds.
+        """
+        target = str(parse_target(target))
+        k = self.keys
+        for _ in range(attempts):
+            with self._errors(f"load override {target!r}"):
+                raw = await self._client.hget(k.overrides, target)
+            try:
+                held = None if raw is None else decode_override(raw)
+            except StateError:
+                held = None
+            new = change(held)
+            if new is not None and new.when == 0.0:
+                new = replace(new, when=await self.time())
+            with self._errors(f"update override {target!r}"):
+                done, v = await self._swap_override(
+                    keys=[k.version, k.overrides],
+                    args=[target, raw or "", "" if new is None else encode_override(new), k.channel],
+                )
+            if int(done):
+                return new, int(v)
+        raise StoreError(f"redis at {self.where}: override {target!r} changed under {attempts} attempts "
+                         "to update it; try again")
 
     # -- reads
 

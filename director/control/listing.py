@@ -34,7 +34,7 @@ def list_site(config_path: str, site: str) -> int:
     from glb.admin import DirectorClient
 
     cfg = config.load(config_path)
-    client = DirectorClient.for_site(cfg, site)
+    client = DirectorClient.for_status(cfg, site)
     doc = client.status()
     try:
         text = render(doc)

@@ -51,6 +51,7 @@ from director.control.probes import Probe, ProbeResult, Prober
 from director.control.publisher import Publisher
 from director.control.site import ServerCounters, VipCounters, build_snapshot
 from director.control.status import DirectorMetrics, make_app
+from director.control.admin_api import AdminAPI
 
 log = logging.getLogger("glb.director")
 
@@ -100,6 +101,7 @@ class Director:
         self.metrics = DirectorMetrics(self)
         self.status_port: int | None = None
         self._served: Served | None = None
+        self.admin_api: AdminAPI | None = None
         self._overrides = DeploymentState()
         self._reload_lock = asyncio.Lock()
         self._started = False
@@ -150,11 +152,15 @@ class Director:
 
     async def start(self) -> None:
         site = self.table.site
+        # Admin credentials first: a bad tokens file or certificate binds nothing.
+        self.admin_api = self._make_admin_api()
         # Bind first: a port clash is the one startup error worth failing on;
         # Redis being down is not (we keep serving and publish when it returns).
-        app = make_app(self, self.metrics, admin_token=self.config.admin.token, store=self.store)
+        app = make_app(self, self.metrics)
         self._served = await serve(app, site.director.status_listen, what="/status", error=DirectorError)
         self.status_port = self._served.port
+        if self.admin_api is not None and site.director.admin_listen is not None:
+            await self.admin_api.start(site.director.admin_listen)
         # Then the packet path: a missing interface or privilege is a startup error too.
         await self._start_packet_path()
         if self.member is not None:
@@ -190,6 +196,9 @@ class Director:
         if self._served is not None:
             await self._served.close()
             self._served = None
+        if self.admin_api is not None:
+            await self.admin_api.stop()
+            self.admin_api = None
         if self._prober is not None:
             await self._prober.close()
         await self.store.close()
@@ -205,13 +214,15 @@ class Director:
                 return False
             old = self.table.site.director
             new = site.director
-            for field in ("status_listen", "max_probes", "interface", "address", "address6",
+            for field in ("status_listen", "admin_listen", "max_probes", "interface", "address", "address6",
                           "connection_table", "packet"):
                 if getattr(old, field) != getattr(new, field):
                     log.warning("reload: director.%s changed; it takes effect on restart", field)
             if config.redis != self.config.redis:
                 log.warning("reload: redis settings changed; they take effect on restart")
             self.config = config
+            if self.admin_api is not None:
+                self.admin_api.reload(config.admin)
             self.publisher.heartbeat = new.heartbeat
             self.director_id = new.id or socket.gethostname()
             now = self._clock()
@@ -222,6 +233,12 @@ class Director:
             self._plan_dirty()
             log.info("reloaded %s: %d real servers", self.config_path, len(self.table))
             return True
+
+    def _make_admin_api(self) -> AdminAPI | None:
+        """The admin API (its tokens and certificate loaded), when the site's director has a listener for it."""
+        if self.table.site.director.admin_listen is None:
+            return None
+        return AdminAPI.create(self, self.store, self.config.admin)
 
     # -- callbacks
 

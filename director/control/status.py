@@ -7,8 +7,8 @@
   weights, states, connections, totals and rates) plus what ipvsadm cannot
   know: health verdict, admin mode, last check result, time and latency,
   quorum and sorry-server decisions, and the publication to Redis.
-* ``/admin/...``: drain, undrain and reweight a real server, drain the site;
-  bearer token required; recorded as overrides in Redis (``add_admin_routes``).
+* the admin endpoints are not here: they have their own listener
+  (``director.control.admin_api``).
 * ``/metrics``: Prometheus text. Health transitions, checks and check latency
   are counted as they happen; states, weights, connections and traffic are
   read from the director at scrape time, so a server removed by a reload
@@ -20,10 +20,8 @@ Each director has its own ``CollectorRegistry``: two directors in one process
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -31,10 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from glb.errors import StateError, StoreError
-from glb.state import (
-    MAX_WEIGHT, SERVER_STATES, Override, merge_override, override_to_json, server_target, site_target,
-)
+from glb.state import SERVER_STATES
 from director.control.checker import Checker, Target
 from director.control.health import HealthTable, ServerKey, Transition
 from director.control.probes import ProbeResult
@@ -402,137 +397,12 @@ def _packet_path_metrics(pp: dict[str, Any] | None) -> Iterator[Any]:
 
 
 # --------------------------------------------------------------------------
-# Admin endpoints
-
-
-class OverrideStore(Protocol):
-    """The part of ``glb.store.RedisStore`` the admin endpoints need."""
-
-    async def load_override(self, target: str) -> Override | None: ...
-
-    async def set_override(self, override: Override) -> int: ...
-
-    async def clear_override(self, target: str) -> int: ...
-
-
-def _problem(status: int, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers or None)
-
-
-class _Refused(Exception):
-    def __init__(self, response: web.Response):
-        self.response = response
-
-
-def add_admin_routes(app: web.Application, src: StatusSource, token: str | None, store: OverrideStore) -> None:
-    """POST /admin/{drain,undrain,weight} for a real server, /admin/site/{drain,undrain}.
-
-    Each writes an ``Override`` (who, when, why) to Redis; the director, like
-    every other GLB process, applies it when it sees it there, so it survives
-    restarts and the DNS tier sees a drained site. Requests need
-    ``Authorization: Bearer <admin.token>``: 401 without or with a wrong one,
-    403 when the config has no token (the admin API is then disabled).
-    A server's drain and weight live in one override document: changing one
-    keeps the other; when neither is left the override is cleared.
-    """
-
-    def authorize(request: web.Request) -> None:
-        if token is None:
-            raise _Refused(_problem(403, "admin API disabled: no admin.token in the config"))
-        given = request.headers.get("Authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-            raise _Refused(_problem(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"}))
-
-    async def body_of(request: web.Request) -> dict[str, Any]:
-        if not request.can_read_body:
-            return {}
-        try:
-            body = await request.json()
-        except ValueError:
-            raise _Refused(_problem(400, "body is not valid JSON")) from None
-        if not isinstance(body, dict):
-            raise _Refused(_problem(400, "body must be a JSON object"))
-        return body
-
-    def server_of(body: dict[str, Any]) -> str:
-        service, address, port = body.get("service"), body.get("address"), body.get("port", 0)
-        if not isinstance(service, str) or not isinstance(address, str):
-            raise _Refused(_problem(400, "service and address are required"))
-        try:
-            address = str(ipaddress.ip_address(address))
-        except ValueError:
-            raise _Refused(_problem(400, f"not an IP address: {address!r}")) from None
-        if not isinstance(port, int) or isinstance(port, bool):
-            raise _Refused(_problem(400, "port must be an integer (0 = the VIP's port)"))
-        if ServerKey(service, address, port) not in src.table:
-            raise _Refused(_problem(404, f"no real server {address} port {port} in service {service!r}"))
-        return server_target(src.table.site.name, service, address, port)
-
-    def who_of(request: web.Request, body: dict[str, Any]) -> tuple[str, str]:
-        who, why = body.get("who"), body.get("why", "")
-        if (who is not None and not isinstance(who, str)) or not isinstance(why, str):
-            raise _Refused(_problem(400, "who and why must be strings"))
-        return who or f"api {request.remote or 'unknown'}", why
-
-    def site_of(body: dict[str, Any]) -> str:
-        return site_target(src.table.site.name)
-
-    def weight_of(body: dict[str, Any]) -> dict[str, Any]:
-        weight = body.get("weight")
-        if weight is not None and (not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT):
-            raise _Refused(_problem(400, f"weight must be an integer 0..{MAX_WEIGHT} or null"))
-        return {"weight": weight}
-
-    async def write(target: str, override: Override | None) -> web.Response:
-        if override is None:
-            version = await store.clear_override(target)
-            return web.json_response({"target": target, "override": None, "version": version})
-        version = await store.set_override(override)
-        # Answer with what Redis holds: the store stamps ``when`` with Redis time.
-        stored = await store.load_override(target) or override
-        return web.json_response({"target": target, "override": override_to_json(stored), "version": version})
-
-    def handler(target_of: Callable[[dict[str, Any]], str], change: Callable[[dict[str, Any]], dict[str, Any]]):
-        async def handle(request: web.Request) -> web.Response:
-            try:
-                authorize(request)
-                body = await body_of(request)
-                who, why = who_of(request, body)
-                target = target_of(body)
-                changes = change(body)
-                try:
-                    held = await store.load_override(target)
-                except StateError:
-                    held = None  # a malformed document is replaced by this write
-                return await write(target, merge_override(held, target, **changes, who=who, why=why))
-            except _Refused as r:
-                return r.response
-            except StateError as e:
-                return _problem(400, str(e))
-            except StoreError as e:
-                return _problem(503, str(e))
-
-        return handle
-
-    app.router.add_post("/admin/drain", handler(server_of, lambda _: {"drain": True}))
-    app.router.add_post("/admin/undrain", handler(server_of, lambda _: {"drain": False}))
-    app.router.add_post("/admin/weight", handler(server_of, weight_of))
-    app.router.add_post("/admin/site/drain", handler(site_of, lambda _: {"drain": True}))
-    app.router.add_post("/admin/site/undrain", handler(site_of, lambda _: {"drain": False}))
-
-
-# --------------------------------------------------------------------------
 # The app
 
 
-def make_app(
-    src: StatusSource,
-    metrics: DirectorMetrics,
-    *,
-    admin_token: str | None = None,
-    store: OverrideStore | None = None,
-) -> web.Application:
+def make_app(src: StatusSource, metrics: DirectorMetrics) -> web.Application:
+    """The status listener: read-only and unauthenticated (the admin API is
+    ``director.control.admin_api``, on its own listener)."""
     async def healthz(request: web.Request) -> web.Response:
         pub = src.publisher
         redis = "unknown" if pub.connected is None else ("ok" if pub.connected else "unreachable")
@@ -548,6 +418,4 @@ def make_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", prometheus)
-    if store is not None:
-        add_admin_routes(app, src, admin_token, store)
     return app

@@ -73,7 +73,7 @@ def server_states(lab, site: str) -> dict[str, str]:
 
 def admin(lab, site: str, path: str, token: str | None = TOKEN, body: dict | None = None):
     with lab.inside("ops"):
-        return probe.http_json(topo.DIRECTORS[site], 9100, path, method="POST", token=token, body=body or {})
+        return probe.http_json(topo.DIRECTORS[site], 9101, path, method="POST", token=token, body=body or {})
 
 
 def fetch_many(lab, vip: str, n: int) -> collections.Counter:

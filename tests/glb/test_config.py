@@ -66,8 +66,9 @@ def test_example_loads_with_every_section():
     assert dc1.director.packet == config.PacketPathConfig(workers=1, busy_poll=False, ring_frames=1024)
     dc2 = cfg.site("dc2")
     assert dc2.service("web").forwarding == "tun" and dc2.director.address == ipaddress.ip_address("192.0.2.130")
-    assert cfg.admin.token == "change-me-to-a-long-random-string"
-    assert "change-me" not in repr(cfg.admin)  # secrets stay out of logs
+    assert cfg.admin.tokens_file == "/etc/glb/admin-tokens" and cfg.admin.token is None
+    assert dc1.director.admin_listen == config.ListenAddress("127.0.0.1", 9111)
+    assert "shared" not in repr(config.AdminConfig(token="shared-secret-0123456789"))  # secrets stay out of logs
 
 
 def test_config_is_frozen():

@@ -160,6 +160,70 @@ async def test_overrides_set_and_clear(store: RedisStore) -> None:
     assert (await store.load()).overrides == {}
 
 
+async def test_update_override_is_a_compare_and_set(store: RedisStore, redis_url: str) -> None:
+    """Another writer changing the override between our read and our write: our
+    change is made again on its document, and both take effect."""
+    from glb.state import merge_override
+
+    target = server_target("ams", "web", "10.0.0.1", 80)
+    other = RedisStore(RedisConfig(url=redis_url))
+    seen: list[Override | None] = []
+
+    def drain(held: Override | None) -> Override | None:
+        seen.append(held)
+        return merge_override(held, target, drain=True, who="alice", why="disk")
+
+    try:
+        first = True
+
+        async def racing_time() -> float:
+            # Stamping ``when`` runs between our read and our write: the other
+            # operator's weight lands there, the first time.
+            nonlocal first
+            if first:
+                first = False
+                await other.update_override(target, lambda h: merge_override(h, target, weight=7, who="bob", why="big"))
+            return await RedisStore.time(store)
+
+        store.time = racing_time  # type: ignore[method-assign]
+        stored, version = await store.update_override(target, drain)
+        assert seen[0] is None and seen[1] is not None and seen[1].weight == 7
+        assert (stored.drain, stored.weight, stored.who) == (True, 7, "alice")
+        assert await store.load_override(target) == stored and stored.when > 0
+        assert version == int(await store._client.get(Keys().version))
+        # Clearing through the same path; a malformed document is replaced.
+        assert await store.update_override(target, lambda held: None) == (None, version + 1)
+        await store._client.hset(Keys().overrides, target, "{not json")
+        stored, _ = await store.update_override(target, lambda held: merge_override(held, target, drain=True,
+                                                                                     who="c", why=""))
+        assert (await store.load_override(target)).drain is True
+    finally:
+        del store.time
+        await other.close()
+
+
+async def test_update_override_gives_up_on_a_target_that_never_settles(store: RedisStore) -> None:
+    target = site_target("ams")
+    n = 0
+
+    def change(held: Override | None) -> Override:
+        nonlocal n
+        n += 1
+        return Override(target, drain=True, who=f"w{n}")
+
+    async def meddling_time() -> float:  # someone else writes between every read and write
+        await store._client.hset(Keys().overrides, target, f"other {n}")
+        return 1.0
+
+    store.time = meddling_time  # type: ignore[method-assign]
+    try:
+        with pytest.raises(StoreError, match=r"override 'site:ams' changed under 3 attempts to update it"):
+            await store.update_override(target, change, attempts=3)
+    finally:
+        del store.time
+    assert n == 3
+
+
 async def test_remove_site(store: RedisStore) -> None:
     await store.publish(snapshot("ams"))
     await store.publish(snapshot("fra"))

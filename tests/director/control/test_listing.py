@@ -133,11 +133,13 @@ def check(kind: str, **extra) -> str:
 
 
 def write_config(path: Path, redis_url: str, status_port: int, http_port: int, tcp_port: int,
-                 token: str | None = TOKEN) -> Path:
+                 token: str | None = TOKEN, admin_port: int | None = None, tokens_file: Path | None = None) -> Path:
     """Site dc1 (the director under test): a DR web service of three servers
-    (127.0.0.3 never listens), a TUN service with two VIPs and a sorry server;
-    site dc2 exists so `glb status` has DNS answers to show."""
-    admin = f"admin: {{token: {token}}}" if token else ""
+    (127.0.0.3 never listens), a TUN service with two VIPs and a sorry server,
+    its admin API on ``admin_port``; site dc2 exists so `glb status` has DNS answers to show."""
+    admin_keys = ([f"token: {token}"] if token else []) + ([f'tokens_file: "{tokens_file}"'] if tokens_file else [])
+    admin = f"admin: {{{', '.join(admin_keys)}}}" if admin_keys else ""
+    admin_listen = f', admin_listen: "127.0.0.1:{admin_port}"' if admin_port else ""
     path.write_text(f"""
 redis: {{url: "{redis_url}", timeout: 0.5}}
 {admin}
@@ -152,7 +154,7 @@ names:
 sites:
   dc1:
     director: {{interface: lo, id: test-director, address: 192.0.2.1, address6: "2001:db8::1",
-               status_listen: "127.0.0.1:{status_port}", heartbeat: 0.2, max_probes: 8}}
+               status_listen: "127.0.0.1:{status_port}", heartbeat: 0.2, max_probes: 8{admin_listen}}}
     services:
       - name: web
         vips: ["192.0.2.10:{http_port}/tcp"]
@@ -244,13 +246,34 @@ def load_state(redis_url: str):
     return asyncio.run(_load_state(redis_url))
 
 
+OPERATOR_TOKEN = "alice-operate-token-0123456789"
+READER_TOKEN = "grafana-read-token-0123456789"
+
+
+def write_tokens(path: Path) -> Path:
+    """The director's tokens file: alice may operate, grafana may read; mode 0600."""
+    path.write_text(f"# name scope token\nalice operate {OPERATOR_TOKEN}\ngrafana read {READER_TOKEN}\n")
+    path.chmod(0o600)
+    return path
+
+
 class Lab:
-    def __init__(self, config: Path, status_port: int, redis_url: str, tmp: Path, backends: dict[str, Backend]):
+    def __init__(self, config: Path, status_port: int, redis_url: str, tmp: Path, backends: dict[str, Backend],
+                 admin_port: int | None = None):
         self.config, self.status_port, self.redis_url, self.tmp = config, status_port, redis_url, tmp
         self.backends = backends
+        self.admin_port = admin_port
+        self.token_file = tmp / "alice.token"
+        if not self.token_file.exists():
+            self.token_file.write_text(OPERATOR_TOKEN + "\n")
+            self.token_file.chmod(0o600)
 
     def args(self, *extra: str, config: Path | None = None) -> list[str]:
         return ["--config", str(config or self.config), "--site", "dc1", *extra]
+
+    def admin_args(self, *extra: str, config: Path | None = None) -> list[str]:
+        """``args`` for drain/undrain/weight: with alice's token file."""
+        return self.args("--token-file", str(self.token_file), *extra, config=config)
 
     def status(self) -> dict:
         return get_status(self.status_port)
@@ -265,7 +288,7 @@ def running_director(redis_server, tmp_path_factory) -> Iterator[Lab]:
     tmp = tmp_path_factory.mktemp("director-cli")
     redis_server.start()
     redis_server.flushall()
-    http_port, tcp_port, status_port = free_port(), free_port(), free_port()
+    http_port, tcp_port, status_port, admin_port = free_port(), free_port(), free_port(), free_port()
     started: list = []
     proc = None
     log = None
@@ -275,13 +298,14 @@ def running_director(redis_server, tmp_path_factory) -> Iterator[Lab]:
             backends[host] = Backend(host, http_port)
             started.append(backends[host])
         started.append(TCPBackend("127.0.0.5", tcp_port))
-        config = write_config(tmp / "glb.yaml", redis_server.url, status_port, http_port, tcp_port)
+        config = write_config(tmp / "glb.yaml", redis_server.url, status_port, http_port, tcp_port, token=None,
+                              admin_port=admin_port, tokens_file=write_tokens(tmp / "tokens"))
         log = open(tmp / "director.log", "wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "glb.cli", "director", "--config", str(config), "--site", "dc1"],
             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         )
-        lab = Lab(config, status_port, redis_server.url, tmp, backends)
+        lab = Lab(config, status_port, redis_server.url, tmp, backends, admin_port)
 
         def director_ready() -> bool:
             if proc.poll() is not None:
