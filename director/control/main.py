@@ -47,8 +47,9 @@ from director.dataplane.forwarder import Plan, build_plan
 from director.dataplane.packetpath import PacketPath
 from director.control.health import ADMIN_DRAIN, ADMIN_NONE, HealthTable, ServerKey, Transition
 from director.control.probes import Probe, ProbeResult, Prober
+from director.control.placement import Placement, apply_control, available, place, restore
 from director.control.publisher import Publisher
-from director.control.site import ServerCounters, VipCounters, build_snapshot
+from director.control.site import ServerCounters, SnapshotCache, VipCounters, build_snapshot
 from director.control.status import DirectorMetrics, make_app
 
 log = logging.getLogger("glb.director")
@@ -83,11 +84,12 @@ class Director:
         self.director_id = site.director.id or socket.gethostname()
         self.started_at = clock()
         self.table = HealthTable(site, self.started_at)
+        self._snapshots = SnapshotCache()
         self._prober = Prober() if probe is None else None
         self.checker = Checker(probe or self._prober, self._on_result, site.director.max_probes)
         self.store = RedisStore(config.redis)
         self.publisher = Publisher(self.store, self._build, site.director.heartbeat)
-        self.follower = StateFollower(config.redis, self._on_state)
+        self.follower = StateFollower(config.redis, self._on_state, overrides_only=True)
         self.metrics = DirectorMetrics(self)
         self.status_port: int | None = None
         self._served: Served | None = None
@@ -97,6 +99,8 @@ class Director:
         # The packet path (None = control plane only, until start decides).
         self._packet_path_wanted = packet_path
         self.packet_path: PacketPath | None = None
+        self.placement = Placement((), (), "not started")
+        self._affinity_before: frozenset[int] | None = None
 
     # -- what the packet path reports (StatusSource)
 
@@ -137,6 +141,10 @@ class Director:
         app = make_app(self, self.metrics, admin_token=self.config.admin.token, store=self.store)
         self._served = await serve(app, site.director.status_listen, what="/status", error=DirectorError)
         self.status_port = self._served.port
+        # Placement before anything that starts threads or processes (they inherit it).
+        self.placement = place(available(), site.director.probe_cpus, self._wants_packet_path())
+        self._affinity_before = apply_control(self.placement)
+        log.info("placement: %s", self.placement.why)
         # Then the packet path: a missing interface or privilege is a startup error too.
         await self._start_packet_path()
         self._started = True
@@ -158,6 +166,8 @@ class Director:
         await self.checker.stop()
         await self.follower.stop()
         await self._stop_packet_path()
+        restore(self._affinity_before)
+        self._affinity_before = None
         await self.publisher.stop(withdraw=self._started)
         self._started = False
         if self._served is not None:
@@ -178,7 +188,7 @@ class Director:
                 return False
             old = self.table.site.director
             new = site.director
-            for field in ("status_listen", "max_probes", "interface", "address", "address6",
+            for field in ("status_listen", "max_probes", "probe_cpus", "interface", "address", "address6",
                           "connection_table", "packet"):
                 if getattr(old, field) != getattr(new, field):
                     log.warning("reload: director.%s changed; it takes effect on restart", field)
@@ -199,7 +209,8 @@ class Director:
     # -- callbacks
 
     def _build(self, withdrawn: bool) -> SiteSnapshot:
-        return build_snapshot(self.table, self.director_id, self._clock(), self.counters(), withdrawn=withdrawn)
+        return build_snapshot(self.table, self.director_id, self._clock(), self.counters(), withdrawn=withdrawn,
+                              cache=self._snapshots)
 
     def _on_result(self, target: Target, result: ProbeResult) -> None:
         self.metrics.observe_check(target, result)
@@ -264,7 +275,7 @@ class Director:
             return
         pp = site.director.packet
         path = PacketPath(iface, EngineConfig(iface, frames=pp.ring_frames, workers=pp.workers, busy_poll=pp.busy_poll,
-                                              dataplane=pp.dataplane,
+                                              dataplane=pp.dataplane, cpus=self.placement.packet,
                                               conntable=site.director.connection_table), self._build_plan)
         try:
             await path.start()

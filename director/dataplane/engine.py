@@ -258,6 +258,8 @@ class EngineConfig:
     whole core per worker, always, for the lowest latency (no wake-up)."""
     dataplane: str = "userspace"
     """glb.config.PacketPathConfig.dataplane: auto, kernel or userspace."""
+    cpus: tuple[int, ...] = ()
+    """CPUs the workers pin themselves to (director.control.placement); () = where they start."""
 
 
 class PacketSocket:
@@ -654,6 +656,8 @@ def worker_main(cfg: EngineConfig, plan: Plan, index: int, cells: Any, positions
                 conn) -> None:
     """Entry point of a worker process (glb.supervisor's protocol: ready or error, then stats)."""
     _prctl_pdeathsig()
+    if cfg.cpus:  # off the control plane's CPU (it started us from there)
+        os.sched_setaffinity(0, cfg.cpus)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the director decides when we stop
     signal.signal(signal.SIGTERM, lambda *_: setattr(w, "running", False) if w else os._exit(0))
     w = None
