@@ -516,6 +516,11 @@ class DirectorConfig:
     """Seconds between snapshot publications (state changes publish at once too)."""
     max_probes: int = 256
     """Health probes in flight at once."""
+    probe_cpus: tuple[int, ...] | None = None
+    """CPUs of the control plane (health probes, publication, status): None
+    (``auto``) = with a packet path on a machine of several CPUs, the last CPU,
+    the packet workers on the others; () (``all``) = no pinning; a list = those
+    CPUs, the packet workers on the rest (docs/director.md, "Placement")."""
     connection_table: ConnectionTableConfig = ConnectionTableConfig()
     """Per packet worker."""
     packet: PacketPathConfig = PacketPathConfig()
@@ -1371,6 +1376,7 @@ def _parse_site(ctx: _Context, name: str, m: _Map) -> Site:
         status_listen=dm.get("status_listen", _hostport(), dd.status_listen),
         heartbeat=dm.get("heartbeat", _float(0.05), dd.heartbeat),
         max_probes=dm.get("max_probes", _int(1, 100_000), dd.max_probes),
+        probe_cpus=dm.get("probe_cpus", _cpus, dd.probe_cpus),
         connection_table=conn,
         packet=packet,
         pair=pair,
@@ -1389,6 +1395,17 @@ def _parse_site(ctx: _Context, name: str, m: _Map) -> Site:
     )
     m.finish()
     return site
+
+
+def _cpus(value: Any) -> tuple[int, ...] | None:
+    """``auto`` (None), ``all`` (()) or a list of CPU numbers."""
+    if isinstance(value, str) and value.lower() in ("auto", "all"):
+        return None if value.lower() == "auto" else ()
+    if not isinstance(value, list):
+        raise _Bad(f"expected auto, all or a list of CPU numbers, got {_kind(value)}")
+    if not value:
+        raise _Bad("expected at least one CPU number (or auto, or all)")
+    return tuple(sorted({_int(0, 4095)(v) for v in value}))
 
 
 def _centiseconds(value: Any) -> float:

@@ -470,7 +470,11 @@ def _dumps(obj: dict[str, Any]) -> str:
 
 
 def _rs_to_json(rs: RealServerState) -> dict[str, Any]:
-    return {f.name: getattr(rs, f.name) for f in fields(rs)}
+    return {name: getattr(rs, name) for name in _RS_FIELDS}
+
+
+_RS_FIELDS = tuple(f.name for f in fields(RealServerState))
+"""Looked up once: ``fields()`` per server was most of encoding a large snapshot."""
 
 
 def _service_to_json(s: ServiceState) -> dict[str, Any]:

@@ -350,13 +350,16 @@ class RedisStore:
 
     # -- reads
 
-    async def load(self) -> DeploymentState:
+    async def load(self, *, sites: bool = True) -> DeploymentState:
         """Everything, read atomically by one script, plus the Redis clock.
 
         A site or override whose document does not decode is skipped and
         logged (a bad writer must not take every reader down with it).
+        ``sites=False`` leaves the sites out (not decoded): a reader of
+        overrides only (the director) need not decode every site's servers.
         """
         k = self.keys
+        with_sites = sites
         before = time.time()
         with self._errors("load state"):
             secs, usecs, version, flat_overrides, raw_sites = await self._load(
@@ -369,7 +372,7 @@ class RedisStore:
         clock_offset = redis_now - (before + after) / 2
 
         sites: list[SiteSnapshot] = []
-        for name, s_version, s_at, data in raw_sites:
+        for name, s_version, s_at, data in raw_sites if with_sites else ():
             if data is None:
                 continue  # name in the set but no hash: removed between writes by hand
             try:
@@ -565,6 +568,7 @@ class StateFollower:
         resync_interval: float | None = None,
         keepalive: float = 1.0,
         answers_only: bool = False,
+        overrides_only: bool = False,
     ):
         self.config = config
         self._on_change = on_change
@@ -576,6 +580,11 @@ class StateFollower:
         whose digest equals the held document's advances its stamps without a
         fetch, so the held counters, rates and real servers may be older than
         the version says (until the next answer-relevant change or resync)."""
+        self.overrides_only = overrides_only
+        """The reader needs only overrides (the director): site messages are
+        ignored and full loads leave sites out, so ``state.sites`` stays empty.
+        Without it a director fetched and decoded its own snapshot after each
+        of its publications."""
         self.state = DeploymentState()
         """Empty until the first load: dnsfront then answers from configured weights."""
         self.connected = False
@@ -671,7 +680,7 @@ class StateFollower:
         self.keepalives_answered += 1
 
     async def _full_load(self, store: RedisStore) -> None:
-        state = await store.load()
+        state = await store.load(sites=not self.overrides_only)
         # Replace wholesale, never merge: after a Redis restart or failover
         # versions may start over, and a merge would keep ghosts.
         await self._set_state(state)
@@ -697,6 +706,8 @@ class StateFollower:
         state = self.state
         try:
             if change.kind == "site":
+                if self.overrides_only:
+                    return
                 held = state.sites.get(change.name)
                 if held is not None and held.version >= change.version:
                     return  # already have it (or newer) from a full load

@@ -167,6 +167,10 @@ class ServerStatus:
     last_ok: bool | None = None
     last_result: str = "not checked yet"
     last_latency: float | None = None
+    result_since: float | None = None
+    """``now`` of the first check of the current run of equal results (same
+    ok and detail): what the published snapshot carries as ``last_check``, so a
+    check that changes nothing leaves the snapshot as it was."""
     since: float = 0.0
     """``now`` when the published state last changed (or the server was added)."""
 
@@ -307,7 +311,7 @@ class HealthTable:
         svc = self._site.service(name)
         if svc is None:
             raise KeyError(name)
-        return evaluate_service(svc, (self._servers[k] for k in server_keys(svc)))
+        return evaluate_service(svc, (self._servers[k] for k in self._keys[name]))
 
     def services(self) -> list[ServiceHealth]:
         """Every service, in config order."""
@@ -329,7 +333,8 @@ class HealthTable:
         old = self._servers.get(key)
         if old is None:
             return []
-        check = self.check_for(key)
+        check = self._checks[key.service]
+        same = old.last_ok == ok and old.last_result == detail
         new = replace(
             old,
             damp=dampen(old.damp, ok, check.rise, check.fall),
@@ -337,6 +342,7 @@ class HealthTable:
             last_ok=ok,
             last_result=detail,
             last_latency=latency,
+            result_since=old.result_since if same else now,
         )
         reason = f"{'passed' if ok else 'failed'}: {detail}"
         return self._swap(old, new, reason, now)
@@ -361,10 +367,13 @@ class HealthTable:
         in their check's initial state; removed ones are reported as removed.
         """
         self._site = site
+        # Per result, a dict lookup instead of a walk over the services.
+        self._checks = {svc.name: svc.health_check for svc in site.services}
+        self._keys = {svc.name: server_keys(svc) for svc in site.services}
         transitions: list[Transition] = []
         servers: dict[ServerKey, ServerStatus] = {}
         for svc in site.services:
-            for rs, key in zip(svc.real_servers, server_keys(svc)):
+            for rs, key in zip(svc.real_servers, self._keys[svc.name]):
                 old = self._servers.get(key)
                 if old is None:
                     new = ServerStatus(key, rs.weight, initial_dampening(svc.health_check), since=now)
@@ -382,6 +391,11 @@ class HealthTable:
     # -- internals
 
     def _swap(self, old: ServerStatus, new: ServerStatus, reason: str, now: float) -> list[Transition]:
+        if new.damp == old.damp and new.admin == old.admin and new.weight_override == old.weight_override:
+            # A result that changes no state (nearly every one): no service
+            # evaluation, no Transition, nothing for anyone to rebuild.
+            self._servers[old.key] = new
+            return []
         transitions = []
         if new.state != old.state:
             new = replace(new, since=now)

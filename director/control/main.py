@@ -48,8 +48,9 @@ from director.dataplane.packetpath import PacketPath
 from director.control.health import ADMIN_DRAIN, ADMIN_NONE, HealthTable, ServerKey, Transition
 from director.control.pair import PairMember
 from director.control.probes import Probe, ProbeResult, Prober
+from director.control.placement import Placement, apply_control, available, place, restore
 from director.control.publisher import Publisher
-from director.control.site import ServerCounters, VipCounters, build_snapshot
+from director.control.site import ServerCounters, SnapshotCache, VipCounters, build_snapshot
 from director.control.status import DirectorMetrics, make_app
 from director.control.admin_api import AdminAPI
 
@@ -93,11 +94,12 @@ class Director:
         """This director's membership of the site's pair (None: one director)."""
         self.started_at = clock()
         self.table = HealthTable(site, self.started_at)
+        self._snapshots = SnapshotCache()
         self._prober = Prober() if probe is None else None
         self.checker = Checker(probe or self._prober, self._on_result, site.director.max_probes)
         self.store = RedisStore(config.redis)
         self.publisher = Publisher(self.store, self._build, site.director.heartbeat)
-        self.follower = StateFollower(config.redis, self._on_state)
+        self.follower = StateFollower(config.redis, self._on_state, overrides_only=True)
         self.metrics = DirectorMetrics(self)
         self.status_port: int | None = None
         self._served: Served | None = None
@@ -108,6 +110,8 @@ class Director:
         # The packet path (None = control plane only, until start decides).
         self._packet_path_wanted = packet_path
         self.packet_path: PacketPath | None = None
+        self.placement = Placement((), (), "not started")
+        self._affinity_before: frozenset[int] | None = None
 
     # -- what the packet path reports (StatusSource)
 
@@ -161,6 +165,10 @@ class Director:
         self.status_port = self._served.port
         if self.admin_api is not None and site.director.admin_listen is not None:
             await self.admin_api.start(site.director.admin_listen)
+        # Placement before anything that starts threads or processes (they inherit it).
+        self.placement = place(available(), site.director.probe_cpus, self._wants_packet_path())
+        self._affinity_before = apply_control(self.placement)
+        log.info("placement: %s", self.placement.why)
         # Then the packet path: a missing interface or privilege is a startup error too.
         await self._start_packet_path()
         if self.member is not None:
@@ -191,6 +199,8 @@ class Director:
             await self.pair.stop()
             self.pair = None
         await self._stop_packet_path()
+        restore(self._affinity_before)
+        self._affinity_before = None
         await self.publisher.stop(withdraw=withdraw)
         self._started = False
         if self._served is not None:
@@ -214,8 +224,8 @@ class Director:
                 return False
             old = self.table.site.director
             new = site.director
-            for field in ("status_listen", "admin_listen", "max_probes", "interface", "address", "address6",
-                          "connection_table", "packet"):
+            for field in ("status_listen", "admin_listen", "max_probes", "probe_cpus", "interface", "address",
+                          "address6", "connection_table", "packet"):
                 if getattr(old, field) != getattr(new, field):
                     log.warning("reload: director.%s changed; it takes effect on restart", field)
             if config.redis != self.config.redis:
@@ -244,7 +254,7 @@ class Director:
 
     def _build(self, withdrawn: bool) -> SiteSnapshot:
         return build_snapshot(self.table, self.director_id, self._clock(), self.counters(), withdrawn=withdrawn,
-                              pair=self._pair_state())
+                              pair=self._pair_state(), cache=self._snapshots)
 
     def _on_result(self, target: Target, result: ProbeResult) -> None:
         self.metrics.observe_check(target, result)
@@ -359,7 +369,7 @@ class Director:
         if pair is not None:  # a pair member starts as a standby; VRRP decides
             extra = dict(sync_id=pair.virtual_router_id if pair.sync.enabled else 0, announce=announce_offsets(pair))
         path = PacketPath(iface, EngineConfig(iface, frames=pp.ring_frames, workers=pp.workers, busy_poll=pp.busy_poll,
-                                              dataplane=pp.dataplane,
+                                              dataplane=pp.dataplane, cpus=self.placement.packet,
                                               conntable=site.director.connection_table, **extra), self._build_plan,
                           owned=pair is None)
         try:

@@ -23,8 +23,12 @@ Check types (keepalived's names in brackets):
   are set in its environment.
 
 Each type's fields are its class in ``glb.config`` (``CHECKS``); its probe is
-the function of the same name here, found through ``PROBES``. A new check type
-is one config class, one probe function and one entry in each registry.
+the function of the same name here, found through ``PROBES``, except ``tcp``
+and plain ``http``: those run as callback probes without a task
+(``director.control.fastprobe``, found through its ``STARTERS``), because at
+thousands of checks a second asyncio's per-task and per-transport cost was
+most of the director's CPU. A new check type is one config class, one probe
+function and one entry in each registry.
 
 The checker only needs the ``Probe`` call signature, so tests can substitute
 an in-memory fake.
@@ -44,7 +48,8 @@ from typing import Any, Awaitable, Callable, Protocol
 import aiohttp
 import dnslib
 
-from glb.config import DnsCheck, ExecCheck, HealthCheck, HttpCheck, TcpCheck, UdpCheck
+from director.control import fastprobe
+from glb.config import DnsCheck, ExecCheck, HealthCheck, HttpCheck, UdpCheck
 
 BODY_LIMIT = 1 << 20
 """Bytes of an HTTP body searched for ``expect_body``; a page that only says
@@ -60,6 +65,9 @@ class ProbeResult:
     """One line for humans: "HTTP 200", "timeout after 0.5s", "connection refused"."""
     latency: float
     """Seconds the probe took (up to the timeout)."""
+    stalled: bool = False
+    """The event loop, not the server, was late: the probe's timeout fired later
+    than the timeout itself past its deadline. The checker does not count it."""
 
 
 class Probe(Protocol):
@@ -107,20 +115,36 @@ class Prober:
             self._session = None
 
     async def __call__(self, check: HealthCheck, address: str, port: int) -> ProbeResult:
+        fast = await _fast(check, address, port)
+        if fast is not None:
+            return fast
         run = PROBES.get(check.type)
         if run is None:
             return ProbeResult(False, f"unknown check type {check.type!r}", 0.0)
         start = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + check.timeout
         try:
             async with asyncio.timeout(check.timeout):
                 ok, detail = await run(self, check, address, port)
         except TimeoutError:
-            ok, detail = False, f"timeout after {check.timeout:g}s"
+            # Woken this late past the deadline, the loop was stalled: say so (see ProbeResult.stalled).
+            late = loop.time() - deadline
+            return ProbeResult(False, f"timeout after {check.timeout:g}s", time.perf_counter() - start,
+                               late > check.timeout)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a probe reports, it never crashes the checker
             ok, detail = False, _describe(e)
         return ProbeResult(ok, _one_line(detail), time.perf_counter() - start)
+
+    def start(self, check: HealthCheck, address: str, port: int,
+              done: Callable[[ProbeResult], None]) -> Callable[[], None] | None:
+        """Run ``check`` without a task if its type has a callback probe
+        (``director.control.fastprobe``): ``done`` gets the result; returns the
+        cancel function, or None for a type that only has a coroutine probe."""
+        return fastprobe.start(asyncio.get_running_loop(), check, address, port,
+                               lambda r: done(ProbeResult(r.ok, _one_line(r.detail), r.latency, r.stalled)))
 
     def http_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -135,14 +159,22 @@ class Prober:
 
 
 
-# -- tcp
-
-
-async def _tcp(prober: Prober, check: TcpCheck, address: str, port: int) -> tuple[bool, str]:
+async def _fast(check: HealthCheck, address: str, port: int) -> ProbeResult | None:
+    """The callback probe's result, awaited; None if ``check`` has none."""
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_connection(asyncio.Protocol, address, port)
-    transport.close()
-    return True, "connected"
+    fut: asyncio.Future[ProbeResult] = loop.create_future()
+
+    def done(r: fastprobe.FastResult) -> None:
+        if not fut.done():
+            fut.set_result(ProbeResult(r.ok, _one_line(r.detail), r.latency, r.stalled))
+
+    cancel = fastprobe.start(loop, check, address, port, done)
+    if cancel is None:
+        return None
+    try:
+        return await fut
+    finally:
+        cancel()
 
 
 # -- http / https
@@ -251,14 +283,13 @@ async def _exec(prober: Prober, check: ExecCheck, address: str, port: int) -> tu
 ProbeFn = Callable[[Prober, Any, str, int], Awaitable[tuple[bool, str]]]
 
 PROBES: dict[str, ProbeFn] = {
-    "tcp": _tcp,
-    "http": _http,
     "https": _http,
     "dns": _dns,
     "udp": _udp,
     "exec": _exec,
 }
-"""The probe of each check type, by the names of ``glb.config.CHECKS``."""
+"""The coroutine probe of each check type that has no callback probe in
+``director.control.fastprobe.STARTERS`` (tcp, http), by ``glb.config.CHECKS`` name."""
 
 
 class _Exchange(asyncio.DatagramProtocol):

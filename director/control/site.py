@@ -12,12 +12,12 @@ packet path has not reported reads zeros.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from glb.config import Site
 from glb.state import PairMemberState, RealServerState, ServiceState, SiteSnapshot
-from director.control.health import HealthTable, ServerKey, ServiceHealth
+from director.control.health import HealthTable, ServerKey, ServerStatus, ServiceHealth
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,44 +52,111 @@ def vip_names(site: Site, service: str) -> tuple[str, ...]:
     return tuple(str(v) for v in svc.vips) if svc is not None else ()
 
 
+class SnapshotCache:
+    """The documents of the last snapshot, reused while their inputs are equal.
+
+    A heartbeat every second used to rebuild and validate every real server's
+    document (``RealServerState`` checks its address, state and numbers); at
+    thousands of servers that was a large share of the director's CPU for a
+    snapshot that had not changed. With a cache, a server's document is
+    rebuilt only when what it shows changed (state, weight, result, traffic
+    counters), and a service's only when one of its servers' or its own
+    figures did. Publish ``result_since`` as ``last_check`` for the same
+    reason (``glb.state.RealServerState.last_check``).
+    """
+
+    def __init__(self) -> None:
+        self._servers: dict[ServerKey, tuple[tuple, RealServerState]] = {}
+        self._services: dict[str, ServiceState] = {}
+
+    def server(self, s: ServerStatus, c: ServerCounters) -> RealServerState:
+        inputs = (s.state, s.weight, s.result_since, s.last_result, c)
+        held = self._servers.get(s.key)
+        if held is not None and held[0] == inputs:
+            return held[1]
+        rs = _server_state(s, c)
+        self._servers[s.key] = (inputs, rs)
+        return rs
+
+    def held_service(self, name: str) -> ServiceState | None:
+        return self._services.get(name)
+
+    def hold_service(self, state: ServiceState) -> ServiceState:
+        self._services[state.name] = state
+        return state
+
+    def forget(self, servers: int, keys: Callable[[], Iterable[ServerKey]]) -> None:
+        """Drop servers a reload removed (only looked for when there are more
+        held than the table's ``servers``)."""
+        if len(self._servers) > servers:
+            keep = set(keys())
+            for key in [k for k in self._servers if k not in keep]:
+                del self._servers[key]
+
+
+def _server_state(s: ServerStatus, c: ServerCounters) -> RealServerState:
+    return RealServerState(
+        address=s.key.address,
+        port=s.key.port,
+        state=s.state,
+        weight=s.weight,
+        active_conns=c.active_conns,
+        inactive_conns=c.inactive_conns,
+        last_check=s.result_since,
+        last_result=s.last_result,
+        new_conns_per_s=c.new_conns_per_s,
+        packets_per_s=c.packets_per_s,
+        bytes_per_s=c.bytes_per_s,
+    )
+
+
 def service_state(
     site: Site,
     health: ServiceHealth,
     counters: Mapping[ServerKey, ServerCounters],
     *,
     withdrawn: bool = False,
+    cache: SnapshotCache | None = None,
 ) -> ServiceState:
-    servers = []
-    for s in health.servers:
-        c = counters.get(s.key, ZERO)
-        servers.append(
-            RealServerState(
-                address=s.key.address,
-                port=s.key.port,
-                state=s.state,
-                weight=s.weight,
-                active_conns=c.active_conns,
-                inactive_conns=c.inactive_conns,
-                last_check=s.last_check,
-                last_result=s.last_result,
-                new_conns_per_s=c.new_conns_per_s,
-                packets_per_s=c.packets_per_s,
-                bytes_per_s=c.bytes_per_s,
-            )
-        )
     per_server = [counters.get(s.key, ZERO) for s in health.servers]
-    return ServiceState(
+    if cache is None:
+        servers = tuple(_server_state(s, c) for s, c in zip(health.servers, per_server))
+    else:
+        servers = tuple(cache.server(s, c) for s, c in zip(health.servers, per_server))
+        held = cache.held_service(health.name)
+        if held is not None and held.vips == vip_names(site, health.name) and len(held.real_servers) == len(servers) and all(
+            a is b for a, b in zip(held.real_servers, servers)
+        ):
+            # Same server documents: only the service's own figures can differ.
+            figures = _figures(health, per_server, withdrawn)
+            if figures == (held.healthy_fraction, held.up, held.active_conns, held.new_conns_per_s,
+                           held.packets_per_s, held.bytes_per_s):
+                return held
+    fraction, up, active, new_conns, packets, octets = _figures(health, per_server, withdrawn)
+    state = ServiceState(
         name=health.name,
         vips=vip_names(site, health.name),
+        healthy_fraction=fraction,
+        up=up,
+        real_servers=servers,
+        active_conns=active,
+        new_conns_per_s=new_conns,
+        packets_per_s=packets,
+        bytes_per_s=octets,
+    )
+    return state if cache is None else cache.hold_service(state)
+
+
+def _figures(health: ServiceHealth, per_server: list[ServerCounters], withdrawn: bool) -> tuple:
+    return (
         # A withdrawn site is published as down in every field, so a reader
         # that ignores the withdrawn flag still moves clients away.
-        healthy_fraction=0.0 if withdrawn else health.healthy_fraction,
-        up=False if withdrawn else health.up,
-        real_servers=tuple(servers),
-        active_conns=sum(c.active_conns for c in per_server),
-        new_conns_per_s=sum(c.new_conns_per_s for c in per_server),
-        packets_per_s=sum(c.packets_per_s for c in per_server),
-        bytes_per_s=sum(c.bytes_per_s for c in per_server),
+        0.0 if withdrawn else health.healthy_fraction,
+        False if withdrawn else health.up,
+        sum(c.active_conns for c in per_server),
+        sum(c.new_conns_per_s for c in per_server),
+        sum(c.packets_per_s for c in per_server),
+        sum(c.bytes_per_s for c in per_server),
     )
 
 
@@ -101,18 +168,23 @@ def build_snapshot(
     *,
     withdrawn: bool = False,
     pair: tuple[PairMemberState, ...] = (),
+    cache: SnapshotCache | None = None,
 ) -> SiteSnapshot:
     """The snapshot of ``table.site`` as of ``now`` (wall-clock seconds); ``pair``: the director pair's members.
 
-    ``version`` and ``published_at`` stay 0: the store stamps them.
+    ``version`` and ``published_at`` stay 0: the store stamps them. With a
+    ``cache`` (the director keeps one), unchanged documents are reused.
     """
     site = table.site
     counters = counters or {}
+    services = tuple(service_state(site, sh, counters, withdrawn=withdrawn, cache=cache) for sh in table.services())
+    if cache is not None:
+        cache.forget(len(table), table.keys)
     return SiteSnapshot(
         site=site.name,
         director_id=director_id,
         heartbeat=now,
-        services=tuple(service_state(site, sh, counters, withdrawn=withdrawn) for sh in table.services()),
+        services=services,
         withdrawn=withdrawn,
         pair=pair,
     )

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from glb.state import SERVER_STATES
@@ -251,14 +251,27 @@ class DirectorMetrics:
             ["to"],
             registry=self.registry,
         )
+        self._check_children: dict[tuple[ServerKey, bool], Any] = {}
+        self._latency_children: dict[tuple[str, str], Any] = {}
         self.registry.register(_LiveCollector(src))
 
     def observe_role(self, master: bool) -> None:
         self.role_changes.labels("master" if master else "backup").inc()
 
     def observe_check(self, target: Target, result: ProbeResult) -> None:
-        self.checks.labels(target.key.service, target.key.server, "ok" if result.ok else "fail").inc()
-        self.check_latency.labels(target.key.service, target.check.type).observe(result.latency)
+        # Children are looked up once per series: labels() costs more than the
+        # rest of a check's bookkeeping, thousands of times a second.
+        key = (target.key, result.ok)
+        counter = self._check_children.get(key)
+        if counter is None:
+            counter = self._check_children[key] = self.checks.labels(
+                target.key.service, target.key.server, "ok" if result.ok else "fail")
+        counter.inc()
+        hkey = (target.key.service, target.check.type)
+        latency = self._latency_children.get(hkey)
+        if latency is None:
+            latency = self._latency_children[hkey] = self.check_latency.labels(*hkey)
+        latency.observe(result.latency)
 
     def observe_transition(self, t: Transition) -> None:
         if t.server is not None:
@@ -335,6 +348,7 @@ class _LiveCollector:
         in_flight.add_metric([], src.checker.in_flight)
         yield from (state, weight, conns, packets, octets, up, fraction, sorry,
                     vip_packets, vip_bytes, vip_conns, published, redis_up, in_flight)
+        yield from _checker_metrics(src.checker)
         yield from _packet_path_metrics(packet_path_document(src))
         yield from _pair_metrics(pair_document(src))
 
@@ -358,6 +372,23 @@ def _pair_metrics(pair: dict[str, Any] | None) -> Iterator[Any]:
         for name, n in sorted(pair["counters"].get(f"sync_{direction}", {}).items()):
             sync.add_metric([direction, name], n)
     yield from (master, present, vrrp, sync)
+
+
+def _checker_metrics(checker: Checker) -> Iterator[Any]:
+    """How the checker keeps up: is the event loop late for its probes?"""
+    lag = HistogramMetricFamily("glb_director_probe_lag_seconds",
+                                "How late each check started after it was due (event loop lag).")
+    lag.add_metric([], checker.lag.cumulative(), checker.lag.sum)
+    probes = CounterMetricFamily("glb_director_probes", "Health probes finished.")
+    probes.add_metric([], checker.probes_run)
+    rate = GaugeMetricFamily("glb_director_probes_per_second",
+                             "Health probes finished per second, averaged over the last 10 s.")
+    rate.add_metric([], checker.probes_per_second())
+    skipped = CounterMetricFamily("glb_director_checks_skipped_for_lag",
+                                  "Checks not counted because the event loop was late by more than their timeout "
+                                  "(each was run again at once).")
+    skipped.add_metric([], checker.skipped_for_lag)
+    yield from (lag, probes, rate, skipped)
 
 
 def _packet_path_metrics(pp: dict[str, Any] | None) -> Iterator[Any]:

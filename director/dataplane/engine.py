@@ -261,6 +261,8 @@ class EngineConfig:
     """glb.config.PacketPathConfig.dataplane: auto, kernel or userspace."""
     sync_id: int = 0
     """Connection sync's id (the pair's VRID; director/dataplane/connsync.py); 0 = a director alone, no sync."""
+    cpus: tuple[int, ...] = ()
+    """CPUs the workers pin themselves to (director.control.placement); () = where they start."""
 
 
 class PacketSocket:
@@ -683,6 +685,8 @@ def worker_main(cfg: EngineConfig, plan: Plan, index: int, cells: Any, positions
                 conn) -> None:
     """Entry point of a worker process (glb.supervisor's protocol: ready or error, then stats)."""
     _prctl_pdeathsig()
+    if cfg.cpus:  # off the control plane's CPU (it started us from there)
+        os.sched_setaffinity(0, cfg.cpus)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the director decides when we stop
     signal.signal(signal.SIGTERM, lambda *_: setattr(w, "running", False) if w else os._exit(0))
     w = None

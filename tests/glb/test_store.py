@@ -326,10 +326,9 @@ async def test_change_message_carries_stamps_and_answer_digest(store: RedisStore
         await sub.aclose()
 
 
-async def test_answers_only_follower_skips_the_fetch_of_a_heartbeat(store: RedisStore, redis_url: str) -> None:
-    fetched: list[str] = []
-
-    def counting_store() -> RedisStore:
+def _counting_store(redis_url: str, fetched: list[str]) -> Callable[[], RedisStore]:
+    """A store factory whose stores note every site they fetch in ``fetched``."""
+    def factory() -> RedisStore:
         s = RedisStore(RedisConfig(url=redis_url, timeout=0.5))
         load_site = s.load_site
 
@@ -340,6 +339,13 @@ async def test_answers_only_follower_skips_the_fetch_of_a_heartbeat(store: Redis
         s.load_site = counted  # type: ignore[method-assign]
         return s
 
+    return factory
+
+
+async def test_answers_only_follower_skips_the_fetch_of_a_heartbeat(store: RedisStore, redis_url: str) -> None:
+    fetched: list[str] = []
+
+    counting_store = _counting_store(redis_url, fetched)
     first = await store.publish(snapshot("ams"))
     follower, _ = follower_for(redis_url, resync_interval=3600, answers_only=True, store_factory=counting_store)
     async with follower:
@@ -373,6 +379,21 @@ async def test_follower_fetches_every_change_unless_answers_only(store: RedisSto
         beat = await store.publish(snapshot("ams", n_servers=2))
         await eventually(lambda: follower.state.sites["ams"] == beat, timeout=1.0)
         assert follower.fetches_skipped == 0
+
+
+async def test_overrides_only_follower_never_fetches_sites(store: RedisStore, redis_url: str) -> None:
+    fetched: list[str] = []
+
+    counting_store = _counting_store(redis_url, fetched)
+    await store.publish(snapshot("ams"))
+    follower, _ = follower_for(redis_url, resync_interval=3600, overrides_only=True, store_factory=counting_store)
+    async with follower:
+        assert await follower.wait_synced(5)
+        await store.publish(snapshot("ams", n_servers=2))
+        await store.set_override(Override(site_target("ams"), drain=True, who="ops", why="test"))
+        await eventually(lambda: follower.state.is_drained("ams"), timeout=1.0)
+        # The site message before the override was ignored, and the full load left sites out.
+        assert (fetched, dict(follower.state.sites)) == ([], {})
 
 
 async def test_follower_sees_overrides_and_removal(store: RedisStore, redis_url: str) -> None:

@@ -18,6 +18,7 @@ from aiohttp import web
 from glb.config import CHECK_TYPES, CHECKS, DnsCheck, ExecCheck, HttpCheck, HttpsCheck, TcpCheck, UdpCheck
 from director.control.checker import Checker, Target
 from director.control.health import ServerKey
+from director.control.fastprobe import STARTERS
 from director.control.probes import PROBES, ProbeResult, Prober
 from tests.environment import binary_unavailable, require
 from tests.waiting import async_until
@@ -40,7 +41,7 @@ async def prober():
 
 def test_every_config_check_type_has_a_probe():
     # The config accepts exactly the types the director can probe.
-    assert CHECK_TYPES == tuple(PROBES)
+    assert set(CHECK_TYPES) == set(PROBES) | set(STARTERS)
     assert all(CHECKS[name].type == name for name in CHECK_TYPES)
 
 
@@ -400,14 +401,15 @@ async def test_checker_update_keeps_unchanged_targets_and_restarts_changed_ones(
     checker.update([_target(1, interval=5.0), _target(2, interval=5.0)])
     await async_until(lambda: len(probed) == 2, "the first probes")
     assert sorted(probed) == ["10.0.0.1/5.0", "10.0.0.2/5.0"]
-    task1 = checker._tasks[_target(1).key][1]
+    slot1 = checker._slots[_target(1).key]
     # Target 1 unchanged, target 2's check changed, target 3 new. Tasks start in
     # that order (no jitter), so a restarted target 1 would be probed before 2 and 3.
     checker.update([_target(1, interval=5.0), _target(2, interval=6.0), _target(3, interval=5.0)])
     await async_until(lambda: {"10.0.0.2/6.0", "10.0.0.3/5.0"} <= set(probed), "the changed and new targets' probes")
+    assert checker._slots[_target(1).key] is slot1  # kept, with its cadence
     await checker.stop()
-    assert checker._tasks == {}
-    assert task1.cancelled()
+    assert checker._slots == {}
+    assert not slot1.live and slot1.timer is None
     # No burst: the unchanged target was not probed again; the others were (re)started once.
     assert sorted(probed) == ["10.0.0.1/5.0", "10.0.0.2/5.0", "10.0.0.2/6.0", "10.0.0.3/5.0"]
 
