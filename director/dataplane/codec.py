@@ -66,8 +66,8 @@ BROADCAST_MAC = b"\xff" * 6
 ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
 ALL_NODES_MAC = bytes.fromhex("333300000001")
 
-# Packet.kind
-FLOW, ICMP_ERROR, ARP_REQUEST, NEIGHBOR_SOLICIT = range(4)
+# Packet.kind (REPLY, REPLY_ICMP_ERROR: a NAT real server's side, director/dataplane/nat.py)
+FLOW, ICMP_ERROR, ARP_REQUEST, NEIGHBOR_SOLICIT, REPLY, REPLY_ICMP_ERROR = range(6)
 # Packet.frag
 NOT_FRAGMENT, FIRST_FRAGMENT, LATER_FRAGMENT = range(3)
 
@@ -108,6 +108,8 @@ class Drop(str, enum.Enum):
     FRAGMENT_UNKNOWN = "fragment_unknown"
     TOO_BIG = "too_big"
     NO_NEIGHBOUR = "no_neighbour"
+    REPLY_NO_CONNECTION = "reply_no_connection"
+    """A NAT real server's packet for no flow the director knows (never forwarded with its private source)."""
 
     def __str__(self) -> str:
         return self.value

@@ -281,7 +281,7 @@ def plan_setup(req: Request, facts: Facts, *, daemon: bool = True, stats_file: s
     device, decap = mode.realserver_devices(req, facts, notes=notes)
 
     # A VIP held by another interface (say eth0) would be answered for and routed there: refuse.
-    for vip in req.vips:
+    for vip in req.vips if mode.holds_vips else ():
         text = str(vip)
         for ifname, addrs in sorted(facts.addresses.items()):
             if text in addrs and ifname != device[vip.version] and not (decap == "userspace" and ifname == req.tun_device):
@@ -303,7 +303,7 @@ def plan_setup(req: Request, facts: Facts, *, daemon: bool = True, stats_file: s
                 raise RealServerError(f"interface {dev} does not exist")
             if not link.up:
                 steps.append(LinkUp(dev))
-    for vip in req.vips:
+    for vip in req.vips if mode.holds_vips else ():
         dev = device[vip.version]
         if not new_tun and str(vip) in facts.addresses.get(dev, frozenset()):
             notes.append(f"{vip} is already on {dev}; kept as it is")
