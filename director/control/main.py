@@ -264,7 +264,7 @@ class Director:
             return
         pp = site.director.packet
         path = PacketPath(iface, EngineConfig(iface, frames=pp.ring_frames, workers=pp.workers, busy_poll=pp.busy_poll,
-                                              dataplane=pp.dataplane,
+                                              dataplane=pp.dataplane, lan_interface=site.director.lan_interface,
                                               conntable=site.director.connection_table), self._build_plan)
         try:
             await path.start()
