@@ -25,6 +25,7 @@ from director.dataplane import nat
 from director.dataplane.bpf import Match
 from director.dataplane.codec import ETH_P_IP, ETH_P_IPV6, FLOW, REPLY, Drop
 from director.modes.base import Mode
+from director.realserver.steps import DefaultRoute
 
 
 class NatTransmit:
@@ -108,7 +109,16 @@ class Nat(Mode):
         return {}, None  # no VIP on the real server: the director rewrites the destination
 
     def realserver_steps(self, req, facts, device, *, new_tun, daemon, stats_file, log_file, notes):
-        return []
+        """The default route of each family given by ``--gateway`` points at the director (nothing removed)."""
+        steps = []
+        for gw in req.gateways:
+            now = facts.default_routes.get(gw.version)
+            if now is not None and now[0] == str(gw):
+                notes.append(f"the IPv{gw.version} default route is via {gw} already; left alone")
+                continue
+            prev_gw, prev_dev = now if now is not None else (None, None)
+            steps.append(DefaultRoute(gw.version, str(gw), prev_gw, prev_dev))
+        return steps
 
 
 MODE = Nat()

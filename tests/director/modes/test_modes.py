@@ -47,7 +47,7 @@ def test_every_mode_plans_a_real_server_that_holds_the_vips_or_not():
     from director.realserver.steps import AddAddress
 
     for name, mode in MODES.items():
-        req = parse_request(["192.0.2.10"], name)
+        req = parse_request(["192.0.2.10"], name) if mode.holds_vips else parse_request([], name, gateways=["10.0.0.1"])
         plan = plan_setup(req, host_facts())
         assert plan.mode == name
         held = [s.address for s in plan.steps if isinstance(s, AddAddress)]
