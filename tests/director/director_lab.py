@@ -290,6 +290,24 @@ class DirectorProcess:
         return self.proc.returncode
 
 
+def lab_per_dataplane(tag: str, build, addresses: Sequence[str], request, tmp_path_factory, redis_server):
+    """A module fixture's body: the lab ``build(lab, tmp, redis_port, dataplane)`` makes, with
+    ``request.param`` as the data plane, yielded once ``addresses`` are up; closed after."""
+    from tests.environment import bpf_unavailable, require
+    from tests.netns import Lab, lab_unavailable
+
+    require(lab_unavailable(), bpf_unavailable() if request.param == "kernel" else None)
+    redis_server.start()
+    tmp = tmp_path_factory.mktemp(tag)
+    with Lab(tag) as lab:
+        t = build(lab, tmp, redis_server.port, request.param)
+        try:
+            t.d.wait_up(list(addresses))
+            yield t
+        finally:
+            t.close()
+
+
 def curl(ns, url: str, timeout: float = 3.0) -> str | None:
     res = ns.run(["curl", "-s", "-g", "-m", str(timeout), url], check=False, timeout=timeout + 5)
     return res.stdout.strip() if res.returncode == 0 else None

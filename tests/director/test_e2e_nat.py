@@ -25,14 +25,14 @@ from tests.director.director_lab import (
     DirectorProcess,
     RedisBridge,
     config_yaml,
+    lab_per_dataplane,
     curl,
     nft_counters,
     realserver_setup,
     service_yaml,
     start_http,
 )
-from tests.environment import bpf_unavailable, require
-from tests.netns import Lab, lab_unavailable
+from tests.netns import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -85,16 +85,7 @@ class NatLab:
 @pytest.fixture(scope="module", params=["userspace", "kernel"])
 def natlab(request, tmp_path_factory, redis_server):
     """The lab with the userspace engine, then with the kernel's tc program on the client side."""
-    require(lab_unavailable(), bpf_unavailable() if request.param == "kernel" else None)
-    redis_server.start()
-    tmp = tmp_path_factory.mktemp("nat")
-    with Lab("nat") as lab:
-        t = NatLab(lab, tmp, redis_server.port, request.param)
-        try:
-            t.d.wait_up([RS[1], RS[2]])
-            yield t
-        finally:
-            t.close()
+    yield from lab_per_dataplane("nat", NatLab, [RS[1], RS[2]], request, tmp_path_factory, redis_server)
 
 
 def test_both_real_servers_serve_and_the_client_only_sees_the_vip(natlab):
