@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from director.dataplane import bpf, codec, fanout
-from director.dataplane.actions import Encap, Frames, MacRewrite
+from director.dataplane.actions import Crossed, Encap, Frames, MacRewrite
 from director.dataplane.conntable import NEXT_BYTES, ConnTable
 from director.dataplane.counters import DEFAULT_SLOTS, CountTable, SlotAllocator
 from director.dataplane.forwarder import Forwarder, ForwarderStats, Plan
@@ -617,7 +617,7 @@ class Worker:
                 if cls is Encap:
                     v, head, n = r
                     sender.parts((v or vnet_none) + head, base + start + 14, n)
-                elif cls is bytearray:  # NAT: virtio_net_hdr + a rewritten frame, to the other side
+                elif cls is Crossed:  # NAT: virtio_net_hdr + a rewritten frame, to the other side
                     self.send_cross(r)
                 elif cls is Frames:
                     for out in r:
@@ -665,7 +665,7 @@ class Worker:
                 self.stats.truncated += 1
             else:
                 r = forward(view[start:start + snaplen], now, view[start - VNET_LEN:start])
-                if r.__class__ is bytearray:
+                if r.__class__ is Crossed:
                     self._send(send, r)
                 elif r.__class__ is Frames:
                     for out in r:
