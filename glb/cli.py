@@ -71,8 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     rs = sub.add_parser("realserver", help="prepare this host as a real server behind a director (root)")
     rs_sub = rs.add_subparsers(dest="rs_command", metavar="ACTION", parser_class=_Parser)
     rs_sub.required = True
-    setup = rs_sub.add_parser("setup", help="hold the VIPs for DR (on lo, ARP silenced) or TUN (tunnel device or userspace decapsulator)")
-    setup.add_argument("--vip", action="append", required=True, metavar="ADDR", help="a VIP this server serves (repeatable)")
+    setup = rs_sub.add_parser("setup", help="hold the VIPs for DR (on lo, ARP silenced) or TUN (tunnel device or userspace "
+                                            "decapsulator); NAT: route replies through the director")
+    setup.add_argument("--vip", action="append", default=[], metavar="ADDR", help="DR/TUN: a VIP this server serves (repeatable)")
+    setup.add_argument("--gateway", action="append", default=[], metavar="ADDR",
+                       help="NAT: the director's address on this network, the new default route (one per IP version)")
     setup.add_argument("--mode", required=True, choices=FORWARDING, help="the director's forwarding method")
     setup.add_argument("--decap", default="auto", choices=["auto", "kernel", "userspace"],
                        help="TUN: kernel ipip/ip6tnl device, userspace decapsulator, or auto (kernel when it has ipip)")
@@ -184,7 +187,8 @@ def _cmd_realserver(args: argparse.Namespace) -> int:
 
     if args.rs_command == "setup":
         return realserver.setup(args.vip, args.mode, state_file=args.state_file, mss=args.mss,
-                                foreground=args.foreground, decap=args.decap, dry_run=args.dry_run)
+                                foreground=args.foreground, decap=args.decap, dry_run=args.dry_run,
+                                gateways=args.gateway)
     if args.rs_command == "teardown":
         return realserver.teardown(args.state_file)
     return realserver.status(args.state_file, as_json=args.json)

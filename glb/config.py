@@ -31,7 +31,7 @@ from glb.hashing import is_prime
 DATAPLANES = ("auto", "kernel", "userspace")
 """director.packet.dataplane: who forwards established flows (docs/packet-path.md, section 10)."""
 SCHEDULERS = tuple(_SCHEDULER_REGISTRY)
-FORWARDING = ("dr", "tun")
+FORWARDING = ("dr", "tun", "nat")
 POLICIES = tuple(_POLICY_REGISTRY)
 ALL_DOWN = ("fail-open", "fallback", "servfail")
 SERVER_DOWN_ACTIONS = ("keep", "reschedule")
@@ -40,6 +40,7 @@ MAX_TTL = 2**31 - 1
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
 # --------------------------------------------------------------------------
@@ -387,7 +388,7 @@ CHECK_TYPES = tuple(CHECKS)
 class RealServer:
     address: IPAddress
     port: int | None = None
-    """Destination port (None = the VIP's port; DR and TUN cannot change ports)."""
+    """Destination port (None = the VIP's port; only NAT may change it: VIP:80 -> RS:8080)."""
     weight: int = 1
 
 
@@ -503,6 +504,23 @@ class PairConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LanConfig:
+    """The director's side towards NAT real servers (the classic LVS-NAT's private network)."""
+
+    interface: str | None = None
+    """Where the real servers are; None = ``director.interface`` (one interface for both sides)."""
+    address: IPInterface | None = None
+    """The director's IPv4 address there with its prefix (``10.0.2.1/24``): the real servers'
+    gateway; the prefix is the directly connected network NAT real servers must be on."""
+    address6: IPInterface | None = None
+    """The same for IPv6."""
+
+    def network(self, version: int) -> IPNetwork | None:
+        a = self.address if version == 4 else self.address6
+        return a.network if isinstance(a, (ipaddress.IPv4Interface, ipaddress.IPv6Interface)) else None
+
+
+@dataclass(frozen=True, slots=True)
 class DirectorConfig:
     interface: str
     id: str | None = None
@@ -529,6 +547,13 @@ class DirectorConfig:
     admin_listen: ListenAddress | None = None
     """The admin API (drain, undrain, weight; /status for read-only tokens), apart
     from ``status_listen``; None = no admin API on this director."""
+    lan: LanConfig | None = None
+    """NAT: the real servers' side (None: the site has no NAT service)."""
+
+    @property
+    def lan_interface(self) -> str:
+        """The interface NAT real servers are reached on."""
+        return (self.lan.interface if self.lan is not None else None) or self.interface
 
 
 @dataclass(frozen=True, slots=True)
@@ -844,6 +869,22 @@ def _ipv(version: int) -> Callable[[Any], IPAddress]:
         if addr.version != version:
             raise _Bad(f"not an IPv{version} address: {str(value)!r}")
         return addr
+
+    return conv
+
+
+def _ipinterface(version: int) -> Callable[[Any], IPInterface]:
+    def conv(value: Any) -> IPInterface:
+        text = _str(value)
+        if "/" not in text:
+            raise _Bad(f"expected an address with its prefix length (e.g. {'10.0.2.1/24' if version == 4 else 'fd00:2::1/64'}), got {text!r}")
+        try:
+            iface = ipaddress.ip_interface(text)
+        except ValueError:
+            raise _Bad(f"not an address with a prefix length: {text!r}") from None
+        if iface.version != version:
+            raise _Bad(f"not an IPv{version} address: {text!r}")
+        return iface
 
     return conv
 
@@ -1368,6 +1409,7 @@ def _parse_site(ctx: _Context, name: str, m: _Map) -> Site:
                                       "worker); use dataplane: auto or userspace with more workers")
     pm.finish()
     pair = _parse_pair(ctx, dm.map("pair")) if dm.has("pair") else None
+    lan = _parse_lan(dm.map("lan")) if dm.has("lan") else None
     director = DirectorConfig(
         interface=dm.get("interface", _str) if m.has("director") else INVALID,
         id=dm.get("id", _str, dd.id),
@@ -1381,6 +1423,7 @@ def _parse_site(ctx: _Context, name: str, m: _Map) -> Site:
         packet=packet,
         pair=pair,
         admin_listen=dm.get("admin_listen", _hostport(), dd.admin_listen),
+        lan=lan,
     )
     dm.finish()
     if pair is not None and isinstance(director.id, str) and not any(mb.id == director.id for mb in pair.members):
@@ -1406,6 +1449,17 @@ def _cpus(value: Any) -> tuple[int, ...] | None:
     if not value:
         raise _Bad("expected at least one CPU number (or auto, or all)")
     return tuple(sorted({_int(0, 4095)(v) for v in value}))
+
+
+def _parse_lan(m: _Map) -> LanConfig:
+    """``director.lan``: where the director meets its NAT real servers."""
+    lan = LanConfig(
+        interface=m.get("interface", _str, None),
+        address=m.get("address", _ipinterface(4), None),
+        address6=m.get("address6", _ipinterface(6), None),
+    )
+    m.finish()
+    return lan
 
 
 def _centiseconds(value: Any) -> float:
@@ -1513,10 +1567,12 @@ def _parse_service(ctx: _Context, m: _Map) -> Service:
     )
     m.finish()
     for i, rs in enumerate(svc.real_servers):
+        if svc.forwarding == "nat":
+            continue  # NAT rewrites the port: VIP:80 -> RS:8080
         if rs.port is not None and any(isinstance(v, VIP) and v.port != rs.port for v in vips):
             ctx.error(
                 f"{m.at('real_servers')}[{i}].port",
-                f"{rs.port} differs from the VIP port: DR and TUN forward without changing ports",
+                f"{rs.port} differs from the VIP port: DR and TUN forward without changing ports (NAT can)",
             )
     return svc
 
@@ -1596,8 +1652,10 @@ def _cross_check(ctx: _Context, cfg: Config) -> None:
                             f"required: service {svc.name} tunnels IPv{vip.address.version} ({vip}) and needs the outer source address",
                         )
             families = {v.address.version for v in svc.vips}
+            if svc.forwarding == "nat":
+                _check_nat(ctx, site, svc, path, families)
             for ri, rs in enumerate(svc.real_servers):
-                if svc.forwarding == "dr" and rs.address.version not in families:
+                if svc.forwarding in ("dr", "nat") and rs.address.version not in families:
                     ctx.error(
                         f"{path}.real_servers[{ri}].address",
                         f"IPv{rs.address.version} real server for a service with only IPv{'/'.join(map(str, sorted(families)))} VIPs",
@@ -1606,6 +1664,36 @@ def _cross_check(ctx: _Context, cfg: Config) -> None:
             for ri, rs in enumerate(svc.real_servers):
                 if addrs.index(rs.address) != ri:
                     ctx.error(f"{path}.real_servers[{ri}].address", f"real server {rs.address} is listed twice")
+
+
+def _check_nat(ctx: _Context, site: Site, svc: Service, path: str, families: set[int]) -> None:
+    """A NAT service's real servers are on a network the director is directly connected to
+    (they use it as their gateway), which ``director.lan`` names."""
+    lan = site.director.lan
+    dpath = f"sites.{site.name}.director.lan"
+    if lan is None:
+        ctx.error(dpath, f"required: service {svc.name} forwards by NAT and needs the director's address "
+                         f"on its real servers' network")
+        return
+    targets = [(f"{path}.real_servers[{ri}].address", rs.address) for ri, rs in enumerate(svc.real_servers)]
+    if svc.sorry_server is not None:
+        targets.append((f"{path}.sorry_server", svc.sorry_server))
+    missing: set[int] = set()
+    for where, addr in targets:
+        if addr is INVALID or addr.version not in families:
+            continue  # reported elsewhere
+        net = lan.network(addr.version)
+        if (lan.address if addr.version == 4 else lan.address6) is INVALID:
+            continue  # reported where it was read
+        if net is None:
+            if addr.version not in missing:
+                missing.add(addr.version)
+                key = "address" if addr.version == 4 else "address6"
+                ctx.error(f"{dpath}.{key}", f"required: service {svc.name} has IPv{addr.version} NAT real servers "
+                                            f"and needs the director's address on their network")
+        elif addr not in net:
+            ctx.error(where, f"{addr} is not on {net}, the network the director is directly connected to "
+                             f"({dpath}): a NAT real server must use the director as its gateway")
 
 
 def _zone_of(name: str, apexes: Mapping[str, int]) -> int | None:

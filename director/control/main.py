@@ -370,6 +370,7 @@ class Director:
             extra = dict(sync_id=pair.virtual_router_id if pair.sync.enabled else 0, announce=announce_offsets(pair))
         path = PacketPath(iface, EngineConfig(iface, frames=pp.ring_frames, workers=pp.workers, busy_poll=pp.busy_poll,
                                               dataplane=pp.dataplane, cpus=self.placement.packet,
+                                              lan_interface=site.director.lan_interface,
                                               conntable=site.director.connection_table, **extra), self._build_plan,
                           owned=pair is None)
         try:

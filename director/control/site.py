@@ -32,6 +32,9 @@ class ServerCounters:
     packets: int = 0
     """Packets forwarded since start (for /metrics)."""
     bytes: int = 0
+    out_packets: int = 0
+    """NAT: the real server's packets sent back to clients since start (ipvsadm's OutPkts)."""
+    out_bytes: int = 0
 
 
 ZERO = ServerCounters()

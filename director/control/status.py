@@ -94,6 +94,8 @@ def status_document(src: StatusSource, now: float) -> dict[str, Any]:
                 "inactive_conns": c.inactive_conns,
                 "packets": c.packets,
                 "bytes": c.bytes,
+                "out_packets": c.out_packets,
+                "out_bytes": c.out_bytes,
                 "new_conns_per_s": c.new_conns_per_s,
                 "packets_per_s": c.packets_per_s,
                 "bytes_per_s": c.bytes_per_s,

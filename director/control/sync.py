@@ -346,7 +346,8 @@ class SyncReceiver:
 
     def __init__(self, table: ConnTable, target: SyncTarget, sync_id: int, *,
                  owns: Callable[[Record], bool] | None = None,
-                 tag: Callable[[bytes, Dest], Any] | None = None) -> None:
+                 tag: Callable[[bytes, Dest], Any] | None = None,
+                 reply_key: Callable[[bytes, Dest], Any] | None = None) -> None:
         """``owns(record)``: whether this table gets the packets of the record's client (packet
         workers split clients among them: each applies only its own; None = every client)."""
         self.table = table
@@ -355,6 +356,8 @@ class SyncReceiver:
         self.owns = owns
         self.tag = tag
         """``tag(flow key, dest)``: the entry's tag (the forwarder's Route), as a flow scheduled here gets."""
+        self.reply_key = reply_key
+        """``reply_key(flow key, dest)``: the key of the real server's packets of the flow (NAT), or None."""
         self.counters: Counter = Counter()
         """conns and templates applied; unknown_dest (not in our config); other_sync_id; lost (sequence
         gaps); not_ours (another packet worker's client); members (hellos, not the table's business);
@@ -397,7 +400,9 @@ class SyncReceiver:
             t = persistence.get(client, now)
             template = t if t is not None and t.dest is dest else None
         tag = self.tag(r.key, dest) if self.tag is not None else None
-        self.table.install(r.key, dest, r.state, now + r.timeout, now, template, confirmed=r.confirmed, tag=tag)
+        rkey = self.reply_key(r.key, dest) if self.reply_key is not None else None
+        self.table.install(r.key, dest, r.state, now + r.timeout, now, template, confirmed=r.confirmed, tag=tag,
+                           rkey=rkey)
         self.counters["conns"] += 1
 
     def _template(self, r: TemplateRecord, now: float) -> None:

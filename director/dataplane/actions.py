@@ -2,7 +2,7 @@
 
 :meth:`Forwarder.forward` and :meth:`Forwarder.fast` return one of these (or
 None: dropped, the reason counted); the engine performs it. The forwarding
-modes (director/modes/) build them; the engine knows only these three ways to
+modes (director/modes/) build them; the engine knows only these four ways to
 send, so a new mode reuses them (or adds one here and its case in
 ``Worker.drain``).
 
@@ -28,3 +28,9 @@ then ``header`` (Ethernet + outer IP), then the inner IP packet
 Frames = list
 """Complete new frames, each sent as it is: ARP/NDP answers, ICMP "too big"
 to a client, the outer fragments of a tunnelled packet."""
+
+Crossed = bytearray
+"""virtio_net_hdr (10 bytes) + a rewritten frame, sent on the *other* side
+from the one it came in on (NAT: a client's packet towards the real
+servers' interface, a reply towards the clients'); with one interface for
+both, the same one."""

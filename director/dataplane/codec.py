@@ -66,8 +66,8 @@ BROADCAST_MAC = b"\xff" * 6
 ALL_NODES = bytes.fromhex("ff020000000000000000000000000001")
 ALL_NODES_MAC = bytes.fromhex("333300000001")
 
-# Packet.kind
-FLOW, ICMP_ERROR, ARP_REQUEST, NEIGHBOR_SOLICIT = range(4)
+# Packet.kind (REPLY, REPLY_ICMP_ERROR: a NAT real server's side, director/dataplane/nat.py)
+FLOW, ICMP_ERROR, ARP_REQUEST, NEIGHBOR_SOLICIT, REPLY, REPLY_ICMP_ERROR = range(6)
 # Packet.frag
 NOT_FRAGMENT, FIRST_FRAGMENT, LATER_FRAGMENT = range(3)
 
@@ -108,6 +108,8 @@ class Drop(str, enum.Enum):
     FRAGMENT_UNKNOWN = "fragment_unknown"
     TOO_BIG = "too_big"
     NO_NEIGHBOUR = "no_neighbour"
+    REPLY_NO_CONNECTION = "reply_no_connection"
+    """A NAT real server's packet for no flow the director knows (never forwarded with its private source)."""
 
     def __str__(self) -> str:
         return self.value
@@ -157,6 +159,11 @@ def flow_key(proto: int, src: bytes, dst: bytes, sport: int, dport: int) -> byte
     differ in length and never collide.
     """
     return (_KEY4 if len(src) == 4 else _KEY6).pack(proto, src, dst, sport, dport)
+
+
+def split_key(key: bytes) -> tuple[int, bytes, bytes, int, int]:
+    """(proto, src, dst, sport, dport) of a :func:`flow_key`."""
+    return (_KEY4 if len(key) == _KEY4.size else _KEY6).unpack(key)
 _IP4 = struct.Struct("!BBHHHBBH4s4s")
 _ETH_IP4 = struct.Struct("!12xHBBHHHBBH4s4s")
 _IP6 = struct.Struct("!IHBB16s16s")

@@ -33,6 +33,7 @@ from director.control.health import ServerKey
 from director.control.sync import ConnRecord, Record, SyncReceiver, TemplateRecord
 from director.dataplane import fanout
 from director.dataplane.conntable import Conn
+from director.dataplane.forwarder import reply_key
 
 
 def _vip_of(key: bytes) -> tuple[bytes, int, int]:
@@ -54,7 +55,7 @@ class ConnSync:
         self.workers, self.index = workers, index
         self._pending: dict[bytes, Conn] = {}
         self.receiver = SyncReceiver(fwd.table, self, sync_id, owns=self._owns if workers > 1 else None,
-                                     tag=self._tag)
+                                     tag=self._tag, reply_key=reply_key)
         self.sending = False
 
     # -- the master's side

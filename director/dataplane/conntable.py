@@ -15,7 +15,10 @@ state transition, one attribute store and an ``OrderedDict.move_to_end``
 :meth:`ConnTable.lookup`'s slower path.
 
 TCP state follows IPVS's INPUT-ONLY table (ip_vs_proto_tcp.c), the one IPVS
-uses for DR and TUN where the director sees only client -> server packets.
+uses for DR and TUN where the director sees only client -> server packets;
+a NAT flow (added with ``rkey``, the real server's key of it) follows the
+two-way INPUT/OUTPUT tables, its replies through :meth:`ConnTable.reply`.
+Each entry carries its table (``Conn.fsm``), so the hot path is the same.
 Counters follow IPVS too: a new connection counts as *inactive*; it becomes
 *active* while in ESTABLISHED. UDP flows are always inactive.
 
@@ -89,8 +92,27 @@ def _event(flags: int) -> str | None:
     return None
 
 
-def _build_next() -> tuple[tuple[int, ...], ...]:
-    """NEXT[state][flags byte] -> next state; one double index per packet."""
+# IPVS's two-way table (tcp_states[] INPUT and OUTPUT), for NAT, where the
+# director sees the client's packets (input) and the real server's (output).
+_INPUT = {
+    "syn": (_sSR, _sES, _sES, _sSR, _sSR, _sSR, _sSR, _sSR, _sSR, _sSR, _sSR),
+    "fin": (_sCL, _sCW, _sSS, _sTW, _sTW, _sTW, _sCL, _sCW, _sLA, _sLI, _sTW),
+    "ack": (_sES, _sES, _sSS, _sES, _sFW, _sTW, _sCL, _sCW, _sCL, _sLI, _sES),
+    "rst": (_sCL, _sCL, _sCL, _sSR, _sCL, _sCL, _sCL, _sCL, _sLA, _sLI, _sSR),
+}
+_OUTPUT = {
+    "syn": (_sSS, _sES, _sSS, _sSR, _sSS, _sSS, _sSS, _sSS, _sSS, _sLI, _sSR),
+    "fin": (_sTW, _sFW, _sSS, _sTW, _sFW, _sTW, _sCL, _sTW, _sLA, _sLI, _sTW),
+    "ack": (_sES, _sES, _sSS, _sES, _sFW, _sTW, _sCL, _sCW, _sLA, _sES, _sES),
+    "rst": (_sCL, _sCL, _sSS, _sCL, _sCL, _sTW, _sCL, _sCL, _sCL, _sCL, _sCL),
+}
+
+
+def _build_next(rows: dict[str, tuple[int, ...]] = _INPUT_ONLY, reuse: bool = True) -> tuple[tuple[int, ...], ...]:
+    """next[state][flags byte] -> next state; one double index per packet.
+
+    ``reuse``: a SYN on a closing flow reschedules it (client packets only;
+    a real server's SYN-ACK never does)."""
     table = []
     for state in range(12):
         row = []
@@ -101,15 +123,20 @@ def _build_next() -> tuple[tuple[int, ...], ...]:
             ev = _event(flags)
             if ev is None:
                 row.append(state)  # no flag IPVS cares about: no change
-            elif ev == "syn" and state in _REUSE_ON_SYN:
+            elif reuse and ev == "syn" and state in _REUSE_ON_SYN:
                 row.append(RESCHEDULE)
             else:
-                row.append(_INPUT_ONLY[ev][state])
+                row.append(rows[ev][state])
         table.append(tuple(row))
     return tuple(table)
 
 
 NEXT = _build_next()
+"""Client packets of a flow the director sees one way (DR, TUN): IPVS's INPUT-ONLY table."""
+NEXT_IN = _build_next(_INPUT)
+"""Client packets of a flow the director sees both ways (NAT): IPVS's INPUT table."""
+NEXT_OUT = _build_next(_OUTPUT, reuse=False)
+"""The real server's packets of a two-way flow (NAT): IPVS's OUTPUT table."""
 NEXT_BYTES = bytes(255 if ns == RESCHEDULE else ns for row in NEXT for ns in row)
 """NEXT as 12 x 256 bytes (RESCHEDULE as 255), for the engine's C loop (director/dataplane/_fastpath.c)."""
 
@@ -117,9 +144,10 @@ NEXT_BYTES = bytes(255 if ns == RESCHEDULE else ns for row in NEXT for ns in row
 class Conn:
     """One tracked flow."""
 
-    __slots__ = ("key", "dest", "state", "expires", "template", "due", "confirmed", "tag")
+    __slots__ = ("key", "dest", "state", "expires", "template", "due", "confirmed", "tag", "fsm", "rkey", "peer")
 
-    def __init__(self, key: Any, dest: Dest, state: int, template: Template | None, tag: Any = None) -> None:
+    def __init__(self, key: Any, dest: Dest, state: int, template: Template | None, tag: Any = None,
+                 fsm: tuple = NEXT, rkey: Any = None) -> None:
         self.key = key
         self.dest = dest
         self.state = state
@@ -130,6 +158,12 @@ class Conn:
         self.confirmed = False
         self.tag = tag
         """The caller's, never read by the table."""
+        self.fsm = fsm
+        """The state table its key's packets follow: NEXT (one way), NEXT_IN (NAT)."""
+        self.rkey = rkey
+        """A two-way flow's key as the real server's packets carry it (NAT), else None."""
+        self.peer = None
+        """The caller's, never read by the table (NAT: the MACs the client's packets came with)."""
 
     def __repr__(self) -> str:
         return f"Conn({STATE_NAMES[self.state]}, {self.dest!r}, expires={self.expires})"
@@ -164,6 +198,7 @@ class ConnTable:
         self._unconfirmed: OrderedDict[Any, Conn] = OrderedDict()
         self._touch = self._confirmed.move_to_end  # the LRU step of every established packet
         self._calendar: dict[int, dict[Conn, None]] = {}  # second -> entries (an ordered set)
+        self._replies: dict[Any, Conn] = {}  # two-way flows by their real server's key (NAT)
         self._cursor: int | None = None  # last calendar second swept
         self.evicted = 0
         """Entries dropped because the table was full (a counter for /metrics)."""
@@ -211,7 +246,7 @@ class ConnTable:
         if c is None or c.expires <= now or not c.dest.available:
             return None
         state = c.state
-        if NEXT[state][flags] != state:
+        if c.fsm[state][flags] != state:
             return None
         c.expires = now + self.timeouts[state]
         self._touch(key)
@@ -238,7 +273,7 @@ class ConnTable:
             return self._lookup_unconfirmed(key, flags, now)
         if (c.expires <= now or not c.dest.available) and self._drop_stale(c, now):
             return None
-        ns = NEXT[c.state][flags]
+        ns = c.fsm[c.state][flags]
         if ns != c.state:
             if not self._transition(c, ns, now):
                 return None
@@ -253,19 +288,52 @@ class ConnTable:
             return None
         if (c.expires <= now or not c.dest.available) and self._drop_stale(c, now):
             return None
-        ns = NEXT[c.state][flags]
+        ns = c.fsm[c.state][flags]
         if ns != c.state:
             if not self._transition(c, ns, now):
                 return None
         else:
             c.expires = now + self.timeouts[ns]
         if c.state == ESTABLISHED or c.state == UDP:
-            # Two-way life proven (TCP handshake done, or a second UDP packet).
-            del self._unconfirmed[key]
-            c.confirmed = True
-            self._confirmed[key] = c
-            if self.changed is not None:
-                self.changed(c)
+            self._confirm(c)
+        return c
+
+    def _confirm(self, c: Conn) -> None:
+        """Two-way life proven (TCP handshake done, or a second UDP packet): to the confirmed segment."""
+        del self._unconfirmed[c.key]
+        c.confirmed = True
+        self._confirmed[c.key] = c
+        if self.changed is not None:
+            self.changed(c)
+
+    def reply(self, rkey: Any, flags: int, now: float) -> Conn | None:
+        """The two-way flow a real server's packet belongs to (NAT), after applying it; or None.
+
+        IPVS's OUTPUT table moves the state. Never creates an entry: a
+        reply without one is not the director's to forward.
+        """
+        c = self._replies.get(rkey)
+        if c is None:
+            return None
+        if c.expires <= now and self._drop_stale(c, now):
+            return None
+        ns = NEXT_OUT[c.state][flags]
+        if ns != c.state:
+            if not self._transition(c, ns, now):
+                return None
+        else:
+            c.expires = now + self.timeouts[ns]
+        if c.confirmed:
+            self._confirmed.move_to_end(c.key)
+        elif c.state == ESTABLISHED or c.state == UDP:
+            self._confirm(c)  # UDP: an answer is two-way life
+        return c
+
+    def peek_reply(self, rkey: Any, now: float) -> Conn | None:
+        """:meth:`peek` by a real server's key (ICMP errors from its side)."""
+        c = self._replies.get(rkey)
+        if c is None or c.expires <= now:
+            return None
         return c
 
     def _outlived(self, c: Conn, now: float) -> bool:
@@ -315,20 +383,27 @@ class ConnTable:
         return c
 
     def add(self, key: Any, dest: Dest, flags: int, now: float, template: Template | None = None,
-            tag: Any = None) -> Conn:
+            tag: Any = None, rkey: Any = None) -> Conn:
         """Track a new flow to ``dest``; ``flags`` are the first packet's TCP flags.
 
         Replaces any entry under the same key. Evicts when full (oldest
         unconfirmed first). Counts the flow on ``dest`` (and ``template``).
+        ``rkey``: the real server's packets' key when the director sees them
+        too (NAT): the flow then follows IPVS's two-way state table.
         """
         # From NONE a first packet leads to SYN_RECV (SYN) or CLOSE (a flow
         # picked up mid-stream, IPVS's sloppy case): never ESTABLISHED, so the
         # connection starts inactive as in IPVS.
-        state = NEXT[NONE][flags] if key[0] == 6 else UDP
-        return self._insert(Conn(key, dest, state, template, tag), now + self.timeouts[state], now, confirmed=False)
+        fsm = NEXT if rkey is None else NEXT_IN
+        state = fsm[NONE][flags] if key[0] == 6 else UDP
+        c = Conn(key, dest, state, template, tag, fsm, rkey)
+        if state == RESCHEDULE:  # pragma: no cover - NONE never reuses
+            raise AssertionError(state)
+        return self._insert(c, now + self.timeouts[state], now, confirmed=False)
 
     def install(self, key: Any, dest: Dest, state: int, expires: float, now: float,
-                template: Template | None = None, *, confirmed: bool = True, tag: Any = None) -> Conn:
+                template: Template | None = None, *, confirmed: bool = True, tag: Any = None,
+                rkey: Any = None) -> Conn:
         """Track a flow another director scheduled (connection sync), with the state and expiry it sent.
 
         Like :meth:`add` otherwise: replaces an entry under the same key,
@@ -337,12 +412,17 @@ class ConnTable:
         """
         if not 0 <= state < len(STATE_NAMES) or (state == UDP) != (key[0] != 6):
             raise ValueError(f"state {state} does not fit a protocol {key[0]} flow")
-        return self._insert(Conn(key, dest, state, template, tag), expires, now, confirmed)
+        fsm = NEXT if rkey is None else NEXT_IN
+        return self._insert(Conn(key, dest, state, template, tag, fsm, rkey), expires, now, confirmed)
 
     def _insert(self, c: Conn, expires: float, now: float, confirmed: bool) -> Conn:
         old = self._confirmed.get(c.key) or self._unconfirmed.get(c.key)
         if old is not None:
             self._remove(old)
+        if c.rkey is not None:
+            old = self._replies.get(c.rkey)
+            if old is not None:
+                self._remove(old)
         while len(self._confirmed) + len(self._unconfirmed) >= self.max_entries:
             self._evict()
         if c.state == ESTABLISHED:
@@ -354,6 +434,8 @@ class ConnTable:
         c.expires = expires
         c.confirmed = confirmed
         (self._confirmed if confirmed else self._unconfirmed)[c.key] = c
+        if c.rkey is not None:
+            self._replies[c.rkey] = c
         if self._cursor is None:
             self._cursor = int(now)
         self._file(c)
@@ -381,6 +463,8 @@ class ConnTable:
         if bucket is not None:
             bucket.pop(c, None)
         c.due = -1
+        if c.rkey is not None and self._replies.get(c.rkey) is c:
+            del self._replies[c.rkey]
         if c.confirmed and self.outside is not None:
             self.outside.forget(c)
         if c.state == ESTABLISHED:

@@ -42,6 +42,7 @@ on PR_SET_PDEATHSIG. The director's glb.supervisor restarts a worker that dies.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import mmap
 import multiprocessing
@@ -56,7 +57,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from director.dataplane import bpf, codec, fanout
-from director.dataplane.actions import Encap, Frames, MacRewrite
+from director.dataplane.actions import Crossed, Encap, Frames, MacRewrite
 from director.dataplane.conntable import NEXT_BYTES, ConnTable
 from director.dataplane.counters import DEFAULT_SLOTS, CountTable, SlotAllocator
 from director.dataplane.forwarder import Forwarder, ForwarderStats, Plan
@@ -263,6 +264,16 @@ class EngineConfig:
     """Connection sync's id (the pair's VRID; director/dataplane/connsync.py); 0 = a director alone, no sync."""
     cpus: tuple[int, ...] = ()
     """CPUs the workers pin themselves to (director.control.placement); () = where they start."""
+    lan_interface: str | None = None
+    """NAT: the real servers' side when it is another interface (glb.config director.lan.interface):
+    the workers read the real servers' replies there and send the client packets they rewrite there."""
+
+    def lan(self) -> EngineConfig | None:
+        """How to open the LAN-side interface (its own fanout group), or None: one interface for both."""
+        if not self.lan_interface or self.lan_interface == self.interface:
+            return None
+        return dataclasses.replace(self, interface=self.lan_interface, lan_interface=None,
+                                   fanout_group=self.fanout_group ^ 0x8000 if self.fanout_group else 0)
 
 
 class PacketSocket:
@@ -422,6 +433,31 @@ class Worker:
         self.halves = self.view.cast("H")
         self._ring_ref = ctypes.c_char.from_buffer(self.ring)
         self.ring_addr = ctypes.addressof(self._ring_ref)
+        self.lan: PacketSocket | None = None
+        """NAT's real-server side when it is another interface (EngineConfig.lan_interface)."""
+        lan_cfg = cfg.lan() if ps is None else None
+        if lan_cfg is None and ps is None and self.kernel is not None and any(
+                MODES[sp.forwarding].two_way for sp in plan.services):
+            # One interface, and the tc program reads it: the engine's socket there sees only what
+            # the program leaves for it, not the real servers' replies. A tap of its own does (taps
+            # see frames before tc ingress; the program passes replies up untouched).
+            lan_cfg = dataclasses.replace(cfg, lan_interface=None,
+                                          fanout_group=cfg.fanout_group ^ 0x8000 if cfg.fanout_group else 0)
+        if lan_cfg is not None:
+            try:
+                self.lan = PacketSocket(lan_cfg, ())
+            except BaseException:
+                self.ps.close()
+                if self.kernel is not None:
+                    self.kernel.close()
+                raise
+            self.lan_view = memoryview(self.lan.ring)
+            self.lan_words = self.lan_view.cast("I")
+            self.lan_halves = self.lan_view.cast("H")
+            self.lan_idx = 0
+        self.cross = (self.lan or self.ps).sock
+        """Where a NAT action read on the client side goes (the real servers' side)."""
+        self._lan_filter: frozenset = frozenset()
         self.sender = Sender(self.ps.sock.fileno())
         self.slots = SlotSender(self.ps.sock.fileno(), self.ps.frames)
         self.idx = 0
@@ -456,11 +492,16 @@ class Worker:
 
     def apply(self, plan: Plan, now: float) -> None:
         if plan.mac == b"\x00" * 6 or not plan.mac:
-            plan = Plan(self.ps.mac, plan.services, plan.source4, plan.source6)
+            plan = dataclasses.replace(plan, mac=self.ps.mac)
+        if plan.lan_mac is None and self.lan is not None:
+            plan = dataclasses.replace(plan, lan_mac=self.lan.mac)
         wanted = (plan.vips, frozenset(m for s in plan.services for m in MODES[s.forwarding].filter_matches(s)))
         if wanted != self._filter:
             self.ps.set_filter(*wanted)
             self._filter = wanted
+        if self.lan is not None and wanted[1] != self._lan_filter:
+            self.lan.set_filter((), wanted[1])  # only the real servers' packets on their side
+            self._lan_filter = wanted[1]
         self.fwd.apply(plan)
         if self.kernel is not None:
             self.fwd.kernel.plan_applied(plan.vips)
@@ -475,21 +516,29 @@ class Worker:
         """(Re)install the group's program when the persistence masks or the positions changed."""
         if not self.cfg.fanout_group:
             return
-        prog = fanout.program(self.cfg.workers, fanout.masks(plan), self.positions)
+        replies = fanout.sources(plan)
+        prog = fanout.program(self.cfg.workers, fanout.masks(plan), self.positions, replies)
         if len(prog) > bpf.BPF_MAXINSNS:  # very many persistent VIPs: whole addresses (persistence per worker)
             log.warning("too many persistent VIPs for the fanout program; persistence holds per worker only")
-            prog = fanout.program(self.cfg.workers, None, self.positions)
+            prog = fanout.program(self.cfg.workers, None, self.positions,
+                                  {a: 8 * len(a) for a in replies})
         if prog != self._fanout:
             self.ps.set_fanout(prog)
+            if self.lan is not None:  # the same buckets: a client's replies reach its worker
+                self.lan.set_fanout(prog)
             self._fanout = prog
 
     def run(self) -> None:
         poller = select.poll()
         poller.register(self.ps.rx.fileno(), select.POLLIN | select.POLLERR)
         poller.register(self.conn.fileno(), select.POLLIN)
+        if self.lan is not None:
+            poller.register(self.lan.rx.fileno(), select.POLLIN | select.POLLERR)
         next_tick = next_sweep = next_stats = 0.0
         while self.running:
             n = self.drain()
+            if self.lan is not None:
+                n += self.drain_lan()
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK
@@ -582,6 +631,8 @@ class Worker:
                 if cls is Encap:
                     v, head, n = r
                     sender.parts((v or vnet_none) + head, base + start + 14, n)
+                elif cls is Crossed:  # NAT: virtio_net_hdr + a rewritten frame, to the other side
+                    self.send_cross(r)
                 elif cls is Frames:
                     for out in r:
                         self.send_now(out)
@@ -607,13 +658,52 @@ class Worker:
             self.stats.truncated += truncated
         return handled
 
-    def send_now(self, frame: bytes) -> None:
-        """A frame the forwarder made (ARP/NDP answer, ICMP error, outer fragment)."""
+    def drain_lan(self) -> int:
+        """Handle up to RX_BUDGET frames from the real servers' side (NAT replies), one at a time:
+        each rewritten reply goes out on the client side, anything else the forwarder makes
+        (nothing today) back where it came from."""
+        lan, view, words, halves = self.lan, self.lan_view, self.lan_words, self.lan_halves
+        fsz, nfr, step = FRAME_SIZE, lan.frames, FRAME_SIZE >> 2
+        forward, send = self.fwd.forward, self.ps.sock.send
+        idx = self.lan_idx
+        now = time.monotonic()
+        handled = 0
+        while handled < RX_BUDGET:
+            w = idx * step
+            if not words[w] & TP_STATUS_USER:
+                break
+            handled += 1
+            snaplen = words[w + 2]
+            start = (w << 2) + halves[(w << 1) + 6]
+            if snaplen != words[w + 1]:
+                self.stats.truncated += 1
+            else:
+                r = forward(view[start:start + snaplen], now, view[start - VNET_LEN:start])
+                if r.__class__ is Crossed:
+                    self._send(send, r)
+                elif r.__class__ is Frames:
+                    for out in r:
+                        self._send(lan.sock.send, codec.VNET_NONE + out)
+            words[w] = 0
+            idx = idx + 1 if idx + 1 < nfr else 0
+        self.lan_idx = idx
+        self.stats.rx_frames += handled
+        return handled
+
+    def send_cross(self, data) -> None:
+        """A NAT action (virtio_net_hdr + frame) read on the client side: out on the real servers' side."""
+        self._send(self.cross.send, data)
+
+    def _send(self, send, data) -> None:
         try:
-            self.ps.sock.send(codec.VNET_NONE + frame, MSG_DONTWAIT)
+            send(data, MSG_DONTWAIT)
             self._sent_now += 1
         except OSError as e:
             self.sender.errors[e.errno or 0] = self.sender.errors.get(e.errno or 0, 0) + 1
+
+    def send_now(self, frame: bytes) -> None:
+        """A frame the forwarder made (ARP/NDP answer, ICMP error, outer fragment)."""
+        self._send(self.ps.sock.send, codec.VNET_NONE + frame)
 
     def control(self, now: float) -> None:
         try:
@@ -677,6 +767,10 @@ class Worker:
         self.halves.release()
         self.view.release()
         self.ps.close()
+        if self.lan is not None:
+            for v in (self.lan_words, self.lan_halves, self.lan_view):
+                v.release()
+            self.lan.close()
         if self.kernel is not None:
             self.kernel.close()
 

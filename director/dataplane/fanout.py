@@ -13,6 +13,10 @@ frame about one client must reach the same worker:
 * masked by the persistence netmask of the service behind the VIP (the
   outer destination, in an error too), so one persistence entry's clients
   share a worker; other services use the whole address;
+* a NAT real server's packet (its source is one, ``sources``): the client
+  is its **destination** (a reply, or an ICMP error the real server sends
+  the client), masked by the real server's service's persistence netmask,
+  so both directions of a flow meet in one worker;
 * fragments carry the same source, so they follow their first fragment;
   nothing above IP is read (no ports), so all of a client's connections
   go together.
@@ -89,6 +93,26 @@ class Members:
         return tuple(pos[b] if b in pos else pos[live[b % len(live)]] for b in range(self.workers))
 
 
+def sources(plan: Any) -> dict[bytes, int]:
+    """NAT real server address -> client prefix length of its replies' destinations (32/128: whole).
+
+    A real server in several services with different netmasks: the shorter wins, as for VIPs.
+    """
+    from director.modes import MODES
+
+    out: dict[bytes, int] = {}
+    for sp in plan.services:
+        if not MODES[sp.forwarding].two_way:
+            continue
+        for s in (*sp.servers, *((sp.sorry,) if sp.sorry is not None else ())):
+            width = 8 * len(s.address)
+            bits = width
+            if sp.persistence is not None:
+                bits = sp.persistence[1] if width == 32 else sp.persistence[2]
+            out[s.address] = min(bits, out.get(s.address, width))
+    return out
+
+
 def masks(plan: Any, parked: bool = False) -> dict[bytes, int]:
     """VIP address -> client prefix length, for VIPs of services with persistence.
 
@@ -144,15 +168,20 @@ def _words(addr: bytes) -> list[int]:
 
 
 def program(workers: int, vip_masks: dict[bytes, int] | None = None,
-            table: Iterable[int] | None = None) -> list[tuple[int, int, int, int]]:
+            table: Iterable[int] | None = None,
+            reply_sources: dict[bytes, int] | None = None) -> list[tuple[int, int, int, int]]:
     """The fanout program for ``workers`` buckets.
 
     ``vip_masks``: :func:`masks`; ``table``: the socket position of each
-    bucket (:meth:`Members.table`; default: bucket *b* at position *b*).
+    bucket (:meth:`Members.table`; default: bucket *b* at position *b*);
+    ``reply_sources``: :func:`sources`.
     """
     if workers < 1:
         raise ValueError("a fanout program needs at least one worker")
     vip_masks = vip_masks or {}
+    reply_sources = reply_sources or {}
+    src4 = sorted((a, b) for a, b in reply_sources.items() if len(a) == 4)
+    src6 = sorted((a, b) for a, b in reply_sources.items() if len(a) == 16)
     table = tuple(range(workers)) if table is None else tuple(table)
     if len(table) != workers:
         raise ValueError("one position per bucket")
@@ -166,6 +195,11 @@ def program(workers: int, vip_masks: dict[bytes, int] | None = None,
     # IPv4. X = offset of the client from NET + 12: 0 (the source), or in an
     # ICMP error the quoted header's destination: ihl + 8 + 16 - 12.
     a.label("v4")
+    if src4:  # a NAT real server's packet: the client is its destination
+        a(LD_W_ABS, k=NET + 12)
+        for addr, bits in src4:
+            a(JEQ_K, 0, 1, _words(addr)[0])
+            a(JA, k=f"r4_{bits}")
     a(LD_B_ABS, k=NET + 9)
     a(JEQ_K, 0, "src4", 1)  # ICMP
     a(LDX_MSH_B, k=NET)  # X = 4 * ihl
@@ -198,10 +232,20 @@ def program(workers: int, vip_masks: dict[bytes, int] | None = None,
         a(LD_MEM, k=0)
         a(ALU_AND_K, k=_mask_words(bits, 32)[0])
         a(JA, k="hash")
+    for bits in sorted({b for _, b in src4}):
+        a.label(f"r4_{bits}")
+        a(LD_W_ABS, k=NET + 16)
+        a(ALU_AND_K, k=_mask_words(bits, 32)[0])
+        a(JA, k="hash")
 
     # IPv6. X = offset of the client from NET + 8: 0 (the source), or in an
     # ICMPv6 error right after the header, the quoted destination: 40 + 8 + 24 - 8.
     a.label("v6")
+    for addr, bits in src6:  # compare the four words of the source; a mismatch skips to the next
+        for i, w in enumerate(_words(addr)):
+            a(LD_W_ABS, k=NET + 8 + 4 * i)
+            a(JEQ_K, 0, 2 * (3 - i) + 1, w)
+        a(JA, k=f"r6_{bits}")
     a(LD_B_ABS, k=NET + 6)
     a(JEQ_K, 0, "src6", 58)
     a(LD_B_ABS, k=NET + 40)  # its type
@@ -227,7 +271,13 @@ def program(workers: int, vip_masks: dict[bytes, int] | None = None,
                 a(JEQ_K, 0, 2 * (3 - i) + 1, w)
             a(JA, k=f"m6_{bits}")
     a(JA, k="m6_128")  # no persistence: the whole address
-    for bits in (*sorted(by_mask6), 128):
+    for bits in sorted({b for _, b in src6}):
+        a.label(f"r6_{bits}")
+        for i in range(4):  # the destination, where m6_* expects the client
+            a(LD_W_ABS, k=NET + 24 + 4 * i)
+            a(ST, k=i)
+        a(JA, k=f"m6_{bits}")
+    for bits in sorted({*by_mask6, *(b for _, b in src6), 128}):
         a.label(f"m6_{bits}")
         for i, m in enumerate(_mask_words(bits, 128)):  # A = the masked words XORed
             a(LD_MEM, k=i)

@@ -38,7 +38,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from director.dataplane import codec
+from director.dataplane import codec, nat
 from director.dataplane.codec import (
     ARP_REQUEST,
     FIRST_FRAGMENT,
@@ -46,6 +46,7 @@ from director.dataplane.codec import (
     ICMP_ERROR,
     LATER_FRAGMENT,
     NEIGHBOR_SOLICIT,
+    REPLY,
     Drop,
 )
 from director.control.health import PER_SERVICE, ServerKey, ServiceHealth
@@ -128,6 +129,10 @@ class Plan:
     source4: bytes | None = None
     """TUN outer source, IPv4 (director.address)."""
     source6: bytes | None = None
+    lan_mac: bytes | None = None
+    """NAT: the director's MAC on the real servers' side (None: ``mac``, one interface for both)."""
+    local: frozenset[bytes] = frozenset()
+    """The director's own addresses: a NAT real server's packet to one is the kernel's (a probe's answer)."""
 
     @property
     def vips(self) -> frozenset[bytes]:
@@ -183,9 +188,13 @@ def build_plan(
             persistence, svc.on_server_down, sorry, bool(sh and sh.sorry_active),
         ))
     d = site.director
+    local = {a.packed for a in (d.address, d.address6) if a is not None}
+    if d.lan is not None:
+        local.update(a.ip.packed for a in (d.lan.address, d.lan.address6) if a is not None)
     return Plan(mac, tuple(services),
                 d.address.packed if d.address is not None else None,
-                d.address6.packed if d.address6 is not None else None)
+                d.address6.packed if d.address6 is not None else None,
+                local=frozenset(local))
 
 
 # --------------------------------------------------------------------------
@@ -212,7 +221,7 @@ class Route:
     when stats are read. Routes outlive plans, so counters never go back.
     """
 
-    __slots__ = ("server", "vip", "packets", "bytes", "conns", "live")
+    __slots__ = ("server", "vip", "packets", "bytes", "conns", "live", "out_packets", "out_bytes")
 
     def __init__(self, server: ServerKey, vip: str) -> None:
         self.server = server
@@ -224,6 +233,9 @@ class Route:
         """New connections scheduled along it."""
         self.live = True
         """False while the VIP is not in the plan (its flows take the full path, which drops them)."""
+        self.out_packets = 0
+        """The real server's packets sent back to clients (NAT; ipvsadm's OutPkts)."""
+        self.out_bytes = 0
 
 
 class _Service:
@@ -251,6 +263,8 @@ class ForwarderStats:
     """``addr:port/proto`` -> (packets, bytes, new connections)."""
     drops: dict[str, int] = field(default_factory=dict)
     """Drop reason (the metrics label) -> packets."""
+    outbound: dict[ServerKey, tuple[int, int]] = field(default_factory=dict)
+    """key -> (packets, bytes) of its replies sent back to clients (NAT's second direction)."""
     forwarded: int = 0
     replies: int = 0
     """ARP/NDP answers and ICMP errors sent."""
@@ -269,9 +283,20 @@ class ForwarderStats:
             a, b = self.vips.get(k, (0,) * 3), other.vips.get(k, (0,) * 3)
             out.vips[k] = tuple(x + y for x, y in zip(a, b))  # type: ignore[assignment]
         out.drops = dict(Counter(self.drops) + Counter(other.drops))
+        for k in set(self.outbound) | set(other.outbound):
+            a, b = self.outbound.get(k, (0, 0)), other.outbound.get(k, (0, 0))
+            out.outbound[k] = (a[0] + b[0], a[1] + b[1])
         for name in ("forwarded", "replies", "connections", "evicted", "expired"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         return out
+
+
+def reply_key(key: bytes, dest: ServerDest) -> bytes | None:
+    """The key of a flow's packets from its real server when the director sees them (NAT), else None."""
+    if not MODES[dest.forwarding].two_way:
+        return None
+    proto, client, _vip, sport, dport = codec.split_key(key)
+    return codec.flow_key(proto, dest.addr, client, dest.key.port or dport, sport)
 
 
 class Forwarder:
@@ -297,6 +322,10 @@ class Forwarder:
         self._refresh = self.table.refresh
         self.ident = 0
         """The last outer IPv4 id a mode used (tunnels), per worker."""
+        self.conn: Conn | None = None
+        """The flow of the packet a mode's ``slow`` is deciding (NAT learns where replies go)."""
+        self._sources: frozenset[bytes] = frozenset()
+        """Addresses of the real servers whose packets come back through the director (NAT)."""
         self.kernel: Any = None
         """The kernel data plane's sync (director/dataplane/kernel.py KernelSync), or None:
         told of every flow :meth:`forward` decides, so the kernel takes the flow's next packets."""
@@ -358,10 +387,13 @@ class Forwarder:
         labels = {label for _, label in by_vip.values()}
         for r in self._routes.values():
             r.live = r.vip in labels
+        sources = frozenset(s.address for sp in plan.services if MODES[sp.forwarding].two_way
+                            for s in (*sp.servers, *((sp.sorry,) if sp.sorry is not None else ())))
         # Swap whole objects: a packet sees the old plan or the new one.
         self._services, self._by_vip, self.plan = services, by_vip, plan
         self._by_any_vip = {**by_any_vip, **by_vip}
         self.vips = plan.vips
+        self._sources = sources
 
     def _dest(self, s: ServerPlan, forwarding: str) -> ServerDest:
         """A new Dest, counted in the shared table's row for it when there is one."""
@@ -462,6 +494,8 @@ class Forwarder:
         """
         p = codec.parse(frame, self.vips)
         if p.__class__ is Drop:
+            if p is Drop.NOT_VIP and self._sources:
+                return self._reply(frame, now, vnet)
             self.drops[p] += 1
             return None
         kind = p.kind
@@ -505,7 +539,34 @@ class Forwarder:
             r.packets += 1
             r.bytes += p.length
             return tx
+        self.conn = c
         return tx.slow(self, frame, p, vnet, c.tag)
+
+    def _reply(self, frame, now: float, vnet):
+        """A frame not to a VIP, maybe a NAT real server's (two-way modes: ``Mode.two_way``)."""
+        p = nat.parse_reply(frame, self._sources)
+        if p.__class__ is Drop:
+            self.drops[p] += 1
+            return None
+        if p.dst in self.plan.local:
+            return None  # to the director itself (a health probe's answer): the kernel's, not a flow's
+        if p.kind == REPLY:
+            if p.frag == LATER_FRAGMENT:
+                c = self.frags.get((p.proto, p.src, p.dst, p.frag_id), now)
+            else:
+                c = self.table.reply(p.key, p.flags, now)
+                if c is not None and p.frag == FIRST_FRAGMENT:
+                    self.frags.add((p.proto, p.src, p.dst, p.frag_id), c, now)
+        else:
+            c = self.table.peek_reply(p.key, now)
+        if c is None:
+            self.drops[Drop.REPLY_NO_CONNECTION] += 1
+            return None
+        tx = c.dest.tx
+        if tx is None:
+            self.drops[Drop.NO_NEIGHBOUR] += 1
+            return None
+        return tx.reply(self, frame, p, vnet, c)
 
     def _new_flow(self, p, now: float) -> Conn | None:
         """Schedule a flow the table does not know; None if it must be dropped (counted)."""
@@ -536,7 +597,7 @@ class Forwarder:
                 return None
         route = self.route(dest, label)
         route.conns += 1
-        return self.table.add(p.key, dest, p.flags, now, template=tpl, tag=route)
+        return self.table.add(p.key, dest, p.flags, now, template=tpl, tag=route, rkey=reply_key(p.key, dest))
 
     # -- connection sync (director/dataplane/connsync.py) ---------------------------
 
@@ -565,6 +626,9 @@ class Forwarder:
         by_server: dict[ServerKey, list[int]] = {}
         by_vip: dict[str, list[int]] = {}
         for r in self._routes.values():
+            if r.out_packets:
+                o = out.outbound.get(r.server, (0, 0))
+                out.outbound[r.server] = (o[0] + r.out_packets, o[1] + r.out_bytes)
             for acc in (by_server.setdefault(r.server, [0, 0, 0]), by_vip.setdefault(r.vip, [0, 0, 0])):
                 acc[0] += r.packets
                 acc[1] += r.bytes

@@ -46,18 +46,21 @@ def _mac(text: str) -> bytes:
 
 
 class Neighbours:
-    """Resolves real servers to MACs on one interface (pyroute2)."""
+    """Resolves real servers to MACs on one interface, or two (NAT's LAN side: ``lan``) (pyroute2)."""
 
-    def __init__(self, interface: str) -> None:
+    def __init__(self, interface: str, lan: str | None = None) -> None:
         from pyroute2 import IPRoute
 
         self.interface = interface
         self.ipr = IPRoute()
-        links = self.ipr.link_lookup(ifname=interface)
-        if not links:
-            self.ipr.close()
-            raise LookupError(f"no interface {interface!r}")
-        self.ifindex = links[0]
+        self.ifindexes: list[int] = []
+        for name in (interface, lan) if lan else (interface,):
+            links = self.ipr.link_lookup(ifname=name)
+            if not links:
+                self.ipr.close()
+                raise LookupError(f"no interface {name!r}")
+            self.ifindexes.append(links[0])
+        self.ifindex = self.ifindexes[0]
         self._warned: set[str] = set()
 
     def close(self) -> None:
@@ -75,33 +78,36 @@ class Neighbours:
         except Exception:  # no route: resolve on-link and let the neighbour table decide
             return None
         oif = r.get_attr("RTA_OIF")
-        if oif != self.ifindex and address not in self._warned:
+        if oif not in self.ifindexes and address not in self._warned:
             self._warned.add(address)
             log.warning("the route to real server %s leaves through another interface than %s; "
                         "the packet path only sends on %s", address, self.interface, self.interface)
         return {"gateway": r.get_attr("RTA_GATEWAY"), "oif": oif}
 
-    def _nudge(self, hop: str) -> None:
+    def _nudge(self, hop: str, ifindex: int) -> None:
         """Ask the kernel to (re)resolve ``hop`` (it sends ARP / NS as for a packet of its own)."""
         fam = 10 if ":" in hop else 2
         try:
-            self.ipr.neigh("replace", dst=hop, ifindex=self.ifindex, family=fam, flags=NTF_USE, state=NUD_INCOMPLETE)
+            self.ipr.neigh("replace", dst=hop, ifindex=ifindex, family=fam, flags=NTF_USE, state=NUD_INCOMPLETE)
         except Exception as e:  # best effort: health probes resolve it too
             log.debug("neighbour nudge for %s failed: %s", hop, e)
 
     def resolve(self, addresses: Iterable[bytes]) -> dict[bytes, bytes | None]:
         """Packed real server address -> MAC to send to (None = unresolved, being resolved)."""
-        table: dict[str, tuple[int, str | None]] = {}
-        for n in self.ipr.get_neighbours(ifindex=self.ifindex):
-            dst = n.get_attr("NDA_DST")
-            if dst:
-                table[str(ipaddress.ip_address(dst))] = (n["state"], n.get_attr("NDA_LLADDR"))
+        table: dict[tuple[int, str], tuple[int, str | None]] = {}
+        for ifindex in self.ifindexes:
+            for n in self.ipr.get_neighbours(ifindex=ifindex):
+                dst = n.get_attr("NDA_DST")
+                if dst:
+                    table[(ifindex, str(ipaddress.ip_address(dst)))] = (n["state"], n.get_attr("NDA_LLADDR"))
         out: dict[bytes, bytes | None] = {}
         for packed in addresses:
             address = str(ipaddress.ip_address(packed))
-            hop = next_hop(self._route(address), address)
-            state, lladdr = table.get(hop, (0, None))
+            route = self._route(address)
+            oif = route["oif"] if route is not None and route["oif"] in self.ifindexes else self.ifindex
+            hop = next_hop(route, address)
+            state, lladdr = table.get((oif, hop), (0, None))
             if state & NEEDS_NUDGE or state == 0:
-                self._nudge(hop)
+                self._nudge(hop, oif)
             out[packed] = _mac(lladdr) if lladdr and usable(state) else None
         return out

@@ -115,6 +115,72 @@ class KernelGuard:
         self.installed = False
 
 
+NAT_TABLE = "glb_director_nat"
+
+
+def nat_script(sources: Iterable[tuple[int, bytes, int]]) -> str:
+    """The NAT guard's ruleset: the kernel drops what NAT real servers send from a service
+    port (``(protocol, address, port)``), and the ICMP errors they send, to anywhere but
+    the director itself. The engine rewrites those replies; the kernel, if it forwards,
+    would send a second copy with the private source (and nothing answers a probe's reply
+    but the kernel: those, to a local address, pass)."""
+    names = {6: "tcp", 17: "udp"}
+    el4 = sorted(f"{ipaddress.ip_address(a)} . {names[p]} . {port}" for p, a, port in sources if len(a) == 4)
+    el6 = sorted(f"{ipaddress.ip_address(a)} . {names[p]} . {port}" for p, a, port in sources if len(a) == 16)
+    ad4 = sorted({str(ipaddress.ip_address(a)) for _, a, _ in sources if len(a) == 4})
+    ad6 = sorted({str(ipaddress.ip_address(a)) for _, a, _ in sources if len(a) == 16})
+
+    def elements(items: list[str]) -> str:
+        return f" elements = {{ {', '.join(items)} }};" if items else ""
+
+    return (
+        f"table inet {NAT_TABLE}\ndelete table inet {NAT_TABLE}\n"
+        f"table inet {NAT_TABLE} {{\n"
+        f"  set rs4 {{ type ipv4_addr . inet_proto . inet_service;{elements(el4)} }}\n"
+        f"  set rs6 {{ type ipv6_addr . inet_proto . inet_service;{elements(el6)} }}\n"
+        f"  set addr4 {{ type ipv4_addr;{elements(ad4)} }}\n"
+        f"  set addr6 {{ type ipv6_addr;{elements(ad6)} }}\n"
+        f"  chain prerouting {{ type filter hook prerouting priority raw; policy accept;\n"
+        f"    ip saddr . meta l4proto . th sport @rs4 fib daddr type != local counter drop\n"
+        f"    ip6 saddr . meta l4proto . th sport @rs6 fib daddr type != local counter drop\n"
+        f"    ip saddr @addr4 icmp type {{ destination-unreachable, time-exceeded, parameter-problem }} "
+        f"fib daddr type != local counter drop\n"
+        f"    ip6 saddr @addr6 icmpv6 type {{ destination-unreachable, packet-too-big, time-exceeded, "
+        f"parameter-problem }} fib daddr type != local counter drop\n"
+        f"  }}\n}}\n"
+    )
+
+
+class NatGuard:
+    """Installs, updates and removes the NAT guard's table (:func:`nat_script`); nothing while no NAT service."""
+
+    def __init__(self, nft: str | None = None) -> None:
+        self.nft = nft or nftables.binary() or "/usr/sbin/nft"
+        self.installed: frozenset = frozenset()
+
+    def install(self, sources: Iterable[tuple[int, bytes, int]]) -> None:
+        sources = frozenset(sources)
+        if sources == self.installed:
+            return
+        if not sources:
+            self.remove()
+            return
+        try:
+            nftables.load(nat_script(sources), nft=self.nft)
+        except NftError as e:
+            raise GuardError(f"nft: {e}") from None
+        self.installed = sources
+
+    def remove(self) -> None:
+        if not self.installed:
+            return
+        try:
+            nftables.load(f"table inet {NAT_TABLE}\ndelete table inet {NAT_TABLE}\n", nft=self.nft)
+        except NftError as e:
+            log.warning("could not remove nftables table %s: %s", NAT_TABLE, e)
+        self.installed = frozenset()
+
+
 def vips_on_kernel(vips: Iterable[bytes]) -> list[str]:
     """VIPs configured on an interface of this network namespace (they must not be)."""
     from pyroute2 import IPRoute

@@ -51,9 +51,9 @@ def _linux_adapters() -> Adapters:
     # Imported here: a control-plane-only director (on lo) never loads pyroute2 or the engine.
     from director.dataplane.engine import Engine
     from director.dataplane.neighbours import Neighbours
-    from director.dataplane.ownership import KernelGuard, SolicitedNodeGroups, vips_on_kernel
+    from director.dataplane.ownership import KernelGuard, NatGuard, SolicitedNodeGroups, vips_on_kernel
 
-    return Adapters(Neighbours, vips_on_kernel, KernelGuard, SolicitedNodeGroups, Engine)
+    return Adapters(Neighbours, vips_on_kernel, KernelGuard, SolicitedNodeGroups, Engine, NatGuard)
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,8 @@ class Adapters:
     guard: Callable[[str], Any]
     groups: Callable[[str], Any]
     engine: Callable[[Any], Any]
+    nat_guard: Callable[[], Any] | None = None
+    """ownership.NatGuard (None: no NAT guard, e.g. tests' fakes)."""
 
 
 def real_addresses(plan: Plan) -> list[bytes]:
@@ -75,6 +77,20 @@ def real_addresses(plan: Plan) -> list[bytes]:
         if svc.sorry is not None:
             out.append(svc.sorry.address)
     return list(dict.fromkeys(out))
+
+
+def nat_sources(plan: Plan) -> frozenset[tuple[int, bytes, int]]:
+    """(protocol, address, port) the NAT real servers answer from: what the NAT guard drops in the kernel."""
+    from director.modes import MODES
+
+    out = set()
+    for svc in plan.services:
+        if not MODES[svc.forwarding].two_way:
+            continue
+        for s in (*svc.servers, *((svc.sorry,) if svc.sorry is not None else ())):
+            for v in svc.vips:
+                out.add((v.proto, s.address, s.key.port or v.port))
+    return frozenset(out)
 
 
 def without_vips(plan: Plan) -> Plan:
@@ -142,6 +158,7 @@ class PacketPath:
         self.engine = None
         self.ownership: VipOwnership | None = None
         self._neighbours = None
+        self._nat_guard = None
         self._netlink: concurrent.futures.ThreadPoolExecutor | None = None
         self._macs: dict[bytes, bytes | None] = {}
         self._resolving: asyncio.Task | None = None
@@ -167,9 +184,13 @@ class PacketPath:
         self._netlink = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="glb-netlink")
         loop = asyncio.get_running_loop()
         try:
-            self._neighbours = await loop.run_in_executor(self._netlink, adapters.neighbours, iface)
-        except LookupError:
-            raise DirectorError(f"director.interface {iface!r}: no such interface") from None
+            lan = getattr(self.engine_config, "lan_interface", None)
+            args = (iface,) if not lan or lan == iface else (iface, lan)
+            self._neighbours = await loop.run_in_executor(self._netlink, adapters.neighbours, *args)
+        except LookupError as e:
+            key, name = ("director.lan.interface", args[1]) if repr(args[-1]) in str(e) and len(args) > 1 \
+                else ("director.interface", iface)
+            raise DirectorError(f"{key} {name!r}: no such interface") from None
         self._mtu = await loop.run_in_executor(self._netlink, self._neighbours.mtu)
         plan = self._build(await loop.run_in_executor(self._netlink, self._neighbours.mac), self._macs, self._mtu)
         on_kernel = await loop.run_in_executor(self._netlink, adapters.vips_on_kernel, plan.vips)
@@ -181,6 +202,12 @@ class PacketPath:
             self.ownership.follow(plan.vips)
         except GuardError as e:
             raise DirectorError(f"cannot keep the kernel off VIP traffic: {e}") from None
+        if adapters.nat_guard is not None:
+            self._nat_guard = adapters.nat_guard()
+            try:
+                self._nat_guard.install(nat_sources(plan))
+            except GuardError as e:
+                raise DirectorError(f"cannot keep the kernel off NAT replies: {e}") from None
         self._macs = await loop.run_in_executor(self._netlink, self._resolve, plan)
         plan = self._build(plan.mac, self._macs, self._mtu)
         engine = adapters.engine(self.engine_config)
@@ -206,6 +233,9 @@ class PacketPath:
         if self.ownership is not None:
             self.ownership.close()
             self.ownership = None
+        if self._nat_guard is not None:
+            self._nat_guard.remove()
+            self._nat_guard = None
         if self._neighbours is not None:
             await asyncio.get_running_loop().run_in_executor(self._netlink, self._neighbours.close)
             self._neighbours = None
@@ -249,6 +279,11 @@ class PacketPath:
                     self.ownership.follow(plan.vips)
                 except Exception as e:
                     log.error("could not update the nftables guard: %s", e)
+            if self._nat_guard is not None:
+                try:
+                    self._nat_guard.install(nat_sources(plan))
+                except Exception as e:
+                    log.error("could not update the NAT guard: %s", e)
             self._plan = plan
             self.engine.update(self.ownership.engine_plan(plan))
         if any(s.available and s.mac is None for svc in plan.services for s in svc.servers):
@@ -334,7 +369,8 @@ class PacketPath:
                 rates = ((conns - p[4]) / dt, (packets - p[2]) / dt, (octets - p[3]) / dt)
             else:
                 rates = (0.0, 0.0, 0.0)
-            counters[key] = ServerCounters(active, inactive, *(max(0.0, r) for r in rates), packets, octets)
+            counters[key] = ServerCounters(active, inactive, *(max(0.0, r) for r in rates), packets, octets,
+                                           *stats.outbound.get(key, (0, 0)))
         self._rates_at = (now, dict(stats.servers))
         self._counters = counters
         self._vip_counters = {label: VipCounters(*v) for label, v in stats.vips.items()}

@@ -9,8 +9,8 @@ the real server's preparation. Adding a mode: docs/architecture.md,
 
 from __future__ import annotations
 
-from director.modes import dr, tun
+from director.modes import dr, nat, tun
 from director.modes.base import Mode
 
-MODES: dict[str, Mode] = {m.name: m for m in (dr.MODE, tun.MODE)}
+MODES: dict[str, Mode] = {m.name: m for m in (dr.MODE, tun.MODE, nat.MODE)}
 """Name (the config's ``forwarding``) -> mode. glb.config.FORWARDING lists the same names (a test checks)."""

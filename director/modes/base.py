@@ -42,6 +42,12 @@ class Mode:
     """The slow path reads each frame's virtio_net_hdr (checksum and GSO state)."""
     mac_rewrite: ClassVar[bool]
     """Its transmit objects are MacRewrite actions: established flows can take the engine's C loop."""
+    holds_vips: ClassVar[bool] = True
+    """The real server holds the VIPs (DR, TUN); NAT's does not (the director rewrites the destination)."""
+    two_way: ClassVar[bool] = False
+    """The real servers' packets come back through the director (NAT): flows are indexed by
+    the real server's key too, follow IPVS's two-way TCP table, and the transmit object
+    has ``reply(fwd, frame, pkt, vnet, conn)`` for them."""
 
     def transmit(self, server: ServerPlan, plan: Plan) -> Any:
         """How packets reach ``server`` under ``plan``; None = unreachable (no neighbour, no source)."""

@@ -123,6 +123,7 @@ class LinuxSystem:
         if nft and "nft_table" in needs and privileged:
             nft_table = self._nft(["list", "table", NFT_FAMILY, NFT_TABLE]).returncode == 0
         return Facts(
+            default_routes=self._default_routes(names) if req.gateways else {},
             privileged=privileged,
             links=links,
             addresses={k: frozenset(v) for k, v in addresses.items()},
@@ -156,6 +157,35 @@ class LinuxSystem:
         if idx is not None:
             self._netlink(f"deleting probe interface {probe}", self.ipr.link, "del", index=idx, ok=(errno.ENODEV,))
         return fallback if self._index(fallback) is not None else None
+
+    def _default_routes(self, names: Mapping[int, str]) -> dict[int, tuple[str | None, str | None]]:
+        out: dict[int, tuple[str | None, str | None]] = {}
+        for version, fam in ((4, socket.AF_INET), (6, socket.AF_INET6)):
+            try:
+                routes = self.ipr.get_routes(family=fam, table=254)
+            except Exception:  # a missing family is not an error here
+                continue
+            for r in routes:
+                if r["dst_len"] == 0 and r["type"] == 1:
+                    out[version] = (r.get_attr("RTA_GATEWAY"), names.get(r.get_attr("RTA_OIF")))
+                    break
+        return out
+
+    def set_default_route(self, version: int, gateway: str | None, device: str | None) -> None:
+        kw: dict = {"dst": "0.0.0.0/0" if version == 4 else "::/0", "family": socket.AF_INET if version == 4 else socket.AF_INET6}
+        if gateway:
+            kw["gateway"] = gateway
+        if device:
+            index = self._index(device)
+            if index is None:
+                raise RealServerError(f"interface {device} is gone: cannot restore the default route through it")
+            kw["oif"] = index
+        self._netlink(f"setting the IPv{version} default route via {gateway or device}", self.ipr.route, "replace", **kw)
+
+    def delete_default_route(self, version: int, gateway: str) -> None:
+        self._netlink(f"removing the IPv{version} default route via {gateway}", self.ipr.route, "del",
+                      dst="0.0.0.0/0" if version == 4 else "::/0", gateway=gateway,
+                      family=socket.AF_INET if version == 4 else socket.AF_INET6, ok=(errno.ESRCH,))
 
     def _uplink_mtu(self, names: Mapping[int, str], links: Mapping[str, Link]) -> int:
         mtus = []

@@ -63,6 +63,8 @@ class Request:
     """TUN only: TCP MSS for IPv4 VIPs (IPv6 VIPs get 40 less); 0 = no clamp; None = derived from the uplink MTU."""
     tun_device: str = TUN_DEVICE
     """Name of the TUN device the userspace decapsulator writes into."""
+    gateways: tuple[IPAddress, ...] = ()
+    """NAT only: the director's address on this network, one per IP version (the new default route)."""
 
     @property
     def families(self) -> frozenset[int]:
@@ -97,10 +99,20 @@ def parse_vip(text: str) -> IPAddress:
 
 
 def parse_request(vips: Iterable[str], mode: str, *, decap: str = "auto", mss: int | None = None,
-                  tun_device: str = TUN_DEVICE) -> Request:
+                  tun_device: str = TUN_DEVICE, gateways: Iterable[str] = ()) -> Request:
     """Validate what the operator asked for; RealServerError (one line) on any mistake."""
     if mode not in modes.MODES:
         raise RealServerError(f"unknown mode {mode!r}: expected one of {', '.join(modes.MODES)}")
+    gws = _parse_gateways(gateways)
+    if modes.MODES[mode].holds_vips and gws:
+        raise RealServerError(f"--gateway is for NAT mode (the director as this host's gateway), not {mode}")
+    if not modes.MODES[mode].holds_vips:
+        if not gws:
+            raise RealServerError(f"{mode} mode needs --gateway ADDR: the director's address on this network")
+        if vips:
+            raise RealServerError(f"{mode} mode holds no VIP here (the director rewrites the destination): "
+                                  f"leave out --vip")
+        return Request(vips=(), mode=mode, gateways=gws)
     if decap not in DECAP_CHOICES:
         raise RealServerError(f"unknown decapsulation {decap!r}: expected one of {', '.join(DECAP_CHOICES)}")
     if isinstance(vips, str):
@@ -122,6 +134,19 @@ def parse_request(vips: Iterable[str], mode: str, *, decap: str = "auto", mss: i
     if not tun_device or len(tun_device) > 15 or "/" in tun_device or any(c.isspace() for c in tun_device):
         raise RealServerError(f"bad TUN device name {tun_device!r}: 1 to 15 characters, no '/' or spaces")
     return Request(vips=tuple(parsed), mode=mode, decap=decap, mss=mss, tun_device=tun_device)
+
+
+def _parse_gateways(gateways: Iterable[str]) -> tuple[IPAddress, ...]:
+    out: list[IPAddress] = []
+    for g in gateways or ():
+        try:
+            addr = ipaddress.ip_address(str(g).strip())
+        except ValueError:
+            raise RealServerError(f"bad gateway {g!r}: not an IP address") from None
+        if any(a.version == addr.version for a in out):
+            raise RealServerError(f"bad gateway {g!r}: one --gateway per IP version")
+        out.append(addr)
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------
@@ -157,6 +182,8 @@ class Facts:
     """Table ``inet glb_realserver`` exists already (a leftover: it is replaced)."""
     tun: bool = True
     """``/dev/net/tun`` is usable."""
+    default_routes: Mapping[int, tuple[str | None, str | None]] = field(default_factory=dict)
+    """IP version -> (gateway, device) of the main table's default route; absent = none."""
 
 
 def sysctl_keys(req: Request) -> list[str]:
@@ -281,7 +308,7 @@ def plan_setup(req: Request, facts: Facts, *, daemon: bool = True, stats_file: s
     device, decap = mode.realserver_devices(req, facts, notes=notes)
 
     # A VIP held by another interface (say eth0) would be answered for and routed there: refuse.
-    for vip in req.vips:
+    for vip in req.vips if mode.holds_vips else ():
         text = str(vip)
         for ifname, addrs in sorted(facts.addresses.items()):
             if text in addrs and ifname != device[vip.version] and not (decap == "userspace" and ifname == req.tun_device):
@@ -303,7 +330,7 @@ def plan_setup(req: Request, facts: Facts, *, daemon: bool = True, stats_file: s
                 raise RealServerError(f"interface {dev} does not exist")
             if not link.up:
                 steps.append(LinkUp(dev))
-    for vip in req.vips:
+    for vip in req.vips if mode.holds_vips else ():
         dev = device[vip.version]
         if not new_tun and str(vip) in facts.addresses.get(dev, frozenset()):
             notes.append(f"{vip} is already on {dev}; kept as it is")

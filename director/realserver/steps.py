@@ -59,6 +59,8 @@ class System(Protocol):
     def nft_delete(self) -> None: ...
     def start_decap(self, step: StartDecap) -> dict: ...
     def stop_decap(self, runtime: Mapping) -> None: ...
+    def set_default_route(self, version: int, gateway: str | None, device: str | None) -> None: ...
+    def delete_default_route(self, version: int, gateway: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -187,8 +189,35 @@ class StartDecap:
         system.stop_decap(runtime)
 
 
-Step = Union[SetSysctl, LinkUp, CreateTun, AddAddress, NftTable, StartDecap]
-STEP_KINDS = {cls.kind: cls for cls in (SetSysctl, LinkUp, CreateTun, AddAddress, NftTable, StartDecap)}
+@dataclass(frozen=True)
+class DefaultRoute:
+    """Point the IPv``version`` default route at ``gateway`` (NAT: the director); undo puts back
+    the one it replaced (``previous_gateway`` / ``previous_device``), or removes ours if there was none."""
+
+    version: int
+    gateway: str
+    previous_gateway: str | None = None
+    previous_device: str | None = None
+    kind = "default_route"
+
+    def describe(self) -> str:
+        was = self.previous_gateway or (f"dev {self.previous_device}" if self.previous_device else None)
+        return (f"IPv{self.version} default route via {self.gateway} (was {was or 'none'}): "
+                f"replies to clients go back through the director")
+
+    def apply(self, system: System) -> dict:
+        system.set_default_route(self.version, self.gateway, None)
+        return {}
+
+    def undo(self, system: System, runtime: Mapping) -> None:
+        if self.previous_gateway is None and self.previous_device is None:
+            system.delete_default_route(self.version, self.gateway)
+        else:
+            system.set_default_route(self.version, self.previous_gateway, self.previous_device)
+
+
+Step = Union[SetSysctl, LinkUp, CreateTun, AddAddress, NftTable, StartDecap, DefaultRoute]
+STEP_KINDS = {cls.kind: cls for cls in (SetSysctl, LinkUp, CreateTun, AddAddress, NftTable, StartDecap, DefaultRoute)}
 
 
 def step_to_dict(step: Step) -> dict:

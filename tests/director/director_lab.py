@@ -46,7 +46,7 @@ class S(ThreadingHTTPServer):
     def server_bind(self):
         self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
-S(("::", 80), H).serve_forever()
+S(("::", int(sys.argv[2]) if len(sys.argv) > 2 else 80), H).serve_forever()
 """
 
 # A client holding one HTTP/1.1 connection: each line on stdin is a request; prints who answered.
@@ -153,15 +153,15 @@ class RedisBridge:
             self._listener.close()
 
 
-def realserver_setup(ns, state: Path, vips: list[str], mode: str) -> None:
+def realserver_setup(ns, state: Path, vips: list[str], mode: str, gateways: Sequence[str] = ()) -> None:
     res = ns.run([GLB, "realserver", "setup", *[a for v in vips for a in ("--vip", v)], "--mode", mode,
-                  "--state-file", str(state)], check=False, cwd=ROOT)
+                  *[a for g in gateways for a in ("--gateway", g)], "--state-file", str(state)], check=False, cwd=ROOT)
     if res.returncode != 0:
         raise AssertionError(f"glb realserver setup failed: {res.stderr}")
 
 
-def start_http(ns, name: str):
-    proc = ns.popen([PY, "-c", HTTP_SERVER, name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_http(ns, name: str, port: int = 80):
+    proc = ns.popen([PY, "-c", HTTP_SERVER, name, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc
 
 
@@ -175,7 +175,7 @@ ZONES = """zones:
 
 def config_yaml(*, redis_port: int, services: str, address: str | None = None, address6: str | None = None,
                 max_entries: int = 100000, status_port: int = 9100, workers: int = 1,
-                dataplane: str = "auto") -> str:
+                dataplane: str = "auto", lan: str | None = None) -> str:
     extra = ""
     if address:
         extra += f", address: {address}"
@@ -194,22 +194,25 @@ admin: {{token: lab-token-0123456789}}
       connection_table: {{max_entries: {max_entries}}}
       packet: {{workers: {workers}, dataplane: {dataplane}}}
       {extra.lstrip(", ").replace(", ", chr(10) + "      ")}
+      {f"lan: {lan}" if lan else ""}
     services:
 {services}
 """
 
 
 def service_yaml(name: str, vips: list[str], servers: list[tuple[str, int]], *, forwarding: str = "dr",
-                 scheduler: str = "rr") -> str:
-    rs = "\n".join(f"          - {{address: \"{a}\", weight: {w}}}" for a, w in servers)
+                 scheduler: str = "rr", port: int | None = None, extra: str = "") -> str:
+    """``port``: the real servers' own (NAT), probed there too; ``extra``: more service keys, one YAML line."""
+    own = f", port: {port}" if port else ""
+    rs = "\n".join(f"          - {{address: \"{a}\", weight: {w}{own}}}" for a, w in servers)
     return f"""      - name: {name}
         vips: [{", ".join(json.dumps(v) for v in vips)}]
         forwarding: {forwarding}
         scheduler: {scheduler}
         real_servers:
 {rs}
-        health_check: {{type: http, port: 80, interval: 0.3, timeout: 0.3, rise: 1, fall: 2, start_jitter: 0.1}}
-"""
+        health_check: {{type: http, port: {port or 80}, interval: 0.3, timeout: 0.3, rise: 1, fall: 2, start_jitter: 0.1}}
+{("        " + extra + chr(10)) if extra else ""}"""
 
 
 class DirectorProcess:
@@ -291,6 +294,24 @@ class DirectorProcess:
                 self.proc.wait(5)
         self._log.close()
         return self.proc.returncode
+
+
+def lab_per_dataplane(tag: str, build, addresses: Sequence[str], request, tmp_path_factory, redis_server):
+    """A module fixture's body: the lab ``build(lab, tmp, redis_port, dataplane)`` makes, with
+    ``request.param`` as the data plane, yielded once ``addresses`` are up; closed after."""
+    from tests.environment import bpf_unavailable, require
+    from tests.netns import Lab, lab_unavailable
+
+    require(lab_unavailable(), bpf_unavailable() if request.param == "kernel" else None)
+    redis_server.start()
+    tmp = tmp_path_factory.mktemp(tag)
+    with Lab(tag) as lab:
+        t = build(lab, tmp, redis_server.port, request.param)
+        try:
+            t.d.wait_up(list(addresses))
+            yield t
+        finally:
+            t.close()
 
 
 def curl(ns, url: str, timeout: float = 3.0) -> str | None:

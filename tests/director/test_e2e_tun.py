@@ -19,14 +19,14 @@ from tests.director.director_lab import (
     DirectorProcess,
     RedisBridge,
     config_yaml,
+    lab_per_dataplane,
     curl,
     nft_counters,
     realserver_setup,
     service_yaml,
     start_http,
 )
-from tests.environment import bpf_unavailable, require
-from tests.netns import Lab, lab_unavailable
+from tests.netns import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -86,16 +86,7 @@ class TunLab:
 @pytest.fixture(scope="module", params=["userspace", "kernel"])
 def tun(request, tmp_path_factory, redis_server):
     """The lab with established flows tunnelled by the engine, then by the kernel's tc program."""
-    require(lab_unavailable(), bpf_unavailable() if request.param == "kernel" else None)
-    redis_server.start()
-    tmp = tmp_path_factory.mktemp("tun")
-    with Lab("tun") as lab:
-        t = TunLab(lab, tmp, redis_server.port, request.param)
-        try:
-            t.d.wait_up([RS[1], RS[2], RS6[1], RS6[2]])
-            yield t
-        finally:
-            t.close()
+    yield from lab_per_dataplane("tun", TunLab, [RS[1], RS[2], RS6[1], RS6[2]], request, tmp_path_factory, redis_server)
 
 
 def test_every_real_server_serves_through_the_tunnel_ipv4_and_ipv6(tun):

@@ -115,8 +115,8 @@ BROKEN = [
         ["sites.dc1.services[0].scheduler: unknown scheduler 'wrrr' (expected one of rr, wrr, lc, wlc, sed, nq, dh, sh, lblc, lblcr, mh)"],
     ),
     (
-        _set("sites/dc1/services/0/forwarding", "nat"),
-        ["sites.dc1.services[0].forwarding: unknown forwarding method 'nat' (expected one of dr, tun)"],
+        _set("sites/dc1/services/0/forwarding", "masq"),
+        ["sites.dc1.services[0].forwarding: unknown forwarding method 'masq' (expected one of dr, tun, nat)"],
     ),
     (
         _set("names/app.example.net/members/1/site", "dc9"),
@@ -309,7 +309,7 @@ BROKEN = [
     ),
     (
         _set("sites/dc1/services/0/real_servers/0/port", 8080),
-        ["sites.dc1.services[0].real_servers[0].port: 8080 differs from the VIP port: DR and TUN forward without changing ports"],
+        ["sites.dc1.services[0].real_servers[0].port: 8080 differs from the VIP port: DR and TUN forward without changing ports (NAT can)"],
     ),
 ]
 

@@ -152,3 +152,25 @@ def test_the_kernel_accepts_the_program():
     fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(code))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.setsockopt(socket.SOL_SOCKET, 26, fprog)  # SO_ATTACH_FILTER
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_a_nat_real_servers_packets_go_where_their_client_went(workers):
+    """NAT: replies (and errors the real server sends) hash by their destination, masked as
+    the real server's service masks its clients; other traffic is unchanged."""
+    rip4, rip6 = "10.2.0.11", "fd00:2::11"
+    prog = fanout.program(workers, {P(STICKY4): 24, P(STICKY6): 64}, None,
+                          {P(rip4): 24, P("10.2.0.12"): 32, P(rip6): 64})
+    for c in clients(100, False, seed=7):
+        b24 = fanout.bucket(P(c), workers, 24)
+        assert run(prog, IP(src=c, dst=STICKY4) / TCP(sport=1, dport=80)) == b24
+        assert run(prog, IP(src=rip4, dst=c) / TCP(sport=8080, dport=1)) == b24
+        assert run(prog, IP(src=rip4, dst=c) / ICMP(type=3, code=3) / bytes(IP(src=c, dst=rip4) / UDP())[:28]) == b24
+        assert run(prog, IP(src="10.2.0.12", dst=c) / UDP(sport=53, dport=1)) == fanout.bucket(P(c), workers)
+        assert run(prog, IP(src=c, dst=VIP4) / UDP(sport=1, dport=53)) == fanout.bucket(P(c), workers)
+    for c in clients(100, True, seed=8):
+        b64 = fanout.bucket(P(c), workers, 64)
+        assert run(prog, IPv6(src=c, dst=STICKY6) / TCP(sport=1, dport=80)) == b64
+        assert run(prog, IPv6(src=rip6, dst=c) / TCP(sport=8080, dport=1)) == b64
+        # not a NAT real server's: by its source, as any packet
+        assert run(prog, IPv6(src="fd00:2::12", dst=c) / TCP(sport=8080, dport=1)) == fanout.bucket(P("fd00:2::12"), workers)

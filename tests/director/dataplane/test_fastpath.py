@@ -1,7 +1,7 @@
 """director/dataplane/_fastpath.c, the engine's established-flow loop in C, against the Python forwarder.
 
 The C loop must decide exactly what Forwarder.fast() decides for DR and leave
-everything else untouched, so it is driven here with the same traffic, plan
+everything else (TUN, NAT) untouched, so it is driven here with the same traffic, plan
 changes and sweeps as the Python fast path (tests/director/dataplane/test_forwarder.py)
 and compared action by action, counter by counter, table entry by entry.
 """
@@ -62,7 +62,7 @@ needs_c = needs(None if _fastpath is not None else "the C loop is not built (bas
 
 @needs_c
 @settings(max_examples=300, deadline=None)
-@given(FAST_OPS, st.sampled_from(["dr", "tun"]), st.sampled_from(["keep", "reschedule"]))
+@given(FAST_OPS, st.sampled_from(["dr", "tun", "nat"]), st.sampled_from(["keep", "reschedule"]))
 def test_the_c_loop_acts_exactly_as_forward(ops, forwarding, on_down):
     _fast_vs_forward(ops, forwarding, on_down, driver=c_then_python)
 

@@ -413,11 +413,13 @@ def test_build_plan_follows_the_health_table():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=200), st.sampled_from(["dr", "tun"]))
+@given(st.binary(max_size=200), st.sampled_from(["dr", "tun", "nat"]))
 def test_forward_never_raises(data, forwarding):
     f = Forwarder()
     f.apply(plan(server(RS[0]), forwarding=forwarding, vips=((VIP4, 80, 6), (VIP4, 80, 17), (VIP6, 80, 6))))
-    for mutate in (data, bytes(syn())[:14] + data, bytes(frame(IP(src=CLIENT4, dst=VIP4))) + data):
+    f.forward(memoryview(bytearray(syn())), 0.0, memoryview(bytes(10)))  # a flow (NAT: replies find it)
+    rs_side = [bytes(frame(IP(src=RS[0], dst=CLIENT4, proto=p) / Raw(data))) for p in (1, 6, 17)]  # NAT replies
+    for mutate in (data, bytes(syn())[:14] + data, bytes(frame(IP(src=CLIENT4, dst=VIP4))) + data, *rs_side):
         f.forward(memoryview(bytearray(mutate)), 0.0, memoryview(bytes(10)))
 
 
@@ -572,7 +574,7 @@ def _fast_vs_forward(ops, forwarding: str, on_down: str, driver=python_fast) -> 
 
 
 @settings(max_examples=300, deadline=None)
-@given(FAST_OPS, st.sampled_from(["dr", "tun"]), st.sampled_from(["keep", "reschedule"]))
+@given(FAST_OPS, st.sampled_from(["dr", "tun", "nat"]), st.sampled_from(["keep", "reschedule"]))
 def test_fast_then_forward_acts_exactly_as_forward(ops, forwarding, on_down):
     """The engine calls fast() and, when it declines, forward(): nothing may tell the difference."""
     _fast_vs_forward(ops, forwarding, on_down)

@@ -40,14 +40,15 @@ def test_tunnelling_needs_an_outer_source_of_the_server_family():
     assert tun.transmit(_server(b"\x04" * 6), PLAN).dst == bytes([10, 0, 0, 1])
 
 
-def test_every_mode_plans_a_real_server_that_holds_the_vips():
+def test_every_mode_plans_a_real_server_that_holds_the_vips_or_not():
     from tests.director.realserver.test_realserver import host_facts
 
     from director.realserver.plan import parse_request, plan_setup
     from director.realserver.steps import AddAddress
 
-    for name in MODES:
-        req = parse_request(["192.0.2.10"], name)
+    for name, mode in MODES.items():
+        req = parse_request(["192.0.2.10"], name) if mode.holds_vips else parse_request([], name, gateways=["10.0.0.1"])
         plan = plan_setup(req, host_facts())
         assert plan.mode == name
-        assert [s.address for s in plan.steps if isinstance(s, AddAddress)] == ["192.0.2.10"], name
+        held = [s.address for s in plan.steps if isinstance(s, AddAddress)]
+        assert held == (["192.0.2.10"] if mode.holds_vips else []), name

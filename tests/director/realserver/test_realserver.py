@@ -81,7 +81,7 @@ def k(dev: str, name: str) -> str:
         (["0.0.0.0"], "dr", {}, "unspecified"),
         (["224.0.0.5"], "tun", {}, "multicast"),
         ([], "dr", {}, "no VIP given"),
-        (["192.0.2.1"], "nat", {}, "unknown mode 'nat': expected one of dr, tun"),
+        (["192.0.2.1"], "masq", {}, "unknown mode 'masq': expected one of dr, tun, nat"),
         (["192.0.2.1"], "tun", {"decap": "ebpf"}, "unknown decapsulation 'ebpf'"),
         (["192.0.2.1"], "tun", {"mss": 100}, "bad MSS 100"),
         (["2001:db8::1"], "tun", {"mss": 1200}, "below the IPv6 minimum"),
