@@ -44,6 +44,22 @@ TRIGGERS: Mapping[str, Callable[[Any], bool]] = {
 """``spill.when`` by name; the config's list of accepted names comes from here."""
 
 
+SEP = "@"
+"""Between service and site in the counters' name for a spilled-to server: ``web@dc2``
+(never a service name: those have no '@'), so its figures never mix with a local server's."""
+
+
+def spill_service(service: str, site: str) -> str:
+    """The service part of a spilled-to server's key (``ServerKey``), e.g. ``web@dc2``."""
+    return f"{service}{SEP}{site}"
+
+
+def spilled(service_label: str) -> tuple[str, str] | None:
+    """``(service, site)`` if ``service_label`` names spilled-to servers, else None."""
+    service, sep, site = service_label.partition(SEP)
+    return (service, site) if sep else None
+
+
 @dataclass(frozen=True, slots=True)
 class RemoteServer:
     """A real server of another site, as its snapshot publishes it."""
