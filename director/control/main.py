@@ -16,6 +16,12 @@ snapshots with ``director.control.site.build_snapshot``. Operator overrides (dra
 weight) are followed from Redis with ``glb.store.StateFollower`` and applied
 to the table, so they survive director restarts.
 
+Cross-site spill (``director.control.spill``, docs/director.md): the same
+follower's state carries the other sites' snapshots; ``SpillBook`` decides,
+after each transition, each state change and on a short tick (hysteresis
+and staleness move with time alone), which services spill where, and a
+changed decision is a new plan and a publication.
+
 The packet path (``director.dataplane.packetpath.PacketPath``: neighbours,
 VIP ownership, the engine's worker processes) follows the health table:
 every decision (a transition, an override, a reload) calls
@@ -37,6 +43,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from glb import config as glbconfig
+from glb.aio import cancel_and_wait
 from glb.http import Served, serve
 from glb.config import Config, Site
 from glb.errors import DirectorError, EngineError, GLBError, GuardError
@@ -49,9 +56,13 @@ from director.control.health import ADMIN_DRAIN, ADMIN_NONE, HealthTable, Server
 from director.control.probes import Probe, ProbeResult, Prober
 from director.control.publisher import Publisher
 from director.control.site import ServerCounters, VipCounters, build_snapshot
+from director.control.spill import Spill, SpillBook, spill_document
 from director.control.status import DirectorMetrics, make_app
 
 log = logging.getLogger("glb.director")
+
+SPILL_TICK = 0.25
+"""Seconds between spill re-evaluations with nothing else happening (a target going stale)."""
 
 
 def find_site(config: Config, name: str) -> Site:
@@ -97,6 +108,10 @@ class Director:
         # The packet path (None = control plane only, until start decides).
         self._packet_path_wanted = packet_path
         self.packet_path: PacketPath | None = None
+        self.spills = SpillBook()
+        self.spilling: dict[str, Spill | None] = {}
+        """Service -> where its new connections spill now (None: home)."""
+        self._spill_tick: asyncio.Task | None = None
 
     # -- what the packet path reports (StatusSource)
 
@@ -128,6 +143,13 @@ class Director:
     def site_drained(self) -> bool:
         return self._overrides.is_drained(self.site_name)
 
+    def spill_status(self, service: str) -> dict | None:
+        """The service's spill for /status (None: it has none configured)."""
+        svc = self.table.site.service(service)
+        if svc is None or svc.spill is None:
+            return None
+        return spill_document(svc, self.spilling.get(service), self.spills.triggered(service), self.counters())
+
     # -- lifecycle
 
     async def start(self) -> None:
@@ -143,6 +165,7 @@ class Director:
         self.publisher.start()
         self.checker.update(targets(site))
         await self.follower.start()
+        self._spill_tick = asyncio.create_task(self._spill_ticker())
         log.info(
             "director %s for site %s: %d services, %d real servers, status on %s:%d",
             self.director_id, site.name, len(site.services), len(self.table),
@@ -156,6 +179,9 @@ class Director:
         likely failed because another director for the site is running.
         """
         await self.checker.stop()
+        if self._spill_tick is not None:
+            await cancel_and_wait([self._spill_tick])
+            self._spill_tick = None
         await self.follower.stop()
         await self._stop_packet_path()
         await self.publisher.stop(withdraw=self._started)
@@ -191,6 +217,7 @@ class Director:
             self._changed(self.table.reconfigure(site, now))
             self._apply_overrides(now)  # servers added by the reload may have overrides
             self.checker.update(targets(site))
+            self._update_spill()
             self.publisher.poke()  # weights may have changed without any state change
             self._plan_dirty()
             log.info("reloaded %s: %d real servers", self.config_path, len(self.table))
@@ -199,13 +226,15 @@ class Director:
     # -- callbacks
 
     def _build(self, withdrawn: bool) -> SiteSnapshot:
-        return build_snapshot(self.table, self.director_id, self._clock(), self.counters(), withdrawn=withdrawn)
+        return build_snapshot(self.table, self.director_id, self._clock(), self.counters(), withdrawn=withdrawn,
+                              spills=self.spilling)
 
     def _on_result(self, target: Target, result: ProbeResult) -> None:
         self.metrics.observe_check(target, result)
         transitions = self.table.record(target.key, result.ok, result.detail, self._clock(), result.latency)
         self._changed(transitions)
         if transitions:  # only a state change can change what the packet path does
+            self._update_spill()
             self._plan_dirty()
 
     def _on_state(self, state: DeploymentState) -> None:
@@ -213,6 +242,7 @@ class Director:
         # own publications: react to overrides only, or every publish would
         # trigger the next one.
         previous, self._overrides = self._overrides, state
+        self._update_spill()  # the spill targets' snapshots are in it
         if state.overrides == previous.overrides:
             return
         if self._apply_overrides(self._clock()):
@@ -244,6 +274,42 @@ class Director:
         self.publisher.poke()
 
 
+    # -- cross-site spill
+
+    def _update_spill(self) -> None:
+        """Decide spill again; a changed decision is a new plan and a publication."""
+        site = self.table.site
+        if not any(svc.spill is not None for svc in site.services) and not self.spilling:
+            return
+        health = {sh.name: sh for sh in self.table.services()}
+        decided = self.spills.decide(site.services, health, self._overrides, self._clock(),
+                                     self.config.redis.stale_after)
+        if decided == self.spilling:
+            return
+        for name, spill in decided.items():
+            was = self.spilling.get(name)
+            if spill == was:
+                continue
+            if spill is None:
+                log.warning("service %s: new connections stay at %s again (no longer spilling to %s)",
+                            name, self.site_name, was.site if was else "-")
+            elif was is None or was.site != spill.site:
+                log.warning("service %s: spilling new connections to site %s (%d real servers)",
+                            name, spill.site, len(spill.servers))
+        self.spilling = decided
+        self.publisher.poke()
+        self._plan_dirty()
+
+    async def _spill_ticker(self) -> None:
+        """Time alone ends a hysteresis hold or makes a spill target stale: look again, often enough."""
+        while True:
+            delay = SPILL_TICK
+            due = self.spills.next_change(self.table.site.services)
+            if due is not None:
+                delay = min(delay, max(0.0, due - self._clock()))
+            await asyncio.sleep(delay)
+            self._update_spill()
+
     # -- the packet path
 
     def _wants_packet_path(self) -> bool:
@@ -252,7 +318,7 @@ class Director:
         return self.table.site.director.interface != "lo"
 
     def _build_plan(self, mac: bytes, neighbours: Mapping[bytes, bytes | None], mtu: int) -> Plan:
-        return build_plan(self.table.site, self.table.services(), mac, dict(neighbours), mtu)
+        return build_plan(self.table.site, self.table.services(), mac, dict(neighbours), mtu, self.spilling)
 
     async def _start_packet_path(self) -> None:
         from director.dataplane.engine import LOOP, EngineConfig

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from glb.config import Site
 from glb.state import RealServerState, ServiceState, SiteSnapshot
 from director.control.health import HealthTable, ServerKey, ServiceHealth
+from director.control.spill import Spill, spilled
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,7 @@ def service_state(
     counters: Mapping[ServerKey, ServerCounters],
     *,
     withdrawn: bool = False,
+    spill: Spill | None = None,
 ) -> ServiceState:
     servers = []
     for s in health.servers:
@@ -90,6 +92,9 @@ def service_state(
         new_conns_per_s=sum(c.new_conns_per_s for c in per_server),
         packets_per_s=sum(c.packets_per_s for c in per_server),
         bytes_per_s=sum(c.bytes_per_s for c in per_server),
+        spilling_to=spill.site if spill is not None and not withdrawn else None,
+        spilled_conns=sum(c.active_conns + c.inactive_conns for k, c in counters.items()
+                          if (spilled(k.service) or ("",))[0] == health.name),
     )
 
 
@@ -100,6 +105,7 @@ def build_snapshot(
     counters: Mapping[ServerKey, ServerCounters] | None = None,
     *,
     withdrawn: bool = False,
+    spills: Mapping[str, Spill | None] | None = None,
 ) -> SiteSnapshot:
     """The snapshot of ``table.site`` as of ``now`` (wall-clock seconds).
 
@@ -111,6 +117,7 @@ def build_snapshot(
         site=site.name,
         director_id=director_id,
         heartbeat=now,
-        services=tuple(service_state(site, sh, counters, withdrawn=withdrawn) for sh in table.services()),
+        services=tuple(service_state(site, sh, counters, withdrawn=withdrawn, spill=(spills or {}).get(sh.name))
+                       for sh in table.services()),
         withdrawn=withdrawn,
     )

@@ -156,3 +156,36 @@ class SpillBook:
             if hold is not None and hold.since is not None:
                 due.append(hold.since + (svc.spill.recover_after if hold.active else svc.spill.after))
         return min(due) if due else None
+
+
+def spill_document(service: Any, spill: Spill | None, triggered: bool, counters: Mapping[Any, Any]) -> dict[str, Any]:
+    """A service's spill for /status: its configuration, whether and where it spills, and the
+    connections other sites' servers hold for it (``counters``: ServerKey -> ServerCounters, the
+    packet path's; spilled flows outlive the spill, so every spilled-to server is listed, with
+    weight 0 unless the current target publishes it)."""
+    cfg = service.spill
+    targets = {(spill.site, r.address, r.port): r.weight for r in spill.servers} if spill is not None else {}
+    rows: dict[tuple[str, str, int], Any] = {k: None for k in targets}
+    for key, c in counters.items():
+        owner = spilled(key.service)
+        if owner is not None and owner[0] == service.name:
+            rows[(owner[1], key.address, key.port)] = c
+    servers = []
+    for (site, address, port), c in sorted(rows.items()):
+        servers.append({
+            "site": site, "address": address, "port": port, "weight": targets.get((site, address, port), 0),
+            **{name: getattr(c, name, 0) for name in _COUNTERS},
+        })
+    return {
+        "to": list(cfg.to),
+        "when": cfg.when,
+        "after": cfg.after,
+        "recover_after": cfg.recover_after,
+        "triggered": triggered,
+        "spilling_to": spill.site if spill is not None else None,
+        "conns": sum(s["active_conns"] + s["inactive_conns"] for s in servers),
+        "servers": servers,
+    }
+
+
+_COUNTERS = ("active_conns", "inactive_conns", "packets", "bytes", "new_conns_per_s", "packets_per_s", "bytes_per_s")

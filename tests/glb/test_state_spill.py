@@ -1,14 +1,19 @@
-"""The snapshot's spill fields (issue 16): published, optional for older writers, validated."""
+"""The snapshot's spill fields (issue 16): published, optional for older writers, validated, shown by `glb status`."""
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from glb import config, overview
 from glb.errors import StateError
-from glb.state import RealServerState, ServiceState, SiteSnapshot, answer_digest, decode_snapshot, encode_snapshot
+from glb.state import (
+    DeploymentState, RealServerState, ServiceState, SiteSnapshot, answer_digest, decode_snapshot, encode_snapshot,
+)
 
 
 def snapshot(**spill) -> SiteSnapshot:
@@ -50,3 +55,16 @@ def test_spilling_does_not_change_what_dns_answers():
     s = snapshot()
     assert answer_digest(replace(s, services=(replace(s.services[0], spilling_to="dc2", spilled_conns=4),))) \
         == answer_digest(s)
+
+
+def test_glb_status_shows_a_spilling_service_and_its_spilled_conns():
+    cfg = config.load(Path(__file__).resolve().parents[2] / "deploy" / "examples" / "glb.yaml")
+    now = time.time()
+    dc1 = SiteSnapshot("dc1", "d1", now, (ServiceState("web", (), 0.0, False, spilling_to="dc2", spilled_conns=3),
+                                          ServiceState("dns", (), 1.0, True, spilled_conns=2)), published_at=now)
+    report = overview.build_report(cfg, DeploymentState.build([dc1]), now)
+    web, dns = report["sites"][0]["services"]
+    assert (web["spilling_to"], web["spilled_conns"], dns["spilling_to"], dns["spilled_conns"]) == ("dc2", 3, None, 2)
+    line = next(x for x in overview.render(report).splitlines() if x.strip().startswith("dc1"))
+    assert "web DOWN 0% (0/3 servers) SPILLING to dc2 (3 conns)" in line
+    assert "dns up 100% (0/2 servers) (2 spilled conns)" in line
