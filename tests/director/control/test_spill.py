@@ -128,3 +128,23 @@ def test_services_without_spill_get_no_decision_and_a_removed_spill_forgets_its_
     assert book.triggered("web")
     decide(book, table(0, site=site), state, 100.0, site)
     assert not book.triggered("web")
+
+
+def test_snapshot_and_status_count_the_connections_other_sites_hold():
+    from director.control.site import ServerCounters, build_snapshot
+    from director.control.spill import spill_document
+
+    t = table(0)
+    counters = {A: ServerCounters(1, 1), ServerKey("web@dc2", "10.2.0.11", 0): ServerCounters(3, 2, packets=7),
+                ServerKey("web@dc3", "10.3.0.11", 0): ServerCounters(1, 0),
+                ServerKey("api@dc2", "10.2.0.11", 0): ServerCounters(9, 9)}
+    snap = build_snapshot(t, "d1", 100.0, counters, spills={"web": WANT})
+    assert (snap.services[0].spilling_to, snap.services[0].spilled_conns) == ("dc2", 6)
+    assert build_snapshot(t, "d1", 100.0, counters, withdrawn=True, spills={"web": WANT}).services[0].spilling_to is None
+    doc = spill_document(LAB.site("dc1").service("web"), WANT, True, counters)
+    assert (doc["spilling_to"], doc["triggered"], doc["conns"], doc["to"], doc["when"]) == ("dc2", True, 6, ["dc2"],
+                                                                                            "all_down")
+    rows = [(s["site"], s["address"], s["weight"], s["active_conns"], s["packets"]) for s in doc["servers"]]
+    # The target's servers with their weights (10.2.0.12 not counted yet), and a former target's with weight 0.
+    assert rows == [("dc2", "10.2.0.11", 100, 3, 7), ("dc2", "10.2.0.12", 50, 0, 0), ("dc3", "10.3.0.11", 0, 1, 0)]
+    assert spill_document(LAB.site("dc1").service("web"), None, False, {})["servers"] == []
