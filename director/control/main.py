@@ -56,7 +56,7 @@ from director.control.health import ADMIN_DRAIN, ADMIN_NONE, HealthTable, Server
 from director.control.probes import Probe, ProbeResult, Prober
 from director.control.publisher import Publisher
 from director.control.site import ServerCounters, VipCounters, build_snapshot
-from director.control.spill import Spill, SpillBook, spill_document
+from director.control.spill import Spill, SpillBook, spill_document, spilling
 from director.control.status import DirectorMetrics, make_app
 
 log = logging.getLogger("glb.director")
@@ -110,7 +110,7 @@ class Director:
         self.packet_path: PacketPath | None = None
         self.spills = SpillBook()
         self.spilling: dict[str, Spill | None] = {}
-        """Service -> where its new connections spill now (None: home)."""
+        """Service -> where its new connections spill now, or the standby target (``active`` False), or None."""
         self._spill_tick: asyncio.Task | None = None
 
     # -- what the packet path reports (StatusSource)
@@ -286,11 +286,15 @@ class Director:
                                      self.config.redis.stale_after)
         if decided == self.spilling:
             return
-        for name, spill in decided.items():
-            was = self.spilling.get(name)
+        for name, decision in decided.items():
+            spill, was = spilling(decision), spilling(self.spilling.get(name))
             if spill == was:
                 continue
-            if spill is None:
+            if spill is None and self.spills.triggered(name):
+                log.warning("service %s: no site of %s can take spilled connections now (%s stale, withdrawn, "
+                            "drained, spilling or without an up server): new connections are dropped",
+                            name, list(site.service(name).spill.to), was.site if was else "-")
+            elif spill is None:
                 log.warning("service %s: new connections stay at %s again (no longer spilling to %s)",
                             name, self.site_name, was.site if was else "-")
             elif was is None or was.site != spill.site:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from glb.config import Site
 from glb.state import RealServerState, ServiceState, SiteSnapshot
 from director.control.health import HealthTable, ServerKey, ServiceHealth
-from director.control.spill import Spill, spilled
+from director.control.spill import Spill, spilled, spilling
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +92,7 @@ def service_state(
         new_conns_per_s=sum(c.new_conns_per_s for c in per_server),
         packets_per_s=sum(c.packets_per_s for c in per_server),
         bytes_per_s=sum(c.bytes_per_s for c in per_server),
-        spilling_to=spill.site if spill is not None and not withdrawn else None,
+        spilling_to=spill.site if spilling(spill) is not None and not withdrawn else None,
         spilled_conns=sum(c.active_conns + c.inactive_conns for k, c in counters.items()
                           if (spilled(k.service) or ("",))[0] == health.name),
     )

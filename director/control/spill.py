@@ -23,6 +23,10 @@ Rules (docs/director.md, "Cross-site spill"):
   servers are scheduled by their published weights. None qualifies: no
   spill, and the packet path drops new connections as it does without
   spill.
+* The target is chosen while the trigger does not hold too, as a standby
+  (``Spill.active`` False): the packet path resolves the next hop towards
+  its servers ahead, so the first spilled connection does not wait for a
+  neighbour lookup.
 * Established connections are not this module's business: the forwarder
   keeps a spilled flow on its remote server until it ends, and local flows
   follow ``on_server_down``.
@@ -31,7 +35,7 @@ Rules (docs/director.md, "Cross-site spill"):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from glb.state import DeploymentState
@@ -47,6 +51,11 @@ TRIGGERS: Mapping[str, Callable[[Any], bool]] = {
 SEP = "@"
 """Between service and site in the counters' name for a spilled-to server: ``web@dc2``
 (never a service name: those have no '@'), so its figures never mix with a local server's."""
+
+
+def spilling(spill: Spill | None) -> Spill | None:
+    """``spill`` if new connections spill by it now, None for none or a standby target."""
+    return spill if spill is not None and spill.active else None
 
 
 def spill_service(service: str, site: str) -> str:
@@ -78,6 +87,8 @@ class Spill:
     """The target site."""
     servers: tuple[RemoteServer, ...]
     """Its healthy real servers (state up, weight > 0), in its snapshot's order."""
+    active: bool = True
+    """False: the trigger does not hold; the target is only kept ready (next hops resolved)."""
 
 
 @dataclass(slots=True)
@@ -125,7 +136,8 @@ class SpillBook:
                stale_after: float) -> dict[str, Spill | None]:
         """``services``: glb.config.Service objects (those without ``spill`` are skipped);
         ``health``: service name -> ServiceHealth; ``now``: wall-clock seconds (the
-        state's staleness rule takes the caller's ``time.time()``)."""
+        state's staleness rule takes the caller's ``time.time()``). A decision with
+        ``active`` False is the standby target (see the module docstring)."""
         out: dict[str, Spill | None] = {}
         names = set()
         for svc in services:
@@ -143,7 +155,8 @@ class SpillBook:
                     hold.since = now
                 if now - hold.since >= (cfg.after if holds else cfg.recover_after):
                     hold.active, hold.since = holds, None
-            out[svc.name] = target(state, svc.name, cfg.to, now, stale_after) if hold.active else None
+            chosen = target(state, svc.name, cfg.to, now, stale_after)
+            out[svc.name] = chosen if chosen is None or hold.active else replace(chosen, active=False)
         for name in set(self._holds) - names:  # spill removed by a reload
             del self._holds[name]
         return out
@@ -164,6 +177,7 @@ def spill_document(service: Any, spill: Spill | None, triggered: bool, counters:
     packet path's; spilled flows outlive the spill, so every spilled-to server is listed, with
     weight 0 unless the current target publishes it)."""
     cfg = service.spill
+    spill = spilling(spill)
     targets = {(spill.site, r.address, r.port): r.weight for r in spill.servers} if spill is not None else {}
     rows: dict[tuple[str, str, int], Any] = {k: None for k in targets}
     for key, c in counters.items():

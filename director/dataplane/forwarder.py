@@ -140,6 +140,8 @@ class SpillPlan:
     servers: tuple[ServerPlan, ...]
     """Keyed ``ServerKey(spill_service(service, site), address, port)``, so their
     counters never mix with a local server's."""
+    active: bool = True
+    """False: a standby target, in the plan so that its next hops are resolved ahead; no flow goes there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +227,7 @@ def _spill_plan(service: str, spill: Any, neighbours: dict[bytes, bytes | None],
         addr = _packed(rs.address)
         servers.append(ServerPlan(ServerKey(label, rs.address, rs.port), addr, rs.weight, True, False,
                                   neighbours.get(addr), mtu))
-    return SpillPlan(spill.site, tuple(servers))
+    return SpillPlan(spill.site, tuple(servers), spill.active)
 
 
 SPILL_MODE = MODES["tun"]
@@ -406,7 +408,7 @@ class Forwarder:
             svc.remote = old.remote
         for d in svc.remote.values():
             d.weight = 0  # no new flows unless the current target lists it; established ones stay
-        if sp.spill is None:
+        if sp.spill is None or not sp.spill.active:
             return
         dests = []
         for s in sp.spill.servers:
@@ -419,7 +421,8 @@ class Forwarder:
             d.reschedule = False
             d.weight = s.weight if tx is not None else 0
             dests.append(d)
-        same = old is not None and old.plan.spill is not None and old.plan.spill.site == sp.spill.site \
+        was = old.plan.spill if old is not None else None
+        same = was is not None and was.active and was.site == sp.spill.site \
             and (old.plan.scheduler, old.plan.mh_table_size) == (sp.scheduler, sp.mh_table_size)
         self._schedulers(svc, old if same else None, ("spill4", "spill6"), dests)
 

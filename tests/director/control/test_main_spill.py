@@ -13,7 +13,7 @@ import yaml
 
 from director.control.main import Director
 from director.control.probes import ProbeResult
-from director.control.spill import RemoteServer, Spill
+from director.control.spill import RemoteServer, Spill, spilling
 from glb import config
 from glb.config import RedisConfig
 from glb.state import RealServerState, ServiceState, SiteSnapshot
@@ -70,10 +70,10 @@ async def test_director_spills_to_a_fresh_target_and_comes_home(tmp_path, redis_
     try:
         want = Spill("web", "dc2", (RemoteServer("10.2.0.11", 0, 3),))
 
-        async def spilling():
+        async def spilling_published():
             snap = await read_site(redis_url)
             return snap is not None and snap.service("web").spilling_to == "dc2" and d.spilling["web"] == want
-        await wait_for(spilling)
+        await wait_for(spilling_published)
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{port}/status") as r:
                 doc = (await r.json())["services"][0]["spill"]
@@ -85,12 +85,12 @@ async def test_director_spills_to_a_fresh_target_and_comes_home(tmp_path, redis_
 
         # The target starts spilling itself: never chain.
         beat["spilling_to"] = "dc3"
-        await wait_for(lambda: _true(d.spilling["web"] is None and d.spills.triggered("web")))
+        await wait_for(lambda: _true(spilling(d.spilling["web"]) is None and d.spills.triggered("web")))
         beat["spilling_to"] = None
         await wait_for(lambda: _true(d.spilling["web"] == want))
         # The target goes silent: stale after 1 s, no spill.
         beat["on"] = False
-        await wait_for(lambda: _true(d.spilling["web"] is None))
+        await wait_for(lambda: _true(spilling(d.spilling["web"]) is None))
         beat["on"] = True
         await wait_for(lambda: _true(d.spilling["web"] == want))
 
@@ -99,7 +99,7 @@ async def test_director_spills_to_a_fresh_target_and_comes_home(tmp_path, redis_
 
         async def home():
             snap = await read_site(redis_url)
-            return snap is not None and snap.service("web").spilling_to is None and d.spilling["web"] is None
+            return snap is not None and snap.service("web").spilling_to is None and spilling(d.spilling["web"]) is None
         await wait_for(home)
     finally:
         await d.stop()

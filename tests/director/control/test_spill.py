@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from director.control.health import HealthTable, ServerKey
-from director.control.spill import RemoteServer, Spill, SpillBook, target
+from director.control.spill import RemoteServer, Spill, SpillBook, spilling, target
 from glb import config
 from glb.state import DeploymentState, RealServerState, ServiceState, SiteSnapshot
 
@@ -37,9 +37,12 @@ def table(up: int, now: float = 0.0, site: config.Site | None = None) -> HealthT
     return t
 
 
-def decide(book: SpillBook, t: HealthTable, state: DeploymentState, now: float, site: config.Site | None = None):
+def decide(book: SpillBook, t: HealthTable, state: DeploymentState, now: float, site: config.Site | None = None,
+           standby: bool = False):
+    """The decisions; the active ones only (a standby target reads None) unless ``standby``."""
     site = site or t.site
-    return book.decide(site.services, {sh.name: sh for sh in t.services()}, state, now, STALE)
+    out = book.decide(site.services, {sh.name: sh for sh in t.services()}, state, now, STALE)
+    return out if standby else {name: spilling(s) for name, s in out.items()}
 
 
 def test_target_takes_the_healthy_servers_by_their_weights():
@@ -148,3 +151,11 @@ def test_snapshot_and_status_count_the_connections_other_sites_hold():
     # The target's servers with their weights (10.2.0.12 not counted yet), and a former target's with weight 0.
     assert rows == [("dc2", "10.2.0.11", 100, 3, 7), ("dc2", "10.2.0.12", 50, 0, 0), ("dc3", "10.3.0.11", 0, 1, 0)]
     assert spill_document(LAB.site("dc1").service("web"), None, False, {})["servers"] == []
+
+
+def test_the_target_is_kept_ready_while_the_trigger_does_not_hold():
+    book, state = SpillBook(), DeploymentState.build([dc2(*HEALTHY)])
+    assert decide(book, table(2), state, 100.0, standby=True) == {"web": replace(WANT, active=False)}
+    assert decide(book, table(0), state, 100.1, standby=True) == {"web": WANT}
+    stale = DeploymentState.build([dc2(*HEALTHY, published_at=90.0)])
+    assert decide(SpillBook(), table(2), stale, 100.0, standby=True) == {"web": None}

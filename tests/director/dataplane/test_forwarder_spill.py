@@ -144,3 +144,17 @@ def test_build_plan_turns_a_spill_decision_into_tunnelled_servers():
         ServerPlan(ServerKey("web@dc2", "10.2.0.12", 0), P("10.2.0.12"), 50, True, False, None, 1400)))
     assert real_addresses(p)[-2:] == [P("10.2.0.11"), P("10.2.0.12")]
     assert build_plan(site, (), bytes(6), {}, 1500, {"web": None}).services[0].spill is None
+
+
+def test_a_standby_target_takes_no_flow_but_its_next_hops_are_resolved_ahead():
+    f = Forwarder()
+    standby = SpillPlan("dc2", tuple(remote(a) for a in REMOTE), active=False)
+    p = plan(server(RS[0]), scheduler="rr", spill=standby)
+    f.apply(p)
+    assert dr_owner(fwd(f, syn(40000))) == RS[0]
+    assert real_addresses(p) == [P(RS[0]), P(REMOTE[0]), P(REMOTE[1])]
+    f.apply(plan(down(RS[0]), scheduler="rr", spill=SpillPlan("dc2", standby.servers)))
+    assert tunnelled_to(fwd(f, syn(40001))) == REMOTE[0]
+    f.apply(plan(down(RS[0]), scheduler="rr", spill=standby))  # back to standby: no new flow goes away
+    assert fwd(f, syn(40002)) is None and f.drops[Drop.NO_DESTINATION] == 1
+    assert tunnelled_to(fwd(f, syn(40001, flags="A"), 0.1)) == REMOTE[0]  # the spilled one stays
