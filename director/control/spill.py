@@ -120,8 +120,9 @@ class SpillBook:
     """Every spilling-capable service's hysteresis, and the decisions made from it.
 
     ``decide`` is called with the whole picture each time; it returns the
-    decision for every service that has ``spill`` configured (None = its new
-    connections stay home).
+    decision for every service that has ``spill`` configured: None (no
+    target qualifies), a standby target (``active`` False: new connections
+    stay home) or the target new connections go to.
     """
 
     def __init__(self) -> None:
