@@ -58,6 +58,8 @@ class Sample:
     sent: float
     ok: bool
     dc1: bool  # the request went to dc1's VIP first
+    error: str = ""
+    """Why it failed (the last address tried), for the failures after dc1's mark."""
 
 
 @dataclass
@@ -104,7 +106,8 @@ class Load:
             trial, fault = self.trial, self.fault_at
             if trial is None:
                 return
-            (trial.fallback if fallback else trial.single).append(Sample(sent, ok, first_dc1))
+            error = "" if ok or not att.tries else f"{att.tries[-1].address}: {att.tries[-1].error}"
+            (trial.fallback if fallback else trial.single).append(Sample(sent, ok, first_dc1, error))
             if fault is None or sent < fault:
                 return
             if not fallback and trial.resolver is None and att.answer.ok and self.dc1 not in att.answer.addresses:
@@ -271,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
                     (b, nb), (a, na) = split
                     line += (f"; dc1 marked its servers down {fmt(t.marked)}: single-address failed {b}/{nb} "
                              f"before, {a}/{na} after")
+                    mark = t.fault_at + t.marked
+                    late = sorted({s.error for s in t.single if not s.ok and mark <= s.sent < t.fault_at + args.window})
+                    if late:
+                        line += f" ({'; '.join(late)})"
                 print(line, flush=True)
         lab.restore()
         print(f"\n{args.trials} trials, seconds after the fault      min   median      max")
