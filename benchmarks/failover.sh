@@ -5,9 +5,11 @@
 # client requests that failed. Prints min / median / max. Needs root.
 #
 #   benchmarks/failover.sh [-n TRIALS] [--fault servers|director] [--rate R] [--window S] [--seed N]
+#                          [--prefix glb-bench-] [--state-dir /run/glb-bench]
 #
-# The lab it builds is its own (namespaces glb-bench-*, state /run/glb-bench)
-# and is removed at the end, also on failure or Ctrl-C.
+# The lab it builds is its own (namespaces glb-bench-*, state /run/glb-bench,
+# unless --prefix/--state-dir say otherwise) and is removed at the end, also on
+# failure or Ctrl-C.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"

@@ -16,6 +16,11 @@ then over N trials:
    answer) was served again; the share of that client's requests that
    failed in the window after the fault; the same share for a client that
    tries the answer's second address (app.example.net, two VIPs per answer);
+   with ``--fault servers``, when dc1's director marked the last of its
+   servers down (the ``since`` of each on its /status, read after the
+   window), and the single-address client's failures split at that moment:
+   from then on dc1's director spills its new connections to dc2 (issue 16),
+   so a failure after it is a spill failure;
 4. dc1 restored; wait until the resolver answers dc1 again.
 
 Prints each trial and min / median / max. Without a director packet path
@@ -53,6 +58,8 @@ class Sample:
     sent: float
     ok: bool
     dc1: bool  # the request went to dc1's VIP first
+    error: str = ""
+    """Why it failed (the last address tried), for the failures after dc1's mark."""
 
 
 @dataclass
@@ -62,6 +69,8 @@ class Trial:
     dnsfront: float | None = None
     resolver: float | None = None
     client_back: float | None = None
+    marked: float | None = None
+    """Seconds after the fault when dc1's director marked its last server down (--fault servers)."""
     single: list[Sample] = field(default_factory=list)
     fallback: list[Sample] = field(default_factory=list)
 
@@ -97,7 +106,8 @@ class Load:
             trial, fault = self.trial, self.fault_at
             if trial is None:
                 return
-            (trial.fallback if fallback else trial.single).append(Sample(sent, ok, first_dc1))
+            error = "" if ok or not att.tries else f"{att.tries[-1].address}: {att.tries[-1].error}"
+            (trial.fallback if fallback else trial.single).append(Sample(sent, ok, first_dc1, error))
             if fault is None or sent < fault:
                 return
             if not fallback and trial.resolver is None and att.answer.ok and self.dc1 not in att.answer.addresses:
@@ -164,7 +174,7 @@ def run_trial(lab: Lab, load: Load, fault: str, window: float, rng: random.Rando
     else:
         victims = ["dc1-director"]
     procs = [lab.state["processes"][n] for n in victims]
-    at = time.monotonic()
+    at, wall = time.monotonic(), time.time()
     for p in procs:
         net.signal_pid(p["pid"], p["started"], signal.SIGKILL)
     with load.lock:
@@ -173,9 +183,39 @@ def run_trial(lab: Lab, load: Load, fault: str, window: float, rng: random.Rando
     time.sleep(window + 1.5)  # requests sent in the window get up to their timeout to finish
     with load.lock:
         load.trial = None
+    if fault == "servers":
+        marked = marked_down_at(lab)
+        trial.marked = marked - wall if marked is not None else None
     for name in victims:
         lab.state["processes"][name]["stopped"] = True  # lab.restore() starts them again
     return trial
+
+
+def marked_down_at(lab: Lab) -> float | None:
+    """Wall-clock time dc1's director marked the last of its real servers down (its /status), or None."""
+    site = lab.sites["dc1"]
+    try:
+        with lab.inside("ops"):
+            status, doc = probe.http_json(topo.DIRECTORS["dc1"], site.status_port, "/status")
+    except OSError:
+        return None
+    if status != 200 or not isinstance(doc, dict):
+        return None
+    servers = [rs for svc in doc["services"] for rs in svc["real_servers"]]
+    if not servers or any(rs["state"] != "down" for rs in servers):
+        return None
+    return max(rs["since"] for rs in servers)
+
+
+def split_at_mark(t: Trial, window: float) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The single-address client's (failed, sent) before and after dc1's servers were marked down,
+    within ``window`` s of the fault; None without a mark."""
+    if t.marked is None:
+        return None
+    mark = t.fault_at + t.marked
+    before = t.share_failed("single", t.fault_at, t.marked)
+    after = t.share_failed("single", mark, window - t.marked)
+    return before, after
 
 
 def summarize(values: list[float | None]) -> str:
@@ -193,11 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=float, default=20.0, help="requests/s of each client (default 20)")
     ap.add_argument("--window", type=float, default=10.0, help="seconds after the fault over which failures are counted")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--prefix", default="glb-bench-", help="the lab's namespace prefix (default glb-bench-)")
+    ap.add_argument("--state-dir", default="/run/glb-bench", help="the lab's state directory (default /run/glb-bench)")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
 
     t0 = time.monotonic()
-    lab = Lab(prefix="glb-bench-", state_dir=Path("/run/glb-bench"),
+    lab = Lab(prefix=args.prefix, state_dir=Path(args.state_dir),
               log=lambda m: print(f"[{time.monotonic() - t0:5.1f}s] {m}", flush=True))
     if lab.is_up():
         lab.log("a benchmark lab was left over: removing it")
@@ -227,6 +269,15 @@ def main(argv: list[str] | None = None) -> int:
                 if vip_ok:
                     line += (f", with fallback {f2}/{n2} ({pct(f2, n2)}); single-address client served again "
                              f"{fmt(t.client_back)}")
+                split = split_at_mark(t, args.window)
+                if split is not None:
+                    (b, nb), (a, na) = split
+                    line += (f"; dc1 marked its servers down {fmt(t.marked)}: single-address failed {b}/{nb} "
+                             f"before, {a}/{na} after")
+                    mark = t.fault_at + t.marked
+                    late = sorted({s.error for s in t.single if not s.ok and mark <= s.sent < t.fault_at + args.window})
+                    if late:
+                        line += f" ({'; '.join(late)})"
                 print(line, flush=True)
         lab.restore()
         print(f"\n{args.trials} trials, seconds after the fault      min   median      max")
@@ -234,11 +285,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  resolver's answer changed            {summarize([t.resolver for t in trials])}")
         if vip_ok:
             print(f"  single-address client served again  {summarize([t.client_back for t in trials])}")
+        if args.fault == "servers":
+            print(f"  dc1's director marked servers down  {summarize([t.marked for t in trials])}")
         shares = [share(t, 'single', t.fault_at, args.window) for t in trials]
         print(f"  failed requests, single-address (%)  {summarize(shares)}")
         if vip_ok:
             fb = [share(t, 'fallback', t.fault_at, args.window) for t in trials]
             print(f"  failed requests, with fallback (%)   {summarize(fb)}")
+        splits = [split_at_mark(t, args.window) for t in trials]
+        if any(sp is not None for sp in splits):
+            before = [sp[0][0] if sp else None for sp in splits]
+            after = [sp[1][0] if sp else None for sp in splits]
+            print(f"  single-address failed before mark    {summarize(before)}   (requests)")
+            print(f"  single-address failed after mark     {summarize(after)}   (requests; spill serves them)")
         return 0
     finally:
         lab.down()

@@ -22,6 +22,7 @@ from typing import Any, Callable, ClassVar, Iterable
 import dnslib
 import yaml
 
+from director.control.spill import TRIGGERS as _SPILL_TRIGGERS
 from director.dataplane.scheduler import SCHEDULERS as _SCHEDULER_REGISTRY
 from dnsfront.policy import POLICIES as _POLICY_REGISTRY
 from glb import yamlfast
@@ -35,6 +36,7 @@ FORWARDING = ("dr", "tun", "nat")
 POLICIES = tuple(_POLICY_REGISTRY)
 ALL_DOWN = ("fail-open", "fallback", "servfail")
 SERVER_DOWN_ACTIONS = ("keep", "reschedule")
+SPILL_TRIGGERS = tuple(_SPILL_TRIGGERS)
 STATIC_TYPES = ("A", "AAAA", "CNAME", "MX", "TXT", "SRV", "CAA", "PTR")
 MAX_TTL = 2**31 - 1
 
@@ -401,6 +403,21 @@ class Persistence:
 
 
 @dataclass(frozen=True, slots=True)
+class Spill:
+    """Cross-site spill (docs/director.md): new connections go to another site's real servers."""
+
+    to: tuple[str, ...]
+    """Sites to spill to, in order of preference: the first that can take them does."""
+    when: str = "all_down"
+    """The trigger (director/control/spill.py TRIGGERS): ``all_down`` (no local
+    server takes new connections) or ``below_quorum`` (the service is not up)."""
+    after: float = 0.0
+    """Seconds the trigger must hold before spill starts (health dampening already filters flaps)."""
+    recover_after: float = 2.0
+    """Seconds the trigger must be clear before new connections stay home again."""
+
+
+@dataclass(frozen=True, slots=True)
 class Service:
     name: str
     vips: tuple[VIP, ...]
@@ -416,6 +433,8 @@ class Service:
     """Minimum healthy capacity fraction below which the service counts as down."""
     sorry_server: IPAddress | None = None
     health_check: HealthCheck = TcpCheck()
+    spill: Spill | None = None
+    """None: new connections never leave the site."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,6 +611,13 @@ class Config:
 
     def lbname(self, name: str) -> LBName | None:
         return next((n for n in self.names if n.name == name), None)
+
+    def spilled_in_vips(self, site: str, service: str) -> tuple[VIP, ...]:
+        """VIPs of the other sites that may spill ``service`` to ``site``: its real
+        servers hold them too (``glb realserver setup --vip``; docs/realserver.md)."""
+        return tuple(v for s in self.sites if s.name != site
+                     for svc in s.services if svc.name == service and svc.spill is not None and site in svc.spill.to
+                     for v in svc.vips)
 
     def zone_for(self, name: str) -> Zone | None:
         """The most specific zone containing ``name``."""
@@ -1564,6 +1590,7 @@ def _parse_service(ctx: _Context, m: _Map) -> Service:
         quorum=m.get("quorum", _float(0, 1), d.quorum),
         sorry_server=m.get("sorry_server", _ip, None),
         health_check=health,
+        spill=_parse_spill(ctx, m.map("spill")) if m.has("spill") else None,
     )
     m.finish()
     for i, rs in enumerate(svc.real_servers):
@@ -1575,6 +1602,18 @@ def _parse_service(ctx: _Context, m: _Map) -> Service:
                 f"{rs.port} differs from the VIP port: DR and TUN forward without changing ports (NAT can)",
             )
     return svc
+
+
+def _parse_spill(ctx: _Context, m: _Map) -> Spill:
+    d = Spill(())
+    spill = Spill(
+        to=_list(ctx, m, "to", _name("site"), required=True),
+        when=m.get("when", _choice("spill trigger", SPILL_TRIGGERS), d.when),
+        after=m.get("after", _float(0, 3600), d.after),
+        recover_after=m.get("recover_after", _float(0, 3600), d.recover_after),
+    )
+    m.finish()
+    return spill
 
 
 # ---- cross references -----------------------------------------------------
@@ -1664,6 +1703,60 @@ def _cross_check(ctx: _Context, cfg: Config) -> None:
             for ri, rs in enumerate(svc.real_servers):
                 if addrs.index(rs.address) != ri:
                     ctx.error(f"{path}.real_servers[{ri}].address", f"real server {rs.address} is listed twice")
+            if svc.spill is not None:
+                _check_spill(ctx, f"{path}.spill", site, svc, sites_by_name)
+
+
+def _spills_to(sites: Mapping[str, Site], site: str, service: str) -> tuple[str, ...]:
+    svc = sites[site].service(service) if site in sites else None
+    return svc.spill.to if svc is not None and svc.spill is not None else ()
+
+
+def _check_spill(ctx: _Context, path: str, site: Site, svc: Service, sites: Mapping[str, Site]) -> None:
+    """A service's ``spill``: real targets running the service by TUN on its ports, no loop, an outer source."""
+    assert svc.spill is not None
+    for ti, name in enumerate(svc.spill.to):
+        tpath = f"{path}.to[{ti}]"
+        if name is INVALID:
+            continue
+        other = sites.get(name)
+        if other is None:
+            ctx.error(tpath, f"unknown site {name!r} (sites: {', '.join(sorted(sites))})")
+            continue
+        if svc.spill.to.index(name) != ti:
+            ctx.error(tpath, f"site {name!r} is listed twice")
+            continue
+        if name == site.name:
+            ctx.error(tpath, f"site {name!r} is this service's own site (a loop)")
+            continue
+        theirs = other.service(svc.name)
+        if theirs is None:
+            ctx.error(tpath, f"site {name!r} has no service {svc.name!r} to spill to")
+            continue
+        if theirs.forwarding != "tun":
+            ctx.error(tpath, f"site {name!r} forwards service {svc.name!r} by {theirs.forwarding}: spilled "
+                             f"connections arrive by IP-in-IP, so its real servers must be set up for tun")
+        ports = {(v.port, v.protocol) for v in theirs.vips}
+        for v in svc.vips:
+            if (v.port, v.protocol) not in ports:
+                ctx.error(tpath, f"site {name!r} serves {svc.name!r} on no {v.port}/{v.protocol} VIP "
+                                 f"(spilled connections keep the port of {v})")
+                break
+        # A path back to this site through the targets' own spill lists is a loop.
+        seen, todo = {name}, list(_spills_to(sites, name, svc.name))
+        while todo:
+            nxt = todo.pop()
+            if nxt == site.name:
+                ctx.error(tpath, f"site {name!r} spills service {svc.name!r} back to {site.name!r} (a loop)")
+                break
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.extend(_spills_to(sites, nxt, svc.name))
+    for version, need in ((4, "address"), (6, "address6")):
+        vip = next((v for v in svc.vips if v.address.version == version), None)
+        if vip is not None and getattr(site.director, need) is None and svc.forwarding != "tun":  # tun says it
+            ctx.error(f"sites.{site.name}.director.{need}",
+                      f"required: service {svc.name} spills IPv{version} ({vip}) by IP-in-IP and needs the outer source address")
 
 
 def _check_nat(ctx: _Context, site: Site, svc: Service, path: str, families: set[int]) -> None:

@@ -65,6 +65,8 @@ def build_report(cfg: configmod.Config, state: DeploymentState, now: float) -> d
                     "servers_up": sum(1 for r in servers if r.state == "up"),
                     "servers": len(svc.real_servers),
                     "active_conns": published.active_conns if published else 0,
+                    "spilling_to": published.spilling_to if published else None,
+                    "spilled_conns": published.spilled_conns if published else 0,
                 }
             )
         sites.append(
@@ -120,6 +122,7 @@ def render(report: dict[str, Any]) -> str:
     for s in report["sites"]:
         svc = ", ".join(
             f"{v['name']} {'up' if v['up'] else 'DOWN'} {v['healthy_fraction']:.0%} ({v['servers_up']}/{v['servers']} servers)"
+            + _spill_text(v)
             for v in s["services"]
         )
         age = f"{s['age']:.1f}s" if s["age"] is not None else "-"
@@ -149,6 +152,13 @@ def _director(site: dict[str, Any]) -> str:
             f"{m['id']} {m['role']}" + (" ok" if m["healthy"] else " NOT HEALTHY" if m["present"] else "")
             for m in others) + ")"
     return text
+
+
+def _spill_text(service: dict[str, Any]) -> str:
+    """`` SPILLING to dc2 (3 conns)`` while it spills, `` (2 spilled conns)`` while spilled flows remain."""
+    if service.get("spilling_to"):
+        return f" SPILLING to {service['spilling_to']} ({service['spilled_conns']} conns)"
+    return f" ({service['spilled_conns']} spilled conns)" if service.get("spilled_conns") else ""
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

@@ -223,6 +223,13 @@ class ServiceState:
     new_conns_per_s: float = 0.0
     packets_per_s: float = 0.0
     bytes_per_s: float = 0.0
+    # Cross-site spill (docs/director.md), last with defaults: a snapshot from a
+    # director that does not send them reads as "not spilling".
+    spilling_to: str | None = None
+    """The site this service's new connections are tunnelled to now, or None."""
+    spilled_conns: int = 0
+    """Connections of this site's VIPs held by another site's real servers
+    (spilled, active + inactive); they may outlast the spill."""
 
     def __post_init__(self) -> None:
         _check_name("name", self.name)
@@ -244,6 +251,9 @@ class ServiceState:
         _check_int("active_conns", self.active_conns, 0)
         for name in ("new_conns_per_s", "packets_per_s", "bytes_per_s"):
             _as_float(self, name, getattr(self, name), 0.0)
+        if self.spilling_to is not None:
+            _check_name("spilling_to", self.spilling_to)
+        _check_int("spilled_conns", self.spilled_conns, 0)
 
     def real_server(self, address: str, port: int) -> RealServerState | None:
         """The real server at ``address:port``, or None."""

@@ -6,7 +6,11 @@
    trying the answer's next address if one fails, as browsers do.
 3. Every real server of dc1 stops: dc1's director sees it within its fall
    threshold and publishes; dnsfront stops answering dc1; the resolver's
-   cached answer runs out; the client keeps being served (by dc2).
+   cached answer runs out; the client keeps being served (by dc2). A second
+   client asks for api.example.net (one address per answer) and never tries
+   another: while its cached answer still says dc1, dc1's director spills
+   its new connections to dc2's real servers (dc2-rsN@dc1: served by dc2
+   through dc1's VIP).
 4. dc1's servers come back: dc1 is answered and serves again.
 
 A line per second: time, what the resolver answered (sites, TTL), which real
@@ -26,6 +30,8 @@ from deploy.lab.lab import Lab
 from deploy.lab.net import LabError
 
 NAME = f"app.{topo.ZONE}"
+SINGLE = f"api.{topo.ZONE}"
+"""The single-address client's name: one VIP per answer, no second address to try."""
 TICK = 0.2  # seconds between client requests
 
 
@@ -37,6 +43,8 @@ class Second:
     retried: int = 0
     failed: int = 0
     errors: collections.Counter = field(default_factory=collections.Counter)
+    single: collections.Counter = field(default_factory=collections.Counter)
+    """The single-address client: ``server@site of the VIP it used`` (or the error) -> requests."""
 
 
 class Timeline:
@@ -46,6 +54,7 @@ class Timeline:
         self.vip_site = {v: s for s, view in lab.sites.items() for v in view.vips}
         self.t0 = time.monotonic()
         self.requests = self.served = self.retried = self.failed = 0
+        self.single_requests = self.single_failed = 0
         self.events: dict[str, float] = {}
 
     def site_names(self, addresses) -> str:
@@ -55,7 +64,9 @@ class Timeline:
         legend = ", ".join(f"{s} = {' '.join(v.vips)}" for s, v in sorted(self.lab.sites.items()))
         print(f"\n  Client {topo.address_of('client')} asks the resolver for {NAME} and fetches http://VIP/ every "
               f"{TICK:.1f} s ({legend}).")
-        print("  time   resolver answer      served by (requests)                  retried  failed")
+        print(f"  The single-address client asks for {SINGLE}; its column reads server@site of the VIP it used.")
+        print("  time   resolver answer      served by (requests)                  retried  failed  "
+              "single-address client")
 
     def event(self, text: str) -> None:
         print(f"  {time.monotonic() - self.t0:5.1f}s  >>> {text}", flush=True)
@@ -92,6 +103,14 @@ class Timeline:
                     if len(att.tries) > 1:
                         self.retried += 1
                         sec.retried += 1
+                    with self.lab.inside("client"):
+                        one = probe.request(topo.RESOLVER, SINGLE, fallback=False, connect_timeout=0.5)
+                    self.single_requests += 1
+                    if one.ok:
+                        sec.single[f"{one.served_by}@{self.vip_site.get(one.tries[-1].address, '?')}"] += 1
+                    else:
+                        self.single_failed += 1
+                        sec.single["failed"] += 1
                 time.sleep(max(0.0, TICK - (time.monotonic() - att.at)))
             self._print(sec)
             if until is not None and hit is None and until(sec):
@@ -124,7 +143,9 @@ class Timeline:
         if self.vip_ok:
             served = ", ".join(f"{s} {n}" for s, n in sorted(sec.served.items())) or "-"
             errors = "  " + "; ".join(f"{e} x{n}" for e, n in sec.errors.items()) if sec.errors else ""
-            print(f"  {t:5.1f}s {answer + ttl:<20} {served:<37} {sec.retried:>7}  {sec.failed:>6}{errors}", flush=True)
+            single = ", ".join(f"{s} {n}" for s, n in sorted(sec.single.items())) or "-"
+            print(f"  {t:5.1f}s {answer + ttl:<20} {served:<37} {sec.retried:>7}  {sec.failed:>6}  {single}{errors}",
+                  flush=True)
         else:
             print(f"  {t:5.1f}s {answer + ttl:<18} (VIP path not forwarding yet: DNS only)", flush=True)
 
@@ -215,3 +236,5 @@ def _summary(tl: Timeline) -> None:
     if tl.vip_ok:
         print(f"    client requests {tl.requests}: served {tl.served}, {tl.retried} needed the answer's second "
               f"address, failed {tl.failed}")
+        print(f"    single-address client requests {tl.single_requests}: failed {tl.single_failed} "
+              f"(served through dc1's VIP by dc2's servers while dc1 spilled)")

@@ -234,7 +234,7 @@ class Lab:
             for role, addr in site.real_servers.items():
                 state_file = rs_dir / f"{role}.json"
                 argv = glb + ["realserver", "setup", "--mode", site.forwarding, "--state-file", str(state_file)]
-                for vip in site.vips:
+                for vip in site.vips + site.spilled_in:  # spilled-in: another site tunnels its VIP's flows here
                     argv += ["--vip", vip]
                 self.log(f"{role} ({addr}): {' '.join(['glb'] + argv[len(glb):])}")
                 self.state["realservers"][role] = {"state_file": str(state_file), "mode": site.forwarding}

@@ -116,6 +116,8 @@ class SiteView:
     port: int = 80
     real_servers: dict[str, str] = field(default_factory=dict)  # role -> address
     status_port: int = 9100
+    spilled_in: list[str] = field(default_factory=list)
+    """Other sites' VIPs whose connections may spill to this site's real servers (they hold them too)."""
 
 
 def sites_from_config(cfg) -> dict[str, SiteView]:
@@ -125,7 +127,8 @@ def sites_from_config(cfg) -> dict[str, SiteView]:
     for site in cfg.sites:
         svc = site.services[0]
         view = SiteView(site.name, svc.forwarding, [str(v.address) for v in svc.vips], svc.vips[0].port,
-                        status_port=site.director.status_listen.port)
+                        status_port=site.director.status_listen.port,
+                        spilled_in=list(dict.fromkeys(str(v.address) for v in cfg.spilled_in_vips(site.name, svc.name))))
         for rs in svc.real_servers:
             role = by_addr.get(str(rs.address))
             if role:

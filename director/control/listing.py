@@ -92,6 +92,8 @@ def render(doc: dict[str, Any]) -> str:
                 _rate(rs["bytes_per_s"]),
                 _last_check(rs, now),
             ))
+        if svc.get("spill"):
+            rows += _spill_rows(svc["spill"], ports)
     cells = [r for r in rows if isinstance(r, tuple)]
     widths = [max(len(r[i]) for r in cells) for i in range(len(HEADER))]
     for r in rows:
@@ -104,6 +106,32 @@ def render(doc: dict[str, Any]) -> str:
     if overridden:
         lines.append("* weight set by an operator override ('glb weight ... clear' restores the configured weight)")
     return "\n".join(lines)
+
+
+def _spill_rows(spill: dict[str, Any], ports: set[int]) -> list[str | tuple[str, ...]]:
+    """The spill line and the other sites' servers holding spilled connections (always tunnelled)."""
+    to = ", ".join(spill["to"])
+    if spill["spilling_to"]:
+        line = f"  SPILLING to {spill['spilling_to']}: new connections go to its real servers"
+    elif spill["triggered"]:
+        line = f"  SPILL WANTED ({spill['when']}) but no site of [{to}] can take it: new connections are dropped"
+    else:
+        line = f"  spill to [{to}] when {spill['when']}: not now"
+    rows: list[str | tuple[str, ...]] = [line + f" ({_num(spill['conns'])} spilled conns)"]
+    for rs in spill["servers"]:
+        rows.append((
+            f"  -> {_server_address(rs['address'], rs['port'], ports)}",
+            FORWARD["tun"],
+            str(rs["weight"]),
+            f"@{rs['site']}",
+            _num(rs["active_conns"]),
+            _num(rs["inactive_conns"]),
+            _rate(rs["new_conns_per_s"]),
+            _rate(rs["packets_per_s"]),
+            _rate(rs["bytes_per_s"]),
+            "spilled",
+        ))
+    return rows
 
 
 def _headline(doc: dict[str, Any], now: float) -> str:

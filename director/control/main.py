@@ -16,6 +16,12 @@ snapshots with ``director.control.site.build_snapshot``. Operator overrides (dra
 weight) are followed from Redis with ``glb.store.StateFollower`` and applied
 to the table, so they survive director restarts.
 
+Cross-site spill (``director.control.spill``, docs/director.md): the same
+follower's state carries the other sites' snapshots; ``SpillBook`` decides,
+after each transition, each state change and on a short tick (hysteresis
+and staleness move with time alone), which services spill where, and a
+changed decision is a new plan and a publication.
+
 The packet path (``director.dataplane.packetpath.PacketPath``: neighbours,
 VIP ownership, the engine's worker processes) follows the health table:
 every decision (a transition, an override, a reload) calls
@@ -37,6 +43,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from glb import config as glbconfig
+from glb.aio import cancel_and_wait
 from glb.http import Served, serve
 from glb.config import Config, Site
 from glb.errors import DirectorError, EngineError, GLBError, GuardError
@@ -51,10 +58,14 @@ from director.control.probes import Probe, ProbeResult, Prober
 from director.control.placement import Placement, apply_control, available, place, restore
 from director.control.publisher import Publisher
 from director.control.site import ServerCounters, SnapshotCache, VipCounters, build_snapshot
+from director.control.spill import Spill, SpillBook, spill_document, spilling
 from director.control.status import DirectorMetrics, make_app
 from director.control.admin_api import AdminAPI
 
 log = logging.getLogger("glb.director")
+
+SPILL_TICK = 0.25
+"""Seconds between spill re-evaluations with nothing else happening (a target going stale)."""
 
 
 def find_site(config: Config, name: str) -> Site:
@@ -112,6 +123,10 @@ class Director:
         self.packet_path: PacketPath | None = None
         self.placement = Placement((), (), "not started")
         self._affinity_before: frozenset[int] | None = None
+        self.spills = SpillBook()
+        self.spilling: dict[str, Spill | None] = {}
+        """Service -> where its new connections spill now, or the standby target (``active`` False), or None."""
+        self._spill_tick: asyncio.Task | None = None
 
     # -- what the packet path reports (StatusSource)
 
@@ -152,6 +167,13 @@ class Director:
     def site_drained(self) -> bool:
         return self._overrides.is_drained(self.site_name)
 
+    def spill_status(self, service: str) -> dict | None:
+        """The service's spill for /status (None: it has none configured)."""
+        svc = self.table.site.service(service)
+        if svc is None or svc.spill is None:
+            return None
+        return spill_document(svc, self.spilling.get(service), self.spills.triggered(service), self.counters())
+
     # -- lifecycle
 
     async def start(self) -> None:
@@ -177,6 +199,7 @@ class Director:
         self.publisher.start()
         self.checker.update(targets(site))
         await self.follower.start()
+        self._spill_tick = asyncio.create_task(self._spill_ticker())
         log.info(
             "director %s for site %s: %d services, %d real servers, status on %s:%d",
             self.director_id, site.name, len(site.services), len(self.table),
@@ -190,6 +213,9 @@ class Director:
         likely failed because another director for the site is running.
         """
         await self.checker.stop()
+        if self._spill_tick is not None:
+            await cancel_and_wait([self._spill_tick])
+            self._spill_tick = None
         await self.follower.stop()
         withdraw = self._started
         if self.pair is not None:
@@ -239,6 +265,7 @@ class Director:
             self._changed(self.table.reconfigure(site, now))
             self._apply_overrides(now)  # servers added by the reload may have overrides
             self.checker.update(targets(site))
+            self._update_spill()
             self.publisher.poke()  # weights may have changed without any state change
             self._plan_dirty()
             log.info("reloaded %s: %d real servers", self.config_path, len(self.table))
@@ -254,13 +281,14 @@ class Director:
 
     def _build(self, withdrawn: bool) -> SiteSnapshot:
         return build_snapshot(self.table, self.director_id, self._clock(), self.counters(), withdrawn=withdrawn,
-                              pair=self._pair_state(), cache=self._snapshots)
+                              pair=self._pair_state(), cache=self._snapshots, spills=self.spilling)
 
     def _on_result(self, target: Target, result: ProbeResult) -> None:
         self.metrics.observe_check(target, result)
         transitions = self.table.record(target.key, result.ok, result.detail, self._clock(), result.latency)
         self._changed(transitions)
         if transitions:  # only a state change can change what the packet path does
+            self._update_spill()
             self._plan_dirty()
 
     def _on_state(self, state: DeploymentState) -> None:
@@ -268,6 +296,7 @@ class Director:
         # own publications: react to overrides only, or every publish would
         # trigger the next one.
         previous, self._overrides = self._overrides, state
+        self._update_spill()  # the spill targets' snapshots are in it
         if state.overrides == previous.overrides:
             return
         if self._apply_overrides(self._clock()):
@@ -345,6 +374,46 @@ class Director:
         return tuple(PairMemberState(m["id"], m["role"], m["present"], m["healthy"], m["last_heard"])
                      for m in self.pair.members())
 
+    # -- cross-site spill
+
+    def _update_spill(self) -> None:
+        """Decide spill again; a changed decision is a new plan and a publication."""
+        site = self.table.site
+        if not any(svc.spill is not None for svc in site.services) and not self.spilling:
+            return
+        health = {sh.name: sh for sh in self.table.services()}
+        decided = self.spills.decide(site.services, health, self._overrides, self._clock(),
+                                     self.config.redis.stale_after)
+        if decided == self.spilling:
+            return
+        for name, decision in decided.items():
+            spill, was = spilling(decision), spilling(self.spilling.get(name))
+            if spill == was:
+                continue
+            if spill is None and self.spills.triggered(name):
+                log.warning("service %s: no site of %s can take spilled connections now (%s stale, withdrawn, "
+                            "drained, spilling or without an up server): new connections are dropped",
+                            name, list(site.service(name).spill.to), was.site if was else "-")
+            elif spill is None:
+                log.warning("service %s: new connections stay at %s again (no longer spilling to %s)",
+                            name, self.site_name, was.site if was else "-")
+            elif was is None or was.site != spill.site:
+                log.warning("service %s: spilling new connections to site %s (%d real servers)",
+                            name, spill.site, len(spill.servers))
+        self.spilling = decided
+        self.publisher.poke()
+        self._plan_dirty()
+
+    async def _spill_ticker(self) -> None:
+        """Time alone ends a hysteresis hold or makes a spill target stale: look again, often enough."""
+        while True:
+            delay = SPILL_TICK
+            due = self.spills.next_change(self.table.site.services)
+            if due is not None:
+                delay = min(delay, max(0.0, due - self._clock()))
+            await asyncio.sleep(delay)
+            self._update_spill()
+
     # -- the packet path
 
     def _wants_packet_path(self) -> bool:
@@ -353,7 +422,7 @@ class Director:
         return self.table.site.director.interface != "lo"
 
     def _build_plan(self, mac: bytes, neighbours: Mapping[bytes, bytes | None], mtu: int) -> Plan:
-        return build_plan(self.table.site, self.table.services(), mac, dict(neighbours), mtu)
+        return build_plan(self.table.site, self.table.services(), mac, dict(neighbours), mtu, self.spilling)
 
     async def _start_packet_path(self) -> None:
         from director.dataplane.engine import LOOP, EngineConfig

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from glb.config import Site
 from glb.state import PairMemberState, RealServerState, ServiceState, SiteSnapshot
 from director.control.health import HealthTable, ServerKey, ServerStatus, ServiceHealth
+from director.control.spill import Spill, spilled, spilling
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +121,8 @@ def service_state(
     *,
     withdrawn: bool = False,
     cache: SnapshotCache | None = None,
+    spill: Spill | None = None,
+    spilled_conns: int = 0,
 ) -> ServiceState:
     per_server = [counters.get(s.key, ZERO) for s in health.servers]
     if cache is None:
@@ -131,11 +134,12 @@ def service_state(
             a is b for a, b in zip(held.real_servers, servers)
         ):
             # Same server documents: only the service's own figures can differ.
-            figures = _figures(health, per_server, withdrawn)
+            figures = _figures(health, per_server, withdrawn, spill, spilled_conns)
             if figures == (held.healthy_fraction, held.up, held.active_conns, held.new_conns_per_s,
-                           held.packets_per_s, held.bytes_per_s):
+                           held.packets_per_s, held.bytes_per_s, held.spilling_to, held.spilled_conns):
                 return held
-    fraction, up, active, new_conns, packets, octets = _figures(health, per_server, withdrawn)
+    fraction, up, active, new_conns, packets, octets, spilling_to, spilled = _figures(
+        health, per_server, withdrawn, spill, spilled_conns)
     state = ServiceState(
         name=health.name,
         vips=vip_names(site, health.name),
@@ -146,11 +150,14 @@ def service_state(
         new_conns_per_s=new_conns,
         packets_per_s=packets,
         bytes_per_s=octets,
+        spilling_to=spilling_to,
+        spilled_conns=spilled,
     )
     return state if cache is None else cache.hold_service(state)
 
 
-def _figures(health: ServiceHealth, per_server: list[ServerCounters], withdrawn: bool) -> tuple:
+def _figures(health: ServiceHealth, per_server: list[ServerCounters], withdrawn: bool, spill: Spill | None,
+             spilled_conns: int) -> tuple:
     return (
         # A withdrawn site is published as down in every field, so a reader
         # that ignores the withdrawn flag still moves clients away.
@@ -160,6 +167,8 @@ def _figures(health: ServiceHealth, per_server: list[ServerCounters], withdrawn:
         sum(c.new_conns_per_s for c in per_server),
         sum(c.packets_per_s for c in per_server),
         sum(c.bytes_per_s for c in per_server),
+        spill.site if spilling(spill) is not None and not withdrawn else None,
+        spilled_conns,
     )
 
 
@@ -172,6 +181,7 @@ def build_snapshot(
     withdrawn: bool = False,
     pair: tuple[PairMemberState, ...] = (),
     cache: SnapshotCache | None = None,
+    spills: Mapping[str, Spill | None] | None = None,
 ) -> SiteSnapshot:
     """The snapshot of ``table.site`` as of ``now`` (wall-clock seconds); ``pair``: the director pair's members.
 
@@ -180,7 +190,15 @@ def build_snapshot(
     """
     site = table.site
     counters = counters or {}
-    services = tuple(service_state(site, sh, counters, withdrawn=withdrawn, cache=cache) for sh in table.services())
+    spills = spills or {}
+    spilled_conns: dict[str, int] = {}
+    if spills:  # flows on other sites' servers count under a spill key (director.control.spill)
+        for k, c in counters.items():
+            of = spilled(k.service)
+            if of is not None:
+                spilled_conns[of[0]] = spilled_conns.get(of[0], 0) + c.active_conns + c.inactive_conns
+    services = tuple(service_state(site, sh, counters, withdrawn=withdrawn, cache=cache, spill=spills.get(sh.name),
+                                   spilled_conns=spilled_conns.get(sh.name, 0)) for sh in table.services())
     if cache is not None:
         cache.forget(len(table), table.keys)
     return SiteSnapshot(

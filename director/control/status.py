@@ -65,6 +65,8 @@ class StatusSource(Protocol):
 
     def site_drained(self) -> bool: ...
 
+    def spill_status(self, service: str) -> dict[str, Any] | None: ...
+
 
 # --------------------------------------------------------------------------
 # /status
@@ -124,6 +126,7 @@ def status_document(src: StatusSource, now: float) -> dict[str, Any]:
             "quorum": sh.quorum,
             "sorry_server": None if svc.sorry_server is None else str(svc.sorry_server),
             "sorry_active": sh.sorry_active,
+            "spill": src.spill_status(svc.name),
             "health_check": {
                 "type": check.type, "port": check.port, "interval": check.interval,
                 "timeout": check.timeout, "rise": check.rise, "fall": check.fall,
@@ -351,6 +354,7 @@ class _LiveCollector:
         yield from (state, weight, conns, packets, octets, up, fraction, sorry,
                     vip_packets, vip_bytes, vip_conns, published, redis_up, in_flight)
         yield from _checker_metrics(src.checker)
+        yield from _spill_metrics(src)
         yield from _packet_path_metrics(packet_path_document(src))
         yield from _pair_metrics(pair_document(src))
 
@@ -391,6 +395,28 @@ def _checker_metrics(checker: Checker) -> Iterator[Any]:
                                   "(each was run again at once).")
     skipped.add_metric([], checker.skipped_for_lag)
     yield from (lag, probes, rate, skipped)
+
+
+def _spill_metrics(src: StatusSource) -> Iterator[Any]:
+    """Cross-site spill (director/control/spill.py): where each service spills, and its spilled connections."""
+    docs = {svc.name: src.spill_status(svc.name) for svc in src.table.site.services}
+    docs = {name: doc for name, doc in docs.items() if doc is not None}
+    if not docs:
+        return
+    spilling = GaugeMetricFamily("glb_director_service_spilling",
+                                 "1 for the site a service's new connections spill to now.", labels=["service", "site"])
+    triggered = GaugeMetricFamily("glb_director_service_spill_triggered",
+                                  "1 while the spill trigger holds (after hysteresis), target or not.", labels=["service"])
+    conns = GaugeMetricFamily("glb_director_spilled_connections",
+                              "Connections held by another site's real servers.", labels=["service", "site", "state"])
+    for name, doc in docs.items():
+        triggered.add_metric([name], 1.0 if doc["triggered"] else 0.0)
+        for site in doc["to"]:
+            spilling.add_metric([name, site], 1.0 if doc["spilling_to"] == site else 0.0)
+            rows = [r for r in doc["servers"] if r["site"] == site]
+            conns.add_metric([name, site, "active"], sum(r["active_conns"] for r in rows))
+            conns.add_metric([name, site, "inactive"], sum(r["inactive_conns"] for r in rows))
+    yield from (spilling, triggered, conns)
 
 
 def _packet_path_metrics(pp: dict[str, Any] | None) -> Iterator[Any]:

@@ -116,6 +116,8 @@ class ConnSync:
         d = svc.dests.get(key)
         if d is None and svc.sorry is not None and svc.sorry.key == key:
             d = svc.sorry
+        if d is None:  # a spilled flow: another site's server, keyed under the spill label
+            d = next((r for k, r in svc.remote.items() if k.address == key.address and k.port == port), None)
         return d
 
     def conn_dest(self, key: bytes, addr: bytes, port: int):

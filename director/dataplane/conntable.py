@@ -43,7 +43,10 @@ counters lc/wlc read stay right without per-packet cost.
 A down (not ``available``) destination's flows: if ``dest.reschedule`` (the
 service's ``on_server_down: reschedule``) the next packet drops the entry and
 lookup returns None, so the caller schedules the flow afresh; otherwise
-(``keep``, IPVS's default) they keep flowing to it until they time out.
+(``keep``, IPVS's default) they keep flowing to it until they time out. A SYN
+on an unconfirmed TCP flow of a down destination is rescheduled either way:
+that flow never carried anything (a client reusing the port of an attempt the
+dead server refused must not be sent back to it).
 """
 
 from __future__ import annotations
@@ -285,6 +288,12 @@ class ConnTable:
     def _lookup_unconfirmed(self, key: Any, flags: int, now: float) -> Conn | None:
         c = self._unconfirmed.get(key)
         if c is None:
+            return None
+        if not c.dest.available and c.state != UDP and _event(flags) == "syn":
+            # A SYN for a flow that never got established, whose server is down: the client
+            # reused the port of an attempt that server refused (or retransmits to it). Nothing
+            # was ever served on it, so it is a new connection: schedule it afresh.
+            self._remove(c)
             return None
         if (c.expires <= now or not c.dest.available) and self._drop_stale(c, now):
             return None

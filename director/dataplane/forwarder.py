@@ -29,6 +29,15 @@ Decisions and why:
 * Dest objects survive a new plan when the server stays (same service,
   address and port), so established flows keep their server, counters
   carry on and schedulers keep their position.
+* Cross-site spill (director/control/spill.py decides it): while a
+  service's plan has a ``spill``, its new flows are scheduled onto that
+  site's real servers only, by the service's scheduler and their published
+  weights (persistence templates are not consulted: they name local
+  servers), and tunnelled to them (the ``tun`` mode, whatever the
+  service's own). A spilled flow keeps its remote server until it ends:
+  a remote Dest is never made unavailable or rescheduled, so neither the
+  spill ending nor the local servers returning moves it; it just takes no
+  new flows (weight 0) once its site stops being the target.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ from director.dataplane.actions import MacRewrite
 from director.dataplane.conntable import Conn, ConnTable, FragmentTable
 from director.dataplane.counters import CountTable
 from director.dataplane.scheduler import Dest, Persistence, Scheduler, make_scheduler
+from director.control.spill import spill_service
 from director.modes import MODES
 
 PROTOCOLS = {"tcp": 6, "udp": 17}
@@ -117,6 +127,25 @@ class ServicePlan:
     parked_vips: tuple[VipPlan, ...] = ()
     """VIPs the director does not own now (a standby, packetpath.without_vips): never answered
     or forwarded, but connection sync places a flow's service by them."""
+    spill: SpillPlan | None = None
+    """Set while the service spills: every new flow goes to these servers."""
+
+    def all_servers(self) -> tuple[ServerPlan, ...]:
+        """Every server the plan may send to: its own, the sorry server, the spill target's."""
+        sorry = (self.sorry,) if self.sorry is not None else ()
+        return self.servers + sorry + (self.spill.servers if self.spill is not None else ())
+
+
+@dataclass(frozen=True, slots=True)
+class SpillPlan:
+    """Where a spilling service's new flows go: another site's real servers, by IP-in-IP."""
+
+    site: str
+    servers: tuple[ServerPlan, ...]
+    """Keyed ``ServerKey(spill_service(service, site), address, port)``, so their
+    counters never mix with a local server's."""
+    active: bool = True
+    """False: a standby target, in the plan so that its next hops are resolved ahead; no flow goes there."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,14 +178,17 @@ def build_plan(
     mac: bytes,
     neighbours: dict[bytes, bytes | None] | None = None,
     mtu: int = 1500,
+    spills: Any = None,
 ) -> Plan:
     """The plan for ``site`` (glb.config.Site) given the health table's verdicts.
 
     ``health`` is ``HealthTable.services()``; ``neighbours`` maps a real
     server's packed address to the MAC to send to (DR: its own; TUN: the
-    next hop's), None when unresolved. Pure.
+    next hop's), None when unresolved; ``spills`` maps a service name to its
+    ``director.control.spill.Spill`` (absent or None: not spilling). Pure.
     """
     neighbours = neighbours or {}
+    spills = spills or {}
     by_name = {sh.name: sh for sh in health}
     services = []
     for svc in site.services:
@@ -186,6 +218,7 @@ def build_plan(
         services.append(ServicePlan(
             svc.name, svc.forwarding, svc.scheduler, vips, tuple(servers), svc.mh_table_size,
             persistence, svc.on_server_down, sorry, bool(sh and sh.sorry_active),
+            spill=_spill_plan(svc.name, spills.get(svc.name), neighbours, mtu),
         ))
     d = site.director
     local = {a.packed for a in (d.address, d.address6) if a is not None}
@@ -195,6 +228,22 @@ def build_plan(
                 d.address.packed if d.address is not None else None,
                 d.address6.packed if d.address6 is not None else None,
                 local=frozenset(local))
+
+
+def _spill_plan(service: str, spill: Any, neighbours: dict[bytes, bytes | None], mtu: int) -> SpillPlan | None:
+    if spill is None:
+        return None
+    label = spill_service(service, spill.site)
+    servers = []
+    for rs in spill.servers:
+        addr = _packed(rs.address)
+        servers.append(ServerPlan(ServerKey(label, rs.address, rs.port), addr, rs.weight, True, False,
+                                  neighbours.get(addr), mtu))
+    return SpillPlan(spill.site, tuple(servers), spill.active)
+
+
+SPILL_MODE = MODES["tun"]
+"""How spilled flows reach the other site's servers, whatever the service's own mode."""
 
 
 # --------------------------------------------------------------------------
@@ -241,13 +290,19 @@ class Route:
 class _Service:
     """One service at run time: its schedulers (one per address family), persistence, dests."""
 
-    __slots__ = ("plan", "dests", "sched4", "sched6", "persistence", "sorry", "stateless")
+    __slots__ = ("plan", "dests", "sched4", "sched6", "persistence", "sorry", "stateless",
+                 "remote", "spill4", "spill6")
 
     def __init__(self, plan: ServicePlan) -> None:
         self.plan = plan
         self.dests: dict[ServerKey, ServerDest] = {}
         self.sched4: Scheduler | None = None
         self.sched6: Scheduler | None = None
+        self.remote: dict[ServerKey, ServerDest] = {}
+        """Every other site's server this service ever spilled to (their flows stay until they end)."""
+        self.spill4: Scheduler | None = None
+        self.spill6: Scheduler | None = None
+        """While spilling: the schedulers over the target's servers (new flows go there only)."""
         self.persistence: Persistence | None = None
         self.sorry: ServerDest | None = None
         self.stateless = plan.scheduler in STATELESS_SCHEDULERS and plan.persistence is None
@@ -355,16 +410,7 @@ class Forwarder:
                         d.reschedule = sp.on_server_down == "reschedule"
             dests = list(svc.dests.values())
             same = old is not None and (old.plan.scheduler, old.plan.mh_table_size) == (sp.scheduler, sp.mh_table_size)
-            families = {4 if len(v.address) == 4 else 6 for v in sp.vips}
-            for fam, attr in ((4, "sched4"), (6, "sched6")):
-                if fam not in families:
-                    continue  # a v4-only service needs no v6 table (an mh table costs ~40 ms)
-                sched = getattr(old, attr) if same else None
-                if sched is None:
-                    sched = make_scheduler(sp.scheduler, dests, family=fam, table_size=sp.mh_table_size)
-                else:
-                    sched.update(dests)
-                setattr(svc, attr, sched)
+            self._schedulers(svc, old if same else None, ("sched4", "sched6"), dests)
             if sp.persistence is not None:
                 keep = old is not None and old.persistence is not None and old.plan.persistence == sp.persistence
                 svc.persistence = old.persistence if keep else Persistence(*sp.persistence)
@@ -373,6 +419,7 @@ class Forwarder:
                 svc.sorry = d or self._dest(sp.sorry, sp.forwarding)
                 self._configure(svc.sorry, sp.sorry, plan, sp)
                 svc.sorry.weight = 1 if sp.sorry_active else 0
+            self._apply_spill(svc, old, plan)
             for v in sp.vips:
                 by_vip[(v.address, v.port, v.proto)] = (svc, v.label)
             for v in sp.parked_vips:
@@ -394,6 +441,46 @@ class Forwarder:
         self._by_any_vip = {**by_any_vip, **by_vip}
         self.vips = plan.vips
         self._sources = sources
+
+    def _apply_spill(self, svc: _Service, old: _Service | None, plan: Plan) -> None:
+        """Carry the remote Dests over; while spilling, schedulers over the target's servers."""
+        sp = svc.plan
+        if old is not None:
+            svc.remote = old.remote
+        for d in svc.remote.values():
+            d.weight = 0  # no new flows unless the current target lists it; established ones stay
+        if sp.spill is None or not sp.spill.active:
+            return
+        dests = []
+        for s in sp.spill.servers:
+            d = svc.remote.get(s.key)
+            if d is None:
+                d = svc.remote[s.key] = self._dest(s, SPILL_MODE.name)
+            tx = SPILL_MODE.transmit(s, plan)
+            d.tx = tx
+            d.available = True  # never unavailable: that would move or drop its spilled flows
+            d.reschedule = False
+            d.weight = s.weight if tx is not None else 0
+            dests.append(d)
+        was = old.plan.spill if old is not None else None
+        same = was is not None and was.active and was.site == sp.spill.site \
+            and (old.plan.scheduler, old.plan.mh_table_size) == (sp.scheduler, sp.mh_table_size)
+        self._schedulers(svc, old if same else None, ("spill4", "spill6"), dests)
+
+    @staticmethod
+    def _schedulers(svc: _Service, old: _Service | None, attrs: tuple[str, str], dests: list[ServerDest]) -> None:
+        """Set ``svc``'s IPv4 and IPv6 schedulers ``attrs`` over ``dests``, updating ``old``'s when given."""
+        sp = svc.plan
+        families = {4 if len(v.address) == 4 else 6 for v in sp.vips}
+        for fam, attr in zip((4, 6), attrs):
+            if fam not in families:
+                continue  # a v4-only service needs no v6 table (an mh table costs ~40 ms)
+            sched = getattr(old, attr) if old is not None else None
+            if sched is None:
+                sched = make_scheduler(sp.scheduler, dests, family=fam, table_size=sp.mh_table_size)
+            else:
+                sched.update(dests)
+            setattr(svc, attr, sched)
 
     def _dest(self, s: ServerPlan, forwarding: str) -> ServerDest:
         """A new Dest, counted in the shared table's row for it when there is one."""
@@ -578,11 +665,18 @@ class Forwarder:
         if p.proto == 6 and not p.flags & TCP_SYN and not svc.stateless:
             self.drops[Drop.NO_CONNECTION] += 1  # IPVS: only a SYN opens a TCP connection
             return None
+        tpl = None
+        spill = svc.spill4 if len(p.src) == 4 else svc.spill6
+        if spill is not None:  # the service spills: every new flow goes to the target site
+            dest = spill.schedule(p.src, p.sport, p.dst, p.dport, now)
+            if dest is None:
+                self.drops[Drop.NO_DESTINATION] += 1
+                return None
+            return self._add(p, dest, label, now, None)
         sched = svc.sched4 if len(p.src) == 4 else svc.sched6
         if sched is None:
             self.drops[Drop.NO_SERVICE] += 1
             return None
-        tpl = None
         if svc.persistence is not None:
             tpl = svc.persistence.schedule(sched, p.src, p.sport, p.dst, p.dport, now)
             dest = tpl.dest if tpl is not None else None
@@ -595,6 +689,9 @@ class Forwarder:
             else:
                 self.drops[Drop.NO_DESTINATION] += 1
                 return None
+        return self._add(p, dest, label, now, tpl)
+
+    def _add(self, p, dest: ServerDest, label: str, now: float, tpl) -> Conn:
         route = self.route(dest, label)
         route.conns += 1
         return self.table.add(p.key, dest, p.flags, now, template=tpl, tag=route, rkey=reply_key(p.key, dest))
@@ -620,6 +717,7 @@ class Forwarder:
     def dests(self) -> Iterable[ServerDest]:
         for svc in self._services.values():
             yield from svc.dests.values()
+            yield from svc.remote.values()
 
     def stats(self) -> ForwarderStats:
         out = ForwarderStats()
@@ -635,7 +733,7 @@ class Forwarder:
                 acc[2] += r.conns
             out.forwarded += r.packets
         for svc in self._services.values():
-            for key, d in svc.dests.items():
+            for key, d in (*svc.dests.items(), *svc.remote.items()):
                 # This worker's own connections: merging the workers' reports sums them.
                 out.servers[key] = (*d.counts.own(), *by_server.get(key, (0, 0, 0)))
             for v in svc.plan.vips:

@@ -70,13 +70,8 @@ class Adapters:
 
 
 def real_addresses(plan: Plan) -> list[bytes]:
-    """Every address the plan may send to (servers, sorry servers), once each, in plan order."""
-    out = []
-    for svc in plan.services:
-        out.extend(s.address for s in svc.servers)
-        if svc.sorry is not None:
-            out.append(svc.sorry.address)
-    return list(dict.fromkeys(out))
+    """Every address the plan may send to (servers, sorry servers, spill targets), once each, in plan order."""
+    return list(dict.fromkeys(s.address for svc in plan.services for s in svc.all_servers()))
 
 
 def nat_sources(plan: Plan) -> frozenset[tuple[int, bytes, int]]:
@@ -286,7 +281,7 @@ class PacketPath:
                     log.error("could not update the NAT guard: %s", e)
             self._plan = plan
             self.engine.update(self.ownership.engine_plan(plan))
-        if any(s.available and s.mac is None for svc in plan.services for s in svc.servers):
+        if any(s.available and s.mac is None for svc in plan.services for s in svc.all_servers()):
             self._resolve_soon()
 
     # -- neighbours

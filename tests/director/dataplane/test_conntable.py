@@ -148,6 +148,21 @@ def test_down_server_keep_forwards_until_timeout():
     assert t.lookup(key(), ACK, 2 + 900) is None
 
 
+def test_a_syn_on_a_never_established_flow_of_a_down_server_is_a_new_connection():
+    t, d = ConnTable(), rs()
+    t.add(key(), d, SYN, 0)  # the server refused it (its RST went straight to the client)
+    d.available = False
+    assert t.lookup(key(), PSH, 1).dest is d  # keep: anything but a SYN still goes there
+    assert t.lookup(key(), SYN, 2) is None  # the client reused the port: schedule afresh
+    assert counts(d) == [(0, 0)] and len(t) == 0
+    t.add(key(2), d, SYN, 3)  # a server that is up keeps its unconfirmed flow's retransmitted SYN
+    d.available = True
+    assert t.lookup(key(2), SYN, 4).dest is d
+    t.lookup(key(2), ACK, 5)
+    d.available = False
+    assert t.lookup(key(2), SYN, 6).dest is d  # an established flow stays (keep), SYN or not
+
+
 def test_down_server_reschedule_drops_the_flow():
     t, d = ConnTable(), rs()
     d.reschedule = True
