@@ -5,6 +5,7 @@
 # client requests that failed. Prints min / median / max. Needs root.
 #
 #   benchmarks/failover.sh [-n TRIALS] [--fault servers|director] [--rate R] [--window S] [--seed N]
+#                          [--prefix glb-bench-] [--state-dir /run/glb-bench]
 #
 # The lab it builds is its own (namespaces glb-bench-*, state /run/glb-bench)
 # and is removed at the end, also on failure or Ctrl-C.
