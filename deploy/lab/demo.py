@@ -227,7 +227,11 @@ def director_phase(lab: Lab, tl: Timeline) -> None:
     tl.events["director_standby_master"] = lab.pair_role(standby) == "master"
     tl.event(f"starting {active} again: it takes the VIP back (preempt, after preempt_delay)")
     lab.restart_process(active)
-    tl.run(5.0)
+    restarted = time.monotonic()
+    back = tl.run(20.0, until=lambda sec: lab.pair_role(active) == "master", settle=2.0)
+    if back is not None:
+        tl.event(f"{active} is master again ({back - restarted:.1f} s after it was started; the handover "
+                 f"carried the connection table)")
     tl.events["director_back"] = time.monotonic()
 
 
