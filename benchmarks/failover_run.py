@@ -23,6 +23,15 @@ then over N trials:
    so a failure after it is a spill failure;
 4. dc1 restored; wait until the resolver answers dc1 again.
 
+With ``--fault director`` and a director pair at dc1 (the lab's default),
+the active member is the one killed, and each trial also reports: seconds
+from the kill until a new connection to dc1's VIP is served (the standby
+forwarding: the start of the first successful attempt of one made every
+20 ms, each given 0.5 s, less than TCP's first SYN retransmission, so an
+attempt only succeeds if its first SYN got through); how many of 50
+long-lived HTTP/1.1 connections opened before the kill still answer on the
+same TCP connection after the window; and whether DNS changed at all.
+
 Prints each trial and min / median / max. Without a director packet path
 (fetching through a VIP impossible) it measures the DNS side only and says so.
 """
@@ -66,6 +75,11 @@ class Sample:
 class Trial:
     fault: str
     fault_at: float = 0.0
+    takeover: float | None = None
+    """--fault director with a pair: seconds until dc1's VIP served a new connection again."""
+    held: int = 0
+    survived: int = 0
+    """Long-lived connections opened before the fault, and those still answering after the window."""
     dnsfront: float | None = None
     resolver: float | None = None
     client_back: float | None = None
@@ -162,17 +176,102 @@ def wait_resolver_dc1(lab: Lab, timeout: float = 30.0) -> None:
             time.sleep(0.2)
 
 
+LONG_LIVED = 50
+
+
+def synced(lab: Lab, role: str) -> int:
+    """Flows in the packet path of the director on ``role`` (a backup's come from sync)."""
+    return ((lab.director_status(role) or {}).get("packet_path") or {}).get("connections", 0)
+
+
+def settle_pair(lab: Lab, roles: list[str], timeout: float = 30.0) -> tuple[str, str]:
+    """(master, backup) once the pair has one of each, and with preempt the preferred member is master
+    (a restored primary takes the VIPs back after preempt_delay: a trial must not kill it mid-handback)."""
+    pair = lab.config.site("dc1").director.pair
+    best = max(pair.members, key=lambda m: m.priority).id
+    preferred = next(r for r, m in topo.director_roles(lab.config.site("dc1")).items() if m == best)
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = {r: lab.pair_role(r) for r in roles}
+        masters = [r for r, v in seen.items() if v == "master"]
+        if len(masters) == 1 and all(v == "backup" for r, v in seen.items() if r != masters[0]) and (
+                not pair.preempt or masters[0] == preferred):
+            return masters[0], next(r for r in roles if r != masters[0])
+        if time.monotonic() > deadline:
+            raise LabError(f"dc1's director pair did not settle: {seen}")
+        time.sleep(0.1)
+
+
+class LongLived:
+    """HTTP/1.1 connections to a VIP, opened in the client namespace; ``round()`` asks on each."""
+
+    def __init__(self, lab: Lab, vip: str, port: int, n: int) -> None:
+        import http.client
+
+        self.conns = []
+        with lab.inside("client"):
+            for _ in range(n):
+                c = http.client.HTTPConnection(vip, port, timeout=5)
+                c.connect()
+                self.conns.append(c)
+        self.ports = [c.sock.getsockname()[1] for c in self.conns]
+
+    def round(self) -> int:
+        """Connections that answered on their original TCP connection."""
+        ok = 0
+        for c, port in zip(self.conns, self.ports):
+            try:
+                if c.sock is None or c.sock.getsockname()[1] != port:
+                    continue
+                c.request("GET", "/")
+                c.getresponse().read()
+                ok += c.sock is not None and c.sock.getsockname()[1] == port
+            except (OSError, Exception):
+                c.close()
+        return ok
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.close()
+
+
+def watch_takeover(lab: Lab, vip: str, port: int, since: float, out: Trial, stop: threading.Event) -> None:
+    """Start a connection attempt every 20 ms; the first that succeeds marks the standby forwarding."""
+    def attempt(started: float) -> None:
+        with lab.inside("client"):
+            f = probe.fetch(vip, port, timeout=0.5)
+        if f.ok and out.takeover is None:
+            out.takeover = started - since
+            stop.set()
+
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        while not stop.is_set() and time.monotonic() - since < 10:
+            pool.submit(attempt, time.monotonic())
+            time.sleep(0.02)
+
+
 def run_trial(lab: Lab, load: Load, fault: str, window: float, rng: random.Random) -> Trial:
     lab.restore()
     wait_resolver_dc1(lab)
     trial = Trial(fault)
+    roles = list(topo.director_roles(lab.config.site("dc1")))
+    pair = fault == "director" and len(roles) > 1
+    held = None
+    if pair:
+        active, standby = settle_pair(lab, roles)
+        site = lab.sites["dc1"]
+        held = LongLived(lab, site.vips[0], site.port, LONG_LIVED)
+        trial.held = held.round()
+        deadline = time.monotonic() + 20
+        while synced(lab, standby) < LONG_LIVED and time.monotonic() < deadline:
+            time.sleep(0.1)
     with load.lock:
         load.trial, load.fault_at = trial, None
     time.sleep(1.0 + rng.uniform(0, 5.0))  # land anywhere in the resolver's 5 s TTL
     if fault == "servers":
         victims = [f"{role}-httpd" for role in lab.sites["dc1"].real_servers]
     else:
-        victims = ["dc1-director"]
+        victims = [active if pair else "dc1-director"]
     procs = [lab.state["processes"][n] for n in victims]
     at, wall = time.monotonic(), time.time()
     for p in procs:
@@ -180,12 +279,24 @@ def run_trial(lab: Lab, load: Load, fault: str, window: float, rng: random.Rando
     with load.lock:
         load.fault_at = at
     trial.fault_at = at
+    watcher = None
+    if pair:
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch_takeover,
+                                   args=(lab, lab.sites["dc1"].vips[0], lab.sites["dc1"].port, at, trial, stop),
+                                   daemon=True)
+        watcher.start()
     time.sleep(window + 1.5)  # requests sent in the window get up to their timeout to finish
     with load.lock:
         load.trial = None
     if fault == "servers":
         marked = marked_down_at(lab)
         trial.marked = marked - wall if marked is not None else None
+    if watcher is not None:
+        watcher.join(5)
+    if held is not None:
+        trial.survived = held.round()
+        held.close()
     for name in victims:
         lab.state["processes"][name]["stopped"] = True  # lab.restore() starts them again
     return trial
@@ -250,7 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = lab.up()
         vip_ok = all(v and v.startswith("ok") for v in summary["vip_path"].values())
-        print(f"\nfault: {'every real server of dc1 killed' if args.fault == 'servers' else 'dc1 director killed'}; "
+        pair = len(topo.director_roles(cfg.site("dc1"))) > 1
+        what = "every real server of dc1 killed" if args.fault == "servers" else \
+            "dc1's active director killed (a pair: its standby takes over)" if pair else "dc1 director killed"
+        print(f"\nfault: {what}; "
               f"health checks every {hc.interval} s, timeout {hc.timeout} s, fall {hc.fall}; heartbeat "
               f"{cfg.site('dc1').director.heartbeat} s, stale_after {cfg.redis.stale_after} s; TTL {single.ttl} s; "
               f"{args.rate:g} requests/s per client; failures counted over {args.window:g} s after the fault")
@@ -278,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                     late = sorted({s.error for s in t.single if not s.ok and mark <= s.sent < t.fault_at + args.window})
                     if late:
                         line += f" ({'; '.join(late)})"
+                if args.fault == "director" and pair:
+                    line += (f"; standby forwarding {fmt(t.takeover)}; long-lived connections survived "
+                             f"{t.survived}/{t.held}; DNS {'unchanged' if dns_unchanged(t) else 'CHANGED'}")
                 print(line, flush=True)
         lab.restore()
         print(f"\n{args.trials} trials, seconds after the fault      min   median      max")
@@ -298,9 +415,19 @@ def main(argv: list[str] | None = None) -> int:
             after = [sp[1][0] if sp else None for sp in splits]
             print(f"  single-address failed before mark    {summarize(before)}   (requests)")
             print(f"  single-address failed after mark     {summarize(after)}   (requests; spill serves them)")
+        if args.fault == "director" and pair:
+            print(f"  standby forwarding (s)               {summarize([t.takeover for t in trials])}")
+            print(f"  long-lived connections survived (%)  "
+                  f"{summarize([100.0 * t.survived / t.held if t.held else None for t in trials])}")
+            print(f"  DNS unchanged in                     {sum(dns_unchanged(t) for t in trials)} of {len(trials)} trials")
         return 0
     finally:
         lab.down()
+
+
+def dns_unchanged(t: Trial) -> bool:
+    """Neither dnsfront nor the resolver ever answered without dc1 after the fault."""
+    return t.dnsfront is None and t.resolver is None
 
 
 def share(t: Trial, which: str, start: float, window: float) -> float | None:

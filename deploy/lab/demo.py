@@ -12,6 +12,10 @@
    its new connections to dc2's real servers (dc2-rsN@dc1: served by dc2
    through dc1's VIP).
 4. dc1's servers come back: dc1 is answered and serves again.
+5. dc1's active director is killed (kill -9): its standby (a VRRP pair,
+   docs/ha.md) takes the VIP over with the connection table; DNS never
+   changes and the client keeps being served by dc1. The killed director
+   is started again and takes the VIP back (preempt).
 
 A line per second: time, what the resolver answered (sites, TTL), which real
 servers answered the client's requests, retries on the next address, failures.
@@ -130,6 +134,9 @@ class Timeline:
             if "resolver_moved" not in self.events and via_resolver.ok and dc1 not in via_resolver.addresses:
                 self.events["resolver_moved"] = now
                 self.event(f"the resolver's answer no longer has dc1 ({now - fault:.2f} s: its cached TTL ran out)")
+        director = self.events.get("director_fault")
+        if director is not None and direct.ok and dc1 not in direct.addresses:
+            self.events.setdefault("director_dns_changed", now)
         if back is not None:
             if "dnsfront_back" not in self.events and dc1 in direct.addresses:
                 self.events["dnsfront_back"] = now
@@ -189,6 +196,7 @@ def run_demo(lab: Lab, *, hold: float | None = None, keep: bool = False) -> int:
         if returned is None:
             raise LabError("dc1 did not serve again within 25 s of its servers coming back")
         tl.event(f"dc1 serves the client again ({returned - tl.events['back']:.1f} s after its servers came back)")
+        director_phase(lab, tl)
         _summary(tl)
         print()
         print(lab.glb_status())
@@ -223,6 +231,31 @@ def run_demo(lab: Lab, *, hold: float | None = None, keep: bool = False) -> int:
             log("lab down: every namespace and process removed")
 
 
+def director_phase(lab: Lab, tl: Timeline) -> None:
+    """Kill dc1's active director; its standby takes over; start it again (it takes the VIP back)."""
+    roles = [r for r in topo.director_roles(lab.config.site("dc1"))]
+    active = next((r for r in roles if lab.pair_role(r) == "master"), None)
+    if active is None:
+        tl.event("dc1 has no director pair (or no master): skipping the director failover")
+        return
+    standby = next(r for r in roles if r != active)
+    tl.event(f"killing dc1's active director {active} (kill -9); its standby {standby} takes the VIP over")
+    tl.events["director_fault"] = time.monotonic()
+    failed_before = tl.failed
+    lab.kill_process(active)
+    tl.run(6.0)
+    tl.events["director_failed"] = tl.failed - failed_before
+    tl.events["director_standby_master"] = lab.pair_role(standby) == "master"
+    tl.event(f"starting {active} again: it takes the VIP back (preempt, after preempt_delay)")
+    lab.restart_process(active)
+    restarted = time.monotonic()
+    back = tl.run(20.0, until=lambda sec: lab.pair_role(active) == "master", settle=2.0)
+    if back is not None:
+        tl.event(f"{active} is master again ({back - restarted:.1f} s after it was started; the handover "
+                 f"carried the connection table)")
+    tl.events["director_back"] = time.monotonic()
+
+
 def _summary(tl: Timeline) -> None:
     ev = tl.events
     f = ev["fault"]
@@ -233,6 +266,11 @@ def _summary(tl: Timeline) -> None:
         print(f"    the resolver's answer followed      {ev['resolver_moved'] - f:5.2f} s after (the cached TTL ran out)")
     if "dnsfront_back" in ev:
         print(f"    dnsfront answered dc1 again         {ev['dnsfront_back'] - ev['back']:5.2f} s after they came back")
+    if "director_fault" in ev:
+        print(f"    dc1's active director killed:       standby master: "
+              f"{'yes' if ev.get('director_standby_master') else 'NO'}; DNS "
+              f"{'CHANGED' if 'director_dns_changed' in ev else 'unchanged'}; "
+              f"{ev.get('director_failed', 0)} client requests failed meanwhile")
     if tl.vip_ok:
         print(f"    client requests {tl.requests}: served {tl.served}, {tl.retried} needed the answer's second "
               f"address, failed {tl.failed}")

@@ -242,10 +242,12 @@ class Lab:
                 self.run_in(role, argv, what=f"glb realserver setup on {role}")
                 self.start_httpd(role)
         for name, site in self.sites.items():
-            role = f"{name}-director"
-            self.log(f"{role} ({topo.DIRECTORS[name]}, {site.forwarding.upper()}): glb director --config "
-                     f"{self._rel(cfg)} --site {name}")
-            self.start(role, role, limited(CAPABILITIES["director"], glb + ["director", "--config", cfg, "--site", name]))
+            for role, member in topo.director_roles(self.config.site(name)).items():
+                member_args = ["--id", member] if member else []
+                self.log(f"{role} ({topo.address_of(role)}, {site.forwarding.upper()}): glb director --config "
+                         f"{self._rel(cfg)} --site {name}{' --id ' + member if member else ''}")
+                self.start(role, role, limited(CAPABILITIES["director"],
+                                               glb + ["director", "--config", cfg, "--site", name, *member_args]))
         for role, addr in topo.DNSFRONTS.items():
             self.log(f"{role} ({addr}): glb dnsfront --config {self._rel(cfg)}")
             self.start(f"dnsfront-{role}", role, limited(CAPABILITIES["dnsfront"], glb + ["dnsfront", "--config", cfg]))
@@ -282,8 +284,9 @@ class Lab:
         for name, site in self.sites.items():
             for role, addr in site.real_servers.items():
                 until(f"{role}'s HTTP server", lambda a=addr, p=site.port: probe.fetch(a, p, "/healthz", timeout=0.5).ok)
-            until(f"the {name} director to see every real server up",
-                  lambda n=name, s=site: self._all_up(topo.DIRECTORS[n], s.status_port))
+            for role in topo.director_roles(self.config.site(name)):
+                until(f"{role} to see every real server up",
+                      lambda r=role, s=site: self._all_up(topo.address_of(r), s.status_port))
         expect = [v for s in sorted(self.sites) for v in self.sites[s].vips]
         for role, addr in topo.DNSFRONTS.items():
             until(f"{role} (dnsfront) to answer app.{topo.ZONE} with both sites",
@@ -314,6 +317,20 @@ class Lab:
                     time.sleep(0.2)
                 out[name] = result
         return out
+
+    def director_status(self, role: str) -> dict | None:
+        """The /status of the director on lab host ``role`` (None if it does not answer)."""
+        site = self.sites[topo.site_of(role)]
+        with self.inside("ops"):
+            try:
+                code, body = probe.http_json(topo.address_of(role), site.status_port, "/status", timeout=0.5)
+            except OSError:
+                return None
+        return body if code == 200 and isinstance(body, dict) else None
+
+    def pair_role(self, role: str) -> str | None:
+        """``master``, ``backup``... of the pair member on lab host ``role`` (None: not answering, or no pair)."""
+        return ((self.director_status(role) or {}).get("pair") or {}).get("role")
 
     @staticmethod
     def _all_up(addr: str, port: int) -> bool:

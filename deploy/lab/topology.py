@@ -11,7 +11,8 @@ verifies that the config's sites, VIPs and real servers fit this network.
                           dc1-gw .101                            dc2-gw .102
                  dc1 LAN 10.1.0.0/24 (lan0)        dc2 edge 192.0.2.128/26 (edge0)
                  VIP 192.0.2.10 on-link              director .130, VIP .140 on-link
-        director .2   rs1 .11   rs2 .12             dc2 servers 10.2.0.0/24 (srv0)
+   director .2 (active), .3 (standby)            dc2 servers 10.2.0.0/24 (srv0)
+        rs1 .11   rs2 .12
                                                          rs1 .11   rs2 .12
 ```
 """
@@ -76,7 +77,10 @@ HOSTS = (
     Host("redis", "redis-server, the shared state", _on("internet", "172.16.0.60/24"), "172.16.0.1"),
     Host("dc1-gw", "dc1's router; the VIP block is on-link on its LAN", _on("internet", "172.16.0.101/24", "uplink"),
          "172.16.0.1", routes=("192.0.2.0/26 dev lan0",), router=True),
-    Host("dc1-director", "glb director --site dc1 (DR)", _on("dc1-lan", "10.1.0.2/24"), "10.1.0.1"),
+    Host("dc1-director", "glb director --site dc1 --id dc1-a (DR), the pair's primary",
+         _on("dc1-lan", "10.1.0.2/24"), "10.1.0.1"),
+    Host("dc1-standby", "glb director --site dc1 --id dc1-b (DR), the pair's standby",
+         _on("dc1-lan", "10.1.0.3/24"), "10.1.0.1"),
     Host("dc1-rs1", "real server (DR), HTTP", _on("dc1-lan", "10.1.0.11/24"), "10.1.0.1"),
     Host("dc1-rs2", "real server (DR), HTTP", _on("dc1-lan", "10.1.0.12/24"), "10.1.0.1"),
     Host("dc2-gw", "dc2's router: edge network and server subnet", _on("internet", "172.16.0.102/24", "uplink"),
@@ -96,6 +100,19 @@ REDIS = "172.16.0.60"
 DIRECTORS = {"dc1": "10.1.0.2", "dc2": "192.0.2.130"}
 REAL_SERVERS = {"dc1-rs1": "10.1.0.11", "dc1-rs2": "10.1.0.12", "dc2-rs1": "10.2.0.11", "dc2-rs2": "10.2.0.12"}
 ZONE = "example.net"
+
+
+def role_at(address: str) -> str | None:
+    """The lab host that has ``address``."""
+    return next((h.role for h in HOSTS for a in h.attachments if a.address.split("/")[0] == address), None)
+
+
+def director_roles(site) -> dict[str, str | None]:
+    """A config site's directors: {lab host role: pair member id (None without a pair)}."""
+    pair = site.director.pair
+    if pair is None:
+        return {f"{site.name}-director": None}
+    return {role_at(str(m.address)) or f"?{m.address}": m.id for m in pair.members}
 
 
 def address_of(role: str) -> str:
@@ -161,6 +178,10 @@ def check(cfg) -> list[str]:
                 role = next((r for r, a in REAL_SERVERS.items() if a == str(rs.address)), None)
                 if role is None or site_of(role) != site.name:
                     problems.append(f"site {site.name}: real server {rs.address} is not one of the lab's hosts")
+        for role in director_roles(site):
+            if role not in BY_ROLE or site_of(role) != site.name:
+                problems.append(f"site {site.name}: director pair member {role.lstrip('?')} is not one of the "
+                                f"lab's {site.name} director hosts")
         if site.director.interface != "eth0":
             problems.append(f"site {site.name}: the lab's directors use interface eth0")
     host = cfg.redis.url.split("//", 1)[-1].split("/")[0].rsplit(":", 1)[0].split("@")[-1]

@@ -4,7 +4,8 @@
 --site NAME`` calls. It wires the pieces together and handles signals:
 
 * SIGTERM / SIGINT: stop probing, publish the site as withdrawn (so DNS moves
-  clients away at once), close everything, return 0.
+  clients away at once), close everything, return 0. A member of a director
+  pair hands over instead (priority 0) while a healthy standby is there.
 * SIGHUP: re-read the config. Real servers added, removed or reweighted take
   effect; servers that stay keep their health state, counters, overrides and
   probe cadence, so a reload never flaps the pool (keepalived #1228, #187). A
@@ -31,6 +32,11 @@ the same from inside. The engine reports its counters back twice a second;
 ``Director.counters`` / ``Director.vip_counters`` / ``Director.packet_stats``
 serve them to the snapshot, /status and /metrics. A director on ``lo`` runs
 the control plane only: loopback carries no client traffic.
+
+A site with ``director.pair`` runs this director as one member
+(``glb director --id``, director/control/pair.py, docs/ha.md): the packet
+path starts without the VIPs, VRRP decides who owns them, only the master
+publishes, and connection sync runs between the members' packet workers.
 """
 
 from __future__ import annotations
@@ -251,7 +257,7 @@ class Director:
             old = self.table.site.director
             new = site.director
             for field in ("status_listen", "admin_listen", "max_probes", "probe_cpus", "interface", "address",
-                          "address6", "connection_table", "packet"):
+                          "address6", "connection_table", "packet", "pair", "lan"):
                 if getattr(old, field) != getattr(new, field):
                     log.warning("reload: director.%s changed; it takes effect on restart", field)
             if config.redis != self.config.redis:
@@ -260,7 +266,7 @@ class Director:
             if self.admin_api is not None:
                 self.admin_api.reload(config.admin)
             self.publisher.heartbeat = new.heartbeat
-            self.director_id = new.id or socket.gethostname()
+            self.director_id = self.member or new.id or socket.gethostname()
             now = self._clock()
             self._changed(self.table.reconfigure(site, now))
             self._apply_overrides(now)  # servers added by the reload may have overrides

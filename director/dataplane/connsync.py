@@ -27,6 +27,7 @@ The connection table and persistence templates live in the packet workers
 from __future__ import annotations
 
 import ipaddress
+import itertools
 from typing import Any
 
 from director.control.health import ServerKey
@@ -34,6 +35,10 @@ from director.control.sync import ConnRecord, Record, SyncReceiver, TemplateReco
 from director.dataplane import fanout
 from director.dataplane.conntable import Conn
 from director.dataplane.forwarder import reply_key
+
+
+PER_TICK = 2000
+"""Records a worker sends up per 20 ms tick at most (100,000/s: above any sane sync.max_rate)."""
 
 
 def _vip_of(key: bytes) -> tuple[bytes, int, int]:
@@ -77,13 +82,16 @@ class ConnSync:
             for c in self.fwd.table:
                 self._pending[c.key] = c
 
-    def records(self, now: float) -> list[Record]:
-        """What changed since the last call, templates before the flows made through them."""
+    def records(self, now: float, limit: int = PER_TICK) -> list[Record]:
+        """Up to ``limit`` flows that changed since they were last told (oldest first), templates
+        before the flows made through them. The rest wait for the next call: a dump of a large
+        table must not stall the worker's packet loop nor its pipe."""
         if not self._pending:
             return []
+        batch = list(itertools.islice(self._pending.values(), limit))
         out: list[Record] = []
         templates: set[int] = set()
-        for c in self._pending.values():
+        for c in batch:
             if c.due < 0:
                 continue  # gone meanwhile: the backup's copy times out by itself
             if c.template is not None and id(c.template) not in templates:
@@ -93,7 +101,11 @@ class ConnSync:
                     out.append(t)
             out.append(ConnRecord(c.key, c.state, max(0.0, c.expires - now), c.dest.addr, c.dest.key.port,
                                   c.confirmed, c.template is not None))
-        self._pending.clear()
+        if len(batch) == len(self._pending):
+            self._pending.clear()
+        else:
+            for c in batch:
+                del self._pending[c.key]
         return out
 
     def _template_record(self, c: Conn, now: float) -> TemplateRecord | None:

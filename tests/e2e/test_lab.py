@@ -188,20 +188,44 @@ def test_site_fails_when_all_its_real_servers_die(fresh):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
-def test_site_fails_when_its_director_dies(fresh, sig):
-    """SIGKILL: the heartbeat stops, the site goes stale (redis.stale_after). SIGTERM: the director withdraws it."""
+def test_site_fails_when_its_only_director_dies(fresh, sig):
+    """dc2 has one director. SIGKILL: the heartbeat stops, the site goes stale (redis.stale_after).
+    SIGTERM: the director withdraws it."""
     lab = fresh
     t0 = time.monotonic()
-    lab.stop_process("dc1-director", sig)
-    took = wait_dns(lab, lambda a: a and DC1_VIP not in a, timeout=10, since=t0)
+    lab.stop_process("dc2-director", sig)
+    took = wait_dns(lab, lambda a: a and DC2_VIP not in a, timeout=10, since=t0)
     kind = "killed (SIGKILL)" if sig == signal.SIGKILL else "stopped (SIGTERM, withdraws the site)"
-    print(f"\ndc1's director {kind}: both dnsfronts stopped answering dc1 after {took:.2f} s "
+    print(f"\ndc2's director {kind}: both dnsfronts stopped answering dc2 after {took:.2f} s "
           f"(stale_after {lab.config.redis.stale_after} s)")
     assert took < SITE_FAULT_LIMIT
-    assert dnsfront_answers(lab) == {"ns1": [DC2_VIP], "ns2": [DC2_VIP]}
-    lab.restart_process("dc1-director")
+    assert dnsfront_answers(lab) == {"ns1": [DC1_VIP], "ns2": [DC1_VIP]}
+    lab.restart_process("dc2-director")
     back = wait_dns(lab, lambda a: sorted(a) == BOTH, timeout=15)
     print(f"director restarted: dc1 answered again after {back:.2f} s (rise {lab.config.site('dc1').services[0].health_check.rise})")
+
+
+def test_dc1s_standby_director_takes_over_without_a_dns_change(fresh):
+    """dc1 runs a pair: its active director killed -9, the standby takes the VIP, DNS never changes."""
+    lab = fresh
+    wait_for(lambda: lab.pair_role("dc1-director") == "master", 15, "dc1-a to be master")
+    t0 = time.monotonic()
+    lab.kill_process("dc1-director")
+    answers = []
+    while lab.pair_role("dc1-standby") != "master":
+        answers.append(dnsfront_answers(lab))
+        assert time.monotonic() - t0 < 10, "dc1-b did not take over"
+    took = time.monotonic() - t0
+    served = fetch_many(lab, DC1_VIP, 10)
+    for _ in range(10):
+        answers.append(dnsfront_answers(lab))
+        time.sleep(0.1)
+    print(f"\ndc1's active director killed: dc1-b master after {took:.2f} s; served {dict(served)}")
+    assert set(served) <= {"dc1-rs1", "dc1-rs2"}, served
+    assert all(sorted(a) == BOTH for answer in answers for a in answer.values()), "DNS changed"
+    lab.restart_process("dc1-director")  # preempt: it takes the VIP back after preempt_delay
+    wait_for(lambda: lab.pair_role("dc1-director") == "master", 15, "dc1-a to take the VIP back")
+    assert set(fetch_many(lab, DC1_VIP, 4)) <= {"dc1-rs1", "dc1-rs2"}
 
 
 # --------------------------------------------------------------------------

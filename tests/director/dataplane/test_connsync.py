@@ -146,3 +146,19 @@ def test_a_dump_tells_every_flow_again_for_a_backup_that_just_joined():
     ms.dump()
     ship(ms, ls, 5.0)
     assert len(late.table) == 10 and ls.receiver.counters["templates"] == 10
+
+
+def test_a_large_dump_goes_up_a_bounded_batch_per_call():
+    _, master, _, ms, _ = pair("rr")
+    for i in range(25):
+        fwd(master, syn(41000 + i, src=f"198.51.100.{i + 1}"))
+        fwd(master, syn(41000 + i, src=f"198.51.100.{i + 1}", flags="A"), 0.1)
+    ms.records(0.2)
+    ms.dump()
+    sizes = []
+    while True:
+        got = ms.records(0.3, limit=10)
+        if not got:
+            break
+        sizes.append(len(got))
+    assert sizes == [10, 10, 5]
