@@ -99,6 +99,9 @@ glb_run() {  # SIZE TYPE
   taskset -c "$CHECKER_CPU" "$PY" -m glb.cli director --config "$WORK/glb.yaml" --site dc1 >"$WORK/director.log" 2>&1 &
   pid=$!; PIDS+=($pid)
   for _ in $(seq 300); do curl -sf -o /dev/null "http://127.0.0.1:$sport/healthz" && break; sleep 0.1; done
+  if ! kill -0 "$pid" 2>/dev/null; then
+    echo "health_scale: the director exited:" >&2; tail -5 "$WORK/director.log" >&2; exit 1
+  fi
   sleep "$WARMUP"
   p0=$(metric "$sport" glb_director_probes_total)
   cpu=$(measure "$pid" "$DURATION")
@@ -135,7 +138,7 @@ for n in "${SIZES[@]}"; do
       if [ "$what" = keepalived ]; then keepalived_run "$n"; else glb_run "$n" "${what#glb }"; fi
       read -r c r d l <<<"$OUT"
       cpus+=("$c"); rates+=("$r"); downs+=("$d"); lags+=("$l")
-      per+=("$(awk -v c="$c" -v r="$r" 'BEGIN {printf "%.1f", r > 0 ? c * 1000 / r : 0}')")
+      per+=("$(awk -v c="$c" -v r="$r" 'BEGIN {printf "%.1f", (r > 0 ? c * 1000 / r : 0)}')")
     done
     printf "%-7s %-11s %8s %9s %8s %12s %9s\n" "$n" "$what" "$(echo "${cpus[*]}" | range)" \
       "$(echo "${rates[*]}" | range)" "$(echo "${per[*]}" | range)" "$(echo "${downs[*]}" | range)" \

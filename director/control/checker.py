@@ -1,7 +1,7 @@
 """The health checker: runs every real server's probe on its own schedule.
 
-Each real server has a slot: a timer on the event loop (``call_at``), not a
-task. Slots start at a random offset in the check's ``start_jitter`` (so a
+Each real server has a slot: an entry on the checker's ``TimerHeap`` (one
+loop timer for all of them), not a task. Slots start at a random offset in the check's ``start_jitter`` (so a
 restart does not fire every probe in the same millisecond) and then fire every
 ``interval`` on a fixed cadence; missed ticks are skipped rather than fired in
 a burst. ``max_probes`` bounds the probes in flight, so a site with thousands
@@ -41,6 +41,7 @@ from director.control.health import ServerKey, server_keys
 from director.control.probes import Probe, ProbeResult
 from glb.aio import cancel_and_wait
 from glb.config import HealthCheck, Site
+from director.control.timerheap import Entry, TimerHeap
 from glb.histogram import Histogram
 
 log = logging.getLogger("glb.director.checker")
@@ -90,7 +91,8 @@ class _Slot:
         self.target = target
         self.due = due
         """Loop time this check is due."""
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: Entry | None = None
+        """The next check's entry on the checker's ``TimerHeap``."""
         self.cancel: Callable[[], None] | None = None
         """Cancels the callback probe in flight."""
         self.task: asyncio.Task[None] | None = None
@@ -102,7 +104,7 @@ class _Slot:
     def stop(self) -> None:
         self.live = False
         if self.timer is not None:
-            self.timer.cancel()
+            TimerHeap.cancel(self.timer)
             self.timer = None
         if self.cancel is not None:
             self.cancel()
@@ -129,6 +131,7 @@ class Checker:
         self._max_probes = max_probes
         self._rng = rng
         self._slots: dict[ServerKey, _Slot] = {}
+        self._timers: TimerHeap | None = None
         self._waiting: collections.deque[_Slot] = collections.deque()
         self.in_flight = 0
         self.probes_run = 0
@@ -160,6 +163,8 @@ class Checker:
         with a fresh start jitter; removed ones are cancelled.
         """
         loop = asyncio.get_running_loop()
+        if self._timers is None:
+            self._timers = TimerHeap(loop)
         wanted = {t.key: t for t in new}
         for key in list(self._slots):
             slot = self._slots[key]
@@ -169,7 +174,7 @@ class Checker:
         for key, target in wanted.items():
             if key not in self._slots:
                 slot = _Slot(target, loop.time() + self._rng() * target.check.start_jitter)
-                slot.timer = loop.call_at(slot.due, self._fire, slot)
+                slot.timer = self._timers.call_at(slot.due, self._fire, slot)
                 self._slots[key] = slot
 
     async def stop(self) -> None:
@@ -179,6 +184,9 @@ class Checker:
         tasks = [slot.task for slot in slots if slot.task is not None]
         for slot in slots:
             self._drop(slot)
+        if self._timers is not None:
+            self._timers.close()
+            self._timers = None
         await cancel_and_wait(tasks)
 
     # -- the schedule
@@ -257,7 +265,8 @@ class Checker:
                 slot.due += slot.target.check.interval
                 if slot.due < now:
                     slot.due = now  # late (slow probe or full queue): skip, do not burst
-            slot.timer = loop.call_at(slot.due, self._fire, slot)
+            assert self._timers is not None
+            slot.timer = self._timers.call_at(slot.due, self._fire, slot)
         while self._waiting and self.in_flight < self._max_probes:
             waiting = self._waiting.popleft()
             if waiting.live:

@@ -6,7 +6,8 @@ per check, ``wait_for``'s inner task, ``create_connection``'s address checks,
 a transport and a protocol object, ``asyncio.timeout``. A TCP check is one
 non-blocking ``connect``; an HTTP check is that plus one ``send`` and a few
 ``recv``. Here each is a small object holding a socket, one reader or writer
-registration and one timer, that calls ``done(result)`` once.
+registration and one deadline (on a ``TimerHeap``, not a loop timer each),
+that calls ``done(result)`` once.
 
 The timeout is measured on the probe itself. When its timer fires, the socket
 is polled first (a connection the kernel completed, or a reply that arrived,
@@ -15,7 +16,7 @@ timer that fired later than the check's own timeout past its deadline means
 the event loop, not the server, was slow: the result says ``stalled`` and the
 checker does not count it (``director.control.checker``).
 
-``start(loop, check, address, port, done)`` returns a cancel function, or
+``start(timers, check, address, port, done)`` returns a cancel function, or
 None when the check has no callback probe here (HTTPS, DNS, UDP, exec: those
 stay coroutines in ``director.control.probes``). ``STARTERS`` is the registry.
 """
@@ -27,9 +28,11 @@ import errno
 import os
 import select
 import socket
+import struct
 import time
 from collections.abc import Callable
 
+from director.control.timerheap import Entry, TimerHeap
 from glb.config import HealthCheck, HttpCheck
 
 BODY_LIMIT = 1 << 20
@@ -37,6 +40,8 @@ BODY_LIMIT = 1 << 20
 USER_AGENT = "glb-director-healthcheck"
 
 Done = Callable[["FastResult"], None]
+_RESET = struct.pack("ii", 1, 0)
+"""SO_LINGER on, 0 s: close() sends a reset."""
 
 
 class FastResult:
@@ -62,17 +67,18 @@ def _strerror(err: int) -> str:
 class _Probe:
     """One connect (and, for HTTP, one exchange) with a deadline."""
 
-    __slots__ = ("loop", "check", "done", "sock", "fd", "t0", "deadline", "timer", "watching", "finished")
+    __slots__ = ("loop", "timers", "check", "done", "sock", "fd", "t0", "deadline", "timer", "watching", "finished")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, check: HealthCheck, done: Done):
+    def __init__(self, timers: TimerHeap, loop: asyncio.AbstractEventLoop, check: HealthCheck, done: Done):
         self.loop = loop
+        self.timers = timers
         self.check = check
         self.done = done
         self.sock: socket.socket | None = None
         self.fd = -1
         self.t0 = time.perf_counter()
         self.deadline = loop.time() + check.timeout
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: Entry | None = None
         self.watching = ""  # "", "w" (writer) or "r" (reader)
         self.finished = False
 
@@ -88,7 +94,7 @@ class _Probe:
         if err not in (0, errno.EINPROGRESS):
             self.finish(False, _strerror(err))
             return
-        self.timer = self.loop.call_at(self.deadline, self.on_timeout)
+        self.timer = self.timers.call_at(self.deadline, _Probe.on_timeout, self)
         if err == 0:
             self.connected()
         else:
@@ -115,6 +121,10 @@ class _Probe:
             self.connected()
 
     def connected(self) -> None:
+        assert self.sock is not None
+        # Close with a reset, as HAProxy's checks do: no FIN exchange and no
+        # TIME_WAIT socket per check (thousands a second would fill the table).
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
         self.finish(True, "connected")
 
     def ready(self) -> bool:
@@ -148,7 +158,7 @@ class _Probe:
         self.finished = True
         self.unwatch()
         if self.timer is not None:
-            self.timer.cancel()
+            TimerHeap.cancel(self.timer)
             self.timer = None
         if self.sock is not None:
             self.sock.close()
@@ -161,8 +171,9 @@ class _Http(_Probe):
 
     __slots__ = ("request", "buf", "status", "body_from")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, check: HttpCheck, done: Done, address: str, port: int):
-        super().__init__(loop, check, done)
+    def __init__(self, timers: TimerHeap, loop: asyncio.AbstractEventLoop, check: HttpCheck, done: Done,
+                 address: str, port: int):
+        super().__init__(timers, loop, check, done)
         host = check.host or (f"[{address}]:{port}" if ":" in address else f"{address}:{port}")
         self.request = (f"{check.method} {check.path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\n"
                         "Accept: */*\r\nConnection: close\r\n\r\n").encode("latin-1")
@@ -218,14 +229,14 @@ class _Http(_Probe):
             self.finish(False, f"HTTP {self.status}, body lacks {check.expect_body!r}")
 
 
-def _start_tcp(loop, check, address, port, done) -> _Probe:
-    p = _Probe(loop, check, done)
+def _start_tcp(timers, loop, check, address, port, done) -> _Probe:
+    p = _Probe(timers, loop, check, done)
     p.begin(address, port)
     return p
 
 
-def _start_http(loop, check, address, port, done) -> _Probe:
-    p = _Http(loop, check, done, address, port)
+def _start_http(timers, loop, check, address, port, done) -> _Probe:
+    p = _Http(timers, loop, check, done, address, port)
     p.begin(address, port)
     return p
 
@@ -234,12 +245,13 @@ STARTERS: dict[str, Callable[..., _Probe]] = {"tcp": _start_tcp, "http": _start_
 """Check types with a callback probe; every other type runs as a coroutine."""
 
 
-def start(loop: asyncio.AbstractEventLoop, check: HealthCheck, address: str, port: int,
+def start(timers: TimerHeap, check: HealthCheck, address: str, port: int,
           done: Done) -> Callable[[], None] | None:
-    """Start ``check`` against ``address:port``; ``done`` is called once (never
-    from inside this call's caller after a cancel). Returns the cancel function,
-    or None if this check type has no callback probe."""
+    """Start ``check`` against ``address:port``, its deadline on ``timers``
+    (of the running loop); ``done`` is called once, possibly before this
+    returns (an immediate refusal), never after a cancel. Returns the cancel
+    function, or None if this check type has no callback probe."""
     starter = STARTERS.get(check.type)
     if starter is None:
         return None
-    return starter(loop, check, address, port, done).close
+    return starter(timers, asyncio.get_running_loop(), check, address, port, done).close

@@ -49,6 +49,7 @@ import aiohttp
 import dnslib
 
 from director.control import fastprobe
+from director.control.timerheap import TimerHeap
 from glb.config import DnsCheck, ExecCheck, HealthCheck, HttpCheck, UdpCheck
 
 BODY_LIMIT = 1 << 20
@@ -108,14 +109,24 @@ class Prober:
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._timers: TimerHeap | None = None
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._timers is not None:
+            self._timers.close()
+            self._timers = None
+
+    def timers(self) -> TimerHeap:
+        """The callback probes' deadlines (one heap, one loop timer)."""
+        if self._timers is None:
+            self._timers = TimerHeap(asyncio.get_running_loop())
+        return self._timers
 
     async def __call__(self, check: HealthCheck, address: str, port: int) -> ProbeResult:
-        fast = await _fast(check, address, port)
+        fast = await _fast(self.timers(), check, address, port)
         if fast is not None:
             return fast
         run = PROBES.get(check.type)
@@ -143,7 +154,7 @@ class Prober:
         """Run ``check`` without a task if its type has a callback probe
         (``director.control.fastprobe``): ``done`` gets the result; returns the
         cancel function, or None for a type that only has a coroutine probe."""
-        return fastprobe.start(asyncio.get_running_loop(), check, address, port,
+        return fastprobe.start(self.timers(), check, address, port,
                                lambda r: done(ProbeResult(r.ok, _one_line(r.detail), r.latency, r.stalled)))
 
     def http_session(self) -> aiohttp.ClientSession:
@@ -159,7 +170,7 @@ class Prober:
 
 
 
-async def _fast(check: HealthCheck, address: str, port: int) -> ProbeResult | None:
+async def _fast(timers: TimerHeap, check: HealthCheck, address: str, port: int) -> ProbeResult | None:
     """The callback probe's result, awaited; None if ``check`` has none."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[ProbeResult] = loop.create_future()
@@ -168,7 +179,7 @@ async def _fast(check: HealthCheck, address: str, port: int) -> ProbeResult | No
         if not fut.done():
             fut.set_result(ProbeResult(r.ok, _one_line(r.detail), r.latency, r.stalled))
 
-    cancel = fastprobe.start(loop, check, address, port, done)
+    cancel = fastprobe.start(timers, check, address, port, done)
     if cancel is None:
         return None
     try:
