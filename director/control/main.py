@@ -264,7 +264,7 @@ class Director:
             return
         pp = site.director.packet
         path = PacketPath(iface, EngineConfig(iface, frames=pp.ring_frames, workers=pp.workers, busy_poll=pp.busy_poll,
-                                              dataplane=pp.dataplane,
+                                              dataplane=pp.dataplane, pin_dir=self._pin_dir(),
                                               conntable=site.director.connection_table), self._build_plan)
         try:
             await path.start()
@@ -275,6 +275,11 @@ class Director:
         if LOOP != "c":
             log.warning("director.dataplane._fastpath is not built (no compiler when GLB was installed?): established "
                         "flows take the Python loop, about 0.8x the packets per second")
+
+    def _pin_dir(self) -> str:
+        """Where the kernel data plane pins its maps: one directory per site and director."""
+        root = self.table.site.director.packet.bpf_pin_root
+        return f"{root.rstrip('/')}/{self.site_name}-{self.director_id}" if root else ""
 
     async def _stop_packet_path(self) -> None:
         if self.packet_path is not None:

@@ -506,8 +506,10 @@ class Forwarder:
             return None
         svc, label = hit
         if p.proto == 6 and not p.flags & TCP_SYN and not svc.stateless:
-            self.drops[Drop.NO_CONNECTION] += 1  # IPVS: only a SYN opens a TCP connection
-            return None
+            c = self._adopt(p, now) if self.kernel is not None else None
+            if c is None:
+                self.drops[Drop.NO_CONNECTION] += 1  # IPVS: only a SYN opens a TCP connection
+            return c
         sched = svc.sched4 if len(p.src) == 4 else svc.sched6
         if sched is None:
             self.drops[Drop.NO_SERVICE] += 1
@@ -525,11 +527,34 @@ class Forwarder:
             else:
                 self.drops[Drop.NO_DESTINATION] += 1
                 return None
-        route = self._routes.get((dest.key, label))
-        if route is None:
-            self._routes[(dest.key, label)] = route = Route(dest.key, label)
+        route = self.route(dest.key, label)
         route.conns += 1
         return self.table.add(p.key, dest, p.flags, now, template=tpl, tag=route)
+
+    def _adopt(self, p, now: float) -> Conn | None:
+        """A flow the kernel holds and this table does not (a previous director's, over pinned maps):
+        taken over with its server, state and expiry, then this packet applied to it."""
+        got = self.kernel.adopt(p.key, now)
+        if got is None:
+            return None
+        route, dest, state, expires = got
+        self.table.install(p.key, dest, state, expires, now, tag=route)
+        return self.table.lookup(p.key, p.flags, now)
+
+    def route(self, server: ServerKey, label: str) -> Route:
+        """The Route of a server and a VIP label, made the first time."""
+        route = self._routes.get((server, label))
+        if route is None:
+            self._routes[(server, label)] = route = Route(server, label)
+        return route
+
+    def plan_routes(self) -> Iterable[tuple[ServerKey, str, ServerDest]]:
+        """(server, VIP label, Dest) for every server (sorry servers included) of every VIP of the plan."""
+        for svc in self._services.values():
+            dests = list(svc.dests.values()) + ([svc.sorry] if svc.sorry is not None else [])
+            for v in svc.plan.vips:
+                for d in dests:
+                    yield d.key, v.label, d
 
     # -- reporting ----------------------------------------------------------------
 
