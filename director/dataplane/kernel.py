@@ -14,6 +14,9 @@ from typing import Any, Iterable, Protocol
 from director.dataplane import kernelmaps as km
 
 
+_PAD12 = bytes(12)
+
+
 class BpfMaps(Protocol):
     """Byte-level access to the program's maps, by the names of the C file."""
 
@@ -80,6 +83,8 @@ class KernelTables:
             if rid:
                 self._route_ids[rid] = km.U32.unpack(k)[0]
         self._next_route = 0
+        self._heads: dict[bytes, bytes] = {}
+        """protocol + VIP address -> the first 4 bytes of its flows' kernel keys (see kernel_key)."""
         self._vips: dict[bytes, int] = {}
         """VIP address -> its id in ``vips`` (flow keys hold it); read back from pinned maps."""
         self._live: set[bytes] = set()
@@ -149,10 +154,22 @@ class KernelTables:
         for a in dead[:max(0, len(self._vips) - km.MAX_VIPS)]:
             self.maps.delete("vips", km.vip_key(a))
             del self._vips[a]
+            self._heads.clear()  # its id may be given to another VIP
 
     def kernel_key(self, key: bytes) -> bytes:
-        """The ``conns`` key of a connection-table key."""
-        return km.flow_key(key, self.vip_id(km.flow_vip(key)))
+        """The ``conns`` key of a connection-table key (kernelmaps.flow_key, with the protocol, family and
+        VIP id of each (protocol, VIP) made once: this runs for every flow installed)."""
+        if len(key) == 13:
+            head = self._heads.get(key[:1] + key[5:9])
+            if head is not None:
+                return head + key[9:13] + key[1:5] + _PAD12
+        elif len(key) == 37:
+            head = self._heads.get(key[:1] + key[17:33])
+            if head is not None:
+                return head + key[33:37] + key[1:17]
+        k = km.flow_key(key, self.vip_id(km.flow_vip(key)))
+        self._heads[key[:1] + km.flow_vip(key)] = k[:4]
+        return k
 
     _key = kernel_key
 
@@ -232,6 +249,8 @@ class KernelSync:
         self.ifindex = ifindex
         self._routes: dict[int, tuple[Any, Any]] = {}
         """route index -> (forwarder Route, the Dest its flows go to)."""
+        self._index: dict[Any, int] = {}
+        """forwarder Route -> its index (Routes live as long as the forwarder)."""
         self._written: dict[int, bytes] = {}
         self._counted: dict[int, tuple[int, int]] = {}
         self._off: set[int] = set()
@@ -257,12 +276,16 @@ class KernelSync:
         self._written.update(batch)
 
     def flow(self, c) -> None:
-        if not c.confirmed or c.tag is None:
+        route = c.tag
+        if not c.confirmed or route is None:
             return
-        index = self.tables.route_index(c.tag)
-        if self._routes.get(index) != (c.tag, c.dest):
-            self._register(index, c.tag, c.dest)
-        self._write_routes((index,))
+        index = self._index.get(route)
+        if index is None:
+            index = self._index[route] = self.tables.route_index(route)
+        known = self._routes.get(index)
+        if known is None or known[0] is not route or known[1] is not c.dest:
+            self._register(index, route, c.dest)
+            self._write_routes((index,))  # later changes to it come with plans (plan_applied)
         self.pending[self.tables.kernel_key(c.key)] = km.flow_value(index, c.state, c.expires)
 
     def flush(self) -> None:

@@ -173,13 +173,21 @@ def ns(seconds: float) -> int:
     return max(0, int(seconds * 1e9))
 
 
+_TICKS_PER_SECOND = 1e9 / (1 << TICK_SHIFT)
+
+
 def ticks(seconds: float) -> int:
     """A ``now``-style time as the kernel's expiry unit, modulo 2^32; rounded up, so never early."""
-    return -(-ns(seconds) >> TICK_SHIFT) & 0xFFFFFFFF
+    t = max(0.0, seconds) * _TICKS_PER_SECOND
+    i = int(t)
+    return (i + (i < t)) & 0xFFFFFFFF
 
 
-def flow_value(route: int, state: int, expires: float) -> bytes:
-    return FLOW_VALUE.pack(route, state, ticks(expires))
+def flow_value(route: int, state: int, expires: float, _pack=FLOW_VALUE.pack) -> bytes:
+    """Once per confirmed flow and state change: kept to one multiplication and one pack."""
+    t = expires * _TICKS_PER_SECOND
+    i = int(t)
+    return _pack(route, state, (i + (i < t)) & 0xFFFFFFFF if t > 0 else 0)
 
 
 def parse_flow_value(value: bytes, now: float) -> tuple[int, int, float]:
