@@ -405,6 +405,9 @@ class KernelDataplane:
         try:
             self.bpf.update("layout", km.ZERO, km.U64.pack(layout))
             self.tables = KernelTables(self.bpf, timeouts)
+            # Reused maps hold the VIPs live as the last director left them: nothing is forwarded until
+            # this one's first plan says which it owns (a restarted standby must not forward).
+            self.tables.set_vips(())
             if slowpath:
                 self.veth = SlowPathVeth(interface)
                 self.tables.set_slowpath(self.veth.tx_ifindex)
