@@ -465,6 +465,10 @@ class PacketPathConfig:
     ``userspace`` (the engine alone), ``auto`` (kernel where the program loads
     and attaches, else userspace with one warning). The kernel data plane
     needs ``workers: 1``."""
+    bpf_pin_root: str = "/sys/fs/bpf/glb"
+    """Where the kernel data plane pins its maps, in ``<root>/<site>-<director id>/``
+    (a bpffs), so a restarted director keeps forwarding established flows;
+    "" = no pinning. Not on a bpffs: not pinned, with one log line."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1429,6 +1433,7 @@ def _parse_site(ctx: _Context, name: str, m: _Map) -> Site:
         busy_poll=pm.get("busy_poll", _bool, pd.busy_poll),
         ring_frames=pm.get("ring_frames", _int(16, 1 << 16), pd.ring_frames),
         dataplane=pm.get("dataplane", _choice("dataplane", DATAPLANES), pd.dataplane),
+        bpf_pin_root=pm.get("bpf_pin_root", lambda v: "" if v == "" else _str(v), pd.bpf_pin_root),
     )
     if packet.dataplane == "kernel" and packet.workers > 1:
         ctx.error(pm.at("dataplane"), "the kernel data plane runs with workers: 1 (its flows are installed by one "

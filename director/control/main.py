@@ -444,7 +444,7 @@ class Director:
         if pair is not None:  # a pair member starts as a standby; VRRP decides
             extra = dict(sync_id=pair.virtual_router_id if pair.sync.enabled else 0, announce=announce_offsets(pair))
         path = PacketPath(iface, EngineConfig(iface, frames=pp.ring_frames, workers=pp.workers, busy_poll=pp.busy_poll,
-                                              dataplane=pp.dataplane, cpus=self.placement.packet,
+                                              dataplane=pp.dataplane, cpus=self.placement.packet, pin_dir=self._pin_dir(),
                                               lan_interface=site.director.lan_interface,
                                               conntable=site.director.connection_table, **extra), self._build_plan,
                           owned=pair is None)
@@ -457,6 +457,11 @@ class Director:
         if LOOP != "c":
             log.warning("director.dataplane._fastpath is not built (no compiler when GLB was installed?): established "
                         "flows take the Python loop, about 0.8x the packets per second")
+
+    def _pin_dir(self) -> str:
+        """Where the kernel data plane pins its maps: one directory per site and director."""
+        root = self.table.site.director.packet.bpf_pin_root
+        return f"{root.rstrip('/')}/{self.site_name}-{self.director_id}" if root else ""
 
     async def _stop_packet_path(self) -> None:
         if self.packet_path is not None:

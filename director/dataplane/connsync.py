@@ -148,7 +148,7 @@ class ConnSync:
 
     def _tag(self, key: bytes, dest: Any) -> Any:
         hit = self.fwd.service_of(*_vip_of(key))
-        return self.fwd.route(dest, hit[1])
+        return self.fwd.route(dest.key, hit[1])
 
     def _owns(self, r: Record) -> bool:
         """Whether the fanout program sends this record's client to this worker."""

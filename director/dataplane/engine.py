@@ -54,6 +54,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from director.dataplane import bpf, codec, fanout
@@ -274,6 +275,8 @@ class EngineConfig:
             return None
         return dataclasses.replace(self, interface=self.lan_interface, lan_interface=None,
                                    fanout_group=self.fanout_group ^ 0x8000 if self.fanout_group else 0)
+    pin_dir: str = ""
+    """Where the kernel data plane pins its maps (on a bpffs), so a restart keeps its flows; "" = nowhere."""
 
 
 class PacketSocket:
@@ -386,6 +389,10 @@ class EngineStats:
                            "kernel" if "kernel" in (self.dataplane, other.dataplane) else "userspace", kernel, sync)
 
 
+def _nothing() -> None:
+    pass
+
+
 def _declined(buf, start: int, length: int, now: float) -> None:
     """Forwarder.fast's answer for a frame the C loop already declined, without asking."""
     return None
@@ -418,6 +425,8 @@ class Worker:
         """The kernel data plane (director/dataplane/kernel.py) while it forwards established flows."""
         self.dataplane_note = ""
         """Why ``dataplane: auto`` runs in userspace ("" when it does not)."""
+        self.maps_note = ""
+        """What became of the pinned maps, for the director's log ("" when nothing to say)."""
         if ps is None and cfg.dataplane != "userspace":
             self._open_kernel(cfg, table)
         try:
@@ -476,17 +485,26 @@ class Worker:
         installs flows lives here, and BPF map fds do not cross the spawn
         boundary (pinning them needs a bpffs, which ``ip netns exec`` hides).
         """
-        from director.dataplane.kernel import KernelDataplane, KernelSync
+        from director.dataplane.kernel import KernelDataplane, KernelSync, bpffs
 
+        pin = Path(cfg.pin_dir) if cfg.pin_dir else None
+        if pin is not None and not bpffs(pin):
+            self.maps_note = (f"maps not pinned: {pin} is not on a bpffs (a restart starts with an empty "
+                              "kernel table)")
+            pin = None
         try:
             if cfg.workers > 1:
                 raise KernelDataplaneError("the kernel data plane needs packet.workers: 1")
-            kd = KernelDataplane(cfg.interface, table.max_entries, table.timeouts)
+            kd = KernelDataplane(cfg.interface, table.max_entries, table.timeouts, pin_dir=pin)
         except KernelDataplaneError as e:
             if cfg.dataplane == "kernel":
                 raise
             self.dataplane_note = str(e)
             return
+        if kd.pins == "reused":
+            self.maps_note = f"reusing the maps pinned in {pin} (established flows kept)"
+        elif kd.pins == "rebuilt":
+            self.maps_note = f"the maps pinned in {pin} had another layout or size: rebuilt empty"
         self.kernel = kd
         self.fwd.kernel = table.outside = KernelSync(kd.tables, socket.if_nametoindex(cfg.interface))
 
@@ -504,7 +522,7 @@ class Worker:
             self._lan_filter = wanted[1]
         self.fwd.apply(plan)
         if self.kernel is not None:
-            self.fwd.kernel.plan_applied(plan.vips)
+            self.fwd.kernel.plan_applied(plan.vips, self.fwd)
         modes = {MODES[s.forwarding] for s in plan.services}
         self.need_vnet = any(m.needs_vnet for m in modes)
         self.mac_rewrites = any(m.mac_rewrite for m in modes)
@@ -550,6 +568,8 @@ class Worker:
                 if now >= next_sweep:
                     next_sweep = now + SWEEP_EVERY
                     self.fwd.sweep(now)
+                    if self.kernel is not None:
+                        self.fwd.kernel.flush()
                 if now >= next_stats:
                     next_stats = now + STATS_EVERY
                     self.report()
@@ -593,6 +613,9 @@ class Worker:
         confirmed, timeouts = self.fwd.table.confirmed_flows, self.fwd.table.timeouts
         # Python's fast() would only repeat the C loop's refusal unless a TUN service needs it.
         fast = self.fwd.fast if (crun is None or self.need_vnet) and not kernel else _declined
+        # The flows these frames confirmed (or ended) go into the kernel in one batch, before the frames
+        # go out: a reply they provoke must find the flow installed, or its next packet comes here too.
+        installs = self.fwd.kernel.flush if kernel else _nothing
         while handled < RX_BUDGET:
             if crun is not None:
                 n = crun(ring, iov, iov0, idx, min(RX_BUDGET - handled, nfr - idx), fsz, now, confirmed,
@@ -624,6 +647,7 @@ class Worker:
                 iov[j] = base + start - VNET_LEN
                 iov[j + 1] = snaplen + VNET_LEN
             else:
+                installs()
                 if idx > first:
                     slots.send(first, idx - first)
                 first = idx + 1
@@ -639,10 +663,12 @@ class Worker:
             idx += 1
             w += step
             if idx == nfr:  # the next slot is not next in memory: end the run
+                installs()
                 if nfr > first:
                     slots.send(first, nfr - first)
                 idx = first = w = 0
         if handled:
+            installs()
             if idx > first:
                 slots.send(first, idx - first)
             sender.flush()
@@ -792,7 +818,8 @@ def worker_main(cfg: EngineConfig, plan: Plan, index: int, cells: Any, positions
     except KernelDataplaneError as e:
         conn.send(("error", str(e)))
         return
-    conn.send(("ready", (w.ps.mac, "kernel" if w.kernel is not None else "userspace", w.dataplane_note)))
+    conn.send(("ready", (w.ps.mac, "kernel" if w.kernel is not None else "userspace", w.dataplane_note,
+                         w.maps_note)))
     try:
         w.run()
     finally:
@@ -834,6 +861,8 @@ class Engine:
         """Who forwards established flows, as the workers reported when they started."""
         self.dataplane_note = ""
         """Why ``dataplane: auto`` fell back to userspace ("" if it did not)."""
+        self.maps_note = ""
+        """What the kernel data plane found of its pinned maps, when worth a log line ("" if nothing)."""
         # Plans are numbered so the control plane can tell when every worker
         # forwards by the latest one (0 = the plan given to start()).
         self.generation = 0
@@ -894,8 +923,8 @@ class Engine:
         self._spawned_with[i] = self.generation
         return (self.cfg, self._plan, i, self._cells, positions)
 
-    def _ready(self, i: int, payload: tuple[bytes, str, str]) -> None:
-        self.mac, self.dataplane, self.dataplane_note = payload
+    def _ready(self, i: int, payload: tuple[bytes, str, str, str]) -> None:
+        self.mac, self.dataplane, self.dataplane_note, self.maps_note = payload
         self._applied[i] = self._spawned_with[i]
         if self._sync_sending:  # a restarted worker of a master
             self._sup.send(i, ("sync_send", True))

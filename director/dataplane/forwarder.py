@@ -663,8 +663,10 @@ class Forwarder:
             return None
         svc, label = hit
         if p.proto == 6 and not p.flags & TCP_SYN and not svc.stateless:
-            self.drops[Drop.NO_CONNECTION] += 1  # IPVS: only a SYN opens a TCP connection
-            return None
+            c = self._adopt(p, now) if self.kernel is not None else None
+            if c is None:
+                self.drops[Drop.NO_CONNECTION] += 1  # IPVS: only a SYN opens a TCP connection
+            return c
         tpl = None
         spill = svc.spill4 if len(p.src) == 4 else svc.spill6
         if spill is not None:  # the service spills: every new flow goes to the target site
@@ -692,7 +694,7 @@ class Forwarder:
         return self._add(p, dest, label, now, tpl)
 
     def _add(self, p, dest: ServerDest, label: str, now: float, tpl) -> Conn:
-        route = self.route(dest, label)
+        route = self.route(dest.key, label)
         route.conns += 1
         return self.table.add(p.key, dest, p.flags, now, template=tpl, tag=route, rkey=reply_key(p.key, dest))
 
@@ -705,12 +707,32 @@ class Forwarder:
     def service(self, name: str) -> _Service | None:
         return self._services.get(name)
 
-    def route(self, dest: ServerDest, label: str) -> Route:
-        """The (server, VIP) route flows along ``dest`` count on, made on first use."""
-        route = self._routes.get((dest.key, label))
+
+    def _adopt(self, p, now: float) -> Conn | None:
+        """A flow the kernel holds and this table does not (a previous director's, over pinned maps):
+        taken over with its server, state and expiry, then this packet applied to it."""
+        got = self.kernel.adopt(p.key, now)
+        if got is None:
+            return None
+        route, dest, state, expires = got
+        self.table.install(p.key, dest, state, expires, now, tag=route, rkey=reply_key(p.key, dest))
+        return self.table.lookup(p.key, p.flags, now)
+
+    def route(self, server: ServerKey, label: str) -> Route:
+        """The Route of a server and a VIP label, made the first time."""
+        route = self._routes.get((server, label))
         if route is None:
-            self._routes[(dest.key, label)] = route = Route(dest.key, label)
+            self._routes[(server, label)] = route = Route(server, label)
         return route
+
+    def plan_routes(self) -> Iterable[tuple[ServerKey, str, ServerDest]]:
+        """(server, VIP label, Dest) for every server (sorry servers included) of every VIP of the plan."""
+        for svc in self._services.values():
+            # Spilled flows' remote servers too: a restart must not move them either.
+            dests = [*svc.dests.values(), *([svc.sorry] if svc.sorry is not None else []), *svc.remote.values()]
+            for v in svc.plan.vips:
+                for d in dests:
+                    yield d.key, v.label, d
 
     # -- reporting ----------------------------------------------------------------
 

@@ -8,9 +8,13 @@ on a real kernel, :class:`FakeMaps` (dicts) in unit tests, as Katran's
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 from director.dataplane import kernelmaps as km
+
+
+_PAD12 = bytes(12)
 
 
 class BpfMaps(Protocol):
@@ -25,6 +29,12 @@ class BpfMaps(Protocol):
     def delete(self, name: str, key: bytes) -> bool: ...
 
     def keys(self, name: str) -> list[bytes]: ...
+
+    def items(self, name: str) -> list[tuple[bytes, bytes]]: ...
+
+    def update_batch(self, name: str, items: list[tuple[bytes, bytes]]) -> None: ...
+
+    def delete_batch(self, name: str, keys: list[bytes]) -> int: ...
 
 
 class FakeMaps:
@@ -50,25 +60,40 @@ class FakeMaps:
     def keys(self, name: str) -> list[bytes]:
         return list(self.maps[name])
 
+    def items(self, name: str) -> list[tuple[bytes, bytes]]:
+        return list(self.maps[name].items())
+
+    def update_batch(self, name: str, items: list[tuple[bytes, bytes]]) -> None:
+        for k, v in items:
+            self.update(name, k, v)
+
+    def delete_batch(self, name: str, keys: list[bytes]) -> int:
+        return sum(self.delete(name, k) for k in keys)
+
 
 class KernelTables:
     """What the tc program knows: flows, routes, the state machine; and its counters."""
 
     def __init__(self, maps: BpfMaps, timeouts: Iterable[float]) -> None:
         self.maps = maps
-        self._routes: dict[tuple[Any, str], int] = {}
-        """(server key, VIP label) -> route index: a forwarder Route's place in ``routes``."""
+        self._route_ids: dict[int, int] = {}
+        """Route identity (kernelmaps.route_id) -> its index in ``routes``; read back from pinned maps."""
+        for k, v in maps.items("route_ids"):
+            rid = km.U64.unpack(v)[0]
+            if rid:
+                self._route_ids[rid] = km.U32.unpack(k)[0]
+        self._next_route = 0
+        self._heads: dict[bytes, bytes] = {}
+        """protocol + VIP address -> the first 4 bytes of its flows' kernel keys (see kernel_key)."""
         self._vips: dict[bytes, int] = {}
-        """VIP address -> its id in ``vips`` (flow keys hold it); read back from maps that outlived a director."""
+        """VIP address -> its id in ``vips`` (flow keys hold it); read back from pinned maps."""
         self._live: set[bytes] = set()
         """The VIPs written live."""
-        for k in maps.keys("vips"):
-            v = maps.lookup("vips", k)
-            if v is not None:
-                vip, flags = km.VIP.unpack(v)
-                self._vips[km.vip_address(k)] = vip
-                if flags & km.VIP_LIVE:
-                    self._live.add(km.vip_address(k))
+        for k, v in maps.items("vips"):
+            vip, flags = km.VIP.unpack(v)
+            self._vips[km.vip_address(k)] = vip
+            if flags & km.VIP_LIVE:
+                self._live.add(km.vip_address(k))
         maps.update("timeouts", km.ZERO, km.timeouts_value(list(timeouts)))
         maps.update("next_state", km.ZERO, km.next_state_value())
 
@@ -80,15 +105,24 @@ class KernelTables:
         self.maps.update("routes", km.U32.pack(index), km.route_value(tx, live, ifindex))
 
     def route_index(self, route) -> int:
-        """The kernel's index for a forwarder ``Route`` (one real server x one VIP), allocated once."""
-        k = (route.server, route.vip)
-        i = self._routes.get(k)
+        """The kernel's index for a forwarder ``Route`` (one real server x one VIP), allocated once and
+        recorded in ``route_ids``, so a director restarted over pinned maps finds the same one."""
+        rid = km.route_id(route.server, route.vip)
+        i = self._route_ids.get(rid)
         if i is None:
-            i = len(self._routes)
+            used = set(self._route_ids.values())
+            while self._next_route in used:
+                self._next_route += 1
+            i = self._next_route
             if i >= km.MAX_ROUTES:
                 raise ValueError(f"more than {km.MAX_ROUTES} routes")
-            self._routes[k] = i
+            self.maps.update("route_ids", km.U32.pack(i), km.U64.pack(rid))
+            self._route_ids[rid] = i
         return i
+
+    def route_identity(self, index: int) -> int:
+        """The identity (kernelmaps.route_id) recorded for a route index; 0 if none."""
+        return next((rid for rid, i in self._route_ids.items() if i == index), 0)
 
     def set_slowpath(self, ifindex: int) -> None:
         """Where the frames the program leaves for the engine go (0: to the host, as everything else)."""
@@ -120,13 +154,33 @@ class KernelTables:
         for a in dead[:max(0, len(self._vips) - km.MAX_VIPS)]:
             self.maps.delete("vips", km.vip_key(a))
             del self._vips[a]
+            self._heads.clear()  # its id may be given to another VIP
 
-    def _key(self, key: bytes) -> bytes:
-        return km.flow_key(key, self.vip_id(km.flow_vip(key)))
+    def kernel_key(self, key: bytes) -> bytes:
+        """The ``conns`` key of a connection-table key (kernelmaps.flow_key, with the protocol, family and
+        VIP id of each (protocol, VIP) made once: this runs for every flow installed)."""
+        if len(key) == 13:
+            head = self._heads.get(key[:1] + key[5:9])
+            if head is not None:
+                return head + key[9:13] + key[1:5] + _PAD12
+        elif len(key) == 37:
+            head = self._heads.get(key[:1] + key[17:33])
+            if head is not None:
+                return head + key[33:37] + key[1:17]
+        k = km.flow_key(key, self.vip_id(km.flow_vip(key)))
+        self._heads[key[:1] + km.flow_vip(key)] = k[:4]
+        return k
+
+    _key = kernel_key
 
     def install(self, key: bytes, route: int, state: int, expires: float) -> None:
         """The flow (a connection-table key) goes to ``route`` until ``expires`` (``now`` seconds)."""
         self.maps.update("conns", self._key(key), km.flow_value(route, state, expires))
+
+    def write_flows(self, changes: dict[bytes, bytes | None]) -> None:
+        """Install (kernel key -> flow value) and remove (-> None) many flows: one batch of each."""
+        self.maps.update_batch("conns", [(k, v) for k, v in changes.items() if v is not None])
+        self.maps.delete_batch("conns", [k for k, v in changes.items() if v is None])
 
     def remove(self, key: bytes) -> bool:
         return self.maps.delete("conns", self._key(key))
@@ -174,10 +228,20 @@ class KernelSync:
     keeps its semantics because only Python schedules. The connection table
     calls :meth:`expiry` before it expires an entry (the kernel refreshed
     flows Python never saw a packet of) and :meth:`forget` when it drops one
-    (its ``outside`` hook). :meth:`plan_applied` rewrites the routes whose
-    server or VIP changed; :meth:`fold_counters` adds what the kernel
-    forwarded to the forwarder's Route counters, so every figure an
-    operator reads keeps its meaning.
+    (its ``outside`` hook). Installs and removals wait in :attr:`pending`
+    until :meth:`flush` writes them in one batch each (the engine flushes
+    after every batch of frames; a packet of a flow not yet flushed simply
+    comes to Python once more). :meth:`plan_applied` rewrites the routes
+    whose server or VIP changed, in one batch; :meth:`fold_counters` adds
+    what the kernel forwarded to the forwarder's Route counters, so every
+    figure an operator reads keeps its meaning.
+
+    Over maps a previous director left (pinned): :meth:`plan_applied` finds
+    the routes its flows hold by their identity and points them at this
+    plan's servers (or turns them off, server or VIP gone), and
+    :meth:`adopt` hands the forwarder such a flow when one of its packets
+    comes up (a FIN, an expiry, a down server), so it closes or moves as if
+    this director had scheduled it.
     """
 
     def __init__(self, tables: KernelTables, ifindex: int = 0) -> None:
@@ -185,36 +249,87 @@ class KernelSync:
         self.ifindex = ifindex
         self._routes: dict[int, tuple[Any, Any]] = {}
         """route index -> (forwarder Route, the Dest its flows go to)."""
+        self._index: dict[Any, int] = {}
+        """forwarder Route -> its index (Routes live as long as the forwarder)."""
         self._written: dict[int, bytes] = {}
         self._counted: dict[int, tuple[int, int]] = {}
+        self._off: set[int] = set()
+        """A predecessor's routes this plan does not have: turned off (their flows come to Python, which drops
+        or reschedules them)."""
+        self.pending: dict[bytes, bytes | None] = {}
+        """``conns`` key -> the flow value to install, or None to remove; written by :meth:`flush`."""
 
-    def _write_route(self, index: int) -> None:
+    def _register(self, index: int, route, dest) -> None:
+        if index not in self._counted:  # what the kernel counted before (a predecessor's) is not ours
+            self._counted[index] = self.tables.route_counters(index)
+        self._routes[index] = (route, dest)
+
+    def _route_value(self, index: int) -> bytes | None:
+        """The route's entry if it differs from what was last written."""
         route, dest = self._routes[index]
         value = km.route_value(dest.tx, dest.available and route.live, self.ifindex)
-        if self._written.get(index) != value:
-            self.tables.maps.update("routes", km.U32.pack(index), value)
-            self._written[index] = value
+        return None if self._written.get(index) == value else value
+
+    def _write_routes(self, indexes: Iterable[int]) -> None:
+        batch = [(i, v) for i in indexes if (v := self._route_value(i)) is not None]
+        self.tables.maps.update_batch("routes", [(km.U32.pack(i), v) for i, v in batch])
+        self._written.update(batch)
 
     def flow(self, c) -> None:
-        if not c.confirmed or c.tag is None:
+        route = c.tag
+        if not c.confirmed or route is None:
             return
-        index = self.tables.route_index(c.tag)
-        if self._routes.get(index) != (c.tag, c.dest):
-            self._routes[index] = (c.tag, c.dest)
-        self._write_route(index)
-        self.tables.install(c.key, index, c.state, c.expires)
+        index = self._index.get(route)
+        if index is None:
+            index = self._index[route] = self.tables.route_index(route)
+        known = self._routes.get(index)
+        if known is None or known[0] is not route or known[1] is not c.dest:
+            self._register(index, route, c.dest)
+            self._write_routes((index,))  # later changes to it come with plans (plan_applied)
+        self.pending[self.tables.kernel_key(c.key)] = km.flow_value(index, c.state, c.expires)
+
+    def flush(self) -> None:
+        if self.pending:
+            changes, self.pending = self.pending, {}
+            self.tables.write_flows(changes)
 
     def expiry(self, c, now: float) -> float:
+        k = self.tables.kernel_key(c.key)
+        if k in self.pending:  # not written yet: Python's own
+            v = self.pending[k]
+            return 0.0 if v is None else km.parse_flow_value(v, now)[2]
         got = self.tables.flow(c.key, now)
         return got[2] if got is not None else 0.0
 
     def forget(self, c) -> None:
-        self.tables.remove(c.key)
+        self.pending[self.tables.kernel_key(c.key)] = None
 
-    def plan_applied(self, vips: Iterable[bytes]) -> None:
+    def adopt(self, key: bytes, now: float) -> tuple[Any, Any, int, float] | None:
+        """(Route, Dest, state, expires) of a live flow the kernel holds and Python does not (a previous
+        director's), or None."""
+        got = self.tables.flow(key, now)
+        if got is None or got[2] <= now or got[0] not in self._routes:
+            return None
+        route, dest = self._routes[got[0]]
+        return route, dest, got[1], got[2]
+
+    def plan_applied(self, vips: Iterable[bytes], fwd: Any = None) -> None:
+        """The forwarder ``fwd`` took a new plan. When the maps hold routes this director has not
+        registered (a predecessor's), those still in the plan are registered, the others turned off."""
         self.tables.set_vips(vips)
-        for index in self._routes:
-            self._write_route(index)
+        strays = set(self.tables._route_ids.values()) - self._routes.keys() - self._off
+        if strays and fwd is not None:
+            by_id = {}
+            for server, label, dest in fwd.plan_routes():
+                index = self.tables._route_ids.get(km.route_id(server, label))
+                if index in strays:
+                    by_id[index] = (server, label, dest)
+            for index, (server, label, dest) in by_id.items():
+                self._register(index, fwd.route(server, label), dest)
+            off = strays - by_id.keys()
+            self.tables.maps.update_batch("routes", [(km.U32.pack(i), km.route_value(None, False)) for i in off])
+            self._off |= off
+        self._write_routes(list(self._routes))
 
     def fold_counters(self) -> None:
         for index, (route, _) in self._routes.items():
@@ -225,6 +340,40 @@ class KernelSync:
             self._counted[index] = (packets, nbytes)
 
 
+def bpffs(path: Path) -> bool:
+    """Whether ``path`` (existing or not) would be on a BPF filesystem (the mount holding it in mountinfo)."""
+    best, fstype = "", ""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return False
+    target = str(path.resolve()) + "/"
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        point = left.split()[4].replace("\\040", " ")
+        if target.startswith(point.rstrip("/") + "/") and len(point) >= len(best):
+            best, fstype = point, right.split()[0]
+    return fstype == "bpf"
+
+
+def prepare_pins(pin_dir: Path, layout: int) -> str:
+    """Make ``pin_dir`` ready for LibBpf: ``"reused"`` when the maps pinned there carry ``layout`` (libbpf
+    will use them), ``"new"`` when there were none, else ``"rebuilt"`` (pins of another layout removed)."""
+    from director.dataplane.libbpf import read_pinned
+
+    if not pin_dir.exists():
+        pin_dir.mkdir(parents=True)
+        return "new"
+    pins = list(pin_dir.iterdir())
+    if not pins:
+        return "new"
+    if read_pinned(pin_dir / "layout", km.ZERO, km.U64.size) == km.U64.pack(layout):
+        return "reused"
+    for p in pins:
+        p.unlink()
+    return "rebuilt"
+
+
 class KernelDataplane:
     """The program loaded (libbpf), its tables, its slow-path veth, its attachment at tc ingress.
 
@@ -232,18 +381,33 @@ class KernelDataplane:
     flows. With ``slowpath`` the frames the program leaves for the engine go
     to a veth pair whose far end (``rx_interface``) the engine reads, so
     the engine never sees a frame the kernel forwarded. ``close`` detaches,
-    removes the veth and unloads (the maps go with the program).
+    removes the veth and unloads.
+
+    With ``pin_dir`` (a directory on a bpffs) the maps are pinned there and
+    outlive the process: the next start over the same directory reuses them
+    when their layout (:func:`~director.dataplane.kernelmaps.layout_id`:
+    every map's sizes, the layout version, the table's size) is the same, so
+    established flows keep their servers across a restart or an upgrade of
+    the program; otherwise they are rebuilt empty. :attr:`pins` says which
+    (``"off"``, ``"new"``, ``"reused"``, ``"rebuilt"``).
     """
 
-    def __init__(self, interface: str, max_entries: int, timeouts: Iterable[float], slowpath: bool = True) -> None:
+    def __init__(self, interface: str, max_entries: int, timeouts: Iterable[float], slowpath: bool = True,
+                 pin_dir: Path | None = None) -> None:
         from director.dataplane.libbpf import LibBpf
         from director.dataplane.tcattach import SlowPathVeth, TcIngress
 
         self.tc = self.veth = None
         self.rx_interface: str | None = None
-        self.bpf = LibBpf(max_entries={"conns": max_entries}, sizes=km.MAPS)
+        layout = km.layout_id(max_entries)
+        self.pins = prepare_pins(pin_dir, layout) if pin_dir is not None else "off"
+        self.bpf = LibBpf(max_entries={"conns": max_entries}, sizes=km.MAPS, pin_dir=pin_dir)
         try:
+            self.bpf.update("layout", km.ZERO, km.U64.pack(layout))
             self.tables = KernelTables(self.bpf, timeouts)
+            # Reused maps hold the VIPs live as the last director left them: nothing is forwarded until
+            # this one's first plan says which it owns (a restarted standby must not forward).
+            self.tables.set_vips(())
             if slowpath:
                 self.veth = SlowPathVeth(interface)
                 self.tables.set_slowpath(self.veth.tx_ifindex)

@@ -29,6 +29,10 @@ Maps (names as in the C file):
   not live, so its id and flows are still there if it comes back.
 * ``slowpath`` (one-element array): the ifindex of the veth the engine reads,
   where those go (0: none; everything left goes to the host).
+* ``layout`` (one-element array) and ``route_ids`` (array): Python's alone,
+  pinned with the rest. :func:`layout_id` says whether pinned maps can be
+  reused; :func:`route_id` is a route's identity (its server and VIP), so a
+  restarted director finds the index its predecessor gave each route.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import struct
 from typing import Any
 
 from director.dataplane.conntable import NEXT_BYTES
+from glb.hashing import hash64
 
 STATES = 16
 """Rows the kernel's tables have (the 12 states of conntable.py, padded so the C can mask an index)."""
@@ -91,6 +96,8 @@ MAPS = {
     "ident": (U32.size, U32.size),
     "vips": (VIP_KEY.size, VIP.size),
     "slowpath": (U32.size, U32.size),
+    "layout": (U32.size, U64.size),
+    "route_ids": (U32.size, U64.size),
 }
 """Map name -> (key size, value size), as the C structs must have them."""
 
@@ -98,6 +105,21 @@ PERCPU_MAPS = frozenset({"route_counters", "reasons", "ident"})
 """Per-CPU maps: a lookup returns one 8-byte-aligned value per CPU, an update takes as many."""
 MAX_ROUTES = 65536
 ZERO = U32.pack(0)
+
+
+LAYOUT_VERSION = 2
+"""Bump when a map keeps its sizes but changes meaning: pinned maps of another version are rebuilt."""
+
+
+def layout_id(max_entries: int) -> int:
+    """What pinned maps must carry to be reused: the layout (every map's sizes, the version) and the
+    table's size (libbpf refuses a pinned map of another size anyway). Never 0 (an unset array slot)."""
+    return hash64(repr((LAYOUT_VERSION, sorted(MAPS.items()), max_entries)).encode()) | 1
+
+
+def route_id(server: Any, vip: str) -> int:
+    """A route's identity in ``route_ids``: its server (service, address, port) and VIP label. Never 0 (free)."""
+    return hash64(f"{server.service}|{server.address}|{server.port}|{vip}".encode()) | 1
 
 
 def flow_vip(key: bytes) -> bytes:
@@ -151,13 +173,21 @@ def ns(seconds: float) -> int:
     return max(0, int(seconds * 1e9))
 
 
+_TICKS_PER_SECOND = 1e9 / (1 << TICK_SHIFT)
+
+
 def ticks(seconds: float) -> int:
     """A ``now``-style time as the kernel's expiry unit, modulo 2^32; rounded up, so never early."""
-    return -(-ns(seconds) >> TICK_SHIFT) & 0xFFFFFFFF
+    t = max(0.0, seconds) * _TICKS_PER_SECOND
+    i = int(t)
+    return (i + (i < t)) & 0xFFFFFFFF
 
 
-def flow_value(route: int, state: int, expires: float) -> bytes:
-    return FLOW_VALUE.pack(route, state, ticks(expires))
+def flow_value(route: int, state: int, expires: float, _pack=FLOW_VALUE.pack) -> bytes:
+    """Once per confirmed flow and state change: kept to one multiplication and one pack."""
+    t = expires * _TICKS_PER_SECOND
+    i = int(t)
+    return _pack(route, state, (i + (i < t)) & 0xFFFFFFFF if t > 0 else 0)
 
 
 def parse_flow_value(value: bytes, now: float) -> tuple[int, int, float]:

@@ -1,6 +1,8 @@
 """The thin adapter over libbpf.so.1 (ctypes): load the tc program, move map bytes, run it on a packet.
 
 Only bytes cross this module: what the bytes mean is director/dataplane/kernelmaps.py's.
+Maps are written and read in batches where the kernel has the batch commands
+(5.6+ for hashes, 5.7+ for arrays), else entry by entry.
 Why ctypes over Debian's libbpf rather than a PyPI binding: libbpf is what
 compiles against the kernel's BTF and is packaged with the distribution
 (scripts/setup installs libbpf-dev, whose libbpf.so.1 is this), the calls
@@ -25,6 +27,18 @@ PROGRAM = "glb_ingress"
 _c_p = ctypes.c_void_p
 _PERCPU = {5, 6, 10}
 """BPF_MAP_TYPE_PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH: a lookup returns one 8-byte-aligned slot per CPU."""
+
+
+class _BatchOpts(ctypes.Structure):
+    """struct bpf_map_batch_opts (libbpf 1.x bpf.h)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+_NO_BATCH = {errno.EINVAL, errno.EOPNOTSUPP, 524}
+"""What a kernel or map type without the batch commands answers (524: the kernel's ENOTSUPP)."""
+BATCH = 4096
+"""Entries per batch syscall when reading."""
 
 
 class _TestRunOpts(ctypes.Structure):
@@ -68,6 +82,14 @@ def _libbpf() -> ctypes.CDLL:
             ("bpf_map_lookup_elem", ctypes.c_int, [ctypes.c_int, _c_p, _c_p]),
             ("bpf_map_delete_elem", ctypes.c_int, [ctypes.c_int, _c_p]),
             ("bpf_map_get_next_key", ctypes.c_int, [ctypes.c_int, _c_p, _c_p]),
+            ("bpf_map_update_batch", ctypes.c_int, [ctypes.c_int, _c_p, _c_p, ctypes.POINTER(ctypes.c_uint32), _c_p]),
+            ("bpf_map_delete_batch", ctypes.c_int, [ctypes.c_int, _c_p, ctypes.POINTER(ctypes.c_uint32), _c_p]),
+            ("bpf_map_lookup_batch", ctypes.c_int,
+             [ctypes.c_int, _c_p, _c_p, _c_p, _c_p, ctypes.POINTER(ctypes.c_uint32), _c_p]),
+            ("bpf_obj_get", ctypes.c_int, [ctypes.c_char_p]),
+            ("bpf_object__next_map", _c_p, [_c_p, _c_p]),
+            ("bpf_map__name", ctypes.c_char_p, [_c_p]),
+            ("bpf_map__set_pin_path", ctypes.c_int, [_c_p, ctypes.c_char_p]),
             ("bpf_prog_test_run_opts", ctypes.c_int, [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]),
             ("libbpf_num_possible_cpus", ctypes.c_int, []),
             ("libbpf_set_print", _c_p, [_c_p]),
@@ -84,14 +106,32 @@ def _errno(rc: int) -> int:
     return -rc if rc < 0 else (ctypes.get_errno() or errno.EIO)
 
 
+def read_pinned(path: Path, key: bytes, size: int) -> bytes | None:
+    """One value of a map pinned at ``path`` (None: no such pin, or no such entry), without loading anything."""
+    lib = _libbpf()
+    fd = lib.bpf_obj_get(str(path).encode())
+    if fd < 0:
+        return None
+    try:
+        out = ctypes.create_string_buffer(size)
+        return out.raw if lib.bpf_map_lookup_elem(fd, key, out) == 0 else None
+    finally:
+        os.close(fd)
+
+
 class LibBpf:
     """The loaded program and its maps (the real :class:`~director.dataplane.kernel.BpfMaps`)."""
 
     def __init__(self, path: Path = OBJECT, max_entries: dict[str, int] | None = None,
-                 sizes: dict[str, tuple[int, int]] | None = None) -> None:
+                 sizes: dict[str, tuple[int, int]] | None = None, pin_dir: Path | None = None) -> None:
         """Open and load the object; ``max_entries`` resizes maps before loading; ``sizes``
-        (map -> key and value size) is checked after, so a stale object is refused."""
+        (map -> key and value size) is checked after, so a stale object is refused.
+
+        ``pin_dir`` (on a bpffs): every map is pinned there as ``<pin_dir>/<map name>``, and maps
+        already pinned there are used instead of new ones (libbpf refuses one whose type, sizes or
+        entries differ: the caller clears the directory first when its layout changed)."""
         lib = _libbpf()
+        self._batch = True
         if not path.exists():
             raise KernelDataplaneError(f"the tc program {path} is not built: run scripts/setup (needs clang)")
         obj = lib.bpf_object__open_file(str(path).encode(), None)
@@ -104,6 +144,11 @@ class LibBpf:
                 m = self._map_ptr(name)
                 if lib.bpf_map__set_max_entries(m, n):
                     raise KernelDataplaneError(f"cannot size BPF map {name} to {n}")
+            if pin_dir is not None:
+                m = lib.bpf_object__next_map(obj, None)
+                while m:
+                    lib.bpf_map__set_pin_path(m, str(pin_dir / lib.bpf_map__name(m).decode()).encode())
+                    m = lib.bpf_object__next_map(obj, m)
             rc = lib.bpf_object__load(obj)
             if rc:
                 e = _errno(rc)
@@ -185,6 +230,76 @@ class LibBpf:
             if line.startswith("memlock:"):
                 return int(line.split()[1])
         raise KernelDataplaneError(f"BPF map {name}: the kernel reports no memlock")
+
+    def update_batch(self, name: str, items: list[tuple[bytes, bytes]]) -> None:
+        """Write many entries in one BPF_MAP_UPDATE_BATCH (one update each where the kernel has none)."""
+        if not items:
+            return
+        fd, ks, vs = self._map(name)
+        if self._batch:
+            keys = b"".join(k for k, _ in items)
+            values = b"".join(v for _, v in items)
+            count = ctypes.c_uint32(len(items))
+            opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+            rc = self._lib.bpf_map_update_batch(fd, keys, values, ctypes.byref(count), ctypes.byref(opts))
+            if not rc:
+                return
+            if _errno(rc) not in _NO_BATCH:
+                self._call("batch update", name, rc)
+            self._batch = False
+        for k, v in items:
+            self.update(name, k, v)
+
+    def delete_batch(self, name: str, keys: list[bytes]) -> int:
+        """Delete many entries (BPF_MAP_DELETE_BATCH; one delete each where the kernel has none); how many
+        were there. A key already gone (the LRU evicted it) is skipped."""
+        fd, _, _ = self._map(name)
+        done = 0
+        while keys and self._batch:
+            count = ctypes.c_uint32(len(keys))
+            opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+            rc = self._lib.bpf_map_delete_batch(fd, b"".join(keys), ctypes.byref(count), ctypes.byref(opts))
+            if not rc:
+                return done + len(keys)
+            e = _errno(rc)
+            if e == errno.ENOENT:  # stops at the first missing key, having deleted those before it
+                done += count.value
+                keys = keys[count.value + 1:]
+                continue
+            if e not in _NO_BATCH:
+                self._call("batch delete", name, rc)
+            self._batch = False
+        return done + sum(self.delete(name, k) for k in keys)
+
+    def items(self, name: str) -> list[tuple[bytes, bytes]]:
+        """Every entry (BPF_MAP_LOOKUP_BATCH, BATCH at a time; key by key where the kernel has none)."""
+        fd, ks, vs = self._map(name)
+        out: list[tuple[bytes, bytes]] = []
+        if self._batch:
+            keys, values = ctypes.create_string_buffer(ks * BATCH), ctypes.create_string_buffer(vs * BATCH)
+            token = ctypes.create_string_buffer(max(ks, 8))
+            first = True
+            while True:
+                count = ctypes.c_uint32(BATCH)
+                opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+                rc = self._lib.bpf_map_lookup_batch(fd, None if first else token, token, keys, values,
+                                                    ctypes.byref(count), ctypes.byref(opts))
+                e = _errno(rc) if rc else 0
+                if e and e != errno.ENOENT:
+                    if e not in _NO_BATCH or not first:
+                        self._call("batch lookup", name, rc)
+                    self._batch = False
+                    break
+                kr, vr = keys.raw, values.raw
+                out.extend((kr[i * ks:(i + 1) * ks], vr[i * vs:(i + 1) * vs]) for i in range(count.value))
+                if e == errno.ENOENT:
+                    return out
+                first = False
+        for k in self.keys(name):
+            v = self.lookup(name, k)
+            if v is not None:
+                out.append((k, v))
+        return out
 
     def test_run(self, frame: bytes, ctx: bytes | None = None) -> tuple[int, bytes]:
         """BPF_PROG_TEST_RUN: run the program once on ``frame``; (return code, the frame after it)."""

@@ -175,7 +175,10 @@ ZONES = """zones:
 
 def config_yaml(*, redis_port: int, services: str, address: str | None = None, address6: str | None = None,
                 max_entries: int = 100000, status_port: int = 9100, workers: int = 1,
-                dataplane: str = "auto", lan: str | None = None) -> str:
+                dataplane: str = "auto", lan: str | None = None,
+                pin_root: str = "") -> str:
+    """``pin_root``: the kernel data plane's bpf_pin_root ("": none; ``ip netns exec`` hides /sys/fs/bpf anyway)."""
+    pins = f', bpf_pin_root: "{pin_root}"' if pin_root else ""
     extra = ""
     if address:
         extra += f", address: {address}"
@@ -192,7 +195,7 @@ admin: {{token: lab-token-0123456789}}
       status_listen: "127.0.0.1:{status_port}"
       heartbeat: 0.5
       connection_table: {{max_entries: {max_entries}}}
-      packet: {{workers: {workers}, dataplane: {dataplane}}}
+      packet: {{workers: {workers}, dataplane: {dataplane}{pins}}}
       {extra.lstrip(", ").replace(", ", chr(10) + "      ")}
       {f"lan: {lan}" if lan else ""}
     services:

@@ -76,6 +76,14 @@ class DRLab:
                 f'  ip saddr {VIP} counter comment "from_vip"\n  ip6 saddr {VIP6} counter comment "from_vip6"\n'
                 f'  ip daddr {VIP} counter comment "to_vip"\n }}\n}}\n'))
         self.bridge = RedisBridge(self.director.name, redis_port)
+        self.tmp = tmp
+        # The kernel data plane pins its maps on a bpffs of the lab's own (``ip netns exec`` remounts /sys,
+        # hiding the host's /sys/fs/bpf), so a restarted director finds them.
+        self.pins = ""
+        if dataplane == "kernel":
+            (tmp / "bpf").mkdir()
+            subprocess.run(["mount", "-t", "bpf", "bpf", str(tmp / "bpf")], check=True)
+            self.pins = str(tmp / "bpf")
         self.config = tmp / "glb.yaml"
         self.config.write_text(self.yaml({1: 1, 2: 1}))
 
@@ -83,7 +91,7 @@ class DRLab:
 
     def yaml(self, weights: dict[int, int]) -> str:
         return config_yaml(redis_port=6379, services=services(weights), max_entries=MAX_ENTRIES,
-                           dataplane=self.dataplane)
+                           dataplane=self.dataplane, pin_root=self.pins)
 
     def reload(self, weights: dict[int, int]) -> None:
         self.d.reload(self.yaml(weights))
@@ -92,9 +100,18 @@ class DRLab:
         url = f"http://[{VIP6}]/" if six else f"http://{VIP}/"
         return Counter(curl(self.client, url) for _ in range(n))
 
+    def restart(self) -> None:
+        """Stop the director (SIGTERM) and start another with the same config."""
+        assert self.d.stop() == 0
+        self.d = DirectorProcess(self.director, self.config, self.tmp / "director-restarted.log")
+
     def close(self) -> None:
-        self.d.stop()
-        self.bridge.close()
+        try:
+            self.d.stop()
+            self.bridge.close()
+        finally:
+            if self.pins:
+                subprocess.run(["umount", self.pins], check=False)
 
 
 @pytest.fixture(scope="module", params=["userspace", "kernel"])
@@ -183,6 +200,41 @@ def test_a_flow_stays_on_its_server_when_another_is_added(base):
         assert "rs3" in base.who(9)  # new flows reach the newcomer
     finally:
         proc.terminate()
+
+
+def test_a_restarted_director_keeps_forwarding_established_flows(base):
+    """rr schedules anew after a restart, and Python's table starts empty: only the kernel's pinned maps
+    keep an established connection on its server (and close it through Python, which adopts the flow)."""
+    if base.dataplane != "kernel":
+        pytest.skip("the userspace engine's table does not outlive the process (mh flows re-hash; others reset)")
+    procs, owners = [], []
+    try:
+        for _ in range(4):  # rr: two connections on each server
+            proc, ask = _keepalive(base.client, VIP)
+            procs.append((proc, ask))
+            owners.append(ask())
+        assert set(owners) == {"rs1", "rs2"}
+        base.restart()
+        base.d.wait_up([RS[1], RS[2]])
+        assert "reusing the maps pinned" in base.d.log.read_text()
+        assert [ask() for _, ask in procs] == owners
+        forwarded = base.d.status()["packet_path"]["kernel"]["forwarded_dr"]
+        assert forwarded >= 4  # by the kernel: the new director's table never saw those flows open
+        servers = base.d.servers()
+        assert sum(servers[RS[i]]["active_conns"] + servers[RS[i]]["inactive_conns"] for i in (1, 2)) == 0
+        for proc, _ in procs:  # each closes: its FIN goes through Python, which adopts the flow first
+            proc.stdin.close()
+            assert proc.wait(10) == 0
+        deadline = time.monotonic() + 5  # counters reach /status once a second
+        while time.monotonic() < deadline:
+            servers = base.d.servers()
+            if sum(servers[RS[i]]["inactive_conns"] for i in (1, 2)) >= 4:
+                break
+            time.sleep(0.2)
+        assert sum(servers[RS[i]]["inactive_conns"] for i in (1, 2)) >= 4, servers  # adopted, closing
+    finally:
+        for proc, _ in procs:
+            proc.kill()
 
 
 def test_weight_zero_drains_without_breaking_established_flows(base):

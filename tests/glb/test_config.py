@@ -102,6 +102,10 @@ BROKEN = [
          "by one worker); use dataplane: auto or userspace with more workers"],
     ),
     (
+        _set("sites/dc1/director/packet", {"bpf_pin_root": ["/sys/fs/bpf"]}),
+        ["sites.dc1.director.packet.bpf_pin_root: expected a string, got a list"],
+    ),
+    (
         _set("sites/dc1/director/packet", {"dataplane": "xdp"}),
         ["sites.dc1.director.packet.dataplane: unknown dataplane 'xdp' (expected one of auto, kernel, userspace)"],
     ),

@@ -181,6 +181,26 @@ struct {
 	__type(value, __u32);
 } slowpath SEC(".maps");
 
+/*
+ * Python's alone (the program never reads them); maps, so that they are pinned
+ * with the rest: the layout's id (a director reuses pinned maps only when it
+ * matches) and each route's identity (a hash of its server and VIP), so a
+ * restarted director finds the routes its predecessor's flows hold.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} layout SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_ROUTES);
+	__type(key, __u32);
+	__type(value, __u64);
+} route_ids SEC(".maps");
+
 /* The outer IPv4 id, per CPU (the engine keeps one per worker). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -146,6 +146,14 @@ def _sync_lab():
     tables = KernelTables(maps, f.table.timeouts)
     sync = KernelSync(tables, ifindex=7)
     f.kernel = f.table.outside = sync
+    forward = f.forward
+
+    def forward_and_flush(frame, now):  # as the engine: the flows a batch of frames changed, then one write
+        action = forward(frame, now)
+        sync.flush()
+        return action
+
+    f.forward = forward_and_flush
     return f, maps, tables, sync, syn, plan, server, RS
 
 
@@ -210,7 +218,99 @@ def test_kernel_counters_fold_into_the_forwarders_and_expiry_follows_the_kernel(
     tables.install(key, route, ESTABLISHED, es + 500.0)
     assert f.sweep(es + 10.0) == 0 and len(f.table) == 1
     assert f.sweep(es + 600.0) == 1 and len(f.table) == 0
+    sync.flush()
     assert tables.flows() == []  # forgotten in the kernel too
+
+
+class CountingMaps(FakeMaps):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str, int]] = []
+
+    def update(self, name, key, value):
+        self.calls.append(("update", name, 1))
+        super().update(name, key, value)
+
+    def update_batch(self, name, items):
+        if items:
+            self.calls.append(("update_batch", name, len(items)))
+        for k, v in items:
+            FakeMaps.update(self, name, k, v)
+
+    def delete_batch(self, name, keys):
+        if keys:
+            self.calls.append(("delete_batch", name, len(keys)))
+        return sum(FakeMaps.delete(self, name, k) for k in keys)
+
+
+def test_flows_are_written_in_one_batch_per_flush_and_only_changed_routes():
+    from director.dataplane.forwarder import Forwarder
+    from director.dataplane.kernel import KernelSync
+    from tests.director.dataplane.test_forwarder import RS, plan, server, syn
+
+    f = Forwarder()
+    f.apply(plan(server(RS[0]), server(RS[1])))
+    maps = CountingMaps()
+    sync = KernelSync(KernelTables(maps, f.table.timeouts))
+    f.kernel = f.table.outside = sync
+    for port in range(40000, 40010):
+        f.forward(memoryview(syn(port)), 0.0)
+        f.forward(memoryview(syn(port, flags="A")), 0.0)
+    maps.calls.clear()
+    sync.flush()
+    assert maps.calls == [("update_batch", "conns", 10)]
+    assert len(sync.tables.flows()) == 10
+    maps.calls.clear()
+    f.apply(plan(server(RS[0]), server(RS[1])))
+    sync.plan_applied(f.vips, f)
+    assert [c for c in maps.calls if c[1] == "routes"] == []  # nothing changed: nothing written
+    f.apply(plan(server(RS[0], available=False, weight=0), server(RS[1])))
+    sync.plan_applied(f.vips, f)
+    assert [c for c in maps.calls if c[1] == "routes"] == [("update_batch", "routes", 1)]  # one route off
+    maps.calls.clear()
+    assert f.sweep(10_000.0) == 10
+    sync.flush()
+    assert maps.calls == [("delete_batch", "conns", 10)] and sync.tables.flows() == []
+
+
+def test_a_restarted_director_adopts_its_predecessor_s_flows_over_the_same_maps():
+    from director.dataplane.forwarder import Forwarder
+    from director.dataplane.kernel import KernelSync
+    from tests.director.dataplane.test_forwarder import RS, plan, server, syn
+
+    maps = FakeMaps()
+
+    def director(addrs=RS[:3]):
+        f = Forwarder()
+        f.apply(plan(*[server(a) for a in addrs]))
+        sync = KernelSync(KernelTables(maps, f.table.timeouts), ifindex=7)
+        f.kernel = f.table.outside = sync
+        sync.plan_applied(f.vips, f)
+        return f, sync
+
+    old, sync = director()
+    owners = {}
+    for port in range(40000, 40006):
+        old.forward(memoryview(syn(port)), 0.0)
+        owners[port] = old.forward(memoryview(syn(port, flags="A")), 0.0)
+    sync.flush()
+    routes_before = dict(maps.maps["routes"])
+    new, sync2 = director()  # restarted: an empty table over the same (pinned) maps
+    assert len(new.table) == 0 and len(sync2.tables.flows()) == 6
+    assert maps.maps["routes"] == routes_before  # the predecessor's routes found, still live
+    # A FIN of a flow only the kernel knows: adopted with its server and state, then closed as usual.
+    assert new.forward(memoryview(syn(40001, flags="FA")), 1.0) == owners[40001]
+    (c,) = new.table
+    assert c.state != ESTABLISHED and c.dest.available
+    sync2.flush()
+    assert sync2.tables.flow(c.key, 1.0)[1] == c.state
+    # Restarted with a plan that no longer has a predecessor's server: its routes are turned off, so
+    # the kernel passes their flows to Python, which does not adopt them (no server to keep them on).
+    gone = RS[owners[40002][5] - 1]
+    third, sync3 = director([a for a in RS[:3] if a != gone])
+    off = [r for r in map(km.ROUTE.unpack, maps.maps["routes"].values()) if r[2] == km.MODE_NONE]
+    assert len(off) == 1 and off[0][4] == 0
+    assert third.forward(memoryview(syn(40002, flags="A")), 1.0) is None
 
 
 def test_vip_ids_are_stable_kept_while_not_live_and_read_back_from_maps_that_outlived_a_director():

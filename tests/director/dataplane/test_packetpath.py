@@ -74,6 +74,7 @@ class FakeEngine:
         self.pids: list[int] = []
         self.failed = None
         self.dataplane_note = FakeEngine.note
+        self.maps_note = ""
         self.dataplane = "userspace" if self.dataplane_note else "kernel"
 
     def start(self, plan: Plan) -> None:

@@ -1,0 +1,115 @@
+"""New connections per second through the userspace scheduler, installed into the kernel's table (issue 12).
+
+    python benchmarks/director_newconns.py [CONNECTIONS] [SCHEDULER] [SERVERS]
+
+What one engine worker does for each new TCP connection with the kernel data
+plane: ``Forwarder.forward`` on the SYN (the scheduler picks a server, the
+table tracks the flow) and on the handshake's ACK (the flow is confirmed and
+queued for the kernel), and the engine's flush of the queued flows into
+``conns`` before a batch of frames goes out (``BATCH`` connections a
+batch, one ``BPF_MAP_UPDATE_BATCH``). Frames are prebuilt; no sockets, so
+this is the worker's CPU per connection, not the ring's. CPU time of this
+thread (user + system: the map writes are syscalls), best of 5 rounds of
+CONNECTIONS (default 20,000) new clients; SCHEDULER (default wlc) over
+SERVERS (default 3) DR servers. Prints one line per variant:
+
+* ``userspace``: no kernel data plane (the forwarder alone);
+* ``kernel, batched``: flows written as the engine writes them;
+* ``kernel, one by one``: a flush per connection (one update syscall each).
+
+The kernel variants need root (the tc program is loaded, not attached).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+import sys
+import time
+
+from director.control.health import ServerKey
+from director.dataplane.forwarder import Forwarder, Plan, ServerPlan, ServicePlan, VipPlan
+
+BATCH = 64
+DIR_MAC = bytes.fromhex("020000000001")
+CLIENT_MAC = bytes.fromhex("020000000002")
+VIP = ipaddress.ip_address("10.0.0.100").packed
+
+
+def tcp_frame(client: bytes, sport: int, flags: int) -> bytes:
+    """Ethernet + IPv4 + TCP to VIP:80 (the forwarder reads no checksum of what it forwards)."""
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0x4000, 64, 6, 0, client, VIP)
+    tcp = struct.pack("!HHIIBBHHH", sport, 80, 1, 0, 5 << 4, flags, 65535, 0, 0)
+    return DIR_MAC + CLIENT_MAC + b"\x08\x00" + ip + tcp
+
+
+def plan(scheduler: str, servers: int) -> Plan:
+    rs = tuple(ServerPlan(ServerKey("web", f"10.0.1.{i + 1}", 0), bytes([10, 0, 1, i + 1]), 1, True, False,
+                          bytes([2, 0, 0, 0, 1, i + 1])) for i in range(servers))
+    vips = (VipPlan(VIP, 80, 6, "10.0.0.100:80/tcp"),)
+    return Plan(DIR_MAC, (ServicePlan("web", "dr", scheduler, vips, rs),), None, None)
+
+
+def frames(n: int, round_: int) -> list[tuple[bytes, bytes]]:
+    out = []
+    for i in range(n):
+        client = struct.pack("!I", 0x0B000000 + round_ * n + i)  # 11.x.x.x: new clients every round
+        out.append((tcp_frame(client, 40000 + i % 20000, 0x02), tcp_frame(client, 40000 + i % 20000, 0x10)))
+    return out
+
+
+def one_round(n: int, round_: int, scheduler: str, servers: int, kernel: str | None) -> float:
+    from director.dataplane.kernel import KernelSync, KernelTables
+
+    f = Forwarder()
+    f.apply(plan(scheduler, servers))
+    bpf = sync = None
+    if kernel is not None:
+        from director.dataplane import kernelmaps as km
+        from director.dataplane.libbpf import LibBpf
+
+        bpf = LibBpf(max_entries={"conns": 2 * n}, sizes=km.MAPS)
+        sync = KernelSync(KernelTables(bpf, f.table.timeouts))
+        f.kernel = f.table.outside = sync
+        sync.plan_applied(f.vips, f)
+    batch = 1 if kernel == "one" else BATCH
+    work = [(memoryview(bytearray(s)), memoryview(bytearray(a))) for s, a in frames(n, round_)]
+    now = time.monotonic()
+    forward = f.forward
+    try:
+        t0 = time.thread_time()
+        for i, (syn, ack) in enumerate(work):
+            forward(syn, now)
+            forward(ack, now)
+            if sync is not None and (i + 1) % batch == 0:
+                sync.flush()
+        if sync is not None:
+            sync.flush()
+        cpu = time.thread_time() - t0
+        if sync is not None:
+            assert len(sync.tables.flows()) == n, "every connection installed"
+        else:
+            assert len(f.table) == n
+        return cpu
+    finally:
+        if bpf is not None:
+            bpf.close()
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
+    scheduler = sys.argv[2] if len(sys.argv) > 2 else "wlc"
+    servers = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    for label, kernel in (("userspace", None), ("kernel, batched", "batched"), ("kernel, one by one", "one")):
+        try:
+            best = min(one_round(n, r, scheduler, servers, kernel) for r in range(5))
+        except Exception as e:  # no root or no BPF: say so, keep the other lines
+            print(f"{label:20s} unavailable: {e}")
+            continue
+        print(f"{label:20s} {scheduler} over {servers}: {n / best:>9,.0f} new connections/s of one core "
+              f"({best / n * 1e6:.1f} us each: SYN + ACK through forward()" +
+              (", install" if kernel else "") + ")")
+
+
+if __name__ == "__main__":
+    main()
