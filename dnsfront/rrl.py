@@ -72,7 +72,8 @@ def kind_of(question: bytes, rcode: int) -> bytes | str:
     return KIND_NXDOMAIN if rcode == 3 else KIND_ERROR
 
 _ALLOWED = object()
-"""Network cache value of an allow-listed source."""
+"""The network key of every allow-listed source: its buckets have no limit."""
+_UNLIMITED = 1 << 62  # an int: inf x 0 seconds would be NaN
 NETS_CACHE_MAX = 65536
 """Source addresses -> network cached before the cache starts over (a spoofed flood of random sources)."""
 
@@ -113,9 +114,11 @@ class RateLimiter:
         self._window = config.window
         self._slip = config.slip
         self._half = max(1, config.table_size // 2)
-        self._gens: list[dict[tuple, list]] = [{}, {}]
-        """[young, old]: buckets used lately, and those of the generation before."""
-        self._nets: dict[str, Any] = {}
+        self._gens: list[dict[Any, dict]] = [{}, {}]
+        """[young, old]: network -> its buckets (kind -> bucket), used lately / the generation before."""
+        self._young_buckets = 0
+        self._hosts: dict[str, dict] = {}
+        """Source address -> its network's buckets (a cache, emptied when the generations turn)."""
         self._v4_shift = 32 - config.ipv4_prefix_length
         self._v6_shift = 128 - config.ipv6_prefix_length
         self._allow = [(n.version, int(n.network_address), int(n.hostmask)) for n in config.allow]
@@ -125,7 +128,7 @@ class RateLimiter:
         self.check: Check = self._checker()
 
     def __len__(self) -> int:
-        return len(self._gens[0]) + len(self._gens[1])
+        return sum(len(d) - 1 for g in self._gens for d in g.values())  # each dict also holds its network
 
     def network(self, host: str) -> Any:
         """The bucket-key part for a source address (``_ALLOWED`` if allow-listed)."""
@@ -143,26 +146,23 @@ class RateLimiter:
         self._clock[0] = int(now)
 
     def _checker(self) -> Check:
-        """``check`` as a closure: at ~100,000 answers/s every attribute lookup
-        saved is a measurable share of the limiter's cost. The common case (a
-        bucket already used this second) is one dict lookup, a compare and an
-        increment; the rest is in ``_renew``."""
-        nets, gens, limited, renew, clock = self._nets, self._gens, self._limited, self._renew, self._clock
+        """``check`` as a closure: at ~100,000 answers/s every lookup saved is
+        a measurable share of the limiter's cost. The common case (a source
+        seen before, a bucket already used this second) is two dict lookups,
+        a compare and an increment; the rest is in ``_buckets``/``_renew``."""
+        hosts, limited, renew, clock, buckets = self._hosts, self._limited, self._renew, self._clock, self._buckets
 
         def check(query: bytes, response: bytes, addr: Any, kind: bytes | str | None) -> bytes | None:
-            net = nets.get(addr[0])
-            if net is None:
-                net = self._cache_network(addr[0])
-            if net is _ALLOWED:
-                return response
+            d = hosts.get(addr[0])
+            if d is None:
+                d = buckets(addr[0])
             if kind is None:
                 # Responses we build carry the question uncompressed at 12 (when they have one).
                 end = response.find(b"\x00", 12) + 5 if response[4:6] == b"\x00\x01" else 12
                 kind = kind_of(response[12:end].lower(), response[3] & 0xF)
-            key = (net, kind)
-            b = gens[0].get(key)
+            b = d.get(kind)
             if b is None or b[0] != clock[0]:
-                b = renew(key, kind, b)
+                b = renew(d, kind, b)
             used = b[1] + 1
             b[1] = used
             if used <= b[2]:
@@ -171,37 +171,50 @@ class RateLimiter:
 
         return check
 
-    def _renew(self, key: tuple, kind: bytes | str, b: list | None) -> list:
-        """``key``'s bucket brought to the current second: found in the old
-        generation or made (full credit), the last seconds' credit added, the
-        debt capped at ``window`` seconds' worth. Turns generations over."""
-        now = self._clock[0]
-        if b is None:
-            young, old = self._gens
-            b = old.pop(key, None)
-            if b is None:
-                rate = self._rates.get(kind, self._rate)  # type: ignore[arg-type]
-                b = [now, 0.0, rate, 0]
-            if len(young) >= self._half:
-                old.clear()
-                self._gens[0], self._gens[1] = old, young
-                young = old
-            young[key] = b
-        rate = b[2]
-        used = min(b[1], self._window * rate) - (now - b[0]) * rate
-        b[0] = now
-        b[1] = 0.0 if used < 0.0 else used
-        return b
-
-    def _cache_network(self, host: str) -> Any:
+    def _buckets(self, host: str) -> dict:
+        """The buckets of ``host``'s network (kind -> bucket, and None -> the
+        network), found in either generation or made, and cached for ``host``."""
         try:
             net = self.network(host)
         except (OSError, ValueError):
-            return _ALLOWED  # not an address we can key (a test's fake peer): not limited
-        if len(self._nets) >= NETS_CACHE_MAX:
-            self._nets.clear()
-        self._nets[host] = net
-        return net
+            net = _ALLOWED  # not an address we can key (a test's fake peer): never limited
+        young, old = self._gens
+        d = young.get(net)
+        if d is None:
+            d = old.pop(net, None)
+            if d is None:
+                d = {None: net}
+            young[net] = d
+            self._young_buckets += len(d) - 1
+        if len(self._hosts) >= NETS_CACHE_MAX:
+            self._hosts.clear()
+        self._hosts[host] = d
+        return d
+
+    def _renew(self, d: dict, kind: bytes | str, b: list | None) -> list:
+        """``kind``'s bucket in ``d`` brought to the current second: made (full
+        credit) if new, the last seconds' credit added, the debt capped at
+        ``window`` seconds' worth. Turns the generations over when the young
+        one is full: the old one is forgotten (its buckets idle a whole
+        generation), the young one becomes old."""
+        now = self._clock[0]
+        if b is None:
+            if self._young_buckets >= self._half:
+                young, old = self._gens
+                old.clear()
+                old[d[None]] = d  # the new young generation starts with this network
+                young.pop(d[None], None)
+                self._gens[0], self._gens[1] = old, young
+                self._hosts.clear()
+                self._young_buckets = len(d) - 1
+            rate = _UNLIMITED if d[None] is _ALLOWED else self._rates.get(kind, self._rate)  # type: ignore[arg-type]
+            b = d[kind] = [now, 0, rate, 0]
+            self._young_buckets += 1
+        rate = b[2]
+        used = min(b[1], self._window * rate) - (now - b[0]) * rate
+        b[0] = now
+        b[1] = 0 if used < 0 else used
+        return b
 
     def _limited(self, query: bytes, response: bytes, addr: Any, b: list) -> bytes | None:
         has_cookie = response[-28:-24] == COOKIE_OPTION
