@@ -15,9 +15,8 @@ clock, as NSD does: up to the kind's rate pass in each second; every
 response counts, limited ones too, and what is over the rate is carried into
 the next seconds as debt (paid at the rate per second), capped at ``window``
 seconds' worth: a network that kept flooding stays limited until it has been
-quiet for up to ``window`` seconds (BIND's *window*). A
-limited response is dropped, except every
-``slip``-th one of a bucket, which is answered *truncated* (TC=1, the
+quiet for up to ``window`` seconds (BIND's *window*). A limited response is
+dropped, except every ``slip``-th one of a bucket, which is answered *truncated* (TC=1, the
 question and nothing else, smaller than the query) so a real resolver caught
 in a spoofed flood retries over TCP, which cannot be spoofed. ``slip`` 0
 drops every limited response. When the query carried a DNS cookie, the slip
@@ -27,12 +26,12 @@ client retries with it and is then exempt).
 Exempt: networks on the allow list, and queries that present a valid server
 cookie (their source address is proven; checked only when the bucket is
 empty, so the common case pays nothing). TCP is never rate-limited (the
-server never calls this for TCP).
+engine calls this for UDP answers only).
 
-Memory is bounded (``table_size`` buckets): buckets live in two generations;
-when the young one is full, the old one is forgotten and the young one
-becomes old. A bucket used in either generation is kept (moved to the young
-one), so what is forgotten was idle for a whole generation, and a bucket
+Memory is bounded (``table_size`` buckets): a network's buckets live in one
+of two generations; when the young one holds half the table, the old one is
+forgotten and the young one becomes old. A network used in either
+generation is kept (moved to the young one), so what is forgotten was idle for a whole generation, and a bucket
 idle for ``window`` seconds holds full credit anyway: forgetting it changes
 nothing. A flood from many networks at once can make the table turn over
 faster than ``window``; the victim's bucket, being hot, stays.
@@ -52,8 +51,6 @@ from typing import Any
 
 from glb.config import RRLConfig
 
-PASS, DROP, SLIP = 0, 1, 2
-
 KIND_NXDOMAIN = "nxdomain"
 KIND_ERROR = "error"
 
@@ -71,11 +68,12 @@ def kind_of(question: bytes, rcode: int) -> bytes | str:
         return question
     return KIND_NXDOMAIN if rcode == 3 else KIND_ERROR
 
+
 _ALLOWED = object()
 """The network key of every allow-listed source: its buckets have no limit."""
 _UNLIMITED = 1 << 62  # an int: inf x 0 seconds would be NaN
 NETS_CACHE_MAX = 65536
-"""Source addresses -> network cached before the cache starts over (a spoofed flood of random sources)."""
+"""Source addresses -> network's buckets cached before the cache starts over (a flood of random sources)."""
 
 TC_BIT = 0x02  # in the third header byte
 COOKIE_OPTION = b"\x00\x0a\x00\x18"
@@ -93,15 +91,14 @@ class RRLCounters:
 
 
 class RateLimiter:
-    """Token buckets keyed by (client network, kind of answer).
+    """Buckets per (client network, kind of answer).
 
     ``check`` (see ``Check``) is called by the answer engine for every UDP
     response; ``tick(now)`` sets the time it uses (the server, once per batch
     of datagrams). A bucket is ``[second, used, rate, limited]``: responses
-    counted in the current second plus the debt carried over.
-    ``cookie_valid(query, addr)``
-    and ``badcookie(query, response)`` come from ``dnsfront.cookies`` (None:
-    cookies are off).
+    counted in the current second plus the debt carried over, and how many
+    were limited (for slip). ``cookie_valid(query, addr)`` and
+    ``badcookie(response)`` come from ``dnsfront.cookies`` (None: cookies off).
     """
 
     def __init__(self, config: RRLConfig, *,
