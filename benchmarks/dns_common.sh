@@ -10,4 +10,14 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-free_port() { "$PY" -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Free for UDP and TCP alike (a DNS port is both; a status port is TCP).
+free_port() { "$PY" -c '
+import socket
+while True:
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("127.0.0.1", 0)); port = u.getsockname()[1]
+    t = socket.socket()
+    try:
+        t.bind(("127.0.0.1", port)); break
+    except OSError:
+        pass
+print(port)'; }

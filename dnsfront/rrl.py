@@ -15,9 +15,8 @@ clock, as NSD does: up to the kind's rate pass in each second; every
 response counts, limited ones too, and what is over the rate is carried into
 the next seconds as debt (paid at the rate per second), capped at ``window``
 seconds' worth: a network that kept flooding stays limited until it has been
-quiet for up to ``window`` seconds (BIND's *window*). A
-limited response is dropped, except every
-``slip``-th one of a bucket, which is answered *truncated* (TC=1, the
+quiet for up to ``window`` seconds (BIND's *window*). A limited response is
+dropped, except every ``slip``-th one of a bucket, which is answered *truncated* (TC=1, the
 question and nothing else, smaller than the query) so a real resolver caught
 in a spoofed flood retries over TCP, which cannot be spoofed. ``slip`` 0
 drops every limited response. When the query carried a DNS cookie, the slip
@@ -27,12 +26,12 @@ client retries with it and is then exempt).
 Exempt: networks on the allow list, and queries that present a valid server
 cookie (their source address is proven; checked only when the bucket is
 empty, so the common case pays nothing). TCP is never rate-limited (the
-server never calls this for TCP).
+engine calls this for UDP answers only).
 
-Memory is bounded (``table_size`` buckets): buckets live in two generations;
-when the young one is full, the old one is forgotten and the young one
-becomes old. A bucket used in either generation is kept (moved to the young
-one), so what is forgotten was idle for a whole generation, and a bucket
+Memory is bounded (``table_size`` buckets): a network's buckets live in one
+of two generations; when the young one holds half the table, the old one is
+forgotten and the young one becomes old. A network used in either
+generation is kept (moved to the young one), so what is forgotten was idle for a whole generation, and a bucket
 idle for ``window`` seconds holds full credit anyway: forgetting it changes
 nothing. A flood from many networks at once can make the table turn over
 faster than ``window``; the victim's bucket, being hot, stays.
@@ -52,8 +51,6 @@ from typing import Any
 
 from glb.config import RRLConfig
 
-PASS, DROP, SLIP = 0, 1, 2
-
 KIND_NXDOMAIN = "nxdomain"
 KIND_ERROR = "error"
 
@@ -71,10 +68,12 @@ def kind_of(question: bytes, rcode: int) -> bytes | str:
         return question
     return KIND_NXDOMAIN if rcode == 3 else KIND_ERROR
 
+
 _ALLOWED = object()
-"""Network cache value of an allow-listed source."""
+"""The network key of every allow-listed source: its buckets have no limit."""
+_UNLIMITED = 1 << 62  # an int: inf x 0 seconds would be NaN
 NETS_CACHE_MAX = 65536
-"""Source addresses -> network cached before the cache starts over (a spoofed flood of random sources)."""
+"""Source addresses -> network's buckets cached before the cache starts over (a flood of random sources)."""
 
 TC_BIT = 0x02  # in the third header byte
 COOKIE_OPTION = b"\x00\x0a\x00\x18"
@@ -92,15 +91,14 @@ class RRLCounters:
 
 
 class RateLimiter:
-    """Token buckets keyed by (client network, kind of answer).
+    """Buckets per (client network, kind of answer).
 
     ``check`` (see ``Check``) is called by the answer engine for every UDP
     response; ``tick(now)`` sets the time it uses (the server, once per batch
     of datagrams). A bucket is ``[second, used, rate, limited]``: responses
-    counted in the current second plus the debt carried over.
-    ``cookie_valid(query, addr)``
-    and ``badcookie(query, response)`` come from ``dnsfront.cookies`` (None:
-    cookies are off).
+    counted in the current second plus the debt carried over, and how many
+    were limited (for slip). ``cookie_valid(query, addr)`` and
+    ``badcookie(response)`` come from ``dnsfront.cookies`` (None: cookies off).
     """
 
     def __init__(self, config: RRLConfig, *,
@@ -113,9 +111,11 @@ class RateLimiter:
         self._window = config.window
         self._slip = config.slip
         self._half = max(1, config.table_size // 2)
-        self._gens: list[dict[tuple, list]] = [{}, {}]
-        """[young, old]: buckets used lately, and those of the generation before."""
-        self._nets: dict[str, Any] = {}
+        self._gens: list[dict[Any, dict]] = [{}, {}]
+        """[young, old]: network -> its buckets (kind -> bucket), used lately / the generation before."""
+        self._young_buckets = 0
+        self._hosts: dict[str, dict] = {}
+        """Source address -> its network's buckets (a cache, emptied when the generations turn)."""
         self._v4_shift = 32 - config.ipv4_prefix_length
         self._v6_shift = 128 - config.ipv6_prefix_length
         self._allow = [(n.version, int(n.network_address), int(n.hostmask)) for n in config.allow]
@@ -125,7 +125,7 @@ class RateLimiter:
         self.check: Check = self._checker()
 
     def __len__(self) -> int:
-        return len(self._gens[0]) + len(self._gens[1])
+        return sum(len(d) - 1 for g in self._gens for d in g.values())  # each dict also holds its network
 
     def network(self, host: str) -> Any:
         """The bucket-key part for a source address (``_ALLOWED`` if allow-listed)."""
@@ -143,26 +143,23 @@ class RateLimiter:
         self._clock[0] = int(now)
 
     def _checker(self) -> Check:
-        """``check`` as a closure: at ~100,000 answers/s every attribute lookup
-        saved is a measurable share of the limiter's cost. The common case (a
-        bucket already used this second) is one dict lookup, a compare and an
-        increment; the rest is in ``_renew``."""
-        nets, gens, limited, renew, clock = self._nets, self._gens, self._limited, self._renew, self._clock
+        """``check`` as a closure: at ~100,000 answers/s every lookup saved is
+        a measurable share of the limiter's cost. The common case (a source
+        seen before, a bucket already used this second) is two dict lookups,
+        a compare and an increment; the rest is in ``_buckets``/``_renew``."""
+        hosts, limited, renew, clock, buckets = self._hosts, self._limited, self._renew, self._clock, self._buckets
 
         def check(query: bytes, response: bytes, addr: Any, kind: bytes | str | None) -> bytes | None:
-            net = nets.get(addr[0])
-            if net is None:
-                net = self._cache_network(addr[0])
-            if net is _ALLOWED:
-                return response
+            d = hosts.get(addr[0])
+            if d is None:
+                d = buckets(addr[0])
             if kind is None:
                 # Responses we build carry the question uncompressed at 12 (when they have one).
                 end = response.find(b"\x00", 12) + 5 if response[4:6] == b"\x00\x01" else 12
                 kind = kind_of(response[12:end].lower(), response[3] & 0xF)
-            key = (net, kind)
-            b = gens[0].get(key)
+            b = d.get(kind)
             if b is None or b[0] != clock[0]:
-                b = renew(key, kind, b)
+                b = renew(d, kind, b)
             used = b[1] + 1
             b[1] = used
             if used <= b[2]:
@@ -171,37 +168,50 @@ class RateLimiter:
 
         return check
 
-    def _renew(self, key: tuple, kind: bytes | str, b: list | None) -> list:
-        """``key``'s bucket brought to the current second: found in the old
-        generation or made (full credit), the last seconds' credit added, the
-        debt capped at ``window`` seconds' worth. Turns generations over."""
-        now = self._clock[0]
-        if b is None:
-            young, old = self._gens
-            b = old.pop(key, None)
-            if b is None:
-                rate = self._rates.get(kind, self._rate)  # type: ignore[arg-type]
-                b = [now, 0.0, rate, 0]
-            if len(young) >= self._half:
-                old.clear()
-                self._gens[0], self._gens[1] = old, young
-                young = old
-            young[key] = b
-        rate = b[2]
-        used = min(b[1], self._window * rate) - (now - b[0]) * rate
-        b[0] = now
-        b[1] = 0.0 if used < 0.0 else used
-        return b
-
-    def _cache_network(self, host: str) -> Any:
+    def _buckets(self, host: str) -> dict:
+        """The buckets of ``host``'s network (kind -> bucket, and None -> the
+        network), found in either generation or made, and cached for ``host``."""
         try:
             net = self.network(host)
         except (OSError, ValueError):
-            return _ALLOWED  # not an address we can key (a test's fake peer): not limited
-        if len(self._nets) >= NETS_CACHE_MAX:
-            self._nets.clear()
-        self._nets[host] = net
-        return net
+            net = _ALLOWED  # not an address we can key (a test's fake peer): never limited
+        young, old = self._gens
+        d = young.get(net)
+        if d is None:
+            d = old.pop(net, None)
+            if d is None:
+                d = {None: net}
+            young[net] = d
+            self._young_buckets += len(d) - 1
+        if len(self._hosts) >= NETS_CACHE_MAX:
+            self._hosts.clear()
+        self._hosts[host] = d
+        return d
+
+    def _renew(self, d: dict, kind: bytes | str, b: list | None) -> list:
+        """``kind``'s bucket in ``d`` brought to the current second: made (full
+        credit) if new, the last seconds' credit added, the debt capped at
+        ``window`` seconds' worth. Turns the generations over when the young
+        one is full: the old one is forgotten (its buckets idle a whole
+        generation), the young one becomes old."""
+        now = self._clock[0]
+        if b is None:
+            if self._young_buckets >= self._half:
+                young, old = self._gens
+                old.clear()
+                old[d[None]] = d  # the new young generation starts with this network
+                young.pop(d[None], None)
+                self._gens[0], self._gens[1] = old, young
+                self._hosts.clear()
+                self._young_buckets = len(d) - 1
+            rate = _UNLIMITED if d[None] is _ALLOWED else self._rates.get(kind, self._rate)  # type: ignore[arg-type]
+            b = d[kind] = [now, 0, rate, 0]
+            self._young_buckets += 1
+        rate = b[2]
+        used = min(b[1], self._window * rate) - (now - b[0]) * rate
+        b[0] = now
+        b[1] = 0 if used < 0 else used
+        return b
 
     def _limited(self, query: bytes, response: bytes, addr: Any, b: list) -> bytes | None:
         has_cookie = response[-28:-24] == COOKIE_OPTION
