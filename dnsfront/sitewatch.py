@@ -62,7 +62,8 @@ class SiteWatch:
             every = True
         else:
             assert isinstance(prev, DeploymentState)
-            every = state.clock_offset != prev.clock_offset or state.frozen_at != prev.frozen_at
+            every = (state.clock_offset != prev.clock_offset or state.frozen_at != prev.frozen_at
+                     or state.paused != prev.paused)
         out = set()
         self.published = published = []
         sites = state.sites if state is not None else {}
@@ -95,6 +96,7 @@ class SiteWatch:
         assert age is not None
         crossed = tuple(age > t for t in self._thresholds[site])
         # Ages stop while frozen (see DeploymentState.frozen_at): no deadline then.
+        # (A pause after an outage only shifts the age: the deadline follows from it.)
         ahead = [t - age for t in self._thresholds[site] if t >= age]
         running = state.frozen_at is None or now < state.frozen_at
         deadline = now + min(ahead) if ahead and running else math.inf

@@ -758,6 +758,13 @@ class DeploymentState:
     then judged as of that local time, so an outage of the shared store leaves
     readers answering from the last good state instead of declaring every
     site dead once ``stale_after`` passes.
+
+    ``paused`` = (local time the outage began, its length) after the follower
+    reconnects: a snapshot published before the outage does not age by the
+    outage. After a failover the reader may load from the new master before
+    a director has republished there; without this its last snapshot, aged
+    by the whole failover, would go stale for that moment (a flap). A
+    director that died meanwhile goes stale ``stale_after`` after the outage.
     """
 
     sites: Mapping[str, SiteSnapshot] = field(default_factory=dict)
@@ -766,6 +773,7 @@ class DeploymentState:
     """Highest version seen (site or override)."""
     clock_offset: float = 0.0
     frozen_at: float | None = None
+    paused: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sites", _freeze(self.sites))
@@ -822,6 +830,13 @@ class DeploymentState:
         """This state, with staleness judged as of local time ``at`` (store outage)."""
         return replace(self, frozen_at=at)
 
+    def resumed(self, previous: DeploymentState, now: float) -> DeploymentState:
+        """This freshly loaded state, keeping ``previous``'s outage out of the ages:
+        a new ``paused`` if ``previous`` was frozen, else ``previous.paused``."""
+        if previous.frozen_at is not None:
+            return replace(self, paused=(previous.frozen_at, max(0.0, now - previous.frozen_at)))
+        return replace(self, paused=previous.paused) if previous.paused != self.paused else self
+
     # -- queries
 
     def site_age(self, site: str, now: float) -> float | None:
@@ -834,6 +849,8 @@ class DeploymentState:
             return None
         if self.frozen_at is not None:
             now = min(now, self.frozen_at)
+        elif self.paused is not None and snap.published_at - self.clock_offset <= self.paused[0]:
+            now -= self.paused[1]  # published before the outage: it did not age meanwhile
         return now + self.clock_offset - snap.published_at
 
     def site_is_up(self, site: str, now: float, stale_after: float) -> bool:

@@ -680,9 +680,10 @@ class StateFollower:
         self.keepalives_answered += 1
 
     async def _full_load(self, store: RedisStore) -> None:
-        state = await store.load(sites=not self.overrides_only)
         # Replace wholesale, never merge: after a Redis restart or failover
-        # versions may start over, and a merge would keep ghosts.
+        # versions may start over, and a merge would keep ghosts. Only the
+        # outage is carried over, so it does not age what was published before it.
+        state = (await store.load(sites=not self.overrides_only)).resumed(self.state, time.time())
         await self._set_state(state)
         self.last_sync = self._last_contact = time.time()
         self.full_loads += 1

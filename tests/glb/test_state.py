@@ -375,6 +375,25 @@ def test_frozen_state_judges_staleness_at_freeze_time() -> None:
     assert st.site_age("ams", now=500.0) == pytest.approx(1.0)
 
 
+def test_an_outage_does_not_age_what_was_published_before_it() -> None:
+    """Reconnected after an outage (a Sentinel failover) from 101 to 104: a
+    snapshot of 100 has not aged by those 3 s; one published since ages as usual."""
+    frozen = DeploymentState().with_site(make_snapshot(version=1, published_at=100.0)).frozen(101.0)
+    loaded = DeploymentState.build([make_snapshot(version=1, published_at=100.0),
+                                    make_snapshot(site="fra", version=2, published_at=103.5)])
+    st = loaded.resumed(frozen, now=104.0)
+    assert st.paused == (101.0, 3.0) and st.frozen_at is None
+    assert st.site_age("ams", now=104.0) == pytest.approx(1.0)  # as at the freeze
+    assert st.site_is_up("ams", now=104.0, stale_after=3.0)
+    assert st.site_age("fra", now=104.0) == pytest.approx(0.5)  # published after the outage began
+    # A director that died with the master: stale once stale_after passed, outage not counted.
+    assert st.site_is_up("ams", now=105.9, stale_after=3.0) and not st.site_is_up("ams", now=106.1, stale_after=3.0)
+    # Later loads keep the pause; loads with no outage before them start none.
+    assert DeploymentState.build([make_snapshot(version=3, published_at=100.0)]).resumed(st, 110.0).paused == st.paused
+    assert loaded.resumed(DeploymentState(), now=104.0) is loaded
+    assert loaded.site_age("ams", now=104.0) == pytest.approx(4.0)
+
+
 def test_drain_override_makes_site_down() -> None:
     st = DeploymentState().with_site(make_snapshot(version=1, published_at=100.0))
     assert st.site_is_up("ams", 100.5, 3.0)

@@ -1,0 +1,429 @@
+"""Redis failover through Sentinel, end to end: how long GLB's tiers take to follow.
+
+On loopback free ports: a Redis master, one replica, three Sentinels
+(``redis-server --sentinel``; quorum 2, ``down-after-milliseconds`` 1000), two
+directors (``glb director``, control plane only on lo, publishing every 0.5 s)
+and one ``glb dnsfront``, all found through Sentinel. An operator's override is
+written (and acknowledged by the replica) first. Then the master is SIGKILLed
+while a poller asks dnsfront every 20 ms and the directors and dnsfront are
+watched through their /status. Measured from the kill:
+
+* ``promoted``: the first Sentinel naming the replica as master;
+* ``director <site>``: the director's first publication to the new master;
+* ``dnsfront``: dnsfront's first full load from the new master;
+* the DNS answers throughout: any change of the answer set (a flap), any
+  query without an answer;
+* the override, read from the new master and as dc1's director applies it.
+
+Every process is started here and killed by its PID at the end, even on failure.
+Run: ``.venv/bin/python benchmarks/sentinel_failover.py [--trials N]``; prints
+each trial and min / median / max. tests/glb/test_sentinel_failover.py runs one
+trial and checks the outcome.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dns.message
+import dns.query
+import dns.rdatatype
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+SERVICE = "glbmaster"
+VIPS = {"dc1": "192.0.2.10", "dc2": "192.0.2.20"}
+NAME = "app.example.net"
+DOWN_AFTER_MS = 1000
+RESYNC = 10.0
+"""dnsfront's and the directors' ``redis.resync_interval`` (the default)."""
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_dns_port() -> int:
+    """A port free for both UDP and TCP (dnsfront binds both)."""
+    while True:
+        port = free_port(socket.SOCK_DGRAM)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+
+
+def redis_command(port: int, *args: str, timeout: float = 0.5) -> str:
+    """One command in RESP, the reply as text (no client library: the harness judges the client)."""
+    payload = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(payload.encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            data += chunk
+            if not chunk or _complete(data):
+                return data.decode(errors="replace")
+
+
+def _complete(data: bytes) -> bool:
+    try:
+        return _parse(data, 0) is not None
+    except (ValueError, IndexError):
+        return False
+
+
+def _parse(data: bytes, i: int) -> int | None:
+    """The index after one RESP value at ``i``, or None if incomplete."""
+    end = data.find(b"\r\n", i)
+    if end < 0:
+        return None
+    kind, head = data[i:i + 1], data[i + 1:end]
+    if kind in (b"+", b"-", b":"):
+        return end + 2
+    if kind == b"$":
+        n = int(head)
+        return end + 2 if n < 0 else (end + 2 + n + 2 if len(data) >= end + 2 + n + 2 else None)
+    if kind == b"*":
+        j: int | None = end + 2
+        for _ in range(max(int(head), 0)):
+            j = _parse(data, j) if j is not None else None
+            if j is None:
+                return None
+        return j
+    raise ValueError(kind)
+
+
+def http_json(port: int, path: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+        return json.load(r)
+
+
+# --------------------------------------------------------------------------
+# The processes
+
+
+@dataclass
+class Processes:
+    """Everything started, killed by PID (never by name) in ``stop``."""
+
+    workdir: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "wb")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, **(env or {})})
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def running(self) -> bool:
+        """True while every process runs; RuntimeError naming the first that exited."""
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}: {self.log(name)[-600:]}")
+        return True
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+    def stop(self) -> None:
+        for name, proc in reversed(list(self.procs.items())):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+    def log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text(errors="replace")
+
+
+def wait(predicate, what: str, timeout: float, step: float = 0.02):
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except OSError as e:
+            last = e
+        if last:
+            return last
+        time.sleep(step)
+    raise TimeoutError(f"{what}: not within {timeout:g} s (last: {last!r})")
+
+
+class Cluster:
+    """A master, a replica, three Sentinels and GLB's processes, on loopback."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.p = Processes(workdir)
+        self.master, self.replica = free_port(), free_port()
+        self.sentinels = [free_port() for _ in range(3)]
+        self.director_status = {site: free_port() for site in VIPS}
+        self.dns_port, self.dns_status = free_dns_port(), free_port()
+        self.config = workdir / "glb.yaml"
+
+    # -- Redis and Sentinel
+
+    def _redis(self, name: str, port: int, *extra: str) -> None:
+        self.p.start(name, [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                            "--appendonly", "no", "--dir", str(self.workdir), "--loglevel", "warning", *extra])
+        wait(lambda: redis_command(port, "PING").startswith("+PONG"), f"{name} to answer PING", 10)
+
+    def start_redis(self) -> None:
+        self._redis("master", self.master)
+        self._redis("replica", self.replica, "--replicaof", "127.0.0.1", str(self.master))
+        wait(lambda: "master_link_status:up" in redis_command(self.replica, "INFO", "replication"),
+             "the replica to sync", 10)
+        for i, port in enumerate(self.sentinels):
+            conf = self.workdir / f"sentinel{i}.conf"  # Sentinel rewrites its file: one each
+            conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+                            f"sentinel monitor {SERVICE} 127.0.0.1 {self.master} 2\n"
+                            f"sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n"
+                            f"sentinel failover-timeout {SERVICE} 10000\n"
+                            f"sentinel parallel-syncs {SERVICE} 1\n")
+            self.p.start(f"sentinel{i}", [REDIS_SERVER, str(conf), "--sentinel", "--loglevel", "warning"])
+        # Ready when each Sentinel knows the replica and the two other Sentinels.
+        for port in self.sentinels:
+            wait(lambda port=port: redis_command(port, "SENTINEL", "REPLICAS", SERVICE).count("127.0.0.1") >= 1
+                 and redis_command(port, "SENTINEL", "SENTINELS", SERVICE).count("127.0.0.1") >= 2,
+                 f"sentinel on {port} to know the replica and the other sentinels", 20, 0.1)
+
+    def master_port(self) -> int | None:
+        """The master as the first answering Sentinel names it."""
+        for port in self.sentinels:
+            try:
+                reply = redis_command(port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", SERVICE)
+            except OSError:
+                continue
+            lines = reply.split("\r\n")
+            if len(lines) >= 5:
+                return int(lines[4])
+        return None
+
+    # -- GLB
+
+    def write_config(self) -> None:
+        sentinels = ", ".join(f'"127.0.0.1:{p}"' for p in self.sentinels)
+        sites = "".join(f"""
+  {site}:
+    director: {{interface: lo, id: {site}-director, status_listen: "127.0.0.1:{self.director_status[site]}",
+               heartbeat: 0.5}}
+    services:
+      - name: web
+        vips: ["{vip}:80/tcp"]
+        real_servers: [127.0.0.1]
+        health_check: {{type: exec, command: ["true"], interval: 0.5, timeout: 0.4}}
+""" for site, vip in VIPS.items())
+        self.config.write_text(f"""
+redis:
+  url: "redis:///0"
+  sentinel: {{service: {SERVICE}, addresses: [{sentinels}]}}
+  timeout: 0.5
+  stale_after: 3.0
+  resync_interval: {RESYNC}
+dnsfront:
+  listen: ["127.0.0.1:{self.dns_port}"]
+  status_listen: "127.0.0.1:{self.dns_status}"
+zones:
+  - apex: example.net
+    soa: {{mname: ns1.example.net, rname: hostmaster@example.net}}
+    ns: [{{name: ns1.example.net, addresses: [192.0.2.53]}}]
+names:
+  {NAME}:
+    service: web
+    policy: weighted
+    answers: 2
+    ttl: 5
+    members: [dc1, dc2]
+sites:{sites}""")
+
+    def start_glb(self) -> None:
+        self.write_config()
+        glb = [sys.executable, "-m", "glb.cli"]
+        for site in VIPS:
+            self.p.start(f"director-{site}", [*glb, "director", "--config", str(self.config), "--site", site])
+        self.p.start("dnsfront", [*glb, "dnsfront", "--config", str(self.config)])
+        wait(lambda: self.p.running() and self.answer() == frozenset(VIPS.values()), "dnsfront to answer both sites",
+             30, 0.1)
+
+    def answer(self) -> frozenset[str] | None:
+        """The A records dnsfront answers for NAME now; None without an answer."""
+        q = dns.message.make_query(NAME, "A")
+        try:
+            r = dns.query.udp(q, "127.0.0.1", port=self.dns_port, timeout=0.5)
+        except (dns.exception.Timeout, OSError):
+            return None
+        return frozenset(rr.address for rrset in r.answer if rrset.rdtype == dns.rdatatype.A for rr in rrset)
+
+    def director(self, site: str) -> dict:
+        return http_json(self.director_status[site], "/status")["redis"]
+
+    def dnsfront(self) -> dict:
+        return http_json(self.dns_status, "/status")["redis"][0]
+
+    def stop(self) -> None:
+        self.p.stop()
+
+
+# --------------------------------------------------------------------------
+# One trial
+
+
+@dataclass
+class Trial:
+    promoted: float
+    directors: dict[str, float]
+    dnsfront: float
+    queries: int
+    unanswered: int
+    answer_sets: list[frozenset[str]]
+    override_kept: bool
+
+    @property
+    def flapped(self) -> bool:
+        return len(set(self.answer_sets)) > 1
+
+
+class Poller(threading.Thread):
+    """Asks dnsfront every 20 ms; keeps every distinct answer set in order."""
+
+    def __init__(self, cluster: Cluster):
+        super().__init__(daemon=True)
+        self.cluster = cluster
+        self.stop_event = threading.Event()
+        self.queries = self.unanswered = 0
+        self.sets: list[frozenset[str]] = []
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            got = self.cluster.answer()
+            self.queries += 1
+            if not got:
+                self.unanswered += 1
+            elif not self.sets or self.sets[-1] != got:
+                self.sets.append(got)
+            self.stop_event.wait(0.02)
+
+
+def write_override(cluster: Cluster) -> str:
+    """An operator's weight override, acknowledged by the replica (WAIT) before the fault."""
+    env = {"GLB_REDIS_URL": ""}  # the config's Sentinel settings
+    r = subprocess.run([sys.executable, "-m", "glb.cli", "weight", "--config", str(cluster.config), "--site", "dc1",
+                        "--direct", "--service", "web", "--server", "127.0.0.1", "--who", "bench", "7"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=30, env={**os.environ, **env})
+    if r.returncode != 0:
+        raise RuntimeError(f"glb weight --direct failed: {r.stderr.strip()}")
+    acked = redis_command(cluster.master, "WAIT", "1", "2000")
+    if acked.strip() != ":1":
+        raise RuntimeError(f"the replica did not acknowledge the override: {acked!r}")
+    return "server:dc1/web/127.0.0.1:0"
+
+
+def run_trial(workdir: Path) -> Trial:
+    cluster = Cluster(workdir)
+    try:
+        cluster.start_redis()
+        cluster.start_glb()
+        target = write_override(cluster)
+        wait(lambda: all(cluster.director(s)["connected"] for s in VIPS) and cluster.dnsfront()["connected"],
+             "every GLB process to follow the master", 10)
+        poller = Poller(cluster)
+        poller.start()
+        time.sleep(1.0)  # a second of answers before the fault: the baseline
+        versions = {s: cluster.director(s)["last_version"] for s in VIPS}
+        loads = cluster.dnsfront()["full_loads"]
+        killed_at = time.monotonic()
+        cluster.p.kill("master")
+
+        promoted = wait(lambda: cluster.master_port() == cluster.replica and time.monotonic(),
+                        "a sentinel to promote the replica", 30) - killed_at
+        bound = promoted + RESYNC + 5.0  # the failover, one resync, the follower's longest backoff
+
+        def director_follows(site: str) -> float | bool:
+            st = cluster.director(site)
+            # A publication after the kill that Redis accepted: only the replica is left to accept it.
+            return st["connected"] and st["last_version"] != versions[site] and time.monotonic()
+
+        directors = {s: wait(lambda s=s: director_follows(s), f"director {s} to publish to the new master",
+                             bound, 0.01) - killed_at for s in VIPS}
+
+        def dnsfront_follows() -> float | bool:
+            st = cluster.dnsfront()
+            return st["connected"] and st["full_loads"] > loads and time.monotonic()
+
+        dnsfront = wait(dnsfront_follows, "dnsfront to load from the new master", bound, 0.01) - killed_at
+        time.sleep(1.0)  # a second of answers after: the site must not go stale once followed
+        poller.stop_event.set()
+        poller.join(5)
+        held = redis_command(cluster.replica, "HGET", "{glb}:overrides", target)
+        # Kept in the new master, and still applied by dc1's director.
+        web = http_json(cluster.director_status["dc1"], "/status")["services"][0]["real_servers"][0]
+        return Trial(promoted, directors, dnsfront, poller.queries, poller.unanswered, poller.sets,
+                     '"weight":7' in held and web["weight_override"] == 7)
+    except BaseException:
+        for name in cluster.p.procs:
+            if name.startswith(("director", "dnsfront")):
+                sys.stderr.write(f"--- {name} log (tail)\n{cluster.p.log(name)[-1500:]}\n")
+        raise
+    finally:
+        cluster.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trials", type=int, default=5)
+    args = ap.parse_args()
+    trials = []
+    for n in range(args.trials):
+        with tempfile.TemporaryDirectory(prefix="glb-sentinel-") as tmp:
+            t = run_trial(Path(tmp))
+        trials.append(t)
+        print(f"trial {n + 1}: promoted {t.promoted:.2f} s; directors "
+              + ", ".join(f"{s} {v:.2f} s" for s, v in t.directors.items())
+              + f"; dnsfront {t.dnsfront:.2f} s; {t.queries} queries, {t.unanswered} unanswered, "
+              f"answer sets {len(set(t.answer_sets))} "
+              f"({'FLAP: ' + ' -> '.join(','.join(sorted(a)) for a in t.answer_sets) if t.flapped else 'steady'}); "
+              f"override {'kept' if t.override_kept else 'LOST'}", flush=True)
+
+    def stats(label: str, values: list[float]) -> None:
+        print(f"{label:<22} min {min(values):.2f}  median {statistics.median(values):.2f}  max {max(values):.2f} s")
+
+    stats("promoted", [t.promoted for t in trials])
+    stats("directors followed", [max(t.directors.values()) for t in trials])
+    stats("dnsfront followed", [t.dnsfront for t in trials])
+    print(f"unanswered queries: {sum(t.unanswered for t in trials)} of {sum(t.queries for t in trials)}; "
+          f"flaps: {sum(t.flapped for t in trials)}; overrides lost: {sum(not t.override_kept for t in trials)}")
+    return 0 if all(not t.flapped and t.override_kept and not t.unanswered for t in trials) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
