@@ -117,11 +117,14 @@ def describe(req: ActionRequest) -> str:
     return f"{action.verb} {req.target}"
 
 
-def call_director(cfg: Config, site: str, token: str, call: Callable[[DirectorClient], dict[str, Any]]) -> dict[str, Any]:
+def call_director(cfg: Config, site: str, token: str, call: Callable[[DirectorClient], dict[str, Any]],
+                  at: tuple[str, int] | None = None) -> dict[str, Any]:
     """Run ``call`` against the admin API of ``site``'s director with the operator's token.
 
-    Blocking (``DirectorClient`` is synchronous); ``perform`` runs it in a thread."""
-    host, port = connect_address(find_site(cfg, site).director.status_listen)
+    ``at`` is where the director is reached when its ``status_listen`` is a
+    wildcard bind on another host (``glb dashboard --director``). Blocking
+    (``DirectorClient`` is synchronous); ``perform`` runs it in a thread."""
+    host, port = at or connect_address(find_site(cfg, site).director.status_listen)
     # No config_source: the token is the page's, not the config's, and the
     # director's refusal must say so.
     client = DirectorClient(site, host, port, token=token)
@@ -129,7 +132,8 @@ def call_director(cfg: Config, site: str, token: str, call: Callable[[DirectorCl
     return call(client)
 
 
-async def perform(cfg: Config, req: ActionRequest, token: str) -> dict[str, Any]:
+async def perform(cfg: Config, req: ActionRequest, token: str,
+                  at: tuple[str, int] | None = None) -> dict[str, Any]:
     """Do ``req``; AdminError (one line from the director's answer) if refused."""
     action = ACTIONS[req.action]
-    return await asyncio.to_thread(call_director, cfg, req.site, token, lambda c: action.call(c, req))
+    return await asyncio.to_thread(call_director, cfg, req.site, token, lambda c: action.call(c, req), at)

@@ -25,6 +25,7 @@ import logging
 import secrets
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,12 +71,19 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 class Dashboard:
     """The running dashboard's state: follower, samples, timeline, open streams."""
 
-    def __init__(self, cfg: Config, dnsfronts: tuple[str, ...] = ()):
+    def __init__(self, cfg: Config, dnsfronts: tuple[str, ...] = (),
+                 directors: Mapping[str, tuple[str, int]] | None = None):
         self.cfg = cfg
-        host, port = connect_address(cfg.dnsfront.status_listen)
-        main = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.dnsfronts = tuple(dict.fromkeys((main, *dnsfronts)))
+        if not dnsfronts:
+            host, port = connect_address(cfg.dnsfront.status_listen)
+            dnsfronts = (f"[{host}]:{port}" if ":" in host else f"{host}:{port}",)
+        self.dnsfronts = tuple(dict.fromkeys(dnsfronts))
         """host:port of each dnsfront status listener whose /metrics is sampled."""
+        self.directors = dict(directors or {})
+        """Site -> (host, port) of its director's admin API, where the config's bind address will not do."""
+        unknown = sorted(set(self.directors) - {s.name for s in cfg.sites})
+        if unknown:
+            raise DashboardError(f"--director {unknown[0]}=...: {cfg.source} has no site {unknown[0]!r}")
         self.follower = StateFollower(cfg.redis, self._changed)
         self.samples = model.Samples()
         self.timeline = model.Timeline()
@@ -295,7 +303,7 @@ async def _action(request: web.Request) -> web.Response:
         return _error(400, str(e))
     line = actions.describe(req)
     try:
-        answer = await actions.perform(dash.cfg, req, token.strip())
+        answer = await actions.perform(dash.cfg, req, token.strip(), dash.directors.get(req.site))
     except AdminError as e:
         log.warning("action refused: %s by %s (%s): %s", line, req.who, req.why, e)
         dash.record(model.event(time.time(), "action_refused", f"{line}: {e}", who=req.who, why=req.why))
@@ -322,9 +330,10 @@ def is_loopback(host: str) -> bool:
     return host.strip("[]") in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
 
-async def start(cfg: Config, listen: ListenAddress, dnsfronts: tuple[str, ...] = ()) -> tuple[Dashboard, Any]:
+async def start(cfg: Config, listen: ListenAddress, dnsfronts: tuple[str, ...] = (),
+                directors: Mapping[str, tuple[str, int]] | None = None) -> tuple[Dashboard, Any]:
     """Start following and serving; returns the dashboard and the served app (``.port``, ``.close()``)."""
-    dash = Dashboard(cfg, dnsfronts)
+    dash = Dashboard(cfg, dnsfronts, directors)
     await dash.start()
     try:
         served = await serve(make_app(dash, loopback_only=is_loopback(listen.host)), listen,
@@ -343,13 +352,24 @@ def parse_listen(text: str) -> ListenAddress:
         raise ValueError(str(e)) from None
 
 
-def run(config_path: str, listen: ListenAddress = DEFAULT_LISTEN, dnsfronts: tuple[str, ...] = ()) -> int:
+def parse_director(text: str) -> tuple[str, tuple[str, int]]:
+    """``SITE=HOST:PORT`` (``--director``): where that site's director is reached."""
+    site, sep, address = text.partition("=")
+    if not sep or not site:
+        raise ValueError(f"expected SITE=HOST:PORT, got {text!r}")
+    listen = parse_listen(address)
+    return site, (listen.host, listen.port)
+
+
+def run(config_path: str, listen: ListenAddress = DEFAULT_LISTEN, dnsfronts: tuple[str, ...] = (),
+        directors: Mapping[str, tuple[str, int]] | None = None) -> int:
     cfg = configmod.load(config_path)
-    return asyncio.run(_main(cfg, listen, dnsfronts))
+    return asyncio.run(_main(cfg, listen, dnsfronts, directors))
 
 
-async def _main(cfg: Config, listen: ListenAddress, dnsfronts: tuple[str, ...]) -> int:
-    dash, served = await start(cfg, listen, dnsfronts)
+async def _main(cfg: Config, listen: ListenAddress, dnsfronts: tuple[str, ...],
+                directors: Mapping[str, tuple[str, int]] | None) -> int:
+    dash, served = await start(cfg, listen, dnsfronts, directors)
     host = f"[{listen.host}]" if ":" in listen.host else listen.host
     log.info("dashboard at http://%s:%d/", host, served.port)
     stop = asyncio.Event()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -133,17 +132,9 @@ dnsfront: {{listen: ["127.0.0.1:{dns_port}"], status_listen: "127.0.0.1:{dns_sta
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory) -> Iterator:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    from deploy.lab.screenshots import chromium
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,1900", "--no-first-run", "--disable-extensions",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    driver = chromium(str(tmp_path_factory.mktemp("chromium")))
     try:
         yield driver
     finally:
