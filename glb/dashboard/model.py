@@ -55,7 +55,21 @@ def _directors(cfg_site: Any, snap: SiteSnapshot | None) -> dict[str, Any]:
     return {"active": active, "standby": standby}
 
 
-def _servers(cfg: Config, state: DeploymentState, site: str, service: Any, snap: SiteSnapshot | None) -> list[dict]:
+ServerOverrides = Mapping[tuple[str, str, str, int], Override]
+
+
+def _server_overrides(state: DeploymentState) -> ServerOverrides:
+    """The server overrides by (site, service, address, port): parsed once per view, not once per
+    server (``server_target`` validates its arguments: most of a large view's time otherwise)."""
+    out = {}
+    for target, ov in state.overrides.items():
+        t = parse_target(target)
+        if t.kind == "server":
+            out[(t.site, t.service or "", t.address or "", t.port or 0)] = ov
+    return out
+
+
+def _servers(overrides: ServerOverrides, site: str, service: Any, snap: SiteSnapshot | None) -> list[dict]:
     published = snap.service(service.name) if snap else None
     rows = []
     seen = set()
@@ -68,7 +82,7 @@ def _servers(cfg: Config, state: DeploymentState, site: str, service: Any, snap:
             "active_conns": rs.active_conns, "inactive_conns": rs.inactive_conns,
             "new_conns_per_s": rs.new_conns_per_s, "packets_per_s": rs.packets_per_s,
             "last_check": rs.last_check, "last_result": rs.last_result,
-            "override": _override_json(state.server_override(site, service.name, rs.address, rs.port)),
+            "override": _override_json(overrides.get((site, service.name, rs.address, rs.port))),
         })
     # Configured but not (yet) published: shown, so a missing server is visible.
     for rs in service.real_servers:
@@ -79,7 +93,7 @@ def _servers(cfg: Config, state: DeploymentState, site: str, service: Any, snap:
                 "address": str(rs.address), "port": port, "label": server_label(str(rs.address), port),
                 "state": "unknown", "weight": rs.weight, "active_conns": 0, "inactive_conns": 0,
                 "new_conns_per_s": 0.0, "packets_per_s": 0.0, "last_check": None, "last_result": "",
-                "override": _override_json(state.server_override(site, service.name, str(rs.address), port)),
+                "override": _override_json(overrides.get((site, service.name, str(rs.address), port))),
             })
     return rows
 
@@ -89,6 +103,7 @@ def build_view(cfg: Config, state: DeploymentState, now: float, *, redis: Mappin
     (``connected``, ``last_error``, ``since``), shown as the page's stale banner."""
     report = build_report(cfg, state, now)
     by_site = {s["site"]: s for s in report["sites"]}
+    overrides = _server_overrides(state)
     sites = []
     for cfg_site in cfg.sites:
         row = by_site[cfg_site.name]
@@ -101,7 +116,7 @@ def build_view(cfg: Config, state: DeploymentState, now: float, *, redis: Mappin
                 "vips": list(published.vips) if published else [str(v) for v in svc.vips],
                 "new_conns_per_s": published.new_conns_per_s if published else 0.0,
                 "packets_per_s": published.packets_per_s if published else 0.0,
-                "real_servers": _servers(cfg, state, cfg_site.name, svc, snap),
+                "real_servers": _servers(overrides, cfg_site.name, svc, snap),
             })
         sites.append({
             **row,

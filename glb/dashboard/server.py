@@ -124,6 +124,8 @@ class Dashboard:
         view = model.build_view(self.cfg, self.follower.state, now, redis=self._redis())
         view["dnsfronts"] = list(self.dns.values())
         self.view = view
+        if self.follower.last_sync is None:
+            return []  # nothing loaded yet: "no snapshot -> up" for every site would be noise, not events
         return self.timeline.observe(view, self.follower.state, now)
 
     def snapshot(self) -> dict[str, Any]:
@@ -156,11 +158,16 @@ class Dashboard:
         self._dirty.set()
 
     async def _pusher(self) -> None:
+        took = 0.0
         while True:
             await self._dirty.wait()
-            await asyncio.sleep(COALESCE)
+            # At least as long as the last rebuild took: with many sites heartbeating, the
+            # dashboard spends at most about half a core on rebuilding (docs/dashboard.md).
+            await asyncio.sleep(max(COALESCE, took))
             self._dirty.clear()
+            started = time.monotonic()
             self._publish(self._refresh(time.time()))
+            took = time.monotonic() - started
 
     async def _sampler(self) -> None:
         next_at = time.monotonic()
@@ -221,8 +228,8 @@ async def _security(request: web.Request, handler: Any) -> web.StreamResponse:
         response = await handler(request)
     for k, v in SECURITY_HEADERS.items():
         response.headers.setdefault(k, v)
-    if not request.path.startswith("/static/"):
-        response.headers.setdefault("Cache-Control", "no-store")
+    # Static files revalidate (Last-Modified), so an upgraded dashboard never runs an old script.
+    response.headers.setdefault("Cache-Control", "no-cache" if request.path.startswith("/static/") else "no-store")
     return response
 
 

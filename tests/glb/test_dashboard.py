@@ -76,7 +76,8 @@ REDIS_OK = {"connected": True, "synced": True, "last_error": None, "frozen_at": 
 
 def test_view_uses_the_status_report_and_adds_directors_servers_capacity_and_load():
     c = cfg()
-    st = state(snap("ams", "lb1", {"10.1.0.1": "up", "10.1.0.2": "down"}))
+    weight = Override(server_target("ams", "web", "10.1.0.1", 0), weight=7, who="bob", when=999.0, why="big box")
+    st = state(snap("ams", "lb1", {"10.1.0.1": "up", "10.1.0.2": "down"}), overrides=(weight,))
     view = model.build_view(c, st, 1001.0, redis=REDIS_OK)
     report = build_report(c, st, 1001.0)
     assert view["names"] == report["names"]  # the same policy code as `glb status`, not a copy
@@ -88,6 +89,9 @@ def test_view_uses_the_status_report_and_adds_directors_servers_capacity_and_loa
     assert ams["load"] == {"active_conns": 4, "new_conns_per_s": 0.0, "packets_per_s": 10.0}
     rows = {r["key"]: r for r in ams["services"][0]["real_servers"]}
     assert rows["ams/web/10.1.0.2"]["state"] == "down" and rows["ams/web/10.1.0.2"]["last_result"] == "timeout"
+    assert rows["ams/web/10.1.0.1"]["override"] == {"drain": False, "weight": 7, "who": "bob", "why": "big box",
+                                                    "when": 999.0}
+    assert rows["ams/web/10.1.0.2"]["override"] is None
     # Configured but unpublished servers are shown as unknown, not left out.
     assert [(r["key"], r["state"], r["weight"]) for r in fra["services"][0]["real_servers"]] \
         == [("fra/web/10.2.0.1", "unknown", 1)]
