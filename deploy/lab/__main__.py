@@ -133,6 +133,7 @@ def _status(lab: Lab, as_json: bool) -> int:
         print(f"  DNS app.{topo.ZONE} via {k:<9} {v}")
     for k, v in st.get("vip_path", {}).items():
         print(f"  fetch through {k}'s VIP: {v}")
+    print(f"  dashboard: {lab.dashboard_url} (in a browser on this host)")
     print()
     print(lab.glb_status())
     return 0

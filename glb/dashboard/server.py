@@ -107,8 +107,8 @@ class Dashboard:
     async def close(self) -> None:
         await cancel_and_wait(self._tasks)
         await self.follower.stop()
-        for q in self._streams:
-            q.put_nowait(None)
+        for q in list(self._streams):
+            self._cut(q)
         if self._http is not None:
             await self._http.close()
 
@@ -135,12 +135,16 @@ class Dashboard:
         message = f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
         for q in list(self._streams):
             if q.full():  # a page that cannot keep up is cut off: it reconnects and starts over with init
-                self._streams.discard(q)
-                while not q.empty():
-                    q.get_nowait()
-                q.put_nowait(None)
-                continue
-            q.put_nowait(message)
+                self._cut(q)
+            else:
+                q.put_nowait(message)
+
+    def _cut(self, q: asyncio.Queue[str | None]) -> None:
+        """End a page's stream: drop what it has not read, then the end mark."""
+        self._streams.discard(q)
+        while not q.empty():
+            q.get_nowait()
+        q.put_nowait(None)
 
     def _publish(self, events: list[dict[str, Any]]) -> None:
         self._send("view", self.view)
