@@ -113,6 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="0..65535 (0 quiesces: no new connections), or 'clear' for the configured weight")
     weight.set_defaults(func=_cmd_weight)
 
+    dash = sub.add_parser("dashboard", help="serve a live web page of the deployment, with drain/weight actions",
+                          description="Serve a live page of every site, service, real server and load-balanced "
+                          "name from Redis, with 15-minute charts, an event timeline and drain/weight actions "
+                          "(admin token asked in the page). See docs/dashboard.md.")
+    dash.add_argument("--config", required=True, metavar="FILE", help="the deployment's YAML file")
+    dash.add_argument("--listen", type=_listen, metavar="ADDR", help="HOST[:PORT] to serve on (default 127.0.0.1:9180; "
+                      "keep it on loopback or behind an authenticating proxy: reading needs no token)")
+    dash.add_argument("--dnsfront", action="append", default=[], metavar="HOST:PORT",
+                      help="a dnsfront status listener to chart (repeatable; default: dnsfront.status_listen)")
+    dash.add_argument("--director", action="append", default=[], type=_director, metavar="SITE=HOST:PORT",
+                      help="where to reach SITE's director for actions when its status_listen is a wildcard "
+                      "bind on another host (repeatable)")
+    dash.set_defaults(func=_cmd_dashboard)
+
     status = sub.add_parser("status", help="print every site's state from Redis and what DNS would answer now")
     status.add_argument("--config", required=True, metavar="FILE", help="the deployment's YAML file")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -154,6 +168,24 @@ def _weight(text: str) -> int | None:
     if not 0 <= value <= MAX_WEIGHT:
         raise argparse.ArgumentTypeError(f"must be 0..{MAX_WEIGHT}, got {value}")
     return value
+
+
+def _listen(text: str):
+    from glb.dashboard.server import parse_listen
+
+    try:
+        return parse_listen(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _director(text: str):
+    from glb.dashboard.server import parse_director
+
+    try:
+        return parse_director(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -210,6 +242,12 @@ def _cmd_weight(args: argparse.Namespace) -> int:
     return set_weight(args.config, args.site, service=args.service, server=args.server, weight=args.weight,
                       why=args.reason, who=args.who, token_file=args.token_file, ca_file=args.ca_file,
                       direct=args.direct)
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from glb.dashboard.server import DEFAULT_LISTEN, run
+
+    return run(args.config, args.listen or DEFAULT_LISTEN, tuple(args.dnsfront), dict(args.director))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -70,6 +70,10 @@ class AdminError(GLBError):
     """An admin API call was refused or failed."""
 
 
+class DashboardError(GLBError):
+    """``glb dashboard`` could not start (bind failure) or read a dnsfront's metrics."""
+
+
 class HAError(GLBError):
     """A director-pair protocol (VRRP, connection sync) refused a packet or could not run.
 

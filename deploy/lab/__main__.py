@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from deploy.lab import topology as topo
-from deploy.lab.lab import CONFIG, DEFAULT_PREFIX, DEFAULT_STATE_DIR, Lab, glb_command
+from deploy.lab.lab import CONFIG, DASHBOARD_PORT, DEFAULT_PREFIX, DEFAULT_STATE_DIR, Lab, glb_command
 from deploy.lab.net import LabError, exec_argv
 
 
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"namespace name prefix (default {DEFAULT_PREFIX})")
     ap.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help=f"state, configs, logs (default {DEFAULT_STATE_DIR})")
     ap.add_argument("--config", type=Path, default=CONFIG, help="the GLB config (default deploy/examples/lab.yaml)")
+    ap.add_argument("--dashboard-port", type=int, default=DASHBOARD_PORT, metavar="PORT",
+                    help=f"the dashboard's port on this host's loopback (default {DASHBOARD_PORT})")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("up", help="build the lab and leave it running")
     sub.add_parser("down", help="remove every namespace and process of the lab")
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM tears down like Ctrl-C does (the `finally` blocks of up/demo run).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     log = _printer()
-    lab = Lab(prefix=args.prefix, state_dir=args.state_dir, config=args.config, log=log)
+    lab = Lab(prefix=args.prefix, state_dir=args.state_dir, config=args.config, log=log,
+              dashboard_port=args.dashboard_port)
     try:
         if args.command == "up":
             summary = lab.up()
@@ -130,6 +133,7 @@ def _status(lab: Lab, as_json: bool) -> int:
         print(f"  DNS app.{topo.ZONE} via {k:<9} {v}")
     for k, v in st.get("vip_path", {}).items():
         print(f"  fetch through {k}'s VIP: {v}")
+    print(f"  dashboard: {lab.dashboard_url} (in a browser on this host)")
     print()
     print(lab.glb_status())
     return 0

@@ -166,6 +166,8 @@ def run_demo(lab: Lab, *, hold: float | None = None, keep: bool = False) -> int:
     try:
         summary = lab.up()
         log(f"lab up in {summary['seconds']} s")
+        print(f"\n  Dashboard: {lab.dashboard_url}  (open it now to watch the failover live;\n"
+              f"  actions ask for the admin token: admin.token in {lab._rel(str(lab.config_path))})\n", flush=True)
         vip_ok = all(v and v.startswith("ok") for v in summary["vip_path"].values())
         if not vip_ok:
             print("\n  NOTE: the client cannot fetch through the VIPs "
@@ -211,6 +213,7 @@ def run_demo(lab: Lab, *, hold: float | None = None, keep: bool = False) -> int:
                   f"  bash scripts/demo exec client dig +short {NAME}\n"
                   f"  bash scripts/demo exec client curl -s http://{NAME}/\n"
                   "  bash scripts/demo exec ops curl -s http://10.1.0.2:9100/metrics\n"
+                  f"  open {lab.dashboard_url} in a browser on this host   # the dashboard\n"
                   "  bash scripts/demo down\n"
                   + ("Ctrl-C here tears it down." if not keep else "It stays up until 'bash scripts/demo down'."),
                   flush=True)

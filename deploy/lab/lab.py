@@ -35,6 +35,14 @@ CONFIG = ROOT / "deploy" / "examples" / "lab.yaml"
 DEFAULT_PREFIX = "glb-lab-"
 DEFAULT_STATE_DIR = Path("/run/glb-lab")
 RESOLV_ROLES = ("client", "ops")
+OPS = "172.16.0.5"
+"""The ops host's address (topology): the dashboard listens there."""
+DASHBOARD_PORT = 9180
+"""The dashboard's port on the ops host, and `python -m deploy.lab`'s default on the host's loopback
+(through deploy.lab.forward). Other users of ``Lab`` (tests, benchmarks) get a free port there, so
+their labs never clash with the demo's."""
+HOST = "host"
+"""The role name of the processes the lab runs in the host's own namespace (the dashboard's forwarder)."""
 HOST_SYSCTLS = {
     # Replies leave real servers from the VIP through routers that did not see the request: no
     # reverse-path filtering anywhere (a host distribution may make it strict by default).
@@ -78,8 +86,10 @@ def limited(caps: Sequence[str], argv: list[str]) -> list[str]:
 
 class Lab:
     def __init__(self, *, prefix: str = DEFAULT_PREFIX, state_dir: Path = DEFAULT_STATE_DIR,
-                 config: Path = CONFIG, log: Log = _quiet):
+                 config: Path = CONFIG, log: Log = _quiet, dashboard_port: int = 0):
         self.prefix = prefix
+        self.dashboard_port = dashboard_port
+        """The dashboard's port on the host's loopback; 0: a free one, chosen at ``up``."""
         self.state_dir = Path(state_dir)
         self.config_path = Path(config)
         self.log = log
@@ -253,6 +263,27 @@ class Lab:
             self.start(f"dnsfront-{role}", role, limited(CAPABILITIES["dnsfront"], glb + ["dnsfront", "--config", cfg]))
         self.log(f"resolver (unbound) on {topo.RESOLVER}, root hint {topo.PARENT}")
         self.start("unbound", "resolver", ["unbound", "-d", "-c", str(files["unbound"])])
+        self._start_dashboard(glb, cfg)
+
+    def _start_dashboard(self, glb: list[str], cfg: str) -> None:
+        """`glb dashboard` on the ops host, told where the directors and dnsfronts are (their status
+        listeners bind 0.0.0.0, which from ops means nothing), and reachable from the host's browser."""
+        argv = glb + ["dashboard", "--config", cfg, "--listen", f"{OPS}:{DASHBOARD_PORT}"]
+        for name, site in self.sites.items():
+            argv += ["--director", f"{name}={topo.DIRECTORS[name]}:{site.status_port}"]
+        for addr in topo.DNSFRONTS.values():
+            argv += ["--dnsfront", f"{addr}:{self.config.dnsfront.status_listen.port}"]
+        self.state["dashboard_port"] = self.dashboard_port or net.free_port()
+        self._save()
+        self.log(f"ops ({OPS}): glb dashboard --listen {OPS}:{DASHBOARD_PORT}; {self.dashboard_url} on this host")
+        self.start("dashboard", "ops", argv)
+        self.start("dashboard-forward", HOST, [sys.executable, "-m", "deploy.lab.forward", "--listen",
+                                               f"127.0.0.1:{self.state['dashboard_port']}", "--netns", self.ns("ops"),
+                                               "--to", f"{OPS}:{DASHBOARD_PORT}"])
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.state.get('dashboard_port') or self.dashboard_port or DASHBOARD_PORT}/"
 
     @staticmethod
     def _rel(path: str) -> str:
@@ -291,6 +322,7 @@ class Lab:
         for role, addr in topo.DNSFRONTS.items():
             until(f"{role} (dnsfront) to answer app.{topo.ZONE} with both sites",
                   lambda a=addr: probe.resolve(a, f"app.{topo.ZONE}", rd=False, timeout=0.5).addresses == expect)
+        until("the dashboard", lambda: probe.fetch(OPS, DASHBOARD_PORT, "/healthz", timeout=0.5).ok)
         until(f"the resolver to resolve app.{topo.ZONE} through the delegation",
               lambda: sorted(probe.resolve(topo.RESOLVER, f"app.{topo.ZONE}", timeout=1.0).addresses) == sorted(expect),
               role="client")  # the resolver shuffles the order
@@ -354,8 +386,9 @@ class Lab:
         self.logs.mkdir(parents=True, exist_ok=True)
         logfile = self.logs / f"{name}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+        full = list(argv) if role == HOST else net.exec_argv(self.ns(role), argv)
         with open(logfile, "ab") as out:
-            proc = subprocess.Popen(net.exec_argv(self.ns(role), argv), stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT, env=env)
         self._children[proc.pid] = proc
         self.state["processes"][name] = {"role": role, "pid": proc.pid, "started": net.start_time(proc.pid),
@@ -504,7 +537,7 @@ class Lab:
                "namespaces": {n: n in existing for n in st.get("namespaces", [])},
                "processes": {}}
         for name, p in st.get("processes", {}).items():
-            out["processes"][name] = {"pid": p["pid"], "namespace": self.prefix + p["role"],
+            out["processes"][name] = {"pid": p["pid"], "namespace": "(host)" if p["role"] == HOST else self.prefix + p["role"],
                                       "running": net.is_running(p["pid"], p["started"])}
         if existing:
             try:

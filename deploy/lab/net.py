@@ -12,6 +12,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -119,6 +120,13 @@ def tx_offload_off(name: str, ifnames: Sequence[str]) -> None:
 
 
 # -- processes ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now on this host's loopback (the root namespace's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_time(pid: int) -> int | None:

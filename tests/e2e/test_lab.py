@@ -311,3 +311,27 @@ def test_site_drain_via_admin_api(fresh):
     took = wait_dns(lab, lambda a: a == BOTH, timeout=5, since=t0)
     print(f"undrain: dc1 back in DNS after {took:.2f} s")
     wait_for(lambda: director_status(lab, "dc1")["drained"] is False, 10, "dc1's director to show the undrain")
+
+
+def test_dashboard_is_reachable_from_the_host_and_follows_the_lab(fresh):
+    """The lab's dashboard (ops host) through deploy.lab.forward on this host's loopback: both
+    sites up, the directors' real servers, both dnsfronts sampled (issue 14)."""
+    import json
+    import urllib.request
+
+    lab = fresh
+
+    def state() -> dict:
+        with urllib.request.urlopen(lab.dashboard_url + "api/state", timeout=5) as r:
+            return json.loads(r.read())
+
+    def ready() -> bool:
+        doc = state()
+        return len(doc["samples"]["t"]) >= 2 and all(d["qps"] is not None for d in doc["view"]["dnsfronts"])
+
+    wait_for(ready, 10, "the dashboard to sample both dnsfronts")
+    view = state()["view"]
+    assert [(s["site"], s["state"]) for s in view["sites"]] == [("dc1", "up"), ("dc2", "up")]
+    assert {rs["key"]: rs["state"] for s in view["sites"] for svc in s["services"] for rs in svc["real_servers"]} \
+        == {"dc1/web/10.1.0.11": "up", "dc1/web/10.1.0.12": "up", "dc2/web/10.2.0.11": "up", "dc2/web/10.2.0.12": "up"}
+    assert sorted(d["address"] for d in view["dnsfronts"]) == ["172.16.0.53:8053", "172.16.0.54:8053"]
