@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from glb.admin import DirectorClient, connect_address, find_site, parse_server, resolve_port
+from glb.admin import DirectorClient, client_tls, connect_address, find_site, parse_server, resolve_port
 from glb.config import Config
 from glb.errors import AdminError
 from glb.state import MAX_WEIGHT
@@ -121,13 +121,21 @@ def call_director(cfg: Config, site: str, token: str, call: Callable[[DirectorCl
                   at: tuple[str, int] | None = None) -> dict[str, Any]:
     """Run ``call`` against the admin API of ``site``'s director with the operator's token.
 
-    ``at`` is where the director is reached when its ``status_listen`` is a
-    wildcard bind on another host (``glb dashboard --director``). Blocking
-    (``DirectorClient`` is synchronous); ``perform`` runs it in a thread."""
-    host, port = at or connect_address(find_site(cfg, site).director.status_listen)
+    The admin API has its own listener (``director.admin_listen``, TLS when
+    ``admin.tls_cert`` is set). ``at`` is where the director is reached when
+    it binds a wildcard on another host (``glb dashboard --director``): its
+    host with the admin listener's port. Blocking (``DirectorClient`` is
+    synchronous); ``perform`` runs it in a thread."""
+    director = find_site(cfg, site).director
+    if director.admin_listen is None:
+        raise AdminError(f"{cfg.source}: site {site} has no director.admin_listen, so its admin API is off")
+    host, port = connect_address(director.admin_listen)
+    if at is not None:
+        host = at[0]
     # No config_source: the token is the page's, not the config's, and the
     # director's refusal must say so.
-    client = DirectorClient(site, host, port, token=token)
+    client = DirectorClient(site, host, port, token=token, tls=client_tls(cfg.admin),
+                            token_source="the token given in the page")
     client.check_site()
     return call(client)
 

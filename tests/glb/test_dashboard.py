@@ -20,6 +20,7 @@ from glb.state import DeploymentState, Override, RealServerState, ServiceState, 
 
 CONFIG = """
 redis: {{url: "{redis}", timeout: 0.5}}
+admin: {{token: dashboard-test-token-0123456789}}
 zones:
   - apex: example.net
     soa: {{mname: ns1.example.net, rname: hostmaster@example.net}}
@@ -32,7 +33,8 @@ sites:
   ams:
     director:
       interface: lo
-      status_listen: "127.0.0.1:1"
+      status_listen: "127.0.0.1:3"
+      admin_listen: "127.0.0.1:1"
       pair: {{virtual_router_id: 7, members: [{{id: lb1, address: 10.0.0.1, priority: 200}},
                                              {{id: lb2, address: 10.0.0.2, priority: 100}}]}}
     services:

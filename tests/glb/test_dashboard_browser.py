@@ -23,8 +23,8 @@ import pytest
 
 from glb.state import server_target
 from tests.director.control.test_listing import (  # noqa: F401  (fixtures)
+    OPERATOR_TOKEN as TOKEN,
     ROOT,
-    TOKEN,
     director_lab,
     free_port,
     load_state,
