@@ -17,6 +17,11 @@ DR-style MAC rewrite) in the same run:
   checksum/TSO/GSO offloads on (DR passes GSO super-frames; TUN cannot,
   see docs/packet-path.md, so TUN runs with them off).
 
+NAT (``nat``) has its own reference in the same run: nftables DNAT with
+conntrack in the director's kernel (``ip daddr VIP dnat to RS``, IP
+forwarding on), the real server's default route through the director (one
+interface for both sides, as ``director.lan`` unset), replies SNAT'd back.
+
 Each is measured for the userspace engine alone and for the kernel data
 plane (``packet.dataplane: kernel``: the engine schedules each new flow and
 installs it, the tc program forwards the rest; offloads on for both modes,
@@ -45,6 +50,8 @@ GLB = str(Path(PY).parent / "glb")
 TOOLS = str(ROOT / "benchmarks" / "director_tools.py")
 ENGINE = str(ROOT / "benchmarks" / "director_engine.py")
 VIP, CLIENT, DIRECTOR, RS = "10.0.0.100", "10.0.0.10", "10.0.0.2", "10.0.0.11"
+NAT_CLIENT, NAT_DIRECTOR = "10.0.1.10", "10.0.1.2"
+"""NAT: the client on a subnet of its own (same bridge), or the real server would answer it directly."""
 UDP_PORT, TCP_PORT, ECHO_PORT = 9, 5001, 7
 SECONDS = float(os.environ.get("SECONDS_PER_RUN", "5"))
 
@@ -71,23 +78,28 @@ class Bench:
         br = lab.bridge(sw)
         self.sw = sw
         self.client, self.director, self.rs = lab.netns("client"), lab.netns("director"), lab.netns("rs")
-        lab.port(sw, br, self.client, f"{CLIENT}/24")
-        lab.port(sw, br, self.director, f"{DIRECTOR}/24")
+        self.cip = NAT_CLIENT if mode == "nat" else CLIENT
+        lab.port(sw, br, self.client, f"{self.cip}/24")
+        lab.port(sw, br, self.director, [f"{DIRECTOR}/24", f"{NAT_DIRECTOR}/24"] if mode == "nat" else f"{DIRECTOR}/24")
         lab.port(sw, br, self.rs, f"{RS}/24")
-        res = self.rs.run([GLB, "realserver", "setup", "--vip", VIP, "--mode", mode, "--state-file",
+        who = ["--gateway", DIRECTOR] if mode == "nat" else ["--vip", VIP]
+        res = self.rs.run([GLB, "realserver", "setup", *who, "--mode", mode, "--state-file",
                            str(tmp / f"rs-{mode}.json")], check=False)
         if res.returncode:
             raise SystemExit(res.stderr)
         self.dmac, self.rmac = mac(self.director), mac(self.rs)
+        if mode == "nat":
+            self.client.ip("route", "add", f"{VIP}/32", "dev", "eth0")
         self.client.ip("neigh", "replace", VIP, "lladdr", self.dmac, "dev", "eth0")
         self.director.ip("neigh", "replace", RS, "lladdr", self.rmac, "dev", "eth0")
+        self.rs.ip("neigh", "replace", DIRECTOR, "lladdr", self.dmac, "dev", "eth0")
         # The real server counts and drops the blast at ingress (outer IPIP packets for TUN).
         # Only the blast: echo and TCP must reach the server (for TUN, through its
         # decapsulator), so match the inner UDP port past the 20-byte inner header.
         match = f"ip protocol 4 @th,72,8 17 @th,176,16 {UDP_PORT}" if mode == "tun" else f"udp dport {UDP_PORT}"
         self.rs.run(["nft", "-f", "-"], input=(
             'table netdev bench { chain in { type filter hook ingress device "eth0" priority 0;\n'
-            f'  ip saddr {CLIENT if mode == "dr" else DIRECTOR} {match} counter drop\n }}\n}}\n'))
+            f'  ip saddr {DIRECTOR if mode == "tun" else self.cip} {match} counter drop\n }}\n}}\n'))
         self.tools = [self.rs.popen([PY, TOOLS, "echo", str(ECHO_PORT)], stdout=subprocess.PIPE, text=True)]
         self.tools[0].stdout.readline()
 
@@ -127,12 +139,22 @@ class Bench:
         self.director.run(["nft", "delete", "table", "netdev", "glb_director"], check=False)
 
     def start_nft(self) -> None:
+        if self.mode == "nat":  # DNAT with conntrack, the kernel routing both ways
+            self.director.sysctl("net.ipv4.ip_forward", 1)
+            self.director.sysctl("net.ipv4.conf.all.send_redirects", 0)
+            self.director.sysctl("net.ipv4.conf.eth0.send_redirects", 0)
+            self.director.run(["nft", "-f", "-"], input=(
+                f"table ip knat {{ chain pre {{ type nat hook prerouting priority dstnat;\n"
+                f"  ip daddr {VIP} dnat to {RS}\n }}\n}}\n"))
+            return
         self.director.run(["nft", "-f", "-"], input=(
             'table netdev kfwd { chain in { type filter hook ingress device "eth0" priority 0;\n'
             f'  ip daddr {VIP} ether daddr set {self.rmac} ether saddr set {self.dmac} fwd to "eth0"\n }}\n}}\n'))
 
     def stop_nft(self) -> None:
         self.director.run(["nft", "delete", "table", "netdev", "kfwd"], check=False)
+        self.director.run(["nft", "delete", "table", "ip", "knat"], check=False)
+        self.director.sysctl("net.ipv4.ip_forward", 0)
 
     # -- measurements
 
@@ -140,7 +162,7 @@ class Bench:
         time.sleep(0.5)
         before_rs, before_busy = counter(self.rs), busy_jiffies()
         cpu0 = self.engine_stats()["cpu"] if engine else 0.0
-        out = self.client.run([PY, TOOLS, "blast", "eth0", self.dmac, CLIENT, VIP, str(UDP_PORT), str(SECONDS)],
+        out = self.client.run([PY, TOOLS, "blast", "eth0", self.dmac, self.cip, VIP, str(UDP_PORT), str(SECONDS)],
                               timeout=SECONDS + 60, cwd=ROOT)
         time.sleep(0.6)
         sent = json.loads(out.stdout)
@@ -175,7 +197,7 @@ def run(mode: str, tmp: Path) -> dict:
     with Lab(f"bench-{mode}") as lab:
         b = Bench(lab, mode, tmp)
         out = {}
-        if mode == "dr":  # nftables cannot encapsulate: its MAC-rewrite fwd is the reference for both
+        if mode in ("dr", "nat"):  # nftables cannot encapsulate: its MAC-rewrite fwd is the reference for TUN too
             b.start_nft()
             out["nft_pps"] = b.pps(False)
             out["nft_latency"] = b.latency()
@@ -186,7 +208,7 @@ def run(mode: str, tmp: Path) -> dict:
         b.start_engine()
         out["engine_pps"] = b.pps(True)
         out["engine_latency"] = b.latency()
-        b.offloads(mode == "dr")
+        b.offloads(mode != "tun")
         out["engine_tcp"] = b.tcp()
         b.offloads(False)
         b.stop_engine()
@@ -210,11 +232,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"glb-bench-{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
-    results = {m: run(m, tmp) for m in sys.argv[1:] or ["dr", "tun"]}
+    results = {m: run(m, tmp) for m in sys.argv[1:] or ["dr", "tun", "nat"]}
     print(json.dumps(results, indent=1))
     print()
     dr, tun = results.get("dr", {}), results.get("tun", {})
-    ref = dr or tun
+    ref = dr or results.get("nat") or tun
     nft_p50 = ref["nft_latency"]["p50"]
 
     def fmt(v, f="{:,.0f}"):
@@ -257,6 +279,20 @@ def main() -> None:
     for name, get, nft, f in rows:
         cells = "".join(f"{fmt(get(r, w) if r else None, f):>12}" for _, r, w in columns)
         print(f"{name:24}{cells}{fmt(nft, f):>14}")
+    nat = results.get("nat")
+    if nat:  # against its own reference, nftables DNAT (conntrack), measured in the same run
+        print()
+        print(f"{'':24}{'NAT':>12}{'NAT kernel':>12}{'nftables DNAT':>15}")
+        for name, key, sub, f in (("delivered pps", "pps", "delivered_pps", "{:,.0f}"),
+                                  ("machine CPU us/pkt", "pps", "machine_us_per_pkt", "{:.2f}"),
+                                  ("TCP Gbit/s", "tcp", "gbit", "{:.2f}"),
+                                  ("RTT p50 us", "latency", "p50", "{:.0f}")):
+            cells = "".join(f"{fmt(got(nat, f'{w}_{key}', sub), f):>12}" for w in ("engine", "kernel"))
+            print(f"{name:24}{cells}{fmt(got(nat, f'nft_{key}', sub), f):>15}")
+        for name, key, sub in (("pps / nftables DNAT", "pps", "delivered_pps"), ("TCP / nftables DNAT", "tcp", "gbit")):
+            cells = "".join(f"{fmt(ratio(got(nat, f'{w}_{key}', sub), got(nat, f'nft_{key}', sub)), '{:.2f}'):>12}"
+                            for w in ("engine", "kernel"))
+            print(f"{name:24}{cells}")
 
 
 if __name__ == "__main__":

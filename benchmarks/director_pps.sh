@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The director's packet path against the kernel's own forwarding (nftables netdev fwd), DR and TUN.
+# The director's packet path against the kernel's own forwarding: nftables netdev fwd for DR and TUN,
+# nftables DNAT (conntrack) for NAT.
 # Builds throwaway namespaces (client, director, real server on a bridge), removes them at the end.
-# Needs root. Usage: benchmarks/director_pps.sh [dr] [tun]   (env SECONDS_PER_RUN, default 5)
+# Needs root. Usage: benchmarks/director_pps.sh [dr] [tun] [nat]   (env SECONDS_PER_RUN, default 5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $(id -u) -ne 0 ]]; then

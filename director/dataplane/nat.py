@@ -57,27 +57,21 @@ _KEY4 = struct.Struct("!B4s4sHH")
 _KEY6 = struct.Struct("!B16s16sHH")
 
 
-def _words(b) -> int:
-    """Sum of the 16-bit big-endian words of ``b`` (even length), unfolded."""
-    return sum(_U16.unpack_from(b, i)[0] for i in range(0, len(b), 2))
-
-
-def _fold(s: int) -> int:
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return s
+_from = int.from_bytes
 
 
 def adjust(field: int, old, new, partial: bool = False) -> int:
     """A checksum field after ``old`` bytes it covers became ``new`` (RFC 1624 eqn. 3).
 
     ``partial``: the field holds a pseudo-header sum to be completed later
-    (not complemented), so the change is added plainly.
+    (not complemented), so the change is added plainly. Ones' complement
+    sums are sums modulo 0xFFFF (2**16 = 1 mod 0xFFFF), so whole byte
+    strings are read as one integer each (C speed); a sum that is 0 modulo
+    0xFFFF is 0xFFFF, as an end-around-carry sum of something nonzero is.
     """
-    delta = _words(new) + ((len(old) >> 1) * 0xFFFF - _words(old))
-    if partial:
-        return _fold(field + delta)
-    return ~_fold((~field & 0xFFFF) + delta) & 0xFFFF
+    start = field if partial else ~field & 0xFFFF
+    r = (start + _from(new, "big") - _from(old, "big")) % 0xFFFF or 0xFFFF
+    return r if partial else ~r & 0xFFFF
 
 
 def _l4(buf, family: int, end: int):

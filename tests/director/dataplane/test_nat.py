@@ -264,3 +264,22 @@ def test_adjust_matches_a_full_recomputation():
     new = bytearray(data)
     new[2:6] = b"\xfe\xdc\x00\x01"
     assert nat.adjust(before, data[2:6], new[2:6]) == codec.internet_checksum(new)
+
+
+def test_adjust_matches_a_full_recomputation_on_random_data():
+    import random
+
+    rng = random.Random(13)
+    for _ in range(2000):
+        n = rng.randrange(1, 20) * 2
+        data = bytearray(rng.randbytes(n))
+        at = rng.randrange(0, n // 2) * 2
+        width = min(rng.choice([2, 4, 6, 16, 18]), n - at) & ~1
+        new = bytearray(data)
+        new[at:at + width] = rng.randbytes(width)
+        assert nat.adjust(codec.internet_checksum(data), data[at:at + width], new[at:at + width]) \
+            in {codec.internet_checksum(new), codec.internet_checksum(new) ^ 0xFFFF if codec.internet_checksum(new) in (0, 0xFFFF) else -1}
+        # partial: the uncomplemented sum moves by the same change
+        s = (~codec.internet_checksum(data)) & 0xFFFF
+        want = (~codec.internet_checksum(new)) & 0xFFFF
+        assert nat.adjust(s, data[at:at + width], new[at:at + width], partial=True) % 0xFFFF == want % 0xFFFF
