@@ -389,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                     line += (f"; dc1 marked its servers down {fmt(t.marked)}: single-address failed {b}/{nb} "
                              f"before, {a}/{na} after")
                     mark = t.fault_at + t.marked
-                    late = sorted({s.error for s in t.single if not s.ok and mark <= s.sent < t.fault_at + args.window})
+                    late = [f"{s.error} sent {1000 * (s.sent - mark):.0f} ms after" for s in t.single
+                            if not s.ok and mark <= s.sent < t.fault_at + args.window]
                     if late:
                         line += f" ({'; '.join(late)})"
                 if args.fault == "director" and pair:

@@ -549,7 +549,8 @@ class Worker:
     def run(self) -> None:
         poller = select.poll()
         poller.register(self.ps.rx.fileno(), select.POLLIN | select.POLLERR)
-        poller.register(self.conn.fileno(), select.POLLIN)
+        control_fd = self.conn.fileno()
+        poller.register(control_fd, select.POLLIN)
         if self.lan is not None:
             poller.register(self.lan.rx.fileno(), select.POLLIN | select.POLLERR)
         next_tick = next_sweep = next_stats = 0.0
@@ -579,8 +580,8 @@ class Worker:
                     words, w, clock = self.words, (self.idx * FRAME_SIZE) >> 2, time.monotonic
                     while not words[w] & TP_STATUS_USER and clock() < next_tick:
                         pass
-                else:
-                    poller.poll(int(TICK * 1000))
+                elif any(fd == control_fd for fd, _ in poller.poll(int(TICK * 1000))):
+                    next_tick = 0.0  # a plan is waiting: apply it now, not up to a tick later
 
     def drain(self) -> int:
         """Handle up to RX_BUDGET ready frames; send them; give the slots back.
