@@ -95,8 +95,11 @@ class _Refused(Exception):
 def _authorize(tokens: Callable[[], Tokens], request: web.Request, need: str) -> Token:
     token = tokens().authenticate(request.headers.get("Authorization"))
     if token is None:
+        log.info("admin: %s %s from %s refused: no valid token (401)", request.method, request.path, request.remote)
         raise _Refused(_problem(401, UNAUTHORIZED, **{"WWW-Authenticate": 'Bearer realm="glb"'}))
     if not token.allows(need):
+        log.info("admin: %s %s from %s refused: token %s has scope %s (403)",
+                 request.method, request.path, request.remote, token.name, token.scope)
         raise _Refused(_problem(403, f"token {token.name} has scope {token.scope}; this needs {need}"))
     return token
 

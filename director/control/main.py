@@ -47,6 +47,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from glb import config as glbconfig
 from glb.aio import cancel_and_wait
@@ -66,7 +67,9 @@ from director.control.publisher import Publisher
 from director.control.site import ServerCounters, SnapshotCache, VipCounters, build_snapshot
 from director.control.spill import Spill, SpillBook, spill_document, spilling
 from director.control.status import DirectorMetrics, make_app
-from director.control.admin_api import AdminAPI
+
+if TYPE_CHECKING:
+    from director.control.admin_api import AdminAPI
 
 log = logging.getLogger("glb.director")
 
@@ -281,6 +284,8 @@ class Director:
         """The admin API (its tokens and certificate loaded), when the site's director has a listener for it."""
         if self.table.site.director.admin_listen is None:
             return None
+        from director.control.admin_api import AdminAPI  # only directors that serve one pay its import
+
         return AdminAPI.create(self, self.store, self.config.admin)
 
     # -- callbacks

@@ -166,7 +166,8 @@ async def test_every_wrong_credential_is_the_same_401(director, redis_url):
     assert (await RedisStore(RedisConfig(url=redis_url)).load()).overrides == {}
 
 
-async def test_a_read_token_reads_and_may_not_operate(director):
+async def test_a_read_token_reads_and_may_not_operate(director, caplog):
+    caplog.set_level(logging.INFO, logger="glb.director.admin")
     port = director.admin_api.port
     async with aiohttp.ClientSession() as http:
         status, doc = await call(http, port, "/status", method="GET", token=GRAFANA)
@@ -181,6 +182,8 @@ async def test_a_read_token_reads_and_may_not_operate(director):
             assert r.status in (404, 405)
         async with http.get(f"http://127.0.0.1:{director.status_port}/status") as r:
             assert r.status == 200
+    # Refusals are logged too, with the token's name when it was valid.
+    assert "admin: POST /admin/drain from 127.0.0.1 refused: token grafana has scope read (403)" in caplog.messages
 
 
 async def test_sighup_reloads_tokens_and_keeps_them_on_a_bad_file(director, tmp_path):
