@@ -1690,7 +1690,7 @@ def _cross_check(ctx: _Context, cfg: Config) -> None:
                     ctx.error(vpath, f"VIP address {vip.address} is already owned by site {owner}")
                 if svc.forwarding == "tun":
                     need = "address" if vip.address.version == 4 else "address6"
-                    if getattr(site.director, need) is None:
+                    if getattr(site.director, need) is None and not _member_sources(site, vip.address.version):
                         ctx.error(
                             f"sites.{site.name}.director.{need}",
                             f"required: service {svc.name} tunnels IPv{vip.address.version} ({vip}) and needs the outer source address",
@@ -1712,6 +1712,13 @@ def _cross_check(ctx: _Context, cfg: Config) -> None:
                     ctx.error(f"{path}.real_servers[{ri}].address", f"real server {rs.address} is listed twice")
             if svc.spill is not None:
                 _check_spill(ctx, f"{path}.spill", site, svc, sites_by_name)
+
+
+def _member_sources(site: Site, version: int) -> bool:
+    """Whether each member of the site's director pair has its own address of this IP version, the
+    outer source it tunnels from when ``director.address`` is not set (director.control.main)."""
+    pair = site.director.pair
+    return pair is not None and all(m.address.version == version for m in pair.members)
 
 
 def _spills_to(sites: Mapping[str, Site], site: str, service: str) -> tuple[str, ...]:
@@ -1761,7 +1768,8 @@ def _check_spill(ctx: _Context, path: str, site: Site, svc: Service, sites: Mapp
                 todo.extend(_spills_to(sites, nxt, svc.name))
     for version, need in ((4, "address"), (6, "address6")):
         vip = next((v for v in svc.vips if v.address.version == version), None)
-        if vip is not None and getattr(site.director, need) is None and svc.forwarding != "tun":  # tun says it
+        if (vip is not None and getattr(site.director, need) is None and not _member_sources(site, version)
+                and svc.forwarding != "tun"):  # tun says it
             ctx.error(f"sites.{site.name}.director.{need}",
                       f"required: service {svc.name} spills IPv{version} ({vip}) by IP-in-IP and needs the outer source address")
 

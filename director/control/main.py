@@ -42,6 +42,7 @@ publishes, and connection sync runs between the members' packet workers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import socket
@@ -433,7 +434,19 @@ class Director:
         return self.table.site.director.interface != "lo"
 
     def _build_plan(self, mac: bytes, neighbours: Mapping[bytes, bytes | None], mtu: int) -> Plan:
-        return build_plan(self.table.site, self.table.services(), mac, dict(neighbours), mtu, self.spilling)
+        return build_plan(self._forwarding_site(), self.table.services(), mac, dict(neighbours), mtu, self.spilling)
+
+    def _forwarding_site(self) -> Site:
+        """The site as this director forwards for it: a pair member without ``director.address``
+        tunnels (TUN, spill) from its own address on the LAN (glb.config checks each member has one)."""
+        site = self.table.site
+        d = site.director
+        if self.member is None or d.address is not None or d.pair is None:
+            return site
+        own = d.pair.member(self.member)
+        if own is None or own.address.version != 4:
+            return site
+        return dataclasses.replace(site, director=dataclasses.replace(d, address=own.address))
 
     async def _start_packet_path(self) -> None:
         from director.dataplane.engine import LOOP, EngineConfig

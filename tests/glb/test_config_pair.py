@@ -106,3 +106,28 @@ def test_the_director_id_must_be_a_member(tmp_path):
     data = with_pair()
     data["sites"]["dc1"]["director"]["id"] = "dc1-z"
     assert problems_of(data, tmp_path) == ["sites.dc1.director.id: 'dc1-z' is not a member of the pair (dc1-a, dc1-b)"]
+
+
+def test_a_pair_tunnels_from_each_members_own_address(tmp_path):
+    """TUN over IPv4 needs an outer source: a pair member without director.address uses its own."""
+    from director.control.main import Director
+
+    data = with_pair()
+    web = data["sites"]["dc1"]["services"][0]
+    web["forwarding"] = "tun"
+    web["vips"] = ["192.0.2.10:80/tcp"]
+    data["sites"]["dc1"]["director"].pop("address", None)
+    cfg = load_dict(data, tmp_path)
+    for member, address in (("dc1-a", "10.0.0.2"), ("dc1-b", "10.0.0.3")):
+        site = Director(cfg, "dc1", member=member)._forwarding_site()
+        assert site.director.address == A(address) and site.service("web").forwarding == "tun"
+
+
+def test_a_tun_service_without_an_outer_source_is_refused(tmp_path):
+    data = example()
+    web = data["sites"]["dc1"]["services"][0]
+    web["forwarding"] = "tun"
+    web["vips"] = ["192.0.2.10:80/tcp"]
+    data["sites"]["dc1"]["director"].pop("address", None)
+    assert any("sites.dc1.director.address: required: service web tunnels IPv4" in p
+               for p in problems_of(data, tmp_path))
