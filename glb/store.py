@@ -569,6 +569,7 @@ class StateFollower:
         keepalive: float = 1.0,
         answers_only: bool = False,
         overrides_only: bool = False,
+        only_sites: frozenset[str] | None = None,
     ):
         self.config = config
         self._on_change = on_change
@@ -585,6 +586,9 @@ class StateFollower:
         ignored and full loads leave sites out, so ``state.sites`` stays empty.
         Without it a director fetched and decoded its own snapshot after each
         of its publications."""
+        self.only_sites = only_sites
+        """With ``overrides_only`` off: follow only these sites' snapshots (a
+        director that spills follows its spill targets, never itself); None = all."""
         self.state = DeploymentState()
         """Empty until the first load: dnsfront then answers from configured weights."""
         self.connected = False
@@ -707,7 +711,7 @@ class StateFollower:
         state = self.state
         try:
             if change.kind == "site":
-                if self.overrides_only:
+                if self.overrides_only or (self.only_sites is not None and change.name not in self.only_sites):
                     return
                 held = state.sites.get(change.name)
                 if held is not None and held.version >= change.version:

@@ -120,7 +120,8 @@ class Director:
         self.checker = Checker(probe or self._prober, self._on_result, site.director.max_probes)
         self.store = RedisStore(config.redis)
         self.publisher = Publisher(self.store, self._build, site.director.heartbeat)
-        self.follower = StateFollower(config.redis, self._on_state, overrides_only=True)
+        self.follower = StateFollower(config.redis, self._on_state)
+        self._follow(site)
         self.metrics = DirectorMetrics(self)
         self.status_port: int | None = None
         self._served: Served | None = None
@@ -272,6 +273,7 @@ class Director:
             self.publisher.heartbeat = new.heartbeat
             self.director_id = self.member or new.id or socket.gethostname()
             now = self._clock()
+            self._follow(site)  # a reload may add or drop spill targets (their snapshots come at the next resync)
             self._changed(self.table.reconfigure(site, now))
             self._apply_overrides(now)  # servers added by the reload may have overrides
             self.checker.update(targets(site))
@@ -435,6 +437,13 @@ class Director:
 
     def _build_plan(self, mac: bytes, neighbours: Mapping[bytes, bytes | None], mtu: int) -> Plan:
         return build_plan(self._forwarding_site(), self.table.services(), mac, dict(neighbours), mtu, self.spilling)
+
+    def _follow(self, site: Site) -> None:
+        """Which snapshots the state follower fetches: only the spill targets' (a director needs
+        overrides, and other sites' snapshots only to spill to them; never its own)."""
+        targets = frozenset(t for svc in site.services if svc.spill is not None for t in svc.spill.to)
+        self.follower.overrides_only = not targets
+        self.follower.only_sites = targets or None
 
     def _forwarding_site(self) -> Site:
         """The site as this director forwards for it: a pair member without ``director.address``

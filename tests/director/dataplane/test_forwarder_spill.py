@@ -122,6 +122,7 @@ def test_the_kernel_data_plane_takes_a_spilled_flow_and_keeps_it_after_spill():
     f.kernel = f.table.outside = sync
     fwd(f, syn(40000))
     action = fwd(f, syn(40000, flags="A"), 0.1)
+    sync.flush()  # installs are batched (the engine flushes before it sends the frame)
     (key,) = tables.flows()
     route = tables.flow(key, 0.1)[0]
     r = km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(route)))
