@@ -130,10 +130,6 @@ class KernelTables:
             self._route_ids[rid] = i
         return i
 
-    def route_identity(self, index: int) -> int:
-        """The identity (kernelmaps.route_id) recorded for a route index; 0 if none."""
-        return next((rid for rid, i in self._route_ids.items() if i == index), 0)
-
     def set_slowpath(self, ifindex: int) -> None:
         """Where the frames the program leaves for the engine go (0: to the host, as everything else)."""
         self.maps.update("slowpath", km.ZERO, km.U32.pack(ifindex))
@@ -181,11 +177,9 @@ class KernelTables:
         self._heads[key[:1] + km.flow_vip(key)] = k[:4]
         return k
 
-    _key = kernel_key
-
     def install(self, key: bytes, route: int, state: int, expires: float) -> None:
         """The flow (a connection-table key) goes to ``route`` until ``expires`` (``now`` seconds)."""
-        self.maps.update("conns", self._key(key), km.flow_value(route, state, expires))
+        self.maps.update("conns", self.kernel_key(key), km.flow_value(route, state, expires))
 
     def write_flows(self, changes: dict[bytes, bytes | None]) -> None:
         """Install (kernel key -> flow value) and remove (-> None) many flows: one batch of each."""
@@ -193,12 +187,12 @@ class KernelTables:
         self.maps.delete_batch("conns", [k for k, v in changes.items() if v is None])
 
     def remove(self, key: bytes) -> bool:
-        return self.maps.delete("conns", self._key(key))
+        return self.maps.delete("conns", self.kernel_key(key))
 
     def flow(self, key: bytes, now: float) -> tuple[int, int, float] | None:
         """(route, state, expires) of an installed flow; the kernel moves ``expires`` on. ``now`` places
         the kernel's 32-bit expiry in time (to ~1 ms)."""
-        v = self.maps.lookup("conns", self._key(key))
+        v = self.maps.lookup("conns", self.kernel_key(key))
         return None if v is None else km.parse_flow_value(v, now)
 
     def flows(self) -> list[bytes]:
