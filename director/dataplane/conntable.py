@@ -233,6 +233,9 @@ class ConnTable:
     def __len__(self) -> int:
         return len(self._confirmed) + len(self._unconfirmed)
 
+    def __contains__(self, key: Any) -> bool:
+        return key in self._confirmed or key in self._unconfirmed
+
     # ---- the packet path ---------------------------------------------------
 
     def refresh(self, key: Any, flags: int, now: float) -> Conn | None:

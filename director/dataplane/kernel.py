@@ -32,6 +32,9 @@ class BpfMaps(Protocol):
 
     def items(self, name: str) -> list[tuple[bytes, bytes]]: ...
 
+    def items_batch(self, name: str, token: bytes | None, count: int = 4096) -> tuple[list[tuple[bytes, bytes]],
+                                                                                      bytes | None]: ...
+
     def update_batch(self, name: str, items: list[tuple[bytes, bytes]]) -> None: ...
 
     def delete_batch(self, name: str, keys: list[bytes]) -> int: ...
@@ -62,6 +65,13 @@ class FakeMaps:
 
     def items(self, name: str) -> list[tuple[bytes, bytes]]:
         return list(self.maps[name].items())
+
+    def items_batch(self, name: str, token: bytes | None, count: int = 4096) -> tuple[list[tuple[bytes, bytes]],
+                                                                                      bytes | None]:
+        start = int.from_bytes(token, "little") if token else 0
+        got = list(self.maps[name].items())[start:start + count]
+        end = start + len(got)
+        return got, end.to_bytes(8, "little") if end < len(self.maps[name]) else None
 
     def update_batch(self, name: str, items: list[tuple[bytes, bytes]]) -> None:
         for k, v in items:
@@ -120,10 +130,6 @@ class KernelTables:
             self._route_ids[rid] = i
         return i
 
-    def route_identity(self, index: int) -> int:
-        """The identity (kernelmaps.route_id) recorded for a route index; 0 if none."""
-        return next((rid for rid, i in self._route_ids.items() if i == index), 0)
-
     def set_slowpath(self, ifindex: int) -> None:
         """Where the frames the program leaves for the engine go (0: to the host, as everything else)."""
         self.maps.update("slowpath", km.ZERO, km.U32.pack(ifindex))
@@ -171,11 +177,9 @@ class KernelTables:
         self._heads[key[:1] + km.flow_vip(key)] = k[:4]
         return k
 
-    _key = kernel_key
-
     def install(self, key: bytes, route: int, state: int, expires: float) -> None:
         """The flow (a connection-table key) goes to ``route`` until ``expires`` (``now`` seconds)."""
-        self.maps.update("conns", self._key(key), km.flow_value(route, state, expires))
+        self.maps.update("conns", self.kernel_key(key), km.flow_value(route, state, expires))
 
     def write_flows(self, changes: dict[bytes, bytes | None]) -> None:
         """Install (kernel key -> flow value) and remove (-> None) many flows: one batch of each."""
@@ -183,12 +187,12 @@ class KernelTables:
         self.maps.delete_batch("conns", [k for k, v in changes.items() if v is None])
 
     def remove(self, key: bytes) -> bool:
-        return self.maps.delete("conns", self._key(key))
+        return self.maps.delete("conns", self.kernel_key(key))
 
     def flow(self, key: bytes, now: float) -> tuple[int, int, float] | None:
         """(route, state, expires) of an installed flow; the kernel moves ``expires`` on. ``now`` places
         the kernel's 32-bit expiry in time (to ~1 ms)."""
-        v = self.maps.lookup("conns", self._key(key))
+        v = self.maps.lookup("conns", self.kernel_key(key))
         return None if v is None else km.parse_flow_value(v, now)
 
     def flows(self) -> list[bytes]:
@@ -256,6 +260,8 @@ class KernelSync:
         self._off: set[int] = set()
         """A predecessor's routes this plan does not have: turned off (their flows come to Python, which drops
         or reschedules them)."""
+        self._sweep_token: bytes | None = None
+        """Where :meth:`sweep` goes on reading ``conns`` (None: from the start)."""
         self.pending: dict[bytes, bytes | None] = {}
         """``conns`` key -> the flow value to install, or None to remove; written by :meth:`flush`."""
 
@@ -330,6 +336,24 @@ class KernelSync:
             self.tables.maps.update_batch("routes", [(km.U32.pack(i), km.route_value(None, False)) for i in off])
             self._off |= off
         self._write_routes(list(self._routes))
+
+    def sweep(self, now: float, holds, budget: int = 1024) -> int:
+        """Read the next ``budget`` kernel flows (batched, resuming where the last call stopped) and queue
+        for removal the expired ones the connection table does not hold (``holds(key)`` False): a
+        predecessor's flows that never came to Python, which the table's own sweep cannot see. How many."""
+        entries, self._sweep_token = self.tables.maps.items_batch("conns", self._sweep_token, budget)
+        ids = {i: a for a, i in self.tables._vips.items()}
+        base = km.ticks(now)
+        doomed = 0
+        for k, v in entries:
+            left = (km.U32.unpack_from(v, 4)[0] - base) & 0xFFFFFFFF  # the kernel's own test, modulo 2^32
+            if 0 < left < 1 << 31 or k in self.pending:
+                continue
+            key = km.conn_key(k, ids)
+            if key is None or not holds(key):
+                self.pending[k] = None
+                doomed += 1
+        return doomed
 
     def fold_counters(self) -> None:
         for index, (route, _) in self._routes.items():

@@ -273,33 +273,38 @@ class LibBpf:
 
     def items(self, name: str) -> list[tuple[bytes, bytes]]:
         """Every entry (BPF_MAP_LOOKUP_BATCH, BATCH at a time; key by key where the kernel has none)."""
+        out, token = self.items_batch(name, None)
+        while token is not None:
+            more, token = self.items_batch(name, token)
+            out.extend(more)
+        return out
+
+    def items_batch(self, name: str, token: bytes | None, count: int = BATCH) -> tuple[list[tuple[bytes, bytes]],
+                                                                                       bytes | None]:
+        """Up to ``count`` entries from where ``token`` left off (None: the start), and the token to go on
+        with (None: the end). Without the batch commands: every entry at once."""
         fd, ks, vs = self._map(name)
-        out: list[tuple[bytes, bytes]] = []
         if self._batch:
-            keys, values = ctypes.create_string_buffer(ks * BATCH), ctypes.create_string_buffer(vs * BATCH)
-            token = ctypes.create_string_buffer(max(ks, 8))
-            first = True
-            while True:
-                count = ctypes.c_uint32(BATCH)
-                opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
-                rc = self._lib.bpf_map_lookup_batch(fd, None if first else token, token, keys, values,
-                                                    ctypes.byref(count), ctypes.byref(opts))
-                e = _errno(rc) if rc else 0
-                if e and e != errno.ENOENT:
-                    if e not in _NO_BATCH or not first:
-                        self._call("batch lookup", name, rc)
-                    self._batch = False
-                    break
+            keys, values = ctypes.create_string_buffer(ks * count), ctypes.create_string_buffer(vs * count)
+            out_token = ctypes.create_string_buffer(max(ks, 8))
+            n = ctypes.c_uint32(count)
+            opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+            rc = self._lib.bpf_map_lookup_batch(fd, token, out_token, keys, values, ctypes.byref(n),
+                                                ctypes.byref(opts))
+            e = _errno(rc) if rc else 0
+            if not e or e == errno.ENOENT:
                 kr, vr = keys.raw, values.raw
-                out.extend((kr[i * ks:(i + 1) * ks], vr[i * vs:(i + 1) * vs]) for i in range(count.value))
-                if e == errno.ENOENT:
-                    return out
-                first = False
+                got = [(kr[i * ks:(i + 1) * ks], vr[i * vs:(i + 1) * vs]) for i in range(n.value)]
+                return got, None if e else out_token.raw
+            if e not in _NO_BATCH or token is not None:
+                self._call("batch lookup", name, rc)
+            self._batch = False
+        out = []
         for k in self.keys(name):
             v = self.lookup(name, k)
             if v is not None:
                 out.append((k, v))
-        return out
+        return out, None
 
     def test_run(self, frame: bytes, ctx: bytes | None = None) -> tuple[int, bytes]:
         """BPF_PROG_TEST_RUN: run the program once on ``frame``; (return code, the frame after it)."""

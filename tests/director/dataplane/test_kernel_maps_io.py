@@ -57,6 +57,11 @@ def test_batched_writes_and_reads_match_one_by_one():
         flows = {t.kernel_key(key(i)): km.flow_value(i % 7, ESTABLISHED, 1000.0 + i) for i in range(300)}
         t.write_flows(flows)
         assert dict(bpf.items("conns")) == flows  # more than one bucket's worth, fewer than a batch
+        got, token = bpf.items_batch("conns", None, 64)  # resumable: every entry once, in pieces
+        while token is not None:
+            more, token = bpf.items_batch("conns", token, 64)
+            got += more
+        assert len(got) == len(flows) and dict(got) == flows
         assert {k: bpf.lookup("conns", k) for k in flows} == flows
         doomed = list(flows)[:100] + [t.kernel_key(key(999))]  # one never installed: skipped, not an error
         assert bpf.delete_batch("conns", doomed) == 100

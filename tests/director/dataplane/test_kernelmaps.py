@@ -273,6 +273,22 @@ def test_flows_are_written_in_one_batch_per_flush_and_only_changed_routes():
     assert maps.calls == [("delete_batch", "conns", 10)] and sync.tables.flows() == []
 
 
+def test_the_kernel_sweep_removes_expired_flows_only_the_kernel_holds_in_batches():
+    f, maps, tables, sync, syn, plan, server, RS = _sync_lab()
+    f.forward(memoryview(syn(40000)), 0.0)
+    f.forward(memoryview(syn(40000, flags="A")), 0.0)  # Python's: its own sweep decides
+    (mine,) = tables.flows()
+    route = tables.flow(mine, 0.0)[0]
+    theirs = [codec.flow_key(6, P(f"198.51.100.{i}"), P("192.0.2.10"), 5000, 80) for i in range(1, 6)]
+    for i, k in enumerate(theirs):  # a predecessor's: three expired, two alive
+        tables.install(k, route, ESTABLISHED, 10.0 if i < 3 else 5000.0)
+    tables.install(mine, route, ESTABLISHED, 10.0)  # expired too, but held by Python's table
+    swept = sync.sweep(100.0, f.table.__contains__, budget=4) + sync.sweep(100.0, f.table.__contains__, budget=4)
+    sync.flush()
+    assert swept == 3 and sorted(tables.flows()) == sorted([mine, *theirs[3:]])
+    assert sync.sweep(100.0, f.table.__contains__, budget=4) == 0  # a new pass from the start: nothing more
+
+
 def test_a_restarted_director_adopts_its_predecessor_s_flows_over_the_same_maps():
     from director.dataplane.forwarder import Forwarder
     from director.dataplane.kernel import KernelSync
