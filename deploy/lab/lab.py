@@ -282,7 +282,7 @@ class Lab:
         for name, site in self.sites.items():
             for role, addr in site.real_servers.items():
                 until(f"{role}'s HTTP server", lambda a=addr, p=site.port: probe.fetch(a, p, "/healthz", timeout=0.5).ok)
-            until(f"the {name} director to see every real server up",
+            until(f"the {name} director to see every real server up (and not spill)",
                   lambda n=name, s=site: self._all_up(topo.DIRECTORS[n], s.status_port))
         expect = [v for s in sorted(self.sites) for v in self.sites[s].vips]
         for role, addr in topo.DNSFRONTS.items():
@@ -321,7 +321,10 @@ class Lab:
             code, st = probe.http_json(addr, port, "/status", timeout=0.5)
         except OSError:
             return False
-        return code == 200 and all(rs["state"] == "up" for svc in st["services"] for rs in svc["real_servers"])
+        # ... and serving them itself: at start a site spills (docs/director.md) until its servers have
+        # been up recover_after seconds.
+        return code == 200 and all(rs["state"] == "up" for svc in st["services"] for rs in svc["real_servers"]) \
+            and not any((svc.get("spill") or {}).get("spilling_to") for svc in st["services"])
 
     @staticmethod
     def _get_ok(addr: str, port: int, path: str) -> bool:
