@@ -316,7 +316,7 @@ class Lab:
             for role, addr in site.real_servers.items():
                 until(f"{role}'s HTTP server", lambda a=addr, p=site.port: probe.fetch(a, p, "/healthz", timeout=0.5).ok)
             for role in topo.director_roles(self.config.site(name)):
-                until(f"{role} to see every real server up",
+                until(f"{role} to see every real server up (and not spill)",
                       lambda r=role, s=site: self._all_up(topo.address_of(r), s.status_port))
         expect = [v for s in sorted(self.sites) for v in self.sites[s].vips]
         for role, addr in topo.DNSFRONTS.items():
@@ -370,7 +370,10 @@ class Lab:
             code, st = probe.http_json(addr, port, "/status", timeout=0.5)
         except OSError:
             return False
-        return code == 200 and all(rs["state"] == "up" for svc in st["services"] for rs in svc["real_servers"])
+        # ... and serving them itself: at start a site spills (docs/director.md) until its servers have
+        # been up recover_after seconds.
+        return code == 200 and all(rs["state"] == "up" for svc in st["services"] for rs in svc["real_servers"]) \
+            and not any((svc.get("spill") or {}).get("spilling_to") for svc in st["services"])
 
     @staticmethod
     def _get_ok(addr: str, port: int, path: str) -> bool:

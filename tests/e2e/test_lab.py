@@ -185,6 +185,10 @@ def test_site_fails_when_all_its_real_servers_die(fresh):
         results = [probe.request(topo.RESOLVER, APP, fallback=True, connect_timeout=1.0) for _ in range(10)]
     assert all(r.ok for r in results), [str(r.tries) for r in results if not r.ok]
     assert all(r.served_by.startswith("dc2") for r in results)
+    # A client still holding dc1's address is served too: dc1's director spills to dc2's servers.
+    served = fetch_many(lab, DC1_VIP, 6)
+    assert sum(served.values()) == 6 and all(s.startswith("dc2-rs") for s in served), served
+    assert status["services"][0]["spill"]["spilling_to"] == "dc2"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
