@@ -25,8 +25,10 @@
 # LD_PRELOADed into keepalived only) answers keepalived's IPVS socket options
 # as an empty IPVS would; its checkers run unchanged.
 #
-#   benchmarks/health_scale.sh [-d SECONDS] [-r RUNS] [-w WARMUP] [-s CHECKER_CPU] [-c OTHER_CPU] [SIZE ...]
+#   benchmarks/health_scale.sh [-d SECONDS] [-r RUNS] [-w WARMUP] [-s CHECKER_CPU] [-c OTHER_CPU]
+#                              [-o CHECKERS] [SIZE ...]
 #
+# CHECKERS: a comma-separated subset of "glb tcp,glb http,keepalived" (default all).
 # The checker under test is pinned to CHECKER_CPU, the backend and redis to
 # OTHER_CPU. Loopback only; every process this script starts is killed by PID.
 set -euo pipefail
@@ -36,10 +38,13 @@ RUNS=3
 WARMUP=5
 CHECKER_CPU=1
 OTHER_CPU=0
-while getopts "d:r:w:s:c:" opt; do
+CHECKERS="glb tcp,glb http,keepalived"
+while getopts "d:r:w:s:c:o:" opt; do
   case $opt in
     d) DURATION=$OPTARG ;; r) RUNS=$OPTARG ;; w) WARMUP=$OPTARG ;; s) CHECKER_CPU=$OPTARG ;; c) OTHER_CPU=$OPTARG ;;
-    *) echo "usage: $0 [-d SECONDS] [-r RUNS] [-w WARMUP] [-s CHECKER_CPU] [-c OTHER_CPU] [SIZE ...]" >&2; exit 2 ;;
+    o) CHECKERS=$OPTARG ;;
+    *) echo "usage: $0 [-d SECONDS] [-r RUNS] [-w WARMUP] [-s CHECKER_CPU] [-c OTHER_CPU] [-o CHECKERS] [SIZE ...]" >&2
+       exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -93,15 +98,21 @@ measure() {  # PID SECONDS -> cpu % of a core over SECONDS
 # The runs set OUT ("cpu checks/s downs lag") instead of printing it: a $(...)
 # subshell would keep the PIDs it starts from the cleanup trap.
 glb_run() {  # SIZE TYPE
-  local n=$1 kind=$2 sport pid cpu p0 p1 downs lag
-  sport=$(free_port)
-  $HELP glb-config "$WORK/glb.yaml" "$n" "$kind" "$PORT" "redis://127.0.0.1:$REDIS_PORT/0" "$sport"
-  taskset -c "$CHECKER_CPU" "$PY" -m glb.cli director --config "$WORK/glb.yaml" --site dc1 >"$WORK/director.log" 2>&1 &
-  pid=$!; PIDS+=($pid)
-  for _ in $(seq 300); do curl -sf -o /dev/null "http://127.0.0.1:$sport/healthz" && break; sleep 0.1; done
-  if ! kill -0 "$pid" 2>/dev/null; then
+  local n=$1 kind=$2 sport pid cpu p0 p1 downs lag try
+  for try in 1 2 3; do  # a free port can be taken by someone else before the director binds it
+    sport=$(free_port)
+    $HELP glb-config "$WORK/glb.yaml" "$n" "$kind" "$PORT" "redis://127.0.0.1:$REDIS_PORT/0" "$sport"
+    taskset -c "$CHECKER_CPU" "$PY" -m glb.cli director --config "$WORK/glb.yaml" --site dc1 >"$WORK/director.log" 2>&1 &
+    pid=$!; PIDS+=($pid)
+    for _ in $(seq 300); do
+      curl -sf -o /dev/null "http://127.0.0.1:$sport/healthz" && break
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -0 "$pid" 2>/dev/null && break
+    grep -q "address already in use" "$WORK/director.log" && [ "$try" -lt 3 ] && continue
     echo "health_scale: the director exited:" >&2; tail -5 "$WORK/director.log" >&2; exit 1
-  fi
+  done
   sleep "$WARMUP"
   p0=$(metric "$sport" glb_director_probes_total)
   cpu=$(measure "$pid" "$DURATION")
@@ -132,7 +143,8 @@ keepalived_run() {  # SIZE
 
 printf "%-7s %-11s %8s %9s %8s %12s %9s\n" servers checker "cpu %" checks/s cpu/1k "false downs" "lag p99"
 for n in "${SIZES[@]}"; do
-  for what in "glb tcp" "glb http" keepalived; do
+  IFS=, read -r -a WHATS <<<"$CHECKERS"
+  for what in "${WHATS[@]}"; do
     cpus=(); rates=(); per=(); downs=(); lags=()
     for _ in $(seq "$RUNS"); do
       if [ "$what" = keepalived ]; then keepalived_run "$n"; else glb_run "$n" "${what#glb }"; fi

@@ -5,6 +5,7 @@ turns into a false down."""
 from __future__ import annotations
 
 import asyncio
+import resource
 import select
 import socket
 import threading
@@ -218,21 +219,48 @@ async def test_a_stalled_result_is_not_counted_and_the_check_runs_again():
     assert checker.skipped_for_lag == 1
 
 
-async def test_prober_reports_a_timeout_that_fired_on_a_stalled_loop():
-    # A server that accepts nothing: the listen backlog of 0 is full after one
-    # connection, so further SYNs go unanswered and connects hang.
+def _unanswering_port(keep: list[socket.socket]) -> int:
+    """A port whose connects hang: its listen backlog of 0 is full after one
+    connection, so further SYNs go unanswered. Sockets go into ``keep``."""
     lsock = socket.socket()
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(0)
+    keep.append(lsock)
     port = lsock.getsockname()[1]
-    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        keep.append(s)
+    return port
+
+
+async def test_a_probe_times_out_cleanly_with_descriptors_past_1023():
+    # Past 1023, select() refuses a descriptor: the deadline's poll must not.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    keep: list[socket.socket] = []
     prober = Prober()
     try:
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(("127.0.0.1", port))
-            fillers.append(s)
+        port = _unanswering_port(keep)
+        while keep[-1].fileno() < 1030:
+            keep.append(socket.socket())
+        r = await prober(TcpCheck(timeout=0.1), "127.0.0.1", port)
+        assert (r.ok, r.detail) == (False, "timeout after 0.1s")
+    finally:
+        for s in keep:
+            s.close()
+        await prober.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_prober_reports_a_timeout_that_fired_on_a_stalled_loop():
+    fillers: list[socket.socket] = []
+    port = _unanswering_port(fillers)
+    prober = Prober()
+    try:
         check = TcpCheck(timeout=0.1)
         on_time = await prober(check, "127.0.0.1", port)
         assert (on_time.ok, on_time.detail, on_time.stalled) == (False, "timeout after 0.1s", False)
@@ -243,5 +271,4 @@ async def test_prober_reports_a_timeout_that_fired_on_a_stalled_loop():
     finally:
         for s in fillers:
             s.close()
-        lsock.close()
         await prober.close()
