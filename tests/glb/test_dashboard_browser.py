@@ -177,6 +177,12 @@ def css(driver, selector: str):
     return driver.find_element(By.CSS_SELECTOR, selector)
 
 
+def text(driver, selector: str) -> str:
+    """An element's text, read again if the page replaced the element meanwhile (the names table and
+    a site's facts are rebuilt when they change, e.g. every second for a heartbeat age)."""
+    return wait_until(driver, lambda d: css(d, selector).text, 5)
+
+
 def badge(driver, element_id: str) -> str:
     return css(driver, f"#{element_id}").text
 
@@ -239,11 +245,11 @@ def test_page_renders_every_site_service_and_server(page, deployment):
     row = server_row(page, "dc1/web/127.0.0.1")
     assert row.find_element("css selector", ".weight").text == "3"
     assert row.find_element("css selector", ".check").text.startswith("HTTP 200, body matched")  # the last check
-    facts = css(page, "#site-dc1 .site-facts").text
+    facts = text(page, "#site-dc1 .site-facts")
     assert "test-director" in facts
     assert "3/4 servers up" in facts  # over both services
     # The names table: what DNS answers now, from dnsfront's policy code (dc2 has no snapshot).
-    answers = css(page, 'tr[data-name="app.example.net. A"] .answers').text
+    answers = text(page, 'tr[data-name="app.example.net. A"] .answers')
     assert answers.startswith("dc1 100%"), answers
     # Charts: one per series family, drawn by uPlot once samples arrive; dnsfront's queries/s among them.
     from dns import message as dnsmessage, query
@@ -254,7 +260,7 @@ def test_page_renders_every_site_service_and_server(page, deployment):
     wait_for(lambda: max(v or 0 for v in _get(deployment.url + "api/state")["samples"]["series"].get(series, [0])) > 0,
              SETTLE)
     wait_until(page, lambda d: len(d.find_elements("css selector", "#charts .uplot")) == 6, SETTLE)
-    legend = css(page, '[data-chart="dns:"]').text
+    legend = text(page, '[data-chart="dns:"]')
     assert series.removeprefix("dns:") in legend, legend
     assert console_errors(page) == []  # no CSP violation, no script error
 
