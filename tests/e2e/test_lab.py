@@ -7,8 +7,9 @@ generous margin over what the config promises:
 
 * health checks every 0.5 s, fall 2, timeout 0.4 s: a dead real server is
   down after about 1 s;
-* directors heartbeat every 0.5 s, redis.stale_after 2 s: a site whose
-  director dies is stale within 2 s;
+* directors heartbeat every 0.5 s, redis.stale_after 2 s: a site whose only
+  director dies (dc2) is stale within 2 s; dc1 runs a pair, whose standby
+  takes over without DNS noticing;
 * the requirement: DNS stops answering a failed site within 3 s.
 """
 
