@@ -48,8 +48,13 @@ def _override_json(ov: Override | None) -> dict[str, Any] | None:
 
 
 def _directors(cfg_site: Any, snap: SiteSnapshot | None) -> dict[str, Any]:
-    """Active director (who published) and the standby members a pair names."""
+    """Active director (who published) and the standby members: as the active one last heard them
+    (the snapshot's ``pair``: role, and whether heard and able to take over), else as the config names them."""
     active = snap.director_id if snap else None
+    if snap is not None and snap.pair:
+        standby = [m.id + ("" if m.present and m.healthy else " (not heard)" if not m.present else " (not healthy)")
+                   for m in snap.pair if m.id != active]
+        return {"active": active, "standby": standby}
     pair = cfg_site.director.pair
     standby = [m.id for m in pair.members if m.id != active] if pair else []
     return {"active": active, "standby": standby}

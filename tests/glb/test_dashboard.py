@@ -76,6 +76,17 @@ REDIS_OK = {"connected": True, "synced": True, "last_error": None, "frozen_at": 
 # The model
 
 
+def test_standby_directors_are_shown_as_the_active_one_last_heard_them():
+    from dataclasses import replace
+
+    from glb.state import PairMemberState
+
+    pair = (PairMemberState("lb1", "master", True, True, 999.0), PairMemberState("lb2", "backup", False, False))
+    st = state(replace(snap("ams", "lb1", {"10.1.0.1": "up"}), pair=pair))
+    ams = model.build_view(cfg(), st, 1001.0, redis=REDIS_OK)["sites"][0]
+    assert ams["directors"] == {"active": "lb1", "standby": ["lb2 (not heard)"]}
+
+
 def test_view_uses_the_status_report_and_adds_directors_servers_capacity_and_load():
     c = cfg()
     weight = Override(server_target("ams", "web", "10.1.0.1", 0), weight=7, who="bob", when=999.0, why="big box")
