@@ -79,6 +79,7 @@ redis: {{url: "redis://127.0.0.1:6379/0", timeout: 1.0, stale_after: {STALE_AFTE
       pair:
         virtual_router_id: 51
         preempt: {str(preempt).lower()}
+        preempt_delay: {1.0 if preempt else 0}  # docs/ha.md: long enough for the master's whole table to arrive
         members:
 {members}
     services:
@@ -162,6 +163,10 @@ class HALab:
         pair = (self.d[member].status() or {}).get("pair") or {}
         return pair.get("role")
 
+    def standby_ready(self, master: str, standby: str) -> bool:
+        pair = (self.d[master].status() or {}).get("pair") or {}
+        return any(m["id"] == standby and m["present"] and m["healthy"] for m in pair.get("members", ()))
+
     def synced(self, member: str) -> int:
         """Flows in the member's packet path (a backup's come from sync)."""
         return ((self.d[member].status() or {}).get("packet_path") or {}).get("connections", 0)
@@ -233,6 +238,10 @@ def new_connections_served(ha: HALab) -> None:
 def takeover(ha: HALab, clients: Clients, standby: str, stop) -> None:
     """Wait until ``standby`` holds the 50 flows, ``stop()`` the master, check everything survived."""
     until(lambda: ha.synced(standby) >= CONNECTIONS, f"{standby} holds the {CONNECTIONS} flows from sync", 10)
+    # As an operator handing over checks first: the master hears its standby, able to take over
+    # (else a clean stop rightly withdraws the site: docs/ha.md).
+    master = next(m for m in DIRECTORS if m != standby)
+    until(lambda: ha.standby_ready(master, standby), f"{master} hears {standby} present and healthy", 10)
     stop()
     until(lambda: ha.role(standby) == "master", f"{standby} takes over", 10)
     clients.check_survived()
