@@ -220,6 +220,7 @@ def run_demo(lab: Lab, *, hold: float | None = None, keep: bool = False) -> int:
                   "  bash scripts/demo glb drain --site dc1     # then: glb undrain --site dc1\n"
                   f"  bash scripts/demo exec client dig +short {NAME}\n"
                   f"  bash scripts/demo exec client curl -s http://{NAME}/\n"
+                  f"  bash scripts/demo exec client curl -s http://{NAT}/    # dc2's NAT service\n"
                   "  bash scripts/demo exec ops curl -s http://10.1.0.2:9100/metrics\n"
                   f"  open {lab.dashboard_url} in a browser on this host   # the dashboard\n"
                   "  bash scripts/demo down\n"
