@@ -285,14 +285,16 @@ def nat_phase(lab: Lab, tl: Timeline) -> None:
             att = probe.request(topo.RESOLVER, NAT, fallback=False, connect_timeout=1.0)
             served[att.served_by or f"failed: {att.tries[-1].error if att.tries else att.answer}"] += 1
             peers.update(t.address for t in att.tries if t.ok)
-    # The packet workers report their counters to the control plane about once a second.
-    end = time.monotonic() + 3.0
+    # Each packet worker reports its counters to the control plane on its own: read until they stop moving.
+    end = time.monotonic() + 5.0
+    moved: dict[str, tuple[int, int]] = {}
     while True:
         after = _nat_counters(lab, svc.name)
-        moved = {a: (after[a][0] - before.get(a, (0, 0))[0], after[a][1] - before.get(a, (0, 0))[1]) for a in after}
-        if all(i > 0 and o > 0 for i, o in moved.values()) or time.monotonic() > end:
+        last, moved = moved, {a: (after[a][0] - before.get(a, (0, 0))[0], after[a][1] - before.get(a, (0, 0))[1])
+                              for a in after}
+        if (moved == last and all(i > 0 and o > 0 for i, o in moved.values())) or time.monotonic() > end:
             break
-        time.sleep(0.2)
+        time.sleep(0.5)
     tl.event(f"served by {', '.join(f'{s} {n}' for s, n in sorted(served.items()))}; the client talked to "
              f"{', '.join(sorted(peers)) or 'nothing'} only; director packets to/from each server: "
              + ", ".join(f"{a} {i}/{o}" for a, (i, o) in sorted(moved.items())))
