@@ -332,9 +332,9 @@ def _summary(tl: Timeline) -> None:
     nat = ev.get("nat")
     if nat:
         by_nat = sum(n for s, n in nat["served"].items() if s in nat["servers"])
-        only_vip = nat["peers"] == nat["vips"]
+        seen = ", ".join(nat["peers"])
+        seen = f"only the VIP {seen}" if nat["peers"] == nat["vips"] else f"NOT only the VIP: {seen}"
         both = any(i > 0 and o > 0 for i, o in nat["moved"].values())
         print(f"    NAT service ({NAT}): {by_nat}/{sum(nat['served'].values())} requests served by the NAT "
               f"servers ({', '.join(f'{s} {n}' for s, n in sorted(nat['served'].items()))}); the client saw "
-              f"{'only the VIP ' + ', '.join(nat['vips']) if only_vip else 'NOT only the VIP: ' + ', '.join(nat['peers'])}"
-              f"; director rewrote {'both directions' if both else 'NOT both directions'}")
+              f"{seen}; director rewrote {'both directions' if both else 'NOT both directions'}")
