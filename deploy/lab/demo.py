@@ -16,6 +16,9 @@
    docs/ha.md) takes the VIP over with the connection table; DNS never
    changes and the client keeps being served by dc1. The killed director
    is started again and takes the VIP back (preempt).
+6. The client fetches through nat.example.net, dc2's second service: LVS-NAT,
+   VIP:80 rewritten to port 8080 of real servers on a private network whose
+   gateway is the director; the client only ever talks to the VIP.
 
 A line per second: time, what the resolver answered (sites, TTL), which real
 servers answered the client's requests, retries on the next address, failures.
@@ -36,6 +39,9 @@ from deploy.lab.net import LabError
 NAME = f"app.{topo.ZONE}"
 SINGLE = f"api.{topo.ZONE}"
 """The single-address client's name: one VIP per answer, no second address to try."""
+NAT = f"nat.{topo.ZONE}"
+"""dc2's NAT service's name."""
+NAT_REQUESTS = 20
 TICK = 0.2  # seconds between client requests
 
 
@@ -199,6 +205,8 @@ def run_demo(lab: Lab, *, hold: float | None = None, keep: bool = False) -> int:
             raise LabError("dc1 did not serve again within 25 s of its servers coming back")
         tl.event(f"dc1 serves the client again ({returned - tl.events['back']:.1f} s after its servers came back)")
         director_phase(lab, tl)
+        if vip_ok:
+            nat_phase(lab, tl)
         _summary(tl)
         print()
         print(lab.glb_status())
@@ -212,6 +220,7 @@ def run_demo(lab: Lab, *, hold: float | None = None, keep: bool = False) -> int:
                   "  bash scripts/demo glb drain --site dc1     # then: glb undrain --site dc1\n"
                   f"  bash scripts/demo exec client dig +short {NAME}\n"
                   f"  bash scripts/demo exec client curl -s http://{NAME}/\n"
+                  f"  bash scripts/demo exec client curl -s http://{NAT}/    # dc2's NAT service\n"
                   "  bash scripts/demo exec ops curl -s http://10.1.0.2:9100/metrics\n"
                   f"  open {lab.dashboard_url} in a browser on this host   # the dashboard\n"
                   "  bash scripts/demo down\n"
@@ -259,6 +268,47 @@ def director_phase(lab: Lab, tl: Timeline) -> None:
     tl.events["director_back"] = time.monotonic()
 
 
+def nat_phase(lab: Lab, tl: Timeline) -> None:
+    """Fetch through dc2's NAT service: who served, which address the client talked to, and the
+    director's counters of both directions (it rewrites the replies too)."""
+    svc = next((s for s in lab.sites["dc2"].services if s.forwarding == "nat"), None)
+    if svc is None:
+        tl.event("dc2 has no NAT service: skipping the NAT fetches")
+        return
+    tl.event(f"the client fetches http://{NAT}/ {NAT_REQUESTS} times: dc2's {svc.name} service, LVS-NAT "
+             f"VIP:{svc.port} -> {', '.join(f'{a}:{svc.server_ports[r]}' for r, a in svc.real_servers.items())}")
+    before = _nat_counters(lab, svc.name)
+    served: collections.Counter = collections.Counter()
+    peers: collections.Counter = collections.Counter()
+    with lab.inside("client"):
+        for _ in range(NAT_REQUESTS):
+            att = probe.request(topo.RESOLVER, NAT, fallback=False, connect_timeout=1.0)
+            served[att.served_by or f"failed: {att.tries[-1].error if att.tries else att.answer}"] += 1
+            peers.update(t.address for t in att.tries if t.ok)
+    # Each packet worker reports its counters to the control plane on its own: read until they stop moving.
+    end = time.monotonic() + 5.0
+    moved: dict[str, tuple[int, int]] = {}
+    while True:
+        after = _nat_counters(lab, svc.name)
+        last, moved = moved, {a: (after[a][0] - before.get(a, (0, 0))[0], after[a][1] - before.get(a, (0, 0))[1])
+                              for a in after}
+        if (moved == last and all(i > 0 and o > 0 for i, o in moved.values())) or time.monotonic() > end:
+            break
+        time.sleep(0.5)
+    tl.event(f"served by {', '.join(f'{s} {n}' for s, n in sorted(served.items()))}; the client talked to "
+             f"{', '.join(sorted(peers)) or 'nothing'} only; director packets to/from each server: "
+             + ", ".join(f"{a} {i}/{o}" for a, (i, o) in sorted(moved.items())))
+    tl.events["nat"] = {"served": served, "peers": sorted(peers), "vips": svc.vips, "moved": moved,
+                        "servers": sorted(svc.real_servers)}
+
+
+def _nat_counters(lab: Lab, service: str) -> dict[str, tuple[int, int]]:
+    """{real server address: (packets to it, packets from it)} of dc2's director."""
+    st = lab.director_status("dc2-director") or {}
+    return {rs["address"]: (rs.get("packets", 0), rs.get("out_packets", 0))
+            for svc in st.get("services", []) if svc.get("name") == service for rs in svc["real_servers"]}
+
+
 def _summary(tl: Timeline) -> None:
     ev = tl.events
     f = ev["fault"]
@@ -279,3 +329,12 @@ def _summary(tl: Timeline) -> None:
               f"address, failed {tl.failed}")
         print(f"    single-address client requests {tl.single_requests}: failed {tl.single_failed} "
               f"(served through dc1's VIP by dc2's servers while dc1 spilled)")
+    nat = ev.get("nat")
+    if nat:
+        by_nat = sum(n for s, n in nat["served"].items() if s in nat["servers"])
+        seen = ", ".join(nat["peers"])
+        seen = f"only the VIP {seen}" if nat["peers"] == nat["vips"] else f"NOT only the VIP: {seen}"
+        both = any(i > 0 and o > 0 for i, o in nat["moved"].values())
+        print(f"    NAT service ({NAT}): {by_nat}/{sum(nat['served'].values())} requests served by the NAT "
+              f"servers ({', '.join(f'{s} {n}' for s, n in sorted(nat['served'].items()))}); the client saw "
+              f"{seen}; director rewrote {'both directions' if both else 'NOT both directions'}")

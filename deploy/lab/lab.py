@@ -197,15 +197,16 @@ class Lab:
         for seg in topo.SEGMENTS:
             net.ip_batch(self.ns(seg.router), [
                 f"link add {seg.bridge} type bridge stp_state 0 forward_delay 0",
-                f"addr add {seg.address} dev {seg.bridge}",
+                *([f"addr add {seg.address} dev {seg.bridge}"] if seg.address else []),
                 f"link set {seg.bridge} up",
             ])
             offload.setdefault(seg.router, []).append(seg.bridge)
         segments = {s.name: s for s in topo.SEGMENTS}
         for host in topo.HOSTS:
-            for att in host.attachments:
+            for i, att in enumerate(host.attachments):
                 seg = segments[att.segment]
-                port = f"to-{host.role}"[:15]
+                # A host's second link to the same router (dc2's director: edge and NAT side) needs its own name.
+                port = (f"to-{host.role}" if i == 0 else f"to{i}-{host.role}")[:15]
                 net.ip("link", "add", att.ifname, "type", "veth", "peer", "name", port,
                        "netns", self.ns(seg.router), ns=self.ns(host.role))
                 net.ip_batch(self.ns(seg.router), [f"link set {port} master {seg.bridge}", f"link set {port} up"])
@@ -240,14 +241,17 @@ class Lab:
         self.start("nsd", "parent", ["nsd", "-d", "-c", str(files["nsd"])])
         rs_dir = self.state_dir / "realserver"
         rs_dir.mkdir(exist_ok=True)
-        for site in self.sites.values():
-            for role, addr in site.real_servers.items():
+        for svc in (svc for site in self.sites.values() for svc in site.services):
+            for role, addr in svc.real_servers.items():
                 state_file = rs_dir / f"{role}.json"
-                argv = glb + ["realserver", "setup", "--mode", site.forwarding, "--state-file", str(state_file)]
-                for vip in site.vips + site.spilled_in:  # spilled-in: another site tunnels its VIP's flows here
-                    argv += ["--vip", vip]
+                argv = glb + ["realserver", "setup", "--mode", svc.forwarding, "--state-file", str(state_file)]
+                if svc.gateway:  # NAT: the default route through the director, no VIP on the server
+                    argv += ["--gateway", svc.gateway]
+                else:
+                    for vip in svc.vips + svc.spilled_in:  # spilled-in: another site tunnels its VIP's flows here
+                        argv += ["--vip", vip]
                 self.log(f"{role} ({addr}): {' '.join(['glb'] + argv[len(glb):])}")
-                self.state["realservers"][role] = {"state_file": str(state_file), "mode": site.forwarding}
+                self.state["realservers"][role] = {"state_file": str(state_file), "mode": svc.forwarding}
                 self._save()
                 self.run_in(role, argv, what=f"glb realserver setup on {role}")
                 self.start_httpd(role)
@@ -293,8 +297,8 @@ class Lab:
             return path
 
     def start_httpd(self, role: str) -> None:
-        self.start(f"{role}-httpd", role, [sys.executable, "-m", "deploy.lab.httpd", "--name", role, "--port",
-                                           str(self.sites[topo.site_of(role)].port)])
+        port = topo.service_of(self.sites, role).server_ports[role]
+        self.start(f"{role}-httpd", role, [sys.executable, "-m", "deploy.lab.httpd", "--name", role, "--port", str(port)])
 
     # -- readiness -----------------------------------------------------------
 
@@ -313,8 +317,12 @@ class Lab:
 
         until("redis", lambda: probe.redis_ping(topo.REDIS))
         for name, site in self.sites.items():
-            for role, addr in site.real_servers.items():
-                until(f"{role}'s HTTP server", lambda a=addr, p=site.port: probe.fetch(a, p, "/healthz", timeout=0.5).ok)
+            for svc in site.services:
+                # NAT servers are on a private network: only their director reaches them.
+                where = f"{name}-director" if svc.forwarding == "nat" else "ops"
+                for role, addr in svc.real_servers.items():
+                    until(f"{role}'s HTTP server",
+                          lambda a=addr, p=svc.server_ports[role]: probe.fetch(a, p, "/healthz", timeout=0.5).ok, where)
             for role in topo.director_roles(self.config.site(name)):
                 until(f"{role} to see every real server up (and not spill)",
                       lambda r=role, s=site: self._all_up(topo.address_of(r), s.status_port))
@@ -335,19 +343,21 @@ class Lab:
         return summary
 
     def vip_path(self, tries: int = 3) -> dict[str, str]:
-        """Can the client fetch through each site's VIP? {site: "ok (served by ...)" | the last error}."""
+        """Can the client fetch through each site's VIP, and each further service's (``site/service``)?
+        {site or site/service: "ok (served by ...)" | the last error}."""
         out = {}
         with self.inside("client"):
             for name, site in sorted(self.sites.items()):
-                result = None
-                for _ in range(tries):
-                    f = probe.fetch(site.vips[0], site.port, timeout=1.0)
-                    if f.ok:
-                        result = f"ok (served by {f.served_by})"
-                        break
-                    result = f.error
-                    time.sleep(0.2)
-                out[name] = result
+                for i, svc in enumerate(site.services):
+                    result = None
+                    for _ in range(tries):
+                        f = probe.fetch(svc.vips[0], svc.port, timeout=1.0)
+                        if f.ok:
+                            result = f"ok (served by {f.served_by})"
+                            break
+                        result = f.error
+                        time.sleep(0.2)
+                    out[name if i == 0 else f"{name}/{svc.name}"] = result
         return out
 
     def director_status(self, role: str) -> dict | None:

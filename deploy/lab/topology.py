@@ -10,10 +10,13 @@ verifies that the config's sites, VIPs and real servers fit this network.
                                    |                                   |
                           dc1-gw .101                            dc2-gw .102
                  dc1 LAN 10.1.0.0/24 (lan0)        dc2 edge 192.0.2.128/26 (edge0)
-                 VIP 192.0.2.10 on-link              director .130, VIP .140 on-link
-   director .2 (active), .3 (standby)            dc2 servers 10.2.0.0/24 (srv0)
-        rs1 .11   rs2 .12
-                                                         rs1 .11   rs2 .12
+                 VIP 192.0.2.10 on-link              director .130 (eth0), VIPs .140 (web, TUN)
+   director .2 (active), .3 (standby)                and .141 (nat, NAT :80 -> :8080) on-link
+        rs1 .11   rs2 .12                         dc2 servers 10.2.0.0/24 (srv0)
+                                                         rs1 .11   rs2 .12 (TUN)
+                                                  dc2 NAT 10.2.1.0/24 (nat0, no router address)
+                                                         director .1 (eth1, director.lan)
+                                                         nat1 .11  nat2 .12 (default route via .1)
 ```
 """
 
@@ -30,7 +33,7 @@ class Segment:
     name: str
     router: str
     bridge: str
-    address: str  # CIDR of the router on the bridge
+    address: str | None  # CIDR of the router on the bridge; None: it only switches (a private network)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,9 @@ SEGMENTS = (
     Segment("dc1-lan", "dc1-gw", "lan0", "10.1.0.1/24"),
     Segment("dc2-edge", "dc2-gw", "edge0", "192.0.2.129/26"),
     Segment("dc2-servers", "dc2-gw", "srv0", "10.2.0.1/24"),
+    # LVS-NAT's private network: the director is its only way out (the servers' gateway), so dc2-gw
+    # holds just the switch, with no address on it.
+    Segment("dc2-nat", "dc2-gw", "nat0", None),
 )
 
 
@@ -83,11 +89,17 @@ HOSTS = (
          _on("dc1-lan", "10.1.0.3/24"), "10.1.0.1"),
     Host("dc1-rs1", "real server (DR), HTTP", _on("dc1-lan", "10.1.0.11/24"), "10.1.0.1"),
     Host("dc1-rs2", "real server (DR), HTTP", _on("dc1-lan", "10.1.0.12/24"), "10.1.0.1"),
-    Host("dc2-gw", "dc2's router: edge network and server subnet", _on("internet", "172.16.0.102/24", "uplink"),
+    Host("dc2-gw", "dc2's router: edge network and server subnet (and the NAT network's switch)",
+         _on("internet", "172.16.0.102/24", "uplink"),
          "172.16.0.1", router=True),
-    Host("dc2-director", "glb director --site dc2 (TUN)", _on("dc2-edge", "192.0.2.130/26"), "192.0.2.129"),
+    Host("dc2-director", "glb director --site dc2 (web: TUN; nat: NAT, eth1 on the NAT servers' network)",
+         (Attachment("dc2-edge", "eth0", "192.0.2.130/26"), Attachment("dc2-nat", "eth1", "10.2.1.1/24")),
+         "192.0.2.129"),
     Host("dc2-rs1", "real server (TUN), HTTP", _on("dc2-servers", "10.2.0.11/24"), "10.2.0.1"),
     Host("dc2-rs2", "real server (TUN), HTTP", _on("dc2-servers", "10.2.0.12/24"), "10.2.0.1"),
+    # No gateway here: `glb realserver setup --mode nat --gateway 10.2.1.1` points the default route at the director.
+    Host("dc2-nat1", "real server (NAT), HTTP on 8080", _on("dc2-nat", "10.2.1.11/24")),
+    Host("dc2-nat2", "real server (NAT), HTTP on 8080", _on("dc2-nat", "10.2.1.12/24")),
 )
 
 BY_ROLE = {h.role: h for h in HOSTS}
@@ -98,7 +110,8 @@ PARENT = "172.16.0.30"
 DNSFRONTS = {"ns1": "172.16.0.53", "ns2": "172.16.0.54"}
 REDIS = "172.16.0.60"
 DIRECTORS = {"dc1": "10.1.0.2", "dc2": "192.0.2.130"}
-REAL_SERVERS = {"dc1-rs1": "10.1.0.11", "dc1-rs2": "10.1.0.12", "dc2-rs1": "10.2.0.11", "dc2-rs2": "10.2.0.12"}
+REAL_SERVERS = {"dc1-rs1": "10.1.0.11", "dc1-rs2": "10.1.0.12", "dc2-rs1": "10.2.0.11", "dc2-rs2": "10.2.0.12",
+                "dc2-nat1": "10.2.1.11", "dc2-nat2": "10.2.1.12"}
 ZONE = "example.net"
 
 
@@ -124,8 +137,26 @@ def site_of(role: str) -> str:
 
 
 @dataclass
+class ServiceView:
+    """What the lab needs to know about one service of a site, from the config."""
+
+    name: str
+    forwarding: str
+    vips: list[str] = field(default_factory=list)
+    port: int = 80
+    real_servers: dict[str, str] = field(default_factory=dict)  # role -> address
+    server_ports: dict[str, int] = field(default_factory=dict)
+    """role -> the port its HTTP server listens on (NAT maps the VIP's port to it)."""
+    gateway: str | None = None
+    """NAT: the director's LAN address, the real servers' default route (``director.lan.address``)."""
+    spilled_in: list[str] = field(default_factory=list)
+    """Other sites' VIPs whose connections may spill to this service's real servers (they hold them too)."""
+
+
+@dataclass
 class SiteView:
-    """What the lab needs to know about a site, from the config."""
+    """What the lab needs to know about a site, from the config: its first service's view (the service
+    the demo's names serve) spelt out, and every service of the site in ``services``."""
 
     name: str
     forwarding: str
@@ -135,23 +166,39 @@ class SiteView:
     status_port: int = 9100
     spilled_in: list[str] = field(default_factory=list)
     """Other sites' VIPs whose connections may spill to this site's real servers (they hold them too)."""
+    services: list[ServiceView] = field(default_factory=list)
+
+
+def _service_view(cfg, site, svc) -> ServiceView:
+    by_addr = {addr: role for role, addr in REAL_SERVERS.items()}
+    lan = site.director.lan
+    view = ServiceView(svc.name, svc.forwarding, [str(v.address) for v in svc.vips], svc.vips[0].port,
+                       gateway=str(lan.address.ip) if svc.forwarding == "nat" and lan and lan.address else None,
+                       spilled_in=list(dict.fromkeys(str(v.address) for v in cfg.spilled_in_vips(site.name, svc.name))))
+    for rs in svc.real_servers:
+        role = by_addr.get(str(rs.address))
+        if role:
+            view.real_servers[role] = str(rs.address)
+            view.server_ports[role] = rs.port or view.port
+    return view
 
 
 def sites_from_config(cfg) -> dict[str, SiteView]:
     """The lab's view of ``cfg``'s sites; LabError-free: :func:`check` reports mismatches."""
-    by_addr = {addr: role for role, addr in REAL_SERVERS.items()}
     out = {}
     for site in cfg.sites:
-        svc = site.services[0]
-        view = SiteView(site.name, svc.forwarding, [str(v.address) for v in svc.vips], svc.vips[0].port,
-                        status_port=site.director.status_listen.port,
-                        spilled_in=list(dict.fromkeys(str(v.address) for v in cfg.spilled_in_vips(site.name, svc.name))))
-        for rs in svc.real_servers:
-            role = by_addr.get(str(rs.address))
-            if role:
-                view.real_servers[role] = str(rs.address)
-        out[site.name] = view
+        services = [_service_view(cfg, site, svc) for svc in site.services]
+        first = services[0]
+        out[site.name] = SiteView(site.name, first.forwarding, first.vips, first.port, first.real_servers,
+                                  status_port=site.director.status_listen.port, spilled_in=first.spilled_in,
+                                  services=services)
     return out
+
+
+def service_of(sites: dict[str, SiteView], role: str) -> ServiceView | None:
+    """The service whose real server is lab host ``role``."""
+    site = sites.get(site_of(role))
+    return next((s for s in site.services if role in s.real_servers), None) if site else None
 
 
 def check(cfg) -> list[str]:
@@ -167,8 +214,8 @@ def check(cfg) -> list[str]:
     for site in cfg.sites:
         if site.name not in routed:
             continue
-        if len(site.services) != 1:
-            problems.append(f"site {site.name}: the lab runs one service per site")
+        if len(site.services) != 1 and site.name != "dc2":
+            problems.append(f"site {site.name}: the lab runs one service here (dc2 has a second: NAT)")
         for svc in site.services:
             for vip in svc.vips:
                 if vip.address.version != 4 or not any(vip.address in n for n in routed[site.name]):
@@ -184,6 +231,11 @@ def check(cfg) -> list[str]:
                                 f"lab's {site.name} director hosts")
         if site.director.interface != "eth0":
             problems.append(f"site {site.name}: the lab's directors use interface eth0")
+        if any(svc.forwarding == "nat" for svc in site.services) and (
+                site.name != "dc2" or site.director.lan_interface != "eth1"
+                or str(getattr(site.director.lan.address, "ip", "")) != "10.2.1.1"):
+            problems.append(f"site {site.name}: the lab's NAT servers are dc2's, behind director.lan "
+                            f"interface eth1, address 10.2.1.1/24")
     host = cfg.redis.url.split("//", 1)[-1].split("/")[0].rsplit(":", 1)[0].split("@")[-1]
     if host != REDIS:
         problems.append(f"redis.url must point at the lab's Redis {REDIS}")

@@ -31,6 +31,8 @@ APP = f"app.{topo.ZONE}"
 WEB = f"web.{topo.ZONE}"
 DC1_VIP = "192.0.2.10"
 DC2_VIP = "192.0.2.140"
+NAT = f"nat.{topo.ZONE}"
+NAT_VIP = "192.0.2.141"  # dc2's second service, LVS-NAT: VIP:80 -> the NAT servers' 8080
 BOTH = [DC1_VIP, DC2_VIP]
 TOKEN = "lab-admin-token-not-a-secret"
 SITE_FAULT_LIMIT = 3.0  # the requirement: DNS stops answering a failed site within 3 s
@@ -116,6 +118,29 @@ def test_full_path_through_each_site_vip(fresh):
         served = fetch_many(lab, answer.addresses[0], 20)
         print(f"\n{site} ({vip}): {dict(served)}")
         assert set(served) == {f"{site}-rs1", f"{site}-rs2"}, served
+
+
+def test_nat_service_serves_through_its_vip(fresh):
+    """dc2's NAT service: nat.example.net -> its VIP -> both NAT servers (port 8080 on a private network
+    whose gateway is dc2's director, which rewrites both directions); the client cannot reach them itself."""
+    lab = fresh
+
+    def counts() -> dict[str, tuple[int, int]]:
+        nat = next(svc for svc in director_status(lab, "dc2")["services"] if svc["name"] == "nat")
+        return {rs["address"]: (rs["packets"], rs["out_packets"]) for rs in nat["real_servers"]}
+
+    with lab.inside("client"):
+        answer = probe.resolve(topo.RESOLVER, NAT)
+    assert answer.addresses == [NAT_VIP]
+    before = counts()
+    served = fetch_many(lab, NAT_VIP, 20)
+    print(f"\nnat ({NAT_VIP}): {dict(served)}")
+    assert set(served) == {"dc2-nat1", "dc2-nat2"}, served
+    wait_for(lambda: all(c[0] > b[0] and c[1] > b[1] for c, b in zip(counts().values(), before.values())), 10,
+             "dc2's director to count packets both ways for each NAT server")
+    with lab.inside("client"):
+        direct = probe.fetch(topo.REAL_SERVERS["dc2-nat1"], 8080, timeout=1.0)
+    assert not direct.ok, "the NAT servers' private network must be reachable only through the director"
 
 
 def test_client_through_app_name_is_served(fresh):
@@ -338,5 +363,6 @@ def test_dashboard_is_reachable_from_the_host_and_follows_the_lab(fresh):
     view = state()["view"]
     assert [(s["site"], s["state"]) for s in view["sites"]] == [("dc1", "up"), ("dc2", "up")]
     assert {rs["key"]: rs["state"] for s in view["sites"] for svc in s["services"] for rs in svc["real_servers"]} \
-        == {"dc1/web/10.1.0.11": "up", "dc1/web/10.1.0.12": "up", "dc2/web/10.2.0.11": "up", "dc2/web/10.2.0.12": "up"}
+        == {"dc1/web/10.1.0.11": "up", "dc1/web/10.1.0.12": "up", "dc2/web/10.2.0.11": "up", "dc2/web/10.2.0.12": "up",
+            "dc2/nat/10.2.1.11:8080": "up", "dc2/nat/10.2.1.12:8080": "up"}
     assert sorted(d["address"] for d in view["dnsfronts"]) == ["172.16.0.53:8053", "172.16.0.54:8053"]
