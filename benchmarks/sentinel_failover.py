@@ -357,9 +357,14 @@ def write_override(cluster: Cluster) -> str:
                        capture_output=True, text=True, cwd=ROOT, timeout=30, env={**os.environ, **env})
     if r.returncode != 0:
         raise RuntimeError(f"glb weight --direct failed: {r.stderr.strip()}")
-    acked = redis_command(cluster.master, "WAIT", "1", "2000", timeout=5)
-    if acked.strip() != ":1":
-        raise RuntimeError(f"the replica did not acknowledge the override: {acked!r}")
+    # A replica that is still (re)syncing right after start acknowledges nothing until it is done:
+    # ask again for a while (the write stands; WAIT only says when the replica has it too).
+    for _ in range(5):
+        acked = redis_command(cluster.master, "WAIT", "1", "2000", timeout=5)
+        if acked.strip() == ":1":
+            break
+    else:
+        raise RuntimeError(f"the replica did not acknowledge the override in 10 s: {acked!r}")
     return "server:dc1/web/127.0.0.1:0"
 
 
