@@ -1,10 +1,16 @@
-"""Shared pieces of the director's end-to-end tests (test_e2e_dr.py, test_e2e_tun.py).
+"""Shared pieces of the director's end-to-end tests (tests/director/test_e2e_*.py).
 
 Real components only: `glb realserver setup` on each real server, a small
 HTTP server naming itself, `glb director --config ... --site dc1` as its own
 process in the director's namespace, the session's redis-server (reached
 through :class:`RedisBridge`, since the director's namespace has its own
 loopback), curl and scapy on the client.
+
+A test module's lab is a class whose ``__init__(lab, tmp, redis_port[, dataplane])``
+builds it from the pieces here (:func:`real_server`, :func:`uplink`,
+:func:`forward`, :func:`counting_table`; :class:`DirectorLab` for the one
+director) and whose ``close()`` stops what it started; :func:`running_lab`
+(or :func:`lab_per_dataplane` in a module fixture) runs it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,11 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+
+from tests.environment import bpf_unavailable, require
+from tests.netns import Lab, Netns, lab_unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -299,22 +309,89 @@ class DirectorProcess:
         return self.proc.returncode
 
 
-def lab_per_dataplane(tag: str, build, addresses: Sequence[str], request, tmp_path_factory, redis_server):
-    """A module fixture's body: the lab ``build(lab, tmp, redis_port, dataplane)`` makes, with
-    ``request.param`` as the data plane, yielded once ``addresses`` are up; closed after."""
-    from tests.environment import bpf_unavailable, require
-    from tests.netns import Lab, lab_unavailable
+@contextmanager
+def running_lab(tag: str, build, tmp: Path, redis_server, dataplane: str | None = None, up: Sequence[str] = ()):
+    """The lab ``build(lab, tmp, redis_port[, dataplane])`` makes in a fresh :class:`Lab`, yielded once the
+    addresses ``up`` are up at its director ``.d``; ``.close()``d (and the namespaces gone) after.
 
-    require(lab_unavailable(), bpf_unavailable() if request.param == "kernel" else None)
+    Without namespaces (or BPF, for the kernel data plane) it skips; under CI=true it fails instead."""
+    require(lab_unavailable(), bpf_unavailable() if dataplane == "kernel" else None)
     redis_server.start()
-    tmp = tmp_path_factory.mktemp(tag)
     with Lab(tag) as lab:
-        t = build(lab, tmp, redis_server.port, request.param)
+        t = build(lab, tmp, redis_server.port, *([dataplane] if dataplane else []))
         try:
-            t.d.wait_up(list(addresses))
+            if up:
+                t.d.wait_up(list(up))
             yield t
         finally:
             t.close()
+
+
+def lab_per_dataplane(tag: str, build, addresses: Sequence[str], request, tmp_path_factory, redis_server):
+    """A module fixture's body: the lab ``build(lab, tmp, redis_port, dataplane)`` makes, with
+    ``request.param`` as the data plane, yielded once ``addresses`` are up; closed after."""
+    with running_lab(tag, build, tmp_path_factory.mktemp(tag), redis_server, request.param, addresses) as t:
+        yield t
+
+
+class DirectorLab:
+    """The part every single-director lab shares: ``self.d``, `glb director` in ``self.director`` with
+    its config at ``self.config``, reaching the session's Redis through ``self.bridge``."""
+
+    director: Netns
+    d: DirectorProcess
+
+    def start_director(self, tmp: Path, redis_port: int, text: str, log: str = "director.log") -> None:
+        self.bridge = RedisBridge(self.director.name, redis_port)
+        self.config = tmp / "glb.yaml"
+        self.config.write_text(text)
+        self.d = DirectorProcess(self.director, self.config, tmp / log)
+
+    def close(self) -> None:
+        self.d.stop()
+        self.bridge.close()
+
+
+def counting_table(ns, rules: Mapping[str, str]) -> None:
+    """nftables' netdev table ``glbt`` in ``ns``: at eth0's ingress (before tc's program hands packets on
+    and before the director's guard) a counter per rule, named by its key; read with :func:`nft_counters`."""
+    counters = "".join(f'  {match} counter comment "{name}"\n' for name, match in rules.items())
+    ns.run(["nft", "-f", "-"], input=(
+        'table netdev glbt {\n chain in { type filter hook ingress device "eth0" priority -10;\n'
+        f'{counters} }}\n}}\n'))
+
+
+def real_server(lab: Lab, sw, br: str, tmp: Path, name: str, addrs: Sequence[str], vips: list[str], mode: str, *,
+                via: Sequence[str] = (), gateways: Sequence[str] = (), offload: bool = False):
+    """A real server on the bridge ``br`` (in ``sw``): namespace ``name`` with ``addrs``, its default
+    routes through ``via``, then `glb realserver setup` (its state in tmp/<name>.json)."""
+    ns = lab.netns(name)
+    lab.port(sw, br, ns, list(addrs), offload=offload)
+    default_routes(ns, via)
+    realserver_setup(ns, tmp / f"{name}.json", vips, mode, gateways=gateways)
+    return ns
+
+
+def uplink(lab: Lab, ns, router, net: int, name: str, six: bool = False) -> None:
+    """``ns``'s eth0 (10.0.<net>.2/24; fd00:<net>::2/64 with ``six``) to the router's ``name`` (.1),
+    and ``ns``'s default routes through it."""
+    mine = [f"10.0.{net}.2/24"] + ([f"fd00:{net}::2/64"] if six else [])
+    its = [f"10.0.{net}.1/24"] + ([f"fd00:{net}::1/64"] if six else [])
+    lab.veth(ns, router, mine, its, a_name="eth0", b_name=name)
+    default_routes(ns, [a.split("/")[0] for a in its])
+
+
+def default_routes(ns, gateways: Sequence[str]) -> None:
+    """A default route through each gateway, IPv4 or IPv6 by its address."""
+    for gateway in gateways:
+        ns.ip(*(["-6"] if ":" in gateway else []), "route", "add", "default", "via", gateway)
+
+
+def forward(router) -> None:
+    """``router`` forwards IPv4 and IPv6 and checks no source route (replies come back another way)."""
+    for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv6.conf.all.forwarding", 1),
+                       ("net.ipv4.conf.all.rp_filter", 0), ("net.ipv4.conf.default.rp_filter", 0)):
+        router.sysctl(key, value)
 
 
 def curl(ns, url: str, timeout: float = 3.0) -> str | None:

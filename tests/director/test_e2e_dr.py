@@ -24,18 +24,19 @@ import pytest
 from tests.director.director_lab import (
     KEEPALIVE_CLIENT,
     PY,
+    DirectorLab,
     DirectorProcess,
-    RedisBridge,
     config_yaml,
+    counting_table,
     curl,
+    lab_per_dataplane,
     nft_counters,
-    realserver_setup,
+    real_server,
     service_yaml,
     start_http,
 )
 from director.dataplane.bpf import BPF_MAXINSNS, bpf_program
-from tests.environment import bpf_unavailable, require
-from tests.netns import Lab, lab_unavailable
+from tests.netns import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -51,7 +52,7 @@ def services(weights: dict[int, int]) -> str:
             + service_yaml("web6", [f"[{VIP6}]:80/tcp"], [(RS6[1], 1), (RS6[2], 1)]))
 
 
-class DRLab:
+class DRLab(DirectorLab):
     def __init__(self, lab: Lab, tmp, redis_port: int, dataplane: str) -> None:
         self.lab = lab
         self.dataplane = dataplane
@@ -63,19 +64,13 @@ class DRLab:
         lab.port(sw, br, self.director, ["10.0.0.2/24", "fd00::2/64"])
         self.rs = {}
         for i in (1, 2, 3):
-            ns = lab.netns(f"rs{i}")
             addrs = [f"{RS[i]}/24"] + ([f"{RS6[i]}/64"] if i in RS6 else [])
-            lab.port(sw, br, ns, addrs)
-            realserver_setup(ns, tmp / f"rs{i}.json", [VIP, VIP6], "dr")
-            start_http(ns, f"rs{i}")
-            self.rs[i] = ns
+            self.rs[i] = real_server(lab, sw, br, tmp, f"rs{i}", addrs, [VIP, VIP6], "dr")
+            start_http(self.rs[i], f"rs{i}")
         # Count what reaches the director from a VIP (replies must not) and the client's arrivals.
         for ns in (self.director, self.client):
-            ns.run(["nft", "-f", "-"], input=(
-                'table netdev glbt {\n chain in { type filter hook ingress device "eth0" priority -10;\n'
-                f'  ip saddr {VIP} counter comment "from_vip"\n  ip6 saddr {VIP6} counter comment "from_vip6"\n'
-                f'  ip daddr {VIP} counter comment "to_vip"\n }}\n}}\n'))
-        self.bridge = RedisBridge(self.director.name, redis_port)
+            counting_table(ns, {"from_vip": f"ip saddr {VIP}", "from_vip6": f"ip6 saddr {VIP6}",
+                                "to_vip": f"ip daddr {VIP}"})
         self.tmp = tmp
         # The kernel data plane pins its maps on a bpffs of the lab's own (``ip netns exec`` remounts /sys,
         # hiding the host's /sys/fs/bpf), so a restarted director finds them.
@@ -84,10 +79,7 @@ class DRLab:
             (tmp / "bpf").mkdir()
             subprocess.run(["mount", "-t", "bpf", "bpf", str(tmp / "bpf")], check=True)
             self.pins = str(tmp / "bpf")
-        self.config = tmp / "glb.yaml"
-        self.config.write_text(self.yaml({1: 1, 2: 1}))
-
-        self.d = DirectorProcess(self.director, self.config, tmp / "director.log")
+        self.start_director(tmp, redis_port, self.yaml({1: 1, 2: 1}))
 
     def yaml(self, weights: dict[int, int]) -> str:
         return config_yaml(redis_port=6379, services=services(weights), max_entries=MAX_ENTRIES,
@@ -107,8 +99,7 @@ class DRLab:
 
     def close(self) -> None:
         try:
-            self.d.stop()
-            self.bridge.close()
+            super().close()
         finally:
             if self.pins:
                 subprocess.run(["umount", self.pins], check=False)
@@ -118,16 +109,7 @@ class DRLab:
 def dr(request, tmp_path_factory, redis_server):
     """The lab with the director forwarding established flows in userspace (the engine alone), then
     in the kernel (the tc program; the engine schedules new flows and takes the rest)."""
-    require(lab_unavailable(), bpf_unavailable() if request.param == "kernel" else None)
-    redis_server.start()
-    tmp = tmp_path_factory.mktemp("dr")
-    with Lab("dr") as lab:
-        t = DRLab(lab, tmp, redis_server.port, request.param)
-        try:
-            t.d.wait_up([RS[1], RS[2], RS6[1], RS6[2]])
-            yield t
-        finally:
-            t.close()
+    yield from lab_per_dataplane("dr", DRLab, [RS[1], RS[2], RS6[1], RS6[2]], request, tmp_path_factory, redis_server)
 
 
 @pytest.fixture

@@ -29,9 +29,17 @@ import pytest
 import redis
 
 from glb.state import Keys
-from tests.director.director_lab import PY, ZONES, DirectorProcess, RedisBridge, curl, realserver_setup, start_http
-from tests.environment import bpf_unavailable, require
-from tests.netns import Lab, lab_unavailable
+from tests.director.director_lab import (
+    PY,
+    ZONES,
+    DirectorProcess,
+    RedisBridge,
+    curl,
+    real_server,
+    running_lab,
+    start_http,
+)
+from tests.netns import Lab
 from tests.waiting import until
 
 pytestmark = pytest.mark.netns
@@ -138,10 +146,7 @@ class HALab:
             lab.port(sw, br, ns, [f"{addr}/24"])
             self.bridges[member] = RedisBridge(ns.name, redis_port)
         for i, addr in RS.items():
-            ns = lab.netns(f"rs{i}")
-            lab.port(sw, br, ns, [f"{addr}/24"])
-            realserver_setup(ns, tmp / f"rs{i}.json", [VIP], "dr")
-            start_http(ns, f"rs{i}")
+            start_http(real_server(lab, sw, br, tmp, f"rs{i}", [f"{addr}/24"], [VIP], "dr"), f"rs{i}")
         self.runs = 0
 
     def start(self, member: str, preempt: bool = True) -> DirectorProcess:
@@ -180,14 +185,8 @@ class HALab:
 
 @pytest.fixture(scope="module", params=["userspace", "kernel"])
 def ha(request, tmp_path_factory, redis_server):
-    require(lab_unavailable(), bpf_unavailable() if request.param == "kernel" else None)
-    redis_server.start()
-    with Lab("ha") as lab:
-        t = HALab(lab, tmp_path_factory.mktemp("ha"), redis_server.port, request.param)
-        try:
-            yield t
-        finally:
-            t.close()
+    with running_lab("ha", HALab, tmp_path_factory.mktemp("ha"), redis_server, request.param) as t:
+        yield t
 
 
 @pytest.fixture

@@ -26,9 +26,9 @@ import pytest
 from scapy.layers.inet6 import ICMPv6ND_NA, IPv6
 from scapy.layers.l2 import ARP, Ether
 
-from tests.director.director_lab import PY, ROOT, DirectorProcess, RedisBridge, config_yaml, service_yaml
+from tests.director.director_lab import PY, ROOT, DirectorProcess, RedisBridge, config_yaml, running_lab, service_yaml
 from tests.environment import binary_unavailable, require
-from tests.netns import Lab, lab_unavailable
+from tests.netns import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -99,14 +99,8 @@ class Box:
 
 @pytest.fixture
 def box(tmp_path, redis_server):
-    require(lab_unavailable())
-    redis_server.start()
-    with Lab("life") as lab:
-        b = Box(lab, tmp_path, redis_server.port)
-        try:
-            yield b
-        finally:
-            b.close()
+    with running_lab("life", Box, tmp_path, redis_server) as b:
+        yield b
 
 
 def error_line(lines: list[str]) -> str:

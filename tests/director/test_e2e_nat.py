@@ -22,13 +22,13 @@ import pytest
 from tests.director.director_lab import (
     KEEPALIVE_CLIENT,
     PY,
-    DirectorProcess,
-    RedisBridge,
+    DirectorLab,
     config_yaml,
-    lab_per_dataplane,
+    counting_table,
     curl,
+    lab_per_dataplane,
     nft_counters,
-    realserver_setup,
+    real_server,
     service_yaml,
     start_http,
 )
@@ -41,7 +41,7 @@ CLIENT, DIR_PUBLIC, DIR_LAN = "10.0.1.2", "10.0.1.1", "10.0.2.1"
 RS = {1: "10.0.2.11", 2: "10.0.2.12"}
 
 
-class NatLab:
+class NatLab(DirectorLab):
     def __init__(self, lab: Lab, tmp, redis_port: int, dataplane: str) -> None:
         self.lab = lab
         self.dataplane = dataplane
@@ -55,31 +55,20 @@ class NatLab:
         self.rs = {}
         self.http = {}
         for i in (1, 2):
-            ns = lab.netns(f"rs{i}")
-            lab.port(sw, br, ns, f"{RS[i]}/24", offload=True)
-            ns.ip("route", "add", "default", "via", "10.0.2.254")  # some other gateway before setup
-            realserver_setup(ns, tmp / f"rs{i}.json", [], "nat", gateways=[DIR_LAN])
+            # Some other gateway before setup (setup replaces it with the director).
+            ns = real_server(lab, sw, br, tmp, f"rs{i}", [f"{RS[i]}/24"], [], "nat", via=["10.0.2.254"],
+                             gateways=[DIR_LAN], offload=True)
             self.http[(i, 8080)] = start_http(ns, f"rs{i}", 8080)
             self.http[(i, 8081)] = start_http(ns, f"rs{i}", 8081)
             self.rs[i] = ns
         # What reaches the client: from the VIP only, never from a real server's address.
-        self.client.run(["nft", "-f", "-"], input=(
-            'table netdev glbt {\n chain in { type filter hook ingress device "eth0" priority -10;\n'
-            f'  ip saddr {VIP} counter comment "from_vip"\n'
-            '  ip saddr 10.0.2.0/24 counter comment "from_private"\n }\n}\n'))
-        self.bridge = RedisBridge(self.director.name, redis_port)
-        self.config = tmp / "glb.yaml"
+        counting_table(self.client, {"from_vip": f"ip saddr {VIP}", "from_private": "ip saddr 10.0.2.0/24"})
         servers = [(RS[1], 1), (RS[2], 1)]
-        self.config.write_text(config_yaml(
+        self.start_director(tmp, redis_port, config_yaml(
             redis_port=6379, dataplane=dataplane, lan=f"{{interface: eth1, address: {DIR_LAN}/24}}",
             services=service_yaml("web", [f"{VIP}:80/tcp"], servers, forwarding="nat", scheduler="wlc", port=8080)
             + service_yaml("sticky", [f"{VIP}:8000/tcp"], servers, forwarding="nat", scheduler="rr", port=8081,
                            extra="persistence: {timeout: 60}")))
-        self.d = DirectorProcess(self.director, self.config, tmp / "director.log")
-
-    def close(self) -> None:
-        self.d.stop()
-        self.bridge.close()
 
 
 @pytest.fixture(scope="module", params=["userspace", "kernel"])

@@ -21,17 +21,20 @@ import pytest
 from tests.director.director_lab import (
     GLB,
     ROOT,
-    DirectorProcess,
+    DirectorLab,
     RedisBridge,
     config_yaml,
+    counting_table,
     curl,
+    forward,
     nft_counters,
-    realserver_setup,
+    real_server,
+    running_lab,
     start_http,
+    uplink,
 )
 from tests.director.test_e2e_dr import _keepalive
-from tests.environment import bpf_unavailable, require
-from tests.netns import Lab, lab_unavailable
+from tests.netns import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -55,17 +58,14 @@ def config(dataplane: str) -> str:
 """
 
 
-class SpillLab:
+class SpillLab(DirectorLab):
     def __init__(self, lab: Lab, tmp, redis_port: int, dataplane: str) -> None:
         self.lab = lab
         r = lab.netns("router")
         self.client, self.dc2d = lab.netns("client"), lab.netns("dc2d")
         for ns, net, name in ((self.client, 1, "rc"), (self.dc2d, 4, "rd2")):
-            lab.veth(ns, r, f"10.0.{net}.2/24", f"10.0.{net}.1/24", a_name="eth0", b_name=name)
-            ns.ip("route", "add", "default", "via", f"10.0.{net}.1")
-        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv4.conf.all.rp_filter", 0),
-                           ("net.ipv4.conf.default.rp_filter", 0)):
-            r.sysctl(key, value)
+            uplink(lab, ns, r, net, name)
+        forward(r)
         sw1, sw2 = lab.netns("sw1"), lab.netns("sw2")
         br1, br2 = lab.bridge(sw1), lab.bridge(sw2)
         lab.port(sw1, br1, r, "10.0.2.1/24", host_name="lan1")
@@ -74,26 +74,16 @@ class SpillLab:
         self.director = lab.netns("dc1d")
         lab.port(sw1, br1, self.director, f"{DIRECTOR1}/24")
         self.director.ip("route", "add", "default", "via", "10.0.2.1")
-        self.rs1 = lab.netns("dc1rs")
-        lab.port(sw1, br1, self.rs1, f"{RS1}/24")
-        self.rs1.ip("route", "add", "default", "via", "10.0.2.1")
-        realserver_setup(self.rs1, tmp / "dc1rs.json", [VIP1], "dr")
+        self.rs1 = real_server(lab, sw1, br1, tmp, "dc1rs", [f"{RS1}/24"], [VIP1], "dr", via=["10.0.2.1"])
         self.http1 = start_http(self.rs1, "dc1-rs")
-        for i, addr in RS2.items():
-            ns = lab.netns(f"dc2rs{i}")
-            lab.port(sw2, br2, ns, f"{addr}/24")
-            ns.ip("route", "add", "default", "via", "10.0.3.1")
-            realserver_setup(ns, tmp / f"dc2rs{i}.json", [VIP2, VIP1], "tun")  # dc1 spills to them
+        for i, addr in RS2.items():  # dc1 spills to them
+            ns = real_server(lab, sw2, br2, tmp, f"dc2rs{i}", [f"{addr}/24"], [VIP2, VIP1], "tun", via=["10.0.3.1"])
             start_http(ns, f"dc2-rs{i}")
-        self.director.run(["nft", "-f", "-"], input=(
-            'table netdev glbt {\n chain in { type filter hook ingress device "eth0" priority -10;\n'
-            f'  ip saddr {VIP1} counter comment "from_vip"\n }}\n}}\n'))
-        self.bridges = [RedisBridge(ns.name, redis_port) for ns in (self.director, self.dc2d)]
-        cfg = tmp / "glb.yaml"
-        cfg.write_text(config(dataplane))
-        self.d = DirectorProcess(self.director, cfg, tmp / "dc1.log")
+        counting_table(self.director, {"from_vip": f"ip saddr {VIP1}"})
+        self.start_director(tmp, redis_port, config(dataplane), log="dc1.log")
+        self.bridge2 = RedisBridge(self.dc2d.name, redis_port)
         self._log2 = open(tmp / "dc2.log", "w")
-        self.d2 = self.dc2d.popen([GLB, "director", "--config", str(cfg), "--site", "dc2"], stdout=self._log2,
+        self.d2 = self.dc2d.popen([GLB, "director", "--config", str(self.config), "--site", "dc2"], stdout=self._log2,
                                   stderr=subprocess.STDOUT, cwd=ROOT)
 
     def spill(self) -> dict:
@@ -103,25 +93,21 @@ class SpillLab:
         return _keepalive(self.client, VIP1)
 
     def close(self) -> None:
-        self.d.stop()
+        super().close()
         if self.d2.poll() is None:
             self.d2.terminate()
             self.d2.wait(15)
         self._log2.close()
-        for b in self.bridges:
-            b.close()
+        self.bridge2.close()
 
 
 @pytest.mark.parametrize("dataplane", ["userspace", "kernel"])
 def test_dc1_down_spills_new_connections_to_dc2_and_back(dataplane, tmp_path, redis_server):
-    require(lab_unavailable(), bpf_unavailable() if dataplane == "kernel" else None)
     redis_server.start()
     redis_server.flushall()
-    with Lab("spill") as lab:
-        t = SpillLab(lab, tmp_path, redis_server.port, dataplane)
-        clients = []
+    with running_lab("spill", SpillLab, tmp_path, redis_server, dataplane, [RS1]) as t:
+        lab, clients = t.lab, []
         try:
-            t.d.wait_up([RS1])
             # At start dc1's server is not proven yet: it may spill until its server has been up recover_after.
             lab.wait_for(lambda: t.spill().get("spilling_to", "x") is None, timeout=10, what="no spill")
             t.d.wait_plan()
@@ -163,4 +149,3 @@ def test_dc1_down_spills_new_connections_to_dc2_and_back(dataplane, tmp_path, re
             for c in clients:
                 c.kill()
                 c.wait()
-            t.close()

@@ -16,15 +16,17 @@ import pytest
 
 from tests.director.director_lab import (
     PY,
-    DirectorProcess,
-    RedisBridge,
+    DirectorLab,
     config_yaml,
-    lab_per_dataplane,
+    counting_table,
     curl,
+    forward,
+    lab_per_dataplane,
     nft_counters,
-    realserver_setup,
+    real_server,
     service_yaml,
     start_http,
+    uplink,
 )
 from tests.netns import Lab
 
@@ -36,51 +38,33 @@ RS = {1: "10.0.3.11", 2: "10.0.3.12"}
 RS6 = {1: "fd00:3::11", 2: "fd00:3::12"}
 
 
-class TunLab:
+class TunLab(DirectorLab):
     def __init__(self, lab: Lab, tmp, redis_port: int, dataplane: str) -> None:
         self.lab = lab
         self.dataplane = dataplane
         self.router = r = lab.netns("router")
         self.client, self.director = lab.netns("client"), lab.netns("director")
         for ns, net, name in ((self.client, 1, "rc"), (self.director, 2, "rd")):
-            lab.veth(ns, r, [f"10.0.{net}.2/24", f"fd00:{net}::2/64"], [f"10.0.{net}.1/24", f"fd00:{net}::1/64"],
-                     a_name="eth0", b_name=name)
-            ns.ip("route", "add", "default", "via", f"10.0.{net}.1")
-            ns.ip("-6", "route", "add", "default", "via", f"fd00:{net}::1")
+            uplink(lab, ns, r, net, name, six=True)
         sw = lab.netns("sw")
         br = lab.bridge(sw)
         lab.port(sw, br, r, ["10.0.3.1/24", "fd00:3::1/64"], host_name="rs")
-        for key, value in (("net.ipv4.ip_forward", 1), ("net.ipv6.conf.all.forwarding", 1),
-                           ("net.ipv4.conf.all.rp_filter", 0), ("net.ipv4.conf.default.rp_filter", 0)):
-            r.sysctl(key, value)
+        forward(r)
         r.ip("route", "add", f"{VIP}/32", "via", DIRECTOR)
         r.ip("-6", "route", "add", f"{VIP6}/128", "via", DIRECTOR6)
         self.rs = {}
         for i in (1, 2):
-            ns = lab.netns(f"rs{i}")
-            lab.port(sw, br, ns, [f"{RS[i]}/24", f"{RS6[i]}/64"])
-            ns.ip("route", "add", "default", "via", "10.0.3.1")
-            ns.ip("-6", "route", "add", "default", "via", "fd00:3::1")
-            realserver_setup(ns, tmp / f"rs{i}.json", [VIP, VIP6], "tun")
-            start_http(ns, f"rs{i}")
-            self.rs[i] = ns
-        self.director.run(["nft", "-f", "-"], input=(
-            'table netdev glbt {\n chain in { type filter hook ingress device "eth0" priority -10;\n'
-            f'  ip saddr {VIP} counter comment "from_vip"\n  ip6 saddr {VIP6} counter comment "from_vip6"\n'
-            f'  ip daddr {VIP} counter comment "to_vip"\n }}\n}}\n'))
-        self.bridge = RedisBridge(self.director.name, redis_port)
-        self.config = tmp / "glb.yaml"
-        self.config.write_text(config_yaml(
+            self.rs[i] = real_server(lab, sw, br, tmp, f"rs{i}", [f"{RS[i]}/24", f"{RS6[i]}/64"], [VIP, VIP6], "tun",
+                                     via=["10.0.3.1", "fd00:3::1"])
+            start_http(self.rs[i], f"rs{i}")
+        counting_table(self.director, {"from_vip": f"ip saddr {VIP}", "from_vip6": f"ip6 saddr {VIP6}",
+                                       "to_vip": f"ip daddr {VIP}"})
+        self.start_director(tmp, redis_port, config_yaml(
             redis_port=6379, address=DIRECTOR, address6=DIRECTOR6,
             services=service_yaml("web", [f"{VIP}:80/tcp", f"{VIP}:5353/udp"], [(RS[1], 1), (RS[2], 1)],
                                   forwarding="tun")
             + service_yaml("web6", [f"[{VIP6}]:80/tcp"], [(RS6[1], 1), (RS6[2], 1)], forwarding="tun"),
             dataplane=dataplane))
-        self.d = DirectorProcess(self.director, self.config, tmp / "director.log")
-
-    def close(self) -> None:
-        self.d.stop()
-        self.bridge.close()
 
 
 @pytest.fixture(scope="module", params=["userspace", "kernel"])

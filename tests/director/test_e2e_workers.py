@@ -23,12 +23,12 @@ from tests.director.director_lab import (
     RedisBridge,
     config_yaml,
     curl,
-    realserver_setup,
+    real_server,
+    running_lab,
     service_yaml,
     start_http,
 )
-from tests.environment import require
-from tests.netns import Lab, lab_unavailable
+from tests.netns import Lab
 
 pytestmark = pytest.mark.netns
 
@@ -87,10 +87,7 @@ class WorkersLab:
         lab.port(sw, br, self.client, ["10.0.0.10/16", *(f"{c}/16" for c in CLIENTS)])
         lab.port(sw, br, self.director, ["10.0.0.2/16"])
         for i in (1, 2):
-            ns = lab.netns(f"rs{i}")
-            lab.port(sw, br, ns, [f"{RS[i]}/16"])
-            realserver_setup(ns, tmp / f"rs{i}.json", [VIP], "dr")
-            start_http(ns, f"rs{i}")
+            start_http(real_server(lab, sw, br, tmp, f"rs{i}", [f"{RS[i]}/16"], [VIP], "dr"), f"rs{i}")
         self.bridge = RedisBridge(self.director.name, redis_port)
         self.tmp = tmp
         self.config = tmp / "glb.yaml"
@@ -133,14 +130,8 @@ class WorkersLab:
 
 @pytest.fixture(scope="module")
 def wl(tmp_path_factory, redis_server):
-    require(lab_unavailable())
-    redis_server.start()
-    with Lab("wk") as lab:
-        t = WorkersLab(lab, tmp_path_factory.mktemp("workers"), redis_server.port)
-        try:
-            yield t
-        finally:
-            t.close()
+    with running_lab("wk", WorkersLab, tmp_path_factory.mktemp("workers"), redis_server) as t:
+        yield t
 
 
 def release(*holders) -> None:
