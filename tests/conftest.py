@@ -25,6 +25,25 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     netns.unmarked_test = None if item.get_closest_marker("netns") else item.nodeid
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.only_params(fixture=[param, ...])``: the test exists only for those params of a
+    parametrized (module) fixture, e.g. only in a module's kernel lab. Its other variants are deselected,
+    neither collected nor skipped, and the fixture keeps its params, so the module's lab and test order
+    stay as they are (an indirect parametrization would make a lab of its own and reorder them)."""
+    kept, dropped = [], []
+    for item in items:
+        mark = item.get_closest_marker("only_params")
+        params = item.callspec.params if mark and hasattr(item, "callspec") else {}
+        for name, allowed in (mark.kwargs.items() if mark else ()):
+            if name not in params:
+                raise pytest.UsageError(f"{item.nodeid}: only_params({name}=...) but {name} is not parametrized")
+        wanted = not mark or all(params[name] in allowed for name, allowed in mark.kwargs.items())
+        (kept if wanted else dropped).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
