@@ -48,29 +48,8 @@ for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break;
   >"$WORK/state.log" 2>&1 & PIDS+=($!)
 
 # --- dnsfront -----------------------------------------------------------------
-cat >"$WORK/glb.yaml" <<YAML
-redis: {url: "redis://127.0.0.1:$REDIS_PORT/0"}
-dnsfront:
-  listen: ["127.0.0.1:$DNSF_PORT"]
-  status_listen: 127.0.0.1:$STATUS_PORT
-zones:
-  - apex: example.net
-    soa: {mname: ns1.example.net, rname: hostmaster@example.net}
-    ns: [{name: ns1.example.net, addresses: [192.0.2.53]}]
-names:
-  app.example.net:
-    service: web
-    policy: weighted
-    ttl: 20
-    members: [{site: dc1, weight: 100}, {site: dc2, weight: 100}]
-sites:
-  dc1:
-    director: {interface: eth0}
-    services: [{name: web, vips: ["192.0.2.10:80/tcp"], real_servers: [10.1.0.1]}]
-  dc2:
-    director: {interface: eth0}
-    services: [{name: web, vips: ["192.0.2.20:80/tcp"], real_servers: [10.2.0.1]}]
-YAML
+"$PY" "$ROOT/benchmarks/dns_config.py" "redis://127.0.0.1:$REDIS_PORT/0" "127.0.0.1:$DNSF_PORT" \
+  "127.0.0.1:$STATUS_PORT" >"$WORK/glb.yaml"
 start_dnsfront() {  # config log -> pid
   taskset -c "$SERVER_CPU" "$PY" -c 'import sys; from dnsfront.main import run; sys.exit(run(sys.argv[1], 1, "warning"))' \
     "$1" >"$2" 2>&1 & PIDS+=($!)
@@ -80,8 +59,8 @@ DNSF_PID=$!
 if [ "$RRL" = 1 ]; then
   RRL_PORT=$(free_port); RRL_STATUS_PORT=$(free_port)
   # Same server, RRL on at a rate no single client here reaches: every answer is accounted, none limited.
-  sed -e "s/127.0.0.1:$DNSF_PORT/127.0.0.1:$RRL_PORT/" -e "s/127.0.0.1:$STATUS_PORT/127.0.0.1:$RRL_STATUS_PORT/" \
-    -e "s/^  status_listen: .*/&\n  rrl: {enabled: true, responses_per_second: 100000000}/" "$WORK/glb.yaml" >"$WORK/glb-rrl.yaml"
+  "$PY" "$ROOT/benchmarks/dns_config.py" "redis://127.0.0.1:$REDIS_PORT/0" "127.0.0.1:$RRL_PORT" \
+    "127.0.0.1:$RRL_STATUS_PORT" 100000000 >"$WORK/glb-rrl.yaml"
   start_dnsfront "$WORK/glb-rrl.yaml" "$WORK/dnsfront-rrl.log"
   RRL_PID=$!
 fi

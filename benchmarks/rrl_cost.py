@@ -35,20 +35,7 @@ from dnsfront.answers import Engine  # noqa: E402
 from dnsfront.rrl import RateLimiter  # noqa: E402
 from dnsfront.server import DNSServer  # noqa: E402
 
-CONFIG = """
-dnsfront: {listen: ["127.0.0.1:53"]}
-zones:
-  - apex: example.net
-    soa: {mname: ns1.example.net, rname: hostmaster@example.net}
-    ns: [{name: ns1.example.net, addresses: [192.0.2.53]}]
-names:
-  app.example.net:
-    service: web
-    members: [{site: dc1, weight: 100}, {site: dc2, weight: 100}]
-sites:
-  dc1: {director: {interface: eth0}, services: [{name: web, vips: ["192.0.2.10:80/tcp"], real_servers: [10.1.0.1]}]}
-  dc2: {director: {interface: eth0}, services: [{name: web, vips: ["192.0.2.20:80/tcp"], real_servers: [10.2.0.1]}]}
-"""
+from benchmarks.dns_config import two_sites  # noqa: E402
 
 
 def main() -> None:
@@ -58,7 +45,7 @@ def main() -> None:
     ap.add_argument("--edns", action="store_true", help="queries with an OPT record")
     args = ap.parse_args()
 
-    config = configmod.loads(CONFIG, source="rrl_cost")
+    config = configmod.loads(two_sites(), source="rrl_cost")
     now = time.time()
     state = DeploymentState.build(tuple(SiteSnapshot(s, f"{s}-d", now, (ServiceState("web", (v,), 1.0, True),))
                                         for s, v in (("dc1", "192.0.2.10:80/tcp"), ("dc2", "192.0.2.20:80/tcp"))))
