@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.configs import ZONES
 from tests.environment import bpf_unavailable, require
 from tests.netns import Lab, Netns, lab_unavailable
 
@@ -173,14 +174,6 @@ def realserver_setup(ns, state: Path, vips: list[str], mode: str, gateways: Sequ
 def start_http(ns, name: str, port: int = 80):
     proc = ns.popen([PY, "-c", HTTP_SERVER, name, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc
-
-
-ZONES = """zones:
-  - apex: example.net
-    soa: {mname: ns1.example.net, rname: hostmaster@example.net}
-    ns: [{name: ns1.example.net, addresses: [192.0.2.53]}]
-"""
-"""The one zone every director test's config needs (a config must have one)."""
 
 
 def config_yaml(*, redis_port: int, services: str, address: str | None = None, address6: str | None = None,

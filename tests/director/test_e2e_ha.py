@@ -29,9 +29,9 @@ import pytest
 import redis
 
 from glb.state import Keys
+from tests.configs import ZONES
 from tests.director.director_lab import (
     PY,
-    ZONES,
     DirectorProcess,
     RedisBridge,
     curl,

@@ -17,43 +17,37 @@ from glb.dashboard import actions, model, server
 from glb.errors import AdminError
 from glb.overview import build_report
 from glb.state import DeploymentState, Override, RealServerState, ServiceState, SiteSnapshot, server_target
+from tests.configs import app_name, head
 
-CONFIG = """
-redis: {{url: "{redis}", timeout: 0.5}}
-admin: {{token: dashboard-test-token-0123456789}}
-zones:
-  - apex: example.net
-    soa: {{mname: ns1.example.net, rname: hostmaster@example.net}}
-    ns: [{{name: ns1.example.net, addresses: [192.0.2.53]}}]
-names:
-  app.example.net:
-    service: web
-    members: [{{site: ams}}, {{site: fra}}]
-sites:
+SITES = """sites:
   ams:
     director:
       interface: lo
       status_listen: "127.0.0.1:3"
       admin_listen: "127.0.0.1:1"
-      pair: {{virtual_router_id: 7, members: [{{id: lb1, address: 10.0.0.1, priority: 200}},
-                                             {{id: lb2, address: 10.0.0.2, priority: 100}}]}}
+      pair: {virtual_router_id: 7, members: [{id: lb1, address: 10.0.0.1, priority: 200},
+                                             {id: lb2, address: 10.0.0.2, priority: 100}]}
     services:
       - name: web
         vips: ["192.0.2.10:80/tcp"]
-        real_servers: [{{address: 10.1.0.1, weight: 3}}, 10.1.0.2]
-        health_check: {{type: tcp}}
+        real_servers: [{address: 10.1.0.1, weight: 3}, 10.1.0.2]
+        health_check: {type: tcp}
   fra:
-    director: {{interface: lo, status_listen: "127.0.0.1:2"}}
+    director: {interface: lo, status_listen: "127.0.0.1:2"}
     services:
       - name: web
         vips: ["192.0.2.20:80/tcp"]
         real_servers: [10.2.0.1]
-        health_check: {{type: tcp}}
+        health_check: {type: tcp}
 """
 
 
+def config_text(redis: str = "redis://127.0.0.1:1/0") -> str:
+    return head(redis, "admin: {token: dashboard-test-token-0123456789}") + app_name("ams", "fra") + SITES
+
+
 def cfg(redis: str = "redis://127.0.0.1:1/0") -> configmod.Config:
-    return configmod.loads(CONFIG.format(redis=redis))
+    return configmod.loads(config_text(redis))
 
 
 def snap(site: str, director: str, states: dict[str, str], *, at: float = 1000.0, version: int = 1) -> SiteSnapshot:
@@ -298,7 +292,7 @@ def test_cli_help_and_one_line_errors(tmp_path):
     r = glb("dashboard", "--config", str(tmp_path / "none.yaml"), "--listen", "a:b:c")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "expected HOST:PORT" in r.stderr
     path = tmp_path / "glb.yaml"
-    path.write_text(CONFIG.format(redis="redis://127.0.0.1:1/0"))
+    path.write_text(config_text())
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -30,6 +30,7 @@ import pytest
 from glb.config import RedisConfig
 from glb.store import RedisStore
 from director.control.listing import render
+from tests.configs import app_name, head
 
 ROOT = Path(__file__).resolve().parents[3]
 TOKEN = "listing-test-token-0123456789"
@@ -140,18 +141,7 @@ def write_config(path: Path, redis_url: str, status_port: int, http_port: int, t
     admin_keys = ([f"token: {token}"] if token else []) + ([f'tokens_file: "{tokens_file}"'] if tokens_file else [])
     admin = f"admin: {{{', '.join(admin_keys)}}}" if admin_keys else ""
     admin_listen = f', admin_listen: "127.0.0.1:{admin_port}"' if admin_port else ""
-    path.write_text(f"""
-redis: {{url: "{redis_url}", timeout: 0.5}}
-{admin}
-zones:
-  - apex: example.net
-    soa: {{mname: ns1.example.net, rname: hostmaster@example.net}}
-    ns: [{{name: ns1.example.net, addresses: [192.0.2.53]}}]
-names:
-  app.example.net:
-    service: web
-    members: [{{site: dc1}}, {{site: dc2}}]
-sites:
+    path.write_text(head(redis_url, admin) + app_name("dc1", "dc2") + f"""sites:
   dc1:
     director: {{interface: lo, id: test-director, address: 192.0.2.1, address6: "2001:db8::1",
                status_listen: "127.0.0.1:{status_port}", heartbeat: 0.2, max_probes: 8{admin_listen}}}

@@ -30,6 +30,7 @@ from glb.state import Override, SiteSnapshot, server_target
 from glb.store import RedisStore
 from director.control.main import Director, run
 from director.control.probes import Prober
+from tests.configs import head
 from tests.waiting import async_until
 from tests.environment import binary_unavailable, require
 
@@ -51,14 +52,7 @@ TOKEN = "s3cret-test-token"
 
 def write_config(path: Path, redis_url: str, status_port: int, services: str, token: str | None = TOKEN) -> Path:
     admin = f"admin: {{token: {token}}}" if token else ""
-    path.write_text(f"""
-redis: {{url: "{redis_url}", timeout: 0.5}}
-{admin}
-zones:
-  - apex: example.net
-    soa: {{mname: ns1.example.net, rname: hostmaster@example.net}}
-    ns: [{{name: ns1.example.net, addresses: [192.0.2.53]}}]
-sites:
+    path.write_text(head(redis_url, admin) + f"""sites:
   dc1:
     director: {{interface: lo, id: test-director, status_listen: "127.0.0.1:{status_port}", heartbeat: 0.2, max_probes: 8}}
     services:

@@ -25,7 +25,7 @@ from glb.errors import DirectorError
 from glb.state import decode_snapshot, encode_snapshot
 from glb.store import RedisStore
 from tests.director.control.test_main import free_port
-from tests.director.director_lab import ZONES
+from tests.configs import ZONES
 from tests.waiting import async_until as until
 
 
