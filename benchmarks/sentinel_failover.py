@@ -199,15 +199,17 @@ class Processes:
 
 
 def wait(predicate, what: str, timeout: float, step: float = 0.02):
+    """``predicate()``'s first true value; OSError (not listening yet) counts as not yet."""
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
         try:
             last = predicate()
         except OSError as e:
-            last = e
-        if last:
-            return last
+            last = e  # an exception is truthy: it must not end the wait
+        else:
+            if last:
+                return last
         time.sleep(step)
     raise TimeoutError(f"{what}: not within {timeout:g} s (last: {last!r})")
 
@@ -250,7 +252,8 @@ class Cluster:
         wait(lambda: redis_command(port, "PING").startswith("+PONG"), f"{name} to answer PING", 10)
 
     def start_redis(self) -> None:
-        self._redis("master", self.master)
+        # No diskless-sync delay: the replica's first sync starts at once, not 5 s later.
+        self._redis("master", self.master, "--repl-diskless-sync-delay", "0")
         self._redis("replica", self.replica, "--replicaof", "127.0.0.1", str(self.master))
         wait(lambda: "master_link_status:up" in redis_command(self.replica, "INFO", "replication"),
              "the replica to sync", 10)
@@ -262,11 +265,24 @@ class Cluster:
                             f"sentinel failover-timeout {SERVICE} 3000\n"
                             f"sentinel parallel-syncs {SERVICE} 1\n")
             self.p.start(f"sentinel{i}", [REDIS_SERVER, str(conf), "--sentinel", "--loglevel", "warning"])
-        # Ready when each Sentinel knows the replica and the two other Sentinels.
         for port in self.sentinels:
-            wait(lambda port=port: redis_command(port, "SENTINEL", "REPLICAS", SERVICE).count("127.0.0.1") >= 1
-                 and redis_command(port, "SENTINEL", "SENTINELS", SERVICE).count("127.0.0.1") >= 2,
-                 f"sentinel on {port} to know the replica and the other sentinels", 20, 0.1)
+            wait(lambda port=port: self.sentinel_ready(port),
+                 f"sentinel on {port} to know the synced replica and the other sentinels", 30, 0.1)
+
+    def sentinel_ready(self, port: int) -> bool:
+        """The Sentinel on ``port`` can lead a failover to the replica: it knows
+        the two other Sentinels, and it knows the replica (from the master's
+        INFO, asked every 10 s) and has read the replica's own INFO (its run id)
+        with the link to the master up. A Sentinel started before the replica
+        had synced learns of it only at the master's next INFO: a kill before
+        that leaves it no replica to promote (no promotion at all), and one
+        that has not read the replica's INFO aborts with no-good-slave."""
+        sentinels = resp_value(redis_command(port, "SENTINEL", "SENTINELS", SERVICE))
+        replicas = resp_value(redis_command(port, "SENTINEL", "REPLICAS", SERVICE))
+        known = [dict(zip(r[::2], r[1::2])) for r in replicas] if isinstance(replicas, list) else []
+        return isinstance(sentinels, list) and len(sentinels) >= 2 and any(
+            r.get("port") == str(self.replica) and r.get("runid") and r.get("master-link-status") == "ok"
+            and "disconnected" not in str(r.get("flags")) for r in known)
 
     def masters(self) -> set[int]:
         """The master's port as each answering Sentinel names it now."""
@@ -342,8 +358,22 @@ sites:{sites}""")
         for site in VIPS:
             self.p.start(f"director-{site}", [*glb, "director", "--config", str(self.config), "--site", site])
         self.p.start("dnsfront", [*glb, "dnsfront", "--config", str(self.config)])
-        wait(lambda: self.p.running() and self.answer() == frozenset(VIPS.values()), "dnsfront to answer both sites",
-             30, 0.1)
+        wait(lambda: self.p.running() and self.both_live(), "dnsfront to judge both sites live", 30, 0.1)
+
+    def live_sites(self) -> set[str]:
+        """The sites dnsfront judges live for NAME now (its /status)."""
+        for n in http_json(self.dns_status, "/status")["names"]:
+            if n["name"].rstrip(".") == NAME and "ipv4" in n:
+                return {m["site"] for m in n["ipv4"]["members"] if m["live"]}
+        return set()  # being rebuilt
+
+    def both_live(self) -> bool:
+        """Both sites live in dnsfront's judgment, and answered. An answer of
+        both addresses alone is no baseline: with no site live yet (the
+        directors' first health checks still rising) dnsfront answers every
+        member (fail-open), then the first site up alone, then both: a "flap"
+        in the first second of polling that no failover caused."""
+        return self.live_sites() == set(VIPS) and self.answer() == frozenset(VIPS.values())
 
     def answer(self) -> frozenset[str] | None:
         """The A records dnsfront answers for NAME now; None without an answer."""
@@ -448,8 +478,8 @@ def run_trial(workdir: Path, log_level: str = "info") -> Trial:
         target = write_override(cluster)
         wait(lambda: all(cluster.director(s)["connected"] for s in VIPS) and cluster.dnsfront()["connected"],
              "every GLB process to follow the master", 10)
-        # The baseline: both sites answered (a loaded machine may have needed a moment).
-        wait(lambda: cluster.answer() == frozenset(VIPS.values()), "dnsfront to answer both sites", 10)
+        # The baseline: both sites live and answered (a loaded machine may have needed a moment).
+        wait(cluster.both_live, "dnsfront to judge both sites live", 10)
         poller = Poller(cluster)
         poller.start()
         time.sleep(1.0)  # a second of answers before the fault: the baseline
