@@ -699,8 +699,9 @@ class StateFollower:
         # Replace wholesale, never merge: after a Redis restart or failover
         # versions may start over, and a merge would keep ghosts. Only the
         # outage is carried over, so it does not age what was published before it.
-        now = time.time()
-        state = (await store.load(sites=not self.overrides_only)).resumed(self.state, now)
+        loaded = await store.load(sites=not self.overrides_only)
+        now = time.time()  # after the load: the outage lasted until the state was in hand
+        state = loaded.resumed(self.state, now)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("state follower: full load from %s: %s", store.where, describe_ages(state, now))
         await self._set_state(state)
