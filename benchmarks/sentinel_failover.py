@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -54,22 +55,37 @@ RESYNC = 10.0
 """dnsfront's and the directors' ``redis.resync_interval`` (the default)."""
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def ephemeral_ports() -> range:
+    """The kernel's range of ports for outgoing connections' source ports."""
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    return range(lo, hi + 1)
 
 
-def free_dns_port() -> int:
-    """A port free for both UDP and TCP (dnsfront binds both)."""
-    while True:
-        port = free_port(socket.SOCK_DGRAM)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
+def free_ports(n: int, rng: random.Random | None = None) -> list[int]:
+    """``n`` distinct loopback ports free now for both TCP and UDP, outside the
+    ephemeral range. A port the kernel picked (bind to port 0) is in that range,
+    and between this check and the server's bind any outgoing connection (a
+    health check, a Redis client, a /status request, other tests' too) may take
+    it as its source port: dnsfront then exits "Address already in use"."""
+    eph = ephemeral_ports()
+    pool = range(10000, eph.start) if eph.start > 11000 else range(eph.stop, 65536)
+    rng = rng or random.Random()
+    out: list[int] = []
+    while len(out) < n:
+        port = rng.choice(pool)
+        if port in out:
+            continue
+        try:
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET, kind) as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        out.append(port)
+    return out
 
 
 def redis_command(port: int, *args: str, timeout: float = 0.5) -> str:
@@ -83,6 +99,22 @@ def redis_command(port: int, *args: str, timeout: float = 0.5) -> str:
             data += chunk
             if not chunk or _complete(data):
                 return data.decode(errors="replace")
+
+
+def resp_value(text: str) -> object:
+    """A reply of ``redis_command`` as Python values (arrays as lists; no value here holds CR LF)."""
+    lines = iter(text.split("\r\n"))
+
+    def one() -> object:
+        line = next(lines)
+        kind, rest = line[:1], line[1:]
+        if kind == "*":
+            return None if int(rest) < 0 else [one() for _ in range(int(rest))]
+        if kind == "$":
+            return None if int(rest) < 0 else next(lines)
+        return int(rest) if kind == ":" else rest
+
+    return one()
 
 
 def _complete(data: bytes) -> bool:
@@ -167,15 +199,17 @@ class Processes:
 
 
 def wait(predicate, what: str, timeout: float, step: float = 0.02):
+    """``predicate()``'s first true value; OSError (not listening yet) counts as not yet."""
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
         try:
             last = predicate()
         except OSError as e:
-            last = e
-        if last:
-            return last
+            last = e  # an exception is truthy: it must not end the wait
+        else:
+            if last:
+                return last
         time.sleep(step)
     raise TimeoutError(f"{what}: not within {timeout:g} s (last: {last!r})")
 
@@ -183,14 +217,19 @@ def wait(predicate, what: str, timeout: float, step: float = 0.02):
 class Cluster:
     """A master, a replica, three Sentinels and GLB's processes, on loopback."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, log_level: str = "info"):
         self.workdir = workdir
+        self.log_level = log_level
+        """GLB's processes' --log-level (debug: the follower's ages at each load and loss, dnsfront's site conditions)."""
         self.p = Processes(workdir)
-        self.master, self.replica = free_port(), free_port()
-        self.sentinels = [free_port() for _ in range(3)]
-        self.director_status = {site: free_port() for site in VIPS}
-        self.dns_port, self.dns_status = free_dns_port(), free_port()
+        ports = free_ports(9)
+        self.master, self.replica = ports[0], ports[1]
+        self.sentinels = ports[2:5]
+        self.director_status = dict(zip(VIPS, ports[5:7]))
+        self.dns_port, self.dns_status = ports[7], ports[8]
         self.config = workdir / "glb.yaml"
+        self.last_ttl: int | None = None
+        """The TTL of the last answer (a degraded TTL says dnsfront judged a site not fully up)."""
         # The real servers' health: a listener that accepts and closes, in the
         # kernel's backlog first, so a loaded machine cannot fail the checks.
         self.backend = socket.create_server(("127.0.0.1", 0), backlog=1024)
@@ -213,7 +252,8 @@ class Cluster:
         wait(lambda: redis_command(port, "PING").startswith("+PONG"), f"{name} to answer PING", 10)
 
     def start_redis(self) -> None:
-        self._redis("master", self.master)
+        # No diskless-sync delay: the replica's first sync starts at once, not 5 s later.
+        self._redis("master", self.master, "--repl-diskless-sync-delay", "0")
         self._redis("replica", self.replica, "--replicaof", "127.0.0.1", str(self.master))
         wait(lambda: "master_link_status:up" in redis_command(self.replica, "INFO", "replication"),
              "the replica to sync", 10)
@@ -225,11 +265,24 @@ class Cluster:
                             f"sentinel failover-timeout {SERVICE} 3000\n"
                             f"sentinel parallel-syncs {SERVICE} 1\n")
             self.p.start(f"sentinel{i}", [REDIS_SERVER, str(conf), "--sentinel", "--loglevel", "warning"])
-        # Ready when each Sentinel knows the replica and the two other Sentinels.
         for port in self.sentinels:
-            wait(lambda port=port: redis_command(port, "SENTINEL", "REPLICAS", SERVICE).count("127.0.0.1") >= 1
-                 and redis_command(port, "SENTINEL", "SENTINELS", SERVICE).count("127.0.0.1") >= 2,
-                 f"sentinel on {port} to know the replica and the other sentinels", 20, 0.1)
+            wait(lambda port=port: self.sentinel_ready(port),
+                 f"sentinel on {port} to know the synced replica and the other sentinels", 30, 0.1)
+
+    def sentinel_ready(self, port: int) -> bool:
+        """The Sentinel on ``port`` can lead a failover to the replica: it knows
+        the two other Sentinels, and it knows the replica (from the master's
+        INFO, asked every 10 s) and has read the replica's own INFO (its run id)
+        with the link to the master up. A Sentinel started before the replica
+        had synced learns of it only at the master's next INFO: a kill before
+        that leaves it no replica to promote (no promotion at all), and one
+        that has not read the replica's INFO aborts with no-good-slave."""
+        sentinels = resp_value(redis_command(port, "SENTINEL", "SENTINELS", SERVICE))
+        replicas = resp_value(redis_command(port, "SENTINEL", "REPLICAS", SERVICE))
+        known = [dict(zip(r[::2], r[1::2])) for r in replicas] if isinstance(replicas, list) else []
+        return isinstance(sentinels, list) and len(sentinels) >= 2 and any(
+            r.get("port") == str(self.replica) and r.get("runid") and r.get("master-link-status") == "ok"
+            and "disconnected" not in str(r.get("flags")) for r in known)
 
     def masters(self) -> set[int]:
         """The master's port as each answering Sentinel names it now."""
@@ -242,6 +295,25 @@ class Cluster:
             if len(lines) >= 5 and lines[4].isdigit():
                 out.add(int(lines[4]))
         return out
+
+    def replica_view(self) -> str:
+        """One line: each Sentinel's view of the replica (what its failover's choice of replica reads)."""
+        keep = ("name", "runid", "flags", "link-pending-commands", "last-ping-sent", "last-ok-ping-reply",
+                "info-refresh", "master-link-down-time", "master-link-status", "role-reported", "slave-priority")
+        views = []
+        for i, port in enumerate(self.sentinels):
+            try:
+                replicas = resp_value(redis_command(port, "SENTINEL", "REPLICAS", SERVICE))
+            except OSError as e:
+                views.append(f"s{i} {e}")
+                continue
+            if not isinstance(replicas, list):
+                views.append(f"s{i} {replicas!r}")
+                continue
+            known = [dict(zip(r[::2], r[1::2])) for r in replicas]
+            views.append(f"s{i} " + (", ".join(" ".join(f"{k}={r.get(k)}" for k in keep) for r in known)
+                                     or "no replica known"))
+        return " | ".join(views)
 
     # -- GLB
 
@@ -282,12 +354,26 @@ sites:{sites}""")
 
     def start_glb(self) -> None:
         self.write_config()
-        glb = [sys.executable, "-m", "glb.cli"]
+        glb = [sys.executable, "-m", "glb.cli", "--log-level", self.log_level]
         for site in VIPS:
             self.p.start(f"director-{site}", [*glb, "director", "--config", str(self.config), "--site", site])
         self.p.start("dnsfront", [*glb, "dnsfront", "--config", str(self.config)])
-        wait(lambda: self.p.running() and self.answer() == frozenset(VIPS.values()), "dnsfront to answer both sites",
-             30, 0.1)
+        wait(lambda: self.p.running() and self.both_live(), "dnsfront to judge both sites live", 30, 0.1)
+
+    def live_sites(self) -> set[str]:
+        """The sites dnsfront judges live for NAME now (its /status)."""
+        for n in http_json(self.dns_status, "/status")["names"]:
+            if n["name"].rstrip(".") == NAME and "ipv4" in n:
+                return {m["site"] for m in n["ipv4"]["members"] if m["live"]}
+        return set()  # being rebuilt
+
+    def both_live(self) -> bool:
+        """Both sites live in dnsfront's judgment, and answered. An answer of
+        both addresses alone is no baseline: with no site live yet (the
+        directors' first health checks still rising) dnsfront answers every
+        member (fail-open), then the first site up alone, then both: a "flap"
+        in the first second of polling that no failover caused."""
+        return self.live_sites() == set(VIPS) and self.answer() == frozenset(VIPS.values())
 
     def answer(self) -> frozenset[str] | None:
         """The A records dnsfront answers for NAME now; None without an answer."""
@@ -296,7 +382,9 @@ sites:{sites}""")
             r = dns.query.udp(q, "127.0.0.1", port=self.dns_port, timeout=0.5)
         except (dns.exception.Timeout, OSError):
             return None
-        return frozenset(rr.address for rrset in r.answer if rrset.rdtype == dns.rdatatype.A for rr in rrset)
+        a = [rrset for rrset in r.answer if rrset.rdtype == dns.rdatatype.A]
+        self.last_ttl = a[0].ttl if a else None
+        return frozenset(rr.address for rrset in a for rr in rrset)
 
     def director(self, site: str) -> dict:
         return http_json(self.director_status[site], "/status")["redis"]
@@ -322,6 +410,15 @@ class Trial:
     unanswered: int
     answer_sets: list[frozenset[str]]
     override_kept: bool
+    answer_times: list[float] = field(default_factory=list)
+    """When each of ``answer_sets`` was first answered, in seconds from the kill (negative: before)."""
+    answer_ttls: list[int | None] = field(default_factory=list)
+    """The TTL of that first answer."""
+
+    def answers(self) -> str:
+        """The answer sets in order, each with when it was first answered."""
+        return " -> ".join(f"{','.join(sorted(a))} at {at:+.2f} s (ttl {ttl})"
+                           for a, at, ttl in zip(self.answer_sets, self.answer_times, self.answer_ttls))
 
     @property
     def flapped(self) -> bool:
@@ -337,6 +434,9 @@ class Poller(threading.Thread):
         self.stop_event = threading.Event()
         self.queries = self.unanswered = 0
         self.sets: list[frozenset[str]] = []
+        self.times: list[float] = []
+        self.ttls: list[int | None] = []
+        """Wall clock of each of ``sets``' first answer."""
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -346,6 +446,8 @@ class Poller(threading.Thread):
                 self.unanswered += 1
             elif not self.sets or self.sets[-1] != got:
                 self.sets.append(got)
+                self.times.append(time.time())
+                self.ttls.append(self.cluster.last_ttl)
             self.stop_event.wait(0.02)
 
 
@@ -368,27 +470,34 @@ def write_override(cluster: Cluster) -> str:
     return "server:dc1/web/127.0.0.1:0"
 
 
-def run_trial(workdir: Path) -> Trial:
-    cluster = Cluster(workdir)
+def run_trial(workdir: Path, log_level: str = "info") -> Trial:
+    cluster = Cluster(workdir, log_level)
     try:
         cluster.start_redis()
         cluster.start_glb()
         target = write_override(cluster)
         wait(lambda: all(cluster.director(s)["connected"] for s in VIPS) and cluster.dnsfront()["connected"],
              "every GLB process to follow the master", 10)
-        # The baseline: both sites answered (a loaded machine may have needed a moment).
-        wait(lambda: cluster.answer() == frozenset(VIPS.values()), "dnsfront to answer both sites", 10)
+        # The baseline: both sites live and answered (a loaded machine may have needed a moment).
+        wait(cluster.both_live, "dnsfront to judge both sites live", 10)
         poller = Poller(cluster)
         poller.start()
         time.sleep(1.0)  # a second of answers before the fault: the baseline
         versions = {s: wait(lambda s=s: cluster.director(s)["last_version"], f"director {s}'s /status", 10)
                     for s in VIPS}
         loads = wait(lambda: cluster.dnsfront()["full_loads"], "dnsfront's /status", 10)
-        killed_at = time.monotonic()
+        killed_at, killed_wall = time.monotonic(), time.time()
         cluster.p.kill("master")
+        # The wall clock of the kill, next to the processes' logs (their debug lines are on that clock).
+        (workdir / "trial.log").write_text(f"master killed at {killed_wall:.3f}\n")
 
-        promoted = wait(lambda: cluster.replica in cluster.masters() and time.monotonic(),
-                        "a sentinel to promote the replica", 60) - killed_at
+        # What each Sentinel knew of the replica until one promoted it, for a failover that takes long.
+        with open(workdir / "sentinel-view.log", "w") as view:
+            def promoted_yet() -> float | bool:
+                view.write(f"{time.time():.3f} {cluster.replica_view()}\n")
+                return cluster.replica in cluster.masters() and time.monotonic()
+
+            promoted = wait(promoted_yet, "a sentinel to promote the replica", 60, 0.1) - killed_at
         bound = promoted + RESYNC + 5.0  # the failover, one resync, the follower's longest backoff
 
         def director_follows(site: str) -> float | bool:
@@ -412,7 +521,8 @@ def run_trial(workdir: Path) -> Trial:
         web = wait(lambda: http_json(cluster.director_status["dc1"], "/status"), "director dc1's /status",
                    10)["services"][0]["real_servers"][0]
         return Trial(promoted, directors, dnsfront, poller.queries, poller.unanswered, poller.sets,
-                     '"weight":7' in held and web["weight_override"] == 7)
+                     '"weight":7' in held and web["weight_override"] == 7,
+                     [t - killed_wall for t in poller.times], poller.ttls)
     except BaseException:
         for name in cluster.p.procs:
             if name.startswith(("director", "dnsfront")):
@@ -425,17 +535,26 @@ def run_trial(workdir: Path) -> Trial:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                    help="GLB processes' log level (debug traces what the followers saw)")
+    ap.add_argument("--keep", type=Path, metavar="DIR",
+                    help="keep each trial's logs and configs in DIR/trial-N (default: a temporary directory)")
     args = ap.parse_args()
     trials = []
     for n in range(args.trials):
-        with tempfile.TemporaryDirectory(prefix="glb-sentinel-") as tmp:
-            t = run_trial(Path(tmp))
+        if args.keep is not None:
+            workdir = args.keep / f"trial-{n + 1}"
+            workdir.mkdir(parents=True, exist_ok=True)
+            t = run_trial(workdir, args.log_level)
+        else:
+            with tempfile.TemporaryDirectory(prefix="glb-sentinel-") as tmp:
+                t = run_trial(Path(tmp), args.log_level)
         trials.append(t)
         print(f"trial {n + 1}: promoted {t.promoted:.2f} s; directors "
               + ", ".join(f"{s} {v:.2f} s" for s, v in t.directors.items())
               + f"; dnsfront {t.dnsfront:.2f} s; {t.queries} queries, {t.unanswered} unanswered, "
               f"answer sets {len(set(t.answer_sets))} "
-              f"({'FLAP: ' + ' -> '.join(','.join(sorted(a)) for a in t.answer_sets) if t.flapped else 'steady'}); "
+              f"({'FLAP: ' + t.answers() if t.flapped else 'steady'}); "
               f"override {'kept' if t.override_kept else 'LOST'}", flush=True)
 
     def stats(label: str, values: list[float]) -> None:

@@ -188,6 +188,11 @@ class Engine:
             self._fixed_built = True
         changed = self.watch.changed(state, now)
         self.state, self.updated_at = state, now
+        if changed and log.isEnabledFor(logging.DEBUG):
+            for site in sorted(changed):
+                age = state.site_age(site, now) if state is not None else None
+                log.debug("site %s: condition %s (age %s at %.3f)", site, self.watch.conditions.get(site),
+                          "-" if age is None else f"{age:.3f}", now)
         names: set[str] = set()
         for site in changed:
             names.update(self._names_of_site.get(site, ()))

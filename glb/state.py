@@ -760,11 +760,12 @@ class DeploymentState:
     site dead once ``stale_after`` passes.
 
     ``paused`` = (local time the outage began, its length) after the follower
-    reconnects: a snapshot published before the outage does not age by the
-    outage. After a failover the reader may load from the new master before
-    a director has republished there; without this its last snapshot, aged
-    by the whole failover, would go stale for that moment (a flap). A
-    director that died meanwhile goes stale ``stale_after`` after the outage.
+    reconnects: the outage does not age a snapshot published before its end
+    (a snapshot published during it ages from the end). After a failover the
+    reader may load from the new master before a director has republished
+    there; without this its last snapshot, aged by the whole failover, would
+    go stale for that moment (a flap). A director that died meanwhile goes
+    stale ``stale_after`` after the outage at the latest.
     """
 
     sites: Mapping[str, SiteSnapshot] = field(default_factory=dict)
@@ -849,8 +850,17 @@ class DeploymentState:
             return None
         if self.frozen_at is not None:
             now = min(now, self.frozen_at)
-        elif self.paused is not None and snap.published_at - self.clock_offset <= self.paused[0]:
-            now -= self.paused[1]  # published before the outage: it did not age meanwhile
+        elif self.paused is not None:
+            # The reader was blind from the outage's start to its end: none of
+            # that time ages the snapshot, whenever before the end it was published.
+            # Not "published before the start, else as usual": the start is the
+            # last message heard, and a snapshot stamped a few milliseconds
+            # after it (its message lost with the master, or a clock offset
+            # off by that much) would then age by the whole outage (a flap).
+            start, length = self.paused
+            blind = min(now, start + length) - max(snap.published_at - self.clock_offset, start)
+            if blind > 0:
+                now -= blind
         return now + self.clock_offset - snap.published_at
 
     def site_is_up(self, site: str, now: float, stale_after: float) -> bool:

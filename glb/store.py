@@ -538,6 +538,18 @@ class Subscription:
             await self._pubsub.aclose()
 
 
+def describe_ages(state: DeploymentState, now: float) -> str:
+    """One line for the debug log: the outage bookkeeping and each site's
+    version, publish time (local clock) and age as of ``now``: what a reader
+    judged staleness from, to tell after the fact why a site went stale."""
+    sites = " ".join(
+        f"{name}(v{s.version} at {s.published_at - state.clock_offset:.3f} age {state.site_age(name, now):.3f})"
+        for name, s in sorted(state.sites.items())
+    )
+    return (f"now {now:.3f} version {state.version} offset {state.clock_offset:+.4f} "
+            f"frozen_at {state.frozen_at} paused {state.paused} sites {sites or '-'}")
+
+
 OnChange = Callable[[DeploymentState], "Awaitable[None] | None"]
 
 BACKOFF_MIN = 0.1
@@ -687,7 +699,11 @@ class StateFollower:
         # Replace wholesale, never merge: after a Redis restart or failover
         # versions may start over, and a merge would keep ghosts. Only the
         # outage is carried over, so it does not age what was published before it.
-        state = (await store.load(sites=not self.overrides_only)).resumed(self.state, time.time())
+        loaded = await store.load(sites=not self.overrides_only)
+        now = time.time()  # after the load: the outage lasted until the state was in hand
+        state = loaded.resumed(self.state, now)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("state follower: full load from %s: %s", store.where, describe_ages(state, now))
         await self._set_state(state)
         self.last_sync = self._last_contact = time.time()
         self.full_loads += 1
@@ -781,4 +797,7 @@ class StateFollower:
             log.debug("state follower: still failing: %s", message)
         if self.connected:
             self.connected = False
-            await self._set_state(self.state.frozen(self._last_contact or time.time()))
+            frozen = self.state.frozen(self._last_contact or time.time())
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("state follower: lost redis, ages frozen: %s", describe_ages(frozen, time.time()))
+            await self._set_state(frozen)

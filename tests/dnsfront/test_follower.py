@@ -8,6 +8,7 @@ import time
 import pytest
 
 from glb.config import RedisConfig
+from glb.state import DeploymentState
 from tests.waiting import async_until
 
 from dnsfront.answers import Engine
@@ -121,5 +122,51 @@ async def test_a_follower_behind_its_change_stream_does_not_turn_sites_overdue(c
         assert upd._engine_now(silent, t) == t - 1.0
         fresh = st.state(st.snapshot("dc1", at=t - 0.01))
         assert upd._engine_now(fresh, t) == t
+    finally:
+        await upd.stop()
+
+
+@pytest.mark.parametrize("held_at, replica_at, offset_error", [
+    # dc1 published 3 ms after the last message heard; that message died with the master.
+    (-0.497, 0.003, 0.0),
+    # dc1's message was the last heard (2 ms after its publish); the new load's
+    # clock offset (Redis - local, from a round trip's midpoint) is 5 ms off.
+    (-0.002, -0.002, 0.005),
+])
+async def test_a_failover_does_not_age_the_last_snapshots_before_it(config, st, held_at, replica_at, offset_error):
+    """The Sentinel failover flake (issue 15 C), replayed with explicit times.
+
+    dnsfront last hears from the master at ``t`` (the outage's start: the frozen
+    state's ``frozen_at``); the master dies; dnsfront reloads from the promoted
+    replica 4.2 s later, when dc2's director has republished there and dc1's
+    has not yet: dc1's snapshot is still the one the master replicated. That
+    snapshot was stamped a few milliseconds after ``t`` (on the new load's
+    clock offset): it must not age by the whole outage and go stale (3 s), or
+    dc1 leaves the answer until its director republishes (the flap)."""
+    engine = Engine(config)
+    t = 2_000_000.0
+    now = [t]
+    upd = AnswerUpdater(config.redis, lambda: engine, follower_factory=FakeFollower, clock=lambda: now[0])
+    await upd.start()
+    try:
+        held = st.state(st.snapshot("dc1", at=t + held_at), st.snapshot("dc2", at=t - 0.2))
+        upd.follower.push(held)
+        now[0] = t + 0.5  # the keepalive finds the master gone
+        frozen = held.frozen(t)
+        upd.follower.push(frozen)
+        now[0] = t + 4.2
+        dc1 = st.snapshot("dc1", at=t + replica_at, version=2)  # replicated before the kill
+        dc2 = st.snapshot("dc2", at=t + 4.15, version=3)  # republished to the new master
+        loaded = DeploymentState.build([dc1, dc2], (), 3, clock_offset=-offset_error).resumed(frozen, now[0])
+        upd.follower.push(loaded)
+        plan = engine.plan("multi.example.net.", 4)
+        assert [set(c.sites) for c in plan.choices] == [{"dc1", "dc2"}] * 2, plan.reason
+        # dc1's director died with the master: stale stale_after after the reload, not before.
+        now[0] = t + 4.2 + 2.9
+        upd.follower.push(loaded.with_site(st.snapshot("dc2", at=now[0] - offset_error, version=4)))
+        assert [set(c.sites) for c in engine.plan("multi.example.net.", 4).choices] == [{"dc1", "dc2"}] * 2
+        now[0] = t + 4.2 + 3.1
+        upd.follower.push(upd.state.with_site(st.snapshot("dc2", at=now[0] - offset_error, version=5)))
+        assert [c.sites for c in engine.plan("multi.example.net.", 4).choices] == [("dc2",)]
     finally:
         await upd.stop()

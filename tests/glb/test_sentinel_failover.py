@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.sentinel_failover import VIPS, run_trial
+from benchmarks.sentinel_failover import VIPS, ephemeral_ports, free_ports, run_trial, wait
 from tests.environment import binary_unavailable, require
 
 
@@ -32,3 +32,26 @@ def test_both_tiers_follow_a_sentinel_failover_without_a_flap(tmp_path):
     assert set(trial.directors) == set(VIPS) and trial.dnsfront > 0, trial
     # The operator's override, acknowledged by the replica before the fault, survived.
     assert trial.override_kept, trial
+
+
+def test_the_harness_waits_through_connection_refused():
+    """A process not listening yet is not ready: the waits for the master, the
+    replica's sync and the Sentinels once took the exception for success (an
+    exception is truthy), and Sentinels started before the replica had synced
+    never learned of it: no promotion."""
+    calls = []
+
+    def refused_twice() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return "up"
+
+    assert wait(refused_twice, "a listener", 30, 0) == "up" and len(calls) == 3
+
+
+def test_the_harness_ports_are_outside_the_ephemeral_range():
+    """A port from bind(0) is an ephemeral one: an outgoing connection could take
+    it before dnsfront binds it (it then exited "Address already in use")."""
+    ports = free_ports(9)
+    assert len(set(ports)) == 9 and not any(p in ephemeral_ports() for p in ports)

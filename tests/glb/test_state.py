@@ -377,7 +377,8 @@ def test_frozen_state_judges_staleness_at_freeze_time() -> None:
 
 def test_an_outage_does_not_age_what_was_published_before_it() -> None:
     """Reconnected after an outage (a Sentinel failover) from 101 to 104: a
-    snapshot of 100 has not aged by those 3 s; one published since ages as usual."""
+    snapshot of 100 has not aged by those 3 s; one published during it ages
+    from its end, one published after it as usual."""
     frozen = DeploymentState().with_site(make_snapshot(version=1, published_at=100.0)).frozen(101.0)
     loaded = DeploymentState.build([make_snapshot(version=1, published_at=100.0),
                                     make_snapshot(site="fra", version=2, published_at=103.5)])
@@ -385,13 +386,33 @@ def test_an_outage_does_not_age_what_was_published_before_it() -> None:
     assert st.paused == (101.0, 3.0) and st.frozen_at is None
     assert st.site_age("ams", now=104.0) == pytest.approx(1.0)  # as at the freeze
     assert st.site_is_up("ams", now=104.0, stale_after=3.0)
-    assert st.site_age("fra", now=104.0) == pytest.approx(0.5)  # published after the outage began
+    assert st.site_age("fra", now=104.0) == pytest.approx(0.0)  # published during the outage
+    assert st.site_age("fra", now=104.5) == pytest.approx(0.5)
+    assert st.with_site(make_snapshot(site="fra", version=3, published_at=104.2)).site_age("fra", 104.5) == \
+        pytest.approx(0.3)  # published after it
     # A director that died with the master: stale once stale_after passed, outage not counted.
     assert st.site_is_up("ams", now=105.9, stale_after=3.0) and not st.site_is_up("ams", now=106.1, stale_after=3.0)
     # Later loads keep the pause; loads with no outage before them start none.
     assert DeploymentState.build([make_snapshot(version=3, published_at=100.0)]).resumed(st, 110.0).paused == st.paused
     assert loaded.resumed(DeploymentState(), now=104.0) is loaded
     assert loaded.site_age("ams", now=104.0) == pytest.approx(4.0)
+
+
+def test_an_outage_has_no_edge_at_its_start() -> None:
+    """The outage's start is the last message heard (local clock); the snapshots
+    on a promoted replica were stamped on the Redis clock, some a few ms after
+    it (a message lost with the master, or the clock offset measured that far
+    off). Their ages must not jump by the whole outage across that instant:
+    the flap of the Sentinel failover test (issue 15 C)."""
+    frozen = DeploymentState().with_site(make_snapshot(version=1, published_at=100.0)).frozen(101.0)
+    ages = {}
+    for at in (100.999, 101.0, 101.001, 101.003, 102.5):
+        loaded = DeploymentState.build([make_snapshot(version=2, published_at=at)])
+        ages[at] = loaded.resumed(frozen, now=104.2).site_age("ams", now=104.2)
+    assert ages[100.999] == pytest.approx(0.001) and ages[101.0] == pytest.approx(0.0)
+    assert ages[101.001] == ages[101.003] == ages[102.5] == pytest.approx(0.0)
+    assert all(DeploymentState.build([make_snapshot(version=2, published_at=at)]).resumed(frozen, 104.2)
+               .site_is_up("ams", now=104.2 + 2.9, stale_after=3.0) for at in ages)
 
 
 def test_drain_override_makes_site_down() -> None:
