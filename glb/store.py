@@ -553,7 +553,12 @@ def describe_ages(state: DeploymentState, now: float) -> str:
 OnChange = Callable[[DeploymentState], "Awaitable[None] | None"]
 
 BACKOFF_MIN = 0.1
-BACKOFF_MAX = 5.0
+# Low on purpose: with Sentinel a follower must find the promoted replica
+# within the failover time plus one attempt (issue 15 C: at 5 s dnsfront
+# reloaded up to 3 s after the promotion). Jittered, a thousand followers
+# are at most ~2,000 connection attempts a second against a Redis that is
+# down, which neither Redis nor Sentinel notice.
+BACKOFF_MAX = 1.0
 
 
 class StateFollower:
