@@ -629,6 +629,11 @@ class Forwarder:
         self.conn = c
         return tx.slow(self, frame, p, vnet, c.tag)
 
+    @property
+    def nat_sources(self) -> frozenset[bytes]:
+        """The NAT real servers' addresses (packed), whose packets come back through the director."""
+        return self._sources
+
     def _reply(self, frame, now: float, vnet):
         """A frame not to a VIP, maybe a NAT real server's (two-way modes: ``Mode.two_way``)."""
         p = nat.parse_reply(frame, self._sources)
@@ -649,6 +654,8 @@ class Forwarder:
         if c is None:
             self.drops[Drop.REPLY_NO_CONNECTION] += 1
             return None
+        if self.kernel is not None and p.kind == REPLY:
+            self.kernel.flow(c)  # its state may have moved (or a UDP answer confirmed it): the kernel's too
         tx = c.dest.tx
         if tx is None:
             self.drops[Drop.NO_NEIGHBOUR] += 1

@@ -51,6 +51,8 @@ class NatTransmit:
         c = fwd.conn
         if c.peer is None:
             c.peer = bytes(frame[6:12]) + bytes(frame[0:6])  # where replies go: back the way it came
+            if fwd.kernel is not None:
+                fwd.kernel.flow(c)  # a synced flow: the kernel could not take it without the MAC
         port = self.port or p.dport
         if p.kind == FLOW:
             out = nat.translate(frame, p, self.eth, self.address, port, True, vnet)
