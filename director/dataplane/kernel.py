@@ -362,6 +362,17 @@ class KernelSync:
         route, dest = self._routes[got[0]]
         return route, dest, got[1], got[2]
 
+    def adopt_reply(self, rkey: bytes, now: float) -> tuple[bytes, Any, Any, int, float, bytes] | None:
+        """(connection-table key, Route, Dest, state, expires, the client's and the director's MACs) of a
+        NAT flow the kernel holds and Python does not, found by its real server's key; or None."""
+        v = self.tables.maps.lookup("nat_replies", km.reply_key(rkey))
+        if v is None:
+            return None
+        kernel_key, _vip, eth, _ifindex = km.REPLY.unpack(v)
+        key = km.conn_key(kernel_key, {i: a for a, i in self.tables._vips.items()})
+        got = self.adopt(key, now) if key is not None else None
+        return None if got is None else (key, *got, eth)
+
     def plan_applied(self, vips: Iterable[bytes], fwd: Any = None) -> None:
         """The forwarder ``fwd`` took a new plan. When the maps hold routes this director has not
         registered (a predecessor's), those still in the plan are registered, the others turned off."""

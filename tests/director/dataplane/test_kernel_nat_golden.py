@@ -172,3 +172,22 @@ def test_the_kernel_knows_the_nat_servers_of_the_plan(bpf):
     case.f.apply(dataclasses.replace(plan(6), services=()))
     case.sync.plan_applied(case.f.vips, case.f)
     assert bpf.keys("nat_sources") == []
+
+
+def test_a_restarted_director_adopts_a_flow_whose_server_speaks_first(bpf):
+    """Over the maps a previous director left (pinned): the flow is the kernel's both ways; the real
+    server's FIN comes to Python, which takes the flow over from the kernel's entries and sends it on."""
+    c, v, r = FAMILIES[0]
+    old = NatCase(bpf, 6)
+    old.open(6, c, v, r)
+    new = Forwarder(ConnTable())
+    new.apply(plan(6))
+    sync = KernelSync(KernelTables(bpf, new.table.timeouts), CLIENT_IF, LAN_IF)
+    new.kernel = new.table.outside = sync
+    sync.plan_applied(new.vips, new)
+    fin = _tcp("FA", b"", reply=True)
+    out = new.forward(memoryview(bytearray(server(fin, r, c))), time.monotonic())
+    fin.sport = 80
+    assert sent(out) == to_client(fin, c, v)
+    (conn,) = new.table.confirmed_flows.values()
+    assert conn.state != old.f.table.confirmed_flows[conn.key].state  # the server's FIN moved it
