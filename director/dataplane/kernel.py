@@ -293,10 +293,12 @@ class KernelSync:
         self.replies: dict[bytes, bytes | None] = {}
         """NAT: ``nat_replies`` key -> its value, or None to remove; written by :meth:`flush`."""
         self._counted_out: dict[int, tuple[int, int]] = {}
+        """NAT routes (the only ones with replies) -> the kernel's reply counters last folded."""
 
     def _register(self, index: int, route, dest) -> None:
         if index not in self._counted:  # what the kernel counted before (a predecessor's) is not ours
             self._counted[index] = self.tables.route_counters(index)
+        if index not in self._counted_out and km.is_nat(dest.tx):
             self._counted_out[index] = self.tables.route_counters(index, "route_out_counters")
         self._routes[index] = (route, dest)
 
@@ -418,8 +420,9 @@ class KernelSync:
             route.packets += packets - p0
             route.bytes += nbytes - b0
             self._counted[index] = (packets, nbytes)
+        for index, (p0, b0) in self._counted_out.items():
+            route = self._routes[index][0]
             packets, nbytes = self.tables.route_counters(index, "route_out_counters")
-            p0, b0 = self._counted_out.get(index, (0, 0))
             route.out_packets += packets - p0
             route.out_bytes += nbytes - b0
             self._counted_out[index] = (packets, nbytes)

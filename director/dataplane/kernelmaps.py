@@ -230,6 +230,11 @@ def parse_flow_value(value: bytes, now: float) -> tuple[int, int, float]:
     return route, state, (base + delta) * TICK
 
 
+def is_nat(tx: Any) -> bool:
+    """Whether a transmit object is modes/nat.py's NatTransmit (the real server's address and port)."""
+    return getattr(tx, "family", None) in (4, 6) and hasattr(tx, "port")
+
+
 def route_value(tx: Any, live: bool, ifindex: int = 0, lan_ifindex: int = 0) -> bytes:
     """A route's entry for a transmit object (director/modes/): DR's 12 MAC bytes, a TUN tunnel or
     a NAT real server.
@@ -245,7 +250,7 @@ def route_value(tx: Any, live: bool, ifindex: int = 0, lan_ifindex: int = 0) -> 
     if isinstance(tx, bytes) and len(tx) == 12:
         return ROUTE.pack(tx[:6], tx[6:], MODE_DR, 0, flags, ifindex, 0, 0, empty, empty)
     family = getattr(tx, "family", None)
-    if family in (4, 6) and hasattr(tx, "port"):  # modes/nat.py's NatTransmit
+    if is_nat(tx):
         return ROUTE.pack(tx.eth[:6], tx.eth[6:12], MODE_NAT, family, flags, lan_ifindex or ifindex, 0,
                           U16.unpack(tx.port.to_bytes(2, "big"))[0], empty, tx.address.ljust(16, b"\0"))
     if family in (4, 6) and hasattr(tx, "max_inner"):

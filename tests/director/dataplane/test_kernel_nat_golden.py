@@ -119,6 +119,11 @@ def test_nat_in_and_out_through_the_kernel(bpf, proto, c, v, r):
     i = case.route()
     assert case.tables.route_counters(i) == (1, len(into) - 14)
     assert case.tables.route_counters(i, "route_out_counters") == (1, len(back) - 14)
+    (conn,) = case.f.table.confirmed_flows.values()
+    route = conn.tag
+    seen = (route.packets, route.out_packets, route.out_bytes)
+    case.sync.fold_counters()  # into the forwarder's Route, as /status reads it
+    assert (route.packets, route.out_packets, route.out_bytes) == (seen[0] + 1, seen[1] + 1, seen[2] + len(back) - 14)
 
 
 @pytest.mark.parametrize("c, v, r", FAMILIES, ids=["ipv4", "ipv6"])
