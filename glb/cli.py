@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     setup.add_argument("--vip", action="append", default=[], metavar="ADDR", help="DR/TUN: a VIP this server serves (repeatable)")
     setup.add_argument("--gateway", action="append", default=[], metavar="ADDR",
                        help="NAT: the director's address on this network, the new default route (one per IP version)")
+    setup.add_argument("--policy-route", action="append", default=[], type=int, metavar="PORT",
+                       help="NAT: leave the default route alone; route only what leaves from PORT (this server's "
+                            "service port: the replies) via --gateway, by policy routing (repeatable)")
     setup.add_argument("--mode", required=True, choices=FORWARDING, help="the director's forwarding method")
     setup.add_argument("--decap", default="auto", choices=["auto", "kernel", "userspace"],
                        help="TUN: kernel ipip/ip6tnl device, userspace decapsulator, or auto (kernel when it has ipip)")
@@ -220,7 +223,7 @@ def _cmd_realserver(args: argparse.Namespace) -> int:
     if args.rs_command == "setup":
         return realserver.setup(args.vip, args.mode, state_file=args.state_file, mss=args.mss,
                                 foreground=args.foreground, decap=args.decap, dry_run=args.dry_run,
-                                gateways=args.gateway)
+                                gateways=args.gateway, policy_ports=args.policy_route)
     if args.rs_command == "teardown":
         return realserver.teardown(args.state_file)
     return realserver.status(args.state_file, as_json=args.json)

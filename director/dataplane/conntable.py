@@ -140,7 +140,14 @@ NEXT_IN = _build_next(_INPUT)
 """Client packets of a flow the director sees both ways (NAT): IPVS's INPUT table."""
 NEXT_OUT = _build_next(_OUTPUT, reuse=False)
 """The real server's packets of a two-way flow (NAT): IPVS's OUTPUT table."""
-NEXT_BYTES = bytes(255 if ns == RESCHEDULE else ns for row in NEXT for ns in row)
+
+
+def table_bytes(table: tuple[tuple[int, ...], ...]) -> bytes:
+    """A transition table as 12 x 256 bytes (RESCHEDULE as 255), as C code reads it."""
+    return bytes(255 if ns == RESCHEDULE else ns for row in table for ns in row)
+
+
+NEXT_BYTES = table_bytes(NEXT)
 """NEXT as 12 x 256 bytes (RESCHEDULE as 255), for the engine's C loop (director/dataplane/_fastpath.c)."""
 
 

@@ -445,16 +445,11 @@ class Worker:
         self.lan: PacketSocket | None = None
         """NAT's real-server side when it is another interface (EngineConfig.lan_interface)."""
         lan_cfg = cfg.lan() if ps is None else None
-        if lan_cfg is None and ps is None and self.kernel is not None and any(
-                MODES[sp.forwarding].two_way for sp in plan.services):
-            # One interface, and the tc program reads it: the engine's socket there sees only what
-            # the program leaves for it, not the real servers' replies. A tap of its own does (taps
-            # see frames before tc ingress; the program passes replies up untouched).
-            lan_cfg = dataclasses.replace(cfg, lan_interface=None,
-                                          fanout_group=cfg.fanout_group ^ 0x8000 if cfg.fanout_group else 0)
+        # With the kernel data plane the real servers' frames it does not forward come out of a slow-path
+        # veth too: the LAN side's own (another interface), or the client side's (the same one).
         if lan_cfg is not None:
             try:
-                self.lan = PacketSocket(lan_cfg, ())
+                self.lan = PacketSocket(lan_cfg, (), self.kernel.lan_rx_interface if self.kernel is not None else None)
             except BaseException:
                 self.ps.close()
                 if self.kernel is not None:
@@ -495,7 +490,9 @@ class Worker:
         try:
             if cfg.workers > 1:
                 raise KernelDataplaneError("the kernel data plane needs packet.workers: 1")
-            kd = KernelDataplane(cfg.interface, table.max_entries, table.timeouts, pin_dir=pin)
+            lan = cfg.lan()
+            kd = KernelDataplane(cfg.interface, table.max_entries, table.timeouts, pin_dir=pin,
+                                 lan=lan.interface if lan is not None else None)
         except KernelDataplaneError as e:
             if cfg.dataplane == "kernel":
                 raise
@@ -506,7 +503,9 @@ class Worker:
         elif kd.pins == "rebuilt":
             self.maps_note = f"the maps pinned in {pin} had another layout or size: rebuilt empty"
         self.kernel = kd
-        self.fwd.kernel = table.outside = KernelSync(kd.tables, socket.if_nametoindex(cfg.interface))
+        self.fwd.kernel = table.outside = KernelSync(
+            kd.tables, socket.if_nametoindex(cfg.interface),
+            kd.lan_tc.ifindex if kd.lan_tc is not None else 0)
 
     def apply(self, plan: Plan, now: float) -> None:
         if plan.mac == b"\x00" * 6 or not plan.mac:
@@ -716,6 +715,8 @@ class Worker:
             idx = idx + 1 if idx + 1 < nfr else 0
         self.lan_idx = idx
         self.stats.rx_frames += handled
+        if handled and self.kernel is not None:
+            self.fwd.kernel.flush()  # the state changes and confirmations these replies made
         return handled
 
     def send_cross(self, data) -> None:

@@ -629,6 +629,11 @@ class Forwarder:
         self.conn = c
         return tx.slow(self, frame, p, vnet, c.tag)
 
+    @property
+    def nat_sources(self) -> frozenset[bytes]:
+        """The NAT real servers' addresses (packed), whose packets come back through the director."""
+        return self._sources
+
     def _reply(self, frame, now: float, vnet):
         """A frame not to a VIP, maybe a NAT real server's (two-way modes: ``Mode.two_way``)."""
         p = nat.parse_reply(frame, self._sources)
@@ -642,6 +647,8 @@ class Forwarder:
                 c = self.frags.get((p.proto, p.src, p.dst, p.frag_id), now)
             else:
                 c = self.table.reply(p.key, p.flags, now)
+                if c is None and self.kernel is not None:
+                    c = self._adopt_reply(p, now)
                 if c is not None and p.frag == FIRST_FRAGMENT:
                     self.frags.add((p.proto, p.src, p.dst, p.frag_id), c, now)
         else:
@@ -649,6 +656,8 @@ class Forwarder:
         if c is None:
             self.drops[Drop.REPLY_NO_CONNECTION] += 1
             return None
+        if self.kernel is not None and p.kind == REPLY:
+            self.kernel.flow(c)  # its state may have moved (or a UDP answer confirmed it): the kernel's too
         tx = c.dest.tx
         if tx is None:
             self.drops[Drop.NO_NEIGHBOUR] += 1
@@ -707,6 +716,17 @@ class Forwarder:
     def service(self, name: str) -> _Service | None:
         return self._services.get(name)
 
+
+    def _adopt_reply(self, p, now: float) -> Conn | None:
+        """:meth:`_adopt` for a NAT flow's reply (a previous director's flow whose server speaks first:
+        its FIN, say), with the MACs the kernel's reply entry holds."""
+        got = self.kernel.adopt_reply(p.key, now)
+        if got is None:
+            return None
+        key, route, dest, state, expires, peer = got
+        c = self.table.install(key, dest, state, expires, now, tag=route, rkey=p.key)
+        c.peer = peer
+        return self.table.reply(p.key, p.flags, now)
 
     def _adopt(self, p, now: float) -> Conn | None:
         """A flow the kernel holds and this table does not (a previous director's, over pinned maps):

@@ -8,6 +8,7 @@ on a real kernel, :class:`FakeMaps` (dicts) in unit tests, as Katran's
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
@@ -106,6 +107,9 @@ class KernelTables:
                 self._live.add(km.vip_address(k))
         maps.update("timeouts", km.ZERO, km.timeouts_value(list(timeouts)))
         maps.update("next_state", km.ZERO, km.next_state_value())
+        for i, v in enumerate(km.nat_next_state_values()):
+            maps.update("nat_next_state", km.U32.pack(i), v)
+        self._nat_sources: set[bytes] = {km.vip_address(k) for k in maps.keys("nat_sources")}
 
     # -- writing ---------------------------------------------------------------
 
@@ -133,6 +137,19 @@ class KernelTables:
     def set_slowpath(self, ifindex: int) -> None:
         """Where the frames the program leaves for the engine go (0: to the host, as everything else)."""
         self.maps.update("slowpath", km.ZERO, km.U32.pack(ifindex))
+
+    def set_slowpath_of(self, ifindex: int, veth: int) -> None:
+        """Where the frames the program leaves go when they came in on ``ifindex`` (the LAN side's own veth)."""
+        self.maps.update("slowpaths", km.U32.pack(ifindex), km.U32.pack(veth))
+
+    def set_nat_sources(self, addrs: Iterable[bytes]) -> None:
+        """The NAT real servers' addresses (packed): their frames the program does not forward are the engine's."""
+        want = set(addrs)
+        for a in want - self._nat_sources:
+            self.maps.update("nat_sources", km.vip_key(a), km.U32.pack(1))
+        for a in self._nat_sources - want:
+            self.maps.delete("nat_sources", km.vip_key(a))
+        self._nat_sources = want
 
     def vip_id(self, addr: bytes) -> int:
         """The VIP's id (allocated, and written not live, the first time): stable while it is in the maps."""
@@ -186,6 +203,11 @@ class KernelTables:
         self.maps.update_batch("conns", [(k, v) for k, v in changes.items() if v is not None])
         self.maps.delete_batch("conns", [k for k, v in changes.items() if v is None])
 
+    def write_replies(self, changes: dict[bytes, bytes | None]) -> None:
+        """Install (``nat_replies`` key -> value) and remove (-> None) NAT flows' reply entries."""
+        self.maps.update_batch("nat_replies", [(k, v) for k, v in changes.items() if v is not None])
+        self.maps.delete_batch("nat_replies", [k for k, v in changes.items() if v is None])
+
     def remove(self, key: bytes) -> bool:
         return self.maps.delete("conns", self.kernel_key(key))
 
@@ -206,9 +228,10 @@ class KernelTables:
 
     # -- reading ---------------------------------------------------------------
 
-    def route_counters(self, index: int) -> tuple[int, int]:
-        """(packets, bytes) the kernel forwarded along a route, summed over CPUs."""
-        v = self.maps.lookup("route_counters", km.U32.pack(index))
+    def route_counters(self, index: int, name: str = "route_counters") -> tuple[int, int]:
+        """(packets, bytes) the kernel forwarded along a route, summed over CPUs (``route_out_counters``:
+        the NAT replies)."""
+        v = self.maps.lookup(name, km.U32.pack(index))
         if v is None:
             return 0, 0
         packets, nbytes = km.sum_percpu(v, km.COUNTER.size, km.COUNTER)
@@ -248,9 +271,12 @@ class KernelSync:
     this director had scheduled it.
     """
 
-    def __init__(self, tables: KernelTables, ifindex: int = 0) -> None:
+    def __init__(self, tables: KernelTables, ifindex: int = 0, lan_ifindex: int = 0) -> None:
         self.tables = tables
         self.ifindex = ifindex
+        """The client side's interface (DR out of it; NAT replies out of it)."""
+        self.lan_ifindex = lan_ifindex
+        """NAT: the real servers' side when it is another interface (0: the same)."""
         self._routes: dict[int, tuple[Any, Any]] = {}
         """route index -> (forwarder Route, the Dest its flows go to)."""
         self._index: dict[Any, int] = {}
@@ -264,16 +290,22 @@ class KernelSync:
         """Where :meth:`sweep` goes on reading ``conns`` (None: from the start)."""
         self.pending: dict[bytes, bytes | None] = {}
         """``conns`` key -> the flow value to install, or None to remove; written by :meth:`flush`."""
+        self.replies: dict[bytes, bytes | None] = {}
+        """NAT: ``nat_replies`` key -> its value, or None to remove; written by :meth:`flush`."""
+        self._counted_out: dict[int, tuple[int, int]] = {}
+        """NAT routes (the only ones with replies) -> the kernel's reply counters last folded."""
 
     def _register(self, index: int, route, dest) -> None:
         if index not in self._counted:  # what the kernel counted before (a predecessor's) is not ours
             self._counted[index] = self.tables.route_counters(index)
+        if index not in self._counted_out and km.is_nat(dest.tx):
+            self._counted_out[index] = self.tables.route_counters(index, "route_out_counters")
         self._routes[index] = (route, dest)
 
     def _route_value(self, index: int) -> bytes | None:
         """The route's entry if it differs from what was last written."""
         route, dest = self._routes[index]
-        value = km.route_value(dest.tx, dest.available and route.live, self.ifindex)
+        value = km.route_value(dest.tx, dest.available and route.live, self.ifindex, self.lan_ifindex)
         return None if self._written.get(index) == value else value
 
     def _write_routes(self, indexes: Iterable[int]) -> None:
@@ -285,6 +317,11 @@ class KernelSync:
         route = c.tag
         if not c.confirmed or route is None:
             return
+        two_way = c.rkey is not None
+        if two_way and c.peer is None:
+            # NAT, and no client packet seen here yet (connection sync's entry): the replies' MAC is not
+            # known, so the client's next packet must come to Python (which learns it) before the kernel's
+            return
         index = self._index.get(route)
         if index is None:
             index = self._index[route] = self.tables.route_index(route)
@@ -292,12 +329,18 @@ class KernelSync:
         if known is None or known[0] is not route or known[1] is not c.dest:
             self._register(index, route, c.dest)
             self._write_routes((index,))  # later changes to it come with plans (plan_applied)
-        self.pending[self.tables.kernel_key(c.key)] = km.flow_value(index, c.state, c.expires)
+        k = self.tables.kernel_key(c.key)
+        self.pending[k] = km.flow_value(index, c.state, c.expires, two_way)
+        if two_way:
+            self.replies[km.reply_key(c.rkey)] = km.reply_value(k, km.flow_vip(c.key), c.peer, self.ifindex)
 
     def flush(self) -> None:
         if self.pending:
             changes, self.pending = self.pending, {}
             self.tables.write_flows(changes)
+        if self.replies:
+            changes, self.replies = self.replies, {}
+            self.tables.write_replies(changes)
 
     def expiry(self, c, now: float) -> float:
         k = self.tables.kernel_key(c.key)
@@ -309,6 +352,8 @@ class KernelSync:
 
     def forget(self, c) -> None:
         self.pending[self.tables.kernel_key(c.key)] = None
+        if c.rkey is not None:
+            self.replies[km.reply_key(c.rkey)] = None
 
     def adopt(self, key: bytes, now: float) -> tuple[Any, Any, int, float] | None:
         """(Route, Dest, state, expires) of a live flow the kernel holds and Python does not (a previous
@@ -319,10 +364,23 @@ class KernelSync:
         route, dest = self._routes[got[0]]
         return route, dest, got[1], got[2]
 
+    def adopt_reply(self, rkey: bytes, now: float) -> tuple[bytes, Any, Any, int, float, bytes] | None:
+        """(connection-table key, Route, Dest, state, expires, the client's and the director's MACs) of a
+        NAT flow the kernel holds and Python does not, found by its real server's key; or None."""
+        v = self.tables.maps.lookup("nat_replies", km.reply_key(rkey))
+        if v is None:
+            return None
+        kernel_key, _vip, eth, _ifindex = km.REPLY.unpack(v)
+        key = km.conn_key(kernel_key, {i: a for a, i in self.tables._vips.items()})
+        got = self.adopt(key, now) if key is not None else None
+        return None if got is None else (key, *got, eth)
+
     def plan_applied(self, vips: Iterable[bytes], fwd: Any = None) -> None:
         """The forwarder ``fwd`` took a new plan. When the maps hold routes this director has not
         registered (a predecessor's), those still in the plan are registered, the others turned off."""
         self.tables.set_vips(vips)
+        if fwd is not None:
+            self.tables.set_nat_sources(fwd.nat_sources)
         strays = set(self.tables._route_ids.values()) - self._routes.keys() - self._off
         if strays and fwd is not None:
             by_id = {}
@@ -362,6 +420,12 @@ class KernelSync:
             route.packets += packets - p0
             route.bytes += nbytes - b0
             self._counted[index] = (packets, nbytes)
+        for index, (p0, b0) in self._counted_out.items():
+            route = self._routes[index][0]
+            packets, nbytes = self.tables.route_counters(index, "route_out_counters")
+            route.out_packets += packets - p0
+            route.out_bytes += nbytes - b0
+            self._counted_out[index] = (packets, nbytes)
 
 
 def bpffs(path: Path) -> bool:
@@ -414,18 +478,24 @@ class KernelDataplane:
     established flows keep their servers across a restart or an upgrade of
     the program; otherwise they are rebuilt empty. :attr:`pins` says which
     (``"off"``, ``"new"``, ``"reused"``, ``"rebuilt"``).
+
+    With ``lan`` (NAT's real-server side, another interface) the program is
+    attached there too, with a slow-path veth of its own (``lan_rx_interface``,
+    the map ``slowpaths``), so the engine's LAN socket sees only the real
+    servers' frames the kernel did not forward.
     """
 
     def __init__(self, interface: str, max_entries: int, timeouts: Iterable[float], slowpath: bool = True,
-                 pin_dir: Path | None = None) -> None:
+                 pin_dir: Path | None = None, lan: str | None = None) -> None:
         from director.dataplane.libbpf import LibBpf
         from director.dataplane.tcattach import SlowPathVeth, TcIngress
 
-        self.tc = self.veth = None
+        self.tc = self.veth = self.lan_tc = self.lan_veth = None
         self.rx_interface: str | None = None
+        self.lan_rx_interface: str | None = None
         layout = km.layout_id(max_entries)
         self.pins = prepare_pins(pin_dir, layout) if pin_dir is not None else "off"
-        self.bpf = LibBpf(max_entries={"conns": max_entries}, sizes=km.MAPS, pin_dir=pin_dir)
+        self.bpf = LibBpf(max_entries=km.sized(max_entries), sizes=km.MAPS, pin_dir=pin_dir)
         try:
             self.bpf.update("layout", km.ZERO, km.U64.pack(layout))
             self.tables = KernelTables(self.bpf, timeouts)
@@ -437,15 +507,23 @@ class KernelDataplane:
                 self.tables.set_slowpath(self.veth.tx_ifindex)
                 self.rx_interface = self.veth.rx_name
             self.tc = TcIngress(interface, self.bpf.prog_fd)
+            if lan is not None and lan != interface:
+                if slowpath:  # before attaching: the LAN side's frames for the engine come out here
+                    self.lan_veth = SlowPathVeth(lan)
+                    self.lan_rx_interface = self.lan_veth.rx_name
+                    self.tables.set_slowpath_of(socket.if_nametoindex(lan), self.lan_veth.tx_ifindex)
+                self.lan_tc = TcIngress(lan, self.bpf.prog_fd)
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
         try:
-            if self.tc is not None:
-                self.tc.detach()
-            if self.veth is not None:
-                self.veth.remove()
+            for tc in (self.tc, self.lan_tc):
+                if tc is not None:
+                    tc.detach()
+            for veth in (self.veth, self.lan_veth):
+                if veth is not None:
+                    veth.remove()
         finally:
             self.bpf.close()

@@ -29,6 +29,19 @@ Maps (names as in the C file):
   not live, so its id and flows are still there if it comes back.
 * ``slowpath`` (one-element array): the ifindex of the veth the engine reads,
   where those go (0: none; everything left goes to the host).
+* LVS-NAT (director/modes/nat.py): a NAT flow's ``conns`` value says it is
+  two-way, so its client packets move the state by IPVS's INPUT table
+  (``nat_next_state`` 0; 1: OUTPUT, the real server's packets); its route
+  (:func:`route_value`, mode NAT) holds the real server's address, port and
+  MACs and the LAN side's ifindex. ``nat_replies`` (LRU hash):
+  :func:`reply_key` (the flow as its real server's replies carry it) ->
+  :func:`reply_value` (the ``conns`` key, the VIP, the client's and the
+  director's MACs, the client side's ifindex): how a reply is found and where
+  it goes. ``route_out_counters`` (per-CPU array) counts the replies per
+  route, ``nat_sources`` (hash, :func:`vip_key` -> 1) holds the NAT real
+  servers' addresses (their frames the program does not forward are the
+  engine's, and the host's too), ``slowpaths`` (hash: ifindex -> ifindex) the
+  LAN side's own slow-path veth when it is another interface.
 * ``layout`` (one-element array) and ``route_ids`` (array): Python's alone,
   pinned with the rest. :func:`layout_id` says whether pinned maps can be
   reused; :func:`route_id` is a route's identity (its server and VIP), so a
@@ -40,13 +53,13 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from director.dataplane.conntable import NEXT_BYTES
+from director.dataplane.conntable import NEXT_BYTES, NEXT_IN, NEXT_OUT, table_bytes
 from glb.hashing import hash64
 
 STATES = 16
 """Rows the kernel's tables have (the 12 states of conntable.py, padded so the C can mask an index)."""
 
-MODE_NONE, MODE_DR, MODE_TUN = 0, 1, 2
+MODE_NONE, MODE_DR, MODE_TUN, MODE_NAT = 0, 1, 2, 3
 ROUTE_LIVE = 1
 
 REASONS = (
@@ -62,6 +75,8 @@ REASONS = (
     "pass_family",
     "error",
     "pass_other_host",
+    "forwarded_nat",
+    "forwarded_nat_reply",
 )
 """What happened to each packet the program saw, in the C ``enum reason`` order:
 forwarded by the kernel, or passed to the userspace engine and why."""
@@ -69,7 +84,7 @@ forwarded by the kernel, or passed to the userspace engine and why."""
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 
 FLOW_KEY = struct.Struct("=BBH2s2s16s")
-FLOW_VALUE = struct.Struct("=HBxI")
+FLOW_VALUE = struct.Struct("=HBBI")
 VIP = struct.Struct("=HBx")
 VIP_LIVE = 1
 TICK_SHIFT = 20
@@ -83,6 +98,8 @@ VIP_KEY = struct.Struct("=B3x16s")
 COUNTER = struct.Struct("=QQ")
 TIMEOUTS = struct.Struct(f"={STATES}Q")
 U16 = struct.Struct("=H")
+REPLY_KEY = struct.Struct("=BBxx2s2s16s16s")
+REPLY = struct.Struct(f"={FLOW_KEY.size}s16s12sI")
 U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")
 
@@ -98,16 +115,28 @@ MAPS = {
     "slowpath": (U32.size, U32.size),
     "layout": (U32.size, U64.size),
     "route_ids": (U32.size, U64.size),
+    "nat_replies": (REPLY_KEY.size, REPLY.size),
+    "nat_next_state": (U32.size, STATES * 256),
+    "route_out_counters": (U32.size, COUNTER.size),
+    "nat_sources": (VIP_KEY.size, U32.size),
+    "slowpaths": (U32.size, U32.size),
 }
 """Map name -> (key size, value size), as the C structs must have them."""
 
-PERCPU_MAPS = frozenset({"route_counters", "reasons", "ident"})
+
+
+def sized(max_entries: int) -> dict[str, int]:
+    """The maps the loader sizes to the connection table (libbpf's max_entries before loading)."""
+    return {"conns": max_entries, "nat_replies": max_entries}
+
+
+PERCPU_MAPS = frozenset({"route_counters", "reasons", "ident", "route_out_counters"})
 """Per-CPU maps: a lookup returns one 8-byte-aligned value per CPU, an update takes as many."""
 MAX_ROUTES = 65536
 ZERO = U32.pack(0)
 
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 """Bump when a map keeps its sizes but changes meaning: pinned maps of another version are rebuilt."""
 
 
@@ -183,16 +212,17 @@ def ticks(seconds: float) -> int:
     return (i + (i < t)) & 0xFFFFFFFF
 
 
-def flow_value(route: int, state: int, expires: float, _pack=FLOW_VALUE.pack) -> bytes:
-    """Once per confirmed flow and state change: kept to one multiplication and one pack."""
+def flow_value(route: int, state: int, expires: float, two_way: bool = False, _pack=FLOW_VALUE.pack) -> bytes:
+    """Once per confirmed flow and state change: kept to one multiplication and one pack.
+    ``two_way``: a NAT flow (its state moves by IPVS's INPUT table, ``nat_next_state``)."""
     t = expires * _TICKS_PER_SECOND
     i = int(t)
-    return _pack(route, state, (i + (i < t)) & 0xFFFFFFFF if t > 0 else 0)
+    return _pack(route, state, two_way, (i + (i < t)) & 0xFFFFFFFF if t > 0 else 0)
 
 
 def parse_flow_value(value: bytes, now: float) -> tuple[int, int, float]:
     """(route, state, expires in seconds), the expiry read as the one within 2^31 ticks of ``now``."""
-    route, state, expires = FLOW_VALUE.unpack(value)
+    route, state, _, expires = FLOW_VALUE.unpack(value)
     base = ns(now) >> TICK_SHIFT
     delta = (expires - base) & 0xFFFFFFFF
     if delta >= 1 << 31:
@@ -200,19 +230,29 @@ def parse_flow_value(value: bytes, now: float) -> tuple[int, int, float]:
     return route, state, (base + delta) * TICK
 
 
-def route_value(tx: Any, live: bool, ifindex: int = 0) -> bytes:
-    """A route's entry for a transmit object (director/modes/): DR's 12 MAC bytes or a TUN tunnel.
+def is_nat(tx: Any) -> bool:
+    """Whether a transmit object is modes/nat.py's NatTransmit (the real server's address and port)."""
+    return getattr(tx, "family", None) in (4, 6) and hasattr(tx, "port")
+
+
+def route_value(tx: Any, live: bool, ifindex: int = 0, lan_ifindex: int = 0) -> bytes:
+    """A route's entry for a transmit object (director/modes/): DR's 12 MAC bytes, a TUN tunnel or
+    a NAT real server.
 
     ``live``: the server is available and the VIP in the plan (``Dest.available``
     and ``Route.live``). ``tx`` None (unreachable) or a mode the kernel does not
     do gives a route the kernel always passes to userspace. ``ifindex`` 0: out
-    of the interface the packet came in on.
+    of the interface the packet came in on; NAT goes out of ``lan_ifindex``
+    (the real servers' side) when it is another.
     """
     flags = ROUTE_LIVE if live else 0
     empty = bytes(16)
     if isinstance(tx, bytes) and len(tx) == 12:
         return ROUTE.pack(tx[:6], tx[6:], MODE_DR, 0, flags, ifindex, 0, 0, empty, empty)
     family = getattr(tx, "family", None)
+    if is_nat(tx):
+        return ROUTE.pack(tx.eth[:6], tx.eth[6:12], MODE_NAT, family, flags, lan_ifindex or ifindex, 0,
+                          U16.unpack(tx.port.to_bytes(2, "big"))[0], empty, tx.address.ljust(16, b"\0"))
     if family in (4, 6) and hasattr(tx, "max_inner"):
         eth = tx.eth
         return ROUTE.pack(eth[:6], eth[6:12], MODE_TUN, family, flags, ifindex, tx.max_inner, 0,
@@ -226,9 +266,30 @@ def timeouts_value(timeouts: tuple[float, ...] | list[float]) -> bytes:
     return TIMEOUTS.pack(*values, *([0] * (STATES - len(values))))
 
 
-def next_state_value() -> bytes:
-    """conntable.NEXT_BYTES padded to :data:`STATES` rows; an unused row never matches its own state."""
-    return NEXT_BYTES + bytes(STATES * 256 - len(NEXT_BYTES))
+def next_state_value(table: bytes = NEXT_BYTES) -> bytes:
+    """conntable.NEXT_BYTES (or another of its tables as bytes) padded to :data:`STATES` rows; an unused row
+    never matches its own state."""
+    return table + bytes(STATES * 256 - len(table))
+
+
+def nat_next_state_values() -> tuple[bytes, bytes]:
+    """``nat_next_state``'s two entries: IPVS's INPUT table (client packets) and OUTPUT (the real server's)."""
+    return next_state_value(table_bytes(NEXT_IN)), next_state_value(table_bytes(NEXT_OUT))
+
+
+def reply_key(rkey: bytes) -> bytes:
+    """The ``nat_replies`` key of a flow's reply key (forwarder.reply_key: proto | RIP | client | ports)."""
+    if len(rkey) == 13:
+        return REPLY_KEY.pack(rkey[0], 4, rkey[9:11], rkey[11:13], rkey[1:5], rkey[5:9])
+    if len(rkey) == 37:
+        return REPLY_KEY.pack(rkey[0], 6, rkey[33:35], rkey[35:37], rkey[1:17], rkey[17:33])
+    raise ValueError(f"not a flow key: {len(rkey)} bytes")
+
+
+def reply_value(kernel_key: bytes, vip: bytes, eth: bytes, ifindex: int) -> bytes:
+    """Where a reply goes: the flow's ``conns`` key, the VIP (its new source), ``eth`` (the client's MAC,
+    then the director's: ``Conn.peer``) and the client side's ifindex."""
+    return REPLY.pack(kernel_key, vip.ljust(16, b"\0"), eth, ifindex)
 
 
 def sum_percpu(value: bytes, size: int, fmt: struct.Struct) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ from director.dataplane import nat
 from director.dataplane.bpf import Match
 from director.dataplane.codec import ETH_P_IP, ETH_P_IPV6, FLOW, REPLY, Drop
 from director.modes.base import Mode
-from director.realserver.steps import DefaultRoute
+from director.realserver.steps import DefaultRoute, PolicyRoute
 
 
 class NatTransmit:
@@ -51,6 +51,8 @@ class NatTransmit:
         c = fwd.conn
         if c.peer is None:
             c.peer = bytes(frame[6:12]) + bytes(frame[0:6])  # where replies go: back the way it came
+            if fwd.kernel is not None:
+                fwd.kernel.flow(c)  # a synced flow: the kernel could not take it without the MAC
         port = self.port or p.dport
         if p.kind == FLOW:
             out = nat.translate(frame, p, self.eth, self.address, port, True, vnet)
@@ -109,7 +111,10 @@ class Nat(Mode):
         return {}, None  # no VIP on the real server: the director rewrites the destination
 
     def realserver_steps(self, req, facts, device, *, new_tun, daemon, stats_file, log_file, notes):
-        """The default route of each family given by ``--gateway`` points at the director (nothing removed)."""
+        """The default route of each family given by ``--gateway`` points at the director (nothing removed);
+        with ``--policy-route PORT`` only the replies from those ports do, by policy routing."""
+        if req.policy_ports:
+            return [PolicyRoute(gw.version, str(gw), req.policy_ports) for gw in req.gateways]
         steps = []
         for gw in req.gateways:
             now = facts.default_routes.get(gw.version)

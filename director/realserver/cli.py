@@ -65,7 +65,8 @@ def _side_files(state_file: Path) -> tuple[Path, Path]:
 
 def setup(vips: list[str], mode: str, *, state_file: Path = DEFAULT_STATE_FILE, mss: int | None = None,
           foreground: bool = False, decap: str = "auto", dry_run: bool = False,
-          system: System | None = None, gateways: list[str] | None = None) -> int:
+          system: System | None = None, gateways: list[str] | None = None,
+          policy_ports: list[int] | None = None) -> int:
     """Prepare this host as a real server for ``vips``; returns the exit status (0).
 
     ``foreground=False`` (default): apply and return; in TUN mode without the
@@ -77,7 +78,7 @@ def setup(vips: list[str], mode: str, *, state_file: Path = DEFAULT_STATE_FILE, 
     Raises RealServerError (one line) for every operator mistake.
     """
     state_file = Path(state_file)
-    req = parse_request(vips, mode, decap=decap, mss=mss, gateways=gateways or ())
+    req = parse_request(vips, mode, decap=decap, mss=mss, gateways=gateways or (), policy_ports=policy_ports or ())
     if not dry_run and not has_privileges() and system is None:
         raise RealServerError("glb realserver setup needs root (CAP_NET_ADMIN and CAP_NET_RAW): run it as root")
     existing = read_state(state_file)

@@ -31,6 +31,12 @@ from glb.errors import NftError, RealServerError
 log = logging.getLogger("glb.realserver")
 
 CAP_NET_ADMIN = 12
+MAIN_TABLE = 254
+POLICY_TABLE = 4242
+"""NAT ``--policy-route``: the routing table holding the default route via the director."""
+POLICY_PRIORITY = 4242
+"""Its rules: at this priority the main table without its default routes (``suppress_prefixlength 0``: a
+more specific route still wins), at the next one the replies' source ports -> POLICY_TABLE."""
 CAP_NET_RAW = 13
 
 
@@ -186,6 +192,30 @@ class LinuxSystem:
         self._netlink(f"removing the IPv{version} default route via {gateway}", self.ipr.route, "del",
                       dst="0.0.0.0/0" if version == 4 else "::/0", gateway=gateway,
                       family=socket.AF_INET if version == 4 else socket.AF_INET6, ok=(errno.ESRCH,))
+
+    def _policy(self, version: int, gateway: str, ports: tuple[int, ...]):
+        """(family, the default route's destination, the rules) of a PolicyRoute."""
+        fam = socket.AF_INET if version == 4 else socket.AF_INET6
+        rules = [{"priority": POLICY_PRIORITY, "table": MAIN_TABLE, "suppress_prefixlen": 0}]
+        rules += [{"priority": POLICY_PRIORITY + 1, "table": POLICY_TABLE, "sport_range": f"{p}:{p}"} for p in ports]
+        return fam, "0.0.0.0/0" if version == 4 else "::/0", rules
+
+    def add_policy_route(self, version: int, gateway: str, ports: tuple[int, ...]) -> None:
+        fam, dst, rules = self._policy(version, gateway, ports)
+        self._netlink(f"setting the IPv{version} default route via {gateway} in table {POLICY_TABLE}",
+                      self.ipr.route, "replace", dst=dst, gateway=gateway, table=POLICY_TABLE, family=fam)
+        for r in rules:
+            self._netlink(f"adding the IPv{version} rule {r}", self.ipr.rule, "add", family=fam,
+                          ok=(errno.EEXIST,), **r)
+
+    def delete_policy_route(self, version: int, gateway: str, ports: tuple[int, ...]) -> None:
+        fam, dst, rules = self._policy(version, gateway, ports)
+        for r in reversed(rules):
+            self._netlink(f"removing the IPv{version} rule {r}", self.ipr.rule, "del", family=fam,
+                          ok=(errno.ENOENT,), **r)
+        self._netlink(f"removing the IPv{version} default route via {gateway} in table {POLICY_TABLE}",
+                      self.ipr.route, "del", dst=dst, gateway=gateway, table=POLICY_TABLE, family=fam,
+                      ok=(errno.ESRCH, errno.ENOENT))
 
     def _uplink_mtu(self, names: Mapping[int, str], links: Mapping[str, Link]) -> int:
         mtus = []

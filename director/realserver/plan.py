@@ -65,6 +65,9 @@ class Request:
     """Name of the TUN device the userspace decapsulator writes into."""
     gateways: tuple[IPAddress, ...] = ()
     """NAT only: the director's address on this network, one per IP version (the new default route)."""
+    policy_ports: tuple[int, ...] = ()
+    """NAT only: route only what leaves from these ports (the services' replies) through the director,
+    by policy routing, and leave the default route alone; () = replace the default route."""
 
     @property
     def families(self) -> frozenset[int]:
@@ -99,20 +102,24 @@ def parse_vip(text: str) -> IPAddress:
 
 
 def parse_request(vips: Iterable[str], mode: str, *, decap: str = "auto", mss: int | None = None,
-                  tun_device: str = TUN_DEVICE, gateways: Iterable[str] = ()) -> Request:
+                  tun_device: str = TUN_DEVICE, gateways: Iterable[str] = (),
+                  policy_ports: Iterable[int] = ()) -> Request:
     """Validate what the operator asked for; RealServerError (one line) on any mistake."""
     if mode not in modes.MODES:
         raise RealServerError(f"unknown mode {mode!r}: expected one of {', '.join(modes.MODES)}")
     gws = _parse_gateways(gateways)
     if modes.MODES[mode].holds_vips and gws:
         raise RealServerError(f"--gateway is for NAT mode (the director as this host's gateway), not {mode}")
+    ports = _parse_ports(policy_ports)
+    if modes.MODES[mode].holds_vips and ports:
+        raise RealServerError(f"--policy-route is for NAT mode (replies through the director), not {mode}")
     if not modes.MODES[mode].holds_vips:
         if not gws:
             raise RealServerError(f"{mode} mode needs --gateway ADDR: the director's address on this network")
         if vips:
             raise RealServerError(f"{mode} mode holds no VIP here (the director rewrites the destination): "
                                   f"leave out --vip")
-        return Request(vips=(), mode=mode, gateways=gws)
+        return Request(vips=(), mode=mode, gateways=gws, policy_ports=ports)
     if decap not in DECAP_CHOICES:
         raise RealServerError(f"unknown decapsulation {decap!r}: expected one of {', '.join(DECAP_CHOICES)}")
     if isinstance(vips, str):
@@ -134,6 +141,17 @@ def parse_request(vips: Iterable[str], mode: str, *, decap: str = "auto", mss: i
     if not tun_device or len(tun_device) > 15 or "/" in tun_device or any(c.isspace() for c in tun_device):
         raise RealServerError(f"bad TUN device name {tun_device!r}: 1 to 15 characters, no '/' or spaces")
     return Request(vips=tuple(parsed), mode=mode, decap=decap, mss=mss, tun_device=tun_device)
+
+
+def _parse_ports(ports: Iterable[int]) -> tuple[int, ...]:
+    out: list[int] = []
+    for p in ports or ():
+        if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 65535:
+            raise RealServerError(f"bad --policy-route port {p!r}: expected a port, 1..65535 (the real server's "
+                                  f"service port)")
+        if p not in out:
+            out.append(p)
+    return tuple(out)
 
 
 def _parse_gateways(gateways: Iterable[str]) -> tuple[IPAddress, ...]:

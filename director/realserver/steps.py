@@ -61,6 +61,8 @@ class System(Protocol):
     def stop_decap(self, runtime: Mapping) -> None: ...
     def set_default_route(self, version: int, gateway: str | None, device: str | None) -> None: ...
     def delete_default_route(self, version: int, gateway: str) -> None: ...
+    def add_policy_route(self, version: int, gateway: str, ports: tuple[int, ...]) -> None: ...
+    def delete_policy_route(self, version: int, gateway: str, ports: tuple[int, ...]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -216,8 +218,32 @@ class DefaultRoute:
             system.set_default_route(self.version, self.previous_gateway, self.previous_device)
 
 
-Step = Union[SetSysctl, LinkUp, CreateTun, AddAddress, NftTable, StartDecap, DefaultRoute]
-STEP_KINDS = {cls.kind: cls for cls in (SetSysctl, LinkUp, CreateTun, AddAddress, NftTable, StartDecap, DefaultRoute)}
+@dataclass(frozen=True)
+class PolicyRoute:
+    """NAT without touching the default route: what leaves from ``ports`` (the services' replies,
+    TCP and UDP) is routed via ``gateway`` (the director) by policy routing; the main table's more
+    specific routes still win (linux.py: POLICY_TABLE, POLICY_PRIORITY). Undo removes exactly that."""
+
+    version: int
+    gateway: str
+    ports: tuple[int, ...]
+    kind = "policy_route"
+
+    def describe(self) -> str:
+        return (f"IPv{self.version} policy route: from port {', '.join(map(str, self.ports))} via {self.gateway} "
+                f"(the default route left alone): replies to clients go back through the director")
+
+    def apply(self, system: System) -> dict:
+        system.add_policy_route(self.version, self.gateway, self.ports)
+        return {}
+
+    def undo(self, system: System, runtime: Mapping) -> None:
+        system.delete_policy_route(self.version, self.gateway, self.ports)
+
+
+Step = Union[SetSysctl, LinkUp, CreateTun, AddAddress, NftTable, StartDecap, DefaultRoute, PolicyRoute]
+STEP_KINDS = {cls.kind: cls for cls in (SetSysctl, LinkUp, CreateTun, AddAddress, NftTable, StartDecap, DefaultRoute,
+                                        PolicyRoute)}
 
 
 def step_to_dict(step: Step) -> dict:

@@ -132,6 +132,42 @@ def test_a_reply_without_a_connection_is_dropped_and_counted(natlab):
     assert nft_counters(natlab.client, "glbt")["from_private"] == 0
 
 
+def test_established_nat_flows_take_the_kernel_both_ways(natlab):
+    """Requests on one kept-alive connection: with the kernel data plane, after the handshake its
+    packets and the real server's replies are the tc program's (DNAT in, SNAT out; the real
+    servers' veth offloads on: partial checksums), counted on the route both ways as in userspace."""
+    def kernel() -> dict[str, int]:
+        return natlab.d.status()["packet_path"].get("kernel", {})
+
+    def counts() -> dict[str, tuple[int, int]]:
+        web = next(svc for svc in natlab.d.status()["services"] if svc["name"] == "web")
+        return {s["address"]: (s["packets"], s["out_packets"]) for s in web["real_servers"]}
+
+    before, k0 = counts(), kernel()
+    held = natlab.client.popen([PY, "-c", KEEPALIVE_CLIENT, VIP], stdin=-1, stdout=-1, text=True)
+    try:
+        answers = []
+        for _ in range(8):
+            held.stdin.write("go\n")
+            held.stdin.flush()
+            answers.append(held.stdout.readline().strip())
+        assert answers[0] in ("rs1", "rs2") and answers == [answers[0]] * 8
+    finally:
+        held.stdin.close()
+        held.wait(10)
+    rs = RS[1] if answers[0] == "rs1" else RS[2]
+    # 8 requests and 8 answers at least (ACKs aside), whoever forwarded them
+    natlab.lab.wait_for(lambda: counts()[rs][0] - before[rs][0] >= 8 and counts()[rs][1] - before[rs][1] >= 8,
+                        timeout=5, what=f"{rs}'s packets in both directions to be counted")
+    if natlab.dataplane == "kernel":
+        def grew(reason: str) -> int:
+            return kernel().get(reason, 0) - k0.get(reason, 0)
+
+        natlab.lab.wait_for(lambda: grew("forwarded_nat") >= 7 and grew("forwarded_nat_reply") >= 7,
+                            timeout=5, what="the kernel to forward the established requests and answers")
+    assert nft_counters(natlab.client, "glbt")["from_private"] == 0
+
+
 def test_a_real_server_going_down_moves_new_connections(natlab):
     """Last in this module: it stops rs1's web server."""
     natlab.http[(1, 8080)].terminate()

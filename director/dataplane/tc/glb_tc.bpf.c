@@ -33,6 +33,7 @@
 #define MODE_NONE 0 /* unreachable: userspace decides (and counts no_neighbour) */
 #define MODE_DR 1
 #define MODE_TUN 2
+#define MODE_NAT 3 /* LVS-NAT: the client's packets DNAT'd here, the real server's replies SNAT'd (reply_nat) */
 
 #define ROUTE_LIVE 1 /* the server is available and its VIP in the plan */
 
@@ -54,6 +55,8 @@ enum reason {
 	R_FAMILY,        /* flow and tunnel of different families */
 	R_ERROR,         /* a helper failed: userspace gets the (untouched) packet */
 	R_OTHER_HOST,    /* for another host's MAC (promiscuous mode, a flooding switch): never ours */
+	R_NAT,           /* a client's packet forwarded, DNAT'd to the real server */
+	R_NAT_REPLY,     /* a real server's reply forwarded, SNAT'd back to the VIP */
 	R_MAX,
 };
 
@@ -78,7 +81,7 @@ struct flow_key {
 struct flow {
 	__u16 route;   /* index in `routes` */
 	__u8 state;    /* IPVS state (conntable.py's numbers) */
-	__u8 pad;
+	__u8 two_way;  /* NAT: the state moves by IPVS's INPUT table (`nat_next_state`), not INPUT-ONLY */
 	__u32 expires; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) >> TICK_SHIFT, modulo 2^32 */
 };
 
@@ -91,9 +94,9 @@ struct route {
 	__u8 pad;
 	__u32 ifindex;   /* out of here; 0 = the interface the packet came in on */
 	__u16 max_inner; /* TUN: the largest inner packet that fits */
-	__u16 pad2;
+	__u16 port;      /* NAT: the real server's port, network order (0: the VIP's) */
 	__u8 saddr[16];  /* TUN outer source (the director) */
-	__u8 daddr[16];  /* TUN outer destination (the real server) */
+	__u8 daddr[16];  /* TUN outer destination, NAT new destination: the real server */
 };
 
 struct vip_key {
@@ -209,6 +212,69 @@ struct {
 	__type(value, __u32);
 } ident SEC(".maps");
 
+/*
+ * LVS-NAT (director/modes/nat.py). The client's packets find their flow in
+ * `conns` as DR/TUN ones do; the real server's replies find it through
+ * `nat_replies`, keyed as the reply carries it, which also says where the
+ * reply goes. `nat_next_state` holds IPVS's two-way tables (0: INPUT, the
+ * client's packets; 1: OUTPUT, the server's), `route_out_counters` the
+ * replies per route (ipvsadm's OutPkts), `nat_sources` the NAT real servers'
+ * addresses (their frames are the engine's when not forwarded here), and
+ * `slowpaths` the slow-path veth of each interface the program is attached
+ * to besides the first (the LAN side of a two-interface director).
+ */
+struct reply_key {
+	__u8 proto;
+	__u8 family;
+	__u16 pad;
+	__u16 sport;  /* the real server's port, network order */
+	__u16 dport;  /* the client's */
+	__u8 src[16]; /* the real server */
+	__u8 dst[16]; /* the client */
+};
+
+struct nat_reply {
+	struct flow_key flow; /* the flow in `conns` */
+	__u8 vip[16];         /* the new source; the flow key's dport is the new source port */
+	__u8 eth[12];         /* destination (the client or its router) and source (the director) MACs */
+	__u32 ifindex;        /* out of here: the client side */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1 << 16); /* the loader sets connection_table.max_entries (kernelmaps.sized) */
+	__type(key, struct reply_key);
+	__type(value, struct nat_reply);
+} nat_replies SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct next_state);
+} nat_next_state SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_ROUTES);
+	__type(key, __u32);
+	__type(value, struct counter);
+} route_out_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct vip_key);
+	__type(value, __u32);
+} nat_sources SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16);
+	__type(key, __u32);
+	__type(value, __u32);
+} slowpaths SEC(".maps");
+
 static __always_inline int count(__u32 reason, int verdict)
 {
 	__u64 *n = bpf_map_lookup_elem(&reasons, &reason);
@@ -315,6 +381,54 @@ static __always_inline int forward_tun(struct __sk_buff *skb, struct route *r, _
 }
 
 /* What the decision reads of a packet (copied out with bpf_skb_load_bytes). */
+static __always_inline int count_route(void *counters, __u32 ri, __u32 total)
+{
+	struct counter *c = bpf_map_lookup_elem(counters, &ri);
+
+	if (c) {
+		c->packets += 1;
+		c->bytes += total;
+	}
+	return 0;
+}
+
+/*
+ * One address and one port of a TCP/UDP packet replaced, checksums kept
+ * valid by the kernel's helpers (nat.translate's rewrite): the IPv4 header's,
+ * and the L4 one over the pseudo-header (BPF_F_PSEUDO_HDR) and the port. The
+ * helpers know a CHECKSUM_PARTIAL skb (veth, virtio: the field holds the
+ * pseudo-header sum only): they then fold in the address alone. An IPv4 UDP
+ * checksum of 0 (none) stays 0 (BPF_F_MARK_MANGLED_0). ``dst``: the
+ * destination (client -> server) or the source (server -> client).
+ */
+static __always_inline int rewrite(struct __sk_buff *skb, __u8 family, __u8 proto, int dst,
+				   __u8 *old, __u8 *new, __u16 old_port, __u16 new_port, __u8 *eth)
+{
+	__u32 alen = family == 4 ? 4 : 16;
+	__u32 aoff = family == 4 ? ETH_HLEN + (dst ? 16 : 12) : ETH_HLEN + (dst ? 24 : 8);
+	__u32 l4 = ETH_HLEN + (family == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr));
+	__u32 coff = l4 + (proto == IPPROTO_TCP ? 16 : 6);
+	__u64 mangled = proto == IPPROTO_UDP && family == 4 ? BPF_F_MARK_MANGLED_0 : 0;
+	__s64 diff = family == 4 ? bpf_csum_diff((__be32 *)old, 4, (__be32 *)new, 4, 0)
+				 : bpf_csum_diff((__be32 *)old, 16, (__be32 *)new, 16, 0);
+
+	if (diff < 0)
+		return -1;
+	if (family == 4 && bpf_l3_csum_replace(skb, ETH_HLEN + 10, 0, diff, 0))
+		return -1;
+	if (bpf_l4_csum_replace(skb, coff, 0, diff, BPF_F_PSEUDO_HDR | mangled))
+		return -1;
+	if (old_port != new_port && bpf_l4_csum_replace(skb, coff, old_port, new_port, sizeof(__u16) | mangled))
+		return -1;
+	if (bpf_skb_store_bytes(skb, aoff, new, alen, 0))
+		return -1;
+	if (bpf_skb_store_bytes(skb, l4 + (dst ? 2 : 0), &new_port, 2, 0))
+		return -1;
+	if (bpf_skb_store_bytes(skb, 0, eth, 12, 0))
+		return -1;
+	return 0;
+}
+
 struct pkt {
 	struct flow_key key;
 	struct vip_key vip; /* the destination, looked up for the VIP's id */
@@ -396,7 +510,8 @@ static __always_inline __u32 decide(struct __sk_buff *skb, struct pkt *p, __u64 
 		return R_EXPIRED;
 	__u32 zero = 0;
 	__u32 state = f->state & (STATES - 1);
-	struct next_state *ns = bpf_map_lookup_elem(&next_state, &zero);
+	struct next_state *ns = f->two_way ? bpf_map_lookup_elem(&nat_next_state, &zero)
+					   : bpf_map_lookup_elem(&next_state, &zero);
 	if (!ns)
 		return R_ERROR;
 	if (ns->next[state * 256 + p->flags] != state)
@@ -411,7 +526,94 @@ static __always_inline __u32 decide(struct __sk_buff *skb, struct pkt *p, __u64 
 		return R_TOO_BIG;
 	*fp = f;
 	*rp = r;
+	if (r->mode == MODE_NAT)
+		return p->family == r->family ? R_NAT : R_FAMILY;
 	return r->mode == MODE_DR ? R_DR : R_TUN;
+}
+
+/* Ethernet padding is not part of the packet (nat.translate drops it too). */
+static __always_inline int trim(struct __sk_buff *skb, __u32 total)
+{
+	return skb->len > ETH_HLEN + total ? bpf_skb_change_tail(skb, ETH_HLEN + total, 0) : 0;
+}
+
+/* A client's packet to VIP:vport: to the real server's address and port, from the director's LAN side. */
+static __always_inline int forward_nat(struct __sk_buff *skb, struct route *r, struct pkt *p)
+{
+	__u16 port = r->port ? r->port : p->key.dport;
+
+	if (trim(skb, p->total))
+		return count(R_ERROR, TC_ACT_OK);
+	if (rewrite(skb, p->family, p->key.proto, 1, p->vip.addr, r->daddr, p->key.dport, port, r->dst_mac))
+		return count(R_ERROR, TC_ACT_SHOT); /* half rewritten: it cannot go on as it came */
+	count(R_NAT, 0);
+	return bpf_redirect(r->ifindex ? r->ifindex : skb->ifindex, 0);
+}
+
+#define NOT_MINE -1
+
+/*
+ * A real server's reply of a NAT flow (not to a VIP: decide() said R_NO_FLOW
+ * with the packet parsed): its source back to VIP:vport, to the client's
+ * MAC, out of the client side; counted on the route's out counters. The same
+ * conditions as a client's packet (flow live, OUTPUT table changes nothing,
+ * route up), else NOT_MINE with the reason in *why: the engine decides (and
+ * drops and counts a reply it has no connection for).
+ */
+static __always_inline int reply_nat(struct __sk_buff *skb, struct pkt *p, __u64 now, __u32 *why)
+{
+	struct vip_key src = {.family = p->family};
+	struct reply_key rk = {.proto = p->key.proto, .family = p->family,
+			       .sport = p->key.sport, .dport = p->key.dport};
+	__u32 one = 1, zero = 0;
+
+	__builtin_memcpy(src.addr, p->key.src, 16);
+	if (!bpf_map_lookup_elem(&nat_sources, &src))
+		return NOT_MINE;
+	__builtin_memcpy(rk.src, p->key.src, 16);
+	__builtin_memcpy(rk.dst, p->vip.addr, 16);
+	struct nat_reply *n = bpf_map_lookup_elem(&nat_replies, &rk);
+	if (!n)
+		return NOT_MINE;
+	struct vip_key vk = {.family = p->family};
+
+	__builtin_memcpy(vk.addr, n->vip, 16);
+	struct vip *v = bpf_map_lookup_elem(&vips, &vk);
+	if (!v || !(v->flags & VIP_LIVE)) /* a standby forwards nothing */
+		return NOT_MINE;
+	struct flow *f = bpf_map_lookup_elem(&conns, &n->flow);
+	if (!f)
+		return NOT_MINE;
+	if ((__s32)(f->expires - (__u32)(now >> TICK_SHIFT)) <= 0) {
+		*why = R_EXPIRED;
+		return NOT_MINE;
+	}
+	__u32 state = f->state & (STATES - 1);
+	struct next_state *ns = bpf_map_lookup_elem(&nat_next_state, &one);
+	struct timeouts *to = bpf_map_lookup_elem(&timeouts, &zero);
+	if (!ns || !to) {
+		*why = R_ERROR;
+		return NOT_MINE;
+	}
+	if (ns->next[state * 256 + p->flags] != state) {
+		*why = R_STATE;
+		return NOT_MINE;
+	}
+	__u32 ri = f->route;
+	struct route *r = bpf_map_lookup_elem(&routes, &ri);
+	if (!r || !(r->flags & ROUTE_LIVE) || r->mode != MODE_NAT) {
+		*why = R_ROUTE_DOWN;
+		return NOT_MINE;
+	}
+	f->expires = (__u32)((now + to->ns[state]) >> TICK_SHIFT);
+	*why = R_ERROR;
+	if (trim(skb, p->total))
+		return NOT_MINE;
+	if (rewrite(skb, p->family, p->key.proto, 0, p->key.src, n->vip, p->key.sport, n->flow.dport, n->eth))
+		return TC_ACT_SHOT;
+	*why = R_NAT_REPLY;
+	count_route(&route_out_counters, ri, p->total);
+	return bpf_redirect(n->ifindex, 0);
 }
 
 /*
@@ -435,6 +637,20 @@ static __always_inline int is_vip(__u8 family, void *addr)
 	return v && (v->flags & VIP_LIVE);
 }
 
+/*
+ * A NAT real server's frame: its replies the program did not forward, and
+ * its answers to the director's own probes, which the host needs as well
+ * (the NAT guard, ownership.NatGuard, drops the others in the host).
+ */
+static __always_inline int nat_source(struct __sk_buff *skb, __u8 family)
+{
+	struct vip_key k = {.family = family};
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + (family == 4 ? 12 : 8), k.addr, family == 4 ? 4 : 16))
+		return 0;
+	return bpf_map_lookup_elem(&nat_sources, &k) != 0;
+}
+
 static __always_inline int for_engine(struct __sk_buff *skb)
 {
 	__u16 proto_eth;
@@ -452,7 +668,9 @@ static __always_inline int for_engine(struct __sk_buff *skb)
 	if (proto_eth == bpf_htons(ETH_P_IP)) {
 		if (bpf_skb_load_bytes(skb, ETH_HLEN + 16, a, 4))
 			return NOT_ENGINE;
-		return is_vip(4, a) ? ENGINE_ONLY : NOT_ENGINE;
+		if (is_vip(4, a))
+			return ENGINE_ONLY;
+		return nat_source(skb, 4) ? ENGINE_TOO : NOT_ENGINE;
 	}
 	if (proto_eth == bpf_htons(ETH_P_IPV6)) {
 		__u8 nh;
@@ -461,7 +679,9 @@ static __always_inline int for_engine(struct __sk_buff *skb)
 			return NOT_ENGINE;
 		if (nh == IPPROTO_ICMPV6 && a[0] == 0xff && a[1] == 0x02 && a[11] == 1 && a[12] == 0xff)
 			return ENGINE_TOO; /* ff02::1:ffXX:XXXX */
-		return is_vip(6, a) ? ENGINE_ONLY : NOT_ENGINE;
+		if (is_vip(6, a))
+			return ENGINE_ONLY;
+		return nat_source(skb, 6) ? ENGINE_TOO : NOT_ENGINE;
 	}
 	return NOT_ENGINE;
 }
@@ -474,9 +694,11 @@ static __always_inline int for_engine(struct __sk_buff *skb)
  */
 static __always_inline int leave(struct __sk_buff *skb)
 {
-	__u32 zero = 0;
-	__u32 *slow = bpf_map_lookup_elem(&slowpath, &zero);
+	__u32 zero = 0, in = skb->ifindex;
+	__u32 *slow = bpf_map_lookup_elem(&slowpaths, &in); /* the LAN side's own */
 
+	if (!slow)
+		slow = bpf_map_lookup_elem(&slowpath, &zero);
 	if (!slow || !*slow)
 		return TC_ACT_OK;
 	switch (for_engine(skb)) {
@@ -503,7 +725,13 @@ int glb_ingress(struct __sk_buff *skb)
 		return count(R_OTHER_HOST, TC_ACT_OK);
 	__u32 why = decide(skb, &p, now, &f, &r, &ri);
 
-	if (why != R_DR && why != R_TUN)
+	if (why == R_NO_FLOW && p.key.proto) { /* parsed, not a VIP's flow: maybe a NAT reply */
+		int verdict = reply_nat(skb, &p, now, &why);
+
+		if (verdict != NOT_MINE)
+			return count(why, verdict);
+	}
+	if (why != R_DR && why != R_TUN && why != R_NAT)
 		return count(why, leave(skb));
 	if (!f || !r)
 		return count(R_ERROR, leave(skb));
@@ -513,17 +741,12 @@ int glb_ingress(struct __sk_buff *skb)
 	/* Decided: refresh the expiry as ConnTable.refresh does. */
 	f->expires = (__u32)((now + to->ns[f->state & (STATES - 1)]) >> TICK_SHIFT);
 	int verdict = why == R_DR ? forward_dr(skb, r)
+		    : why == R_NAT ? forward_nat(skb, r, &p)
 				  : forward_tun(skb, r, p.total, p.family, p.tos, p.ttl, p.frag_off);
 	if (verdict == TC_ACT_OK)
 		return leave(skb); /* a helper failed before changing the packet */
-	if (verdict == TC_ACT_REDIRECT) {
-		struct counter *c = bpf_map_lookup_elem(&route_counters, &ri);
-
-		if (c) {
-			c->packets += 1;
-			c->bytes += p.total;
-		}
-	}
+	if (verdict == TC_ACT_REDIRECT)
+		count_route(&route_counters, ri, p.total);
 	return verdict;
 }
 

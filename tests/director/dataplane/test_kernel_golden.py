@@ -58,7 +58,7 @@ def bpf():
     require(bpf_unavailable())
     from director.dataplane.libbpf import LibBpf
 
-    b = LibBpf(max_entries={"conns": 4096}, sizes=km.MAPS)
+    b = LibBpf(max_entries=km.sized(4096), sizes=km.MAPS)
     yield b
     b.close()
 
