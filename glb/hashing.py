@@ -2,8 +2,11 @@
 
 Pure functions, no I/O. Everything here must give the same answer in every
 process on every machine (two directors, a restarted director and the tests
-must agree on which backend owns a flow), so the one hash used is
-BLAKE2b truncated to 64 bits: fast in C, well mixed, stable. Python's
+must agree on which backend owns a flow), so the hashes are fixed:
+BLAKE2b truncated to 64 bits (:func:`hash64`: fast in C, well mixed,
+stable) for everything built in Python, and the kernel's jhash
+(:func:`jhash_words`) for what the kernel data plane must compute per
+packet too (the client's Maglev slot): BPF has no BLAKE2b. Python's
 ``hash()`` is salted per process and must never be used for this.
 
 Maglev follows IPVS's ``mh`` scheduler (net/netfilter/ipvs/ip_vs_mh.c):
@@ -47,6 +50,65 @@ def hash64(data: bytes, seed: int = 0) -> int:
     return int.from_bytes(
         blake2b(data, digest_size=8, salt=seed.to_bytes(16, "little")).digest(), "little"
     )
+
+
+_M32 = 0xFFFFFFFF
+JHASH_INITVAL = 0xDEADBEEF
+
+
+def _rol(x: int, r: int) -> int:
+    return ((x << r) | (x >> (32 - r))) & _M32
+
+
+def jhash_words(words: Sequence[int], initval: int = 0) -> int:
+    """Linux's ``jhash2`` (include/linux/jhash.h, Bob Jenkins' lookup3) of 32-bit words: 32 bits.
+
+    The hash the kernel data plane computes too (director/dataplane/tc/glb_tc.bpf.c
+    ``jhash_words``): the two must stay bit-identical, which
+    tests/director/dataplane/test_kernel_golden.py checks through the program.
+    """
+    n = len(words)
+    a = b = c = (JHASH_INITVAL + (n << 2) + initval) & _M32
+    i = 0
+    while n > 3:
+        a = (a + words[i]) & _M32
+        b = (b + words[i + 1]) & _M32
+        c = (c + words[i + 2]) & _M32
+        a = (a - c) & _M32; a ^= _rol(c, 4); c = (c + b) & _M32  # noqa: E702
+        b = (b - a) & _M32; b ^= _rol(a, 6); a = (a + c) & _M32  # noqa: E702
+        c = (c - b) & _M32; c ^= _rol(b, 8); b = (b + a) & _M32  # noqa: E702
+        a = (a - c) & _M32; a ^= _rol(c, 16); c = (c + b) & _M32  # noqa: E702
+        b = (b - a) & _M32; b ^= _rol(a, 19); a = (a + c) & _M32  # noqa: E702
+        c = (c - b) & _M32; c ^= _rol(b, 4); b = (b + a) & _M32  # noqa: E702
+        n -= 3
+        i += 3
+    if n == 0:
+        return c
+    if n == 3:
+        c = (c + words[i + 2]) & _M32
+    if n >= 2:
+        b = (b + words[i + 1]) & _M32
+    a = (a + words[i]) & _M32
+    c ^= b; c = (c - _rol(b, 14)) & _M32  # noqa: E702
+    a ^= c; a = (a - _rol(c, 11)) & _M32  # noqa: E702
+    b ^= a; b = (b - _rol(a, 25)) & _M32  # noqa: E702
+    c ^= b; c = (c - _rol(b, 16)) & _M32  # noqa: E702
+    a ^= c; a = (a - _rol(c, 4)) & _M32  # noqa: E702
+    b ^= a; b = (b - _rol(a, 14)) & _M32  # noqa: E702
+    c ^= b; c = (c - _rol(b, 24)) & _M32  # noqa: E702
+    return c
+
+
+def client_hash(addr: bytes, port: int | None, seed: int) -> int:
+    """jhash of a packed address's big-endian 32-bit words (and the port as one more word): 32 bits.
+
+    Maglev's per-flow hash (the table itself is built with :func:`hash64`):
+    words, not bytes, so the kernel hashes the address it loaded as it is.
+    """
+    words = list(struct.unpack(f"!{len(addr) // 4}I", addr))
+    if port is not None:
+        words.append(port)
+    return jhash_words(words, seed)
 
 
 def is_prime(n: int) -> bool:
