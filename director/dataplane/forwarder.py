@@ -60,7 +60,7 @@ from director.dataplane.codec import (
 )
 from director.control.health import PER_SERVICE, ServerKey, ServiceHealth
 from director.dataplane.actions import MacRewrite
-from director.dataplane.conntable import Conn, ConnTable, FragmentTable
+from director.dataplane.conntable import ESTABLISHED, UDP, Conn, ConnTable, FragmentTable
 from director.dataplane.counters import CountTable
 from director.dataplane.scheduler import Dest, Persistence, Scheduler, make_scheduler
 from director.control.spill import spill_service
@@ -662,6 +662,10 @@ class Forwarder:
             self.drops[Drop.NO_SERVICE] += 1
             return None
         svc, label = hit
+        if self.kernel is not None and self.kernel.schedules(svc.plan):
+            c = self._adopt(p, now)  # the kernel may have scheduled it (glb_tc.bpf.c new_flow)
+            if c is not None:
+                return c
         if p.proto == 6 and not p.flags & TCP_SYN and not svc.stateless:
             c = self._adopt(p, now) if self.kernel is not None else None
             if c is None:
@@ -717,6 +721,21 @@ class Forwarder:
         route, dest, state, expires = got
         self.table.install(p.key, dest, state, expires, now, tag=route, rkey=reply_key(p.key, dest))
         return self.table.lookup(p.key, p.flags, now)
+
+    def take(self, key: bytes, route: Route, dest: ServerDest, state: int, expires: float, now: float) -> None:
+        """Track a flow the kernel scheduled and forwards (KernelSync.sweep found it), so it counts on its
+        server and reaches a backup: a UDP flow confirmed (its packets never come here), a TCP one as it is
+        (its handshake's ACK still comes here and confirms it)."""
+        confirmed = state in (ESTABLISHED, UDP)
+        c = self.table.install(key, dest, state, expires, now, confirmed=confirmed, tag=route)
+        if confirmed and self.table.changed is not None:
+            self.table.changed(c)
+
+    def vip_schedulers(self) -> Iterable[tuple[ServicePlan, VipPlan, Scheduler | None]]:
+        """(service, owned VIP, the scheduler of the VIP's family) for every VIP of the plan."""
+        for svc in self._services.values():
+            for v in svc.plan.vips:
+                yield svc.plan, v, svc.sched4 if len(v.address) == 4 else svc.sched6
 
     def route(self, server: ServerKey, label: str) -> Route:
         """The Route of a server and a VIP label, made the first time."""

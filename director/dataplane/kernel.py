@@ -214,6 +214,11 @@ class KernelTables:
         packets, nbytes = km.sum_percpu(v, km.COUNTER.size, km.COUNTER)
         return packets, nbytes
 
+    def route_new(self, index: int) -> int:
+        """New flows the kernel scheduled along a route, summed over CPUs."""
+        v = self.maps.lookup("route_new", km.U32.pack(index))
+        return km.sum_percpu(v, km.U64.size, km.U64)[0] if v is not None else 0
+
     def reasons(self) -> dict[str, int]:
         """Packets per :data:`~director.dataplane.kernelmaps.REASONS` entry, summed over CPUs."""
         out = {}
@@ -264,16 +269,24 @@ class KernelSync:
         """Where :meth:`sweep` goes on reading ``conns`` (None: from the start)."""
         self.pending: dict[bytes, bytes | None] = {}
         """``conns`` key -> the flow value to install, or None to remove; written by :meth:`flush`."""
+        self._counted_new: dict[int, int] = {}
+        """route index -> the new flows the kernel had scheduled along it when last folded."""
+        self._svcs: dict[bytes, tuple[int, bytes]] = {}
+        """``services`` key -> (its table's number, the value written): the lookup tables in the kernel."""
+        self._chunks: dict[bytes, bytes] | None = None
+        """``slots`` key -> the chunk written; None until the first plan (then read back: a predecessor's)."""
 
     def _register(self, index: int, route, dest) -> None:
         if index not in self._counted:  # what the kernel counted before (a predecessor's) is not ours
             self._counted[index] = self.tables.route_counters(index)
+            self._counted_new[index] = self.tables.route_new(index)
         self._routes[index] = (route, dest)
 
     def _route_value(self, index: int) -> bytes | None:
         """The route's entry if it differs from what was last written."""
         route, dest = self._routes[index]
-        value = km.route_value(dest.tx, dest.available and route.live, self.ifindex)
+        value = km.route_value(dest.tx, dest.available and route.live, self.ifindex,
+                               new=dest.available and dest.weight > 0)
         return None if self._written.get(index) == value else value
 
     def _write_routes(self, indexes: Iterable[int]) -> None:
@@ -281,16 +294,27 @@ class KernelSync:
         self.tables.maps.update_batch("routes", [(km.U32.pack(i), v) for i, v in batch])
         self._written.update(batch)
 
-    def flow(self, c) -> None:
-        route = c.tag
-        if not c.confirmed or route is None:
-            return
+    def _route_of(self, route, dest) -> tuple[int, bool]:
+        """The kernel's index of a forwarder Route to ``dest``, and whether it was (re)registered now."""
         index = self._index.get(route)
         if index is None:
             index = self._index[route] = self.tables.route_index(route)
         known = self._routes.get(index)
-        if known is None or known[0] is not route or known[1] is not c.dest:
-            self._register(index, route, c.dest)
+        if known is None or known[0] is not route or known[1] is not dest:
+            self._register(index, route, dest)
+            return index, True
+        return index, False
+
+    def schedules(self, plan) -> bool:
+        """Whether the kernel may have scheduled a new flow of this service (a forwarder ServicePlan)."""
+        return km.kernel_schedules(plan)
+
+    def flow(self, c) -> None:
+        route = c.tag
+        if not c.confirmed or route is None:
+            return
+        index, new = self._route_of(route, c.dest)
+        if new:
             self._write_routes((index,))  # later changes to it come with plans (plan_applied)
         self.pending[self.tables.kernel_key(c.key)] = km.flow_value(index, c.state, c.expires)
 
@@ -321,7 +345,11 @@ class KernelSync:
 
     def plan_applied(self, vips: Iterable[bytes], fwd: Any = None) -> None:
         """The forwarder ``fwd`` took a new plan. When the maps hold routes this director has not
-        registered (a predecessor's), those still in the plan are registered, the others turned off."""
+        registered (a predecessor's), those still in the plan are registered, the others turned off.
+        The lookup tables of the services the kernel schedules follow (:meth:`_lookup_tables`)."""
+        lookup = self._lookup_tables(fwd) if fwd is not None else None
+        if lookup is not None:  # tables no longer wanted go before the VIPs change
+            self._write_lookup(lookup, stale_only=True)
         self.tables.set_vips(vips)
         strays = set(self.tables._route_ids.values()) - self._routes.keys() - self._off
         if strays and fwd is not None:
@@ -336,24 +364,96 @@ class KernelSync:
             self.tables.maps.update_batch("routes", [(km.U32.pack(i), km.route_value(None, False)) for i in off])
             self._off |= off
         self._write_routes(list(self._routes))
+        if lookup is not None:
+            self._write_lookup(lookup)
 
-    def sweep(self, now: float, holds, budget: int = 1024) -> int:
+    def _lookup_tables(self, fwd: Any) -> dict[bytes, tuple[bytes, dict[bytes, bytes]]]:
+        """``services`` key -> (its value, its ``slots`` chunks) for every VIP whose service the kernel
+        schedules: the scheduler's table with each server as the route index of (server, VIP). Registers
+        those routes (written with the rest by plan_applied). A table keeps its number while its kind and
+        size stay, so an update only rewrites the slots that changed."""
+        out = {}
+        for sp, v, sched in fwd.vip_schedulers():
+            if sched is None or not km.kernel_schedules(sp) or getattr(sched, "port", False):
+                continue
+            key = km.svc_key(self.tables.vip_id(v.address), v.port, v.proto)
+            indexes: dict[int, int] = {}
+            routes = []
+            for d in sched.lookup_table():
+                if d is None:
+                    routes.append(km.NO_ROUTE)
+                    continue
+                i = indexes.get(id(d))
+                if i is None:
+                    i = indexes[id(d)] = self._route_of(fwd.route(d.key, v.label), d)[0]
+                routes.append(i)
+            old = self._svcs.get(key)
+            value = km.svc_value(sp.scheduler, 0, len(routes))
+            if old is not None and old[1][4:] != value[4:]:
+                old = None  # another kind or size: a new table, so no packet reads a half-written one
+            taken = {t for k, (t, _) in self._svcs.items() if k != key} | {t for t, _, _ in out.values()}
+            table = old[0] if old is not None else next(t for t in range(len(taken) + 1) if t not in taken)
+            out[key] = (table, km.svc_value(sp.scheduler, table, len(routes)), km.slot_chunks(table, routes))
+        return {k: (value, chunks) for k, (_, value, chunks) in out.items()}
+
+    def _write_lookup(self, lookup: dict[bytes, tuple[bytes, dict[bytes, bytes]]], stale_only: bool = False) -> None:
+        """Bring ``services`` and ``slots`` to ``lookup``: only what changed, in one batch each; a table's
+        chunks before its ``services`` entry, a removed entry before its chunks."""
+        maps = self.tables.maps
+        if self._chunks is None:  # maps a predecessor left: whatever this plan does not rewrite goes
+            self._chunks = dict(maps.items("slots"))
+            for k, v in maps.items("services"):
+                self._svcs[k] = (km.SVC.unpack(v)[1], v)
+        gone = [k for k in self._svcs if k not in lookup]
+        if gone:
+            maps.delete_batch("services", gone)
+            for k in gone:
+                del self._svcs[k]
+        if stale_only:
+            return
+        want = {ck: cv for _, chunks in lookup.values() for ck, cv in chunks.items()}
+        maps.update_batch("slots", [(k, v) for k, v in want.items() if self._chunks.get(k) != v])
+        changed = [(k, value) for k, (value, _) in lookup.items() if self._svcs.get(k, (0, b""))[1] != value]
+        maps.update_batch("services", changed)
+        for k, value in changed:
+            self._svcs[k] = (km.SVC.unpack(value)[1], value)
+        maps.delete_batch("slots", [k for k in self._chunks if k not in want])
+        self._chunks = want
+
+    def sweep(self, now: float, holds, budget: int = 1024, take=None) -> int:
         """Read the next ``budget`` kernel flows (batched, resuming where the last call stopped) and queue
         for removal the expired ones the connection table does not hold (``holds(key)`` False): a
-        predecessor's flows that never came to Python, which the table's own sweep cannot see. How many."""
+        predecessor's flows that never came to Python, which the table's own sweep cannot see. How many.
+
+        ``take(key, route, dest, state, expires, now)`` is handed each live flow the kernel scheduled
+        (:data:`~director.dataplane.kernelmaps.FLOW_KERNEL`) that the table does not hold yet: so a UDP
+        flow whose packets all stay in the kernel still counts and reaches a backup (Forwarder.take)."""
         entries, self._sweep_token = self.tables.maps.items_batch("conns", self._sweep_token, budget)
         ids = {i: a for a, i in self.tables._vips.items()}
         base = km.ticks(now)
         doomed = 0
         for k, v in entries:
             left = (km.U32.unpack_from(v, 4)[0] - base) & 0xFFFFFFFF  # the kernel's own test, modulo 2^32
-            if 0 < left < 1 << 31 or k in self.pending:
+            if k in self.pending:
+                continue
+            if 0 < left < 1 << 31:
+                if take is not None and v[3] & km.FLOW_KERNEL:
+                    self._take(k, v, ids, holds, take, now)
                 continue
             key = km.conn_key(k, ids)
             if key is None or not holds(key):
                 self.pending[k] = None
                 doomed += 1
         return doomed
+
+    def _take(self, k: bytes, v: bytes, ids: dict[int, bytes], holds, take, now: float) -> None:
+        key = km.conn_key(k, ids)
+        if key is None or holds(key):
+            return
+        index, state, expires = km.parse_flow_value(v, now)
+        known = self._routes.get(index)
+        if known is not None:
+            take(key, known[0], known[1], state, expires, now)
 
     def fold_counters(self) -> None:
         for index, (route, _) in self._routes.items():
@@ -362,6 +462,9 @@ class KernelSync:
             route.packets += packets - p0
             route.bytes += nbytes - b0
             self._counted[index] = (packets, nbytes)
+            made = self.tables.route_new(index)
+            route.conns += made - self._counted_new.get(index, 0)
+            self._counted_new[index] = made
 
 
 def bpffs(path: Path) -> bool:

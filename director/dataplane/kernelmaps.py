@@ -29,6 +29,15 @@ Maps (names as in the C file):
   not live, so its id and flows are still there if it comes back.
 * ``slowpath`` (one-element array): the ifindex of the veth the engine reads,
   where those go (0: none; everything left goes to the host).
+* ``services`` (hash): :func:`svc_key` (VIP id, port, protocol) ->
+  :func:`svc_value` (scheduler kind, table number, slots) for every VIP whose
+  service the kernel schedules new flows of (:func:`kernel_schedules`: mh,
+  sh, dh; DR or TUN; no persistence; not spilling). ``slots`` (hash, not
+  preallocated): (table, chunk) -> :data:`SLOT_CHUNK` route indexes, the
+  scheduler's lookup table (:func:`slot_chunks`). A route's
+  :data:`ROUTE_NEW` says whether its server takes new flows; a flow the
+  kernel made carries :data:`FLOW_KERNEL` until Python adopts it.
+  ``route_new`` (per-CPU array): route index -> new flows the kernel made.
 * ``layout`` (one-element array) and ``route_ids`` (array): Python's alone,
   pinned with the rest. :func:`layout_id` says whether pinned maps can be
   reused; :func:`route_id` is a route's identity (its server and VIP), so a
@@ -48,6 +57,8 @@ STATES = 16
 
 MODE_NONE, MODE_DR, MODE_TUN = 0, 1, 2
 ROUTE_LIVE = 1
+ROUTE_NEW = 2
+"""The route's server takes new flows (available, weight > 0): the kernel may schedule onto it."""
 
 REASONS = (
     "forwarded_dr",
@@ -62,6 +73,7 @@ REASONS = (
     "pass_family",
     "error",
     "pass_other_host",
+    "new_flow",
 )
 """What happened to each packet the program saw, in the C ``enum reason`` order:
 forwarded by the kernel, or passed to the userspace engine and why."""
@@ -85,6 +97,19 @@ TIMEOUTS = struct.Struct(f"={STATES}Q")
 U16 = struct.Struct("=H")
 U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")
+SVC_KEY = struct.Struct("=H2sB3x")
+SVC = struct.Struct("=B3xII")
+SLOT_KEY = struct.Struct("=II")
+SLOT_CHUNK = 256
+"""Slots per ``slots`` entry (a Maglev table of 65537 slots is 257 of them)."""
+SLOTS = struct.Struct(f"={SLOT_CHUNK}H")
+NO_ROUTE = 0xFFFF
+"""A slot no server owns."""
+FLOW_KERNEL = 1
+"""A ``conns`` value's fourth byte: the kernel made this flow and Python has not adopted it yet."""
+SCHED_KINDS = {"mh": 1, "sh": 2, "dh": 3}
+"""The schedulers whose new flows the kernel computes (glb_tc.bpf.c SCHED_*)."""
+KERNEL_MODES = frozenset({"dr", "tun"})
 
 MAPS = {
     "conns": (FLOW_KEY.size, FLOW_VALUE.size),
@@ -98,16 +123,19 @@ MAPS = {
     "slowpath": (U32.size, U32.size),
     "layout": (U32.size, U64.size),
     "route_ids": (U32.size, U64.size),
+    "services": (SVC_KEY.size, SVC.size),
+    "slots": (SLOT_KEY.size, SLOTS.size),
+    "route_new": (U32.size, U64.size),
 }
 """Map name -> (key size, value size), as the C structs must have them."""
 
-PERCPU_MAPS = frozenset({"route_counters", "reasons", "ident"})
+PERCPU_MAPS = frozenset({"route_counters", "reasons", "ident", "route_new"})
 """Per-CPU maps: a lookup returns one 8-byte-aligned value per CPU, an update takes as many."""
 MAX_ROUTES = 65536
 ZERO = U32.pack(0)
 
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 """Bump when a map keeps its sizes but changes meaning: pinned maps of another version are rebuilt."""
 
 
@@ -200,15 +228,15 @@ def parse_flow_value(value: bytes, now: float) -> tuple[int, int, float]:
     return route, state, (base + delta) * TICK
 
 
-def route_value(tx: Any, live: bool, ifindex: int = 0) -> bytes:
+def route_value(tx: Any, live: bool, ifindex: int = 0, new: bool = False) -> bytes:
     """A route's entry for a transmit object (director/modes/): DR's 12 MAC bytes or a TUN tunnel.
 
     ``live``: the server is available and the VIP in the plan (``Dest.available``
     and ``Route.live``). ``tx`` None (unreachable) or a mode the kernel does not
     do gives a route the kernel always passes to userspace. ``ifindex`` 0: out
-    of the interface the packet came in on.
+    of the interface the packet came in on. ``new``: it takes new flows (:data:`ROUTE_NEW`).
     """
-    flags = ROUTE_LIVE if live else 0
+    flags = (ROUTE_LIVE | (ROUTE_NEW if new else 0)) if live else 0
     empty = bytes(16)
     if isinstance(tx, bytes) and len(tx) == 12:
         return ROUTE.pack(tx[:6], tx[6:], MODE_DR, 0, flags, ifindex, 0, 0, empty, empty)
@@ -245,3 +273,28 @@ def percpu(value: bytes, size: int, cpus: int) -> bytes:
     """The same value for every CPU, as a per-CPU map update takes it."""
     stride = (size + 7) & ~7
     return value.ljust(stride, b"\0") * cpus
+
+
+def kernel_schedules(sp: Any) -> bool:
+    """Whether the kernel may schedule a service's new flows (a forwarder ``ServicePlan``): a hash
+    scheduler (:data:`SCHED_KINDS`), DR or TUN, no persistence (templates stay Python's), not spilling."""
+    return (sp.scheduler in SCHED_KINDS and sp.forwarding in KERNEL_MODES and sp.persistence is None
+            and (sp.spill is None or not sp.spill.active))
+
+
+def svc_key(vid: int, port: int, proto: int) -> bytes:
+    """A ``services`` key: the VIP's id, its port (network order), the protocol."""
+    return SVC_KEY.pack(vid, port.to_bytes(2, "big"), proto)
+
+
+def svc_value(kind: str, table: int, size: int) -> bytes:
+    return SVC.pack(SCHED_KINDS[kind], table, size)
+
+
+def slot_chunks(table: int, routes: list[int]) -> dict[bytes, bytes]:
+    """A lookup table (slot -> route index, :data:`NO_ROUTE` for none) as ``slots`` entries."""
+    out = {}
+    for start in range(0, len(routes), SLOT_CHUNK):
+        part = routes[start:start + SLOT_CHUNK]
+        out[SLOT_KEY.pack(table, start // SLOT_CHUNK)] = SLOTS.pack(*part, *([NO_ROUTE] * (SLOT_CHUNK - len(part))))
+    return out
