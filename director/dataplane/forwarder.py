@@ -723,9 +723,14 @@ class Forwarder:
         return self.table.lookup(p.key, p.flags, now)
 
     def take(self, key: bytes, route: Route, dest: ServerDest, state: int, expires: float, now: float) -> None:
-        """Track a flow the kernel scheduled and forwards (KernelSync.sweep found it), so it counts on its
-        server and reaches a backup: a UDP flow confirmed (its packets never come here), a TCP one as it is
-        (its handshake's ACK still comes here and confirms it)."""
+        """Track a flow the kernel scheduled or moved to another state (KernelSync.sweep found it), so it
+        counts on its server in its state and reaches a backup: a new one confirmed once ESTABLISHED (or
+        UDP: its packets never come here), a known one following the kernel's state."""
+        known = self.table.get(key)
+        if known is not None:
+            if known.dest is dest:
+                self.table.follow(known, state, expires)
+            return
         confirmed = state in (ESTABLISHED, UDP)
         c = self.table.install(key, dest, state, expires, now, confirmed=confirmed, tag=route)
         if confirmed and self.table.changed is not None:

@@ -273,6 +273,8 @@ class KernelSync:
         """route index -> the new flows the kernel had scheduled along it when last folded."""
         self._svcs: dict[bytes, tuple[int, bytes]] = {}
         """``services`` key -> (its table's number, the value written): the lookup tables in the kernel."""
+        self._tracked: frozenset[str] = frozenset()
+        """The services whose new flows and TCP state changes the kernel handles (as of the last plan)."""
         self._chunks: dict[bytes, bytes] | None = None
         """``slots`` key -> the chunk written; None until the first plan (then read back: a predecessor's)."""
 
@@ -286,7 +288,7 @@ class KernelSync:
         """The route's entry if it differs from what was last written."""
         route, dest = self._routes[index]
         value = km.route_value(dest.tx, dest.available and route.live, self.ifindex,
-                               new=dest.available and dest.weight > 0)
+                               new=dest.available and dest.weight > 0, track=route.server.service in self._tracked)
         return None if self._written.get(index) == value else value
 
     def _write_routes(self, indexes: Iterable[int]) -> None:
@@ -373,9 +375,11 @@ class KernelSync:
         those routes (written with the rest by plan_applied). A table keeps its number while its kind and
         size stay, so an update only rewrites the slots that changed."""
         out = {}
+        tracked = set()
         for sp, v, sched in fwd.vip_schedulers():
             if sched is None or not km.kernel_schedules(sp) or getattr(sched, "port", False):
                 continue
+            tracked.add(sp.name)
             key = km.svc_key(self.tables.vip_id(v.address), v.port, v.proto)
             indexes: dict[int, int] = {}
             routes = []
@@ -394,6 +398,7 @@ class KernelSync:
             taken = {t for k, (t, _) in self._svcs.items() if k != key} | {t for t, _, _ in out.values()}
             table = old[0] if old is not None else next(t for t in range(len(taken) + 1) if t not in taken)
             out[key] = (table, km.svc_value(sp.scheduler, table, len(routes)), km.slot_chunks(table, routes))
+        self._tracked = frozenset(tracked)
         return {k: (value, chunks) for k, (_, value, chunks) in out.items()}
 
     def _write_lookup(self, lookup: dict[bytes, tuple[bytes, dict[bytes, bytes]]], stale_only: bool = False) -> None:
@@ -425,9 +430,10 @@ class KernelSync:
         for removal the expired ones the connection table does not hold (``holds(key)`` False): a
         predecessor's flows that never came to Python, which the table's own sweep cannot see. How many.
 
-        ``take(key, route, dest, state, expires, now)`` is handed each live flow the kernel scheduled
-        (:data:`~director.dataplane.kernelmaps.FLOW_KERNEL`) that the table does not hold yet: so a UDP
-        flow whose packets all stay in the kernel still counts and reaches a backup (Forwarder.take)."""
+        ``take(key, route, dest, state, expires, now)`` is handed each live flow the kernel scheduled or
+        moved to another state (:data:`~director.dataplane.kernelmaps.FLOW_KERNEL`): so a flow whose
+        packets all stay in the kernel still counts, on its server in its state, and reaches a backup
+        (Forwarder.take)."""
         entries, self._sweep_token = self.tables.maps.items_batch("conns", self._sweep_token, budget)
         ids = {i: a for a, i in self.tables._vips.items()}
         base = km.ticks(now)
@@ -448,7 +454,7 @@ class KernelSync:
 
     def _take(self, k: bytes, v: bytes, ids: dict[int, bytes], holds, take, now: float) -> None:
         key = km.conn_key(k, ids)
-        if key is None or holds(key):
+        if key is None:
             return
         index, state, expires = km.parse_flow_value(v, now)
         known = self._routes.get(index)

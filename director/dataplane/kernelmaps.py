@@ -36,7 +36,8 @@ Maps (names as in the C file):
   preallocated): (table, chunk) -> :data:`SLOT_CHUNK` route indexes, the
   scheduler's lookup table (:func:`slot_chunks`). A route's
   :data:`ROUTE_NEW` says whether its server takes new flows; a flow the
-  kernel made carries :data:`FLOW_KERNEL` until Python adopts it.
+  kernel made, or whose TCP state it moved (:data:`ROUTE_TRACK`), carries
+  :data:`FLOW_KERNEL` until Python writes it again.
   ``route_new`` (per-CPU array): route index -> new flows the kernel made.
 * ``layout`` (one-element array) and ``route_ids`` (array): Python's alone,
   pinned with the rest. :func:`layout_id` says whether pinned maps can be
@@ -59,6 +60,9 @@ MODE_NONE, MODE_DR, MODE_TUN = 0, 1, 2
 ROUTE_LIVE = 1
 ROUTE_NEW = 2
 """The route's server takes new flows (available, weight > 0): the kernel may schedule onto it."""
+ROUTE_TRACK = 4
+"""The kernel applies the TCP state changes of the route's flows (a service it schedules: no counts to keep
+exact for lc/wlc); Python reads them back in its sweep."""
 
 REASONS = (
     "forwarded_dr",
@@ -74,6 +78,7 @@ REASONS = (
     "error",
     "pass_other_host",
     "new_flow",
+    "state_tracked",
 )
 """What happened to each packet the program saw, in the C ``enum reason`` order:
 forwarded by the kernel, or passed to the userspace engine and why."""
@@ -106,7 +111,7 @@ SLOTS = struct.Struct(f"={SLOT_CHUNK}H")
 NO_ROUTE = 0xFFFF
 """A slot no server owns."""
 FLOW_KERNEL = 1
-"""A ``conns`` value's fourth byte: the kernel made this flow and Python has not adopted it yet."""
+"""A ``conns`` value's fourth byte: the kernel made this flow or changed its state since Python last wrote it."""
 SCHED_KINDS = {"mh": 1, "sh": 2, "dh": 3}
 """The schedulers whose new flows the kernel computes (glb_tc.bpf.c SCHED_*)."""
 KERNEL_MODES = frozenset({"dr", "tun"})
@@ -228,15 +233,16 @@ def parse_flow_value(value: bytes, now: float) -> tuple[int, int, float]:
     return route, state, (base + delta) * TICK
 
 
-def route_value(tx: Any, live: bool, ifindex: int = 0, new: bool = False) -> bytes:
+def route_value(tx: Any, live: bool, ifindex: int = 0, new: bool = False, track: bool = False) -> bytes:
     """A route's entry for a transmit object (director/modes/): DR's 12 MAC bytes or a TUN tunnel.
 
     ``live``: the server is available and the VIP in the plan (``Dest.available``
     and ``Route.live``). ``tx`` None (unreachable) or a mode the kernel does not
     do gives a route the kernel always passes to userspace. ``ifindex`` 0: out
-    of the interface the packet came in on. ``new``: it takes new flows (:data:`ROUTE_NEW`).
+    of the interface the packet came in on. ``new``: it takes new flows (:data:`ROUTE_NEW`); ``track``:
+    the kernel applies its flows' state changes (:data:`ROUTE_TRACK`).
     """
-    flags = (ROUTE_LIVE | (ROUTE_NEW if new else 0)) if live else 0
+    flags = (ROUTE_LIVE | (ROUTE_NEW if new else 0) | (ROUTE_TRACK if track else 0)) if live else 0
     empty = bytes(16)
     if isinstance(tx, bytes) and len(tx) == 12:
         return ROUTE.pack(tx[:6], tx[6:], MODE_DR, 0, flags, ifindex, 0, 0, empty, empty)

@@ -3,8 +3,10 @@
 Client (with many addresses), director and three DR real servers on one
 bridge, `glb director` with ``dataplane: kernel``. Every new connection's
 SYN is scheduled and forwarded by the tc program (the kernel's ``new_flow``
-counter), each client address lands where Python's Maglev puts it, and a
-drained server takes no new connection while the others keep theirs.
+counter) and its state changes applied there (``state_tracked``), each
+client address lands where Python's Maglev puts it, Python's sweep then
+counts the connections, and a drained server takes no new connection while
+the others keep theirs.
 """
 
 from __future__ import annotations
@@ -108,10 +110,17 @@ def test_new_connections_are_scheduled_in_the_kernel_where_python_would(lab):
     assert len(set(got.values())) == 3  # spread over every server
     # Each connection's SYN was scheduled by the tc program, not the engine ...
     assert _settled(d, "new_flow", before + len(CLIENTS)) - before == len(CLIENTS)
-    # ... counted once as a new connection, and tracked by Python from its handshake's ACK on (/status).
+    # ... counted once as a new connection, and tracked by Python once its sweep read them (/status).
     assert _vip_connections(d) - opened == len(CLIENTS)
-    tracked = sum(rs["active_conns"] + rs["inactive_conns"] for rs in d.servers().values())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        tracked = sum(rs["active_conns"] + rs["inactive_conns"] for rs in d.servers().values())
+        if tracked >= len(CLIENTS):
+            break
+        time.sleep(0.2)
     assert tracked >= len(CLIENTS)
+    # Their handshakes and closes were the kernel's too.
+    assert _kernel(d).get("state_tracked", 0) >= 2 * len(CLIENTS)
 
 
 def test_a_drained_server_gets_no_new_connection_and_the_others_keep_their_clients(lab):

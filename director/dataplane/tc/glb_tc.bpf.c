@@ -13,7 +13,9 @@
  * (see leave()), or to the host when it is not the engine's: new flows and
  * every scheduler, state changes, ICMP, ARP/NDP, fragments, packets too big
  * for the tunnel. New flows of mh, sh and dh are the exception: the program
- * schedules those itself from Python's lookup tables (see new_flow()). tests/director/dataplane/test_kernel_golden.py holds this file to
+ * schedules those itself from Python's lookup tables (see new_flow()), and
+ * applies the TCP state changes of their flows (ROUTE_TRACK) but a SYN
+ * reusing a closing flow. tests/director/dataplane/test_kernel_golden.py holds this file to
  * the golden table and to the Python forwarder with BPF_PROG_TEST_RUN.
  *
  * The map layout is director/dataplane/kernelmaps.py's: keep both in step
@@ -36,6 +38,7 @@
 #define MODE_TUN 2
 
 #define ROUTE_LIVE 1 /* the server is available and its VIP in the plan */
+#define ROUTE_TRACK 4 /* the program applies its flows' TCP state changes (a service it schedules) */
 
 /* IPVS's 11 TCP states and UDP; rows for 16 so that an index is bounded by a mask */
 #define STATES 16
@@ -56,6 +59,7 @@ enum reason {
 	R_ERROR,         /* a helper failed: userspace gets the (untouched) packet */
 	R_OTHER_HOST,    /* for another host's MAC (promiscuous mode, a flooding switch): never ours */
 	R_NEW,           /* a new flow the program scheduled (mh, sh, dh) and installed; also counted forwarded */
+	R_TRACKED,       /* a TCP state change the program applied (ROUTE_TRACK); also counted forwarded */
 	R_MAX,
 };
 
@@ -327,6 +331,7 @@ struct pkt {
 	__u8 ttl;     /* TTL / hop limit */
 	__u16 frag_off;
 	__u8 live;    /* the destination is a live VIP (key.vip set) */
+	__u8 next;    /* the flow's state after this packet (a change only on a ROUTE_TRACK route) */
 };
 
 /*
@@ -403,10 +408,13 @@ static __always_inline __u32 decide(struct __sk_buff *skb, struct pkt *p, __u64 
 	struct next_state *ns = bpf_map_lookup_elem(&next_state, &zero);
 	if (!ns)
 		return R_ERROR;
-	if (ns->next[state * 256 + p->flags] != state)
-		return R_STATE;
+	__u8 next = ns->next[state * 256 + p->flags];
 	*ri = f->route;
 	struct route *r = bpf_map_lookup_elem(&routes, ri);
+	/* a state change is Python's unless the route says the program tracks it (not a SYN reusing the flow) */
+	if (next != state && (next >= STATES || !r || !(r->flags & ROUTE_TRACK)))
+		return R_STATE;
+	p->next = next;
 	if (!r || !(r->flags & ROUTE_LIVE) || r->mode == MODE_NONE)
 		return R_ROUTE_DOWN;
 	if (r->mode == MODE_TUN && p->family != r->family)
@@ -435,7 +443,7 @@ static __always_inline __u32 decide(struct __sk_buff *skb, struct pkt *p, __u64 
  * `conns`), so /status, connection sync and adoption still see it.
  */
 #define ROUTE_NEW 2      /* the server takes new flows (available, weight > 0) */
-#define FLOW_KERNEL 1    /* struct flow's pad: made here, not (yet) known to Python */
+#define FLOW_KERNEL 1    /* struct flow's pad: made or moved to another state here; Python's view may lag */
 #define SCHED_MH 1
 #define SCHED_SH 2
 #define SCHED_DH 3
@@ -718,8 +726,15 @@ int glb_ingress(struct __sk_buff *skb)
 	if (!to)
 		return count(R_ERROR, leave(skb));
 	/* Decided: refresh the expiry as ConnTable.refresh does (a new flow got its own). */
-	if (f)
+	if (f) {
+		if (p.next != f->state) {
+			/* ConnTable._transition's, in the kernel: Python reads it back in its sweep (FLOW_KERNEL) */
+			f->state = p.next;
+			f->pad = FLOW_KERNEL;
+			count(R_TRACKED, 0);
+		}
 		f->expires = (__u32)((now + to->ns[f->state & (STATES - 1)]) >> TICK_SHIFT);
+	}
 	int verdict = why == R_DR ? forward_dr(skb, r)
 				  : forward_tun(skb, r, p.total, p.family, p.tos, p.ttl, p.frag_off);
 	if (verdict == TC_ACT_OK)

@@ -5,8 +5,9 @@ KernelSync.plan_applied) must send the same client to the same server: many
 random flows, IPv4 and IPv6, TCP and UDP, through BPF_PROG_TEST_RUN. Where
 the slot's server cannot take new flows (weight 0, down) the kernel leaves
 the packet to Python, whose fallback walk decides. Python then knows the
-kernel's flows: a TCP flow when its handshake's ACK comes up (adopted), a
-UDP one when the sweep reads it (Forwarder.take).
+kernel's flows and the TCP state changes the kernel applies to them when
+the sweep reads them (Forwarder.take), or when a packet the kernel leaves
+brings one up (adopted).
 
 Needs root and BPF: skipped otherwise, failed under CI=true.
 """
@@ -29,7 +30,7 @@ from scapy.packet import Raw  # noqa: E402
 from director.control.health import ServerKey  # noqa: E402
 from director.dataplane import codec  # noqa: E402
 from director.dataplane import kernelmaps as km  # noqa: E402
-from director.dataplane.conntable import ESTABLISHED, SYN_RECV, UDP as S_UDP  # noqa: E402
+from director.dataplane.conntable import ESTABLISHED, FIN_WAIT, SYN_RECV, UDP as S_UDP  # noqa: E402
 from director.dataplane.forwarder import Forwarder, Plan, ServerPlan, ServicePlan, VipPlan  # noqa: E402
 from director.dataplane.kernel import KernelSync, KernelTables  # noqa: E402
 from director.dataplane.scheduler import _GOLDEN, MH_SEED, _fold  # noqa: E402
@@ -165,33 +166,63 @@ def test_what_the_kernel_leaves_to_python(bpf):
     assert d.bpf.keys("services") == []
 
 
-def test_python_adopts_the_kernel_s_flows(bpf):
+def test_python_follows_the_kernel_s_flows_and_states(bpf):
     d = Director(bpf, _plan("mh"))
     now = time.monotonic()
     ip = IP(src="198.51.100.7", dst=VIP4)
+    key = codec.flow_key(6, packed("198.51.100.7"), packed(VIP4), 4000, 80)
+    synced = []
+    d.f.table.changed = synced.append
+
+    def sweep():
+        d.sync.sweep(now, d.f.table.__contains__, take=d.f.take)
+
     rc, _, _ = d.run(frame(ip / TCP(sport=4000, dport=80, flags="S")))
     assert rc == km.TC_ACT_REDIRECT and len(d.f.table) == 0
-    # The handshake's ACK changes the state: the kernel leaves it, Python takes the flow over.
-    ack = frame(ip / TCP(sport=4000, dport=80, flags="A"))
-    assert d.run(ack)[2] == {"pass_state_change": 1}
-    assert d.f.forward(memoryview(bytearray(ack)), now) is not None
-    key = codec.flow_key(6, packed("198.51.100.7"), packed(VIP4), 4000, 80)
+    sweep()  # the sweep hands Python the kernel's new flow, unconfirmed as a SYN is
     c = d.f.table.get(key)
-    assert c.state == ESTABLISHED and c.confirmed and c.dest.counts.active == 1
-    d.sync.flush()
-    assert d.bpf.lookup("conns", d.tables.kernel_key(key))[3] == 0  # Python's now
-    assert d.run(ack)[2] == {"forwarded_dr": 1}
-    # A UDP flow's packets all stay in the kernel: the sweep hands it to Python.
+    assert c.state == SYN_RECV and not c.confirmed and c.dest.counts.inactive == 1 and synced == []
+    # The handshake's ACK: the kernel applies the state change (a service it schedules) ...
+    assert d.run(frame(ip / TCP(sport=4000, dport=80, flags="A")))[2] == {"state_tracked": 1, "forwarded_dr": 1}
+    assert d.tables.flow(key, now)[1] == ESTABLISHED
+    sweep()  # ... and Python follows: active on its server, confirmed, told to connection sync
+    assert c.state == ESTABLISHED and c.confirmed and c.dest.counts.active == 1 and synced == [c]
+    assert d.run(frame(ip / TCP(sport=4000, dport=80, flags="FA")))[2] == {"state_tracked": 1, "forwarded_dr": 1}
+    sweep()
+    assert c.state == FIN_WAIT and c.dest.counts.active == 0 and c.dest.counts.inactive == 1 and synced == [c, c]
+    # A SYN reusing the closing flow is a new connection: Python's (it reschedules).
+    syn = frame(ip / TCP(sport=4000, dport=80, flags="S"))
+    assert d.run(syn)[2] == {"pass_state_change": 1}
+    assert d.f.forward(memoryview(bytearray(syn)), now) is not None
+    assert d.f.table.get(key) is not c and d.f.table.get(key).state == SYN_RECV
+    # A UDP flow's packets all stay in the kernel: the sweep hands it to Python, confirmed.
     rc, _, _ = d.run(frame(ip / UDP(sport=5000, dport=53) / Raw(b"q")))
     ukey = codec.flow_key(17, packed("198.51.100.7"), packed(VIP4), 5000, 53)
     assert rc == km.TC_ACT_REDIRECT and d.f.table.get(ukey) is None
-    synced = []
-    d.f.table.changed = synced.append
-    d.sync.sweep(now, d.f.table.__contains__, take=d.f.take)
+    sweep()
     u = d.f.table.get(ukey)
-    assert u is not None and u.confirmed and u.state == S_UDP and synced == [u]
+    assert u is not None and u.confirmed and u.state == S_UDP and synced[-1] is u
     d.sync.fold_counters()
-    assert sum(r.conns for r in d.f._routes.values()) == 2  # both counted as new connections
+    # kernel-made: the first SYN and the UDP flow; the reusing SYN was Python's
+    assert sum(r.conns for r in d.f._routes.values()) == 3
+
+
+def test_python_adopts_a_kernel_flow_a_packet_brings_up(bpf):
+    """A packet the kernel leaves (here: its server went down) for a flow Python never swept: adopted."""
+    d = Director(bpf, _plan("mh"))
+    now = time.monotonic()
+    ip = IP(src="198.51.100.7", dst=VIP4)
+    assert d.run(frame(ip / TCP(sport=4000, dport=80, flags="S")))[0] == km.TC_ACT_REDIRECT
+    assert d.run(frame(ip / TCP(sport=4000, dport=80, flags="A")))[0] == km.TC_ACT_REDIRECT
+    key = codec.flow_key(6, packed("198.51.100.7"), packed(VIP4), 4000, 80)
+    route = d.tables.flow(key, now)[0]
+    _, server = d.sync._routes[route]
+    d.apply(_plan("mh", down=(str(ipaddress.ip_address(server.addr)),)))
+    data = frame(ip / TCP(sport=4000, dport=80, flags="A"))
+    assert d.run(data)[2] == {"pass_route_down": 1}
+    d.f.forward(memoryview(bytearray(data)), now)  # on_server_down: keep (still its server's)
+    c = d.f.table.get(key)
+    assert c is not None and c.dest is server and c.state == ESTABLISHED
 
 
 def test_a_plan_change_rewrites_only_what_changed(bpf):
