@@ -62,6 +62,7 @@ from director.control.health import PER_SERVICE, ServerKey, ServiceHealth
 from director.dataplane.actions import MacRewrite
 from director.dataplane.conntable import ESTABLISHED, UDP, Conn, ConnTable, FragmentTable
 from director.dataplane.counters import CountTable
+from director.dataplane.kernelmaps import kernel_schedules
 from director.dataplane.scheduler import Dest, Persistence, Scheduler, make_scheduler
 from director.control.spill import spill_service
 from director.modes import MODES
@@ -291,7 +292,7 @@ class _Service:
     """One service at run time: its schedulers (one per address family), persistence, dests."""
 
     __slots__ = ("plan", "dests", "sched4", "sched6", "persistence", "sorry", "stateless",
-                 "remote", "spill4", "spill6")
+                 "remote", "spill4", "spill6", "kernel_made")
 
     def __init__(self, plan: ServicePlan) -> None:
         self.plan = plan
@@ -306,6 +307,8 @@ class _Service:
         self.persistence: Persistence | None = None
         self.sorry: ServerDest | None = None
         self.stateless = plan.scheduler in STATELESS_SCHEDULERS and plan.persistence is None
+        self.kernel_made = kernel_schedules(plan)
+        """The kernel data plane, if there is one, may have made this service's flows itself."""
 
 
 @dataclass
@@ -601,7 +604,7 @@ class Forwarder:
                         return None
                 if frag == FIRST_FRAGMENT:
                     self.frags.add((p.proto, p.src, p.dst, p.frag_id), c, now)
-            if self.kernel is not None:
+            if self.kernel is not None and c.confirmed:  # only confirmed flows go into the kernel
                 self.kernel.flow(c)
         elif kind == ICMP_ERROR:
             # About a packet the real server sent: its owner gets it. Never creates state.
@@ -662,7 +665,7 @@ class Forwarder:
             self.drops[Drop.NO_SERVICE] += 1
             return None
         svc, label = hit
-        if self.kernel is not None and self.kernel.schedules(svc.plan):
+        if svc.kernel_made and self.kernel is not None:
             c = self._adopt(p, now)  # the kernel may have scheduled it (glb_tc.bpf.c new_flow)
             if c is not None:
                 return c

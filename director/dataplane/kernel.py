@@ -307,16 +307,14 @@ class KernelSync:
             return index, True
         return index, False
 
-    def schedules(self, plan) -> bool:
-        """Whether the kernel may have scheduled a new flow of this service (a forwarder ServicePlan)."""
-        return km.kernel_schedules(plan)
-
     def flow(self, c) -> None:
         route = c.tag
         if not c.confirmed or route is None:
             return
-        index, new = self._route_of(route, c.dest)
-        if new:
+        index = self._index.get(route)
+        known = self._routes.get(index) if index is not None else None
+        if known is None or known[0] is not route or known[1] is not c.dest:  # once per route and server
+            index = self._route_of(route, c.dest)[0]
             self._write_routes((index,))  # later changes to it come with plans (plan_applied)
         self.pending[self.tables.kernel_key(c.key)] = km.flow_value(index, c.state, c.expires)
 
