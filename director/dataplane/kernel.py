@@ -275,6 +275,9 @@ class KernelSync:
         """``services`` key -> (its table's number, the value written): the lookup tables in the kernel."""
         self._tracked: frozenset[str] = frozenset()
         """The services whose new flows and TCP state changes the kernel handles (as of the last plan)."""
+        self._built: dict[bytes, tuple[Any, str, int, dict[bytes, bytes]]] = {}
+        """``services`` key -> (the scheduler's table it was made from, VIP label, table number, chunks):
+        a Maglev table is 65537 slots, so a plan that leaves a scheduler's table alone costs nothing."""
         self._chunks: dict[bytes, bytes] | None = None
         """``slots`` key -> the chunk written; None until the first plan (then read back: a predecessor's)."""
 
@@ -379,25 +382,41 @@ class KernelSync:
                 continue
             tracked.add(sp.name)
             key = km.svc_key(self.tables.vip_id(v.address), v.port, v.proto)
-            indexes: dict[int, int] = {}
-            routes = []
-            for d in sched.lookup_table():
-                if d is None:
-                    routes.append(km.NO_ROUTE)
-                    continue
-                i = indexes.get(id(d))
-                if i is None:
-                    i = indexes[id(d)] = self._route_of(fwd.route(d.key, v.label), d)[0]
-                routes.append(i)
+            slots = sched.lookup_table()
             old = self._svcs.get(key)
-            value = km.svc_value(sp.scheduler, 0, len(routes))
-            if old is not None and old[1][4:] != value[4:]:
-                old = None  # another kind or size: a new table, so no packet reads a half-written one
-            taken = {t for k, (t, _) in self._svcs.items() if k != key} | {t for t, _, _ in out.values()}
-            table = old[0] if old is not None else next(t for t in range(len(taken) + 1) if t not in taken)
-            out[key] = (table, km.svc_value(sp.scheduler, table, len(routes)), km.slot_chunks(table, routes))
+            shape = km.svc_value(sp.scheduler, 0, len(slots))
+            if old is not None and (old[1][:1], old[1][8:]) != (shape[:1], shape[8:]):
+                # another kind or size: a table of another number, so no packet reads a half-written one
+                taken = {t for t, _ in self._svcs.values()} | {t for t, _, _ in out.values()}
+            else:
+                taken = {t for k, (t, _) in self._svcs.items() if k != key} | {t for t, _, _ in out.values()}
+            table = old[0] if old is not None and old[0] not in taken else \
+                next(t for t in range(len(taken) + 1) if t not in taken)
+            built = self._built.get(key)
+            if built is not None and built[0] is slots and built[1:3] == (v.label, table):
+                chunks = built[3]  # the scheduler kept its table (a drain, a down server): the routes did not move
+            else:
+                chunks = km.slot_chunks(table, self._slot_routes(fwd, slots, v.label))
+                self._built[key] = (slots, v.label, table, chunks)
+            out[key] = (table, km.svc_value(sp.scheduler, table, len(slots)), chunks)
+        for k in self._built.keys() - out.keys():
+            del self._built[k]
         self._tracked = frozenset(tracked)
         return {k: (value, chunks) for k, (_, value, chunks) in out.items()}
+
+    def _slot_routes(self, fwd: Any, slots: list, label: str) -> list[int]:
+        """A lookup table of Dests as route indexes (server x the VIP ``label``), registering the routes."""
+        indexes: dict[int, int] = {}
+        routes = []
+        for d in slots:
+            if d is None:
+                routes.append(km.NO_ROUTE)
+                continue
+            i = indexes.get(id(d))
+            if i is None:
+                i = indexes[id(d)] = self._route_of(fwd.route(d.key, label), d)[0]
+            routes.append(i)
+        return routes
 
     def _write_lookup(self, lookup: dict[bytes, tuple[bytes, dict[bytes, bytes]]], stale_only: bool = False) -> None:
         """Bring ``services`` and ``slots`` to ``lookup``: only what changed, in one batch each; a table's
@@ -442,7 +461,7 @@ class KernelSync:
                 continue
             if 0 < left < 1 << 31:
                 if take is not None and v[3] & km.FLOW_KERNEL:
-                    self._take(k, v, ids, holds, take, now)
+                    self._take(k, v, ids, take, now)
                 continue
             key = km.conn_key(k, ids)
             if key is None or not holds(key):
@@ -450,7 +469,7 @@ class KernelSync:
                 doomed += 1
         return doomed
 
-    def _take(self, k: bytes, v: bytes, ids: dict[int, bytes], holds, take, now: float) -> None:
+    def _take(self, k: bytes, v: bytes, ids: dict[int, bytes], take, now: float) -> None:
         key = km.conn_key(k, ids)
         if key is None:
             return

@@ -368,8 +368,9 @@ class _BucketHash(Scheduler):
         super().__init__(dests, family=family)
 
     def lookup_table(self) -> list[Dest | None]:
-        """The 256 buckets, as the kernel data plane reads them (director/dataplane/kernel.py)."""
-        return list(self._buckets)
+        """The 256 buckets, as the kernel data plane reads them (director/dataplane/kernel.py): the same
+        list until the table is rebuilt."""
+        return self._buckets
 
     def _lookup(self, addr: bytes, port: int) -> Dest | None:
         base = (port + _fold(addr)) * _GOLDEN

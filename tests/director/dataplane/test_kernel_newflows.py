@@ -236,5 +236,9 @@ def test_a_plan_change_rewrites_only_what_changed(bpf):
     d.apply(_plan("mh", weights=(1, 2, 2, 1, 1)))  # a new weight: Maglev moves some slots
     after = dict(bpf.items("slots"))
     assert after.keys() == chunks.keys() and after != chunks
+    numbers = {km.SVC.unpack(v)[1] for v in dict(bpf.items("services")).values()}
+    d.apply(_plan("mh", table_size=251))  # another size: tables of other numbers, the old chunks gone
+    assert not numbers & {km.SVC.unpack(v)[1] for v in dict(bpf.items("services")).values()}
+    assert len(bpf.keys("slots")) == 4
     d.apply(_plan("wlc"))
     assert bpf.keys("services") == [] and bpf.keys("slots") == []
