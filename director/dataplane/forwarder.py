@@ -665,8 +665,10 @@ class Forwarder:
             self.drops[Drop.NO_SERVICE] += 1
             return None
         svc, label = hit
-        if svc.kernel_made and self.kernel is not None:
-            c = self._adopt(p, now)  # the kernel may have scheduled it (glb_tc.bpf.c new_flow)
+        if svc.kernel_made and self.kernel is not None and not (p.proto == 6 and p.flags & TCP_SYN):
+            # The kernel may have scheduled it (glb_tc.bpf.c new_flow). Not for a SYN: one the kernel
+            # left opens a connection (or reuses a closing one's ports), scheduled afresh either way.
+            c = self._adopt(p, now)
             if c is not None:
                 return c
         if p.proto == 6 and not p.flags & TCP_SYN and not svc.stateless:

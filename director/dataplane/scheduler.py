@@ -43,6 +43,11 @@ from director.dataplane.counters import Counts
 from glb.errors import SchedulerError
 from glb.hashing import DEFAULT_TABLE_SIZE, client_hash, is_prime, maglev_table
 
+try:  # the same hash in C (~0.3 us against ~5 in Python): mh hashes every new flow's client
+    from director.dataplane._fastpath import client_hash  # noqa: F811
+except ImportError:  # pragma: no cover - built by `pip install` wherever a compiler is
+    pass
+
 _GOLDEN = 2654435761  # IPVS's multiplicative hash constant (Knuth)
 MH_SEED = 16
 """jhash's initval for a client's Maglev slot (the fallback walk uses the next ones); the kernel's too."""
