@@ -15,7 +15,11 @@ SERVERS (default 3) DR servers. Prints one line per variant:
 
 * ``userspace``: no kernel data plane (the forwarder alone);
 * ``kernel, batched``: flows written as the engine writes them;
-* ``kernel, one by one``: a flush per connection (one update syscall each).
+* ``kernel, one by one``: a flush per connection (one update syscall each);
+* ``kernel schedules``: with SCHEDULER mh, sh or dh the tc program itself
+  schedules the SYN, installs the flow and applies the ACK's state change:
+  the program's own run time (``BPF_PROG_TEST_RUN``'s duration) of both,
+  best of 5 rounds; no Python per connection.
 
 The kernel variants need root (the tc program is loaded, not attached).
 """
@@ -96,6 +100,30 @@ def one_round(n: int, round_: int, scheduler: str, servers: int, kernel: str | N
             bpf.close()
 
 
+def kernel_round(n: int, round_: int, scheduler: str, servers: int) -> float:
+    """Seconds the tc program ran to open ``n`` connections itself (SYN + ACK each)."""
+    from director.dataplane import kernelmaps as km
+    from director.dataplane.kernel import KernelSync, KernelTables
+    from director.dataplane.libbpf import LibBpf
+
+    f = Forwarder()
+    f.apply(plan(scheduler, servers))
+    bpf = LibBpf(max_entries={"conns": 2 * n}, sizes=km.MAPS)
+    try:
+        sync = KernelSync(KernelTables(bpf, f.table.timeouts))
+        sync.plan_applied(f.vips, f)
+        ns = 0
+        for syn, ack in frames(n, round_):
+            for frame in (syn, ack):
+                rc, _ = bpf.test_run(bytes(6) + frame[6:])  # to the test device's zero MAC: this host's
+                assert rc == km.TC_ACT_REDIRECT, "the program forwards what it scheduled"
+                ns += bpf.last_duration
+        assert sync.tables.reasons()["new_flow"] == n
+        return ns / 1e9
+    finally:
+        bpf.close()
+
+
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
     scheduler = sys.argv[2] if len(sys.argv) > 2 else "wlc"
@@ -109,6 +137,14 @@ def main() -> None:
         print(f"{label:20s} {scheduler} over {servers}: {n / best:>9,.0f} new connections/s of one core "
               f"({best / n * 1e6:.1f} us each: SYN + ACK through forward()" +
               (", install" if kernel else "") + ")")
+    if scheduler in ("mh", "sh", "dh"):
+        try:
+            best = min(kernel_round(n, r, scheduler, servers) for r in range(5))
+        except Exception as e:
+            print(f"{'kernel schedules':20s} unavailable: {e}")
+            return
+        print(f"{'kernel schedules':20s} {scheduler} over {servers}: {n / best:>9,.0f} new connections/s of one core "
+              f"({best / n * 1e6:.2f} us each: SYN + ACK in the tc program, no Python)")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 Pure functions, no I/O. Everything here must give the same answer in every
 process on every machine (two directors, a restarted director and the tests
-must agree on which backend owns a flow), so the one hash used is
-BLAKE2b truncated to 64 bits: fast in C, well mixed, stable. Python's
+must agree on which backend owns a flow), so the hashes are fixed:
+BLAKE2b truncated to 64 bits (:func:`hash64`: fast in C, well mixed,
+stable) for everything built in Python, and the kernel's jhash
+(:func:`jhash_words`) for what the kernel data plane must compute per
+packet too (the client's Maglev slot): BPF has no BLAKE2b. Python's
 ``hash()`` is salted per process and must never be used for this.
 
 Maglev follows IPVS's ``mh`` scheduler (net/netfilter/ipvs/ip_vs_mh.c):
@@ -47,6 +50,70 @@ def hash64(data: bytes, seed: int = 0) -> int:
     return int.from_bytes(
         blake2b(data, digest_size=8, salt=seed.to_bytes(16, "little")).digest(), "little"
     )
+
+
+_M32 = 0xFFFFFFFF
+JHASH_INITVAL = 0xDEADBEEF
+
+
+def _final(a: int, b: int, c: int) -> int:
+    """lookup3's final mix (``__jhash_final``); rotations written out: this runs per new mh flow."""
+    M = _M32
+    c ^= b; c = (c - (((b << 14) | (b >> 18)) & M)) & M  # noqa: E702
+    a ^= c; a = (a - (((c << 11) | (c >> 21)) & M)) & M  # noqa: E702
+    b ^= a; b = (b - (((a << 25) | (a >> 7)) & M)) & M  # noqa: E702
+    c ^= b; c = (c - (((b << 16) | (b >> 16)) & M)) & M  # noqa: E702
+    a ^= c; a = (a - (((c << 4) | (c >> 28)) & M)) & M  # noqa: E702
+    b ^= a; b = (b - (((a << 14) | (a >> 18)) & M)) & M  # noqa: E702
+    c ^= b; c = (c - (((b << 24) | (b >> 8)) & M)) & M  # noqa: E702
+    return c
+
+
+def jhash_words(words: Sequence[int], initval: int = 0) -> int:
+    """Linux's ``jhash2`` (include/linux/jhash.h, Bob Jenkins' lookup3) of 32-bit words: 32 bits.
+
+    The hash the kernel data plane computes too (director/dataplane/tc/glb_tc.bpf.c
+    ``jhash_addr``): the two must stay bit-identical, which
+    tests/director/dataplane/test_kernel_newflows.py checks through the program.
+    """
+    M = _M32
+    n = len(words)
+    a = b = c = (JHASH_INITVAL + (n << 2) + initval) & M
+    i = 0
+    while n > 3:
+        a = (a + words[i]) & M
+        b = (b + words[i + 1]) & M
+        c = (c + words[i + 2]) & M
+        a = (a - c) & M; a ^= ((c << 4) | (c >> 28)) & M; c = (c + b) & M  # noqa: E702
+        b = (b - a) & M; b ^= ((a << 6) | (a >> 26)) & M; a = (a + c) & M  # noqa: E702
+        c = (c - b) & M; c ^= ((b << 8) | (b >> 24)) & M; b = (b + a) & M  # noqa: E702
+        a = (a - c) & M; a ^= ((c << 16) | (c >> 16)) & M; c = (c + b) & M  # noqa: E702
+        b = (b - a) & M; b ^= ((a << 19) | (a >> 13)) & M; a = (a + c) & M  # noqa: E702
+        c = (c - b) & M; c ^= ((b << 4) | (b >> 28)) & M; b = (b + a) & M  # noqa: E702
+        n -= 3
+        i += 3
+    if n == 0:
+        return c
+    if n == 3:
+        c = (c + words[i + 2]) & M
+    if n >= 2:
+        b = (b + words[i + 1]) & M
+    return _final((a + words[i]) & M, b, c)
+
+
+def client_hash(addr: bytes, port: int | None, seed: int) -> int:
+    """jhash of a packed address's big-endian 32-bit words (and the port as one more word): 32 bits.
+
+    Maglev's per-flow hash (the table itself is built with :func:`hash64`):
+    words, not bytes, so the kernel hashes the address it loaded as it is.
+    """
+    if port is None and len(addr) == 4:  # the common case: one word, no list
+        v = (JHASH_INITVAL + 4 + seed) & _M32
+        return _final((v + int.from_bytes(addr, "big")) & _M32, v, v)
+    words = list(struct.unpack(f"!{len(addr) // 4}I", addr))
+    if port is not None:
+        words.append(port)
+    return jhash_words(words, seed)
 
 
 def is_prime(n: int) -> bool:

@@ -394,6 +394,23 @@ class ConnTable:
             self.changed(c)  # an unconfirmed flow is told when it is confirmed
         return True
 
+    def follow(self, c: Conn, state: int, expires: float) -> None:
+        """Take a state change another forwarder of the flow applied (the kernel data plane, for the
+        services it schedules): counts, confirmation and connection sync as :meth:`_transition`'s."""
+        if state == c.state or state == RESCHEDULE:
+            return
+        if state == ESTABLISHED:
+            c.dest.counts.add(1, -1)
+        elif c.state == ESTABLISHED:
+            c.dest.counts.add(-1, 1)
+        c.state = state
+        c.expires = expires
+        self._file(c)
+        if not c.confirmed and state == ESTABLISHED:
+            self._confirm(c)
+        elif self.changed is not None and c.confirmed:
+            self.changed(c)
+
     def peek(self, key: Any, now: float) -> Conn | None:
         """The live entry without touching state, expiry or LRU order (for ICMP errors)."""
         c = self._confirmed.get(key) or self._unconfirmed.get(key)

@@ -569,7 +569,7 @@ class Worker:
                     next_sweep = now + SWEEP_EVERY
                     self.fwd.sweep(now)
                     if self.kernel is not None:
-                        self.fwd.kernel.sweep(now, self.fwd.table.__contains__)
+                        self.fwd.kernel.sweep(now, self.fwd.table.__contains__, take=self.fwd.take)
                         self.fwd.kernel.flush()
                 if now >= next_stats:
                     next_stats = now + STATS_EVERY

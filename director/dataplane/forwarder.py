@@ -60,8 +60,9 @@ from director.dataplane.codec import (
 )
 from director.control.health import PER_SERVICE, ServerKey, ServiceHealth
 from director.dataplane.actions import MacRewrite
-from director.dataplane.conntable import Conn, ConnTable, FragmentTable
+from director.dataplane.conntable import ESTABLISHED, UDP, Conn, ConnTable, FragmentTable
 from director.dataplane.counters import CountTable
+from director.dataplane.kernelmaps import kernel_schedules
 from director.dataplane.scheduler import Dest, Persistence, Scheduler, make_scheduler
 from director.control.spill import spill_service
 from director.modes import MODES
@@ -291,7 +292,7 @@ class _Service:
     """One service at run time: its schedulers (one per address family), persistence, dests."""
 
     __slots__ = ("plan", "dests", "sched4", "sched6", "persistence", "sorry", "stateless",
-                 "remote", "spill4", "spill6")
+                 "remote", "spill4", "spill6", "kernel_made")
 
     def __init__(self, plan: ServicePlan) -> None:
         self.plan = plan
@@ -306,6 +307,8 @@ class _Service:
         self.persistence: Persistence | None = None
         self.sorry: ServerDest | None = None
         self.stateless = plan.scheduler in STATELESS_SCHEDULERS and plan.persistence is None
+        self.kernel_made = kernel_schedules(plan)
+        """The kernel data plane, if there is one, may have made this service's flows itself."""
 
 
 @dataclass
@@ -601,7 +604,7 @@ class Forwarder:
                         return None
                 if frag == FIRST_FRAGMENT:
                     self.frags.add((p.proto, p.src, p.dst, p.frag_id), c, now)
-            if self.kernel is not None:
+            if self.kernel is not None and c.confirmed:  # only confirmed flows go into the kernel
                 self.kernel.flow(c)
         elif kind == ICMP_ERROR:
             # About a packet the real server sent: its owner gets it. Never creates state.
@@ -671,6 +674,12 @@ class Forwarder:
             self.drops[Drop.NO_SERVICE] += 1
             return None
         svc, label = hit
+        if svc.kernel_made and self.kernel is not None and not (p.proto == 6 and p.flags & TCP_SYN):
+            # The kernel may have scheduled it (glb_tc.bpf.c new_flow). Not for a SYN: one the kernel
+            # left opens a connection (or reuses a closing one's ports), scheduled afresh either way.
+            c = self._adopt(p, now)
+            if c is not None:
+                return c
         if p.proto == 6 and not p.flags & TCP_SYN and not svc.stateless:
             c = self._adopt(p, now) if self.kernel is not None else None
             if c is None:
@@ -737,6 +746,26 @@ class Forwarder:
         route, dest, state, expires = got
         self.table.install(p.key, dest, state, expires, now, tag=route, rkey=reply_key(p.key, dest))
         return self.table.lookup(p.key, p.flags, now)
+
+    def take(self, key: bytes, route: Route, dest: ServerDest, state: int, expires: float, now: float) -> None:
+        """Track a flow the kernel scheduled or moved to another state (KernelSync.sweep found it), so it
+        counts on its server in its state and reaches a backup: a new one confirmed once ESTABLISHED (or
+        UDP: its packets never come here), a known one following the kernel's state."""
+        known = self.table.get(key)
+        if known is not None:
+            if known.dest is dest:
+                self.table.follow(known, state, expires)
+            return
+        confirmed = state in (ESTABLISHED, UDP)
+        c = self.table.install(key, dest, state, expires, now, confirmed=confirmed, tag=route)
+        if confirmed and self.table.changed is not None:
+            self.table.changed(c)
+
+    def vip_schedulers(self) -> Iterable[tuple[ServicePlan, VipPlan, Scheduler | None]]:
+        """(service, owned VIP, the scheduler of the VIP's family) for every VIP of the plan."""
+        for svc in self._services.values():
+            for v in svc.plan.vips:
+                yield svc.plan, v, svc.sched4 if len(v.address) == 4 else svc.sched6
 
     def route(self, server: ServerKey, label: str) -> Route:
         """The Route of a server and a VIP label, made the first time."""

@@ -237,6 +237,11 @@ class KernelTables:
         packets, nbytes = km.sum_percpu(v, km.COUNTER.size, km.COUNTER)
         return packets, nbytes
 
+    def route_new(self, index: int) -> int:
+        """New flows the kernel scheduled along a route, summed over CPUs."""
+        v = self.maps.lookup("route_new", km.U32.pack(index))
+        return km.sum_percpu(v, km.U64.size, km.U64)[0] if v is not None else 0
+
     def reasons(self) -> dict[str, int]:
         """Packets per :data:`~director.dataplane.kernelmaps.REASONS` entry, summed over CPUs."""
         out = {}
@@ -294,10 +299,22 @@ class KernelSync:
         """NAT: ``nat_replies`` key -> its value, or None to remove; written by :meth:`flush`."""
         self._counted_out: dict[int, tuple[int, int]] = {}
         """NAT routes (the only ones with replies) -> the kernel's reply counters last folded."""
+        self._counted_new: dict[int, int] = {}
+        """route index -> the new flows the kernel had scheduled along it when last folded."""
+        self._svcs: dict[bytes, tuple[int, bytes]] = {}
+        """``services`` key -> (its table's number, the value written): the lookup tables in the kernel."""
+        self._tracked: frozenset[str] = frozenset()
+        """The services whose new flows and TCP state changes the kernel handles (as of the last plan)."""
+        self._built: dict[bytes, tuple[Any, str, int, dict[bytes, bytes]]] = {}
+        """``services`` key -> (the scheduler's table it was made from, VIP label, table number, chunks):
+        a Maglev table is 65537 slots, so a plan that leaves a scheduler's table alone costs nothing."""
+        self._chunks: dict[bytes, bytes] | None = None
+        """``slots`` key -> the chunk written; None until the first plan (then read back: a predecessor's)."""
 
     def _register(self, index: int, route, dest) -> None:
         if index not in self._counted:  # what the kernel counted before (a predecessor's) is not ours
             self._counted[index] = self.tables.route_counters(index)
+            self._counted_new[index] = self.tables.route_new(index)
         if index not in self._counted_out and km.is_nat(dest.tx):
             self._counted_out[index] = self.tables.route_counters(index, "route_out_counters")
         self._routes[index] = (route, dest)
@@ -305,13 +322,25 @@ class KernelSync:
     def _route_value(self, index: int) -> bytes | None:
         """The route's entry if it differs from what was last written."""
         route, dest = self._routes[index]
-        value = km.route_value(dest.tx, dest.available and route.live, self.ifindex, self.lan_ifindex)
+        value = km.route_value(dest.tx, dest.available and route.live, self.ifindex, self.lan_ifindex,
+                               new=dest.available and dest.weight > 0, track=route.server.service in self._tracked)
         return None if self._written.get(index) == value else value
 
     def _write_routes(self, indexes: Iterable[int]) -> None:
         batch = [(i, v) for i in indexes if (v := self._route_value(i)) is not None]
         self.tables.maps.update_batch("routes", [(km.U32.pack(i), v) for i, v in batch])
         self._written.update(batch)
+
+    def _route_of(self, route, dest) -> tuple[int, bool]:
+        """The kernel's index of a forwarder Route to ``dest``, and whether it was (re)registered now."""
+        index = self._index.get(route)
+        if index is None:
+            index = self._index[route] = self.tables.route_index(route)
+        known = self._routes.get(index)
+        if known is None or known[0] is not route or known[1] is not dest:
+            self._register(index, route, dest)
+            return index, True
+        return index, False
 
     def flow(self, c) -> None:
         route = c.tag
@@ -323,11 +352,9 @@ class KernelSync:
             # known, so the client's next packet must come to Python (which learns it) before the kernel's
             return
         index = self._index.get(route)
-        if index is None:
-            index = self._index[route] = self.tables.route_index(route)
-        known = self._routes.get(index)
-        if known is None or known[0] is not route or known[1] is not c.dest:
-            self._register(index, route, c.dest)
+        known = self._routes.get(index) if index is not None else None
+        if known is None or known[0] is not route or known[1] is not c.dest:  # once per route and server
+            index = self._route_of(route, c.dest)[0]
             self._write_routes((index,))  # later changes to it come with plans (plan_applied)
         k = self.tables.kernel_key(c.key)
         self.pending[k] = km.flow_value(index, c.state, c.expires, two_way)
@@ -377,7 +404,11 @@ class KernelSync:
 
     def plan_applied(self, vips: Iterable[bytes], fwd: Any = None) -> None:
         """The forwarder ``fwd`` took a new plan. When the maps hold routes this director has not
-        registered (a predecessor's), those still in the plan are registered, the others turned off."""
+        registered (a predecessor's), those still in the plan are registered, the others turned off.
+        The lookup tables of the services the kernel schedules follow (:meth:`_lookup_tables`)."""
+        lookup = self._lookup_tables(fwd) if fwd is not None else None
+        if lookup is not None:  # tables no longer wanted go before the VIPs change
+            self._write_lookup(lookup, stale_only=True)
         self.tables.set_vips(vips)
         if fwd is not None:
             self.tables.set_nat_sources(fwd.nat_sources)
@@ -394,24 +425,116 @@ class KernelSync:
             self.tables.maps.update_batch("routes", [(km.U32.pack(i), km.route_value(None, False)) for i in off])
             self._off |= off
         self._write_routes(list(self._routes))
+        if lookup is not None:
+            self._write_lookup(lookup)
 
-    def sweep(self, now: float, holds, budget: int = 1024) -> int:
+    def _lookup_tables(self, fwd: Any) -> dict[bytes, tuple[bytes, dict[bytes, bytes]]]:
+        """``services`` key -> (its value, its ``slots`` chunks) for every VIP whose service the kernel
+        schedules: the scheduler's table with each server as the route index of (server, VIP). Registers
+        those routes (written with the rest by plan_applied). A table keeps its number while its kind and
+        size stay, so an update only rewrites the slots that changed."""
+        out = {}
+        tracked = set()
+        for sp, v, sched in fwd.vip_schedulers():
+            if sched is None or not km.kernel_schedules(sp) or getattr(sched, "port", False):
+                continue
+            tracked.add(sp.name)
+            key = km.svc_key(self.tables.vip_id(v.address), v.port, v.proto)
+            slots = sched.lookup_table()
+            old = self._svcs.get(key)
+            shape = km.svc_value(sp.scheduler, 0, len(slots))
+            if old is not None and (old[1][:1], old[1][8:]) != (shape[:1], shape[8:]):
+                # another kind or size: a table of another number, so no packet reads a half-written one
+                taken = {t for t, _ in self._svcs.values()} | {t for t, _, _ in out.values()}
+            else:
+                taken = {t for k, (t, _) in self._svcs.items() if k != key} | {t for t, _, _ in out.values()}
+            table = old[0] if old is not None and old[0] not in taken else \
+                next(t for t in range(len(taken) + 1) if t not in taken)
+            built = self._built.get(key)
+            if built is not None and built[0] is slots and built[1:3] == (v.label, table):
+                chunks = built[3]  # the scheduler kept its table (a drain, a down server): the routes did not move
+            else:
+                chunks = km.slot_chunks(table, self._slot_routes(fwd, slots, v.label))
+                self._built[key] = (slots, v.label, table, chunks)
+            out[key] = (table, km.svc_value(sp.scheduler, table, len(slots)), chunks)
+        for k in self._built.keys() - out.keys():
+            del self._built[k]
+        self._tracked = frozenset(tracked)
+        return {k: (value, chunks) for k, (_, value, chunks) in out.items()}
+
+    def _slot_routes(self, fwd: Any, slots: list, label: str) -> list[int]:
+        """A lookup table of Dests as route indexes (server x the VIP ``label``), registering the routes."""
+        indexes: dict[int, int] = {}
+        routes = []
+        for d in slots:
+            if d is None:
+                routes.append(km.NO_ROUTE)
+                continue
+            i = indexes.get(id(d))
+            if i is None:
+                i = indexes[id(d)] = self._route_of(fwd.route(d.key, label), d)[0]
+            routes.append(i)
+        return routes
+
+    def _write_lookup(self, lookup: dict[bytes, tuple[bytes, dict[bytes, bytes]]], stale_only: bool = False) -> None:
+        """Bring ``services`` and ``slots`` to ``lookup``: only what changed, in one batch each; a table's
+        chunks before its ``services`` entry, a removed entry before its chunks."""
+        maps = self.tables.maps
+        if self._chunks is None:  # maps a predecessor left: whatever this plan does not rewrite goes
+            self._chunks = dict(maps.items("slots"))
+            for k, v in maps.items("services"):
+                self._svcs[k] = (km.SVC.unpack(v)[1], v)
+        gone = [k for k in self._svcs if k not in lookup]
+        if gone:
+            maps.delete_batch("services", gone)
+            for k in gone:
+                del self._svcs[k]
+        if stale_only:
+            return
+        want = {ck: cv for _, chunks in lookup.values() for ck, cv in chunks.items()}
+        maps.update_batch("slots", [(k, v) for k, v in want.items() if self._chunks.get(k) != v])
+        changed = [(k, value) for k, (value, _) in lookup.items() if self._svcs.get(k, (0, b""))[1] != value]
+        maps.update_batch("services", changed)
+        for k, value in changed:
+            self._svcs[k] = (km.SVC.unpack(value)[1], value)
+        maps.delete_batch("slots", [k for k in self._chunks if k not in want])
+        self._chunks = want
+
+    def sweep(self, now: float, holds, budget: int = 1024, take=None) -> int:
         """Read the next ``budget`` kernel flows (batched, resuming where the last call stopped) and queue
         for removal the expired ones the connection table does not hold (``holds(key)`` False): a
-        predecessor's flows that never came to Python, which the table's own sweep cannot see. How many."""
+        predecessor's flows that never came to Python, which the table's own sweep cannot see. How many.
+
+        ``take(key, route, dest, state, expires, now)`` is handed each live flow the kernel scheduled or
+        moved to another state (:data:`~director.dataplane.kernelmaps.FLOW_KERNEL`): so a flow whose
+        packets all stay in the kernel still counts, on its server in its state, and reaches a backup
+        (Forwarder.take)."""
         entries, self._sweep_token = self.tables.maps.items_batch("conns", self._sweep_token, budget)
         ids = {i: a for a, i in self.tables._vips.items()}
         base = km.ticks(now)
         doomed = 0
         for k, v in entries:
             left = (km.U32.unpack_from(v, 4)[0] - base) & 0xFFFFFFFF  # the kernel's own test, modulo 2^32
-            if 0 < left < 1 << 31 or k in self.pending:
+            if k in self.pending:
+                continue
+            if 0 < left < 1 << 31:
+                if take is not None and v[3] & km.FLOW_KERNEL:
+                    self._take(k, v, ids, take, now)
                 continue
             key = km.conn_key(k, ids)
             if key is None or not holds(key):
                 self.pending[k] = None
                 doomed += 1
         return doomed
+
+    def _take(self, k: bytes, v: bytes, ids: dict[int, bytes], take, now: float) -> None:
+        key = km.conn_key(k, ids)
+        if key is None:
+            return
+        index, state, expires = km.parse_flow_value(v, now)
+        known = self._routes.get(index)
+        if known is not None:
+            take(key, known[0], known[1], state, expires, now)
 
     def fold_counters(self) -> None:
         for index, (route, _) in self._routes.items():
@@ -420,6 +543,9 @@ class KernelSync:
             route.packets += packets - p0
             route.bytes += nbytes - b0
             self._counted[index] = (packets, nbytes)
+            made = self.tables.route_new(index)
+            route.conns += made - self._counted_new.get(index, 0)
+            self._counted_new[index] = made
         for index, (p0, b0) in self._counted_out.items():
             route = self._routes[index][0]
             packets, nbytes = self.tables.route_counters(index, "route_out_counters")

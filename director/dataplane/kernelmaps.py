@@ -42,6 +42,16 @@ Maps (names as in the C file):
   servers' addresses (their frames the program does not forward are the
   engine's, and the host's too), ``slowpaths`` (hash: ifindex -> ifindex) the
   LAN side's own slow-path veth when it is another interface.
+* ``services`` (hash): :func:`svc_key` (VIP id, port, protocol) ->
+  :func:`svc_value` (scheduler kind, table number, slots) for every VIP whose
+  service the kernel schedules new flows of (:func:`kernel_schedules`: mh,
+  sh, dh; DR or TUN; no persistence; not spilling). ``slots`` (hash, not
+  preallocated): (table, chunk) -> :data:`SLOT_CHUNK` route indexes, the
+  scheduler's lookup table (:func:`slot_chunks`). A route's
+  :data:`ROUTE_NEW` says whether its server takes new flows; a flow the
+  kernel made, or whose TCP state it moved (:data:`ROUTE_TRACK`), carries
+  :data:`FLOW_KERNEL` until Python writes it again.
+  ``route_new`` (per-CPU array): route index -> new flows the kernel made.
 * ``layout`` (one-element array) and ``route_ids`` (array): Python's alone,
   pinned with the rest. :func:`layout_id` says whether pinned maps can be
   reused; :func:`route_id` is a route's identity (its server and VIP), so a
@@ -61,6 +71,11 @@ STATES = 16
 
 MODE_NONE, MODE_DR, MODE_TUN, MODE_NAT = 0, 1, 2, 3
 ROUTE_LIVE = 1
+ROUTE_NEW = 2
+"""The route's server takes new flows (available, weight > 0): the kernel may schedule onto it."""
+ROUTE_TRACK = 4
+"""The kernel applies the TCP state changes of the route's flows (a service it schedules: no counts to keep
+exact for lc/wlc); Python reads them back in its sweep."""
 
 REASONS = (
     "forwarded_dr",
@@ -77,6 +92,8 @@ REASONS = (
     "pass_other_host",
     "forwarded_nat",
     "forwarded_nat_reply",
+    "new_flow",
+    "state_tracked",
 )
 """What happened to each packet the program saw, in the C ``enum reason`` order:
 forwarded by the kernel, or passed to the userspace engine and why."""
@@ -102,6 +119,22 @@ REPLY_KEY = struct.Struct("=BBxx2s2s16s16s")
 REPLY = struct.Struct(f"={FLOW_KEY.size}s16s12sI")
 U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")
+SVC_KEY = struct.Struct("=H2sB3x")
+SVC = struct.Struct("=B3xII")
+SLOT_KEY = struct.Struct("=II")
+SLOT_CHUNK = 256
+"""Slots per ``slots`` entry (a Maglev table of 65537 slots is 257 of them)."""
+SLOTS = struct.Struct(f"={SLOT_CHUNK}H")
+NO_ROUTE = 0xFFFF
+"""A slot no server owns."""
+FLOW_KERNEL = 1
+"""A ``conns`` value's fourth byte (flags): the kernel made this flow or changed its state since Python last
+wrote it."""
+FLOW_TWO_WAY = 2
+"""A ``conns`` value's flags: a NAT flow (its state moves by IPVS's INPUT table, ``nat_next_state``)."""
+SCHED_KINDS = {"mh": 1, "sh": 2, "dh": 3}
+"""The schedulers whose new flows the kernel computes (glb_tc.bpf.c SCHED_*)."""
+KERNEL_MODES = frozenset({"dr", "tun"})
 
 MAPS = {
     "conns": (FLOW_KEY.size, FLOW_VALUE.size),
@@ -120,9 +153,11 @@ MAPS = {
     "route_out_counters": (U32.size, COUNTER.size),
     "nat_sources": (VIP_KEY.size, U32.size),
     "slowpaths": (U32.size, U32.size),
+    "services": (SVC_KEY.size, SVC.size),
+    "slots": (SLOT_KEY.size, SLOTS.size),
+    "route_new": (U32.size, U64.size),
 }
 """Map name -> (key size, value size), as the C structs must have them."""
-
 
 
 def sized(max_entries: int) -> dict[str, int]:
@@ -130,13 +165,13 @@ def sized(max_entries: int) -> dict[str, int]:
     return {"conns": max_entries, "nat_replies": max_entries}
 
 
-PERCPU_MAPS = frozenset({"route_counters", "reasons", "ident", "route_out_counters"})
+PERCPU_MAPS = frozenset({"route_counters", "reasons", "ident", "route_out_counters", "route_new"})
 """Per-CPU maps: a lookup returns one 8-byte-aligned value per CPU, an update takes as many."""
 MAX_ROUTES = 65536
 ZERO = U32.pack(0)
 
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 """Bump when a map keeps its sizes but changes meaning: pinned maps of another version are rebuilt."""
 
 
@@ -217,7 +252,7 @@ def flow_value(route: int, state: int, expires: float, two_way: bool = False, _p
     ``two_way``: a NAT flow (its state moves by IPVS's INPUT table, ``nat_next_state``)."""
     t = expires * _TICKS_PER_SECOND
     i = int(t)
-    return _pack(route, state, two_way, (i + (i < t)) & 0xFFFFFFFF if t > 0 else 0)
+    return _pack(route, state, FLOW_TWO_WAY if two_way else 0, (i + (i < t)) & 0xFFFFFFFF if t > 0 else 0)
 
 
 def parse_flow_value(value: bytes, now: float) -> tuple[int, int, float]:
@@ -235,7 +270,8 @@ def is_nat(tx: Any) -> bool:
     return getattr(tx, "family", None) in (4, 6) and hasattr(tx, "port")
 
 
-def route_value(tx: Any, live: bool, ifindex: int = 0, lan_ifindex: int = 0) -> bytes:
+def route_value(tx: Any, live: bool, ifindex: int = 0, lan_ifindex: int = 0,
+                new: bool = False, track: bool = False) -> bytes:
     """A route's entry for a transmit object (director/modes/): DR's 12 MAC bytes, a TUN tunnel or
     a NAT real server.
 
@@ -243,9 +279,10 @@ def route_value(tx: Any, live: bool, ifindex: int = 0, lan_ifindex: int = 0) -> 
     and ``Route.live``). ``tx`` None (unreachable) or a mode the kernel does not
     do gives a route the kernel always passes to userspace. ``ifindex`` 0: out
     of the interface the packet came in on; NAT goes out of ``lan_ifindex``
-    (the real servers' side) when it is another.
+    (the real servers' side) when it is another. ``new``: it takes new flows (:data:`ROUTE_NEW`);
+    ``track``: the kernel applies its flows' state changes (:data:`ROUTE_TRACK`).
     """
-    flags = ROUTE_LIVE if live else 0
+    flags = (ROUTE_LIVE | (ROUTE_NEW if new else 0) | (ROUTE_TRACK if track else 0)) if live else 0
     empty = bytes(16)
     if isinstance(tx, bytes) and len(tx) == 12:
         return ROUTE.pack(tx[:6], tx[6:], MODE_DR, 0, flags, ifindex, 0, 0, empty, empty)
@@ -306,3 +343,28 @@ def percpu(value: bytes, size: int, cpus: int) -> bytes:
     """The same value for every CPU, as a per-CPU map update takes it."""
     stride = (size + 7) & ~7
     return value.ljust(stride, b"\0") * cpus
+
+
+def kernel_schedules(sp: Any) -> bool:
+    """Whether the kernel may schedule a service's new flows (a forwarder ``ServicePlan``): a hash
+    scheduler (:data:`SCHED_KINDS`), DR or TUN, no persistence (templates stay Python's), not spilling."""
+    return (sp.scheduler in SCHED_KINDS and sp.forwarding in KERNEL_MODES and sp.persistence is None
+            and (sp.spill is None or not sp.spill.active))
+
+
+def svc_key(vid: int, port: int, proto: int) -> bytes:
+    """A ``services`` key: the VIP's id, its port (network order), the protocol."""
+    return SVC_KEY.pack(vid, port.to_bytes(2, "big"), proto)
+
+
+def svc_value(kind: str, table: int, size: int) -> bytes:
+    return SVC.pack(SCHED_KINDS[kind], table, size)
+
+
+def slot_chunks(table: int, routes: list[int]) -> dict[bytes, bytes]:
+    """A lookup table (slot -> route index, :data:`NO_ROUTE` for none) as ``slots`` entries."""
+    out = {}
+    for start in range(0, len(routes), SLOT_CHUNK):
+        part = routes[start:start + SLOT_CHUNK]
+        out[SLOT_KEY.pack(table, start // SLOT_CHUNK)] = SLOTS.pack(*part, *([NO_ROUTE] * (SLOT_CHUNK - len(part))))
+    return out

@@ -321,6 +321,8 @@ class LibBpf:
         rc = self._lib.bpf_prog_test_run_opts(self.prog_fd, ctypes.byref(opts))
         if rc:
             raise KernelDataplaneError(f"BPF_PROG_TEST_RUN failed: {os.strerror(_errno(rc))}")
+        self.last_duration = opts.duration
+        """Nanoseconds the program ran on the last test run's frame (benchmarks/director_newconns.py)."""
         return opts.retval, out.raw[:opts.data_size_out]
 
     def close(self) -> None:

@@ -12,7 +12,10 @@
  * untouched for the userspace engine, through the slow-path veth it reads
  * (see leave()), or to the host when it is not the engine's: new flows and
  * every scheduler, state changes, ICMP, ARP/NDP, fragments, packets too big
- * for the tunnel. tests/director/dataplane/test_kernel_golden.py holds this file to
+ * for the tunnel. New flows of mh, sh and dh are the exception: the program
+ * schedules those itself from Python's lookup tables (see new_flow()), and
+ * applies the TCP state changes of their flows (ROUTE_TRACK) but a SYN
+ * reusing a closing flow. tests/director/dataplane/test_kernel_golden.py holds this file to
  * the golden table and to the Python forwarder with BPF_PROG_TEST_RUN.
  *
  * The map layout is director/dataplane/kernelmaps.py's: keep both in step
@@ -36,6 +39,7 @@
 #define MODE_NAT 3 /* LVS-NAT: the client's packets DNAT'd here, the real server's replies SNAT'd (reply_nat) */
 
 #define ROUTE_LIVE 1 /* the server is available and its VIP in the plan */
+#define ROUTE_TRACK 4 /* the program applies its flows' TCP state changes (a service it schedules) */
 
 /* IPVS's 11 TCP states and UDP; rows for 16 so that an index is bounded by a mask */
 #define STATES 16
@@ -57,6 +61,8 @@ enum reason {
 	R_OTHER_HOST,    /* for another host's MAC (promiscuous mode, a flooding switch): never ours */
 	R_NAT,           /* a client's packet forwarded, DNAT'd to the real server */
 	R_NAT_REPLY,     /* a real server's reply forwarded, SNAT'd back to the VIP */
+	R_NEW,           /* a new flow the program scheduled (mh, sh, dh) and installed; also counted forwarded */
+	R_TRACKED,       /* a TCP state change the program applied (ROUTE_TRACK); also counted forwarded */
 	R_MAX,
 };
 
@@ -78,10 +84,14 @@ struct flow_key {
 	__u8 src[16]; /* client; IPv4 in the first 4 bytes, the rest zero */
 };
 
+/* struct flow's flags */
+#define FLOW_KERNEL 1  /* made or moved to another state here (hash schedulers); Python's view may lag */
+#define FLOW_TWO_WAY 2 /* NAT: the state moves by IPVS's INPUT table (`nat_next_state`), not INPUT-ONLY */
+
 struct flow {
 	__u16 route;   /* index in `routes` */
 	__u8 state;    /* IPVS state (conntable.py's numbers) */
-	__u8 two_way;  /* NAT: the state moves by IPVS's INPUT table (`nat_next_state`), not INPUT-ONLY */
+	__u8 flags;    /* FLOW_KERNEL, FLOW_TWO_WAY */
 	__u32 expires; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) >> TICK_SHIFT, modulo 2^32 */
 };
 
@@ -438,6 +448,8 @@ struct pkt {
 	__u8 tos;     /* IPv4 TOS / IPv6 traffic class */
 	__u8 ttl;     /* TTL / hop limit */
 	__u16 frag_off;
+	__u8 live;    /* the destination is a live VIP (key.vip set) */
+	__u8 next;    /* the flow's state after this packet (a change only on a ROUTE_TRACK route) */
 };
 
 /*
@@ -503,6 +515,7 @@ static __always_inline __u32 decide(struct __sk_buff *skb, struct pkt *p, __u64 
 	if (!v || !(v->flags & VIP_LIVE))
 		return R_NO_FLOW;
 	p->key.vip = v->id;
+	p->live = 1;
 	struct flow *f = bpf_map_lookup_elem(&conns, &p->key);
 	if (!f)
 		return R_NO_FLOW;
@@ -510,14 +523,17 @@ static __always_inline __u32 decide(struct __sk_buff *skb, struct pkt *p, __u64 
 		return R_EXPIRED;
 	__u32 zero = 0;
 	__u32 state = f->state & (STATES - 1);
-	struct next_state *ns = f->two_way ? bpf_map_lookup_elem(&nat_next_state, &zero)
+	struct next_state *ns = (f->flags & FLOW_TWO_WAY) ? bpf_map_lookup_elem(&nat_next_state, &zero)
 					   : bpf_map_lookup_elem(&next_state, &zero);
 	if (!ns)
 		return R_ERROR;
-	if (ns->next[state * 256 + p->flags] != state)
-		return R_STATE;
+	__u8 next = ns->next[state * 256 + p->flags];
 	*ri = f->route;
 	struct route *r = bpf_map_lookup_elem(&routes, ri);
+	/* a state change is Python's unless the route says the program tracks it (not a SYN reusing the flow) */
+	if (next != state && (next >= STATES || !r || !(r->flags & ROUTE_TRACK)))
+		return R_STATE;
+	p->next = next;
 	if (!r || !(r->flags & ROUTE_LIVE) || r->mode == MODE_NONE)
 		return R_ROUTE_DOWN;
 	if (r->mode == MODE_TUN && p->family != r->family)
@@ -614,6 +630,206 @@ static __always_inline int reply_nat(struct __sk_buff *skb, struct pkt *p, __u64
 	*why = R_NAT_REPLY;
 	count_route(&route_out_counters, ri, p->total);
 	return bpf_redirect(n->ifindex, 0);
+}
+
+/*
+ * New flows of the hash schedulers (mh, sh, dh), scheduled here as
+ * director/dataplane/scheduler.py does and installed into `conns`, so a new
+ * connection's first packet no longer goes through Python. Python writes,
+ * per VIP (address, port, protocol) whose service the kernel may schedule
+ * (kernelmaps.kernel_schedules: no persistence, not spilling, DR or TUN),
+ * the scheduler's lookup table: Maglev's table_size slots or IPVS's 256
+ * buckets, each the route of the server owning it. The program only takes
+ * the plain case: the slot's server takes new flows (ROUTE_NEW: available,
+ * weight > 0). A slot of an unusable server (Python's fallback walk), an
+ * empty table (the sorry server), a TCP packet that does not open a
+ * connection (mh's mid-stream pickup): all left to Python, which decides
+ * exactly as before. The flow is marked FLOW_KERNEL until Python has
+ * adopted it (the handshake's ACK, a state change, or the sweep reading
+ * `conns`), so /status, connection sync and adoption still see it.
+ */
+#define ROUTE_NEW 2      /* the server takes new flows (available, weight > 0) */
+#define SCHED_MH 1
+#define SCHED_SH 2
+#define SCHED_DH 3
+#define SLOT_CHUNK 256   /* slots per `slots` entry */
+#define NO_ROUTE 0xffff  /* a slot no server owns */
+#define MH_SEED 16       /* scheduler.MH_SEED: jhash's initval for the client's slot */
+#define GOLDEN 2654435761u /* IPVS's multiplicative hash (sh, dh) */
+#define S_NONE 0
+#define S_SYN_RECV 3
+#define S_UDP 11
+
+struct svc_key {
+	__u16 vip;   /* the VIP's id */
+	__u16 port;  /* network order */
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct svc {
+	__u8 kind;   /* SCHED_* */
+	__u8 pad[3];
+	__u32 table; /* its number in `slots` keys */
+	__u32 size;  /* slots: mh's table size, 256 for sh and dh */
+};
+
+struct slot_key {
+	__u32 table;
+	__u32 chunk; /* slot / SLOT_CHUNK */
+};
+
+struct slot_chunk {
+	__u16 route[SLOT_CHUNK];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct svc_key);
+	__type(value, struct svc);
+} services SEC(".maps");
+
+/* Only the chunks of the tables in use take memory: ~257 of them for a 65537-slot Maglev table. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct slot_key);
+	__type(value, struct slot_chunk);
+} slots SEC(".maps");
+
+/* New flows the program scheduled along each route (Python adds them to Route.conns). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_ROUTES);
+	__type(key, __u32);
+	__type(value, __u64);
+} route_new SEC(".maps");
+
+static __always_inline __u32 rol32(__u32 w, int s)
+{
+	return (w << s) | (w >> (32 - s));
+}
+
+#define JHASH_MIX(a, b, c)                                      \
+	do {                                                    \
+		a -= c; a ^= rol32(c, 4); c += b;               \
+		b -= a; b ^= rol32(a, 6); a += c;               \
+		c -= b; c ^= rol32(b, 8); b += a;               \
+		a -= c; a ^= rol32(c, 16); c += b;              \
+		b -= a; b ^= rol32(a, 19); a += c;              \
+		c -= b; c ^= rol32(b, 4); b += a;               \
+	} while (0)
+
+#define JHASH_FINAL(a, b, c)                                    \
+	do {                                                    \
+		c ^= b; c -= rol32(b, 14);                      \
+		a ^= c; a -= rol32(c, 11);                      \
+		b ^= a; b -= rol32(a, 25);                      \
+		c ^= b; c -= rol32(b, 16);                      \
+		a ^= c; a -= rol32(c, 4);                       \
+		b ^= a; b -= rol32(a, 14);                      \
+		c ^= b; c -= rol32(b, 24);                      \
+	} while (0)
+
+/* Linux's jhash2 of 1 (IPv4) or 4 (IPv6) words: glb.hashing.jhash_words, bit for bit. */
+static __always_inline __u32 jhash_addr(const __u32 *k, int n, __u32 initval)
+{
+	__u32 a, b, c;
+
+	a = b = c = 0xdeadbeef + ((__u32)n << 2) + initval;
+	if (n == 4) {
+		a += k[0];
+		b += k[1];
+		c += k[2];
+		JHASH_MIX(a, b, c);
+		a += k[3];
+	} else {
+		a += k[0];
+	}
+	JHASH_FINAL(a, b, c);
+	return c;
+}
+
+/* IPVS's addr_fold: an IPv4 address, or the XOR of an IPv6 address's words. */
+static __always_inline __u32 fold(const __u32 *w, int n)
+{
+	return n == 4 ? w[0] ^ w[1] ^ w[2] ^ w[3] : w[0];
+}
+
+/* The slot scheduler.py's lookup reads first: MaglevHash.schedule, _BucketHash._lookup. */
+static __always_inline __u32 first_slot(struct pkt *p, struct svc *s)
+{
+	__u32 w[4];
+	int n = p->family == 4 ? 1 : 4;
+	__u8 *addr = s->kind == SCHED_DH ? p->vip.addr : p->key.src;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		w[i] = bpf_ntohl(((__u32 *)addr)[i]);
+	if (s->kind == SCHED_MH)
+		return s->size ? jhash_addr(w, n, MH_SEED) % s->size : 0;
+	return (fold(w, n) * GOLDEN) & 0xff;
+}
+
+/*
+ * A new flow of a service whose scheduler the kernel computes: R_DR or
+ * R_TUN with the route set and the flow installed, else why Python decides.
+ */
+static __always_inline __u32 new_flow(struct __sk_buff *skb, struct pkt *p, __u64 now,
+				      struct route **rp, __u32 *ri)
+{
+	struct svc_key sk = {.vip = p->key.vip, .port = p->key.dport, .proto = p->key.proto};
+	struct svc *s = bpf_map_lookup_elem(&services, &sk);
+	__u32 zero = 0;
+
+	if (!s)
+		return R_NO_FLOW;
+	__u8 state = S_UDP;
+	if (p->key.proto == IPPROTO_TCP) {
+		struct next_state *ns = bpf_map_lookup_elem(&next_state, &zero);
+
+		if (!ns)
+			return R_ERROR;
+		/* ConnTable.add's first state; only a SYN opens a connection here */
+		state = ns->next[S_NONE * 256 + p->flags];
+		if (state != S_SYN_RECV)
+			return R_NO_FLOW;
+	}
+	__u32 slot = first_slot(p, s);
+	struct slot_key ck = {.table = s->table, .chunk = slot / SLOT_CHUNK};
+	struct slot_chunk *c = bpf_map_lookup_elem(&slots, &ck);
+	if (!c)
+		return R_NO_FLOW;
+	__u32 idx = c->route[slot & (SLOT_CHUNK - 1)];
+	if (idx == NO_ROUTE)
+		return R_NO_FLOW;
+	struct route *r = bpf_map_lookup_elem(&routes, &idx);
+	if (!r || !(r->flags & ROUTE_LIVE) || !(r->flags & ROUTE_NEW) || r->mode == MODE_NONE)
+		return R_NO_FLOW;
+	if (r->mode == MODE_TUN && p->family != r->family)
+		return R_FAMILY;
+	if (r->mode == MODE_TUN && !skb->gso_size && p->total > r->max_inner)
+		return R_TOO_BIG;
+	struct timeouts *to = bpf_map_lookup_elem(&timeouts, &zero);
+	if (!to)
+		return R_ERROR;
+	struct flow f = {
+		.route = idx,
+		.state = state,
+		.flags = FLOW_KERNEL,
+		.expires = (__u32)((now + to->ns[state]) >> TICK_SHIFT),
+	};
+	/* NOEXIST: another CPU's packet of the same flow may have made it a moment ago (same slot, same route) */
+	bpf_map_update_elem(&conns, &p->key, &f, BPF_NOEXIST);
+	__u64 *n = bpf_map_lookup_elem(&route_new, &idx);
+	if (n)
+		*n += 1;
+	count(R_NEW, 0);
+	*ri = idx;
+	*rp = r;
+	return r->mode == MODE_DR ? R_DR : R_TUN;
 }
 
 /*
@@ -725,6 +941,8 @@ int glb_ingress(struct __sk_buff *skb)
 		return count(R_OTHER_HOST, TC_ACT_OK);
 	__u32 why = decide(skb, &p, now, &f, &r, &ri);
 
+	if (why == R_NO_FLOW && p.live)
+		why = new_flow(skb, &p, now, &r, &ri);
 	if (why == R_NO_FLOW && p.key.proto) { /* parsed, not a VIP's flow: maybe a NAT reply */
 		int verdict = reply_nat(skb, &p, now, &why);
 
@@ -733,13 +951,21 @@ int glb_ingress(struct __sk_buff *skb)
 	}
 	if (why != R_DR && why != R_TUN && why != R_NAT)
 		return count(why, leave(skb));
-	if (!f || !r)
+	if (!r)
 		return count(R_ERROR, leave(skb));
 	struct timeouts *to = bpf_map_lookup_elem(&timeouts, &zero);
 	if (!to)
 		return count(R_ERROR, leave(skb));
-	/* Decided: refresh the expiry as ConnTable.refresh does. */
-	f->expires = (__u32)((now + to->ns[f->state & (STATES - 1)]) >> TICK_SHIFT);
+	/* Decided: refresh the expiry as ConnTable.refresh does (a new flow got its own). */
+	if (f) {
+		if (p.next != f->state) {
+			/* ConnTable._transition's, in the kernel: Python reads it back in its sweep (FLOW_KERNEL) */
+			f->state = p.next;
+			f->flags |= FLOW_KERNEL;
+			count(R_TRACKED, 0);
+		}
+		f->expires = (__u32)((now + to->ns[f->state & (STATES - 1)]) >> TICK_SHIFT);
+	}
 	int verdict = why == R_DR ? forward_dr(skb, r)
 		    : why == R_NAT ? forward_nat(skb, r, &p)
 				  : forward_tun(skb, r, p.total, p.family, p.tos, p.ttl, p.frag_off);

@@ -95,3 +95,15 @@ def test_the_c_loop_stops_at_the_first_slot_it_leaves_and_checks_its_bounds():
         _fastpath.run(ring, iov, 0, 0, 4, SLOT, 0.0, {}, b"", t.timeouts)
     with pytest.raises(BufferError):
         _fastpath.run(bytes(4 * SLOT), iov, 0, 0, 4, SLOT, 0.0, *args)  # the ring must be writable
+
+
+@given(st.binary(min_size=4, max_size=4) | st.binary(min_size=16, max_size=16),
+       st.none() | st.integers(0, 65535), st.integers(0, 2**32 - 1))
+@settings(max_examples=500, deadline=None)
+def test_the_c_client_hash_is_glb_hashing_s(addr, port, seed):
+    """mh's per-flow hash in C (what scheduler.py uses) is the pure-Python reference, bit for bit."""
+    from glb.hashing import client_hash
+
+    if _fastpath is None:
+        pytest.skip("the C extension is not built")
+    assert _fastpath.client_hash(addr, port, seed) == client_hash(addr, port, seed)

@@ -53,6 +53,15 @@ def test_flow_values_hold_route_state_and_a_32_bit_expiry_read_near_now():
     assert km.TIMEOUTS.unpack(km.timeouts_value([100 * 86400.0]))[0] == km.ns(km.MAX_TIMEOUT)
 
 
+def test_a_flow_value_s_flags_keep_nat_and_kernel_made_apart():
+    # One byte carries both: the program sets FLOW_KERNEL on flows it made or moved (hash schedulers),
+    # Python writes FLOW_TWO_WAY on NAT flows; a NAT flow must never read as kernel-made (the sweep adopts those).
+    assert km.flow_value(1, ESTABLISHED, 1.0)[3] == 0
+    nat = km.flow_value(1, ESTABLISHED, 1.0, two_way=True)[3]
+    assert nat == km.FLOW_TWO_WAY and not nat & km.FLOW_KERNEL
+    assert km.parse_flow_value(km.flow_value(3, ESTABLISHED, 12.5, two_way=True), 10.0)[:2] == (3, ESTABLISHED)
+
+
 def test_routes_for_dr_tun_and_unreachable():
     macs = b"\x02\0\0\0\0\x11\x02\0\0\0\0\xd1"
     dst, src, mode, fam, flags, ifindex, max_inner, _, saddr, daddr = km.ROUTE.unpack(km.route_value(macs, True, 3))
@@ -166,7 +175,7 @@ def test_a_flow_is_installed_once_confirmed_with_its_route():
     route, state, expires = tables.flow(key, 1.0)
     assert state == ESTABLISHED and expires == pytest.approx(1.0 + f.table.timeouts[ESTABLISHED])
     r = km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(route)))
-    assert r[0] + r[1] == action and r[2:6] == (km.MODE_DR, 0, km.ROUTE_LIVE, 7)
+    assert r[0] + r[1] == action and r[2:6] == (km.MODE_DR, 0, km.ROUTE_LIVE | km.ROUTE_NEW, 7)
     f.forward(memoryview(syn(40000, flags="FA")), 2.0)  # a state change the kernel left to Python
     assert tables.flow(key, 2.0)[1] != ESTABLISHED
 
