@@ -110,7 +110,11 @@ def test_new_connections_are_scheduled_in_the_kernel_where_python_would(lab):
     assert len(set(got.values())) == 3  # spread over every server
     # Each connection's SYN was scheduled by the tc program, not the engine ...
     assert _settled(d, "new_flow", before + len(CLIENTS)) - before == len(CLIENTS)
-    # ... counted once as a new connection, and tracked by Python once its sweep read them (/status).
+    # ... counted once as a new connection, and tracked by Python once its sweep read them (/status; the
+    # workers fold the kernel's counters into their reports twice a second, so wait for a report).
+    deadline = time.monotonic() + 5
+    while _vip_connections(d) - opened < len(CLIENTS) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert _vip_connections(d) - opened == len(CLIENTS)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
