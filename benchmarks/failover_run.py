@@ -20,7 +20,13 @@ then over N trials:
    servers down (the ``since`` of each on its /status, read after the
    window), and the single-address client's failures split at that moment:
    from then on dc1's director spills its new connections to dc2 (issue 16),
-   so a failure after it is a spill failure;
+   so a failure after it is a spill failure. The mark is the director's
+   decision (its clock as it recorded the check that made the last server
+   down; it arms the packet workers' spill flag in the same call, the plan
+   follows), converted to this process's monotonic clock through the
+   (monotonic, wall) pair read at the fault. A request is placed by when it
+   began connecting to the VIP (its SYN), not when it was scheduled: it
+   resolves the name first, and the pool may start it late;
 4. dc1 restored; wait until the resolver answers dc1 again.
 
 With ``--fault director`` and a director pair at dc1 (the lab's default),
@@ -69,6 +75,8 @@ class Sample:
     dc1: bool  # the request went to dc1's VIP first
     error: str = ""
     """Why it failed (the last address tried), for the failures after dc1's mark."""
+    connect: float = 0.0
+    """When it began connecting to its first address (its SYN), ``sent`` if it never did (DNS failed)."""
 
 
 @dataclass
@@ -91,6 +99,12 @@ class Trial:
     def share_failed(self, which: str, start: float, window: float) -> tuple[int, int]:
         samples = [s for s in getattr(self, which) if start <= s.sent < start + window]
         return sum(not s.ok for s in samples), len(samples)
+
+    def split_failed(self, which: str, start: float, window: float, mark: float) -> tuple[tuple[int, int], ...]:
+        """(failed, requests) of those sent in the window that began connecting before ``mark``, and after."""
+        samples = [s for s in getattr(self, which) if start <= s.sent < start + window]
+        parts = ([s for s in samples if s.connect < mark], [s for s in samples if s.connect >= mark])
+        return tuple((sum(not s.ok for s in part), len(part)) for part in parts)
 
 
 class Load:
@@ -121,7 +135,8 @@ class Load:
             if trial is None:
                 return
             error = "" if ok or not att.tries else f"{att.tries[-1].address}: {att.tries[-1].error}"
-            (trial.fallback if fallback else trial.single).append(Sample(sent, ok, first_dc1, error))
+            connect = att.tries[0].started if att.tries else sent
+            (trial.fallback if fallback else trial.single).append(Sample(sent, ok, first_dc1, error, connect))
             if fault is None or sent < fault:
                 return
             if not fallback and trial.resolver is None and att.answer.ok and self.dc1 not in att.answer.addresses:
@@ -323,10 +338,7 @@ def split_at_mark(t: Trial, window: float) -> tuple[tuple[int, int], tuple[int, 
     within ``window`` s of the fault; None without a mark."""
     if t.marked is None:
         return None
-    mark = t.fault_at + t.marked
-    before = t.share_failed("single", t.fault_at, t.marked)
-    after = t.share_failed("single", mark, window - t.marked)
-    return before, after
+    return t.split_failed("single", t.fault_at, window, t.fault_at + t.marked)
 
 
 def summarize(values: list[float | None]) -> str:
@@ -389,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                     line += (f"; dc1 marked its servers down {fmt(t.marked)}: single-address failed {b}/{nb} "
                              f"before, {a}/{na} after")
                     mark = t.fault_at + t.marked
-                    late = [f"{s.error} sent {1000 * (s.sent - mark):.0f} ms after" for s in t.single
-                            if not s.ok and mark <= s.sent < t.fault_at + args.window]
+                    late = [f"{s.error} connecting {1000 * (s.connect - mark):.1f} ms after" for s in t.single
+                            if not s.ok and s.connect >= mark and t.fault_at <= s.sent < t.fault_at + args.window]
                     if late:
                         line += f" ({'; '.join(late)})"
                 if args.fault == "director" and pair:

@@ -398,6 +398,7 @@ class Director:
         health = {sh.name: sh for sh in self.table.services()}
         decided = self.spills.decide(site.services, health, self._overrides, self._clock(),
                                      self.config.redis.stale_after)
+        self._arm_spill()
         if decided == self.spilling:
             return
         for name, decision in decided.items():
@@ -417,6 +418,18 @@ class Director:
         self.spilling = decided
         self.publisher.poke()
         self._plan_dirty()
+
+    def _arm_spill(self) -> None:
+        """Tell the packet workers when each service spills (``SpillBook.armed_at``) through their
+        spill flags: shared memory they read with each new connection, so the switch to a standby
+        target does not wait for the plan built and sent after this (docs/director.md)."""
+        if self.packet_path is None:
+            return
+        now, mono = self._clock(), time.monotonic()
+        for svc in self.table.site.services:
+            if svc.spill is not None:
+                at = self.spills.armed_at(svc)
+                self.packet_path.arm_spill(svc.name, None if at is None else mono + (at - now))
 
     async def _spill_ticker(self) -> None:
         """Time alone ends a hysteresis hold or makes a spill target stale: look again, often enough."""

@@ -249,6 +249,13 @@ class PacketPath:
         self._plan_pending = True
         asyncio.get_running_loop().call_soon(self._send_plan)
 
+    def arm_spill(self, service: str, at: float | None) -> None:
+        """``service``'s new connections spill from ``at`` (``time.monotonic``; None: when its plan says):
+        the workers read it with their next new connection, before the plan is even built
+        (director/dataplane/spillflags.py)."""
+        if self.engine is not None:
+            self.engine.arm_spill(service, at)
+
     @property
     def owned(self) -> bool:
         return self.ownership.owned if self.ownership is not None else self._owned
