@@ -199,3 +199,18 @@ def test_without_a_target_or_a_flag_cell_the_plan_alone_decides():
     standby = SpillPlan("dc2", tuple(remote(a) for a in REMOTE), active=False)  # flag -1: no cell
     f.apply(plan(server(RS[0]), scheduler="rr", spill=standby))
     assert dr_owner(fwd(f, syn(40001), 1.0)) == RS[0]
+
+
+def test_the_kernel_route_of_a_flow_spilled_on_the_flag_is_live_before_any_plan_makes_the_target_active():
+    f = Forwarder(spill_flags=[0.0])
+    f.apply(plan(server(RS[0]), scheduler="rr", spill=SpillPlan("dc2", (remote(REMOTE[0]),), active=False, flag=0)))
+    maps = FakeMaps(cpus=2)
+    tables = KernelTables(maps, f.table.timeouts)
+    f.kernel = f.table.outside = sync = KernelSync(tables)
+    sync.plan_applied(f.vips, f)
+    fwd(f, syn(40000), 1.0)
+    assert tunnelled_to(fwd(f, syn(40000, flags="A"), 1.1)) == REMOTE[0]
+    sync.flush()
+    (key,) = tables.flows()
+    r = km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(tables.flow(key, 1.1)[0])))
+    assert r[2] == km.MODE_TUN and r[4] == km.ROUTE_LIVE
