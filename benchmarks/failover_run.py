@@ -93,6 +93,8 @@ class Trial:
     client_back: float | None = None
     marked: float | None = None
     """Seconds after the fault when dc1's director marked its last server down (--fault servers)."""
+    ahead: int | None = None
+    """New connections dc1's director spilled on its spill flag, before its plan said so (--fault servers)."""
     single: list[Sample] = field(default_factory=list)
     fallback: list[Sample] = field(default_factory=list)
 
@@ -305,8 +307,10 @@ def run_trial(lab: Lab, load: Load, fault: str, window: float, rng: random.Rando
     with load.lock:
         load.trial = None
     if fault == "servers":
-        marked = marked_down_at(lab)
+        doc = dc1_status(lab)
+        marked = marked_down_at(doc)
         trial.marked = marked - wall if marked is not None else None
+        trial.ahead = ((doc or {}).get("packet_path") or {}).get("spilled_ahead")
     if watcher is not None:
         watcher.join(5)
     if held is not None:
@@ -317,15 +321,19 @@ def run_trial(lab: Lab, load: Load, fault: str, window: float, rng: random.Rando
     return trial
 
 
-def marked_down_at(lab: Lab) -> float | None:
-    """Wall-clock time dc1's director marked the last of its real servers down (its /status), or None."""
-    site = lab.sites["dc1"]
+def dc1_status(lab: Lab) -> dict | None:
+    """dc1's (active) director's /status, or None."""
     try:
         with lab.inside("ops"):
-            status, doc = probe.http_json(topo.DIRECTORS["dc1"], site.status_port, "/status")
+            status, doc = probe.http_json(topo.DIRECTORS["dc1"], lab.sites["dc1"].status_port, "/status")
     except OSError:
         return None
-    if status != 200 or not isinstance(doc, dict):
+    return doc if status == 200 and isinstance(doc, dict) else None
+
+
+def marked_down_at(doc: dict | None) -> float | None:
+    """Wall-clock time dc1's director marked the last of its real servers down (``doc``: its /status), or None."""
+    if doc is None:
         return None
     servers = [rs for svc in doc["services"] for rs in svc["real_servers"]]
     if not servers or any(rs["state"] != "down" for rs in servers):
@@ -399,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 if split is not None:
                     (b, nb), (a, na) = split
                     line += (f"; dc1 marked its servers down {fmt(t.marked)}: single-address failed {b}/{nb} "
-                             f"before, {a}/{na} after")
+                             f"before, {a}/{na} after; spilled ahead of the plan (dc1's total) {t.ahead}")
                     mark = t.fault_at + t.marked
                     late = [f"{s.error} connecting {1000 * (s.connect - mark):.1f} ms after" for s in t.single
                             if not s.ok and s.connect >= mark and t.fault_at <= s.sent < t.fault_at + args.window]
