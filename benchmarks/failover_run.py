@@ -103,9 +103,11 @@ class Trial:
         return sum(not s.ok for s in samples), len(samples)
 
     def split_failed(self, which: str, start: float, window: float, mark: float) -> tuple[tuple[int, int], ...]:
-        """(failed, requests) of those sent in the window that began connecting before ``mark``, and after."""
+        """(failed, requests) of those sent in the window that began connecting before ``mark``, after it,
+        and after it to dc1's VIP (spill's: the others went to dc2's VIP once the resolver's answer changed)."""
         samples = [s for s in getattr(self, which) if start <= s.sent < start + window]
-        parts = ([s for s in samples if s.connect < mark], [s for s in samples if s.connect >= mark])
+        after = [s for s in samples if s.connect >= mark]
+        parts = ([s for s in samples if s.connect < mark], after, [s for s in after if s.dc1])
         return tuple((sum(not s.ok for s in part), len(part)) for part in parts)
 
 
@@ -341,9 +343,9 @@ def marked_down_at(doc: dict | None) -> float | None:
     return max(rs["since"] for rs in servers)
 
 
-def split_at_mark(t: Trial, window: float) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """The single-address client's (failed, sent) before and after dc1's servers were marked down,
-    within ``window`` s of the fault; None without a mark."""
+def split_at_mark(t: Trial, window: float) -> tuple[tuple[int, int], ...] | None:
+    """The single-address client's (failed, sent) before and after dc1's servers were marked down, and
+    after it to dc1's VIP, within ``window`` s of the fault; None without a mark."""
     if t.marked is None:
         return None
     return t.split_failed("single", t.fault_at, window, t.fault_at + t.marked)
@@ -405,9 +407,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"{fmt(t.client_back)}")
                 split = split_at_mark(t, args.window)
                 if split is not None:
-                    (b, nb), (a, na) = split
+                    (b, nb), (a, na), (a1, na1) = split
                     line += (f"; dc1 marked its servers down {fmt(t.marked)}: single-address failed {b}/{nb} "
-                             f"before, {a}/{na} after; spilled ahead of the plan (dc1's total) {t.ahead}")
+                             f"before, {a}/{na} after ({a1}/{na1} to dc1's VIP); spilled ahead of the plan "
+                             f"(dc1's total) {t.ahead}")
                     mark = t.fault_at + t.marked
                     late = [f"{s.error} connecting {1000 * (s.connect - mark):.1f} ms after" for s in t.single
                             if not s.ok and s.connect >= mark and t.fault_at <= s.sent < t.fault_at + args.window]
@@ -434,8 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         if any(sp is not None for sp in splits):
             before = [sp[0][0] if sp else None for sp in splits]
             after = [sp[1][0] if sp else None for sp in splits]
+            after1 = [sp[2][0] if sp else None for sp in splits]
             print(f"  single-address failed before mark    {summarize(before)}   (requests)")
-            print(f"  single-address failed after mark     {summarize(after)}   (requests; spill serves them)")
+            print(f"  single-address failed after mark     {summarize(after)}   (requests)")
+            print(f"    of which to dc1's VIP              {summarize(after1)}   (requests; spill serves them)")
         if args.fault == "director" and pair:
             print(f"  standby forwarding (s)               {summarize([t.takeover for t in trials])}")
             print(f"  long-lived connections survived (%)  "
