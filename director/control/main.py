@@ -350,6 +350,7 @@ class Director:
         vips = [v.address for svc in site.services for v in svc.vips]
         self.pair = PairMember(pair, self.member, vips, site.director.interface, on_role=self._on_role,
                                apply=self._sync_apply, healthy=self._can_take_over, on_joined=self._sync_all,
+                               on_reclaim=self._reclaim,
                                **self._pair_channels)
         self.publisher.enable(False)  # until elected: a backup does not publish
         if self.packet_path is not None and self.packet_path.engine is not None:
@@ -366,6 +367,11 @@ class Director:
                 self.packet_path.engine.sync_send(master)
         self.publisher.enable(master)
         self.metrics.observe_role(master)
+
+    def _reclaim(self) -> None:
+        """VRRP heard a lower-priority master (it took the VIPs for a moment): announce them again."""
+        if self.packet_path is not None:
+            self.packet_path.announce_again()
 
     def _sync_apply(self, datagram: bytes, sender) -> None:
         if self.packet_path is not None and self.packet_path.engine is not None:

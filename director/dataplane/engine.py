@@ -747,6 +747,8 @@ class Worker:
                     self.set_fanout(self.fwd.plan)
                 elif msg[0] == "stop":
                     self.running = False
+                elif msg[0] == "announce" and self.index == 0:  # one worker announces for all
+                    self.announcer.update(self.fwd.plan.vips, self.fwd.plan.mac, now, again=True)
                 elif msg[0] == "stats":
                     self.report()
                 elif msg[0] == "sync_apply" and self.sync is not None:
@@ -966,6 +968,10 @@ class Engine:
         self.generation += 1
         self._plan = self._placed(plan)
         self._sup.broadcast(("plan", self._plan, self.generation))
+
+    def announce_again(self) -> None:
+        """The workers announce the VIPs of their plan again (gratuitous ARP, unsolicited NA)."""
+        self._sup.broadcast(("announce",))
 
     def arm_spill(self, service: str, at: float | None) -> None:
         """``service``'s new connections spill from ``at`` (``time.monotonic``), None: not before its
