@@ -748,7 +748,7 @@ class Worker:
                 elif msg[0] == "stop":
                     self.running = False
                 elif msg[0] == "announce" and self.index == 0:  # one worker announces for all
-                    self.announcer.update(self.fwd.plan.vips, self.fwd.plan.mac, now, again=True)
+                    self.announcer.reclaim(self.fwd.plan.vips, self.fwd.plan.mac, now)
                 elif msg[0] == "stats":
                     self.report()
                 elif msg[0] == "sync_apply" and self.sync is not None:
