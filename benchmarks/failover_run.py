@@ -95,6 +95,8 @@ class Trial:
     """Seconds after the fault when dc1's director marked its last server down (--fault servers)."""
     ahead: int | None = None
     """New connections dc1's director spilled on its spill flag, before its plan said so (--fault servers)."""
+    drops: dict = field(default_factory=dict)
+    """dc1's director's packet path drops by reason, since it started (--fault servers)."""
     single: list[Sample] = field(default_factory=list)
     fallback: list[Sample] = field(default_factory=list)
 
@@ -313,6 +315,7 @@ def run_trial(lab: Lab, load: Load, fault: str, window: float, rng: random.Rando
         marked = marked_down_at(doc)
         trial.marked = marked - wall if marked is not None else None
         trial.ahead = ((doc or {}).get("packet_path") or {}).get("spilled_ahead")
+        trial.drops = ((doc or {}).get("packet_path") or {}).get("drops") or {}
     if watcher is not None:
         watcher.join(5)
     if held is not None:
@@ -410,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                     (b, nb), (a, na), (a1, na1) = split
                     line += (f"; dc1 marked its servers down {fmt(t.marked)}: single-address failed {b}/{nb} "
                              f"before, {a}/{na} after ({a1}/{na1} to dc1's VIP); spilled ahead of the plan "
-                             f"(dc1's total) {t.ahead}")
+                             f"(dc1's total) {t.ahead}; its drops {t.drops}")
                     mark = t.fault_at + t.marked
                     late = [f"{s.error} connecting {1000 * (s.connect - mark):.1f} ms after" for s in t.single
                             if not s.ok and s.connect >= mark and t.fault_at <= s.sent < t.fault_at + args.window]
