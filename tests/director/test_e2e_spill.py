@@ -137,7 +137,9 @@ def stopped_in_poll(pid: int) -> None:
     def syscall() -> str:
         return open(f"/proc/{pid}/syscall").read().split()[0]
 
-    idle = Counter(syscall() for _ in range(50)).most_common(1)[0][0]
+    seen = Counter(syscall() for _ in range(200))
+    # The syscall it waits in most ("running": on a CPU; "-1": in userspace, not in a syscall).
+    idle = max((n for n in seen if n not in ("running", "-1")), key=seen.__getitem__)
     for _ in range(200):
         os.kill(pid, signal.SIGSTOP)
         while open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
