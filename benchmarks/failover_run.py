@@ -20,7 +20,13 @@ then over N trials:
    servers down (the ``since`` of each on its /status, read after the
    window), and the single-address client's failures split at that moment:
    from then on dc1's director spills its new connections to dc2 (issue 16),
-   so a failure after it is a spill failure;
+   so a failure after it is a spill failure. The mark is the director's
+   decision (its clock as it recorded the check that made the last server
+   down; it arms the packet workers' spill flag in the same call, the plan
+   follows), converted to this process's monotonic clock through the
+   (monotonic, wall) pair read at the fault. A request is placed by when it
+   began connecting to the VIP (its SYN), not when it was scheduled: it
+   resolves the name first, and the pool may start it late;
 4. dc1 restored; wait until the resolver answers dc1 again.
 
 With ``--fault director`` and a director pair at dc1 (the lab's default),
@@ -69,6 +75,8 @@ class Sample:
     dc1: bool  # the request went to dc1's VIP first
     error: str = ""
     """Why it failed (the last address tried), for the failures after dc1's mark."""
+    connect: float = 0.0
+    """When it began connecting to its first address (its SYN), ``sent`` if it never did (DNS failed)."""
 
 
 @dataclass
@@ -85,12 +93,24 @@ class Trial:
     client_back: float | None = None
     marked: float | None = None
     """Seconds after the fault when dc1's director marked its last server down (--fault servers)."""
+    ahead: int | None = None
+    """New connections dc1's director spilled on its spill flag, before its plan said so (--fault servers)."""
+    drops: dict = field(default_factory=dict)
+    """dc1's director's packet path drops by reason, since it started (--fault servers)."""
     single: list[Sample] = field(default_factory=list)
     fallback: list[Sample] = field(default_factory=list)
 
     def share_failed(self, which: str, start: float, window: float) -> tuple[int, int]:
         samples = [s for s in getattr(self, which) if start <= s.sent < start + window]
         return sum(not s.ok for s in samples), len(samples)
+
+    def split_failed(self, which: str, start: float, window: float, mark: float) -> tuple[tuple[int, int], ...]:
+        """(failed, requests) of those sent in the window that began connecting before ``mark``, after it,
+        and after it to dc1's VIP (spill's: the others went to dc2's VIP once the resolver's answer changed)."""
+        samples = [s for s in getattr(self, which) if start <= s.sent < start + window]
+        after = [s for s in samples if s.connect >= mark]
+        parts = ([s for s in samples if s.connect < mark], after, [s for s in after if s.dc1])
+        return tuple((sum(not s.ok for s in part), len(part)) for part in parts)
 
 
 class Load:
@@ -121,7 +141,8 @@ class Load:
             if trial is None:
                 return
             error = "" if ok or not att.tries else f"{att.tries[-1].address}: {att.tries[-1].error}"
-            (trial.fallback if fallback else trial.single).append(Sample(sent, ok, first_dc1, error))
+            connect = att.tries[0].started if att.tries else sent
+            (trial.fallback if fallback else trial.single).append(Sample(sent, ok, first_dc1, error, connect))
             if fault is None or sent < fault:
                 return
             if not fallback and trial.resolver is None and att.answer.ok and self.dc1 not in att.answer.addresses:
@@ -290,8 +311,11 @@ def run_trial(lab: Lab, load: Load, fault: str, window: float, rng: random.Rando
     with load.lock:
         load.trial = None
     if fault == "servers":
-        marked = marked_down_at(lab)
+        doc = dc1_status(lab)
+        marked = marked_down_at(doc)
         trial.marked = marked - wall if marked is not None else None
+        trial.ahead = ((doc or {}).get("packet_path") or {}).get("spilled_ahead")
+        trial.drops = ((doc or {}).get("packet_path") or {}).get("drops") or {}
     if watcher is not None:
         watcher.join(5)
     if held is not None:
@@ -302,15 +326,19 @@ def run_trial(lab: Lab, load: Load, fault: str, window: float, rng: random.Rando
     return trial
 
 
-def marked_down_at(lab: Lab) -> float | None:
-    """Wall-clock time dc1's director marked the last of its real servers down (its /status), or None."""
-    site = lab.sites["dc1"]
+def dc1_status(lab: Lab) -> dict | None:
+    """dc1's (active) director's /status, or None."""
     try:
         with lab.inside("ops"):
-            status, doc = probe.http_json(topo.DIRECTORS["dc1"], site.status_port, "/status")
+            status, doc = probe.http_json(topo.DIRECTORS["dc1"], lab.sites["dc1"].status_port, "/status")
     except OSError:
         return None
-    if status != 200 or not isinstance(doc, dict):
+    return doc if status == 200 and isinstance(doc, dict) else None
+
+
+def marked_down_at(doc: dict | None) -> float | None:
+    """Wall-clock time dc1's director marked the last of its real servers down (``doc``: its /status), or None."""
+    if doc is None:
         return None
     servers = [rs for svc in doc["services"] for rs in svc["real_servers"]]
     if not servers or any(rs["state"] != "down" for rs in servers):
@@ -318,15 +346,12 @@ def marked_down_at(lab: Lab) -> float | None:
     return max(rs["since"] for rs in servers)
 
 
-def split_at_mark(t: Trial, window: float) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """The single-address client's (failed, sent) before and after dc1's servers were marked down,
-    within ``window`` s of the fault; None without a mark."""
+def split_at_mark(t: Trial, window: float) -> tuple[tuple[int, int], ...] | None:
+    """The single-address client's (failed, sent) before and after dc1's servers were marked down, and
+    after it to dc1's VIP, within ``window`` s of the fault; None without a mark."""
     if t.marked is None:
         return None
-    mark = t.fault_at + t.marked
-    before = t.share_failed("single", t.fault_at, t.marked)
-    after = t.share_failed("single", mark, window - t.marked)
-    return before, after
+    return t.split_failed("single", t.fault_at, window, t.fault_at + t.marked)
 
 
 def summarize(values: list[float | None]) -> str:
@@ -385,12 +410,13 @@ def main(argv: list[str] | None = None) -> int:
                              f"{fmt(t.client_back)}")
                 split = split_at_mark(t, args.window)
                 if split is not None:
-                    (b, nb), (a, na) = split
+                    (b, nb), (a, na), (a1, na1) = split
                     line += (f"; dc1 marked its servers down {fmt(t.marked)}: single-address failed {b}/{nb} "
-                             f"before, {a}/{na} after")
+                             f"before, {a}/{na} after ({a1}/{na1} to dc1's VIP); spilled ahead of the plan "
+                             f"(dc1's total) {t.ahead}; its drops {t.drops}")
                     mark = t.fault_at + t.marked
-                    late = [f"{s.error} sent {1000 * (s.sent - mark):.0f} ms after" for s in t.single
-                            if not s.ok and mark <= s.sent < t.fault_at + args.window]
+                    late = [f"{s.error} connecting {1000 * (s.connect - mark):.1f} ms after" for s in t.single
+                            if not s.ok and s.connect >= mark and t.fault_at <= s.sent < t.fault_at + args.window]
                     if late:
                         line += f" ({'; '.join(late)})"
                 if args.fault == "director" and pair:
@@ -414,8 +440,10 @@ def main(argv: list[str] | None = None) -> int:
         if any(sp is not None for sp in splits):
             before = [sp[0][0] if sp else None for sp in splits]
             after = [sp[1][0] if sp else None for sp in splits]
+            after1 = [sp[2][0] if sp else None for sp in splits]
             print(f"  single-address failed before mark    {summarize(before)}   (requests)")
-            print(f"  single-address failed after mark     {summarize(after)}   (requests; spill serves them)")
+            print(f"  single-address failed after mark     {summarize(after)}   (requests)")
+            print(f"    of which to dc1's VIP              {summarize(after1)}   (requests; spill serves them)")
         if args.fault == "director" and pair:
             print(f"  standby forwarding (s)               {summarize([t.takeover for t in trials])}")
             print(f"  long-lived connections survived (%)  "

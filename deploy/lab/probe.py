@@ -73,6 +73,8 @@ class Fetch:
     served_by: str | None = None
     error: str | None = None
     seconds: float = 0.0
+    started: float = 0.0
+    """``time.monotonic()`` as the connection attempt began (its SYN leaves right after)."""
 
     def __str__(self) -> str:
         return self.served_by if self.ok else f"{self.address}: {self.error}"
@@ -88,14 +90,16 @@ def fetch(address: str, port: int = 80, path: str = "/", host: str = "app.exampl
         resp.read()
         took = time.monotonic() - start
         if resp.status != 200:
-            return Fetch(address, False, error=f"HTTP {resp.status}", seconds=took)
-        return Fetch(address, True, served_by=resp.getheader("X-Served-By") or "?", seconds=took)
+            return Fetch(address, False, error=f"HTTP {resp.status}", seconds=took, started=start)
+        return Fetch(address, True, served_by=resp.getheader("X-Served-By") or "?", seconds=took, started=start)
     except socket.timeout:
-        return Fetch(address, False, error="timeout", seconds=time.monotonic() - start)
+        return Fetch(address, False, error="timeout", seconds=time.monotonic() - start, started=start)
     except OSError as e:
-        return Fetch(address, False, error=(e.strerror or str(e)).lower(), seconds=time.monotonic() - start)
+        return Fetch(address, False, error=(e.strerror or str(e)).lower(), seconds=time.monotonic() - start,
+                     started=start)
     except http.client.HTTPException as e:
-        return Fetch(address, False, error=f"bad HTTP: {type(e).__name__}", seconds=time.monotonic() - start)
+        return Fetch(address, False, error=f"bad HTTP: {type(e).__name__}", seconds=time.monotonic() - start,
+                     started=start)
     finally:
         conn.close()
 

@@ -350,6 +350,7 @@ class Director:
         vips = [v.address for svc in site.services for v in svc.vips]
         self.pair = PairMember(pair, self.member, vips, site.director.interface, on_role=self._on_role,
                                apply=self._sync_apply, healthy=self._can_take_over, on_joined=self._sync_all,
+                               on_reclaim=self._reclaim,
                                **self._pair_channels)
         self.publisher.enable(False)  # until elected: a backup does not publish
         if self.packet_path is not None and self.packet_path.engine is not None:
@@ -366,6 +367,11 @@ class Director:
                 self.packet_path.engine.sync_send(master)
         self.publisher.enable(master)
         self.metrics.observe_role(master)
+
+    def _reclaim(self) -> None:
+        """VRRP heard a lower-priority master (it took the VIPs for a moment): announce them again."""
+        if self.packet_path is not None:
+            self.packet_path.announce_again()
 
     def _sync_apply(self, datagram: bytes, sender) -> None:
         if self.packet_path is not None and self.packet_path.engine is not None:
@@ -398,6 +404,7 @@ class Director:
         health = {sh.name: sh for sh in self.table.services()}
         decided = self.spills.decide(site.services, health, self._overrides, self._clock(),
                                      self.config.redis.stale_after)
+        self._arm_spill()
         if decided == self.spilling:
             return
         for name, decision in decided.items():
@@ -417,6 +424,18 @@ class Director:
         self.spilling = decided
         self.publisher.poke()
         self._plan_dirty()
+
+    def _arm_spill(self) -> None:
+        """Tell the packet workers when each service spills (``SpillBook.armed_at``) through their
+        spill flags: shared memory they read with each new connection, so the switch to a standby
+        target does not wait for the plan built and sent after this (docs/director.md)."""
+        if self.packet_path is None:
+            return
+        now, mono = self._clock(), time.monotonic()
+        for svc in self.table.site.services:
+            if svc.spill is not None:
+                at = self.spills.armed_at(svc)
+                self.packet_path.arm_spill(svc.name, None if at is None else mono + (at - now))
 
     async def _spill_ticker(self) -> None:
         """Time alone ends a hysteresis hold or makes a spill target stale: look again, often enough."""

@@ -98,6 +98,7 @@ class PairMember:
                  on_role: Callable[[bool], None], apply: Callable[[bytes, Any], None],
                  healthy: Callable[[], bool] = lambda: True,
                  on_joined: Callable[[str], None] = lambda member: None,
+                 on_reclaim: Callable[[], None] = lambda: None,
                  vrrp_channel: Callable[[str, Address], Channel] = vrrp_channel,
                  sync_channel: Callable[[str, Address, int, Address | None], Channel] = sync_channel,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
@@ -112,6 +113,7 @@ class PairMember:
         self._vrrp_channel, self._sync_channel = vrrp_channel, sync_channel
         self._apply = apply
         self._on_joined = on_joined
+        self._on_reclaim = on_reclaim
         self.speaker: Speaker | None = None
         self.link: SyncLink | None = None
         self.master = False
@@ -141,7 +143,8 @@ class PairMember:
         except BaseException:
             vrrp_ch.close()
             raise
-        self.speaker = Speaker(self.router, vrrp_ch, clock=self._clock, on_state=self._state)
+        self.speaker = Speaker(self.router, vrrp_ch, clock=self._clock, on_state=self._state,
+                               on_reclaim=self._on_reclaim)
         self._tasks.append(asyncio.create_task(self.speaker.run(), name="glb-vrrp"))
         if self.link is not None:
             self._tasks.append(asyncio.create_task(self.link.run(), name="glb-sync"))

@@ -27,6 +27,11 @@ Rules (docs/director.md, "Cross-site spill"):
   (``Spill.active`` False): the packet path resolves the next hop towards
   its servers ahead, so the first spilled connection does not wait for a
   neighbour lookup.
+* The packet workers need not wait for the plan: :meth:`SpillBook.armed_at`
+  is when a service spills if nothing changes, which the director writes
+  to the workers' spill flags (director/dataplane/spillflags.py) at once;
+  with it a worker sends new connections to the standby target from that
+  moment, before the plan making the target active arrives.
 * Established connections are not this module's business: the forwarder
   keeps a spilled flow on its remote server until it ends, and local flows
   follow ``on_server_down``.
@@ -34,6 +39,7 @@ Rules (docs/director.md, "Cross-site spill"):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -161,6 +167,18 @@ class SpillBook:
         for name in set(self._holds) - names:  # spill removed by a reload
             del self._holds[name]
         return out
+
+    def armed_at(self, service: Any) -> float | None:
+        """When ``service`` (a glb.config.Service) spills if nothing changes, as of the last
+        ``decide`` (same clock): a past time while spill is on (also while a ``recover_after``
+        hold runs: it goes on until the hold ends), the end of the ``after`` hold while one
+        runs, None while the trigger is clear. What the packet workers' spill flag says."""
+        hold = self._holds.get(service.name) if service.spill is not None else None
+        if hold is None:
+            return None
+        if hold.active:
+            return -math.inf
+        return None if hold.since is None else hold.since + service.spill.after
 
     def next_change(self, services: Iterable[Any]) -> float | None:
         """When a pending hysteresis hold ends (wall-clock seconds), or None: the caller's timer."""

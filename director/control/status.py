@@ -186,6 +186,7 @@ def packet_path_document(src: StatusSource) -> dict[str, Any] | None:
         "expired": f.expired,
         "forwarded": f.forwarded,
         "replies": f.replies,
+        "spilled_ahead": f.spilled_ahead,
         "drops": dict(sorted(f.drops.items())),
         "rx_frames": st.rx_frames,
         "ring_drops": st.ring_drops,
@@ -490,7 +491,10 @@ def _packet_path_metrics(pp: dict[str, Any] | None) -> Iterator[Any]:
                                  "userspace engine.", labels=["reason"])
     for reason, n in pp.get("kernel", {}).items():
         kernel.add_metric([reason], n)
-    yield from (drops, tracked, evicted, rx, ring, tx, tx_err, cpu, restarts, kernel)
+    ahead = CounterMetricFamily("glb_director_spilled_ahead",
+                                "New connections spilled to a standby target on the spill flag, before the plan.")
+    ahead.add_metric([], pp["spilled_ahead"])
+    yield from (drops, tracked, evicted, rx, ring, tx, tx_err, cpu, restarts, kernel, ahead)
 
 
 # --------------------------------------------------------------------------

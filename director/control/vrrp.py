@@ -24,7 +24,12 @@ Master_Down_Timer, in Initialize none. Actions:
 Beyond the RFC, as keepalived: ``preempt_delay`` (a backup that would preempt
 a lower-priority master waits this long after first hearing it, so a
 restarted primary finishes its health checks before taking the VIPs back),
-and unicast peers for LANs without multicast.
+unicast peers for LANs without multicast, and a master that hears a
+lower-priority master (its master-down timer ran out while this one's
+advertisements were late: a stalled event loop) advertises at once and
+asks for the VIPs to be announced again (:class:`Reclaim`, keepalived's
+``garp_lower_prio_repeat``): the other took them for a moment and the
+LAN's ARP/ND caches may still point at it.
 
 Each (state, input) pair is one method, found through :data:`_ADVERT` and
 :data:`_TIMER`, so a transition of section 6.4 reads as one short function.
@@ -144,7 +149,20 @@ class LogDrop:
     """False for a tolerated oddity (the packet was still processed)."""
 
 
-Action = Transmit | StateChange | SetTimer | CancelTimer | LogDrop
+@dataclass(frozen=True)
+class Reclaim:
+    """Announce the VIPs again: ``src`` advertised ``priority`` as master, lower than ours, so it
+    may have taken them, and the LAN's caches may point at it although it has let them go."""
+
+    src: Address
+    priority: int
+
+
+Action = Transmit | StateChange | SetTimer | CancelTimer | LogDrop | Reclaim
+
+RECLAIM_EVERY = 1.0
+"""Seconds between two :class:`Reclaim` of a master (a member that keeps advertising, one that cannot
+hear us, would otherwise make every advertisement a burst of announcements)."""
 
 
 def skew_time(priority: int, interval_cs: int) -> float:
@@ -174,6 +192,7 @@ class Router:
     _preempt_from: float | None = None
     _released: bool = False
     """The master's last word was priority 0: the takeover is a handover (its log says so)."""
+    _reclaimed_at: float | None = None
 
     # ---- admin events --------------------------------------------------------
 
@@ -260,8 +279,11 @@ class Router:
             return self._adver_timer(now)
         better = adv.priority > cfg.priority or (
             adv.priority == cfg.priority and int(src) > int(cfg.address))
-        if not better:
-            return []
+        if not better:  # another master, below us: it yields at our advertisement; the VIPs' caches come back
+            if self._reclaimed_at is not None and now - self._reclaimed_at < RECLAIM_EVERY:
+                return []
+            self._reclaimed_at = now
+            return [*self._advertise(cfg.priority), Reclaim(src, adv.priority)]
         self.master_adver_int = adv.max_adver_int
         self.master = src
         return self._to_backup(now, f"{src} advertises priority {adv.priority} > ours {cfg.priority}"

@@ -33,7 +33,9 @@ from collections import Counter
 from typing import Callable
 
 from director.control.datagram import Channel
-from director.control.vrrp import CancelTimer, LogDrop, Router, RouterConfig, SetTimer, State, StateChange, Transmit
+from director.control.vrrp import (
+    CancelTimer, LogDrop, Reclaim, Router, RouterConfig, SetTimer, State, StateChange, Transmit,
+)
 from glb.errors import GLBError
 
 log = logging.getLogger("glb.director.vrrp")
@@ -44,7 +46,8 @@ class Speaker:
 
     def __init__(self, router: Router, channel: Channel, *, clock: Callable[[], float] = time.monotonic,
                  on_state: Callable[[State, str], None] | None = None,
-                 on_change: Callable[[Speaker], None] | None = None) -> None:
+                 on_change: Callable[[Speaker], None] | None = None,
+                 on_reclaim: Callable[[], None] | None = None) -> None:
         self.router = router
         self.channel = channel
         self.clock = clock
@@ -52,6 +55,8 @@ class Speaker:
         """Called with (new state, reason) on every transition."""
         self.on_change = on_change
         """Called when the state, the master followed or a drop counter changed (status writers)."""
+        self.on_reclaim = on_reclaim
+        """Called when the VIPs must be announced again (vrrp.Reclaim: another member took them for a moment)."""
         self._shown: tuple | None = None
 
     def counters(self) -> Counter:
@@ -97,6 +102,12 @@ class Speaker:
                 log.info("VRRP vrid %d: %s (%s)", self.router.config.vrid, action.state.value, action.reason)
                 if self.on_state:
                     self.on_state(action.state, action.reason)
+            elif isinstance(action, Reclaim):
+                log.warning("VRRP vrid %d: %s advertised priority %d as master (ours is %d): announcing the VIPs "
+                            "again", self.router.config.vrid, action.src, action.priority,
+                            self.router.config.priority)
+                if self.on_reclaim:
+                    self.on_reclaim()
             elif isinstance(action, LogDrop):
                 verb = "dropped" if action.dropped else "accepted"
                 log.warning("VRRP vrid %d: %s packet from %s: %s (logged once per reason; counted in %r)",

@@ -13,6 +13,11 @@ from collections.abc import Iterable
 
 from director.dataplane import codec
 
+RECLAIM_SETTLE = 0.5
+"""Seconds after a reclaim's announcements when they go out once more: the member that took the VIPs
+for a moment announced them too, racing ours; it has let them go by then (it yields at the master's
+advertisement, sent with the reclaim)."""
+
 
 class Announcer:
     """When to send gratuitous ARP / unsolicited NA for each VIP (pure; time passed in)."""
@@ -32,6 +37,12 @@ class Announcer:
             for off in self.offsets:
                 self._pending.append((now + off, vip, mac))
         self._pending.sort()
+
+    def reclaim(self, vips: Iterable[bytes], mac: bytes, now: float) -> None:
+        """Announce ``vips`` again, now and :data:`RECLAIM_SETTLE` later (each at every offset):
+        another member took them for a moment (director/control/vrrp.py Reclaim)."""
+        for at in (now, now + RECLAIM_SETTLE):
+            self.update(vips, mac, at, again=True)
 
     def due(self, now: float) -> list[bytes]:
         """Frames to send now."""

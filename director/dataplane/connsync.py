@@ -130,6 +130,10 @@ class ConnSync:
             d = svc.sorry
         if d is None:  # a spilled flow: another site's server, keyed under the spill label
             d = next((r for k, r in svc.remote.items() if k.address == key.address and k.port == port), None)
+        if d is None:  # a standby target's here: the master spilled on its flag before this member's plan
+            d = next((r for k, r in svc.target.items() if k.address == key.address and k.port == port), None)
+            if d is not None:
+                svc.remote.setdefault(d.key, d)  # it holds a spilled flow now
         return d
 
     def conn_dest(self, key: bytes, addr: bytes, port: int):

@@ -64,6 +64,7 @@ from director.dataplane.counters import DEFAULT_SLOTS, CountTable, SlotAllocator
 from director.dataplane.forwarder import Forwarder, ForwarderStats, Plan
 from director.dataplane.announce import Announcer
 from director.dataplane.connsync import ConnSync
+from director.dataplane.spillflags import DEFAULT_FLAGS, SpillFlags
 from director.modes import MODES
 from glb.errors import EngineError, KernelDataplaneError, SupervisorError
 from glb.supervisor import RestartPolicy, Supervisor
@@ -402,11 +403,12 @@ class Worker:
     """One packet loop: ring -> Forwarder -> Sender; plans and stats over a pipe."""
 
     def __init__(self, cfg: EngineConfig, plan: Plan, conn, index: int = 0, ps: PacketSocket | None = None,
-                 cells: Any = None, positions: tuple[int, ...] | None = None) -> None:
+                 cells: Any = None, positions: tuple[int, ...] | None = None, spill_flags: Any = None) -> None:
         """``ps`` replaces the AF_PACKET socket (tests: any datagram socket and an mmap laid out as a ring).
 
         ``cells``: the workers' shared connection counts (director/dataplane/counters.py);
-        ``positions``: each fanout bucket's socket position (fanout.Members.table).
+        ``positions``: each fanout bucket's socket position (fanout.Members.table);
+        ``spill_flags``: the control plane's spill flags (director/dataplane/spillflags.py).
         """
         self.cfg = cfg
         self.conn = conn
@@ -416,7 +418,7 @@ class Worker:
         if cells is not None:
             counts = CountTable(cells, cfg.workers, index)
             counts.reset()  # whatever a dead predecessor counted died with it
-        self.fwd = Forwarder(table, counts=counts)
+        self.fwd = Forwarder(table, counts=counts, spill_flags=spill_flags)
         self.sync = ConnSync(self.fwd, cfg.sync_id, workers=cfg.workers, index=index) if cfg.sync_id else None
         """Connection sync (a pair member); the director says when to send (master) or apply (backup)."""
         self.positions = positions
@@ -746,6 +748,8 @@ class Worker:
                     self.set_fanout(self.fwd.plan)
                 elif msg[0] == "stop":
                     self.running = False
+                elif msg[0] == "announce" and self.index == 0:  # one worker announces for all
+                    self.announcer.reclaim(self.fwd.plan.vips, self.fwd.plan.mac, now)
                 elif msg[0] == "stats":
                     self.report()
                 elif msg[0] == "sync_apply" and self.sync is not None:
@@ -805,7 +809,7 @@ class Worker:
 
 
 def worker_main(cfg: EngineConfig, plan: Plan, index: int, cells: Any, positions: tuple[int, ...] | None,
-                conn) -> None:
+                spill_flags: Any, conn) -> None:
     """Entry point of a worker process (glb.supervisor's protocol: ready or error, then stats)."""
     _prctl_pdeathsig()
     if cfg.cpus:  # off the control plane's CPU (it started us from there)
@@ -814,7 +818,7 @@ def worker_main(cfg: EngineConfig, plan: Plan, index: int, cells: Any, positions
     signal.signal(signal.SIGTERM, lambda *_: setattr(w, "running", False) if w else os._exit(0))
     w = None
     try:
-        w = Worker(cfg, plan, conn, index, cells=cells, positions=positions)
+        w = Worker(cfg, plan, conn, index, cells=cells, positions=positions, spill_flags=spill_flags)
     except OSError as e:
         conn.send(("error", f"cannot open {cfg.interface}: {e.strerror or e}"))
         return
@@ -879,6 +883,8 @@ class Engine:
         self.on_sync: Any = None
         """Called (from the supervisor's thread) with each batch of sync records a worker sends."""
         self._sync_sending = False
+        self.spill_flags: SpillFlags | None = None
+        """The spill flags the workers read (shared memory; director/dataplane/spillflags.py)."""
 
     @property
     def failed(self) -> str | None:
@@ -886,6 +892,11 @@ class Engine:
         return self._sup.failed if self._sup is not None else None
 
     def _placed(self, plan: Plan) -> Plan:
+        if self.spill_flags is not None:
+            plan, unplaced = self.spill_flags.place(plan)
+            if unplaced:
+                log.warning("%d service(s) beyond %d spill flags: they spill when their plan says so",
+                            len(unplaced), len(self.spill_flags.cells))
         if self._counts is None:
             return plan
         plan, unplaced = self._slots.assign(plan, self._counts.in_use)
@@ -897,10 +908,11 @@ class Engine:
     def start(self, plan: Plan, timeout: float = 20.0) -> None:
         cfg = self.cfg
         n = cfg.workers
+        ctx = multiprocessing.get_context("spawn")
+        self.spill_flags = SpillFlags(ctx.RawArray("d", DEFAULT_FLAGS))
         if n > 1:
             if not cfg.fanout_group:
                 cfg.fanout_group = (os.getpid() & 0xFFFF) or 1
-            ctx = multiprocessing.get_context("spawn")
             self._cells = ctx.RawArray("q", CountTable.size(DEFAULT_SLOTS, n))
             self._counts = CountTable(self._cells, n, 0)
         self._plan = self._placed(plan)
@@ -924,7 +936,7 @@ class Engine:
             self._members.join(i)
             positions = self._members.table()
         self._spawned_with[i] = self.generation
-        return (self.cfg, self._plan, i, self._cells, positions)
+        return (self.cfg, self._plan, i, self._cells, positions, self.spill_flags.cells)
 
     def _ready(self, i: int, payload: tuple[bytes, str, str, str]) -> None:
         self.mac, self.dataplane, self.dataplane_note, self.maps_note = payload
@@ -957,6 +969,16 @@ class Engine:
         self.generation += 1
         self._plan = self._placed(plan)
         self._sup.broadcast(("plan", self._plan, self.generation))
+
+    def announce_again(self) -> None:
+        """The workers announce the VIPs of their plan again (gratuitous ARP, unsolicited NA)."""
+        self._sup.broadcast(("announce",))
+
+    def arm_spill(self, service: str, at: float | None) -> None:
+        """``service``'s new connections spill from ``at`` (``time.monotonic``), None: not before its
+        plan says so. Shared memory: every worker reads it with its next new connection, no message."""
+        if self.spill_flags is not None:
+            self.spill_flags.arm(service, at)
 
     def sync_send(self, on: bool) -> None:
         """Workers tell their tables' changes (a master) or not (a backup)."""

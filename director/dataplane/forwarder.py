@@ -38,6 +38,16 @@ Decisions and why:
   a remote Dest is never made unavailable or rescheduled, so neither the
   spill ending nor the local servers returning moves it; it just takes no
   new flows (weight 0) once its site stops being the target.
+* A standby spill target (``SpillPlan.active`` False) is ready to take new
+  flows: its Dests and schedulers are built as for an active one. New flows
+  go there once the service's spill flag is armed
+  (director/dataplane/spillflags.py: the control plane's decision, written
+  to shared memory before the plan that says so is even built), so the
+  first connection after the last local server is marked down does not
+  wait for that plan. Those flows are counted (``spilled_ahead``).
+* While a service spills, a SYN on a local flow that never got established
+  is a new connection and spills too (the client reused the port of an
+  attempt a dead server refused, before the plan said it was down).
 """
 
 from __future__ import annotations
@@ -65,6 +75,7 @@ from director.dataplane.counters import CountTable
 from director.dataplane.kernelmaps import kernel_schedules
 from director.dataplane.scheduler import Dest, Persistence, Scheduler, make_scheduler
 from director.control.spill import spill_service
+from director.dataplane.spillflags import NOT_ARMED, spills
 from director.modes import MODES
 
 PROTOCOLS = {"tcp": 6, "udp": 17}
@@ -146,7 +157,10 @@ class SpillPlan:
     """Keyed ``ServerKey(spill_service(service, site), address, port)``, so their
     counters never mix with a local server's."""
     active: bool = True
-    """False: a standby target, in the plan so that its next hops are resolved ahead; no flow goes there."""
+    """False: a standby target, in the plan so that its next hops are resolved and its schedulers built
+    ahead; new flows go there only once the service's spill flag is armed (director/dataplane/spillflags.py)."""
+    flag: int = -1
+    """The service's cell in the workers' spill flags (set by the engine); -1: none, the plan alone decides."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,7 +306,7 @@ class _Service:
     """One service at run time: its schedulers (one per address family), persistence, dests."""
 
     __slots__ = ("plan", "dests", "sched4", "sched6", "persistence", "sorry", "stateless",
-                 "remote", "spill4", "spill6", "kernel_made")
+                 "remote", "target", "spill4", "spill6", "kernel_made")
 
     def __init__(self, plan: ServicePlan) -> None:
         self.plan = plan
@@ -301,9 +315,11 @@ class _Service:
         self.sched6: Scheduler | None = None
         self.remote: dict[ServerKey, ServerDest] = {}
         """Every other site's server this service ever spilled to (their flows stay until they end)."""
+        self.target: dict[ServerKey, ServerDest] = {}
+        """The spill target's servers, active or standby (a standby's join ``remote`` with their first flow)."""
         self.spill4: Scheduler | None = None
         self.spill6: Scheduler | None = None
-        """While spilling: the schedulers over the target's servers (new flows go there only)."""
+        """The schedulers over the target's servers: new flows go there only while the service spills."""
         self.persistence: Persistence | None = None
         self.sorry: ServerDest | None = None
         self.stateless = plan.scheduler in STATELESS_SCHEDULERS and plan.persistence is None
@@ -330,6 +346,8 @@ class ForwarderStats:
     """Entries in the connection table now."""
     evicted: int = 0
     expired: int = 0
+    spilled_ahead: int = 0
+    """New flows spilled to a standby target on the spill flag, before the plan made it active."""
 
     def merge(self, other: ForwarderStats) -> ForwarderStats:
         """Sum of two workers' counters."""
@@ -344,7 +362,7 @@ class ForwarderStats:
         for k in set(self.outbound) | set(other.outbound):
             a, b = self.outbound.get(k, (0, 0)), other.outbound.get(k, (0, 0))
             out.outbound[k] = (a[0] + b[0], a[1] + b[1])
-        for name in ("forwarded", "replies", "connections", "evicted", "expired"):
+        for name in ("forwarded", "replies", "connections", "evicted", "expired", "spilled_ahead"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         return out
 
@@ -361,8 +379,9 @@ class Forwarder:
     """Decides, for each frame, where it goes. One per engine worker."""
 
     def __init__(self, table: ConnTable | None = None, frags: FragmentTable | None = None,
-                 counts: CountTable | None = None) -> None:
-        """``counts``: the packet workers' shared count table (None = this forwarder counts alone)."""
+                 counts: CountTable | None = None, spill_flags: Any = None) -> None:
+        """``counts``: the packet workers' shared count table (None = this forwarder counts alone);
+        ``spill_flags``: the spill flags' cells (director/dataplane/spillflags.py; None = plans alone)."""
         # "is None", not "or": an empty table is falsy (it has a length).
         self.table = ConnTable() if table is None else table
         self.counts = counts
@@ -371,6 +390,8 @@ class Forwarder:
         self.vips: frozenset[bytes] = frozenset()
         self.drops: Counter[Drop] = Counter()
         self.replies = 0
+        self.spill_flags = spill_flags
+        self.spilled_ahead = 0
         self._services: dict[str, _Service] = {}
         # (VIP address, port, protocol) -> (service, the VIP's label)
         self._by_vip: dict[tuple[bytes, int, int], tuple[_Service, str]] = {}
@@ -446,27 +467,31 @@ class Forwarder:
         self._sources = sources
 
     def _apply_spill(self, svc: _Service, old: _Service | None, plan: Plan) -> None:
-        """Carry the remote Dests over; while spilling, schedulers over the target's servers."""
+        """Carry the remote Dests over; schedulers over the target's servers, standby or active
+        (a standby's are ready for the spill flag)."""
         sp = svc.plan
         if old is not None:
             svc.remote = old.remote
         for d in svc.remote.values():
             d.weight = 0  # no new flows unless the current target lists it; established ones stay
-        if sp.spill is None or not sp.spill.active:
+        if sp.spill is None:
             return
         dests = []
         for s in sp.spill.servers:
-            d = svc.remote.get(s.key)
+            d = svc.remote.get(s.key) or (old.target.get(s.key) if old is not None else None)
             if d is None:
-                d = svc.remote[s.key] = self._dest(s, SPILL_MODE.name)
+                d = self._dest(s, SPILL_MODE.name)
+            if sp.spill.active:
+                svc.remote[s.key] = d
             tx = SPILL_MODE.transmit(s, plan)
             d.tx = tx
             d.available = True  # never unavailable: that would move or drop its spilled flows
             d.reschedule = False
             d.weight = s.weight if tx is not None else 0
+            svc.target[s.key] = d
             dests.append(d)
         was = old.plan.spill if old is not None else None
-        same = was is not None and was.active and was.site == sp.spill.site \
+        same = was is not None and was.site == sp.spill.site \
             and (old.plan.scheduler, old.plan.mh_table_size) == (sp.scheduler, sp.mh_table_size)
         self._schedulers(svc, old if same else None, ("spill4", "spill6"), dests)
 
@@ -598,7 +623,8 @@ class Forwarder:
                     return None
             else:
                 c = self.table.lookup(p.key, p.flags, now)
-                if c is None:
+                if c is None or (not c.confirmed and p.flags & TCP_SYN and p.proto == 6
+                                 and self._respill(c, p, now)):
                     c = self._new_flow(p, now)
                     if c is None:
                         return None
@@ -686,12 +712,15 @@ class Forwarder:
                 self.drops[Drop.NO_CONNECTION] += 1  # IPVS: only a SYN opens a TCP connection
             return c
         tpl = None
-        spill = svc.spill4 if len(p.src) == 4 else svc.spill6
-        if spill is not None:  # the service spills: every new flow goes to the target site
-            dest = spill.schedule(p.src, p.sport, p.dst, p.dport, now)
+        if self._spilling(svc, now):  # every new flow goes to the target site
+            spill = svc.spill4 if len(p.src) == 4 else svc.spill6
+            dest = spill.schedule(p.src, p.sport, p.dst, p.dport, now) if spill is not None else None
             if dest is None:
                 self.drops[Drop.NO_DESTINATION] += 1
                 return None
+            if not svc.plan.spill.active:  # on the flag, ahead of the plan
+                self.spilled_ahead += 1
+                svc.remote.setdefault(dest.key, dest)
             return self._add(p, dest, label, now, None)
         sched = svc.sched4 if len(p.src) == 4 else svc.sched6
         if sched is None:
@@ -710,6 +739,28 @@ class Forwarder:
                 self.drops[Drop.NO_DESTINATION] += 1
                 return None
         return self._add(p, dest, label, now, tpl)
+
+    def _spilling(self, svc: _Service, now: float) -> bool:
+        """Whether ``svc``'s new flows go to its spill target now (spillflags.spills, with its flag)."""
+        spill = svc.plan.spill
+        if spill is None:
+            return False
+        flags = self.spill_flags
+        armed = flags[spill.flag] if flags is not None and spill.flag >= 0 else NOT_ARMED
+        return spills(spill, armed, now)
+
+    def _respill(self, c: Conn, p, now: float) -> bool:
+        """A SYN on a flow that never got established (``c``), to a local server of a service that
+        spills now: forget it (True), so it is scheduled afresh, to the target. The client reused
+        the port of an attempt a dead server refused, before the plan said that server was down."""
+        hit = self._by_vip.get((p.dst, p.dport, p.proto))
+        if hit is None:
+            return False
+        svc = hit[0]
+        if svc.remote.get(c.dest.key) is c.dest or not self._spilling(svc, now):
+            return False
+        self.table.remove(p.key)
+        return True
 
     def _add(self, p, dest: ServerDest, label: str, now: float, tpl) -> Conn:
         route = self.route(dest.key, label)
@@ -814,4 +865,5 @@ class Forwarder:
         out.connections = len(self.table)
         out.evicted = self.table.evicted
         out.expired = self.table.expired
+        out.spilled_ahead = self.spilled_ahead
         return out

@@ -45,7 +45,7 @@ Maps (names as in the C file):
 * ``services`` (hash): :func:`svc_key` (VIP id, port, protocol) ->
   :func:`svc_value` (scheduler kind, table number, slots) for every VIP whose
   service the kernel schedules new flows of (:func:`kernel_schedules`: mh,
-  sh, dh; DR or TUN; no persistence; not spilling). ``slots`` (hash, not
+  sh, dh; DR or TUN; no persistence; no spill configured). ``slots`` (hash, not
   preallocated): (table, chunk) -> :data:`SLOT_CHUNK` route indexes, the
   scheduler's lookup table (:func:`slot_chunks`). A route's
   :data:`ROUTE_NEW` says whether its server takes new flows; a flow the
@@ -347,9 +347,11 @@ def percpu(value: bytes, size: int, cpus: int) -> bytes:
 
 def kernel_schedules(sp: Any) -> bool:
     """Whether the kernel may schedule a service's new flows (a forwarder ``ServicePlan``): a hash
-    scheduler (:data:`SCHED_KINDS`), DR or TUN, no persistence (templates stay Python's), not spilling."""
+    scheduler (:data:`SCHED_KINDS`), DR or TUN, no persistence (templates stay Python's), no spill configured:
+    the packet workers switch a spilling service's new flows on the spill flag (spillflags.py) before any plan
+    reaches the kernel's tables, so those stay Python's."""
     return (sp.scheduler in SCHED_KINDS and sp.forwarding in KERNEL_MODES and sp.persistence is None
-            and (sp.spill is None or not sp.spill.active))
+            and sp.spill is None)
 
 
 def svc_key(vid: int, port: int, proto: int) -> bytes:

@@ -249,6 +249,19 @@ class PacketPath:
         self._plan_pending = True
         asyncio.get_running_loop().call_soon(self._send_plan)
 
+    def announce_again(self) -> None:
+        """Announce the owned VIPs again, as when they were taken (another pair member took them for a
+        moment: the LAN's caches may point at it)."""
+        if self.engine is not None and self.owned:
+            self.engine.announce_again()
+
+    def arm_spill(self, service: str, at: float | None) -> None:
+        """``service``'s new connections spill from ``at`` (``time.monotonic``; None: when its plan says):
+        the workers read it with their next new connection, before the plan is even built
+        (director/dataplane/spillflags.py)."""
+        if self.engine is not None:
+            self.engine.arm_spill(service, at)
+
     @property
     def owned(self) -> bool:
         return self.ownership.owned if self.ownership is not None else self._owned

@@ -11,7 +11,9 @@ on the same TCP connection and the same real server, when the master is
 killed -9, when it stops cleanly (the standby says it took over on
 priority 0, not after the master-down interval), and when the old master
 comes back with preempt true (it takes the VIPs back) or false (it stays
-backup). New connections are served after each change; the site's snapshot
+backup), and when the master stalls past the master-down interval (the
+backup takes the VIP for a moment; the master announces it again, so the
+client's ARP cache comes back). New connections are served after each change; the site's snapshot
 in Redis never stops counting as available (never withdrawn, never stale
 by the config's ``stale_after``) and is published by the master only.
 """
@@ -294,3 +296,30 @@ def test_a_clean_stop_hands_over_and_without_preempt_the_old_master_stays_backup
         clients.close()
         unavailable = watch.close()
     assert not unavailable, f"the site left DNS: {unavailable[:3]}"
+
+
+def vip_mac(ha: HALab) -> str | None:
+    """The MAC the client's ARP cache has for the VIP."""
+    entries = json.loads(ha.client.run(["ip", "-j", "neigh", "show", VIP]).stdout or "[]")
+    return entries[0].get("lladdr") if entries else None
+
+
+def test_a_false_takeover_ends_with_the_vip_announced_by_the_master_again(pair):
+    """The master's event loop stalls past the master-down interval (SIGSTOP): the backup takes the VIP
+    and announces it, then yields at the master's next advertisement. The master, hearing a
+    lower-priority master, announces the VIP again: the client's ARP cache comes back to it instead
+    of keeping the backup's MAC, where nothing is forwarded any more."""
+    mac = {m: pair.ns[m].run(["cat", "/sys/class/net/eth0/address"]).stdout.strip() for m in DIRECTORS}
+    new_connections_served(pair)
+    until(lambda: vip_mac(pair) == mac["dc1-a"], "the client's ARP entry for the VIP says dc1-a", 10)
+    stalled = pair.d["dc1-a"].proc
+    stalled.send_signal(signal.SIGSTOP)
+    try:
+        until(lambda: pair.role("dc1-b") == "master", "dc1-b takes over", 10)
+        until(lambda: vip_mac(pair) == mac["dc1-b"], "dc1-b's announcement reaches the client", 10)
+    finally:
+        stalled.send_signal(signal.SIGCONT)
+    until(lambda: pair.role("dc1-b") == "backup", "dc1-b yields to dc1-a's advertisement", 10)
+    until(lambda: vip_mac(pair) == mac["dc1-a"], "dc1-a announces the VIP again", 10)
+    assert "announcing the VIPs again" in pair.d["dc1-a"].log.read_text()
+    new_connections_served(pair)

@@ -13,6 +13,8 @@ Every process is the real one (`glb director`, `glb realserver setup`, the sessi
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 from collections import Counter
 
@@ -92,6 +94,23 @@ class SpillLab(DirectorLab):
     def keepalive(self):
         return _keepalive(self.client, VIP1)
 
+    def count_syns(self, dataplane: str) -> None:
+        """Count the SYNs to dc1's VIP where the packet worker reads them: eth0, or with the kernel
+        data plane the slow-path veth the tc program hands them to (tcattach.SlowPathVeth). An
+        ingress hook runs after the packet sockets' taps: once counted, a SYN is in the worker's ring."""
+        dev = "eth0"
+        if dataplane == "kernel":
+            dev = f"glb{self.director.run(['cat', '/sys/class/net/eth0/ifindex']).stdout.strip()}r"
+        self.director.run(["nft", "-f", "-"], input=(
+            f'table netdev glbsyn {{\n chain in {{ type filter hook ingress device "{dev}" priority 0;\n'
+            f'  ip daddr {VIP1} tcp dport 80 tcp flags & (syn | ack) == syn counter comment "syn"\n }}\n}}\n'))
+
+    def syns(self) -> int:
+        return nft_counters(self.director, "glbsyn")["syn"]
+
+    def path(self) -> dict:
+        return (self.d.status() or {}).get("packet_path") or {}
+
     def close(self) -> None:
         super().close()
         if self.d2.poll() is None:
@@ -99,6 +118,25 @@ class SpillLab(DirectorLab):
             self.d2.wait(15)
         self._log2.close()
         self.bridge2.close()
+
+
+def stopped_in_poll(pid: int) -> None:
+    """SIGSTOP a packet worker where it waits for frames or plans (poll(2): the syscall it is in
+    when idle, as /proc says), not in the middle of its loop. Tries again until it is."""
+    def syscall() -> str:
+        return open(f"/proc/{pid}/syscall").read().split()[0]
+
+    seen = Counter(syscall() for _ in range(200))
+    # The syscall it waits in most ("running": on a CPU; "-1": in userspace, not in a syscall).
+    idle = max((n for n in seen if n not in ("running", "-1")), key=seen.__getitem__)
+    for _ in range(200):
+        os.kill(pid, signal.SIGSTOP)
+        while open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "T":
+            pass
+        if syscall() == idle:
+            return
+        os.kill(pid, signal.SIGCONT)
+    raise AssertionError(f"packet worker {pid} never stopped in its idle syscall {idle}")
 
 
 @pytest.mark.parametrize("dataplane", ["userspace", "kernel"])
@@ -115,10 +153,31 @@ def test_dc1_down_spills_new_connections_to_dc2_and_back(dataplane, tmp_path, re
             local, ask_local = t.keepalive()
             clients.append(local)
             assert ask_local() == "dc1-rs"
+            lab.wait_for(lambda: all((t.d.status()["packet_path"]["next_hops"].get(a)) for a in RS2.values()),
+                         timeout=10, what="the next hop towards dc2's (standby) servers")
+            t.d.wait_plan()
 
-            t.http1.kill()  # every dc1 server stops
-            t.http1.wait()
-            lab.wait_for(lambda: t.spill().get("spilling_to") == "dc2", timeout=15, what="dc1 to spill to dc2")
+            # The first new connection after dc1's last server is marked down goes to dc2 on the
+            # spill flag, before the worker has the plan that says so: the worker is stopped
+            # while it waits in poll(2), so, continued, it reads its ring (the SYN) before its pipe.
+            t.count_syns(dataplane)
+            worker = t.path()["workers"][0]["pid"]
+            stopped_in_poll(worker)
+            try:
+                t.http1.kill()  # every dc1 server stops
+                t.http1.wait()
+                lab.wait_for(lambda: t.spill().get("spilling_to") == "dc2", timeout=15, what="dc1 to spill to dc2")
+                path = t.path()
+                assert path["plan_applied"] < path["plan_generation"]  # the worker has not got that plan
+                syns = t.syns()
+                first_conn = t.client.popen(["curl", "-s", "-m", "10", f"http://{VIP1}/"], stdout=subprocess.PIPE,
+                                            text=True)
+                lab.wait_for(lambda: t.syns() > syns, timeout=5, what="the SYN in the stopped worker's ring")
+            finally:
+                os.kill(worker, signal.SIGCONT)
+            assert first_conn.communicate(timeout=15)[0].strip() in ("dc2-rs1", "dc2-rs2")
+            lab.wait_for(lambda: t.path().get("spilled_ahead") == 1, timeout=5,
+                         what="the connection counted as spilled ahead of the plan")
             t.d.wait_plan()
             lab.wait_for(lambda: all((t.d.status()["packet_path"]["next_hops"].get(a)) for a in RS2.values()),
                          timeout=10, what="the next hop towards dc2's servers")

@@ -637,7 +637,7 @@ static __always_inline int reply_nat(struct __sk_buff *skb, struct pkt *p, __u64
  * director/dataplane/scheduler.py does and installed into `conns`, so a new
  * connection's first packet no longer goes through Python. Python writes,
  * per VIP (address, port, protocol) whose service the kernel may schedule
- * (kernelmaps.kernel_schedules: no persistence, not spilling, DR or TUN),
+ * (kernelmaps.kernel_schedules: no persistence, no spill configured, DR or TUN),
  * the scheduler's lookup table: Maglev's table_size slots or IPVS's 256
  * buckets, each the route of the server owning it. The program only takes
  * the plain case: the slot's server takes new flows (ROUTE_NEW: available,

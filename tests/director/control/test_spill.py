@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -159,3 +160,35 @@ def test_the_target_is_kept_ready_while_the_trigger_does_not_hold():
     assert decide(book, table(0), state, 100.1, standby=True) == {"web": WANT}
     stale = DeploymentState.build([dc2(*HEALTHY, published_at=90.0)])
     assert decide(SpillBook(), table(2), stale, 100.0, standby=True) == {"web": None}
+
+
+def test_armed_at_is_when_spill_starts_for_the_workers_and_it_lasts_through_recover_after():
+    site = LAB.site("dc1")
+    svc = replace(site.services[0], spill=replace(site.services[0].spill, after=0.5))
+    site = replace(site, services=(svc,))
+    book, state = SpillBook(), DeploymentState.build([dc2(*HEALTHY, published_at=104.0)])
+    up, down = table(2, site=site), table(0, site=site)
+    decide(book, up, state, 100.0)
+    assert book.armed_at(svc) is None
+    assert decide(book, down, state, 100.2)["web"] is None
+    assert book.armed_at(svc) == pytest.approx(100.7)  # the workers spill from the end of `after`
+    decide(book, down, state, 100.3)
+    assert book.armed_at(svc) == pytest.approx(100.7)
+    decide(book, up, state, 100.4)  # back before `after` ran out: no spill, nor for the workers
+    assert book.armed_at(svc) is None
+    decide(book, down, state, 101.0)
+    assert decide(book, down, state, 101.5)["web"] == WANT
+    assert book.armed_at(svc) == -math.inf
+    decide(book, up, state, 102.0)  # the recover_after hold (2 s) runs: still spilling
+    assert book.armed_at(svc) == -math.inf
+    assert decide(book, up, state, 104.0)["web"] is None
+    assert book.armed_at(svc) is None
+    assert SpillBook().armed_at(LAB.site("dc2").services[0]) is None  # no spill configured
+
+
+def test_with_after_0_the_workers_spill_from_the_decision_on():
+    book, state = SpillBook(), DeploymentState.build([dc2(*HEALTHY)])
+    svc = LAB.site("dc1").services[0]
+    decide(book, table(2), state, 100.0)
+    decide(book, table(0), state, 100.1)
+    assert book.armed_at(svc) == -math.inf

@@ -9,8 +9,8 @@ import pytest
 
 from director.control import vrrp_packet as wire
 from director.control.vrrp import (
-    CancelTimer, LogDrop, Router, RouterConfig, SetTimer, State, StateChange, Transmit, master_down_interval,
-    skew_time,
+    CancelTimer, LogDrop, Reclaim, Router, RouterConfig, SetTimer, State, StateChange, Transmit,
+    master_down_interval, skew_time,
 )
 from director.control.vrrp_packet import Advertisement, Received
 from glb.errors import HAError
@@ -179,13 +179,17 @@ def test_master_yields_to_a_higher_priority():
 
 def test_master_tie_on_priority_goes_to_the_higher_address():
     r = master()
-    assert r.receive(advert(100, LOW_PEER), 10.0) == [] and r.state is State.MASTER
+    assert kinds(r.receive(advert(100, LOW_PEER), 10.0)) == ["Transmit", "Reclaim"] and r.state is State.MASTER
     assert kinds(r.receive(advert(100, PEER), 10.0)) == ["BecomeBackup", "SetTimer"]
 
 
-def test_master_ignores_a_lower_priority():
+def test_master_hearing_a_lower_master_stays_advertises_and_reclaims_the_vips_once_a_second():
     r = master()
-    assert r.receive(advert(99), 10.0) == [] and r.state is State.MASTER
+    actions = r.receive(advert(99), 10.0)
+    assert kinds(actions) == ["Transmit", "Reclaim"] and r.state is State.MASTER
+    assert actions[0].priority == 100 and actions[1] == Reclaim(PEER, 99)
+    assert r.receive(advert(99), 10.5) == []  # it keeps advertising (it cannot hear us?): no storm
+    assert kinds(r.receive(advert(99), 11.0)) == ["Transmit", "Reclaim"]
 
 
 def test_master_shutdown_sends_priority_zero():
@@ -359,6 +363,17 @@ def test_split_brain_ends_when_advertisements_cross():
     lan = LAN(a, b)
     lan.run_until(1.0)
     assert lan.masters() == [a.config.address] and b.state is State.BACKUP
+
+
+def test_a_false_takeover_ends_at_once_and_the_master_reclaims_the_vips():
+    a, b, lan = settled_pair()
+    # a's advertisements are late (its event loop stalled): b's master-down timer runs out.
+    b_took = b.on_timer(b.timer)
+    assert b.state is State.MASTER
+    got = a.receive(Received(b.config.address, wire.GROUP_V4, 255, b_took[0].payload), lan.now)
+    assert kinds(got) == ["Transmit", "Reclaim"]  # a stays master, tells b, announces the VIPs again
+    b.receive(Received(a.config.address, wire.GROUP_V4, 255, got[0].payload), lan.now)
+    assert b.state is State.BACKUP
 
 
 def test_router_config_from_a_pair_in_the_config():

@@ -76,3 +76,17 @@ def test_runner_mistakes_are_one_line(args, line):
     r = subprocess.run([sys.executable, "-m", "director.control.vrrp_speaker", *argv], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[3], timeout=60)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [line]
+
+
+async def test_a_master_hearing_a_lower_master_calls_on_reclaim():
+    lan, states, reclaims = MemoryLAN(), [], []
+    sp = speaker(lan, "10.0.0.1", 200, states)
+    sp.on_reclaim = lambda: reclaims.append(sp.router.state)
+    task = asyncio.ensure_future(sp.run())
+    await until(lambda: sp.router.state is State.MASTER, "master")
+    lower = wire.encode(wire.Advertisement(9, 100, 1, VIPS), A("10.0.0.2"), wire.GROUP_V4)
+    lan.deliver(A("10.0.0.2"), wire.GROUP_V4, lower)  # a member that took over while our adverts were late
+    await until(lambda: reclaims, "on_reclaim")
+    assert reclaims == [State.MASTER]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)

@@ -162,3 +162,24 @@ def test_a_large_dump_goes_up_a_bounded_batch_per_call():
             break
         sizes.append(len(got))
     assert sizes == [10, 10, 5]
+
+
+def test_a_flow_spilled_on_the_flag_reaches_a_backup_whose_target_is_still_standby():
+    from director.dataplane.spillflags import NOT_ARMED
+    from tests.director.dataplane.test_forwarder_spill import REMOTE, remote, tunnelled_to
+    from director.dataplane.forwarder import SpillPlan
+
+    standby = SpillPlan("dc2", tuple(remote(a) for a in REMOTE), active=False, flag=0)
+    p = plan(server(RS[0]), scheduler="rr", spill=standby)
+    master, backup = Forwarder(spill_flags=[1.0]), Forwarder(spill_flags=[NOT_ARMED])
+    master.apply(p)
+    backup.apply(without_vips(p))
+    ms, bs = ConnSync(master, VRID), ConnSync(backup, VRID)
+    ms.send(True)
+    fwd(master, syn(41000), 1.0)
+    assert tunnelled_to(fwd(master, syn(41000, flags="A"), 1.1)) == REMOTE[0]
+    ship(ms, bs, 1.2)
+    assert bs.receiver.counters["conns"] == 1 and not bs.receiver.counters["unknown_dest"]
+    backup.apply(p)  # it takes over, its plan still standby and its flag not armed: the flow stays
+    assert tunnelled_to(fwd(backup, syn(41000, flags="PA"), 1.3)) == REMOTE[0]
+    assert backup.stats().servers[remote(REMOTE[0]).key][0] == 1

@@ -168,3 +168,22 @@ def test_a_worker_without_vip_ownership_answers_and_forwards_nothing_and_announc
         for end in pipe:
             end.close()
 
+
+
+def test_a_worker_told_to_announce_again_announces_the_vips_of_its_plan():
+    from director.dataplane.announce import RECLAIM_SETTLE
+
+    w, ps, (parent, child) = make_worker(announce=(0.0, 1.0))
+    try:
+        assert len(w.announcer.due(1e9)) == 2  # the start's
+        parent.send(("announce",))  # VRRP: another member took the VIPs for a moment
+        w.control(2e9)
+        assert [Ether(f)[ARP].psrc for f in w.announcer.due(2e9)] == [VIP]
+        # Again once the other member, whose own announcements raced ours, surely let them go.
+        assert [Ether(f)[ARP].psrc for f in w.announcer.due(2e9 + RECLAIM_SETTLE)] == [VIP]
+        assert [Ether(f)[ARP].psrc for f in w.announcer.due(2e9 + RECLAIM_SETTLE + 1)] == [VIP] * 2
+        assert w.announcer.due(3e9) == []
+    finally:
+        w.close()
+        parent.close()
+        child.close()

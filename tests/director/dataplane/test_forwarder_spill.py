@@ -4,6 +4,7 @@ spilled flows never moved, the kernel data plane keeps forwarding them; time mad
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from scapy.layers.inet import IP, TCP
@@ -16,6 +17,7 @@ from director.dataplane.codec import Drop
 from director.dataplane.forwarder import Forwarder, ServerPlan, SpillPlan, build_plan
 from director.dataplane.kernel import FakeMaps, KernelSync, KernelTables
 from director.dataplane.packetpath import real_addresses
+from director.dataplane.spillflags import NOT_ARMED
 from glb import config
 from tests.director.dataplane.test_forwarder import (
     CLIENT4, DIR4, DIR_MAC, P, RS, VIP4, dr_owner, fwd, plan, server, syn,
@@ -159,3 +161,56 @@ def test_a_standby_target_takes_no_flow_but_its_next_hops_are_resolved_ahead():
     f.apply(plan(down(RS[0]), scheduler="rr", spill=standby))  # back to standby: no new flow goes away
     assert fwd(f, syn(40002)) is None and f.drops[Drop.NO_DESTINATION] == 1
     assert tunnelled_to(fwd(f, syn(40001, flags="A"), 0.1)) == REMOTE[0]  # the spilled one stays
+
+
+def test_the_spill_flag_sends_new_flows_to_the_standby_target_before_the_plan_says_so():
+    # The worker still forwards by its last plan (dc1's server up, dc2 a standby target) when the
+    # control plane decides to spill: it arms the flag at once; the plan follows later.
+    cells = [NOT_ARMED]
+    f = Forwarder(spill_flags=cells)
+    standby = SpillPlan("dc2", tuple(remote(a) for a in REMOTE), active=False, flag=0)
+    f.apply(plan(server(RS[0]), scheduler="rr", spill=standby))
+    assert dr_owner(fwd(f, syn(40000), 1.0)) == RS[0]  # refused by the dead server: the client gives up
+    cells[0] = 2.0  # spill from 2.0 (the control plane's decision, plus `after`)
+    assert dr_owner(fwd(f, syn(40001), 1.9)) == RS[0]
+    assert tunnelled_to(fwd(f, syn(40002), 2.0)) == REMOTE[0]
+    # The client reuses the port of the refused attempt: a new connection, spilled too.
+    assert tunnelled_to(fwd(f, syn(40000), 2.1)) == REMOTE[1]
+    assert f.stats().spilled_ahead == 2
+    assert f.stats().servers[ServerKey("web@dc2", REMOTE[0], 0)][4] == 1
+    # The plan arrives: the target is active, the flows spilled ahead keep their servers.
+    f.apply(plan(down(RS[0]), scheduler="rr", spill=replace(standby, active=True)))
+    assert tunnelled_to(fwd(f, syn(40002, flags="A"), 2.2)) == REMOTE[0]
+    assert tunnelled_to(fwd(f, syn(40000, flags="A"), 2.2)) == REMOTE[1]
+    assert tunnelled_to(fwd(f, syn(40003), 2.3)) == REMOTE[0]
+    assert f.stats().spilled_ahead == 2  # by the plan now
+    # Spill ends (recover_after passed): the flag is cleared and the plan says standby again.
+    cells[0] = NOT_ARMED
+    f.apply(plan(server(RS[0]), scheduler="rr", spill=standby))
+    assert dr_owner(fwd(f, syn(40004), 9.0)) == RS[0]
+    assert tunnelled_to(fwd(f, syn(40002, flags="A"), 9.0)) == REMOTE[0]  # spilled flows stay
+
+
+def test_without_a_target_or_a_flag_cell_the_plan_alone_decides():
+    cells = [0.0]  # armed long ago
+    f = Forwarder(spill_flags=cells)
+    f.apply(plan(down(RS[0]), scheduler="rr"))  # no target qualifies: nothing to spill to
+    assert fwd(f, syn(40000), 1.0) is None and f.drops[Drop.NO_DESTINATION] == 1
+    standby = SpillPlan("dc2", tuple(remote(a) for a in REMOTE), active=False)  # flag -1: no cell
+    f.apply(plan(server(RS[0]), scheduler="rr", spill=standby))
+    assert dr_owner(fwd(f, syn(40001), 1.0)) == RS[0]
+
+
+def test_the_kernel_route_of_a_flow_spilled_on_the_flag_is_live_before_any_plan_makes_the_target_active():
+    f = Forwarder(spill_flags=[0.0])
+    f.apply(plan(server(RS[0]), scheduler="rr", spill=SpillPlan("dc2", (remote(REMOTE[0]),), active=False, flag=0)))
+    maps = FakeMaps(cpus=2)
+    tables = KernelTables(maps, f.table.timeouts)
+    f.kernel = f.table.outside = sync = KernelSync(tables)
+    sync.plan_applied(f.vips, f)
+    fwd(f, syn(40000), 1.0)
+    assert tunnelled_to(fwd(f, syn(40000, flags="A"), 1.1)) == REMOTE[0]
+    sync.flush()
+    (key,) = tables.flows()
+    r = km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(tables.flow(key, 1.1)[0])))
+    assert r[2] == km.MODE_TUN and r[4] == km.ROUTE_LIVE

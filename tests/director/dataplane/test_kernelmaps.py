@@ -355,3 +355,14 @@ def test_vip_ids_are_stable_kept_while_not_live_and_read_back_from_maps_that_out
     maps.update = lambda name, k, v, _u=maps.update: (writes.append(name), _u(name, k, v))[1]
     again.set_vips([a, c])
     assert writes == []  # nothing changed: nothing written
+
+
+def test_a_service_with_spill_configured_is_never_scheduled_by_the_kernel():
+    # The packet workers switch a spilling service's new flows on the spill flag, ahead of any plan; a kernel
+    # lookup table would go on sending them to the dead local servers until the plan came.
+    from types import SimpleNamespace as NS
+    plain = NS(scheduler="mh", forwarding="dr", persistence=None, spill=None)
+    assert km.kernel_schedules(plain)
+    assert not km.kernel_schedules(NS(**{**vars(plain), "spill": NS(active=False)}))
+    assert not km.kernel_schedules(NS(**{**vars(plain), "spill": NS(active=True)}))
+    assert not km.kernel_schedules(NS(**{**vars(plain), "scheduler": "wlc"}))
