@@ -21,7 +21,7 @@ Each director has its own ``CollectorRegistry``: two directors in one process
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -260,16 +260,18 @@ class DirectorMetrics:
     def observe_role(self, master: bool) -> None:
         self.role_changes.labels("master" if master else "backup").inc()
 
-    def observe_check(self, target: Target, result: ProbeResult) -> None:
-        key = (target.key, result.ok)
-        self.checks[key] = self.checks.get(key, 0) + 1
-        # The histogram's child is looked up once per series: labels() costs
-        # more than the rest of a check's bookkeeping, thousands of times a second.
-        hkey = (target.key.service, target.check.type)
-        latency = self._latency_children.get(hkey)
-        if latency is None:
-            latency = self._latency_children[hkey] = self.check_latency.labels(*hkey)
-        latency.observe(result.latency)
+    def observe_checks(self, batch: Iterable[tuple[Target, ProbeResult]]) -> None:
+        checks, children = self.checks, self._latency_children
+        for target, result in batch:
+            key = (target.key, result.ok)
+            checks[key] = checks.get(key, 0) + 1
+            # The histogram's child is looked up once per series: labels() costs
+            # more than the rest of a check's bookkeeping, thousands of times a second.
+            hkey = (target.key.service, target.check.type)
+            latency = children.get(hkey)
+            if latency is None:
+                latency = children[hkey] = self.check_latency.labels(*hkey)
+            latency.observe(result.latency)
 
     def observe_transition(self, t: Transition) -> None:
         if t.server is not None:
