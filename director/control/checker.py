@@ -291,7 +291,8 @@ class Checker:
 
     def _count(self, now: float) -> None:
         second = math.floor(now)
-        self._roll(second)
+        if second != self._rate_second:
+            self._roll(second)
         self._rate[second % RATE_WINDOW] += 1
 
     def _roll(self, second: int) -> None:
