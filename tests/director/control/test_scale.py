@@ -272,3 +272,58 @@ async def test_prober_reports_a_timeout_that_fired_on_a_stalled_loop():
         for s in fillers:
             s.close()
         await prober.close()
+
+
+# --------------------------------------------------------------------------
+# Batches and the prober's epoll set
+
+
+class _HeldProbes:
+    """A callback prober whose probes end when the test says (``finish_all``)."""
+
+    def __init__(self) -> None:
+        self.running: list = []
+
+    async def __call__(self, check, address, port):  # pragma: no cover - every check here has start()
+        raise AssertionError("coroutine probe used")
+
+    def start(self, check, address, port, done, token):
+        self.running.append((done, token))
+        return lambda: None
+
+    def finish_all(self, result: ProbeResult) -> None:
+        running, self.running = self.running, []
+        for done, token in running:
+            done(token, result)
+
+
+async def test_results_of_one_loop_turn_reach_on_results_in_one_call():
+    probes = _HeldProbes()
+    batches: list[list] = []
+    checker = Checker(probes, batches.append, max_probes=8)
+    checker.update([_target(i) for i in range(1, 4)])
+    try:
+        await async_until(lambda: len(probes.running) == 3, "three probes in flight")
+        asyncio.get_running_loop().call_soon(probes.finish_all, ProbeResult(True, "connected", 0.001))
+        await async_until(lambda: batches, "the batch")
+        await asyncio.sleep(0)
+        assert [sorted(t.address for t, _ in b) for b in batches] == [["10.0.0.1", "10.0.0.2", "10.0.0.3"]]
+    finally:
+        await checker.stop()
+
+
+async def test_the_poller_lets_go_of_every_ended_probe(thread_server):
+    # Connected, refused and timed out: each probe's descriptor leaves the epoll set.
+    fillers: list[socket.socket] = []
+    hanging = _unanswering_port(fillers)
+    prober = Prober()
+    try:
+        checks = [(TcpCheck(timeout=0.2), f"127.0.0.{i + 2}", thread_server.port) for i in range(4)]
+        checks += [(TcpCheck(timeout=0.2), "127.0.0.1", hanging), (TcpCheck(timeout=0.2), "127.0.0.1", 1)]
+        results = await asyncio.gather(*(prober(*c) for c in checks))
+        assert [r.ok for r in results] == [True] * 4 + [False, False]
+        assert len(prober.poller()) == 0
+    finally:
+        for s in fillers:
+            s.close()
+        await prober.close()
