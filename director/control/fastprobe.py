@@ -5,9 +5,9 @@ of its time in asyncio's machinery around each probe, not in the probe: a task
 per check, ``wait_for``'s inner task, ``create_connection``'s address checks,
 a transport and a protocol object, ``asyncio.timeout``. A TCP check is one
 non-blocking ``connect``; an HTTP check is that plus one ``send`` and a few
-``recv``. Here each is a small object holding a socket, one reader or writer
+``recv``. Here each is a small object holding a socket, one epoll
 registration and one deadline (on a ``TimerHeap``, not a loop timer each),
-that calls ``done(result)`` once.
+that calls ``done(token, result)`` once.
 
 The timeout is measured on the probe itself. When its timer fires, the socket
 is polled first (a connection the kernel completed, or a reply that arrived,
