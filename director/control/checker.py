@@ -18,13 +18,17 @@ lateness (fire time - due time) into ``lag``. A tick late by more than the
 check's timeout is not counted as a check of that tick: it is
 ``skipped_for_lag`` and the check is run afresh, at once. A probe whose
 timeout fired while the loop was stalled reports ``stalled``; its result is
-not fed to ``on_result`` (also ``skipped_for_lag``) and the check is retried
+not fed to ``on_results`` (also ``skipped_for_lag``) and the check is retried
 at once. So only a probe that had its whole timeout of a running loop can
 fail a server.
 
-Results go to a callback (the director feeds them to the pure
-``director.control.health.HealthTable``). The checker knows nothing about
-states: it only schedules, bounds, measures and reports.
+Results go to a callback in batches: ``on_results`` gets, once per turn of
+the event loop, every result that arrived in that turn (one epoll wakeup
+ends many probes; one timer run times out many). The director feeds each
+batch to the pure ``director.control.health.HealthTable`` in one call, so
+its bookkeeping (clock, metrics, service evaluation, spill, plan) is paid
+per batch, not per check. The checker knows nothing about states: it only
+schedules, bounds, measures and reports.
 """
 
 from __future__ import annotations
@@ -79,7 +83,8 @@ def targets(site: Site) -> list[Target]:
     return out
 
 
-OnResult = Callable[[Target, ProbeResult], None]
+Batch = list[tuple[Target, ProbeResult]]
+OnResults = Callable[[Batch], None]
 
 
 class _Slot:
@@ -119,7 +124,7 @@ class Checker:
     def __init__(
         self,
         probe: Probe,
-        on_result: OnResult,
+        on_results: OnResults,
         max_probes: int,
         *,
         rng: Callable[[], float] = random.random,
@@ -127,7 +132,9 @@ class Checker:
         self._probe = probe
         # Probes that can run without a task offer start() (Prober does; test fakes need not).
         self._start = getattr(probe, "start", None)
-        self._on_result = on_result
+        self._on_results = on_results
+        self._batch: Batch = []
+        self._probe_done = self._done  # one bound method for every callback probe, not one per check
         self._max_probes = max_probes
         self._rng = rng
         self._slots: dict[ServerKey, _Slot] = {}
@@ -181,6 +188,7 @@ class Checker:
         slots = list(self._slots.values())
         self._slots.clear()
         self._waiting.clear()
+        self._batch = []  # results of servers no longer probed: nobody to tell
         tasks = [slot.task for slot in slots if slot.task is not None]
         for slot in slots:
             self._drop(slot)
@@ -213,7 +221,7 @@ class Checker:
         slot.probing = True
         t = slot.target
         if self._start is not None:
-            cancel = self._start(t.check, t.address, t.port, lambda r, slot=slot: self._done(slot, r))
+            cancel = self._start(t.check, t.address, t.port, self._probe_done, slot)
             if cancel is not None:
                 if slot.probing:  # done() runs inside start() for an immediate refusal
                     slot.cancel = cancel
@@ -258,10 +266,9 @@ class Checker:
                 self.skipped_for_lag += 1
                 slot.due = now  # retried at once, on a loop that runs again
             else:
-                try:
-                    self._on_result(slot.target, result)
-                except Exception:  # a consumer bug must not silence this server's checks
-                    log.exception("health result handler failed for %s", slot.target.key)
+                if not self._batch:
+                    loop.call_soon(self._flush)
+                self._batch.append((slot.target, result))
                 slot.due += slot.target.check.interval
                 if slot.due < now:
                     slot.due = now  # late (slow probe or full queue): skip, do not burst
@@ -272,9 +279,20 @@ class Checker:
             if waiting.live:
                 self._begin(waiting)
 
+    def _flush(self) -> None:
+        """Hand every result of the last loop turn to ``on_results``, in one call."""
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        try:
+            self._on_results(batch)
+        except Exception:  # a consumer bug must not silence the checks
+            log.exception("health result handler failed for a batch of %d", len(batch))
+
     def _count(self, now: float) -> None:
         second = math.floor(now)
-        self._roll(second)
+        if second != self._rate_second:
+            self._roll(second)
         self._rate[second % RATE_WINDOW] += 1
 
     def _roll(self, second: int) -> None:

@@ -112,6 +112,8 @@ def initial_dampening(check: HealthCheck) -> Dampening:
 
 def dampen(d: Dampening, ok: bool, rise: int, fall: int) -> Dampening:
     """The verdict after one more probe result (see the module docstring)."""
+    if ok and d.health == UP and d.successes == rise and not d.failures:
+        return d  # up and passing, as nearly every result says: nothing to count
     if ok:
         successes = min(d.successes + 1, rise)
         if successes < rise:
@@ -274,6 +276,17 @@ def evaluate_service(service: Service, servers: Iterable[ServerStatus]) -> Servi
 # The table
 
 
+def _with_result(old: ServerStatus, check: HealthCheck, ok: bool, detail: str, now: float,
+                 latency: float | None) -> ServerStatus:
+    """``old`` after one more probe result. Built field by field, not with
+    ``dataclasses.replace`` (generic, several times the cost): this runs for
+    every check, thousands a second."""
+    same = old.last_ok == ok and old.last_result == detail
+    return ServerStatus(old.key, old.configured_weight, dampen(old.damp, ok, check.rise, check.fall), old.admin,
+                        old.weight_override, now, ok, detail, latency, old.result_since if same else now, old.since)
+
+
+
 class HealthTable:
     """The current ``ServerStatus`` of every real server of one site.
 
@@ -333,19 +346,36 @@ class HealthTable:
         old = self._servers.get(key)
         if old is None:
             return []
-        check = self._checks[key.service]
-        same = old.last_ok == ok and old.last_result == detail
-        new = replace(
-            old,
-            damp=dampen(old.damp, ok, check.rise, check.fall),
-            last_check=now,
-            last_ok=ok,
-            last_result=detail,
-            last_latency=latency,
-            result_since=old.result_since if same else now,
-        )
+        new = _with_result(old, self._checks[key.service], ok, detail, now, latency)
         reason = f"{'passed' if ok else 'failed'}: {detail}"
         return self._swap(old, new, reason, now)
+
+    def record_many(
+        self, results: Iterable[tuple[ServerKey, bool, str, float | None]], now: float
+    ) -> list[Transition]:
+        """Feed a batch of probe results ``(key, ok, detail, latency)``, all at
+        ``now``: the servers' transitions in order, then the services' changes,
+        evaluated once for the whole batch (a service that went down and up
+        again inside one batch reports nothing)."""
+        transitions: list[Transition] = []
+        services_moved = False
+        servers = self._servers
+        checks = self._checks
+        for key, ok, detail, latency in results:
+            old = servers.get(key)
+            if old is None:
+                continue
+            new = _with_result(old, checks[key.service], ok, detail, now, latency)
+            if new.damp is old.damp:
+                servers[key] = new  # the common case: no state can have changed
+                continue
+            changes = self._swap(old, new, f"{'passed' if ok else 'failed'}: {detail}", now, services=False)
+            if changes:
+                transitions.extend(changes)
+                services_moved = services_moved or self._moves_service(old, self._servers[key])
+        if services_moved:
+            transitions.extend(self._service_changes(now, "health checks"))
+        return transitions
 
     def set_override(
         self, key: ServerKey, admin: str, weight: int | None, now: float, reason: str = "operator"
@@ -390,7 +420,9 @@ class HealthTable:
 
     # -- internals
 
-    def _swap(self, old: ServerStatus, new: ServerStatus, reason: str, now: float) -> list[Transition]:
+    def _swap(self, old: ServerStatus, new: ServerStatus, reason: str, now: float,
+              services: bool = True) -> list[Transition]:
+        """Store ``new``; its transition, and (``services``) the services' changes it caused."""
         if new.damp == old.damp and new.admin == old.admin and new.weight_override == old.weight_override:
             # A result that changes no state (nearly every one): no service
             # evaluation, no Transition, nothing for anyone to rebuild.
@@ -401,9 +433,14 @@ class HealthTable:
             new = replace(new, since=now)
             transitions.append(Transition(old.key.service, old.key, old.state, new.state, reason, now))
         self._servers[old.key] = new
-        if new.weight != old.weight or new.rule.capacity != old.rule.capacity:
+        if services and self._moves_service(old, new):
             transitions.extend(self._service_changes(now, f"{old.key.server} {reason}"))
         return transitions
+
+    @staticmethod
+    def _moves_service(old: ServerStatus, new: ServerStatus) -> bool:
+        """Can this change of one server change its service's evaluation?"""
+        return new.weight != old.weight or new.rule.capacity != old.rule.capacity
 
     def _service_changes(self, now: float, reason: str) -> list[Transition]:
         changes = []

@@ -55,7 +55,7 @@ from glb.config import DnsCheck, ExecCheck, HealthCheck, HttpCheck, UdpCheck
 BODY_LIMIT = 1 << 20
 """Bytes of an HTTP body searched for ``expect_body``; a page that only says
 "ok" after its first MiB is not a health page."""
-DETAIL_MAX = 160
+DETAIL_MAX = fastprobe.DETAIL_MAX
 USER_AGENT = "glb-director-healthcheck"
 
 
@@ -75,9 +75,7 @@ class Probe(Protocol):
     async def __call__(self, check: HealthCheck, address: str, port: int) -> ProbeResult: ...
 
 
-def _one_line(text: str) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= DETAIL_MAX else line[: DETAIL_MAX - 3] + "..."
+_one_line = fastprobe.one_line
 
 
 def _describe(e: BaseException) -> str:
@@ -110,6 +108,7 @@ class Prober:
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._timers: TimerHeap | None = None
+        self._poller: fastprobe.Poller | None = None
 
     async def close(self) -> None:
         if self._session is not None:
@@ -118,6 +117,9 @@ class Prober:
         if self._timers is not None:
             self._timers.close()
             self._timers = None
+        if self._poller is not None:
+            self._poller.close()
+            self._poller = None
 
     def timers(self) -> TimerHeap:
         """The callback probes' deadlines (one heap, one loop timer)."""
@@ -125,8 +127,14 @@ class Prober:
             self._timers = TimerHeap(asyncio.get_running_loop())
         return self._timers
 
+    def poller(self) -> fastprobe.Poller:
+        """The callback probes' sockets (one epoll set, one loop reader)."""
+        if self._poller is None:
+            self._poller = fastprobe.Poller(asyncio.get_running_loop())
+        return self._poller
+
     async def __call__(self, check: HealthCheck, address: str, port: int) -> ProbeResult:
-        fast = await _fast(self.timers(), check, address, port)
+        fast = await _fast(self.poller(), self.timers(), check, address, port)
         if fast is not None:
             return fast
         run = PROBES.get(check.type)
@@ -150,12 +158,12 @@ class Prober:
         return ProbeResult(ok, _one_line(detail), time.perf_counter() - start)
 
     def start(self, check: HealthCheck, address: str, port: int,
-              done: Callable[[ProbeResult], None]) -> Callable[[], None] | None:
+              done: Callable[[Any, ProbeResult], None], token: Any) -> Callable[[], None] | None:
         """Run ``check`` without a task if its type has a callback probe
-        (``director.control.fastprobe``): ``done`` gets the result; returns the
+        (``director.control.fastprobe``): ``done(token, result)`` gets the
+        result (a ``fastprobe.FastResult``: the same fields); returns the
         cancel function, or None for a type that only has a coroutine probe."""
-        return fastprobe.start(self.timers(), check, address, port,
-                               lambda r: done(ProbeResult(r.ok, _one_line(r.detail), r.latency, r.stalled)))
+        return fastprobe.start(self.poller(), self.timers(), check, address, port, done, token)
 
     def http_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -170,16 +178,17 @@ class Prober:
 
 
 
-async def _fast(timers: TimerHeap, check: HealthCheck, address: str, port: int) -> ProbeResult | None:
+async def _fast(poller: fastprobe.Poller, timers: TimerHeap, check: HealthCheck, address: str,
+                port: int) -> ProbeResult | None:
     """The callback probe's result, awaited; None if ``check`` has none."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[ProbeResult] = loop.create_future()
 
-    def done(r: fastprobe.FastResult) -> None:
+    def done(_token: None, r: fastprobe.FastResult) -> None:
         if not fut.done():
-            fut.set_result(ProbeResult(r.ok, _one_line(r.detail), r.latency, r.stalled))
+            fut.set_result(ProbeResult(r.ok, r.detail, r.latency, r.stalled))
 
-    cancel = fastprobe.start(timers, check, address, port, done)
+    cancel = fastprobe.start(poller, timers, check, address, port, done)
     if cancel is None:
         return None
     try:

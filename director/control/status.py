@@ -21,15 +21,16 @@ Each director has its own ``CollectorRegistry``: two directors in one process
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.utils import floatToGoString
 
+from glb.histogram import Histogram as PlainHistogram
 from glb.state import SERVER_STATES
 from director.control.checker import Checker, Target
 from director.control.health import HealthTable, ServerKey, Transition
@@ -241,13 +242,11 @@ class DirectorMetrics:
         )
         self.checks: dict[tuple[ServerKey, bool], int] = {}
         """Health probes run per server and result (rendered by ``_ServerLines``)."""
-        self.check_latency = Histogram(
-            "glb_director_check_latency_seconds",
-            "Health probe duration (a timed-out probe counts its timeout).",
-            ["service", "type"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self.check_latency: dict[tuple[str, str], PlainHistogram] = {}
+        """Probe durations by (service, check type): plain counts, one ``bisect``
+        per check (prometheus_client's observe takes a lock and walks the
+        buckets in Python, thousands of times a second); written at scrape."""
+        self.registry.register(_LatencyCollector(self.check_latency))
         self.role_changes = Counter(
             "glb_director_pair_role_changes",
             "Times this pair member became master or left master.",
@@ -255,22 +254,21 @@ class DirectorMetrics:
             registry=self.registry,
         )
         self._lines = _ServerLines(src, self.checks)
-        self._latency_children: dict[tuple[str, str], Any] = {}
         self.registry.register(_LiveCollector(src))
 
     def observe_role(self, master: bool) -> None:
         self.role_changes.labels("master" if master else "backup").inc()
 
-    def observe_check(self, target: Target, result: ProbeResult) -> None:
-        key = (target.key, result.ok)
-        self.checks[key] = self.checks.get(key, 0) + 1
-        # The histogram's child is looked up once per series: labels() costs
-        # more than the rest of a check's bookkeeping, thousands of times a second.
-        hkey = (target.key.service, target.check.type)
-        latency = self._latency_children.get(hkey)
-        if latency is None:
-            latency = self._latency_children[hkey] = self.check_latency.labels(*hkey)
-        latency.observe(result.latency)
+    def observe_checks(self, batch: Iterable[tuple[Target, ProbeResult]]) -> None:
+        checks, latencies = self.checks, self.check_latency
+        for target, result in batch:
+            key = (target.key, result.ok)
+            checks[key] = checks.get(key, 0) + 1
+            hkey = (target.key.service, target.check.type)
+            latency = latencies.get(hkey)
+            if latency is None:
+                latency = latencies[hkey] = PlainHistogram(LATENCY_BUCKETS)
+            latency.observe(result.latency)
 
     def observe_transition(self, t: Transition) -> None:
         if t.server is not None:
@@ -417,6 +415,24 @@ def _pair_metrics(pair: dict[str, Any] | None) -> Iterator[Any]:
         for name, n in sorted(pair["counters"].get(f"sync_{direction}", {}).items()):
             sync.add_metric([direction, name], n)
     yield from (master, present, vrrp, sync)
+
+
+class _LatencyCollector:
+    """``glb_director_check_latency_seconds`` from ``DirectorMetrics.check_latency``."""
+
+    def __init__(self, histograms: dict[tuple[str, str], PlainHistogram]):
+        self.histograms = histograms
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        family = HistogramMetricFamily("glb_director_check_latency_seconds",
+                                       "Health probe duration (a timed-out probe counts its timeout).",
+                                       labels=["service", "type"])
+        for (service, kind), h in sorted(self.histograms.items()):
+            family.add_metric([service, kind], h.cumulative(), h.sum)
+        yield family
 
 
 def _checker_metrics(checker: Checker) -> Iterator[Any]:

@@ -4,6 +4,8 @@ site snapshot built from them. Time is passed in; nothing sleeps."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from glb import config
 from glb.state import SERVER_STATES, SiteSnapshot, decode_snapshot, encode_snapshot
@@ -289,3 +291,30 @@ def test_withdrawn_snapshot_reads_as_down_everywhere():
     assert [(s.up, s.healthy_fraction) for s in snap.services] == [(False, 0.0)]
     # Server states stay truthful: operators see what the director last knew.
     assert {r.state for r in snap.services[0].real_servers} == {"up"}
+
+
+# --------------------------------------------------------------------------
+# Batches (the checker hands the table a loop turn's results at once)
+
+_RESULT = st.tuples(st.sampled_from([A, B, ServerKey("web", "10.9.9.9", 0)]), st.booleans(),
+                    st.sampled_from(["ok", "refused", "timeout"]), st.sampled_from([None, 0.001]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(_RESULT, max_size=6), max_size=12))
+def test_a_batch_makes_the_transitions_its_results_make_one_by_one(batches):
+    one_by_one = HealthTable(site_from(WEB), 0.0)
+    batched = HealthTable(site_from(WEB), 0.0)
+    for i, batch in enumerate(batches):
+        now = float(i + 1)
+        was_up = batched.service("web").up
+        singles = [t for key, ok, detail, latency in batch for t in one_by_one.record(key, ok, detail, now, latency)]
+        together = batched.record_many(batch, now)
+        # Every server's transitions, in the same order; the records end the same.
+        assert [t for t in together if t.server] == [t for t in singles if t.server]
+        assert [batched.server(k) for k in (A, B)] == [one_by_one.server(k) for k in (A, B)]
+        # The service: its state after the batch, reported once if it changed.
+        assert batched.service("web") == one_by_one.service("web")
+        service_changes = [(t.old, t.new) for t in together if t.server is None]
+        now_up = batched.service("web").up
+        assert service_changes == ([] if now_up == was_up else [("up" if was_up else "down", "up" if now_up else "down")])

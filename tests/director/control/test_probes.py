@@ -338,7 +338,7 @@ async def test_checker_bounds_probes_in_flight():
             in_flight -= 1
         return ProbeResult(True, "fake", 0.03)
 
-    checker = Checker(slow_probe, lambda t, r: results.append((t, r)), max_probes=3)
+    checker = Checker(slow_probe, results.extend, max_probes=3)
     checker.update([_target(i) for i in range(12)])
     try:
         deadline = time.monotonic() + 10
@@ -363,8 +363,8 @@ async def test_checker_survives_probes_that_raise_or_hang():
             await asyncio.Event().wait()  # ignores its timeout entirely
         return ProbeResult(True, "fine", 0.0)
 
-    def record(target, result):
-        results.append((target.address, result))
+    def record(batch):
+        results.extend((target.address, result) for target, result in batch)
         if target.address.endswith(".3"):
             raise ValueError("consumer bug")
 
@@ -397,7 +397,7 @@ async def test_checker_update_keeps_unchanged_targets_and_restarts_changed_ones(
         probed.append(f"{address}/{check.interval}")
         return ProbeResult(True, "ok", 0.0)
 
-    checker = Checker(probe, lambda t, r: None, max_probes=5)
+    checker = Checker(probe, lambda batch: None, max_probes=5)
     checker.update([_target(1, interval=5.0), _target(2, interval=5.0)])
     await async_until(lambda: len(probed) == 2, "the first probes")
     assert sorted(probed) == ["10.0.0.1/5.0", "10.0.0.2/5.0"]
@@ -423,7 +423,7 @@ async def test_checker_start_jitter_spreads_first_probes():
         return ProbeResult(True, "ok", 0.0)
 
     values = iter([0.0, 0.5, 0.99])
-    checker = Checker(probe, lambda t, r: None, max_probes=5, rng=lambda: next(values))
+    checker = Checker(probe, lambda batch: None, max_probes=5, rng=lambda: next(values))
     checker.update([_target(i, start_jitter=0.4, interval=5.0) for i in (1, 2, 3)])
     await async_until(lambda: len(first) == 3, "every first probe")
     await checker.stop()

@@ -69,13 +69,13 @@ def test_a_result_that_changes_nothing_rebuilds_and_publishes_nothing():
     a, b, c = tgts.values()
 
     for t in (a, b, c):  # down -> up: a change each
-        d._on_result(t, ProbeResult(True, "connected", 0.001))
+        d._on_results([(t, ProbeResult(True, "connected", 0.001))])
     assert publisher.calls == 3 and plan.calls == 3
     first = d._build(False)
 
     for _ in range(5):  # the same result again and again: nothing to do
         for t in (a, b, c):
-            d._on_result(t, ProbeResult(True, "connected", 0.002))
+            d._on_results([(t, ProbeResult(True, "connected", 0.002))])
     assert publisher.calls == 3 and plan.calls == 3
 
     # The heartbeat's snapshot reuses every document: nothing it shows changed.
@@ -84,7 +84,7 @@ def test_a_result_that_changes_nothing_rebuilds_and_publishes_nothing():
 
     # One failure (fall 2): the result changed, the state did not. Only that
     # server's document is rebuilt; still no publication, no new plan.
-    d._on_result(b, ProbeResult(False, "connection refused", 0.0))
+    d._on_results([(b, ProbeResult(False, "connection refused", 0.0))])
     assert publisher.calls == 3 and plan.calls == 3
     third = d._build(False)
     olds, news = first.services[0].real_servers, third.services[0].real_servers
@@ -92,7 +92,7 @@ def test_a_result_that_changes_nothing_rebuilds_and_publishes_nothing():
     assert news[1].last_result == "connection refused" and news[1].state == "up"
 
     # The second failure takes b down: one publication, one new plan.
-    d._on_result(b, ProbeResult(False, "connection refused", 0.0))
+    d._on_results([(b, ProbeResult(False, "connection refused", 0.0))])
     assert publisher.calls == 4 and plan.calls == 4
     assert build_snapshot(d.table, "t", 1.0).services[0].real_servers[1].state == "down"
 
@@ -167,12 +167,12 @@ async def test_an_event_loop_blocked_longer_than_the_timeout_marks_nothing_down(
     transitions = []
     results = []
 
-    def on_result(target: Target, result: ProbeResult) -> None:
-        results.append(result)
-        transitions.extend(table.record(target.key, result.ok, result.detail, time.time(), result.latency))
+    def on_results(batch: list[tuple[Target, ProbeResult]]) -> None:
+        results.extend(r for _, r in batch)
+        transitions.extend(table.record_many(((t.key, r.ok, r.detail, r.latency) for t, r in batch), time.time()))
 
     prober = Prober()
-    checker = Checker(prober, on_result, max_probes=16)
+    checker = Checker(prober, on_results, max_probes=16)
     loop = asyncio.get_running_loop()
     try:
         checker.update(targets(site))
@@ -209,7 +209,7 @@ async def test_a_stalled_result_is_not_counted_and_the_check_runs_again():
         return ProbeResult(False, "timeout after 0.05s", 0.05, stalled=calls == 1)
 
     results: list[ProbeResult] = []
-    checker = Checker(probe, lambda t, r: results.append(r), max_probes=4)
+    checker = Checker(probe, lambda batch: results.extend(r for _, r in batch), max_probes=4)
     checker.update([_target(1)])
     try:
         await async_until(lambda: len(results) >= 1, "a counted result")
@@ -268,6 +268,61 @@ async def test_prober_reports_a_timeout_that_fired_on_a_stalled_loop():
         loop.call_soon(time.sleep, 0.5)  # blocks past the deadline by more than the timeout
         late = await prober(check, "127.0.0.1", port)
         assert (late.ok, late.stalled) == (False, True)
+    finally:
+        for s in fillers:
+            s.close()
+        await prober.close()
+
+
+# --------------------------------------------------------------------------
+# Batches and the prober's epoll set
+
+
+class _HeldProbes:
+    """A callback prober whose probes end when the test says (``finish_all``)."""
+
+    def __init__(self) -> None:
+        self.running: list = []
+
+    async def __call__(self, check, address, port):  # pragma: no cover - every check here has start()
+        raise AssertionError("coroutine probe used")
+
+    def start(self, check, address, port, done, token):
+        self.running.append((done, token))
+        return lambda: None
+
+    def finish_all(self, result: ProbeResult) -> None:
+        running, self.running = self.running, []
+        for done, token in running:
+            done(token, result)
+
+
+async def test_results_of_one_loop_turn_reach_on_results_in_one_call():
+    probes = _HeldProbes()
+    batches: list[list] = []
+    checker = Checker(probes, batches.append, max_probes=8)
+    checker.update([_target(i) for i in range(1, 4)])
+    try:
+        await async_until(lambda: len(probes.running) == 3, "three probes in flight")
+        asyncio.get_running_loop().call_soon(probes.finish_all, ProbeResult(True, "connected", 0.001))
+        await async_until(lambda: batches, "the batch")
+        await asyncio.sleep(0)
+        assert [sorted(t.address for t, _ in b) for b in batches] == [["10.0.0.1", "10.0.0.2", "10.0.0.3"]]
+    finally:
+        await checker.stop()
+
+
+async def test_the_poller_lets_go_of_every_ended_probe(thread_server):
+    # Connected, refused and timed out: each probe's descriptor leaves the epoll set.
+    fillers: list[socket.socket] = []
+    hanging = _unanswering_port(fillers)
+    prober = Prober()
+    try:
+        checks = [(TcpCheck(timeout=0.2), f"127.0.0.{i + 2}", thread_server.port) for i in range(4)]
+        checks += [(TcpCheck(timeout=0.2), "127.0.0.1", hanging), (TcpCheck(timeout=0.2), "127.0.0.1", 1)]
+        results = await asyncio.gather(*(prober(*c) for c in checks))
+        assert [r.ok for r in results] == [True] * 4 + [False, False]
+        assert len(prober.poller()) == 0
     finally:
         for s in fillers:
             s.close()
