@@ -213,4 +213,4 @@ def test_the_kernel_route_of_a_flow_spilled_on_the_flag_is_live_before_any_plan_
     sync.flush()
     (key,) = tables.flows()
     r = km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(tables.flow(key, 1.1)[0])))
-    assert r[2] == km.MODE_TUN and r[4] == km.ROUTE_LIVE
+    assert r[2] == km.MODE_TUN and r[4] == km.ROUTE_LIVE | km.ROUTE_NEW  # a remote server with weight, as above
