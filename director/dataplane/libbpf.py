@@ -322,7 +322,8 @@ class LibBpf:
         if rc:
             raise KernelDataplaneError(f"BPF_PROG_TEST_RUN failed: {os.strerror(_errno(rc))}")
         self.last_duration = opts.duration
-        """Nanoseconds the program ran on the last test run's frame (benchmarks/director_newconns.py)."""
+        """Nanoseconds the program ran on the last test run's frame (benchmarks/director_newconns.py,
+        kernel_nat_ns.py)."""
         return opts.retval, out.raw[:opts.data_size_out]
 
     def close(self) -> None:
