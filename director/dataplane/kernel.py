@@ -217,9 +217,13 @@ class KernelTables:
         v = self.maps.lookup("conns", self.kernel_key(key))
         return None if v is None else km.parse_flow_value(v, now)
 
+    def vips_by_id(self) -> dict[int, bytes]:
+        """VIP id -> address: what :func:`~director.dataplane.kernelmaps.conn_key` reads a kernel key with."""
+        return {i: a for a, i in self._vips.items()}
+
     def flows(self) -> list[bytes]:
         """Every installed flow's connection-table key."""
-        ids = {i: a for a, i in self._vips.items()}
+        ids = self.vips_by_id()
         return [k for k in (km.conn_key(k, ids) for k in self.maps.keys("conns")) if k is not None]
 
     def set_ident(self, ident: int) -> None:
@@ -398,7 +402,7 @@ class KernelSync:
         if v is None:
             return None
         kernel_key, _vip, eth, _ifindex = km.REPLY.unpack(v)
-        key = km.conn_key(kernel_key, {i: a for a, i in self.tables._vips.items()})
+        key = km.conn_key(kernel_key, self.tables.vips_by_id())
         got = self.adopt(key, now) if key is not None else None
         return None if got is None else (key, *got, eth)
 
@@ -510,7 +514,7 @@ class KernelSync:
         packets all stay in the kernel still counts, on its server in its state, and reaches a backup
         (Forwarder.take)."""
         entries, self._sweep_token = self.tables.maps.items_batch("conns", self._sweep_token, budget)
-        ids = {i: a for a, i in self.tables._vips.items()}
+        ids = self.tables.vips_by_id()
         base = km.ticks(now)
         doomed = 0
         for k, v in entries:

@@ -982,7 +982,7 @@ int glb_ingress(struct __sk_buff *skb)
 
 	if (why == R_NO_FLOW && p.live)
 		why = new_flow(skb, &p, now, &r, &ri);
-	if (why == R_NO_FLOW && p.key.proto) { /* parsed, not a VIP's flow: maybe a NAT reply */
+	if (why == R_NO_FLOW && p.key.proto && !p.live) { /* parsed, not to a VIP: maybe a NAT reply */
 		int verdict = reply_nat(skb, &p, now, &why);
 
 		if (verdict != NOT_MINE)
