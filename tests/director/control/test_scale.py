@@ -21,6 +21,7 @@ from director.control.probes import ProbeResult, Prober
 from director.control.site import SnapshotCache, build_snapshot
 from glb.config import TcpCheck
 from director.control.health import ServerKey
+from tests.configs import ZONES
 from tests.waiting import async_until
 
 
@@ -28,11 +29,7 @@ def _config(servers: int, check: str, redis_port: int = 1) -> config.Config:
     rs = "\n".join(f"          - {{address: 127.0.0.{i + 2}, port: 80}}" for i in range(servers))
     return config.loads(f"""
 redis: {{url: "redis://127.0.0.1:{redis_port}/0"}}
-zones:
-  - apex: example.net
-    soa: {{mname: ns1.example.net, rname: hostmaster@example.net}}
-    ns: [{{name: ns1.example.net, addresses: [192.0.2.53]}}]
-sites:
+{ZONES}sites:
   dc1:
     director: {{interface: lo, id: t, status_listen: "127.0.0.1:9"}}
     services:
