@@ -259,8 +259,14 @@ class DirectorProcess:
                 raise AssertionError(f"director exited {self.proc.returncode}:\n{self.log.read_text()}")
             doc = self.status() or {"services": []}
             servers = {rs["address"]: rs for svc in doc["services"] for rs in svc["real_servers"]}
+            # Up in every service that has it: an address in two services is two checks, and
+            # the dict above keeps only the last service's (a test of the first would start early).
+            states: dict[str, set[str]] = {}
+            for svc in doc["services"]:
+                for rs in svc["real_servers"]:
+                    states.setdefault(rs["address"], set()).add(rs["state"])
             path = doc.get("packet_path")
-            if (all(servers.get(a, {}).get("state") == "up" for a in addresses)
+            if (all(states.get(a) == {"up"} for a in addresses)
                     and (path is None or (path["plan_applied"] == path["plan_generation"]
                                           and all(path["next_hops"].get(a) for a in addresses)))):
                 return servers
