@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -46,6 +45,8 @@ import dns.query
 import dns.rdatatype
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.ports import free_ports  # noqa: E402
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 SERVICE = "glbmaster"
 VIPS = {"dc1": "192.0.2.10", "dc2": "192.0.2.20"}
@@ -53,39 +54,6 @@ NAME = "app.example.net"
 DOWN_AFTER_MS = 1000
 RESYNC = 10.0
 """dnsfront's and the directors' ``redis.resync_interval`` (the default)."""
-
-
-def ephemeral_ports() -> range:
-    """The kernel's range of ports for outgoing connections' source ports."""
-    try:
-        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        lo, hi = 32768, 60999
-    return range(lo, hi + 1)
-
-
-def free_ports(n: int, rng: random.Random | None = None) -> list[int]:
-    """``n`` distinct loopback ports free now for both TCP and UDP, outside the
-    ephemeral range. A port the kernel picked (bind to port 0) is in that range,
-    and between this check and the server's bind any outgoing connection (a
-    health check, a Redis client, a /status request, other tests' too) may take
-    it as its source port: dnsfront then exits "Address already in use"."""
-    eph = ephemeral_ports()
-    pool = range(10000, eph.start) if eph.start > 11000 else range(eph.stop, 65536)
-    rng = rng or random.Random()
-    out: list[int] = []
-    while len(out) < n:
-        port = rng.choice(pool)
-        if port in out:
-            continue
-        try:
-            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-                with socket.socket(socket.AF_INET, kind) as s:
-                    s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        out.append(port)
-    return out
 
 
 def redis_command(port: int, *args: str, timeout: float = 0.5) -> str:

@@ -11,6 +11,7 @@ import pytest
 
 from glb import config as configmod
 from glb.state import DeploymentState, Override, ServiceState, SiteSnapshot
+from tests.ports import free_port
 
 BASE = """
 redis: {{url: "{redis}", stale_after: {stale_after}, resync_interval: 2.0}}
@@ -102,23 +103,6 @@ def config_text(redis: str = "redis://127.0.0.1:1/0", port: int = 53, status_por
     if ipv6:
         text = text.replace(f'listen: ["127.0.0.1:{port}"]', f'listen: ["127.0.0.1:{port}", "[::1]:{port}"]')
     return text.replace("  tcp_idle_timeout:", f"  workers: {workers}\n{dnsfront_extra}  tcp_idle_timeout:", 1)
-
-
-def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1 right now."""
-    import socket
-
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", 0))
-            port = u.getsockname()[1]
-            with socket.socket() as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import socket
 import struct
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import dns.edns
@@ -580,7 +580,7 @@ def test_a_workers_startup_error_is_the_supervisors_one_line_error(tmp_path, tex
 
     from glb import config as configmod
     from glb.errors import DNSFrontError
-    from tests.conftest import free_port
+    from tests.ports import free_port
 
     from dnsfront.main import _supervise
 

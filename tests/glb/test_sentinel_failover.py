@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.sentinel_failover import VIPS, ephemeral_ports, free_ports, run_trial, wait
+from benchmarks.sentinel_failover import VIPS, run_trial, wait
+from tests.ports import ephemeral_ports, free_ports
 from tests.environment import binary_unavailable, require
 
 

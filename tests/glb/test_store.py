@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -31,12 +30,7 @@ from glb.state import (
 )
 from glb.store import RedisStore, StateFollower
 from tests.environment import binary_unavailable, require
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 def snapshot(site: str = "ams", director: str = "dir-1", n_servers: int = 3, **kw) -> SiteSnapshot:

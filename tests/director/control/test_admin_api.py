@@ -24,16 +24,11 @@ from glb.tokens import Tokens, parse_tokens
 from director.control.main import Director
 from tests.director.control.test_main import write_config as main_config
 from tests.environment import binary_unavailable, require
+from tests.ports import free_port
 
 ALICE = "alice-operate-token-0123456789"
 GRAFANA = "grafana-read-token-0123456789"
 BOB = "bob-operate-token-0123456789ab"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_tokens(path: Path, text: str = f"alice operate {ALICE}\ngrafana read {GRAFANA}\n", mode: int = 0o600) -> Path:

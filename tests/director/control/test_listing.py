@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import socketserver
 import subprocess
 import sys
@@ -31,16 +30,11 @@ from glb.config import RedisConfig
 from glb.store import RedisStore
 from director.control.listing import render
 from tests.configs import app_name, head
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 TOKEN = "listing-test-token-0123456789"
 FOLLOW = 10.0  # generous: rise/fall x interval is at most 0.75 s here
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def glb(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

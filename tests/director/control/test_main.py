@@ -33,18 +33,13 @@ from director.control.probes import Prober
 from tests.configs import head
 from tests.waiting import async_until
 from tests.environment import binary_unavailable, require
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[3]
 INTERVAL = 0.1
 RISE, FALL = 2, 2
 # Generous: rise/fall x interval is 0.2 s here; a loaded CI machine gets 25x.
 FOLLOW = 5.0
-
-
-def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 TOKEN = "s3cret-test-token"
@@ -193,7 +188,7 @@ def self_signed(tmp: Path) -> ssl.SSLContext:
 async def lab(tmp_path, redis_url):
     """Real servers for five services and a config that checks them."""
     http_port, https_port, tcp_port = free_port(), free_port(), free_port()
-    dns_port, udp_port = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    dns_port, udp_port = free_port(), free_port()
     web1, web2 = HTTPServer("127.0.0.1", http_port), HTTPServer("127.0.0.2", http_port)
     secure = HTTPServer("127.0.0.3", https_port, self_signed(tmp_path))
     tcp = TCPServer("127.0.0.5", tcp_port)

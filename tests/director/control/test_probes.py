@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -22,14 +21,9 @@ from director.control.fastprobe import STARTERS
 from director.control.probes import PROBES, ProbeResult, Prober
 from tests.environment import binary_unavailable, require
 from tests.waiting import async_until
+from tests.ports import free_port
 
 HOST = "127.0.0.1"
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -247,7 +241,7 @@ async def test_dns(prober, dns_server, name, rcode, ok, detail):
 
 
 async def test_dns_port_closed_fails_fast(prober):
-    port = free_port(socket.SOCK_DGRAM)
+    port = free_port()
     check = DnsCheck(query_name="example.net", timeout=5.0)
     started = time.monotonic()
     r = await prober(check, HOST, port)
@@ -365,8 +359,8 @@ async def test_checker_survives_probes_that_raise_or_hang():
 
     def record(batch):
         results.extend((target.address, result) for target, result in batch)
-        if target.address.endswith(".3"):
-            raise ValueError("consumer bug")
+        if any(target.address.endswith(".3") for target, _ in batch):
+            raise ValueError("consumer bug")  # a consumer that raises must not stop the checker
 
     checker = Checker(bad_probe, record, max_probes=10)
     import director.control.checker as checker_module
