@@ -110,7 +110,9 @@ async def test_versions_strictly_increase(store: RedisStore) -> None:
 
 
 async def test_concurrent_writers(redis_url: str) -> None:
-    stores = [RedisStore(RedisConfig(url=redis_url)) for _ in range(20)]
+    # 20 clients in one event loop, each encoding 200-server documents: on a loaded machine a reply
+    # can wait longer than the default 1 s call timeout for the loop, and atomicity is what this tests.
+    stores = [RedisStore(RedisConfig(url=redis_url, timeout=10.0)) for _ in range(20)]
     try:
         # Half the writers share one site, the others each own one; big snapshots
         # so a torn write would show as an undecodable or mixed document.
