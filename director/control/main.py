@@ -237,12 +237,15 @@ class Director:
             handover = self.pair.master and self.pair.standby_present()
             withdraw = withdraw and self.pair.master and not handover
             if handover:
+                log.info("stopping: handing site %s over to the standby", self.site_name)
                 await self._hand_over_flows()
             await self.pair.stop()
             self.pair = None
         await self._stop_packet_path()
         restore(self._affinity_before)
         self._affinity_before = None
+        if withdraw:
+            log.info("stopping: withdrawing site %s", self.site_name)
         await self.publisher.stop(withdraw=withdraw)
         self._started = False
         if self._served is not None:
@@ -597,7 +600,7 @@ async def serve_director(config_path: str, site_name: str, *, ready: Callable[[D
         if ready is not None:
             ready(director)
         await stop.wait()
-        log.info("stopping: withdrawing site %s", site_name)
+        log.info("stopping: site %s", site_name)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
