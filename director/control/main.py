@@ -76,6 +76,8 @@ log = logging.getLogger("glb.director")
 
 SPILL_TICK = 0.25
 """Seconds between spill re-evaluations with nothing else happening (a target going stale)."""
+HANDOVER_FLUSH = 1.0
+"""Seconds a master stopping cleanly waits, in each of its two steps, for its flows to go to its standby."""
 
 
 def find_site(config: Config, name: str) -> Site:
@@ -232,12 +234,18 @@ class Director:
         if self.pair is not None:
             # A master whose standby is there hands over (priority 0): withdrawing would take
             # the site out of DNS for nothing. A backup never speaks for the site.
-            withdraw = withdraw and self.pair.master and not self.pair.standby_present()
+            handover = self.pair.master and self.pair.standby_present()
+            withdraw = withdraw and self.pair.master and not handover
+            if handover:
+                log.info("stopping: handing site %s over to the standby", self.site_name)
+                await self._hand_over_flows()
             await self.pair.stop()
             self.pair = None
         await self._stop_packet_path()
         restore(self._affinity_before)
         self._affinity_before = None
+        if withdraw:
+            log.info("stopping: withdrawing site %s", self.site_name)
         await self.publisher.stop(withdraw=withdraw)
         self._started = False
         if self._served is not None:
@@ -368,6 +376,30 @@ class Director:
                 self.packet_path.engine.sync_send(master)
         self.publisher.enable(master)
         self.metrics.observe_role(master)
+
+    async def _hand_over_flows(self) -> None:
+        """A master stopping cleanly: every flow it confirmed reaches its standby before the priority 0.
+
+        The workers file a confirmed flow and send it up at their next tick; the sync link sends
+        it as the rate allows. Stopping the link at once lost what was on the way: the flows
+        made in the last moments, which the standby, once master, drops as unknown mid-stream
+        packets. So: everything filed goes now, while still forwarding; then the VIPs are
+        released (nothing more is confirmed) and what the last moments filed goes too. The
+        standby applies it before the priority 0 makes it master (the same pipe to its workers)."""
+        pp = self.packet_path
+        if pp is None or pp.engine is None or not self.table.site.director.pair.sync.enabled:
+            return
+        for release in (False, True):
+            if release:
+                pp.set_owned(False)
+            deadline = time.monotonic() + HANDOVER_FLUSH
+            mark = pp.engine.sync_flush()
+            while not pp.engine.sync_flushed(mark) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            if not await self.pair.flush(max(0.0, deadline - time.monotonic())):
+                log.warning("stopping: connection sync did not reach the standby within %.1fs; "
+                            "flows not sent are lost at the handover", HANDOVER_FLUSH)
+                return
 
     def _reclaim(self) -> None:
         """VRRP heard a lower-priority master (it took the VIPs for a moment): announce them again."""
@@ -568,7 +600,7 @@ async def serve_director(config_path: str, site_name: str, *, ready: Callable[[D
         if ready is not None:
             ready(director)
         await stop.wait()
-        log.info("stopping: withdrawing site %s", site_name)
+        log.info("stopping: site %s", site_name)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

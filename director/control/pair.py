@@ -192,6 +192,18 @@ class PairMember:
             self.link.sender.change(r, now)
         self.link.poke()
 
+    async def flush(self, timeout: float) -> bool:
+        """Until every record handed over so far is on the LAN, at the sync rate, for ``timeout`` seconds
+        at most (a master stopping cleanly, before its priority 0): True if they all went."""
+        await asyncio.sleep(0)  # records the workers handed over just before (changes) are queued first
+        if self.link is None:
+            return True
+        deadline = self._clock() + timeout
+        self.link.poke()
+        while len(self.link.sender) and self._clock() < deadline:
+            await asyncio.sleep(0.005)
+        return not len(self.link.sender)
+
     # -- hellos
 
     async def _hellos(self) -> None:

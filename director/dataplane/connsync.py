@@ -82,6 +82,11 @@ class ConnSync:
             for c in self.fwd.table:
                 self._pending[c.key] = c
 
+    @property
+    def pending(self) -> int:
+        """Flows filed and not yet told."""
+        return len(self._pending)
+
     def records(self, now: float, limit: int = PER_TICK) -> list[Record]:
         """Up to ``limit`` flows that changed since they were last told (oldest first), templates
         before the flows made through them. The rest wait for the next call: a dump of a large

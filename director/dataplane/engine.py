@@ -758,6 +758,8 @@ class Worker:
                     self.sync.send(msg[1])
                 elif msg[0] == "sync_all" and self.sync is not None:
                     self.sync.dump()
+                elif msg[0] == "sync_flush":
+                    self.flush_sync(now, msg[1])
         except (EOFError, OSError):
             self.running = False  # the director is gone
 
@@ -769,6 +771,17 @@ class Worker:
                 self.conn.send(("sync", records))
             except (BrokenPipeError, OSError):
                 self.running = False
+
+    def flush_sync(self, now: float, mark: int) -> None:
+        """Everything filed for sync goes up now, not at the next ticks, then ``("sync_flushed", mark)``
+        (a master stopping cleanly: its standby must have every flow before the priority 0)."""
+        if self.sync is not None and self.sync.sending:
+            while self.sync.pending:
+                self.send_sync(now)
+        try:
+            self.conn.send(("sync_flushed", mark))
+        except (BrokenPipeError, OSError):
+            self.running = False
 
     def report(self) -> None:
         s = self.stats
@@ -883,6 +896,8 @@ class Engine:
         self.on_sync: Any = None
         """Called (from the supervisor's thread) with each batch of sync records a worker sends."""
         self._sync_sending = False
+        self._flush_mark = 0
+        self._flushed: list[int] = []
         self.spill_flags: SpillFlags | None = None
         """The spill flags the workers read (shared memory; director/dataplane/spillflags.py)."""
 
@@ -919,6 +934,7 @@ class Engine:
         self._stats = [EngineStats() for _ in range(n)]
         self._applied = [0] * n
         self._spawned_with = [0] * n
+        self._flushed = [0] * n
         self._sup = Supervisor("glb-engine", worker_main, self._worker_args, n, policy=self.policy, serial=True,
                                ready_timeout=timeout, on_message=self._message, on_ready=self._ready,
                                on_exit=self._exit)
@@ -941,6 +957,7 @@ class Engine:
     def _ready(self, i: int, payload: tuple[bytes, str, str, str]) -> None:
         self.mac, self.dataplane, self.dataplane_note, self.maps_note = payload
         self._applied[i] = self._spawned_with[i]
+        self._flushed[i] = self._flush_mark  # a fresh worker has filed nothing
         if self._sync_sending:  # a restarted worker of a master
             self._sup.send(i, ("sync_send", True))
         if self.cfg.workers > 1:  # the others learn the new member's position
@@ -960,6 +977,8 @@ class Engine:
             self._applied[i] = msg[1]
         elif msg[0] == "sync" and self.on_sync is not None:
             self.on_sync(msg[1])
+        elif msg[0] == "sync_flushed":
+            self._flushed[i] = msg[1]
 
     def _poll(self) -> None:
         while not self._closing.is_set():
@@ -988,6 +1007,17 @@ class Engine:
     def sync_all(self) -> None:
         """Workers tell their whole tables again (a backup joined)."""
         self._sup.broadcast(("sync_all",))
+
+    def sync_flush(self) -> int:
+        """Workers send up everything they filed for sync now; returns the mark :meth:`sync_flushed` takes."""
+        self._flush_mark += 1
+        self._sup.broadcast(("sync_flush", self._flush_mark))
+        return self._flush_mark
+
+    def sync_flushed(self, mark: int) -> bool:
+        """Whether every running worker sent up what it had filed when :meth:`sync_flush` returned ``mark``
+        (the records came first: ``on_sync`` was called with them before this turns true)."""
+        return all(f >= mark or a == -1 for f, a in zip(self._flushed, self._applied))
 
     def sync_apply(self, datagram: bytes, sender: Any) -> None:
         """A sync datagram from the master: every worker applies the flows of its clients."""

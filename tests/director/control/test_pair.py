@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import threading
 from pathlib import Path
 
 import pytest
 
 from director.control import pair as pairmod
+from director.control import sync
 from director.control.datagram import MemoryLAN
 from director.control.main import Director, announce_offsets, pair_member_id
 from director.control.probes import ProbeResult
@@ -204,3 +206,101 @@ async def test_the_last_member_stopping_withdraws(tmp_path, redis_url, hello_fas
     await eventually(published, "dc1-a publishes")
     await a.stop()
     assert (await snapshot(redis_url)).withdrawn
+
+
+class FakeEngine:
+    """The packet workers as the pair sees them: sync records up (from another thread, as the
+    supervisor's), datagrams down. A flush hands up what the test filed since the last one."""
+
+    failed = None
+
+    def __init__(self, path: "FakePath") -> None:
+        self.path = path
+        self.on_sync = None
+        self.filed: list = []
+        self.applied: list = []
+        """(record, whether this member was master when its datagram reached the workers)."""
+        self.member: Director | None = None
+        self._mark = 0
+
+    def sync_send(self, on: bool) -> None:
+        pass
+
+    def sync_all(self) -> None:
+        pass
+
+    def sync_flush(self) -> int:
+        self._mark += 1
+        records, self.filed = self.filed, []
+        worker = threading.Thread(target=lambda: records and self.on_sync(records))
+        worker.start()
+        worker.join()
+        return self._mark
+
+    def sync_flushed(self, mark: int) -> bool:
+        return mark <= self._mark
+
+    def sync_apply(self, datagram: bytes, sender) -> None:
+        self.applied += [(r, self.member.pair.master) for r in sync.decode(datagram).records]
+
+
+class FakePath:
+    """A packet path that forwards while owned: what a flow filed then is handed over."""
+
+    def __init__(self) -> None:
+        self.engine = FakeEngine(self)
+        self.owned = False
+
+    def set_owned(self, owned: bool) -> None:
+        self.owned = owned
+
+    def apply(self) -> None:
+        pass
+
+    def counters(self) -> dict:
+        return {}
+
+    async def stop(self) -> None:
+        pass
+
+
+def flow(port: int) -> sync.ConnRecord:
+    key = bytes([6]) + ipaddress.ip_address("198.51.100.7").packed + ipaddress.ip_address("192.0.2.10").packed \
+        + port.to_bytes(2, "big") + (80).to_bytes(2, "big")
+    return sync.ConnRecord(key, 1, 900.0, ipaddress.ip_address("10.1.0.11").packed, 0)
+
+
+async def test_a_clean_stop_hands_the_last_flows_to_the_standby_before_its_priority_0(tmp_path, redis_url,
+                                                                                      hello_fast, monkeypatch):
+    """The flows a master's workers filed in its last moments (not yet sent up at their next tick,
+    or queued on the rate-bounded link) reach the standby while it is still backup: stopping the
+    link at once lost them, and the new master dropped their packets as unknown mid-stream ones."""
+    async def fake_packet_path(self) -> None:
+        self.packet_path = FakePath()
+        self.packet_path.engine.member = self
+    monkeypatch.setattr(Director, "_start_packet_path", fake_packet_path)
+    lan = Lan()
+    a = await start(tmp_path, redis_url, lan, "dc1-a")
+    b = await start(tmp_path, redis_url, lan, "dc1-b")
+    pa, pb = a.packet_path, b.packet_path
+    try:
+        await until(lambda: a.pair.master and a.pair.standby_present() and pa.owned, "dc1-a master with a standby")
+        first, last = flow(40001), flow(40002)
+        pa.engine.filed = [first]  # confirmed in the last tick before the stop
+        owned_at_flush = []
+        flush = pa.engine.sync_flush
+
+        def flush_then_file() -> int:  # the second confirmed while the first flush was on its way
+            owned_at_flush.append(pa.owned)
+            mark = flush()
+            if pa.owned:
+                pa.engine.filed = [last]
+            return mark
+        pa.engine.sync_flush = flush_then_file
+        await a.stop()
+        await until(lambda: b.pair.master, "dc1-b took over")
+        assert pb.engine.applied == [(first, False), (last, False)]  # both, while dc1-b was still backup
+        assert owned_at_flush == [True, False]  # the last flush after the VIPs were released: nothing more came
+    finally:
+        await b.stop()
+        await a.stop()

@@ -80,12 +80,12 @@ def tcp(sport: int, flags: str) -> bytes:
     return bytes(Ether(dst=DIR_MAC, src=GW_MAC) / IP(src=CLIENT, dst=VIP) / TCP(sport=sport, dport=80, flags=flags))
 
 
-def make_worker(announce=()):
+def make_worker(announce=(), **cfg):
     ps = FakeSocket(frames=8)
     server = ServerPlan(ServerKey("web", RS, 0), packed(RS), 1, True, False, codec.mac_bytes(RS_MAC))
     svc = ServicePlan("web", "dr", "rr", (VipPlan(packed(VIP), 80, 6, f"{VIP}:80/tcp"),), (server,))
     parent, child = multiprocessing.Pipe()
-    w = Worker(EngineConfig("fake0", announce=announce), Plan(ps.mac, (svc,)), child, ps=ps)
+    w = Worker(EngineConfig("fake0", announce=announce, **cfg), Plan(ps.mac, (svc,)), child, ps=ps)
     return w, ps, (parent, child)
 
 
@@ -183,6 +183,33 @@ def test_a_worker_told_to_announce_again_announces_the_vips_of_its_plan():
         assert [Ether(f)[ARP].psrc for f in w.announcer.due(2e9 + RECLAIM_SETTLE)] == [VIP]
         assert [Ether(f)[ARP].psrc for f in w.announcer.due(2e9 + RECLAIM_SETTLE + 1)] == [VIP] * 2
         assert w.announcer.due(3e9) == []
+    finally:
+        w.close()
+        parent.close()
+        child.close()
+
+
+def test_a_sync_flush_sends_up_every_flow_filed_at_once_then_says_so():
+    """A master stopping cleanly asks its workers for what they filed for connection sync: all of it
+    comes up the pipe at once (not at the next ticks), then the mark, so the director knows it has it all."""
+    w, ps, (parent, child) = make_worker(sync_id=51)
+    try:
+        w.sync.send(True)
+        for i, port in enumerate((40011, 40012, 40013)):
+            ps.put(2 * i, tcp(port, "S"))
+            ps.put(2 * i + 1, tcp(port, "A"))  # the handshake's end confirms it: filed for sync
+        assert w.drain() == 6
+        assert not parent.poll()  # nothing went up yet: that waits for the tick
+        parent.send(("sync_flush", 7))
+        w.control(1.0)
+        got = []
+        while parent.poll():
+            got.append(parent.recv())
+        assert got[-1] == ("sync_flushed", 7)
+        assert all(kind == "sync" for kind, _ in got[:-1])
+        ports = sorted(int.from_bytes(r.key[9:11], "big") for _, records in got[:-1] for r in records)
+        assert ports == [40011, 40012, 40013]
+        assert w.sync.pending == 0
     finally:
         w.close()
         parent.close()
