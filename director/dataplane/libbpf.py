@@ -306,11 +306,12 @@ class LibBpf:
                 out.append((k, v))
         return out, None
 
-    def test_run(self, frame: bytes, ctx: bytes | None = None) -> tuple[int, bytes]:
-        """BPF_PROG_TEST_RUN: run the program once on ``frame``; (return code, the frame after it)."""
+    def test_run(self, frame: bytes, ctx: bytes | None = None, repeat: int = 1) -> tuple[int, bytes]:
+        """BPF_PROG_TEST_RUN: run the program once on ``frame`` (``repeat`` times on the same skb, which
+        the first run may have changed); (return code, the frame after it)."""
         out = ctypes.create_string_buffer(len(frame) + 256)
         opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_size_in=len(frame), data_size_out=len(out),
-                            repeat=1)
+                            repeat=repeat)
         data = ctypes.create_string_buffer(frame, len(frame))
         opts.data_in = ctypes.cast(data, _c_p)
         opts.data_out = ctypes.cast(out, _c_p)
@@ -322,8 +323,8 @@ class LibBpf:
         if rc:
             raise KernelDataplaneError(f"BPF_PROG_TEST_RUN failed: {os.strerror(_errno(rc))}")
         self.last_duration = opts.duration
-        """Nanoseconds the program ran on the last test run's frame (benchmarks/director_newconns.py,
-        kernel_nat_ns.py)."""
+        """Nanoseconds the program ran on the last test run's frame, on average over its repeats
+        (benchmarks/director_newconns.py, kernel_nat_ns.py)."""
         return opts.retval, out.raw[:opts.data_size_out]
 
     def close(self) -> None:

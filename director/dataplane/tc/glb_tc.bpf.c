@@ -301,11 +301,18 @@ static __always_inline __u16 csum_fold(__u32 sum)
 	return (__u16)~sum;
 }
 
-/* Only the MACs change: the IP packet, its checksums and GSO stay valid. */
+/*
+ * Only the MACs change: the IP packet, its checksums and GSO stay valid.
+ * Written directly: decide() read the headers in the linear part, which the
+ * verifier's prologue for a program that writes packets has made writable.
+ */
 static __always_inline int forward_dr(struct __sk_buff *skb, struct route *r)
 {
-	if (bpf_skb_store_bytes(skb, 0, r->dst_mac, 12, 0))
+	void *data = (void *)(long)skb->data;
+
+	if (data + ETH_HLEN > (void *)(long)skb->data_end)
 		return count(R_ERROR, TC_ACT_OK);
+	__builtin_memcpy(data, r->dst_mac, 12);
 	count(R_DR, 0);
 	return bpf_redirect(r->ifindex ? r->ifindex : skb->ifindex, 0);
 }
@@ -390,7 +397,7 @@ static __always_inline int forward_tun(struct __sk_buff *skb, struct route *r, _
 	return bpf_redirect(r->ifindex ? r->ifindex : skb->ifindex, 0);
 }
 
-/* What the decision reads of a packet (copied out with bpf_skb_load_bytes). */
+/* One packet of `total` IP bytes on a route's per-CPU counters. */
 static __always_inline int count_route(void *counters, __u32 ri, __u32 total)
 {
 	struct counter *c = bpf_map_lookup_elem(counters, &ri);
@@ -478,6 +485,30 @@ static __always_inline int rewrite(struct __sk_buff *skb, __u8 family, __u8 prot
 	return 0;
 }
 
+/*
+ * The frame's first n bytes (all of it, if shorter) in the skb's linear
+ * part, where the program reads them directly (skb->data .. data_end)
+ * instead of copying them out with bpf_skb_load_bytes. Veth and the usual
+ * drivers put the headers there (a GSO frame's linear part is its headers),
+ * so the pull, which may copy the packet, is rare. 1 if it pulled: every
+ * packet pointer must then be read again. A pull that fails leaves the
+ * headers short, and the parse declines the frame as truncated.
+ */
+static __always_inline int linear(struct __sk_buff *skb, __u32 n)
+{
+	__u32 want = skb->len < n ? skb->len : n;
+
+	if ((void *)(long)skb->data + want <= (void *)(long)skb->data_end)
+		return 0;
+	bpf_skb_pull_data(skb, want);
+	return 1;
+}
+
+/* What decide() reads after the Ethernet header: the IP header, then TCP up to its flags (UDP's header is shorter). */
+#define IP4_HEADERS (ETH_HLEN + sizeof(struct iphdr) + 14)
+#define IP6_HEADERS (ETH_HLEN + sizeof(struct ipv6hdr) + 14)
+
+/* What the decision reads of a packet. */
 struct pkt {
 	struct flow_key key;
 	struct vip_key vip; /* the destination, looked up for the VIP's id */
@@ -498,17 +529,26 @@ struct pkt {
 static __always_inline __u32 decide(struct __sk_buff *skb, struct pkt *p, __u64 now,
 				    struct flow **fp, struct route **rp, __u32 *ri)
 {
-	__u8 h[40];
-	__u16 proto_eth;
 	__u32 hlen;
 	__u8 proto;
+	void *l4;
 
-	if (bpf_skb_load_bytes(skb, 12, &proto_eth, 2))
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
 		return R_NOT_IP;
-	if (proto_eth == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = (struct iphdr *)h;
+	__u16 proto_eth = eth->h_proto;
 
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, h, sizeof(*ip)))
+	if (proto_eth == bpf_htons(ETH_P_IP)) {
+		if (linear(skb, IP4_HEADERS)) {
+			data = (void *)(long)skb->data;
+			data_end = (void *)(long)skb->data_end;
+		}
+		struct iphdr *ip = data + ETH_HLEN;
+
+		if ((void *)(ip + 1) > data_end)
 			return R_NOT_SIMPLE;
 		/* no options; neither MF nor an offset (DF may be set) */
 		if (ip->version != 4 || ip->ihl != 5 || (ip->frag_off & bpf_htons(0x3fff)))
@@ -522,10 +562,15 @@ static __always_inline __u32 decide(struct __sk_buff *skb, struct pkt *p, __u64 
 		p->tos = ip->tos;
 		p->ttl = ip->ttl;
 		p->frag_off = ip->frag_off;
+		l4 = ip + 1;
 	} else if (proto_eth == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = (struct ipv6hdr *)h;
+		if (linear(skb, IP6_HEADERS)) {
+			data = (void *)(long)skb->data;
+			data_end = (void *)(long)skb->data_end;
+		}
+		struct ipv6hdr *ip6 = data + ETH_HLEN;
 
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, h, sizeof(*ip6)) || ip6->version != 6)
+		if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
 			return R_NOT_SIMPLE;
 		p->total = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
 		hlen = sizeof(*ip6);
@@ -535,6 +580,7 @@ static __always_inline __u32 decide(struct __sk_buff *skb, struct pkt *p, __u64 
 		__builtin_memcpy(p->vip.addr, &ip6->daddr, 16);
 		p->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
 		p->ttl = ip6->hop_limit;
+		l4 = ip6 + 1;
 	} else {
 		return R_NOT_IP;
 	}
@@ -543,11 +589,15 @@ static __always_inline __u32 decide(struct __sk_buff *skb, struct pkt *p, __u64 
 		return R_NOT_SIMPLE;
 	if (p->total < hlen + (proto == IPPROTO_TCP ? 14 : 8) || ETH_HLEN + p->total > skb->len)
 		return R_NOT_SIMPLE;
-	if (bpf_skb_load_bytes(skb, ETH_HLEN + hlen, h, proto == IPPROTO_TCP ? 14 : 8))
+	if (proto == IPPROTO_TCP) {
+		if (l4 + 14 > data_end)
+			return R_NOT_SIMPLE;
+		p->flags = ((__u8 *)l4)[13];
+	} else if (l4 + 8 > data_end) {
 		return R_NOT_SIMPLE;
-	p->flags = proto == IPPROTO_TCP ? h[13] : 0;
+	}
 	p->key.proto = proto;
-	__builtin_memcpy(&p->key.sport, h, 4);
+	__builtin_memcpy(&p->key.sport, l4, 4);
 	p->family = p->vip.family = p->key.family;
 
 	struct vip *v = bpf_map_lookup_elem(&vips, &p->vip);
@@ -897,48 +947,62 @@ static __always_inline int is_vip(__u8 family, void *addr)
  * its answers to the director's own probes, which the host needs as well
  * (the NAT guard, ownership.NatGuard, drops the others in the host).
  */
-static __always_inline int nat_source(struct __sk_buff *skb, __u8 family)
+static __always_inline int nat_source(__u8 family, void *addr)
 {
 	struct vip_key k = {.family = family};
 
-	if (bpf_skb_load_bytes(skb, ETH_HLEN + (family == 4 ? 12 : 8), k.addr, family == 4 ? 4 : 16))
-		return 0;
+	__builtin_memcpy(k.addr, addr, family == 4 ? 4 : 16);
 	return bpf_map_lookup_elem(&nat_sources, &k) != 0;
 }
 
+/* Read directly, as decide() does (which has made an IP frame's headers linear already). */
 static __always_inline int for_engine(struct __sk_buff *skb)
 {
-	__u16 proto_eth;
-	__u8 a[16];
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
 
 	if (skb->pkt_type == PACKET_OTHERHOST || skb->pkt_type == PACKET_OUTGOING)
 		return NOT_ENGINE;
-	if (bpf_skb_load_bytes(skb, 12, &proto_eth, 2))
+	if ((void *)(eth + 1) > data_end)
 		return NOT_ENGINE;
+	__u16 proto_eth = eth->h_proto;
+
+	if (proto_eth != bpf_htons(ETH_P_ARP) && proto_eth != bpf_htons(ETH_P_IP) && proto_eth != bpf_htons(ETH_P_IPV6))
+		return NOT_ENGINE;
+	/* IPv4's header ends at 20, ARP's target address at 28 */
+	if (linear(skb, ETH_HLEN + (proto_eth == bpf_htons(ETH_P_IPV6) ? sizeof(struct ipv6hdr) : 28))) {
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+	eth = data;
 	if (proto_eth == bpf_htons(ETH_P_ARP)) {
-		if (bpf_skb_load_bytes(skb, ETH_HLEN + 24, a, 4))
+		__u8 *tpa = data + ETH_HLEN + 24; /* the target's protocol address */
+
+		if ((void *)(tpa + 4) > data_end)
 			return NOT_ENGINE;
-		return is_vip(4, a) ? ENGINE_ONLY : NOT_ENGINE;
+		return is_vip(4, tpa) ? ENGINE_ONLY : NOT_ENGINE;
 	}
 	if (proto_eth == bpf_htons(ETH_P_IP)) {
-		if (bpf_skb_load_bytes(skb, ETH_HLEN + 16, a, 4))
-			return NOT_ENGINE;
-		if (is_vip(4, a))
-			return ENGINE_ONLY;
-		return nat_source(skb, 4) ? ENGINE_TOO : NOT_ENGINE;
-	}
-	if (proto_eth == bpf_htons(ETH_P_IPV6)) {
-		__u8 nh;
+		struct iphdr *ip = (void *)(eth + 1);
 
-		if (bpf_skb_load_bytes(skb, ETH_HLEN + 24, a, 16) || bpf_skb_load_bytes(skb, ETH_HLEN + 6, &nh, 1))
+		if ((void *)(ip + 1) > data_end)
 			return NOT_ENGINE;
-		if (nh == IPPROTO_ICMPV6 && a[0] == 0xff && a[1] == 0x02 && a[11] == 1 && a[12] == 0xff)
-			return ENGINE_TOO; /* ff02::1:ffXX:XXXX */
-		if (is_vip(6, a))
+		if (is_vip(4, &ip->daddr))
 			return ENGINE_ONLY;
-		return nat_source(skb, 6) ? ENGINE_TOO : NOT_ENGINE;
+		return nat_source(4, &ip->saddr) ? ENGINE_TOO : NOT_ENGINE;
 	}
-	return NOT_ENGINE;
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+	if ((void *)(ip6 + 1) > data_end)
+		return NOT_ENGINE;
+	__u8 *a = ip6->daddr.s6_addr;
+
+	if (ip6->nexthdr == IPPROTO_ICMPV6 && a[0] == 0xff && a[1] == 0x02 && a[11] == 1 && a[12] == 0xff)
+		return ENGINE_TOO; /* ff02::1:ffXX:XXXX */
+	if (is_vip(6, a))
+		return ENGINE_ONLY;
+	return nat_source(6, &ip6->saddr) ? ENGINE_TOO : NOT_ENGINE;
 }
 
 /*

@@ -93,3 +93,48 @@ def test_installed_flows_are_forwarded_by_the_kernel(mode):
         helper.stdin.close()
         assert helper.wait(10) == 0
         assert "glb_ingress" not in director.run(["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
+
+
+RAW_SEND = r"""
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("eth0", 0))
+for i in range(int(sys.argv[2])):
+    s.send(bytes.fromhex(sys.argv[1]))
+"""
+
+
+def test_headers_outside_the_linear_part_are_pulled_in_and_forwarded():
+    """A frame of a page or more from a packet socket has only its Ethernet header in the skb's linear part
+    (af_packet puts the rest in page fragments, and veth and the bridge keep it so): the program reads headers
+    in place, so it must pull them in (linear()) and then forward the frame as any other."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    payload = 6000
+    with Lab("kern-pull") as lab:
+        sw = lab.netns("sw")
+        br = lab.bridge(sw)
+        client, director, rs = lab.netns("client"), lab.netns("director"), lab.netns("rs")
+        for ns, addr in ((client, CLIENT), (director, DIRECTOR), (rs, RS)):
+            lab.port(sw, br, ns, f"{addr}/24", mtu=9000)
+        dmac, rmac = mac(director), mac(rs)
+        rs.run(["nft", "-f", "-"], input=(
+            'table netdev t { chain in { type filter hook ingress device "eth0" priority 0;\n'
+            f"  ether daddr {rmac} ether saddr {dmac} ip saddr {CLIENT} udp dport 9 counter drop\n }}\n}}\n"))
+        plan = {"interface": "eth0", "mode": "dr", "servers": [[RS, rmac]], "source": DIRECTOR,
+                "flows": [[17, CLIENT, 5000, VIP, 9]]}
+        helper = director.popen([sys.executable, HELPER, json.dumps(plan)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert helper.stdout.readline().startswith("ready")
+        frame = Ether(dst=dmac, src=mac(client)) / IP(src=CLIENT, dst=VIP) / UDP(sport=5000, dport=9) / (b"j" * payload)
+        client.run([sys.executable, "-c", RAW_SEND, bytes(frame).hex(), str(SENDS)])
+        lab.wait_for(lambda: nft_count(rs) == SENDS, what="the large frames at the real server")
+
+        helper.stdin.write("\n")
+        helper.stdin.flush()
+        stats = json.loads(helper.stdout.readline())
+        assert stats["reasons"]["forwarded_dr"] == SENDS
+        assert stats["packets"] == SENDS and stats["bytes"] == SENDS * (20 + 8 + payload)
+        helper.stdin.close()
+        assert helper.wait(10) == 0
