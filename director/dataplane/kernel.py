@@ -537,14 +537,16 @@ class KernelSync:
 
     def events(self, records: list[bytes], now: float, take) -> None:
         """The program's ``flow_events`` records (:data:`~director.dataplane.kernelmaps.FLOW_EVENT`: a flow
-        it made or moved to another state, as ``conns`` held it then), in order: each live one handed to
-        ``take`` as :meth:`sweep` hands it, so Python knows it at once rather than when the sweep gets
-        there. A flow Python has written since (in :attr:`pending`) is Python's own, as in the sweep."""
+        it made or moved to another state, as ``conns`` held it then), oldest first: each flow's last one
+        handed to ``take`` as :meth:`sweep` hands it, so Python knows it at once rather than when the sweep
+        gets there. Only the last counts, as in the sweep: take() of an ESTABLISHED flow Python has not seen
+        ends as its SYN_RECV then ESTABLISHED would (confirmed, active, told once), so a worker that falls
+        behind does less per flow, not more. A flow Python has written since (in :attr:`pending`) is
+        Python's own, as in the sweep."""
         ids = self.tables.vips_by_id()
         base = km.ticks(now)
-        ks = km.FLOW_KEY.size
-        for r in records:
-            k, v = r[:ks], r[ks:km.FLOW_EVENT.size]
+        ks, size = km.FLOW_KEY.size, km.FLOW_EVENT.size
+        for k, v in {r[:ks]: r[ks:size] for r in records}.items():
             if k not in self.pending and _live(v, base):
                 self._take(k, v, ids, take, now)
 
