@@ -135,6 +135,7 @@ def test_kernel_made_flows_reach_the_backup_at_once_and_survive_a_takeover(ha):
                     and pp["kernel"].get("state_tracked", 0) >= CONNECTIONS)
         until(told, "the master's kernel made the flows and told them", 10)
         assert _events(ha, "dc1-a")["lost"] == 0
+        assert 'glb_director_kernel_flow_events_total{outcome="received"}' in ha.d["dc1-a"].metrics()
         on_drained = sum(1 for who, _ in clients.first if who == "rs2")
         assert on_drained >= CONNECTIONS // 2
         ha.drain(DRAINED)
