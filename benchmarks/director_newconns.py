@@ -19,7 +19,14 @@ SERVERS (default 3) DR servers. Prints one line per variant:
 * ``kernel schedules``: with SCHEDULER mh, sh or dh the tc program itself
   schedules the SYN, installs the flow and applies the ACK's state change:
   the program's own run time (``BPF_PROG_TEST_RUN``'s duration) of both,
-  best of 5 rounds; no Python per connection.
+  best of 5 rounds; no Python per connection on the packet path; then the
+  median (10th-90th percentile) ns per SYN (``new_flow``) and per ACK
+  (``state_tracked``) over the 5 rounds. Where the
+  program has flow events (director/dataplane/flowevents.py) the ring is
+  drained every EVENTS_EVERY connections, as the worker drains it, and a
+  second line gives the worker's CPU to take the records into its table
+  (``KernelSync.events``: what Python now spends per kernel-made
+  connection, off the packet path).
 
 The kernel variants need root (the tc program is loaded, not attached).
 """
@@ -27,6 +34,7 @@ The kernel variants need root (the tc program is loaded, not attached).
 from __future__ import annotations
 
 import ipaddress
+import statistics
 import struct
 import sys
 import time
@@ -35,6 +43,8 @@ from director.control.health import ServerKey
 from director.dataplane.forwarder import Forwarder, Plan, ServerPlan, ServicePlan, VipPlan
 
 BATCH = 64
+EVENTS_EVERY = 256
+"""Connections between two drains of the kernel's flow events (its ring holds ~13,000)."""
 DIR_MAC = bytes.fromhex("020000000001")
 CLIENT_MAC = bytes.fromhex("020000000002")
 VIP = ipaddress.ip_address("10.0.0.100").packed
@@ -100,8 +110,11 @@ def one_round(n: int, round_: int, scheduler: str, servers: int, kernel: str | N
             bpf.close()
 
 
-def kernel_round(n: int, round_: int, scheduler: str, servers: int) -> float:
-    """Seconds the tc program ran to open ``n`` connections itself (SYN + ACK each)."""
+def kernel_round(n: int, round_: int, scheduler: str, servers: int,
+                 per_packet: tuple[list[int], list[int]]) -> tuple[float, float | None]:
+    """Seconds the tc program ran to open ``n`` connections itself (SYN + ACK each), and the worker's CPU
+    seconds to take their flow events (None: a program without them). Each SYN's and ACK's ns are appended
+    to ``per_packet``'s two lists."""
     from director.dataplane import kernelmaps as km
     from director.dataplane.kernel import KernelSync, KernelTables
     from director.dataplane.libbpf import LibBpf
@@ -109,18 +122,33 @@ def kernel_round(n: int, round_: int, scheduler: str, servers: int) -> float:
     f = Forwarder()
     f.apply(plan(scheduler, servers))
     bpf = LibBpf(max_entries={"conns": 2 * n}, sizes=km.MAPS)
+    events = None
     try:
         sync = KernelSync(KernelTables(bpf, f.table.timeouts))
         sync.plan_applied(f.vips, f)
-        ns = 0
-        for syn, ack in frames(n, round_):
-            for frame in (syn, ack):
+        if "flow_events" in km.MAPS:
+            from director.dataplane.flowevents import FlowEvents
+
+            events = FlowEvents(bpf.map_fd("flow_events"))
+        ns, taking = 0, 0.0
+        for i, (syn, ack) in enumerate(frames(n, round_)):
+            for frame, out in zip((syn, ack), per_packet):
                 rc, _ = bpf.test_run(bytes(6) + frame[6:])  # to the test device's zero MAC: this host's
                 assert rc == km.TC_ACT_REDIRECT, "the program forwards what it scheduled"
                 ns += bpf.last_duration
+                out.append(bpf.last_duration)
+            if events is not None and ((i + 1) % EVENTS_EVERY == 0 or i + 1 == n):
+                t0 = time.thread_time()
+                sync.events(events.drain(), time.monotonic(), f.take)
+                taking += time.thread_time() - t0
         assert sync.tables.reasons()["new_flow"] == n
-        return ns / 1e9
+        if events is None:
+            return ns / 1e9, None
+        assert sync.tables.events_lost() == 0 and events.received == 2 * n and len(f.table) == n
+        return ns / 1e9, taking
     finally:
+        if events is not None:
+            events.close()
         bpf.close()
 
 
@@ -139,12 +167,23 @@ def main() -> None:
               (", install" if kernel else "") + ")")
     if scheduler in ("mh", "sh", "dh"):
         try:
-            best = min(kernel_round(n, r, scheduler, servers) for r in range(5))
+            per_packet: tuple[list[int], list[int]] = ([], [])
+            rounds = [kernel_round(n, r, scheduler, servers, per_packet) for r in range(5)]
         except Exception as e:
             print(f"{'kernel schedules':20s} unavailable: {e}")
             return
+        best = min(b for b, _ in rounds)
         print(f"{'kernel schedules':20s} {scheduler} over {servers}: {n / best:>9,.0f} new connections/s of one core "
               f"({best / n * 1e6:.2f} us each: SYN + ACK in the tc program, no Python)")
+        cells = []
+        for name, ns in zip(("SYN (new_flow)", "ACK (state_tracked)"), per_packet):
+            q = statistics.quantiles(ns, n=10)
+            cells.append(f"{name} {statistics.median(ns):.0f} ns ({q[0]:.0f}-{q[-1]:.0f})")
+        print(f"{'kernel per packet':20s} " + ", ".join(cells))
+        if rounds[0][1] is not None:
+            took = min(t for _, t in rounds)
+            print(f"{'flow events taken':20s} {scheduler} over {servers}: {n / took:>9,.0f} connections/s of the "
+                  f"worker ({took / n * 1e6:.2f} us each: 2 records into the table, off the packet path)")
 
 
 if __name__ == "__main__":

@@ -198,6 +198,7 @@ def packet_path_document(src: StatusSource) -> dict[str, Any] | None:
         "loop": getattr(src, "packet_loop", lambda: None)(),
         "dataplane": st.dataplane,
         "kernel": dict(st.kernel),
+        "flow_events": dict(st.flow_events),
         "workers": [{"pid": pid, "rx_frames": w.rx_frames, "forwarded": w.forwarder.forwarded,
                      "cpu_seconds": w.cpu, "restarts": restarts}
                     for pid, w, restarts in getattr(src, "packet_workers", list)()],
@@ -507,10 +508,16 @@ def _packet_path_metrics(pp: dict[str, Any] | None) -> Iterator[Any]:
                                  "userspace engine.", labels=["reason"])
     for reason, n in pp.get("kernel", {}).items():
         kernel.add_metric([reason], n)
+    events = CounterMetricFamily("glb_director_kernel_flow_events",
+                                 "Flows the kernel data plane made or moved to another state, told to Python at once: "
+                                 "received, or lost (the ring was full: the sweep finds those later).",
+                                 labels=["outcome"])
+    for outcome, n in pp.get("flow_events", {}).items():
+        events.add_metric([outcome], n)
     ahead = CounterMetricFamily("glb_director_spilled_ahead",
                                 "New connections spilled to a standby target on the spill flag, before the plan.")
     ahead.add_metric([], pp["spilled_ahead"])
-    yield from (drops, tracked, evicted, rx, ring, tx, tx_err, cpu, restarts, kernel, ahead)
+    yield from (drops, tracked, evicted, rx, ring, tx, tx_err, cpu, restarts, kernel, events, ahead)
 
 
 # --------------------------------------------------------------------------

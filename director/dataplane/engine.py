@@ -373,6 +373,9 @@ class EngineStats:
     """The kernel data plane's packets per reason (kernelmaps.REASONS); empty in userspace."""
     sync: dict[str, int] = field(default_factory=dict)
     """Connection sync applied here (a backup): the SyncReceiver's counters."""
+    flow_events: dict[str, int] = field(default_factory=dict)
+    """The kernel's flow events (director/dataplane/flowevents.py): ``received``, ``lost`` (its ring was
+    full); empty in userspace."""
 
     def merge(self, other: EngineStats) -> EngineStats:
         errors = dict(self.tx_errors)
@@ -384,10 +387,14 @@ class EngineStats:
         sync = dict(self.sync)
         for k, v in other.sync.items():
             sync[k] = sync.get(k, 0) + v
+        events = dict(self.flow_events)
+        for k, v in other.flow_events.items():
+            events[k] = events.get(k, 0) + v
         return EngineStats(self.forwarder.merge(other.forwarder), self.rx_frames + other.rx_frames,
                            self.ring_drops + other.ring_drops, self.truncated + other.truncated,
                            self.tx_frames + other.tx_frames, errors, self.cpu + other.cpu,
-                           "kernel" if "kernel" in (self.dataplane, other.dataplane) else "userspace", kernel, sync)
+                           "kernel" if "kernel" in (self.dataplane, other.dataplane) else "userspace", kernel, sync,
+                           events)
 
 
 def _nothing() -> None:
@@ -554,11 +561,15 @@ class Worker:
         poller.register(control_fd, select.POLLIN)
         if self.lan is not None:
             poller.register(self.lan.rx.fileno(), select.POLLIN | select.POLLERR)
+        if self.kernel is not None:
+            poller.register(self.kernel.events.fileno(), select.POLLIN)
         next_tick = next_sweep = next_stats = 0.0
         while self.running:
             n = self.drain()
             if self.lan is not None:
                 n += self.drain_lan()
+            if self.kernel is not None:
+                n += self.drain_events()
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + TICK
@@ -687,6 +698,14 @@ class Worker:
             self.stats.truncated += truncated
         return handled
 
+    def drain_events(self) -> int:
+        """Every flow the kernel made or moved since the last call, into the table as the sweep would
+        put it (and so to connection sync at the next tick); how many records."""
+        records = self.kernel.events.drain()
+        if records:
+            self.fwd.kernel.events(records, time.monotonic(), self.fwd.take)
+        return len(records)
+
     def drain_lan(self) -> int:
         """Handle up to RX_BUDGET frames from the real servers' side (NAT replies), one at a time:
         each rewritten reply goes out on the client side, anything else the forwarder makes
@@ -790,6 +809,7 @@ class Worker:
         if self.kernel is not None:
             self.fwd.kernel.fold_counters()
             s.kernel = self.kernel.tables.reasons()
+            s.flow_events = {"received": self.kernel.events.received, "lost": self.kernel.tables.events_lost()}
             s.dataplane = "kernel"
         s.forwarder = self.fwd.stats()
         if self.sync is not None:

@@ -246,6 +246,11 @@ class KernelTables:
         v = self.maps.lookup("route_new", km.U32.pack(index))
         return km.sum_percpu(v, km.U64.size, km.U64)[0] if v is not None else 0
 
+    def events_lost(self) -> int:
+        """Flow events the program could not tell (its ring was full), summed over CPUs."""
+        v = self.maps.lookup("flow_events_lost", km.ZERO)
+        return km.sum_percpu(v, km.U64.size, km.U64)[0] if v is not None else 0
+
     def reasons(self) -> dict[str, int]:
         """Packets per :data:`~director.dataplane.kernelmaps.REASONS` entry, summed over CPUs."""
         out = {}
@@ -518,10 +523,9 @@ class KernelSync:
         base = km.ticks(now)
         doomed = 0
         for k, v in entries:
-            left = (km.U32.unpack_from(v, 4)[0] - base) & 0xFFFFFFFF  # the kernel's own test, modulo 2^32
             if k in self.pending:
                 continue
-            if 0 < left < 1 << 31:
+            if _live(v, base):
                 if take is not None and v[3] & km.FLOW_KERNEL:
                     self._take(k, v, ids, take, now)
                 continue
@@ -530,6 +534,21 @@ class KernelSync:
                 self.pending[k] = None
                 doomed += 1
         return doomed
+
+    def events(self, records: list[bytes], now: float, take) -> None:
+        """The program's ``flow_events`` records (:data:`~director.dataplane.kernelmaps.FLOW_EVENT`: a flow
+        it made or moved to another state, as ``conns`` held it then), oldest first: each flow's last one
+        handed to ``take`` as :meth:`sweep` hands it, so Python knows it at once rather than when the sweep
+        gets there. Only the last counts, as in the sweep: take() of an ESTABLISHED flow Python has not seen
+        ends as its SYN_RECV then ESTABLISHED would (confirmed, active, told once), so a worker that falls
+        behind does less per flow, not more. A flow Python has written since (in :attr:`pending`) is
+        Python's own, as in the sweep."""
+        ids = self.tables.vips_by_id()
+        base = km.ticks(now)
+        ks, size = km.FLOW_KEY.size, km.FLOW_EVENT.size
+        for k, v in {r[:ks]: r[ks:size] for r in records}.items():
+            if k not in self.pending and _live(v, base):
+                self._take(k, v, ids, take, now)
 
     def _take(self, k: bytes, v: bytes, ids: dict[int, bytes], take, now: float) -> None:
         key = km.conn_key(k, ids)
@@ -556,6 +575,11 @@ class KernelSync:
             route.out_packets += packets - p0
             route.out_bytes += nbytes - b0
             self._counted_out[index] = (packets, nbytes)
+
+
+def _live(value: bytes, base: int) -> bool:
+    """Whether a ``conns`` value's expiry is after ``base`` (km.ticks of now): the kernel's own test, modulo 2^32."""
+    return 0 < (km.U32.unpack_from(value, 4)[0] - base) & 0xFFFFFFFF < 1 << 31
 
 
 def bpffs(path: Path) -> bool:
@@ -617,10 +641,11 @@ class KernelDataplane:
 
     def __init__(self, interface: str, max_entries: int, timeouts: Iterable[float], slowpath: bool = True,
                  pin_dir: Path | None = None, lan: str | None = None) -> None:
+        from director.dataplane.flowevents import FlowEvents
         from director.dataplane.libbpf import LibBpf
         from director.dataplane.tcattach import SlowPathVeth, TcIngress
 
-        self.tc = self.veth = self.lan_tc = self.lan_veth = None
+        self.tc = self.veth = self.lan_tc = self.lan_veth = self.events = None
         self.rx_interface: str | None = None
         self.lan_rx_interface: str | None = None
         layout = km.layout_id(max_entries)
@@ -632,6 +657,8 @@ class KernelDataplane:
             # Reused maps hold the VIPs live as the last director left them: nothing is forwarded until
             # this one's first plan says which it owns (a restarted standby must not forward).
             self.tables.set_vips(())
+            self.events = FlowEvents(self.bpf.map_fd("flow_events"))
+            """The flows the program makes and moves, as it does (the packet worker drains it)."""
             if slowpath:
                 self.veth = SlowPathVeth(interface)
                 self.tables.set_slowpath(self.veth.tx_ifindex)
@@ -656,4 +683,6 @@ class KernelDataplane:
                 if veth is not None:
                     veth.remove()
         finally:
+            if self.events is not None:
+                self.events.close()
             self.bpf.close()

@@ -52,6 +52,11 @@ Maps (names as in the C file):
   kernel made, or whose TCP state it moved (:data:`ROUTE_TRACK`), carries
   :data:`FLOW_KERNEL` until Python writes it again.
   ``route_new`` (per-CPU array): route index -> new flows the kernel made.
+* ``flow_events`` (ring buffer): a :data:`FLOW_EVENT` record (the ``conns``
+  key and value after the packet) for each flow the kernel made and each
+  state change it applied, read by director/dataplane/flowevents.py;
+  ``flow_events_lost`` (per-CPU, one entry): records the ring had no room
+  for (those flows wait for the sweep).
 * ``layout`` (one-element array) and ``route_ids`` (array): Python's alone,
   pinned with the rest. :func:`layout_id` says whether pinned maps can be
   reused; :func:`route_id` is a route's identity (its server and VIP), so a
@@ -132,6 +137,8 @@ FLOW_KERNEL = 1
 wrote it."""
 FLOW_TWO_WAY = 2
 """A ``conns`` value's flags: a NAT flow (its state moves by IPVS's INPUT table, ``nat_next_state``)."""
+FLOW_EVENT = struct.Struct(f"={FLOW_KEY.size}s{FLOW_VALUE.size}s")
+"""A ``flow_events`` record (C ``struct flow_event``): a ``conns`` key and its value."""
 SCHED_KINDS = {"mh": 1, "sh": 2, "dh": 3}
 """The schedulers whose new flows the kernel computes (glb_tc.bpf.c SCHED_*)."""
 KERNEL_MODES = frozenset({"dr", "tun"})
@@ -156,6 +163,8 @@ MAPS = {
     "services": (SVC_KEY.size, SVC.size),
     "slots": (SLOT_KEY.size, SLOTS.size),
     "route_new": (U32.size, U64.size),
+    "flow_events": (0, 0),
+    "flow_events_lost": (U32.size, U64.size),
 }
 """Map name -> (key size, value size), as the C structs must have them."""
 
@@ -165,7 +174,8 @@ def sized(max_entries: int) -> dict[str, int]:
     return {"conns": max_entries, "nat_replies": max_entries}
 
 
-PERCPU_MAPS = frozenset({"route_counters", "reasons", "ident", "route_out_counters", "route_new"})
+PERCPU_MAPS = frozenset({"route_counters", "reasons", "ident", "route_out_counters", "route_new",
+                         "flow_events_lost"})
 """Per-CPU maps: a lookup returns one 8-byte-aligned value per CPU, an update takes as many."""
 MAX_ROUTES = 65536
 ZERO = U32.pack(0)

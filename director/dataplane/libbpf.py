@@ -223,6 +223,10 @@ class LibBpf:
             out.append(nxt.raw)
             key = ctypes.create_string_buffer(nxt.raw, ks)
 
+    def map_fd(self, name: str) -> int:
+        """A map's descriptor (the ring buffer's consumer, director/dataplane/flowevents.py, maps it)."""
+        return self._map(name)[0]
+
     def memlock(self, name: str) -> int:
         """The bytes the kernel charges for a map (its fdinfo's ``memlock``: elements, buckets, LRU lists)."""
         fd, _, _ = self._map(name)

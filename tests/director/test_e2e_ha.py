@@ -154,11 +154,14 @@ class HALab:
     def start(self, member: str, preempt: bool = True) -> DirectorProcess:
         self.runs += 1
         path = self.tmp / f"{member}.yaml"
-        path.write_text(config(self.redis_port, self.dataplane, preempt))
+        path.write_text(self.config_text(preempt))
         d = self.d[member] = DirectorProcess(self.ns[member], path, self.tmp / f"{member}.{self.runs}.log",
                                              member=member)
         d.wait_up(list(RS.values()))
         return d
+
+    def config_text(self, preempt: bool) -> str:
+        return config(self.redis_port, self.dataplane, preempt)
 
     def running(self, member: str) -> bool:
         d = self.d.get(member)

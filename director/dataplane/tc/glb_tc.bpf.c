@@ -796,6 +796,49 @@ struct {
 	__type(value, __u64);
 } route_new SEC(".maps");
 
+/*
+ * Flows the program made (new_flow()) or moved to another state (ROUTE_TRACK),
+ * told to Python at once through a ring buffer (director/dataplane/kevents.py)
+ * instead of when its sweep of `conns` reaches them (up to ~100 s at 1M
+ * entries): so /status, the servers' counts and above all connection sync to
+ * a backup see them as they happen. A record is the flow's key and value as
+ * `conns` holds them after the packet. A full ring never holds a packet up:
+ * the event is counted in `flow_events_lost` and the flow left to the sweep.
+ */
+struct flow_event {
+	struct flow_key key;
+	struct flow flow;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20); /* bytes: ~26,000 records of 40 (with the ring's 8-byte header) */
+} flow_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} flow_events_lost SEC(".maps");
+
+static __always_inline void tell(struct flow_key *k, struct flow *f)
+{
+	struct flow_event *e = bpf_ringbuf_reserve(&flow_events, sizeof(*e), 0);
+
+	if (!e) {
+		__u32 zero = 0;
+		__u64 *n = bpf_map_lookup_elem(&flow_events_lost, &zero);
+
+		if (n)
+			*n += 1;
+		return;
+	}
+	__builtin_memcpy(&e->key, k, sizeof(*k));
+	__builtin_memcpy(&e->flow, f, sizeof(*f));
+	bpf_ringbuf_submit(e, 0);
+}
+
 static __always_inline __u32 rol32(__u32 w, int s)
 {
 	return (w << s) | (w >> (32 - s));
@@ -910,8 +953,9 @@ static __always_inline __u32 new_flow(struct __sk_buff *skb, struct pkt *p, __u6
 		.flags = FLOW_KERNEL,
 		.expires = (__u32)((now + to->ns[state]) >> TICK_SHIFT),
 	};
-	/* NOEXIST: another CPU's packet of the same flow may have made it a moment ago (same slot, same route) */
-	bpf_map_update_elem(&conns, &p->key, &f, BPF_NOEXIST);
+	/* NOEXIST: another CPU's packet of the same flow may have made it a moment ago (same slot, same route; that one tells) */
+	if (!bpf_map_update_elem(&conns, &p->key, &f, BPF_NOEXIST))
+		tell(&p->key, &f);
 	__u64 *n = bpf_map_lookup_elem(&route_new, &idx);
 	if (n)
 		*n += 1;
@@ -1061,13 +1105,17 @@ int glb_ingress(struct __sk_buff *skb)
 		return count(R_ERROR, leave(skb));
 	/* Decided: refresh the expiry as ConnTable.refresh does (a new flow got its own). */
 	if (f) {
-		if (p.next != f->state) {
-			/* ConnTable._transition's, in the kernel: Python reads it back in its sweep (FLOW_KERNEL) */
+		__u8 moved = p.next != f->state;
+
+		if (moved) {
+			/* ConnTable._transition's, in the kernel: Python hears it from `flow_events` (or its sweep) */
 			f->state = p.next;
 			f->flags |= FLOW_KERNEL;
 			count(R_TRACKED, 0);
 		}
 		f->expires = (__u32)((now + to->ns[f->state & (STATES - 1)]) >> TICK_SHIFT);
+		if (moved)
+			tell(&p.key, f);
 	}
 	int verdict = why == R_DR ? forward_dr(skb, r)
 		    : why == R_NAT ? forward_nat(skb, r, &p)

@@ -366,3 +366,40 @@ def test_a_service_with_spill_configured_is_never_scheduled_by_the_kernel():
     assert not km.kernel_schedules(NS(**{**vars(plain), "spill": NS(active=False)}))
     assert not km.kernel_schedules(NS(**{**vars(plain), "spill": NS(active=True)}))
     assert not km.kernel_schedules(NS(**{**vars(plain), "scheduler": "wlc"}))
+
+
+def test_flow_events_take_the_sweep_s_path_at_once():
+    """KernelSync.events over the fakes: each live record of a flow the kernel made or moved goes to
+    Forwarder.take as the sweep would hand it; a flow Python wrote since, an expired record, a route or a
+    VIP this director does not know are passed over."""
+    f, maps, tables, sync, syn, plan, server, RS = _sync_lab()
+    f.forward(memoryview(syn(40000)), 0.0)
+    f.forward(memoryview(syn(40000, flags="A")), 0.0)  # a Python flow: the route is registered
+    (mine,) = tables.flows()
+    route = tables.flow(mine, 0.0)[0]
+    synced = []
+    f.table.changed = synced.append
+
+    def record(key: bytes, state: int, expires: float, index: int = route) -> bytes:
+        v = bytearray(km.flow_value(index, state, expires))
+        v[3] |= km.FLOW_KERNEL
+        return km.FLOW_EVENT.pack(tables.kernel_key(key), bytes(v))
+
+    new = codec.flow_key(6, P("203.0.113.9"), P("192.0.2.10"), 7000, 80)
+    sync.events([record(new, 3, 60.0)], 1.0, f.take)  # SYN_RECV
+    c = f.table.get(new)
+    assert c is not None and c.state == 3 and not c.confirmed and synced == []
+    assert c.dest.counts.inactive == 1 and c.dest.counts.active == 1  # (and Python's own flow)
+    sync.events([record(new, ESTABLISHED, 900.0)], 2.0, f.take)
+    assert c.state == ESTABLISHED and c.confirmed and c.expires == pytest.approx(900.0, abs=0.01)
+    assert synced == [c] and c.dest.counts.active == 2 and c.dest.counts.inactive == 0
+    others = [codec.flow_key(6, P(f"203.0.113.{i}"), P("192.0.2.10"), 7000, 80) for i in range(20, 24)]
+    sync.forget(f.table.get(mine))  # Python's own write waits in pending: its record is stale
+    stale = record(mine, 3, 60.0)
+    sync.events([stale,
+                 record(others[0], 3, 1.5),  # expired by now
+                 record(others[1], 3, 60.0, index=route + 100),  # a route never registered here
+                 km.FLOW_EVENT.pack(km.flow_key(others[2], 999), km.flow_value(route, 3, 60.0))],  # unknown VIP id
+                2.0, f.take)
+    assert f.table.get(mine).state == ESTABLISHED
+    assert all(f.table.get(k) is None for k in others)
