@@ -100,7 +100,7 @@ class LinuxSystem:
         privileged = has_privileges()
         kernel: dict[int, str | None] = {}
         needs = modes.MODES[req.mode].realserver_facts
-        if "kernel_tunnels" in needs and req.decap != "userspace" and privileged:
+        if "kernel_tunnels" in needs and req.decap in ("auto", "kernel") and privileged:
             # First, as probing may load the driver, which creates its fallback device.
             for fam in sorted(req.families):
                 kernel[fam] = self._kernel_tunnel(fam)
