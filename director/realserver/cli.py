@@ -251,4 +251,6 @@ def status(state_file: Path = DEFAULT_STATE_FILE, *, as_json: bool = False) -> i
     if stats:
         c = stats.get("counters", {})
         print("  counters: " + ", ".join(f"{k}={v}" for k, v in sorted(c.items())))
+    elif doc.get("decap") == "bpf":
+        print("  counters: not readable (the BPF decapsulator's maps are pinned only where a bpffs is mounted)")
     return 0

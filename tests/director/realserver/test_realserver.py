@@ -260,7 +260,7 @@ def test_plan_tun_bpf_holds_the_vips_on_lo_and_attaches_to_the_uplinks():
     assert not [s for s in plan.steps if isinstance(s, (StartDecap, CreateTun))]
 
 
-def test_bpf_setup_then_teardown_restores_everything(tmp_path):
+def test_bpf_setup_then_teardown_restores_everything(tmp_path, capsys):
     system = FakeSystem(bpf_facts())
     before = system.snapshot()
     state = tmp_path / "rs.json"
@@ -268,6 +268,10 @@ def test_bpf_setup_then_teardown_restores_everything(tmp_path):
     assert json.loads(state.read_text())["decap"] == "bpf"
     assert system.decap == {"attached": [["eth0", True]], "pin_dir": None}
     assert {"192.0.2.10", "2001:db8::10"} <= system.addrs["lo"] and system.sysctls[k("eth0", "rp_filter")] == "2"
+    assert rs.status(state) == 0
+    out = capsys.readouterr().out
+    assert "(bpf decapsulation)" in out and "attach the BPF decapsulator at tc ingress of eth0" in out
+    assert "counters: not readable" in out  # no pins in a fake
     assert rs.teardown(state, system=system) == 0
     assert system.snapshot() == before
 
