@@ -2,7 +2,8 @@
 # The director's packet path against the kernel's own forwarding: nftables netdev fwd for DR and TUN,
 # nftables DNAT (conntrack) for NAT.
 # Builds throwaway namespaces (client, director, real server on a bridge), removes them at the end.
-# Needs root. Usage: benchmarks/director_pps.sh [dr] [tun] [nat]   (env SECONDS_PER_RUN, default 5)
+# Needs root. Usage: benchmarks/director_pps.sh [dr] [tun] [nat]   (env SECONDS_PER_RUN, default 5;
+# TUN_DECAP: the TUN real server's --decap, auto|bpf|userspace, default auto = the best available)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $(id -u) -ne 0 ]]; then

@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="NAT: leave the default route alone; route only what leaves from PORT (this server's "
                             "service port: the replies) via --gateway, by policy routing (repeatable)")
     setup.add_argument("--mode", required=True, choices=FORWARDING, help="the director's forwarding method")
-    setup.add_argument("--decap", default="auto", choices=["auto", "kernel", "userspace"],
-                       help="TUN: kernel ipip/ip6tnl device, userspace decapsulator, or auto (kernel when it has ipip)")
+    setup.add_argument("--decap", default="auto", choices=["auto", "kernel", "bpf", "userspace"],
+                       help="TUN: kernel ipip/ip6tnl device, tc-BPF program, userspace decapsulator, or auto "
+                            "(the first of these that works here)")
     setup.add_argument("--mss", type=int, metavar="N", help="TUN: clamp TCP MSS of replies to N (IPv6 gets N-40; 0 = off; default 1440)")
     setup.add_argument("--foreground", action="store_true", help="TUN userspace: run the decapsulator in this process until SIGTERM, then restore")
     setup.add_argument("--dry-run", action="store_true", help="print what would change and change nothing")

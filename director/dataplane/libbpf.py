@@ -123,13 +123,15 @@ class LibBpf:
     """The loaded program and its maps (the real :class:`~director.dataplane.kernel.BpfMaps`)."""
 
     def __init__(self, path: Path = OBJECT, max_entries: dict[str, int] | None = None,
-                 sizes: dict[str, tuple[int, int]] | None = None, pin_dir: Path | None = None) -> None:
+                 sizes: dict[str, tuple[int, int]] | None = None, pin_dir: Path | None = None,
+                 program: str = PROGRAM) -> None:
         """Open and load the object; ``max_entries`` resizes maps before loading; ``sizes``
         (map -> key and value size) is checked after, so a stale object is refused.
 
         ``pin_dir`` (on a bpffs): every map is pinned there as ``<pin_dir>/<map name>``, and maps
         already pinned there are used instead of new ones (libbpf refuses one whose type, sizes or
-        entries differ: the caller clears the directory first when its layout changed)."""
+        entries differ: the caller clears the directory first when its layout changed). ``program``: the
+        program's name in the object (the real server's decapsulator is another object and name)."""
         lib = _libbpf()
         self._batch = True
         if not path.exists():
@@ -154,9 +156,9 @@ class LibBpf:
                 e = _errno(rc)
                 hint = " (not root, or no CAP_BPF)" if e in (errno.EPERM, errno.EACCES) else ""
                 raise KernelDataplaneError(f"the kernel refused the tc program: {os.strerror(e)}{hint}")
-            prog = lib.bpf_object__find_program_by_name(obj, PROGRAM.encode())
+            prog = lib.bpf_object__find_program_by_name(obj, program.encode())
             if not prog:
-                raise KernelDataplaneError(f"{path} has no program {PROGRAM}")
+                raise KernelDataplaneError(f"{path} has no program {program}")
             self.prog_fd = lib.bpf_program__fd(prog)
             for name, (ks, vs) in (sizes or {}).items():
                 m = self._map_ptr(name)

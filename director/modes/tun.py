@@ -10,8 +10,8 @@ virtio_net_hdr: a GSO frame goes out as a GSO frame of the tunnel
 fragmentation. A packet too big for the tunnel: IPv4 without DF is
 fragmented outside the tunnel, anything else gets ICMP "too big" back.
 
-Real server: decapsulates (kernel ipip/ip6tnl or the userspace
-decapsulator), loose rp_filter, TCP MSS clamped (see director/realserver/).
+Real server: decapsulates (kernel ipip/ip6tnl, the tc-BPF program or the
+userspace decapsulator), loose rp_filter, TCP MSS clamped (see director/realserver/).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from director.dataplane import codec
 from director.dataplane.codec import FLOW, VNET_HDR_LEN, VNET_NONE, Drop
 from director.modes.base import Mode
 from director.realserver import plan as rsplan
-from director.realserver.steps import NFT_FAMILY, NFT_TABLE, NftTable, StartDecap, conf_key
+from director.realserver.steps import NFT_FAMILY, NFT_TABLE, BpfDecap, NftTable, StartDecap, conf_key
 from glb.errors import RealServerError
 
 
@@ -85,7 +85,7 @@ class Tunnelling(Mode):
     label = "Tunnel"
     mac_rewrite = False
     needs_vnet = True
-    realserver_facts = frozenset({"kernel_tunnels", "nft_table"})
+    realserver_facts = frozenset({"kernel_tunnels", "nft_table", "bpf_decap"})
 
     def transmit(self, server, plan):
         if server.mac is None:
@@ -101,31 +101,26 @@ class Tunnelling(Mode):
         return [conf_key(4, dev, "rp_filter") for dev in ("all", "default", rsplan.KERNEL_TUNNELS[4][1])]
 
     def realserver_devices(self, req, facts, *, notes):
-        kernel_ok = all(facts.kernel_tunnels.get(f) for f in req.families)
-        if req.decap == "kernel" and not kernel_ok:
-            missing = ", ".join(rsplan.KERNEL_TUNNELS[f][0] for f in sorted(req.families)
-                                if not facts.kernel_tunnels.get(f))
-            raise RealServerError(f"this kernel cannot decapsulate in the kernel (no {missing} driver): "
-                                  f"use --decap userspace or auto")
-        decap = "kernel" if (req.decap == "kernel" or (req.decap == "auto" and kernel_ok)) else "userspace"
-        if decap == "kernel":
-            device = {f: facts.kernel_tunnels[f] for f in req.families}
-        else:
-            if not facts.tun:
-                raise RealServerError("userspace decapsulation needs /dev/net/tun: load the tun module (modprobe tun)")
-            device = {f: req.tun_device for f in req.families}
+        decap, why = rsplan.choose_decap(req, facts)
+        notes.append(f"TUN decapsulation: {decap} ({why})")
+        device = {f: DECAP_DEVICE[decap](req, facts, f) for f in req.families}
         if req.mss != 0 and not facts.nft:
             raise RealServerError("TUN mode clamps TCP MSS with nftables but 'nft' is not installed: install "
                                   "nftables, or pass --mss 0 to skip the clamp")
         return device, decap
 
     def realserver_steps(self, req, facts, device, *, new_tun, daemon, stats_file, log_file, notes):
+        decap, _ = rsplan.choose_decap(req, facts)
         steps = []
         if 4 in req.families:
-            steps += rsplan.arp_steps(facts, [], notes=notes)  # a TUN device never does ARP
-            rp = rsplan.rp_filter_step(facts, device[4], new_device=new_tun, notes=notes)
-            if rp:
-                steps.append(rp)
+            if decap == "bpf":  # the VIPs on lo, packets in by the uplinks: lo answers no ARP, the uplinks loose
+                steps += rsplan.arp_steps(facts, ["lo"], notes=notes)
+                rps = [rsplan.rp_filter_step(facts, dev, new_device=False, notes=notes)
+                       for dev in rsplan.decap_interfaces(req, facts)]
+            else:
+                steps += rsplan.arp_steps(facts, [], notes=notes)  # a TUN device never does ARP
+                rps = [rsplan.rp_filter_step(facts, device[4], new_device=new_tun, notes=notes)]
+            steps += [rp for rp in rps if rp]
         mss = rsplan.mss_values(req, facts)
         if mss:
             if facts.nft_table:
@@ -135,7 +130,19 @@ class Tunnelling(Mode):
             notes.append("MSS clamping is off (--mss 0): clients may need a fragmentation round trip")
         if new_tun and daemon:
             steps.append(StartDecap(req.tun_device, tuple(str(v) for v in req.vips), stats_file, log_file))
+        if decap == "bpf":  # last: packets are unwrapped only once everything else is ready
+            steps.append(BpfDecap(tuple(str(v) for v in req.vips), rsplan.decap_interfaces(req, facts),
+                                  rsplan.decap_pin_dir(stats_file)))
         return steps
+
+
+DECAP_DEVICE = {
+    "kernel": lambda req, facts, family: facts.kernel_tunnels[family],
+    "bpf": lambda req, facts, family: "lo",
+    "userspace": lambda req, facts, family: req.tun_device,
+}
+"""Decapsulation -> the device that holds the VIPs of a family: the driver's fallback device, lo (the
+tc program hands the inner packet to the stack of the interface it came in on), the TUN device."""
 
 
 MODE = Tunnelling()

@@ -26,7 +26,11 @@ What setup changes:
 * TUN with the kernel's tunnel driver (``ipip``/``ip6_tunnel``): the VIPs on
   the fallback device ``tunl0``/``ip6tnl0`` (brought up), its rp_filter made
   loose, the same ARP settings, and the MSS clamp.
-* TUN without it (this machine): a persistent TUN device ``glbtun0`` holding
+* TUN without it, with the tc-BPF decapsulator (``--decap bpf``, what ``auto``
+  takes where the program loads): the VIPs on ``lo`` with the DR ARP settings,
+  rp_filter loose on the interfaces it listens on, the MSS clamp, and the
+  program at their tc ingress (:mod:`director.realserver.bpfdecap`).
+* TUN with the userspace decapsulator: a persistent TUN device ``glbtun0`` holding
   the VIPs, rp_filter loose on it, the ARP settings, the MSS clamp, and the
   userspace decapsulator (:mod:`director.realserver.decap`) attached to the device:
   started as a daemon (default; its PID is recorded and teardown stops it)
@@ -229,6 +233,12 @@ def status(state_file: Path = DEFAULT_STATE_FILE, *, as_json: bool = False) -> i
             rt = rec.get("runtime") or {}
             decap = {"pid": rt.get("pid"), "running": proc_start_time(rt.get("pid") or 0) == rt.get("start_time")}
     stats = read_stats(stats_file) if doc.get("decap") == "userspace" else None
+    if doc.get("decap") == "bpf":
+        from director.realserver.bpfdecap import read_counters
+
+        pins = [(rec.get("runtime") or {}).get("pin_dir") for rec in doc["steps"] if rec["step"].get("kind") == "bpf_decap"]
+        counters = read_counters(pins[0]) if pins else None
+        stats = {"counters": counters} if counters is not None else None
     if as_json:
         print(json.dumps({"set_up": True, **doc, "decapsulator": decap, "decap_stats": stats}, indent=2, sort_keys=True))
         return 0
@@ -241,4 +251,6 @@ def status(state_file: Path = DEFAULT_STATE_FILE, *, as_json: bool = False) -> i
     if stats:
         c = stats.get("counters", {})
         print("  counters: " + ", ".join(f"{k}={v}" for k, v in sorted(c.items())))
+    elif doc.get("decap") == "bpf":
+        print("  counters: not readable (the BPF decapsulator's maps are pinned only where a bpffs is mounted)")
     return 0

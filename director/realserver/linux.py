@@ -24,7 +24,7 @@ from pathlib import Path
 
 from director import modes
 from director.realserver.plan import DEFAULT_MTU, KERNEL_TUNNELS, Facts, Link, Request, sysctl_keys
-from director.realserver.steps import NFT_FAMILY, NFT_TABLE, StartDecap, display_key, proc_start_time
+from director.realserver.steps import NFT_FAMILY, NFT_TABLE, BpfDecap, StartDecap, conf_key, display_key, proc_start_time
 from glb import nft as nftables
 from glb.errors import NftError, RealServerError
 
@@ -100,7 +100,7 @@ class LinuxSystem:
         privileged = has_privileges()
         kernel: dict[int, str | None] = {}
         needs = modes.MODES[req.mode].realserver_facts
-        if "kernel_tunnels" in needs and req.decap != "userspace" and privileged:
+        if "kernel_tunnels" in needs and req.decap in ("auto", "kernel") and privileged:
             # First, as probing may load the driver, which creates its fallback device.
             for fam in sorted(req.families):
                 kernel[fam] = self._kernel_tunnel(fam)
@@ -119,8 +119,16 @@ class LinuxSystem:
                     addresses.setdefault(name, set()).add(str(ipaddress.ip_address(addr.split("%")[0])))
                 except ValueError:
                     continue
+        bpf_decap = "not probed"
+        if "bpf_decap" in needs and privileged and (req.decap == "bpf" or (
+                req.decap == "auto" and not all(kernel.get(f) for f in req.families))):
+            from director.realserver import bpfdecap
+
+            bpf_decap = bpfdecap.probe()
         sysctls = {}
-        for key in sysctl_keys(req):
+        # The BPF decapsulator makes rp_filter of the interfaces it listens on matter (plan.decap_interfaces).
+        link_keys = [conf_key(4, name, "rp_filter") for name in links] if bpf_decap is None else []
+        for key in sysctl_keys(req) + link_keys:
             value = self.get_sysctl(key)
             if value is not None:
                 sysctls[key] = value
@@ -139,6 +147,7 @@ class LinuxSystem:
             nft=nft,
             nft_table=nft_table,
             tun=os.path.exists("/dev/net/tun"),
+            bpf_decap=bpf_decap,
         )
 
     def _kernel_tunnel(self, fam: int) -> str | None:
@@ -375,6 +384,16 @@ class LinuxSystem:
 
     def stop_decap(self, runtime: Mapping, timeout: float = 10.0) -> None:
         stop_process(runtime.get("pid"), runtime.get("start_time"), timeout=timeout, what="decapsulator")
+
+    def start_bpf_decap(self, step: BpfDecap) -> dict:
+        from director.realserver import bpfdecap
+
+        return bpfdecap.start(step.vips, step.interfaces, step.pin_dir)
+
+    def stop_bpf_decap(self, runtime: Mapping) -> None:
+        from director.realserver import bpfdecap
+
+        bpfdecap.stop(runtime)
 
 
 def stop_process(pid: int | None, start_time: int | None, *, timeout: float = 10.0, what: str = "process") -> bool:

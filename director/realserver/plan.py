@@ -22,7 +22,10 @@ from director import modes
 from director.realserver.steps import NFT_FAMILY, NFT_TABLE, AddAddress, CreateTun, LinkUp, SetSysctl, Step, conf_key, display_key
 from glb.errors import RealServerError
 
-DECAP_CHOICES = ("auto", "kernel", "userspace")
+DECAP_CHOICES = ("auto", "kernel", "bpf", "userspace")
+DECAP_PREFERENCE = ("kernel", "bpf", "userspace")
+"""What ``--decap auto`` takes, best first: the tunnel driver, the tc-BPF program (director/realserver/bpfdecap.py;
+the same kernel path without the driver), the userspace decapsulator (raw sockets -> TUN, every packet copied twice)."""
 
 TUN_DEVICE = "glbtun0"
 # family -> (rtnetlink kind, the fallback device the driver creates in each namespace)
@@ -58,7 +61,8 @@ class Request:
     mode: str
     """A forwarding mode's name (director.modes.MODES)."""
     decap: str = "auto"
-    """TUN only: ``kernel`` (ipip/ip6tnl driver), ``userspace`` (director.realserver.decap) or ``auto`` (kernel if it can)."""
+    """TUN only: ``kernel`` (ipip/ip6tnl driver), ``bpf`` (tc program, director.realserver.bpfdecap), ``userspace``
+    (director.realserver.decap) or ``auto`` (the first of DECAP_PREFERENCE this host can do)."""
     mss: int | None = None
     """TUN only: TCP MSS for IPv4 VIPs (IPv6 VIPs get 40 less); 0 = no clamp; None = derived from the uplink MTU."""
     tun_device: str = TUN_DEVICE
@@ -202,6 +206,8 @@ class Facts:
     """``/dev/net/tun`` is usable."""
     default_routes: Mapping[int, tuple[str | None, str | None]] = field(default_factory=dict)
     """IP version -> (gateway, device) of the main table's default route; absent = none."""
+    bpf_decap: str | None = "not probed"
+    """None if the tc-BPF decapsulator loads on this kernel, else why not (one line)."""
 
 
 def sysctl_keys(req: Request) -> list[str]:
@@ -214,13 +220,53 @@ def sysctl_keys(req: Request) -> list[str]:
 
 
 
+def choose_decap(req: Request, facts: Facts) -> tuple[str, str]:
+    """(how TUN packets are decapsulated, a line saying why): what ``--decap`` names, or with ``auto`` the
+    first of DECAP_PREFERENCE this host can do. RealServerError when the one named cannot be done."""
+    missing = [KERNEL_TUNNELS[f][0] for f in sorted(req.families) if not facts.kernel_tunnels.get(f)]
+    why_not = {
+        "kernel": f"this kernel cannot decapsulate in the kernel (no {', '.join(missing)} driver)" if missing else None,
+        "bpf": facts.bpf_decap,
+        "userspace": "userspace decapsulation needs /dev/net/tun: load the tun module (modprobe tun)"
+                     if not facts.tun else None,
+    }
+    if req.decap != "auto":
+        if why_not[req.decap]:
+            others = [d for d in DECAP_PREFERENCE if d != req.decap and not why_not[d]] + ["auto"]
+            raise RealServerError(f"{why_not[req.decap]}: use --decap {' or '.join(others)}")
+        return req.decap, "--decap " + req.decap
+    for name in DECAP_PREFERENCE:
+        if why_not[name] is None:
+            passed = [f"not {n}: {why_not[n]}" for n in DECAP_PREFERENCE[:DECAP_PREFERENCE.index(name)]]
+            return name, "; ".join(["--decap auto", *passed])
+    raise RealServerError(why_not["userspace"])
+
+
+def decap_interfaces(req: Request, facts: Facts) -> tuple[str, ...]:
+    """Where the tc-BPF decapsulator listens: every interface that is up and holds an address, but lo and
+    tunnel devices (the director's tunnelled packets arrive on one of them)."""
+    skip = {"lo", req.tun_device, *(dev for _, dev in KERNEL_TUNNELS.values())}
+    found = tuple(sorted(n for n, link in facts.links.items() if link.up and n not in skip and facts.addresses.get(n)))
+    if not found:
+        raise RealServerError("no interface is up with an address: nowhere to attach the BPF decapsulator")
+    return found
+
+
+def decap_pin_dir(stats_file: str) -> str:
+    """Where the tc-BPF decapsulator's maps are pinned: one directory per state file, so several set-ups
+    (one per namespace in the tests) never share maps."""
+    import hashlib
+
+    return "/sys/fs/bpf/glb-realserver-" + hashlib.sha1(stats_file.encode()).hexdigest()[:12]
+
+
 @dataclass(frozen=True)
 class Plan:
     """What setup will do, in order."""
 
     mode: str
     decap: str | None
-    """``kernel`` / ``userspace`` for TUN, None for DR."""
+    """``kernel`` / ``bpf`` / ``userspace`` for TUN, None for DR."""
     vips: tuple[str, ...]
     device: dict[int, str]
     """IP version -> the interface that holds that family's VIPs."""

@@ -59,6 +59,8 @@ class System(Protocol):
     def nft_delete(self) -> None: ...
     def start_decap(self, step: StartDecap) -> dict: ...
     def stop_decap(self, runtime: Mapping) -> None: ...
+    def start_bpf_decap(self, step: BpfDecap) -> dict: ...
+    def stop_bpf_decap(self, runtime: Mapping) -> None: ...
     def set_default_route(self, version: int, gateway: str | None, device: str | None) -> None: ...
     def delete_default_route(self, version: int, gateway: str) -> None: ...
     def add_policy_route(self, version: int, gateway: str, ports: tuple[int, ...]) -> None: ...
@@ -192,6 +194,27 @@ class StartDecap:
 
 
 @dataclass(frozen=True)
+class BpfDecap:
+    """Load the tc-BPF decapsulator with ``vips`` and attach it at ``interfaces``' ingress (maps pinned in
+    ``pin_dir`` where that is on a bpffs); undo detaches it and removes the pins (director/realserver/bpfdecap.py)."""
+
+    vips: tuple[str, ...]
+    interfaces: tuple[str, ...]
+    pin_dir: str
+    kind = "bpf_decap"
+
+    def describe(self) -> str:
+        return (f"attach the BPF decapsulator at tc ingress of {', '.join(self.interfaces)} "
+                f"(IP-in-IP to the VIPs unwrapped in the kernel; maps pinned in {self.pin_dir} if bpffs is mounted)")
+
+    def apply(self, system: System) -> dict:
+        return system.start_bpf_decap(self)
+
+    def undo(self, system: System, runtime: Mapping) -> None:
+        system.stop_bpf_decap(runtime)
+
+
+@dataclass(frozen=True)
 class DefaultRoute:
     """Point the IPv``version`` default route at ``gateway`` (NAT: the director); undo puts back
     the one it replaced (``previous_gateway`` / ``previous_device``), or removes ours if there was none."""
@@ -241,9 +264,9 @@ class PolicyRoute:
         system.delete_policy_route(self.version, self.gateway, self.ports)
 
 
-Step = Union[SetSysctl, LinkUp, CreateTun, AddAddress, NftTable, StartDecap, DefaultRoute, PolicyRoute]
-STEP_KINDS = {cls.kind: cls for cls in (SetSysctl, LinkUp, CreateTun, AddAddress, NftTable, StartDecap, DefaultRoute,
-                                        PolicyRoute)}
+Step = Union[SetSysctl, LinkUp, CreateTun, AddAddress, NftTable, StartDecap, BpfDecap, DefaultRoute, PolicyRoute]
+STEP_KINDS = {cls.kind: cls for cls in (SetSysctl, LinkUp, CreateTun, AddAddress, NftTable, StartDecap, BpfDecap,
+                                        DefaultRoute, PolicyRoute)}
 
 
 def step_to_dict(step: Step) -> dict:

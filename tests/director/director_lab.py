@@ -164,9 +164,11 @@ class RedisBridge:
             self._listener.close()
 
 
-def realserver_setup(ns, state: Path, vips: list[str], mode: str, gateways: Sequence[str] = ()) -> None:
+def realserver_setup(ns, state: Path, vips: list[str], mode: str, gateways: Sequence[str] = (),
+                     decap: str = "auto") -> None:
     res = ns.run([GLB, "realserver", "setup", *[a for v in vips for a in ("--vip", v)], "--mode", mode,
-                  *[a for g in gateways for a in ("--gateway", g)], "--state-file", str(state)], check=False, cwd=ROOT)
+                  *[a for g in gateways for a in ("--gateway", g)], "--state-file", str(state),
+                  *(["--decap", decap] if mode == "tun" else [])], check=False, cwd=ROOT)
     if res.returncode != 0:
         raise AssertionError(f"glb realserver setup failed: {res.stderr}")
 
@@ -361,13 +363,13 @@ def counting_table(ns, rules: Mapping[str, str]) -> None:
 
 
 def real_server(lab: Lab, sw, br: str, tmp: Path, name: str, addrs: Sequence[str], vips: list[str], mode: str, *,
-                via: Sequence[str] = (), gateways: Sequence[str] = (), offload: bool = False):
+                via: Sequence[str] = (), gateways: Sequence[str] = (), offload: bool = False, decap: str = "auto"):
     """A real server on the bridge ``br`` (in ``sw``): namespace ``name`` with ``addrs``, its default
-    routes through ``via``, then `glb realserver setup` (its state in tmp/<name>.json)."""
+    routes through ``via``, then `glb realserver setup` (its state in tmp/<name>.json; TUN: ``--decap``)."""
     ns = lab.netns(name)
     lab.port(sw, br, ns, list(addrs), offload=offload)
     default_routes(ns, via)
-    realserver_setup(ns, tmp / f"{name}.json", vips, mode, gateways=gateways)
+    realserver_setup(ns, tmp / f"{name}.json", vips, mode, gateways=gateways, decap=decap)
     return ns
 
 

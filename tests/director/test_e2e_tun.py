@@ -3,13 +3,16 @@
 client (10.0.1.2) -- router -- director (10.0.2.2, owns the VIPs: the router
 routes them to it), router -- bridge -- rs1, rs2 (10.0.3.0/24). The real
 servers run `glb realserver setup --mode tun` (this kernel has no ipip: the
-userspace decapsulator holds the VIPs on a TUN device); `glb director`
+userspace decapsulator holding the VIPs on a TUN device, or the tc-BPF
+decapsulator with the VIPs on lo); `glb director`
 encapsulates towards them through the router; replies go from the real
 servers to the client through the router, never through the director.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from collections import Counter
 
 import pytest
@@ -21,13 +24,15 @@ from tests.director.director_lab import (
     counting_table,
     curl,
     forward,
-    lab_per_dataplane,
     nft_counters,
     real_server,
+    running_lab,
     service_yaml,
     start_http,
     uplink,
 )
+from director.realserver import bpfdecap
+from tests.environment import require
 from tests.netns import Lab
 
 pytestmark = pytest.mark.netns
@@ -39,9 +44,11 @@ RS6 = {1: "fd00:3::11", 2: "fd00:3::12"}
 
 
 class TunLab(DirectorLab):
-    def __init__(self, lab: Lab, tmp, redis_port: int, dataplane: str) -> None:
+    def __init__(self, lab: Lab, tmp, redis_port: int, dataplane: str, decap: str = "userspace") -> None:
         self.lab = lab
         self.dataplane = dataplane
+        self.decap = decap
+        self.tmp = tmp
         self.router = r = lab.netns("router")
         self.client, self.director = lab.netns("client"), lab.netns("director")
         for ns, net, name in ((self.client, 1, "rc"), (self.director, 2, "rd")):
@@ -55,7 +62,7 @@ class TunLab(DirectorLab):
         self.rs = {}
         for i in (1, 2):
             self.rs[i] = real_server(lab, sw, br, tmp, f"rs{i}", [f"{RS[i]}/24", f"{RS6[i]}/64"], [VIP, VIP6], "tun",
-                                     via=["10.0.3.1", "fd00:3::1"])
+                                     via=["10.0.3.1", "fd00:3::1"], decap=decap)
             start_http(self.rs[i], f"rs{i}")
         counting_table(self.director, {"from_vip": f"ip saddr {VIP}", "from_vip6": f"ip6 saddr {VIP6}",
                                        "to_vip": f"ip daddr {VIP}"})
@@ -67,10 +74,23 @@ class TunLab(DirectorLab):
             dataplane=dataplane))
 
 
-@pytest.fixture(scope="module", params=["userspace", "kernel"])
+@pytest.fixture(scope="module", params=[("userspace", "userspace"), ("kernel", "userspace"), ("kernel", "bpf")],
+                ids=["engine-userspace_decap", "kernel-userspace_decap", "kernel-bpf_decap"])
 def tun(request, tmp_path_factory, redis_server):
-    """The lab with established flows tunnelled by the engine, then by the kernel's tc program."""
-    yield from lab_per_dataplane("tun", TunLab, [RS[1], RS[2], RS6[1], RS6[2]], request, tmp_path_factory, redis_server)
+    """The lab with established flows tunnelled by the engine, then by the kernel's tc program; the real
+    servers decapsulating in userspace, then with the tc-BPF decapsulator."""
+    dataplane, decap = request.param
+    require(bpfdecap.probe() if decap == "bpf" else None)
+    with running_lab("tun", functools.partial(TunLab, decap=decap), tmp_path_factory.mktemp("tun"), redis_server,
+                     dataplane, [RS[1], RS[2], RS6[1], RS6[2]]) as t:
+        yield t
+
+
+def test_the_real_servers_decapsulate_as_asked(tun):
+    for i in (1, 2):
+        assert json.loads((tun.tmp / f"rs{i}.json").read_text())["decap"] == tun.decap
+        filters = tun.rs[i].run(["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
+        assert ("glb_decap" in filters) == (tun.decap == "bpf")
 
 
 def test_every_real_server_serves_through_the_tunnel_ipv4_and_ipv6(tun):

@@ -38,13 +38,14 @@ from scapy.layers.inet6 import IPv6
 from tests.environment import binary_unavailable, require
 from tests.netns import Lab, lab_unavailable
 
-from director.realserver import decap  # noqa: E402
+from director.realserver import bpfdecap, decap  # noqa: E402
 from director.realserver import decapsulate as dc  # noqa: E402
 from director.realserver import cli as rs  # noqa: E402
 from director.realserver import steps as rs_steps  # noqa: E402
-from director.realserver.plan import Facts, Link, parse_request, plan_setup  # noqa: E402
+from director.realserver.plan import Facts, Link, choose_decap, decap_pin_dir, parse_request, plan_setup  # noqa: E402
 from director.realserver.steps import (  # noqa: E402
     AddAddress,
+    BpfDecap,
     CreateTun,
     LinkUp,
     NftTable,
@@ -215,6 +216,66 @@ def test_plan_tun_kernel_driver_when_available():
     assert plan.decap == "userspace"
 
 
+def bpf_facts(**over) -> Facts:
+    """A host without ipip whose kernel loads the BPF decapsulator; eth0 strict, eth1 down, dummy0 without an address."""
+    return host_facts(kernel_tunnels={4: None, 6: None}, bpf_decap=None,
+                      links={**host_facts().links, "eth1": Link("eth1", False, 1500), "dummy0": Link("dummy0", True, 1500)},
+                      sysctls={**host_facts().sysctls, k("eth0", "rp_filter"): "1", k("all", "rp_filter"): "0"}, **over)
+
+
+def test_plan_tun_auto_prefers_the_driver_then_bpf_then_userspace():
+    req = parse_request(["192.0.2.10"], "tun")
+    assert choose_decap(req, host_facts(kernel_tunnels={4: "tunl0"}, bpf_decap=None)) == ("kernel", "--decap auto")
+    decap, why = choose_decap(req, bpf_facts())
+    assert decap == "bpf" and why == "--decap auto; not kernel: this kernel cannot decapsulate in the kernel (no ipip driver)"
+    decap, why = choose_decap(req, host_facts(kernel_tunnels={4: None}, bpf_decap="cannot load the BPF decapsulator: EPERM"))
+    assert decap == "userspace" and "not bpf: cannot load the BPF decapsulator: EPERM" in why
+    assert choose_decap(parse_request(["192.0.2.10"], "tun", decap="userspace"), bpf_facts()) == ("userspace",
+                                                                                                  "--decap userspace")
+
+
+def test_plan_tun_bpf_errors_name_what_works():
+    with pytest.raises(RealServerError, match=r"^cannot load the BPF decapsulator: EPERM: use --decap userspace or auto$"):
+        plan_setup(parse_request(["192.0.2.10"], "tun", decap="bpf"),
+                   host_facts(kernel_tunnels={4: None}, bpf_decap="cannot load the BPF decapsulator: EPERM"))
+    with pytest.raises(RealServerError, match=r"no ipip driver\): use --decap bpf or userspace or auto$"):
+        plan_setup(parse_request(["192.0.2.10"], "tun", decap="kernel"), bpf_facts())
+    with pytest.raises(RealServerError, match="no interface is up with an address"):
+        plan_setup(parse_request(["192.0.2.10"], "tun"), bpf_facts(addresses={"lo": frozenset({"127.0.0.1"})}))
+
+
+def test_plan_tun_bpf_holds_the_vips_on_lo_and_attaches_to_the_uplinks():
+    req = parse_request(["192.0.2.10", "2001:db8::10"], "tun")
+    plan = plan_setup(req, bpf_facts(), stats_file="/run/glb/rs-decap.json")
+    assert plan.decap == "bpf" and plan.device == {4: "lo", 6: "lo"}
+    assert "TUN decapsulation: bpf (--decap auto; not kernel:" in plan.notes[0]
+    kinds = [type(s) for s in plan.steps]
+    assert kinds == [AddAddress, AddAddress] + [SetSysctl] * 5 + [NftTable, BpfDecap]
+    # lo answers no ARP for the VIPs, as in DR; eth0 (strict) becomes loose, eth1 (down) and dummy0 (no address)
+    # are not listened on.
+    assert {s.key for s in plan.steps if isinstance(s, SetSysctl)} == {
+        k(d, n) for d in ("all", "lo") for n in ("arp_ignore", "arp_announce")} | {k("eth0", "rp_filter")}
+    assert plan.steps[-1] == BpfDecap(("192.0.2.10", "2001:db8::10"), ("eth0",), decap_pin_dir("/run/glb/rs-decap.json"))
+    assert decap_pin_dir("/a") != decap_pin_dir("/b")
+    assert not [s for s in plan.steps if isinstance(s, (StartDecap, CreateTun))]
+
+
+def test_bpf_setup_then_teardown_restores_everything(tmp_path, capsys):
+    system = FakeSystem(bpf_facts())
+    before = system.snapshot()
+    state = tmp_path / "rs.json"
+    assert rs.setup(["192.0.2.10", "2001:db8::10"], "tun", state_file=state, system=system) == 0
+    assert json.loads(state.read_text())["decap"] == "bpf"
+    assert system.decap == {"attached": [["eth0", True]], "pin_dir": None}
+    assert {"192.0.2.10", "2001:db8::10"} <= system.addrs["lo"] and system.sysctls[k("eth0", "rp_filter")] == "2"
+    assert rs.status(state) == 0
+    out = capsys.readouterr().out
+    assert "(bpf decapsulation)" in out and "attach the BPF decapsulator at tc ingress of eth0" in out
+    assert "counters: not readable" in out  # no pins in a fake
+    assert rs.teardown(state, system=system) == 0
+    assert system.snapshot() == before
+
+
 def test_plan_rp_filter_already_loose_is_left_alone():
     facts = host_facts(sysctls={**host_facts().sysctls, k("all", "rp_filter"): "2"}, kernel_tunnels={4: None})
     plan = plan_setup(parse_request(["192.0.2.10"], "tun"), facts)
@@ -295,6 +356,15 @@ class FakeSystem:
 
     def stop_decap(self, runtime):
         assert runtime == {"pid": 4242, "start_time": 7}
+        self.decap = None
+
+    def start_bpf_decap(self, step):
+        self._maybe_fail("start_bpf_decap")
+        self.decap = {"attached": [[i, True] for i in step.interfaces], "pin_dir": None}
+        return dict(self.decap)
+
+    def stop_bpf_decap(self, runtime):
+        assert runtime == self.decap
         self.decap = None
 
     def snapshot(self):
@@ -440,7 +510,8 @@ def test_dry_run_changes_nothing(tmp_path, capsys):
 
 def test_steps_survive_the_state_file_round_trip():
     plan = plan_setup(parse_request(["192.0.2.10", "2001:db8::1"], "tun"), host_facts(kernel_tunnels={4: None, 6: None}))
-    for step in plan.steps:
+    bpf = plan_setup(parse_request(["192.0.2.10", "2001:db8::1"], "tun"), bpf_facts())
+    for step in plan.steps + bpf.steps:
         assert rs_steps.step_from_dict(json.loads(json.dumps(rs_steps.step_to_dict(step)))) == step
 
 
@@ -840,8 +911,10 @@ def tun_setup(lab: Lab, tmp_path: Path, decap: str):
     t = TunLab(lab)
     t.state = tmp_path / "rs.json"
     # What `auto` must choose: the kernel's decapsulation where it has the drivers (ipip is
-    # a module: loadable on most machines, absent here), the userspace decapsulator otherwise.
-    t.decap = decap if decap != "auto" else ("kernel" if kernel_decapsulates(lab) else "userspace")
+    # a module: loadable on most machines, absent here), else the tc-BPF program where it loads,
+    # the userspace decapsulator otherwise.
+    t.decap = decap if decap != "auto" else ("kernel" if kernel_decapsulates(lab) else
+                                             "bpf" if bpfdecap.probe() is None else "userspace")
     res = realserver(t.rs, "setup", t.state, vips=[VIP4, VIP6], mode="tun", decap=decap)
     try:
         assert f"({t.decap} decapsulation)" in res.stderr, res.stderr
@@ -873,12 +946,18 @@ def test_tun_replies_go_straight_to_the_client(tun):
         # No probe interface left behind; the VIPs on the decapsulator's TUN device.
         assert links == {"lo", "eth0", "glbtun0"}
         device4 = device6 = "glbtun0"
+    elif t.decap == "bpf":
+        # The VIPs on lo; the program at eth0's ingress, whose rp_filter is loose (the VIP's packets come in there).
+        assert links == {"lo", "eth0"}
+        device4 = device6 = "lo"
+        assert "glb_decap" in t.rs.run(["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
     else:
         # The drivers' fallback devices (other tunnel modules may add theirs, sit0, gre0 ...).
         assert links >= {"lo", "eth0", "tunl0", "ip6tnl0"} and "glbtun0" not in links
         device4, device6 = "tunl0", "ip6tnl0"
     assert VIP4 in addresses(t.rs, device4) and VIP6 in addresses(t.rs, device6)
-    assert sysctls(t.rs, k(device4, "rp_filter"), k("all", "rp_filter")) == {k(device4, "rp_filter"): "2", k("all", "rp_filter"): "1"}
+    loose = "eth0" if t.decap == "bpf" else device4
+    assert sysctls(t.rs, k(loose, "rp_filter"), k("all", "rp_filter")) == {k(loose, "rp_filter"): "2", k("all", "rp_filter"): "1"}
     assert "maxseg size set 1440" in t.rs.run(["nft", "list", "table", "inet", "glb_realserver"]).stdout
 
     start(t.rs, UDP_ECHO, VIP4, VIP6)
@@ -989,8 +1068,12 @@ print(json.dumps({"upload_ok": got[:32] == hashlib.sha256(data).digest(),
 
 
 @pytest.mark.netns
-@pytest.mark.parametrize("offload", [False, True], ids=["complete-checksums", "partial-checksums"])
-def test_tun_full_tcp_exchange_through_a_test_director(lab, tmp_path, offload):
+@pytest.mark.parametrize("offload, decap", [(False, "userspace"), (True, "userspace"), (False, "bpf")],
+                         ids=["complete-checksums", "partial-checksums", "complete-checksums-bpf"])
+def test_tun_full_tcp_exchange_through_a_test_director(lab, tmp_path, offload, decap):
+    """(Partial checksums are the userspace decapsulator's repair only: this test director sends them as raw
+    bytes, without the offload metadata; a real director's packets arrive complete, or partial *with* it.)"""
+    require(bpfdecap.probe() if decap == "bpf" else None)
     t = TunLab(lab, offload=offload)
     if offload:
         # Checksum offload on but no TSO/GSO: MTU-sized segments whose checksums stay partial all the way
@@ -999,7 +1082,7 @@ def test_tun_full_tcp_exchange_through_a_test_director(lab, tmp_path, offload):
     t.director.run(["nft", "-f", "-"], input=(
         f"table inet glbt_dir {{\n chain pre {{\n type filter hook prerouting priority raw;\n ip daddr {VIP4} drop\n }}\n}}\n"))
     state = tmp_path / "rs.json"
-    realserver(t.rs, "setup", state, vips=[VIP4], mode="tun")
+    realserver(t.rs, "setup", state, vips=[VIP4], mode="tun", decap=decap)
     try:
         start(t.director, ENCAP, VIP4, DIRECTOR4, RS4)
         start(t.rs, TCP_SERVER, VIP4)
@@ -1009,12 +1092,13 @@ def test_tun_full_tcp_exchange_through_a_test_director(lab, tmp_path, offload):
         # The SYN-ACK reached the client with its MSS clamped to 1440 (TCP_MAXSEG also subtracts timestamps).
         assert TunLab.counters(t.client)["synack1440"] == 1
         assert out["mss"] in (1440, 1428)
-        c = wait_stats(state, lambda c: c.get("delivered", 0) > 700)
-        assert c["delivered"] == c["received"]
-        if offload:
-            assert c["checksum_completed"] > 700
-        else:
-            assert c["checksum_completed"] == 0
+        if decap == "userspace":
+            c = wait_stats(state, lambda c: c.get("delivered", 0) > 700)
+            assert c["delivered"] == c["received"]
+            if offload:
+                assert c["checksum_completed"] > 700
+            else:
+                assert c["checksum_completed"] == 0
         # The 1 MiB download went straight to the client: the director saw nothing from the VIP.
         assert not any(TunLab.counters(t.director).values())
         assert TunLab.counters(t.client)["vip4_bytes"] > 1 << 20
@@ -1023,17 +1107,26 @@ def test_tun_full_tcp_exchange_through_a_test_director(lab, tmp_path, offload):
 
 
 @pytest.mark.netns
-def test_tun_teardown_removes_everything(lab, tmp_path):
+@pytest.mark.parametrize("decap", ["userspace", "bpf"])
+def test_tun_teardown_removes_everything(lab, tmp_path, decap):
+    require(bpfdecap.probe() if decap == "bpf" else None)
     t = TunLab(lab)
     state = tmp_path / "rs.json"
-    keys = [k("all", "arp_ignore"), k("all", "arp_announce"), k("all", "rp_filter"), k("default", "rp_filter")]
+    keys = [k("all", "arp_ignore"), k("all", "arp_announce"), k("all", "rp_filter"), k("default", "rp_filter"),
+            k("eth0", "rp_filter"), k("lo", "arp_ignore")]
     before = sysctls(t.rs, *keys)
-    realserver(t.rs, "setup", state, vips=[VIP4], mode="tun", mss=1400)
+    realserver(t.rs, "setup", state, vips=[VIP4], mode="tun", mss=1400, decap=decap)
     doc = json.loads(state.read_text())
-    pid = [r["runtime"]["pid"] for r in doc["steps"] if r["step"]["kind"] == "decap"][0]
     assert "maxseg size set 1400" in t.rs.run(["nft", "list", "table", "inet", "glb_realserver"]).stdout
-    assert t.rs.pids() == [pid]
+    if decap == "userspace":
+        pid = [r["runtime"]["pid"] for r in doc["steps"] if r["step"]["kind"] == "decap"][0]
+        assert t.rs.pids() == [pid]
+    else:
+        assert "glb_decap" in t.rs.run(["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
+        assert VIP4 in addresses(t.rs, "lo")
     realserver(t.rs, "teardown", state)
+    assert "clsact" not in t.rs.run(["tc", "qdisc", "show", "dev", "eth0"]).stdout
+    assert VIP4 not in addresses(t.rs, "lo")
     assert t.rs.run(["nft", "list", "table", "inet", "glb_realserver"], check=False).returncode != 0
     assert {link["ifname"] for link in json.loads(t.rs.ip("-j", "link").stdout)} == {"lo", "eth0"}
     assert sysctls(t.rs, *keys) == before
@@ -1046,7 +1139,7 @@ def test_tun_foreground_restores_on_sigterm(lab, tmp_path):
     t = TunLab(lab)
     state = tmp_path / "rs.json"
     proc = t.rs.popen([PY, "-c", RS_DRIVER, json.dumps({"op": "setup", "state": str(state), "vips": [VIP4],
-                                                         "mode": "tun", "foreground": True})],
+                                                         "mode": "tun", "foreground": True, "decap": "userspace"})],
                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_stats(state, lambda c: "received" in c, timeout=15)
     assert json.loads(state.read_text())["owner_pid"] == proc.pid
@@ -1068,7 +1161,7 @@ def test_tun_foreground_sigterm_directly(lab, tmp_path):
     t = TunLab(lab)
     state = tmp_path / "rs.json"
     proc = t.rs.popen([PY, "-c", RS_DRIVER, json.dumps({"op": "setup", "state": str(state), "vips": [VIP4],
-                                                         "mode": "tun", "foreground": True})],
+                                                         "mode": "tun", "foreground": True, "decap": "userspace"})],
                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_stats(state, lambda c: "received" in c, timeout=15)
     os.kill(proc.pid, signal.SIGTERM)
