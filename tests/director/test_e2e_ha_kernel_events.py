@@ -126,7 +126,8 @@ def test_kernel_made_flows_reach_the_backup_at_once_and_survive_a_takeover(ha):
     pad(conns, PADDING)
     clients = Clients(ha)
     try:
-        until(lambda: ha.synced("dc1-b") >= CONNECTIONS, f"dc1-b holds the {CONNECTIONS} flows from sync", 10)
+        until(lambda: sum(ha.established("dc1-b").values()) >= CONNECTIONS,
+              f"dc1-b holds the {CONNECTIONS} flows from sync, established", 10)
 
         def told() -> bool:  # 50 SYNs and 50 handshake ACKs, each the kernel's and told (reported twice a second)
             pp = ha.d["dc1-a"].status()["packet_path"]
