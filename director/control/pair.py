@@ -144,7 +144,7 @@ class PairMember:
             vrrp_ch.close()
             raise
         self.speaker = Speaker(self.router, vrrp_ch, clock=self._clock, on_state=self._state,
-                               on_reclaim=self._on_reclaim)
+                               on_reclaim=self._on_reclaim, ready=self._healthy)
         self._tasks.append(asyncio.create_task(self.speaker.run(), name="glb-vrrp"))
         if self.link is not None:
             self._tasks.append(asyncio.create_task(self.link.run(), name="glb-sync"))

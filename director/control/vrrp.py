@@ -230,8 +230,14 @@ class Router:
 
     # ---- packets -------------------------------------------------------------
 
-    def receive(self, pkt: Received, now: float) -> list[Action]:
-        """A packet from the socket: validated (7.1), counted, then the current state's ADVERTISEMENT rule."""
+    def receive(self, pkt: Received, now: float, ready: bool = True) -> list[Action]:
+        """A packet from the socket: validated (7.1), counted, then the current state's ADVERTISEMENT rule.
+
+        ``ready``: whether this router could serve now (a director: its packet path runs and every
+        service has a server up). A backup that is not ready does not preempt a lower master, as
+        keepalived's failing track script lowers its priority: a restarted primary whose checks
+        have not passed yet would take the VIPs only to drop their packets. The preempt delay
+        counts from when it is ready. It still takes over a master that goes silent."""
         cfg = self.config
         try:
             if pkt.src.version != cfg.address.version:
@@ -251,9 +257,9 @@ class Router:
         if set(adv.addresses) != set(cfg.addresses):
             notes += self._count(ADDRESS_MISMATCH, pkt.src, "virtual addresses differ from ours", dropped=False)
         handler = _ADVERT.get(self.state)
-        return notes + (handler(self, pkt.src, adv, now) if handler else [])
+        return notes + (handler(self, pkt.src, adv, now, ready) if handler else [])
 
-    def _backup_advert(self, src: Address, adv: Advertisement, now: float) -> list[Action]:
+    def _backup_advert(self, src: Address, adv: Advertisement, now: float, ready: bool) -> list[Action]:
         """6.4.2: priority 0 means the master left (wait only Skew_Time); else accept it unless we preempt it."""
         cfg = self.config
         if adv.priority == 0:
@@ -261,18 +267,18 @@ class Router:
             return self._set_timer(now + skew_time(cfg.priority, self.master_adver_int))
         self._released = False
         lower = adv.priority < cfg.priority
-        if lower and cfg.preempt:
+        if lower and cfg.preempt and ready:
             if self._preempt_from is None:
                 self._preempt_from = now
             if now >= self._preempt_from + cfg.preempt_delay:
                 return []  # discarded: the master-down timer runs out and we take over
-        elif not lower:
+        else:
             self._preempt_from = None
         self.master = src
         self.master_adver_int = adv.max_adver_int
         return self._set_timer(now + master_down_interval(cfg.priority, self.master_adver_int))
 
-    def _master_advert(self, src: Address, adv: Advertisement, now: float) -> list[Action]:
+    def _master_advert(self, src: Address, adv: Advertisement, now: float, ready: bool) -> list[Action]:
         """6.4.3: priority 0 asks for an advertisement at once; a better router makes us backup."""
         cfg = self.config
         if adv.priority == 0:

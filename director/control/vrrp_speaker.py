@@ -47,7 +47,8 @@ class Speaker:
     def __init__(self, router: Router, channel: Channel, *, clock: Callable[[], float] = time.monotonic,
                  on_state: Callable[[State, str], None] | None = None,
                  on_change: Callable[[Speaker], None] | None = None,
-                 on_reclaim: Callable[[], None] | None = None) -> None:
+                 on_reclaim: Callable[[], None] | None = None,
+                 ready: Callable[[], bool] = lambda: True) -> None:
         self.router = router
         self.channel = channel
         self.clock = clock
@@ -56,6 +57,8 @@ class Speaker:
         self.on_change = on_change
         """Called when the state, the master followed or a drop counter changed (status writers)."""
         self.on_reclaim = on_reclaim
+        self.ready = ready
+        """Whether this member could serve now (the router's ``ready``: no preemption before)."""
         """Called when the VIPs must be announced again (vrrp.Reclaim: another member took them for a moment)."""
         self._shown: tuple | None = None
 
@@ -76,7 +79,7 @@ class Speaker:
                 done, _ = await asyncio.wait({receiving}, timeout=timeout)
                 if done:
                     pkt, receiving = receiving.result(), None
-                    self._apply(router.receive(pkt, self.clock()))
+                    self._apply(router.receive(pkt, self.clock(), self.ready()))
                 self._apply(router.on_timer(self.clock()))
                 self._changed()
         finally:

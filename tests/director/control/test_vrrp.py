@@ -148,6 +148,23 @@ def test_preempt_delay_restarts_when_a_better_master_was_heard_in_between():
     assert r.receive(advert(50, LOW_PEER), 5.5) == []
 
 
+def test_a_backup_that_is_not_ready_follows_a_lower_master_and_its_delay_starts_when_ready():
+    """A restarted primary whose checks have not passed yet must not take the VIPs only to drop their packets."""
+    r = backup(replace(CFG, preempt_delay=2.0))
+    for t in (1.0, 2.0, 3.5):  # not ready: accepted as master however long
+        assert r.receive(advert(50, LOW_PEER), t, ready=False) == [SetTimer(t + master_down_interval(100, 10))]
+    assert r.master == LOW_PEER and r.state is State.BACKUP
+    assert r.receive(advert(50, LOW_PEER), 4.0) != []  # ready from 4.0: the delay counts from there
+    assert r.receive(advert(50, LOW_PEER), 5.9) != []
+    assert r.receive(advert(50, LOW_PEER), 6.0) == []  # now it preempts
+
+
+def test_a_backup_that_is_not_ready_still_takes_over_a_silent_master():
+    r = backup()
+    r.receive(advert(200), 1.0, ready=False)
+    assert kinds(r.on_timer(1.0 + master_down_interval(100, 10))) == ["Transmit", "BecomeMaster", "SetTimer"]
+
+
 def test_backup_shutdown_goes_initialize_silently():
     r = backup()
     assert r.shutdown(1.0) == [CancelTimer(), StateChange(State.INITIALIZE, "shutdown")]
