@@ -54,7 +54,7 @@ from glb import config as glbconfig
 from glb.aio import cancel_and_wait
 from glb.http import Served, serve
 from glb.config import Config, Site
-from glb.errors import DirectorError, EngineError, GLBError, GuardError
+from glb.errors import DirectorError, GLBError
 from glb.state import DeploymentState, PairMemberState, SiteSnapshot
 from glb.store import RedisStore, StateFollower
 from director.control.checker import Checker, Target, targets

@@ -711,7 +711,7 @@ class Worker:
         each rewritten reply goes out on the client side, anything else the forwarder makes
         (nothing today) back where it came from."""
         lan, view, words, halves = self.lan, self.lan_view, self.lan_words, self.lan_halves
-        fsz, nfr, step = FRAME_SIZE, lan.frames, FRAME_SIZE >> 2
+        nfr, step = lan.frames, FRAME_SIZE >> 2
         forward, send = self.fwd.forward, self.ps.sock.send
         idx = self.lan_idx
         now = time.monotonic()
