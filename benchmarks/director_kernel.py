@@ -35,7 +35,8 @@ def main() -> None:
     src = P(a["source"]) if a.get("source") else None
     plan = Plan(my_mac, (), src if src and len(src) == 4 else None, src if src and len(src) == 16 else None)
     tx = MODES[a["mode"]].transmit(server, plan)
-    kd = KernelDataplane(a["interface"], a.get("max_entries", 65536), ConnTable().timeouts, slowpath=False)
+    kd = KernelDataplane(a["interface"], a.get("max_entries", 65536), ConnTable().timeouts, slowpath=False,
+                         tcx=a.get("tcx", True))
     try:
         t = kd.tables
         t.set_route(0, tx, True, socket.if_nametoindex(a["interface"]))

@@ -114,6 +114,16 @@ class Netns:
         self.lab.processes.append(proc)
         return proc
 
+    def ingress_programs(self, ifname: str = "eth0", ids: bool = False) -> list:
+        """Names (``ids``: (name, id)) of the BPF programs at ``ifname``'s ingress, tcx and clsact alike
+        (iproute2's ``tc filter show`` here does not list tcx): director/dataplane/tcattach.py's view."""
+        import json
+        import sys
+
+        out = self.run([sys.executable, "-m", "director.dataplane.tcattach", ifname],
+                       cwd=Path(__file__).resolve().parents[1]).stdout
+        return [(p["name"], p["id"]) if ids else p["name"] for p in json.loads(out)]
+
     def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         res = subprocess.run([IP, "-n", self.name, *map(str, args)], capture_output=True, text=True)
         if check and res.returncode != 0:

@@ -640,7 +640,7 @@ class KernelDataplane:
     """
 
     def __init__(self, interface: str, max_entries: int, timeouts: Iterable[float], slowpath: bool = True,
-                 pin_dir: Path | None = None, lan: str | None = None) -> None:
+                 pin_dir: Path | None = None, lan: str | None = None, tcx: bool = True) -> None:
         from director.dataplane.flowevents import FlowEvents
         from director.dataplane.libbpf import LibBpf
         from director.dataplane.tcattach import SlowPathVeth, TcIngress
@@ -663,13 +663,13 @@ class KernelDataplane:
                 self.veth = SlowPathVeth(interface)
                 self.tables.set_slowpath(self.veth.tx_ifindex)
                 self.rx_interface = self.veth.rx_name
-            self.tc = TcIngress(interface, self.bpf.prog_fd)
+            self.tc = TcIngress(interface, self.bpf.prog_fd, tcx=tcx)
             if lan is not None and lan != interface:
                 if slowpath:  # before attaching: the LAN side's frames for the engine come out here
                     self.lan_veth = SlowPathVeth(lan)
                     self.lan_rx_interface = self.lan_veth.rx_name
                     self.tables.set_slowpath_of(socket.if_nametoindex(lan), self.lan_veth.tx_ifindex)
-                self.lan_tc = TcIngress(lan, self.bpf.prog_fd)
+                self.lan_tc = TcIngress(lan, self.bpf.prog_fd, tcx=tcx)
         except BaseException:
             self.close()
             raise

@@ -6,8 +6,9 @@ Maps are written and read in batches where the kernel has the batch commands
 Why ctypes over Debian's libbpf rather than a PyPI binding: libbpf is what
 compiles against the kernel's BTF and is packaged with the distribution
 (scripts/setup installs libbpf-dev, whose libbpf.so.1 is this), the calls
-needed are eleven, and no binding on PyPI is both maintained and free of a
-compiler step (bcc needs kernel headers this machine does not have).
+needed are few (load, maps, test runs, tcx attach), and no binding on PyPI
+is both maintained and free of a compiler step (bcc needs kernel headers
+this machine does not have).
 Every failure becomes one :class:`~glb.errors.KernelDataplaneError` line.
 """
 
@@ -92,6 +93,12 @@ def _libbpf() -> ctypes.CDLL:
             ("bpf_map__set_pin_path", ctypes.c_int, [_c_p, ctypes.c_char_p]),
             ("bpf_prog_test_run_opts", ctypes.c_int, [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]),
             ("libbpf_num_possible_cpus", ctypes.c_int, []),
+            ("bpf_prog_attach_opts", ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_int, _c_p]),
+            ("bpf_prog_detach2", ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_int]),
+            ("bpf_prog_query", ctypes.c_int, [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, _c_p, _c_p,
+                                              ctypes.POINTER(ctypes.c_uint32)]),
+            ("bpf_prog_get_fd_by_id", ctypes.c_int, [ctypes.c_uint32]),
+            ("bpf_obj_get_info_by_fd", ctypes.c_int, [ctypes.c_int, _c_p, ctypes.POINTER(ctypes.c_uint32)]),
             ("libbpf_set_print", _c_p, [_c_p]),
         ):
             f = getattr(lib, fn)
@@ -115,6 +122,76 @@ def read_pinned(path: Path, key: bytes, size: int) -> bytes | None:
     try:
         out = ctypes.create_string_buffer(size)
         return out.raw if lib.bpf_map_lookup_elem(fd, key, out) == 0 else None
+    finally:
+        os.close(fd)
+
+
+TCX_INGRESS = 46
+"""enum bpf_attach_type BPF_TCX_INGRESS (kernel 6.6+): tc ingress without the classifier layer."""
+_F_REPLACE = 1 << 2
+_PROG_NAME_AT, _PROG_INFO_LEN = 64, 80
+"""struct bpf_prog_info up to its ``name`` (char[16] at byte 64): the kernel fills what the caller asks."""
+
+
+class _AttachOpts(ctypes.Structure):
+    """struct bpf_prog_attach_opts (libbpf 1.1 bpf.h; for tcx ``replace_prog_fd`` is the relative fd)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("flags", ctypes.c_uint32), ("replace_prog_fd", ctypes.c_int)]
+
+
+def tcx_programs(ifindex: int) -> list[tuple[int, str]]:
+    """(id, name) of each program at ``ifindex``'s tcx ingress, in run order; raises OSError (EINVAL:
+    this kernel has no tcx)."""
+    lib = _libbpf()
+    ids = (ctypes.c_uint32 * 64)()
+    count = ctypes.c_uint32(len(ids))
+    rc = lib.bpf_prog_query(ifindex, TCX_INGRESS, 0, None, ids, ctypes.byref(count))
+    if rc:
+        raise OSError(_errno(rc), os.strerror(_errno(rc)))
+    out = []
+    for pid in ids[:count.value]:
+        fd = lib.bpf_prog_get_fd_by_id(pid)
+        if fd < 0:
+            continue  # detached and freed since the query
+        try:
+            info, size = ctypes.create_string_buffer(_PROG_INFO_LEN), ctypes.c_uint32(_PROG_INFO_LEN)
+            if lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) == 0:
+                out.append((pid, info.raw[_PROG_NAME_AT:_PROG_INFO_LEN].split(b"\0")[0].decode()))
+        finally:
+            os.close(fd)
+    return out
+
+
+def tcx_attach(ifindex: int, prog_fd: int, replace_id: int = 0) -> None:
+    """Attach at ``ifindex``'s tcx ingress, in place of program ``replace_id`` if given (atomically: no
+    packet sees neither); the attachment stays after this process exits, as a tc filter does. OSError."""
+    lib = _libbpf()
+    old = lib.bpf_prog_get_fd_by_id(replace_id) if replace_id else -1
+    if replace_id and old < 0:
+        raise OSError(_errno(old), f"program {replace_id}: {os.strerror(_errno(old))}")
+    try:
+        opts = _AttachOpts(ctypes.sizeof(_AttachOpts), _F_REPLACE if old >= 0 else 0, max(old, 0))
+        rc = lib.bpf_prog_attach_opts(prog_fd, ifindex, TCX_INGRESS, ctypes.byref(opts))
+        if rc:
+            raise OSError(_errno(rc), os.strerror(_errno(rc)))
+    finally:
+        if old >= 0:
+            os.close(old)
+
+
+def tcx_detach(ifindex: int, prog_id: int) -> bool:
+    """Detach program ``prog_id`` from ``ifindex``'s tcx ingress; False if it was not there. OSError."""
+    lib = _libbpf()
+    fd = lib.bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return False
+    try:
+        rc = lib.bpf_prog_detach2(fd, ifindex, TCX_INGRESS)
+        if rc and _errno(rc) in (errno.ENOENT, errno.ENODEV):
+            return False
+        if rc:
+            raise OSError(_errno(rc), os.strerror(_errno(rc)))
+        return True
     finally:
         os.close(fd)
 

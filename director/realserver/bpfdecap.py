@@ -7,8 +7,8 @@ process. ``glb realserver setup --mode tun --decap bpf`` (or ``auto`` on a
 kernel without ipip) applies it as one :class:`~director.realserver.steps.
 BpfDecap` step through :func:`start`; teardown calls :func:`stop`.
 
-What stays after setup exits: the tc filters hold the program and the
-program its maps. Where a bpffs is mounted (not inside ``ip netns exec``)
+What stays after setup exits: the attachments (tcx, or clsact filters on a
+kernel before 6.6) hold the program and the program its maps. Where a bpffs is mounted (not inside ``ip netns exec``)
 the maps are also pinned, so ``glb realserver status`` reads the counters;
 teardown removes the filters and the pins. Loading and attaching reuse the
 director's libbpf adapter (director/dataplane/libbpf.py); failures are one
@@ -17,7 +17,6 @@ RealServerError line.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import shutil
 import struct
@@ -29,9 +28,6 @@ from glb.errors import KernelDataplaneError, RealServerError
 
 OBJECT = Path(__file__).resolve().parent.parent / "dataplane" / "tc" / "glb_decap.bpf.o"
 PROGRAM = "glb_decap"
-PRIO = 0xC1C
-"""The filter's priority at ingress (the director's is 0xC1B; both may sit on one host in a lab)."""
-INGRESS = "ffff:fff2"
 
 COUNTERS = {0: "delivered", **{code: f"dropped_{name}" for code, name in REASONS.items() if code != DROP_TUN_ERROR},
             7: "received", 8: "outer_fragment", 9: "adjust_failed"}
@@ -90,49 +86,34 @@ def probe() -> str | None:
     return None
 
 
-def attach(ifname: str, prog_fd: int) -> bool:
-    """The program at ``ifname``'s tc ingress; True if this made the clsact qdisc (undo removes it then)."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+def attach(ifname: str, prog_fd: int) -> str:
+    """The program at ``ifname``'s ingress (tcx, else a clsact filter: director/dataplane/tcattach.py);
+    how, for :func:`detach`."""
+    from director.dataplane import tcattach
 
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=ifname)
-        if not found:
-            raise RealServerError(f"cannot attach the BPF decapsulator: no interface {ifname}")
-        made = False
-        try:
-            try:
-                ipr.tc("add", "clsact", found[0])
-                made = True
-            except NetlinkError as e:
-                if e.code != errno.EEXIST:
-                    raise
-            ipr.tc("replace-filter", "bpf", found[0], ":1", fd=prog_fd, name=PROGRAM, parent=INGRESS,
-                   classid=1, direct_action=True, prio=PRIO)
-        except NetlinkError as e:
-            if made:
-                ipr.tc("del", "clsact", found[0])
-            raise RealServerError(f"cannot attach the BPF decapsulator to {ifname}: {e.args[-1]}") from None
-        return made
+    try:
+        return tcattach.attach(ifname, prog_fd, PROGRAM, tcattach.DECAP_PRIO)[1]
+    except KernelDataplaneError as e:
+        raise RealServerError(f"cannot attach the BPF decapsulator: {e}") from None
 
 
-def detach(ifname: str, made_qdisc: bool) -> None:
-    """Remove our filter from ``ifname`` (and the clsact qdisc if setup made it); gone already is fine."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+def detach(ifname: str, how: str | bool) -> None:
+    """Undo :func:`attach` (``how`` True/False: a runtime record from before tcx, a clsact filter on a
+    qdisc setup made / found); gone already is fine."""
+    import socket
 
-    with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=ifname)
-        if not found:
-            return
-        try:
-            if made_qdisc:
-                ipr.tc("del", "clsact", found[0])
-            else:
-                ipr.tc("del-filter", "bpf", found[0], ":1", parent=INGRESS, prio=PRIO)
-        except NetlinkError as e:
-            if e.code not in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
-                raise RealServerError(f"cannot remove the BPF decapsulator from {ifname}: {e.args[-1]}") from None
+    from director.dataplane import tcattach
+
+    if isinstance(how, bool):
+        how = tcattach.CLSACT_MADE if how else tcattach.CLSACT
+    try:
+        ifindex = socket.if_nametoindex(ifname)
+    except OSError:
+        return  # the interface is gone, and the program with it
+    try:
+        tcattach.detach(ifindex, how, PROGRAM, tcattach.DECAP_PRIO)
+    except KernelDataplaneError as e:
+        raise RealServerError(f"cannot remove the BPF decapsulator from {ifname}: {e}") from None
 
 
 def start(vips: Iterable[str], interfaces: Iterable[str], pin_dir: str) -> dict:
@@ -154,14 +135,14 @@ def start(vips: Iterable[str], interfaces: Iterable[str], pin_dir: str) -> dict:
         raise
     finally:
         if loaded is not None:
-            loaded.close()  # the filters hold the program, the program its maps
+            loaded.close()  # the attachments hold the program, the program its maps
     return {"attached": attached, "pin_dir": str(pins) if pins else None}
 
 
 def stop(runtime: Mapping) -> None:
     """Undo :func:`start`: detach every filter, remove the pins."""
-    for ifname, made in reversed(runtime.get("attached") or []):
-        detach(ifname, bool(made))
+    for ifname, how in reversed(runtime.get("attached") or []):
+        detach(ifname, how)
     if runtime.get("pin_dir"):
         shutil.rmtree(runtime["pin_dir"], ignore_errors=True)
 

@@ -410,8 +410,7 @@ def test_a_killed_packet_worker_comes_back_with_its_data_plane(base):
     nobody updates)."""
 
     def attached() -> list[str]:
-        out = base.director.run(["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
-        return [line for line in out.splitlines() if "direct-action" in line]
+        return base.director.ingress_programs(ids=True)
 
     def slow_paths() -> list[str]:
         links = json.loads(base.director.ip("-j", "link", "show").stdout)
