@@ -112,6 +112,10 @@ VIP_LIVE = 1
 TICK_SHIFT = 20
 TICK = (1 << TICK_SHIFT) / 1e9
 """Seconds per unit of a flow's expiry (2^20 ns, ~1.05 ms)."""
+CLOCK_LAG = 0.01
+"""How far the program's clock (CLOCK_MONOTONIC as of the last timer tick, bpf_ktime_get_coarse_ns) may
+be behind ``time.monotonic``: 1/HZ at the lowest HZ a kernel is built with (100). An expiry the kernel
+writes is that much early at most; nothing in Python corrects for it (LVS's timers are jiffies too)."""
 MAX_TIMEOUT = 24 * 86400.0
 """The longest timeout the kernel keeps exactly: expiries are compared modulo 2^32 ticks (~52 days)."""
 MAX_VIPS = 4096
