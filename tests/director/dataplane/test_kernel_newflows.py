@@ -32,7 +32,7 @@ from director.dataplane import codec  # noqa: E402
 from director.dataplane import kernelmaps as km  # noqa: E402
 from director.dataplane.conntable import ESTABLISHED, FIN_WAIT, SYN_RECV, UDP as S_UDP  # noqa: E402
 from director.dataplane.forwarder import Forwarder, Plan, ServerPlan, ServicePlan, VipPlan  # noqa: E402
-from director.dataplane.kernel import KernelSync, KernelTables  # noqa: E402
+from director.dataplane.kernel import SWEEP_PASS_EVERY, KernelSync, KernelTables  # noqa: E402
 from director.dataplane.scheduler import _GOLDEN, MH_SEED, _fold  # noqa: E402
 from glb.hashing import client_hash  # noqa: E402
 from tests.director.dataplane.test_codec import DIR4, DIR6, DIR_MAC, VIP4, VIP6, frame, packed  # noqa: E402
@@ -174,8 +174,11 @@ def test_python_follows_the_kernel_s_flows_and_states(bpf):
     synced = []
     d.f.table.changed = synced.append
 
-    def sweep():
-        d.sync.sweep(now, d.f.table.__contains__, take=d.f.take)
+    passes = [now]
+
+    def sweep():  # a pass of its own each time: passes start at most every SWEEP_PASS_EVERY
+        passes.append(passes[-1] + SWEEP_PASS_EVERY)
+        d.sync.sweep(passes[-1], d.f.table.__contains__, take=d.f.take)
 
     rc, _, _ = d.run(frame(ip / TCP(sport=4000, dport=80, flags="S")))
     assert rc == km.TC_ACT_REDIRECT and len(d.f.table) == 0
