@@ -65,6 +65,26 @@ def ipv6_loopback_unavailable() -> str | None:
 
 
 @functools.cache
+def tcx_unavailable() -> str | None:
+    """Why programs cannot attach at tcx ingress here (kernel before 6.6: the clsact fallback is used), or None.
+
+    Asks the kernel (a BPF_PROG_QUERY of loopback's tcx ingress), not the version string."""
+    import errno
+
+    from director.dataplane.libbpf import tcx_programs
+    from glb.errors import KernelDataplaneError
+
+    try:
+        tcx_programs(socket.if_nametoindex("lo"))
+    except KernelDataplaneError as e:  # no libbpf
+        return f"needs tcx: {e}"
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return "needs tcx (kernel 6.6+); the clsact fallback is what runs here"
+        return f"needs tcx: {e}"
+    return None
+
+
 def bpf_unavailable() -> str | None:
     """Why the kernel data plane's tc program cannot be loaded here (root, libbpf, the built object), or None.
 

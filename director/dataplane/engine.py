@@ -435,7 +435,8 @@ class Worker:
         self.dataplane_note = ""
         """Why ``dataplane: auto`` runs in userspace ("" when it does not)."""
         self.maps_note = ""
-        """What became of the pinned maps, for the director's log ("" when nothing to say)."""
+        """How the kernel data plane is attached and what became of its pinned maps, for the director's log
+        ("" when it is not running)."""
         if ps is None and cfg.dataplane != "userspace":
             self._open_kernel(cfg, table)
         try:
@@ -511,6 +512,9 @@ class Worker:
             self.maps_note = f"reusing the maps pinned in {pin} (established flows kept)"
         elif kd.pins == "rebuilt":
             self.maps_note = f"the maps pinned in {pin} had another layout or size: rebuilt empty"
+        # How it is attached (tcx, or the clsact fallback on a kernel before 6.6), in the start-up log line.
+        where = " and ".join(f"{tc.how} ingress of {tc.interface}" for tc in (kd.tc, kd.lan_tc) if tc is not None)
+        self.maps_note = f"attached at {where}" + (f"; {self.maps_note}" if self.maps_note else "")
         self.kernel = kd
         self.fwd.kernel = table.outside = KernelSync(
             kd.tables, socket.if_nametoindex(cfg.interface),

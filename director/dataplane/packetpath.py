@@ -212,7 +212,7 @@ class PacketPath:
             raise DirectorError(f"packet engine on {iface}: {e}") from None
         self.engine, self._plan = engine, plan
         self._housekeeping = asyncio.create_task(self._packet_housekeeping())
-        if engine.maps_note:  # what became of the kernel data plane's pinned maps
+        if engine.maps_note:  # how the kernel data plane is attached, what became of its pinned maps
             log.info("kernel data plane: %s", engine.maps_note)
         if engine.dataplane_note:  # dataplane: auto, and the kernel's program could not run here
             log.warning("kernel data plane unavailable, the userspace engine forwards every packet: %s",

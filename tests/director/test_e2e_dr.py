@@ -36,6 +36,7 @@ from tests.director.director_lab import (
     start_http,
 )
 from director.dataplane.bpf import BPF_MAXINSNS, bpf_program
+from tests.environment import tcx_unavailable
 from tests.netns import Lab
 
 pytestmark = pytest.mark.netns
@@ -204,6 +205,8 @@ def test_a_restarted_director_keeps_forwarding_established_flows(base):
         base.restart()
         base.d.wait_up([RS[1], RS[2]])
         assert "reusing the maps pinned" in base.d.log.read_text()
+        how = "clsact" if tcx_unavailable() else "tcx"  # tcx where the kernel has it (6.6+)
+        assert f"kernel data plane: attached at {how} ingress of eth0" in base.d.log.read_text()
         assert [ask() for _, ask in procs] == owners
         forwarded = base.d.status()["packet_path"]["kernel"]["forwarded_dr"]
         assert forwarded >= 4  # by the kernel: the new director's table never saw those flows open

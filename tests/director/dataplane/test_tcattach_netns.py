@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.environment import bpf_unavailable, needs
+from tests.environment import bpf_unavailable, needs, tcx_unavailable
 from tests.netns import Lab, lab_unavailable
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -65,6 +65,7 @@ def ns():
         yield host
 
 
+@needs(tcx_unavailable())
 def test_tcx_replaces_its_own_and_an_older_clsact_filter_and_detaches_cleanly(ns):
     how, found = steps(ns, ["attach", False])
     assert how == "clsact-made" and names(found) == [("clsact", "glb_ingress")]
@@ -93,6 +94,7 @@ def test_the_clsact_fallback_removes_the_qdisc_only_if_it_made_it(ns):
     assert found == [] and "clsact" in ns.run(["tc", "qdisc", "show", "dev", "eth0"]).stdout
 
 
+@needs(tcx_unavailable())
 def test_the_real_servers_decapsulator_and_an_old_runtime_record(ns):
     how, found = steps(ns, ["decap_attach", True])
     assert how == "tcx" and names(found) == [("tcx", "glb_decap")]
@@ -105,6 +107,7 @@ def test_the_real_servers_decapsulator_and_an_old_runtime_record(ns):
     assert found == [] and "clsact" not in ns.run(["tc", "qdisc", "show", "dev", "eth0"]).stdout
 
 
+@needs(tcx_unavailable())
 def test_by_hand_list_and_detach_and_one_line_for_a_missing_interface(ns):
     """What docs/operations.md tells an operator to run after a director was killed outright."""
     tool = [sys.executable, "-m", "director.dataplane.tcattach"]
