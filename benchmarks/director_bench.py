@@ -294,7 +294,8 @@ def main() -> None:
         print(f"TUN real server decapsulation: {results['tun']['rs_decap']}")
     dr, tun = results.get("dr", {}), results.get("tun", {})
     ref = dr or results.get("nat") or tun
-    nft_p50 = ref["nft_latency"]["p50"]
+    if "nft_pps" not in ref:  # tun alone: nftables can only forward DR-style, so it is measured with dr or nat
+        print("nftables' reference is measured by the dr (or nat) run: `director_pps.sh dr tun` for the ratios")
 
     def fmt(v, f="{:,.0f}"):
         return f.format(v) if isinstance(v, (int, float)) else "-"
@@ -311,25 +312,28 @@ def main() -> None:
         us = got(r, f"{who}_pps", "engine_us_per_pkt")
         return 1e6 / us if us else None
 
+    nft_p50 = got(ref, "nft_latency", "p50")
+
     def added(r, key):
         p50 = got(r, key, "p50")
-        return p50 - nft_p50 if isinstance(p50, (int, float)) else None
+        return p50 - nft_p50 if isinstance(p50, (int, float)) and isinstance(nft_p50, (int, float)) else None
 
     # (row, value for a column's results and its forwarder ("engine" / "kernel"), nftables' value, format)
     rows = [
-        ("delivered pps", lambda r, w: got(r, f"{w}_pps", "delivered_pps"), ref["nft_pps"]["delivered_pps"], "{:,.0f}"),
+        ("delivered pps", lambda r, w: got(r, f"{w}_pps", "delivered_pps"), got(ref, "nft_pps", "delivered_pps"),
+         "{:,.0f}"),
         ("engine CPU us/pkt", lambda r, w: got(r, f"{w}_pps", "engine_us_per_pkt"), None, "{:.2f}"),
         ("machine CPU us/pkt", lambda r, w: got(r, f"{w}_pps", "machine_us_per_pkt"),
-         ref["nft_pps"]["machine_us_per_pkt"], "{:.2f}"),
-        ("TCP Gbit/s", lambda r, w: got(r, f"{w}_tcp", "gbit"), ref["nft_tcp"]["gbit"], "{:.2f}"),
+         got(ref, "nft_pps", "machine_us_per_pkt"), "{:.2f}"),
+        ("TCP Gbit/s", lambda r, w: got(r, f"{w}_tcp", "gbit"), got(ref, "nft_tcp", "gbit"), "{:.2f}"),
         ("RTT p50 us", lambda r, w: got(r, f"{w}_latency", "p50"), nft_p50, "{:.0f}"),
         ("added p50 us", lambda r, w: added(r, f"{w}_latency"), None, "{:.0f}"),
         ("added p50 us, busy_poll", lambda r, w: added(r, "busy_latency") if w == "engine" else None, None, "{:.0f}"),
         ("pps per engine core", lambda r, w: per_core(r, w) if w == "engine" else None, None, "{:,.0f}"),
         ("  / target 300k", lambda r, w: ratio(per_core(r, w), 300_000) if w == "engine" else None, None, "{:.2f}"),
         ("delivered / nftables", lambda r, w: ratio(got(r, f"{w}_pps", "delivered_pps"),
-                                                    ref["nft_pps"]["delivered_pps"]), None, "{:.2f}"),
-        ("TCP / nftables", lambda r, w: ratio(got(r, f"{w}_tcp", "gbit"), ref["nft_tcp"]["gbit"]), None, "{:.2f}"),
+                                                    got(ref, "nft_pps", "delivered_pps")), None, "{:.2f}"),
+        ("TCP / nftables", lambda r, w: ratio(got(r, f"{w}_tcp", "gbit"), got(ref, "nft_tcp", "gbit")), None, "{:.2f}"),
     ]
     columns = [("DR", dr, "engine"), ("TUN", tun, "engine"), ("DR kernel", dr, "kernel"), ("TUN kernel", tun, "kernel")]
     print(f"{'':24}" + "".join(f"{name:>12}" for name, _, _ in columns) + f"{'nftables fwd':>14}")
