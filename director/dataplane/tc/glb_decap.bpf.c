@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * GLB's real-server decapsulator: IP-in-IP from a TUN-mode director
- * unwrapped at tc ingress (clsact, direct-action) on a real server whose
+ * unwrapped at tc ingress (tcx or clsact, direct-action) on a real server whose
  * kernel has no ipip/ip6_tunnel driver.
  *
  * For a frame sent to this host's MAC carrying IPv4 or IPv6 whose protocol /
