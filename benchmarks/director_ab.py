@@ -1,12 +1,14 @@
-"""Two builds of the tc program against nftables fwd, alternated in one lab: 64-byte UDP delivered.
+"""Builds of the tc program against nftables fwd, alternated in one lab: 64-byte UDP delivered, or TCP.
 
-``python benchmarks/director_ab.py MODE ROUNDS A.o [B.o ...]`` (root; MODE dr or tun; the objects
+``python benchmarks/director_ab.py [--tcp] MODE ROUNDS A.o [B.o ...]`` (root; MODE dr or tun; the objects
 built as scripts/setup builds director/dataplane/tc/glb_tc.bpf.o). Each round measures nftables
 ``fwd`` and then the kernel data plane with each object in turn, in the lab director_bench.py
 builds (SECONDS_PER_RUN, default 5), so a change of a few percent shows through the machine's
 drift, which separate director_pps.sh runs do not (docs/benchmarks.md). Prints each round, then
 per object the ratio to the same round's nftables figure: min, max, mean. The installed object is
-put back at the end.
+put back at the end. ``--tcp``: one TCP stream each instead (offloads on, as director_bench.py's TCP
+row), whose figure is bimodal on this machine (docs/benchmarks.md): many alternated rounds tell more
+than one run.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import director_bench as db  # noqa: E402
 
 
 def main() -> None:
-    if len(sys.argv) < 4 or sys.argv[1] not in ("dr", "tun") or not sys.argv[2].isdigit():
-        sys.exit("usage: director_ab.py dr|tun ROUNDS A.o [B.o ...]")
-    mode, rounds, objs = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    args = sys.argv[1:]
+    tcp = args[:1] == ["--tcp"]
+    args = args[1:] if tcp else args
+    if len(args) < 3 or args[0] not in ("dr", "tun") or not args[1].isdigit():
+        sys.exit("usage: director_ab.py [--tcp] dr|tun ROUNDS A.o [B.o ...]")
+    mode, rounds, objs = args[0], int(args[1]), args[2:]
     for o in objs:
         if not Path(o).is_file():
             sys.exit(f"director_ab: no such object {o}")
@@ -34,16 +39,21 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp, db.Lab(f"ab-{mode}") as lab:
             b = db.Bench(lab, mode, Path(tmp))
+            b.offloads(tcp)
+
+            def measure(engine: bool) -> float:
+                return b.tcp()["gbit"] if tcp else b.pps(engine)["delivered_pps"] / 1000
+
             for r in range(rounds):
                 b.start_nft()
-                res["nft"].append(b.pps(False)["delivered_pps"])
+                res["nft"].append(measure(False))
                 b.stop_nft()
                 for o in objs:
                     shutil.copy(o, target)
                     b.start_engine(dataplane="kernel")
-                    res[o].append(b.pps(True)["delivered_pps"])
+                    res[o].append(measure(True))
                     b.stop_engine()
-                print(r, {k: f"{v[-1] / 1000:.1f}k" for k, v in res.items()}, flush=True)
+                print(r, {k: f"{v[-1]:.1f}{' Gbit/s' if tcp else 'k pps'}" for k, v in res.items()}, flush=True)
     finally:
         target.write_bytes(installed)
     for o in objs:
