@@ -1,6 +1,6 @@
 """New connections per second through the userspace scheduler, installed into the kernel's table (issue 12).
 
-    python benchmarks/director_newconns.py [CONNECTIONS] [SCHEDULER] [SERVERS]
+    python benchmarks/director_newconns.py [CONNECTIONS] [SCHEDULER] [SERVERS] [NETMASK]
 
 What one engine worker does for each new TCP connection with the kernel data
 plane: ``Forwarder.forward`` on the SYN (the scheduler picks a server, the
@@ -11,7 +11,10 @@ batch, one ``BPF_MAP_UPDATE_BATCH``). Frames are prebuilt; no sockets, so
 this is the worker's CPU per connection, not the ring's. CPU time of this
 thread (user + system: the map writes are syscalls), best of 5 rounds of
 CONNECTIONS (default 20,000) new clients; SCHEDULER (default wlc) over
-SERVERS (default 3) DR servers. Prints one line per variant:
+SERVERS (default 3) DR servers; with NETMASK, the service has persistence
+(``-p 300 -M /NETMASK``): the clients are consecutive addresses, so /32
+makes a template per connection and /24 reuses one for 256 of them.
+Prints one line per variant:
 
 * ``userspace``: no kernel data plane (the forwarder alone);
 * ``kernel, batched``: flows written as the engine writes them;
@@ -57,11 +60,12 @@ def tcp_frame(client: bytes, sport: int, flags: int) -> bytes:
     return DIR_MAC + CLIENT_MAC + b"\x08\x00" + ip + tcp
 
 
-def plan(scheduler: str, servers: int) -> Plan:
+def plan(scheduler: str, servers: int, netmask: int | None = None) -> Plan:
     rs = tuple(ServerPlan(ServerKey("web", f"10.0.1.{i + 1}", 0), bytes([10, 0, 1, i + 1]), 1, True, False,
                           bytes([2, 0, 0, 0, 1, i + 1])) for i in range(servers))
     vips = (VipPlan(VIP, 80, 6, "10.0.0.100:80/tcp"),)
-    return Plan(DIR_MAC, (ServicePlan("web", "dr", scheduler, vips, rs),), None, None)
+    persistence = None if netmask is None else (300.0, netmask, 128)
+    return Plan(DIR_MAC, (ServicePlan("web", "dr", scheduler, vips, rs, persistence=persistence),), None, None)
 
 
 def frames(n: int, round_: int) -> list[tuple[bytes, bytes]]:
@@ -72,11 +76,12 @@ def frames(n: int, round_: int) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def one_round(n: int, round_: int, scheduler: str, servers: int, kernel: str | None) -> float:
+def one_round(n: int, round_: int, scheduler: str, servers: int, kernel: str | None,
+              netmask: int | None = None) -> float:
     from director.dataplane.kernel import KernelSync, KernelTables
 
     f = Forwarder()
-    f.apply(plan(scheduler, servers))
+    f.apply(plan(scheduler, servers, netmask))
     bpf = sync = None
     if kernel is not None:
         from director.dataplane import kernelmaps as km
@@ -111,7 +116,7 @@ def one_round(n: int, round_: int, scheduler: str, servers: int, kernel: str | N
 
 
 def kernel_round(n: int, round_: int, scheduler: str, servers: int,
-                 per_packet: tuple[list[int], list[int]]) -> tuple[float, float | None]:
+                 per_packet: tuple[list[int], list[int]], netmask: int | None = None) -> tuple[float, float | None]:
     """Seconds the tc program ran to open ``n`` connections itself (SYN + ACK each), and the worker's CPU
     seconds to take their flow events (None: a program without them). Each SYN's and ACK's ns are appended
     to ``per_packet``'s two lists."""
@@ -120,7 +125,7 @@ def kernel_round(n: int, round_: int, scheduler: str, servers: int,
     from director.dataplane.libbpf import LibBpf
 
     f = Forwarder()
-    f.apply(plan(scheduler, servers))
+    f.apply(plan(scheduler, servers, netmask))
     bpf = LibBpf(max_entries={"conns": 2 * n}, sizes=km.MAPS)
     events = None
     try:
@@ -156,24 +161,29 @@ def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
     scheduler = sys.argv[2] if len(sys.argv) > 2 else "wlc"
     servers = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    netmask = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    if netmask is not None:
+        scheduler_label = f"{scheduler} -p /{netmask}"
+    else:
+        scheduler_label = scheduler
     for label, kernel in (("userspace", None), ("kernel, batched", "batched"), ("kernel, one by one", "one")):
         try:
-            best = min(one_round(n, r, scheduler, servers, kernel) for r in range(5))
+            best = min(one_round(n, r, scheduler, servers, kernel, netmask) for r in range(5))
         except Exception as e:  # no root or no BPF: say so, keep the other lines
             print(f"{label:20s} unavailable: {e}")
             continue
-        print(f"{label:20s} {scheduler} over {servers}: {n / best:>9,.0f} new connections/s of one core "
+        print(f"{label:20s} {scheduler_label} over {servers}: {n / best:>9,.0f} new connections/s of one core "
               f"({best / n * 1e6:.1f} us each: SYN + ACK through forward()" +
               (", install" if kernel else "") + ")")
     if scheduler in ("mh", "sh", "dh"):
         try:
             per_packet: tuple[list[int], list[int]] = ([], [])
-            rounds = [kernel_round(n, r, scheduler, servers, per_packet) for r in range(5)]
+            rounds = [kernel_round(n, r, scheduler, servers, per_packet, netmask) for r in range(5)]
         except Exception as e:
             print(f"{'kernel schedules':20s} unavailable: {e}")
             return
         best = min(b for b, _ in rounds)
-        print(f"{'kernel schedules':20s} {scheduler} over {servers}: {n / best:>9,.0f} new connections/s of one core "
+        print(f"{'kernel schedules':20s} {scheduler_label} over {servers}: {n / best:>9,.0f} new connections/s of one core "
               f"({best / n * 1e6:.2f} us each: SYN + ACK in the tc program, no Python)")
         cells = []
         for name, ns in zip(("SYN (new_flow)", "ACK (state_tracked)"), per_packet):
@@ -182,7 +192,7 @@ def main() -> None:
         print(f"{'kernel per packet':20s} " + ", ".join(cells))
         if rounds[0][1] is not None:
             took = min(t for _, t in rounds)
-            print(f"{'flow events taken':20s} {scheduler} over {servers}: {n / took:>9,.0f} connections/s of the "
+            print(f"{'flow events taken':20s} {scheduler_label} over {servers}: {n / took:>9,.0f} connections/s of the "
                   f"worker ({took / n * 1e6:.2f} us each: 2 records into the table, off the packet path)")
 
 

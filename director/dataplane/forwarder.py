@@ -73,7 +73,7 @@ from director.dataplane.actions import MacRewrite
 from director.dataplane.conntable import ESTABLISHED, UDP, Conn, ConnTable, FragmentTable
 from director.dataplane.counters import CountTable
 from director.dataplane.kernelmaps import kernel_schedules
-from director.dataplane.scheduler import Dest, Persistence, Scheduler, make_scheduler
+from director.dataplane.scheduler import Dest, Persistence, Scheduler, Template, make_scheduler
 from director.control.spill import spill_service
 from director.dataplane.spillflags import NOT_ARMED, spills
 from director.modes import MODES
@@ -795,8 +795,20 @@ class Forwarder:
         if got is None:
             return None
         route, dest, state, expires = got
-        self.table.install(p.key, dest, state, expires, now, tag=route, rkey=reply_key(p.key, dest))
+        self.table.install(p.key, dest, state, expires, now, self._kernel_template(p.key, dest, now), tag=route,
+                           rkey=reply_key(p.key, dest))
         return self.table.lookup(p.key, p.flags, now)
+
+    def _kernel_template(self, key: bytes, dest: ServerDest, now: float) -> Template | None:
+        """The template a flow the kernel holds and Python did not know counts on, when its service has
+        persistence: the kernel made or refreshed its own copy with the flow (glb_tc.bpf.c new_flow), or
+        a predecessor's template sent it there; Python's follows, as connection sync's install does."""
+        proto, src, vip, _, port = codec.split_key(key)
+        hit = self._by_any_vip.get((vip, port, proto))
+        if hit is None or hit[0].persistence is None:
+            return None
+        p = hit[0].persistence
+        return p.adopt(src, dest, now + p.timeout)
 
     def take(self, key: bytes, route: Route, dest: ServerDest, state: int, expires: float, now: float) -> None:
         """Track a flow the kernel scheduled or moved to another state (KernelSync.sweep found it), so it
@@ -808,7 +820,8 @@ class Forwarder:
                 self.table.follow(known, state, expires)
             return
         confirmed = state in (ESTABLISHED, UDP)
-        c = self.table.install(key, dest, state, expires, now, confirmed=confirmed, tag=route)
+        c = self.table.install(key, dest, state, expires, now, self._kernel_template(key, dest, now),
+                               confirmed=confirmed, tag=route)
         if confirmed and self.table.changed is not None:
             self.table.changed(c)
 

@@ -8,14 +8,18 @@ on a real kernel, :class:`FakeMaps` (dicts) in unit tests, as Katran's
 
 from __future__ import annotations
 
+import functools
+import logging
 import socket
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 from director.dataplane import kernelmaps as km
+from glb.errors import KernelDataplaneError
 
 
 _PAD12 = bytes(12)
+log = logging.getLogger("glb.director.kernel")
 
 
 class BpfMaps(Protocol):
@@ -203,6 +207,22 @@ class KernelTables:
         self.maps.update_batch("conns", [(k, v) for k, v in changes.items() if v is not None])
         self.maps.delete_batch("conns", [k for k, v in changes.items() if v is None])
 
+    def write_templates(self, changes: dict[bytes, bytes | None]) -> int:
+        """Write (``templates`` key -> value) and delete (-> None) persistence templates; how many found no
+        room (the map is full: the program leaves those clients' new flows to Python)."""
+        ups = [(k, v) for k, v in changes.items() if v is not None]
+        full = 0
+        try:
+            self.maps.update_batch("templates", ups)
+        except KernelDataplaneError:  # full part-way: as many as fit, one at a time
+            for k, v in ups:
+                try:
+                    self.maps.update("templates", k, v)
+                except KernelDataplaneError:
+                    full += 1
+        self.maps.delete_batch("templates", [k for k, v in changes.items() if v is None])
+        return full
+
     def write_replies(self, changes: dict[bytes, bytes | None]) -> None:
         """Install (``nat_replies`` key -> value) and remove (-> None) NAT flows' reply entries."""
         self.maps.update_batch("nat_replies", [(k, v) for k, v in changes.items() if v is not None])
@@ -325,6 +345,20 @@ class KernelSync:
         a Maglev table is 65537 slots, so a plan that leaves a scheduler's table alone costs nothing."""
         self._chunks: dict[bytes, bytes] | None = None
         """``slots`` key -> the chunk written; None until the first plan (then read back: a predecessor's)."""
+        self._proutes: dict[bytes, bytes] | None = None
+        """``persist_routes`` key -> the route index written; None until the first plan (as ``_chunks``)."""
+        self._proutes_want: dict[bytes, bytes] = {}
+        self._persist: dict[int, Any] = {}
+        """Persistence id (kernelmaps.persist_id) -> the service's Persistence, for the services the kernel
+        schedules with persistence: whose templates :meth:`sweep` asks before deleting an expired copy."""
+        self.templates: dict[bytes, bytes | None] = {}
+        """``templates`` key -> the template to write, or None to delete; written by :meth:`flush`."""
+        self.templates_full = 0
+        """Templates the kernel's map had no room for (their clients' new flows stay Python's)."""
+        self._tpl_token: bytes | None = None
+        self._tpl_next_pass = float("-inf")
+        self._tpl_seen = True
+        """Whether the last pass over ``templates`` found any (a predecessor's too): else none is made."""
 
     def _register(self, index: int, route, dest) -> None:
         if index not in self._counted:  # what the kernel counted before (a predecessor's) is not ours
@@ -338,7 +372,8 @@ class KernelSync:
         """The route's entry if it differs from what was last written."""
         route, dest = self._routes[index]
         value = km.route_value(dest.tx, dest.available and route.live, self.ifindex, self.lan_ifindex,
-                               new=dest.available and dest.weight > 0, track=route.server.service in self._tracked)
+                               new=dest.available and dest.weight > 0, track=route.server.service in self._tracked,
+                               server=km.server_id(route.server))
         return None if self._written.get(index) == value else value
 
     def _write_routes(self, indexes: Iterable[int]) -> None:
@@ -376,7 +411,24 @@ class KernelSync:
         if two_way:
             self.replies[km.reply_key(c.rkey)] = km.reply_value(k, km.flow_vip(c.key), c.peer, self.ifindex)
 
+    def template(self, persist: int, key: tuple[int, int], t) -> None:
+        """Persistence.watch: Python made or refreshed the template ``t`` of the client network ``key``
+        (a flow it scheduled, one a master synced): the kernel's copy follows."""
+        self.templates[km.template_key(persist, key)] = km.template_value(km.server_id(t.dest.key), t.expires)
+        self._tpl_seen = True
+
+    def _write_templates(self) -> None:
+        if self.templates:
+            changes, self.templates = self.templates, {}
+            full = self.tables.write_templates(changes)
+            if full and not self.templates_full:
+                log.warning("the kernel's persistence templates table is full (connection_table.max_entries): "
+                            "new connections of the clients it has no room for are scheduled by Python "
+                            "(kernel reason pass_template)")
+            self.templates_full += full
+
     def flush(self) -> None:
+        self._write_templates()  # before the flows: a flow's next packet finds its template
         if self.pending:
             changes, self.pending = self.pending, {}
             self.tables.write_flows(changes)
@@ -441,6 +493,7 @@ class KernelSync:
             self._off |= off
         self._write_routes(list(self._routes))
         if lookup is not None:
+            self._write_templates()  # a service's templates before its first lookup table
             self._write_lookup(lookup)
 
     def _lookup_tables(self, fwd: Any) -> dict[bytes, tuple[bytes, dict[bytes, bytes]]]:
@@ -450,7 +503,12 @@ class KernelSync:
         size stay, so an update only rewrites the slots that changed."""
         out = {}
         tracked = set()
+        proutes: dict[bytes, bytes] = {}
+        persist: dict[int, Any] = {}
         for sp, v, sched in fwd.vip_schedulers():
+            svc = fwd.service(sp.name)
+            if svc.persistence is not None:
+                svc.persistence.watch = None  # unless the kernel schedules it (below)
             if sched is None or not km.kernel_schedules(sp) or getattr(sched, "port", False):
                 continue
             tracked.add(sp.name)
@@ -471,9 +529,28 @@ class KernelSync:
             else:
                 chunks = km.slot_chunks(table, self._slot_routes(fwd, slots, v.label))
                 self._built[key] = (slots, v.label, table, chunks)
-            out[key] = (table, km.svc_value(sp.scheduler, table, len(slots)), chunks)
+            pid = 0
+            if sp.persistence is not None:  # where each member's templates send this VIP's flows
+                pid = km.persist_id(sp.name)
+                persist[pid] = svc.persistence
+                for d in sched.members:
+                    index = self._route_of(fwd.route(d.key, v.label), d)[0]
+                    proutes[km.proute_key(table, km.server_id(d.key))] = km.U32.pack(index)
+            out[key] = (table, km.svc_value(sp.scheduler, table, len(slots), sp.persistence, pid), chunks)
         for k in self._built.keys() - out.keys():
             del self._built[k]
+        for pid, pers in persist.items():
+            pers.watch = functools.partial(self.template, pid)
+            old = self._persist.get(pid)
+            if old is pers:
+                continue
+            if old is not None:  # new timeout or prefix lengths: Python forgot the templates, so does the kernel
+                head = km.U32.pack(pid)
+                self.templates.update((k, None) for k in self.tables.maps.keys("templates") if k[:4] == head)
+            for k, t in pers.items():  # newly the kernel's (a backup taking over): what Python holds
+                self.template(pid, k, t)
+        self._persist = persist
+        self._proutes_want = proutes
         self._tracked = frozenset(tracked)
         return {k: (value, chunks) for k, (_, value, chunks) in out.items()}
 
@@ -497,8 +574,9 @@ class KernelSync:
         maps = self.tables.maps
         if self._chunks is None:  # maps a predecessor left: whatever this plan does not rewrite goes
             self._chunks = dict(maps.items("slots"))
+            self._proutes = dict(maps.items("persist_routes"))
             for k, v in maps.items("services"):
-                self._svcs[k] = (km.SVC.unpack(v)[1], v)
+                self._svcs[k] = (km.SVC.unpack(v)[3], v)
         gone = [k for k in self._svcs if k not in lookup]
         if gone:
             maps.delete_batch("services", gone)
@@ -508,12 +586,15 @@ class KernelSync:
             return
         want = {ck: cv for _, chunks in lookup.values() for ck, cv in chunks.items()}
         maps.update_batch("slots", [(k, v) for k, v in want.items() if self._chunks.get(k) != v])
+        proutes, written = self._proutes_want, self._proutes or {}
+        maps.update_batch("persist_routes", [(k, v) for k, v in proutes.items() if written.get(k) != v])
         changed = [(k, value) for k, (value, _) in lookup.items() if self._svcs.get(k, (0, b""))[1] != value]
         maps.update_batch("services", changed)
         for k, value in changed:
-            self._svcs[k] = (km.SVC.unpack(value)[1], value)
+            self._svcs[k] = (km.SVC.unpack(value)[3], value)
         maps.delete_batch("slots", [k for k in self._chunks if k not in want])
-        self._chunks = want
+        maps.delete_batch("persist_routes", [k for k in written if k not in proutes])
+        self._chunks, self._proutes = want, dict(proutes)
 
     def sweep(self, now: float, holds, budget: int = 1024, take=None) -> int:
         """Read the next ``budget`` kernel flows (batched, resuming where the last call stopped) and queue
@@ -530,7 +611,9 @@ class KernelSync:
         walk each 0.1 s (2 % of a core at 1M entries for 1,024 flows, in ``perf``) plus a take() of every
         flow; a large table's pass outlasts the interval anyway. The flows the kernel makes and moves reach
         Python at once through ``flow_events``; this is their backstop (a lost event) and the predecessor's
-        expired flows' cleaner, for which a second does not matter."""
+        expired flows' cleaner, for which a second does not matter. Persistence templates are swept
+        alongside (:meth:`_sweep_templates`)."""
+        self._sweep_templates(now, budget)
         if self._sweep_token is None:
             if now < self._next_pass:
                 return 0
@@ -551,6 +634,28 @@ class KernelSync:
                 self.pending[k] = None
                 doomed += 1
         return doomed
+
+    def _sweep_templates(self, now: float, budget: int) -> None:
+        """Delete the kernel's expired templates that Python's do not keep alive (one that still controls
+        connections stays: the program leaves its clients' new flows to Python, which refreshes it). The
+        map is not preallocated, so this is what bounds it; Python's own LRU evictions end here too. A
+        pass starts at most every :data:`SWEEP_PASS_EVERY` seconds and only while there may be templates."""
+        if self._tpl_token is None:
+            if now < self._tpl_next_pass or not (self._persist or self._tpl_seen):
+                return
+            self._tpl_next_pass = now + SWEEP_PASS_EVERY
+            self._tpl_seen = False
+        entries, self._tpl_token = self.tables.maps.items_batch("templates", self._tpl_token, budget)
+        if entries:
+            self._tpl_seen = True
+        base = km.ticks(now)
+        for k, v in entries:
+            if k in self.templates or _live(v, base):
+                continue
+            pid, family, addr = km.TPL_KEY.unpack(k)
+            pers = self._persist.get(pid)
+            if pers is None or not pers.alive((family, int.from_bytes(addr[:4 if family == 4 else 16], "big")), now):
+                self.templates[k] = None
 
     def events(self, records: list[bytes], now: float, take) -> None:
         """The program's ``flow_events`` records (:data:`~director.dataplane.kernelmaps.FLOW_EVENT`: a flow

@@ -43,15 +43,29 @@ Maps (names as in the C file):
   engine's, and the host's too), ``slowpaths`` (hash: ifindex -> ifindex) the
   LAN side's own slow-path veth when it is another interface.
 * ``services`` (hash): :func:`svc_key` (VIP id, port, protocol) ->
-  :func:`svc_value` (scheduler kind, table number, slots) for every VIP whose
+  :func:`svc_value` (scheduler kind, table number, slots; persistence: the
+  service's id, timeout and prefix lengths) for every VIP whose
   service the kernel schedules new flows of (:func:`kernel_schedules`: mh,
-  sh, dh; DR or TUN; no persistence; no spill configured). ``slots`` (hash, not
+  sh, dh; DR or TUN; no spill configured). ``slots`` (hash, not
   preallocated): (table, chunk) -> :data:`SLOT_CHUNK` route indexes, the
   scheduler's lookup table (:func:`slot_chunks`). A route's
   :data:`ROUTE_NEW` says whether its server takes new flows; a flow the
   kernel made, or whose TCP state it moved (:data:`ROUTE_TRACK`), carries
   :data:`FLOW_KERNEL` until Python writes it again.
   ``route_new`` (per-CPU array): route index -> new flows the kernel made.
+* ``templates`` (hash, not preallocated, sized as ``conns``):
+  :func:`template_key` (the service's :func:`persist_id`, the client network:
+  ``Persistence.key``) -> :func:`template_value` (the server's
+  :func:`server_id`, which a route also carries, and the expiry in ticks): the
+  kernel's copy of Python's persistence templates, for the services it
+  schedules. Python writes the ones it makes or refreshes (``Persistence.watch``),
+  the kernel the ones it makes, an expired one it leaves to Python
+  (``pass_template``: only Python knows whether it still controls
+  connections), and Python's sweep deletes the expired ones it does not keep.
+  ``persist_routes`` (hash): :func:`proute_key` (a VIP's table number, a
+  member's server id) -> the route of that server x that VIP: where a
+  template sends this VIP's flow (a template is per service, across its VIPs
+  and ports).
 * ``flow_events`` (ring buffer): a :data:`FLOW_EVENT` record (the ``conns``
   key and value after the packet) for each flow the kernel made and each
   state change it applied, read by director/dataplane/flowevents.py;
@@ -65,6 +79,7 @@ Maps (names as in the C file):
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any
 
@@ -99,6 +114,7 @@ REASONS = (
     "forwarded_nat_reply",
     "new_flow",
     "state_tracked",
+    "pass_template",
 )
 """What happened to each packet the program saw, in the C ``enum reason`` order:
 forwarded by the kernel, or passed to the userspace engine and why."""
@@ -119,7 +135,7 @@ writes is that much early at most; nothing in Python corrects for it (LVS's time
 MAX_TIMEOUT = 24 * 86400.0
 """The longest timeout the kernel keeps exactly: expiries are compared modulo 2^32 ticks (~52 days)."""
 MAX_VIPS = 4096
-ROUTE = struct.Struct("=6s6sBBBxIHH16s16s")
+ROUTE = struct.Struct("=6s6sBBBxIHH16s16sI")
 VIP_KEY = struct.Struct("=B3x16s")
 COUNTER = struct.Struct("=QQ")
 TIMEOUTS = struct.Struct(f"={STATES}Q")
@@ -129,7 +145,10 @@ REPLY = struct.Struct(f"={FLOW_KEY.size}s16s12sI")
 U32 = struct.Struct("=I")
 U64 = struct.Struct("=Q")
 SVC_KEY = struct.Struct("=H2sB3x")
-SVC = struct.Struct("=B3xII")
+SVC = struct.Struct("=BBBxIIII")
+TPL_KEY = struct.Struct("=IB3x16s")
+TPL = struct.Struct("=II")
+PROUTE_KEY = struct.Struct("=II")
 SLOT_KEY = struct.Struct("=II")
 SLOT_CHUNK = 256
 """Slots per ``slots`` entry (a Maglev table of 65537 slots is 257 of them)."""
@@ -166,6 +185,8 @@ MAPS = {
     "slowpaths": (U32.size, U32.size),
     "services": (SVC_KEY.size, SVC.size),
     "slots": (SLOT_KEY.size, SLOTS.size),
+    "templates": (TPL_KEY.size, TPL.size),
+    "persist_routes": (PROUTE_KEY.size, U32.size),
     "route_new": (U32.size, U64.size),
     "flow_events": (0, 0),
     "flow_events_lost": (U32.size, U64.size),
@@ -175,7 +196,7 @@ MAPS = {
 
 def sized(max_entries: int) -> dict[str, int]:
     """The maps the loader sizes to the connection table (libbpf's max_entries before loading)."""
-    return {"conns": max_entries, "nat_replies": max_entries}
+    return {"conns": max_entries, "nat_replies": max_entries, "templates": max_entries}
 
 
 PERCPU_MAPS = frozenset({"route_counters", "reasons", "ident", "route_out_counters", "route_new",
@@ -185,7 +206,7 @@ MAX_ROUTES = 65536
 ZERO = U32.pack(0)
 
 
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 """Bump when a map keeps its sizes but changes meaning: pinned maps of another version are rebuilt."""
 
 
@@ -285,7 +306,7 @@ def is_nat(tx: Any) -> bool:
 
 
 def route_value(tx: Any, live: bool, ifindex: int = 0, lan_ifindex: int = 0,
-                new: bool = False, track: bool = False) -> bytes:
+                new: bool = False, track: bool = False, server: int = 0) -> bytes:
     """A route's entry for a transmit object (director/modes/): DR's 12 MAC bytes, a TUN tunnel or
     a NAT real server.
 
@@ -294,21 +315,22 @@ def route_value(tx: Any, live: bool, ifindex: int = 0, lan_ifindex: int = 0,
     do gives a route the kernel always passes to userspace. ``ifindex`` 0: out
     of the interface the packet came in on; NAT goes out of ``lan_ifindex``
     (the real servers' side) when it is another. ``new``: it takes new flows (:data:`ROUTE_NEW`);
-    ``track``: the kernel applies its flows' state changes (:data:`ROUTE_TRACK`).
+    ``track``: the kernel applies its flows' state changes (:data:`ROUTE_TRACK`); ``server``: the
+    server's :func:`server_id` (what a persistence template names).
     """
     flags = (ROUTE_LIVE | (ROUTE_NEW if new else 0) | (ROUTE_TRACK if track else 0)) if live else 0
     empty = bytes(16)
     if isinstance(tx, bytes) and len(tx) == 12:
-        return ROUTE.pack(tx[:6], tx[6:], MODE_DR, 0, flags, ifindex, 0, 0, empty, empty)
+        return ROUTE.pack(tx[:6], tx[6:], MODE_DR, 0, flags, ifindex, 0, 0, empty, empty, server)
     family = getattr(tx, "family", None)
     if is_nat(tx):
         return ROUTE.pack(tx.eth[:6], tx.eth[6:12], MODE_NAT, family, flags, lan_ifindex or ifindex, 0,
-                          U16.unpack(tx.port.to_bytes(2, "big"))[0], empty, tx.address.ljust(16, b"\0"))
+                          U16.unpack(tx.port.to_bytes(2, "big"))[0], empty, tx.address.ljust(16, b"\0"), server)
     if family in (4, 6) and hasattr(tx, "max_inner"):
         eth = tx.eth
         return ROUTE.pack(eth[:6], eth[6:12], MODE_TUN, family, flags, ifindex, tx.max_inner, 0,
-                          tx.src.ljust(16, b"\0"), tx.dst.ljust(16, b"\0"))
-    return ROUTE.pack(bytes(6), bytes(6), MODE_NONE, 0, 0, ifindex, 0, 0, empty, empty)
+                          tx.src.ljust(16, b"\0"), tx.dst.ljust(16, b"\0"), server)
+    return ROUTE.pack(bytes(6), bytes(6), MODE_NONE, 0, 0, ifindex, 0, 0, empty, empty, server)
 
 
 def timeouts_value(timeouts: tuple[float, ...] | list[float]) -> bytes:
@@ -361,11 +383,10 @@ def percpu(value: bytes, size: int, cpus: int) -> bytes:
 
 def kernel_schedules(sp: Any) -> bool:
     """Whether the kernel may schedule a service's new flows (a forwarder ``ServicePlan``): a hash
-    scheduler (:data:`SCHED_KINDS`), DR or TUN, no persistence (templates stay Python's), no spill configured:
+    scheduler (:data:`SCHED_KINDS`), DR or TUN, with or without persistence, no spill configured:
     the packet workers switch a spilling service's new flows on the spill flag (spillflags.py) before any plan
     reaches the kernel's tables, so those stay Python's."""
-    return (sp.scheduler in SCHED_KINDS and sp.forwarding in KERNEL_MODES and sp.persistence is None
-            and sp.spill is None)
+    return sp.scheduler in SCHED_KINDS and sp.forwarding in KERNEL_MODES and sp.spill is None
 
 
 def svc_key(vid: int, port: int, proto: int) -> bytes:
@@ -373,8 +394,40 @@ def svc_key(vid: int, port: int, proto: int) -> bytes:
     return SVC_KEY.pack(vid, port.to_bytes(2, "big"), proto)
 
 
-def svc_value(kind: str, table: int, size: int) -> bytes:
-    return SVC.pack(SCHED_KINDS[kind], table, size)
+def svc_value(kind: str, table: int, size: int, persistence: tuple[float, int, int] | None = None,
+              persist: int = 0) -> bytes:
+    """A ``services`` value; ``persistence`` (timeout, netmask, netmask6) with the service's ``persist`` id."""
+    if persistence is None:
+        return SVC.pack(SCHED_KINDS[kind], 0, 0, table, size, 0, 0)
+    timeout, m4, m6 = persistence
+    return SVC.pack(SCHED_KINDS[kind], m4, m6, table, size, persist, ticks(min(timeout, MAX_TIMEOUT)))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def server_id(server: Any) -> int:
+    """A real server's id in its service (route ``server``, template value): its key hashed, never 0.
+    Cached: a template Python writes names its server (a ServerKey, hashable) on every new connection."""
+    return (hash64(f"{server.service}|{server.address}|{server.port}".encode()) & 0xFFFFFFFF) | 1
+
+
+def persist_id(service: str) -> int:
+    """A service's id in ``templates`` keys, never 0 (no persistence)."""
+    return (hash64(f"persist|{service}".encode()) & 0xFFFFFFFF) | 1
+
+
+def template_key(persist: int, key: tuple[int, int]) -> bytes:
+    """The ``templates`` key of a Persistence key (family, masked address as an integer)."""
+    family, value = key
+    return TPL_KEY.pack(persist, family, value.to_bytes(4 if family == 4 else 16, "big"))
+
+
+def template_value(server: int, expires: float) -> bytes:
+    return TPL.pack(server, ticks(expires))
+
+
+def proute_key(table: int, server: int) -> bytes:
+    """A ``persist_routes`` key: a VIP's table number (its ``services`` value's) and a server's id."""
+    return PROUTE_KEY.pack(table, server)
 
 
 def slot_chunks(table: int, routes: list[int]) -> dict[bytes, bytes]:

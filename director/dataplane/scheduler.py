@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from director.dataplane.counters import Counts
 from glb.errors import SchedulerError
@@ -711,6 +711,9 @@ class Persistence:
         self._mask4 = ((1 << 32) - 1) ^ ((1 << (32 - netmask)) - 1)
         self._mask6 = ((1 << 128) - 1) ^ ((1 << (128 - netmask6)) - 1)
         self._table: OrderedDict[tuple[int, int], Template] = OrderedDict()
+        self.watch: Callable[[tuple[int, int], Template], None] | None = None
+        """Told of every template made or refreshed here (not of those :meth:`adopt` takes): the kernel
+        data plane keeps its copy (director/dataplane/kernel.py KernelSync.template)."""
 
     @classmethod
     def from_config(cls, p: Any, max_entries: int = 1_000_000) -> Persistence:
@@ -723,6 +726,16 @@ class Persistence:
     def key(self, src: bytes) -> tuple[int, int]:
         v = int.from_bytes(src, "big")
         return (4, v & self._mask4) if len(src) == 4 else (6, v & self._mask6)
+
+    def items(self) -> Iterable[tuple[tuple[int, int], Template]]:
+        """(key, template) for every template held, least recently used first."""
+        return list(self._table.items())
+
+    def alive(self, key: tuple[int, int], now: float) -> bool:
+        """Whether the template of the client network ``key`` (:meth:`key`) has not expired: it controls
+        connections or its timeout has not run out."""
+        t = self._table.get(key)
+        return t is not None and (t.controlled > 0 or now < t.expires)
 
     def get(self, src: bytes, now: float, scheduler: Scheduler | None = None) -> Template | None:
         """The live, honoured template for this client, if any (no side effects)."""
@@ -756,6 +769,8 @@ class Persistence:
         else:
             t.expires = now + self.timeout
             self._table.move_to_end(k)
+        if self.watch is not None:
+            self.watch(k, t)
         return t
 
     def install(self, src: bytes, dest: Dest, expires: float) -> Template:
@@ -765,6 +780,13 @@ class Persistence:
         still count on it) and its expiry extended; one to another ``dest``
         is replaced.
         """
+        t = self.adopt(src, dest, expires)
+        if self.watch is not None:
+            self.watch(self.key(src), t)
+        return t
+
+    def adopt(self, src: bytes, dest: Dest, expires: float) -> Template:
+        """:meth:`install` of a template the kernel data plane made (its flow's event): not told back."""
         k = self.key(src)
         t = self._table.get(k)
         if t is not None and t.dest is dest:

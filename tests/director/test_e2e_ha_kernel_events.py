@@ -2,8 +2,8 @@
 
 The lab of test_e2e_ha.py (two `glb director --id` members, two DR real
 servers, 50 long-lived HTTP/1.1 connections from five client addresses),
-with the service scheduled by mh and no persistence: the tc program
-schedules every new connection and applies its handshake itself, so Python
+with the service scheduled by mh, without persistence and with it: the tc program
+schedules every new connection (and makes its client's template) and applies its handshake itself, so Python
 hears of them only through the program's flow events
 (director/dataplane/flowevents.py) or, without them, when its sweep of the
 kernel's table gets there. The master's table is padded with 300,000 live
@@ -12,12 +12,15 @@ backup holding all 50 flows within a 10 s wait shows the events carried
 them. Then the server most of them are on is drained on both members and
 the master killed -9: a flow the backup did not hold would be picked up
 mid-stream by mh's fallback walk (the drained server takes nothing new),
-land on the other server and break; every one survives.
+land on the other server and break; every one survives. With persistence
+the backup also holds each client's template, in its own kernel's table
+too, naming the server the client's connections are on.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 import signal
 import subprocess
@@ -27,9 +30,11 @@ from pathlib import Path
 import pytest
 
 from director.dataplane import kernelmaps as km
+from director.control.health import ServerKey
 from director.dataplane.conntable import ESTABLISHED
+from director.dataplane.libbpf import read_pinned
 from tests.director.director_lab import running_lab
-from tests.director.test_e2e_ha import CONNECTIONS, RS, Clients, HALab, new_connections_served
+from tests.director.test_e2e_ha import CLIENTS, CONNECTIONS, RS, Clients, HALab, new_connections_served
 from tests.waiting import until
 
 pytestmark = pytest.mark.netns
@@ -46,6 +51,8 @@ class KernelMhLab(HALab):
     """test_e2e_ha's pair with an mh service, the kernel data plane and its maps pinned on a lab bpffs
     (``ip netns exec`` hides the host's /sys/fs/bpf), so the test can reach the master's table."""
 
+    persistence = False
+
     def __init__(self, lab, tmp: Path, redis_port: int, dataplane: str) -> None:
         self.pins = tmp / "bpf"
         self.pins.mkdir()
@@ -60,7 +67,8 @@ class KernelMhLab(HALab):
     def config_text(self, preempt: bool) -> str:
         text = super().config_text(preempt)
         for old, new in (
-            ("scheduler: wlc\n        persistence: {timeout: 300}\n", "scheduler: mh\n"),
+            ("scheduler: wlc\n        persistence: {timeout: 300}\n",
+             "scheduler: mh\n" + ("        persistence: {timeout: 300}\n" if self.persistence else "")),
             ("packet: {workers: 1, dataplane: kernel}",
              f"connection_table: {{max_entries: {MAX_ENTRIES}}}\n"
              f"      packet: {{workers: 1, dataplane: kernel, bpf_pin_root: \"{self.pins}\"}}"),
@@ -108,9 +116,14 @@ def pad(conns: Path, n: int) -> None:
         os.close(fd)
 
 
-@pytest.fixture(scope="module")
-def ha(tmp_path_factory, redis_server):
-    with running_lab("hakev", KernelMhLab, tmp_path_factory.mktemp("hakev"), redis_server, "kernel") as t:
+class KernelMhPersistentLab(KernelMhLab):
+    persistence = True
+
+
+@pytest.fixture(scope="module", params=[KernelMhLab, KernelMhPersistentLab], ids=["mh", "mh-persistence"])
+def ha(request, tmp_path_factory, redis_server):
+    name = "hakev" if request.param is KernelMhLab else "hakevp"
+    with running_lab(name, request.param, tmp_path_factory.mktemp(name), redis_server, "kernel") as t:
         t.start("dc1-a", preempt=True)
         t.start("dc1-b", preempt=True)
         until(lambda: t.role("dc1-a") == "master" and t.role("dc1-b") == "backup", "dc1-a master, dc1-b backup", 20)
@@ -145,6 +158,19 @@ def test_kernel_made_flows_reach_the_backup_at_once_and_survive_a_takeover(ha):
         ha.d["dc1-a"].proc.send_signal(signal.SIGKILL)
         until(lambda: ha.role("dc1-b") == "master", "dc1-b takes over", 10)
         clients.check_survived()
+        if ha.persistence:  # each client's template, made by dc1-a's kernel, synced, now in dc1-b's kernel
+            (templates,) = ha.pins.glob("*dc1-b/templates")
+            per = CONNECTIONS // len(CLIENTS)
+
+            def held() -> bool:
+                for i, c in enumerate(CLIENTS):
+                    server = RS[int(clients.first[i * per][0][2:])]
+                    key = km.template_key(km.persist_id("web"), (4, int(ipaddress.ip_address(c))))
+                    value = read_pinned(templates, key, km.TPL.size)
+                    if value is None or km.TPL.unpack(value)[0] != km.server_id(ServerKey("web", server, 0)):
+                        return False
+                return True
+            until(held, "dc1-b's kernel holds each client's template", 5)
         new_connections_served(ha)
     finally:
         clients.close()

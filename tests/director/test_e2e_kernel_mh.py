@@ -6,7 +6,8 @@ SYN is scheduled and forwarded by the tc program (the kernel's ``new_flow``
 counter) and its state changes applied there (``state_tracked``), each
 client address lands where Python's Maglev puts it, Python's sweep then
 counts the connections, and a drained server takes no new connection while
-the others keep theirs.
+the others keep theirs. With persistence, the kernel keeps each client
+network on the server its first connection got.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ CLIENTS = [f"10.0.0.{i}" for i in range(20, 44)]
 RS = {1: "10.0.0.11", 2: "10.0.0.12", 3: "10.0.0.13"}
 
 
-def _yaml(weights: dict[int, int], pins: str) -> str:
-    svc = service_yaml("web", [f"{VIP}:80/tcp"], [(RS[i], w) for i, w in weights.items()], scheduler="mh")
+def _yaml(weights: dict[int, int], pins: str, extra: str = "") -> str:
+    svc = service_yaml("web", [f"{VIP}:80/tcp"], [(RS[i], w) for i, w in weights.items()], scheduler="mh",
+                       extra=extra)
     return config_yaml(redis_port=6379, services=svc, max_entries=2000, dataplane="kernel", pin_root=pins)
 
 
@@ -141,4 +143,35 @@ def test_a_drained_server_gets_no_new_connection_and_the_others_keep_their_clien
         assert "rs2" not in got.values() and len(set(got.values())) == 2
     finally:
         d.reload(_yaml({1: 1, 2: 1, 3: 1}, ""))
+        d.wait_up(list(RS.values()))
+
+
+def test_persistence_is_kept_in_the_kernel(lab):
+    """persistence /30: the first client of each four-address network gets Maglev's server for its own
+    address, and the tc program, which made the network's template then, sends the other three there
+    too (Maglev alone spreads them); every SYN scheduled by the kernel, none by Python."""
+    client, d = lab
+    d.reload(_yaml({1: 1, 2: 1, 3: 1}, "", extra="persistence: {timeout: 300, netmask: 30}"))
+    deadline = time.monotonic() + 10
+    while not (d.status() or {"services": [{}]})["services"][0].get("persistence") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # the plan reaches the worker, which writes the kernel's tables
+    try:
+        before = _kernel(d).get("new_flow", 0)
+        got = {c: _get(client, c) for c in CLIENTS}
+        first = {}
+        want = {}
+        for c in CLIENTS:
+            net = int(ipaddress.ip_address(c)) >> 2
+            first.setdefault(net, _python_choice({1: 1, 2: 1, 3: 1}, c))
+            want[c] = first[net]
+        assert got == want
+        assert want != {c: _python_choice({1: 1, 2: 1, 3: 1}, c) for c in CLIENTS}  # not Maglev's alone
+        assert _settled(d, "new_flow", before + len(CLIENTS)) - before == len(CLIENTS)
+        assert _kernel(d).get("pass_template", 0) == 0
+    finally:
+        d.reload(_yaml({1: 1, 2: 1, 3: 1}, ""))
+        deadline = time.monotonic() + 10
+        while (d.status() or {"services": [{}]})["services"][0].get("persistence") and time.monotonic() < deadline:
+            time.sleep(0.1)
         d.wait_up(list(RS.values()))

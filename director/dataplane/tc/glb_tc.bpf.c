@@ -13,7 +13,8 @@
  * (see leave()), or to the host when it is not the engine's: new flows and
  * every scheduler, state changes, ICMP, ARP/NDP, fragments, packets too big
  * for the tunnel. New flows of mh, sh and dh are the exception: the program
- * schedules those itself from Python's lookup tables (see new_flow()), and
+ * schedules those itself from Python's lookup tables and, for a service with
+ * persistence, its copy of Python's templates (see new_flow()), and
  * applies the TCP state changes of their flows (ROUTE_TRACK) but a SYN
  * reusing a closing flow. tests/director/dataplane/test_kernel_golden.py holds this file to
  * the golden table and to the Python forwarder with BPF_PROG_TEST_RUN.
@@ -63,6 +64,7 @@ enum reason {
 	R_NAT_REPLY,     /* a real server's reply forwarded, SNAT'd back to the VIP */
 	R_NEW,           /* a new flow the program scheduled (mh, sh, dh) and installed; also counted forwarded */
 	R_TRACKED,       /* a TCP state change the program applied (ROUTE_TRACK); also counted forwarded */
+	R_TEMPLATE,      /* a persistence template expired (it may still control connections) or no room for one */
 	R_MAX,
 };
 
@@ -107,6 +109,7 @@ struct route {
 	__u16 port;      /* NAT: the real server's port, network order (0: the VIP's) */
 	__u8 saddr[16];  /* TUN outer source (the director) */
 	__u8 daddr[16];  /* TUN outer destination, NAT new destination: the real server */
+	__u32 server;    /* the real server's id in its service (kernelmaps.server_id): persistence templates name it */
 };
 
 struct vip_key {
@@ -726,7 +729,7 @@ static __always_inline int reply_nat(struct __sk_buff *skb, struct pkt *p, __u64
  * director/dataplane/scheduler.py does and installed into `conns`, so a new
  * connection's first packet no longer goes through Python. Python writes,
  * per VIP (address, port, protocol) whose service the kernel may schedule
- * (kernelmaps.kernel_schedules: no persistence, no spill configured, DR or TUN),
+ * (kernelmaps.kernel_schedules: no spill configured, DR or TUN),
  * the scheduler's lookup table: Maglev's table_size slots or IPVS's 256
  * buckets, each the route of the server owning it. The program only takes
  * the plain case: the slot's server takes new flows (ROUTE_NEW: available,
@@ -758,9 +761,13 @@ struct svc_key {
 
 struct svc {
 	__u8 kind;   /* SCHED_* */
-	__u8 pad[3];
-	__u32 table; /* its number in `slots` keys */
+	__u8 mask4;  /* persistence: the client's prefix length, IPv4 */
+	__u8 mask6;  /* and IPv6 */
+	__u8 pad;
+	__u32 table; /* its number in `slots` and `persist_routes` keys */
 	__u32 size;  /* slots: mh's table size, 256 for sh and dh */
+	__u32 persist; /* the service's id in `templates` keys; 0: no persistence */
+	__u32 timeout; /* persistence timeout, ticks */
 };
 
 struct slot_key {
@@ -787,6 +794,52 @@ struct {
 	__type(key, struct slot_key);
 	__type(value, struct slot_chunk);
 } slots SEC(".maps");
+
+/*
+ * Persistence (IPVS -p timeout -M netmask), per service across its VIPs and
+ * ports as scheduler.py's Persistence: a client network sticks to the server
+ * its template names. Python's templates are the truth, these their copy:
+ * Python writes the ones it makes or refreshes (a flow it scheduled, a
+ * synced one), the program the ones it makes here, which Python learns from
+ * each flow's event. A template counts the connections it controls only in
+ * Python (it lives while it controls one), so an expired one is left to
+ * Python (R_TEMPLATE), which honours it or replaces it and writes it back.
+ * Not preallocated: only services with persistence fill it; Python deletes
+ * the expired ones (KernelSync.sweep), and when full the flow is Python's.
+ */
+struct tpl_key {
+	__u32 persist; /* svc.persist */
+	__u8 family;
+	__u8 pad[3];
+	__u8 addr[16]; /* the client's address masked to the service's prefix length */
+};
+
+struct tpl {
+	__u32 server;  /* route.server of the server it sticks to */
+	__u32 expires; /* ticks, as struct flow's */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536); /* the loader sizes it to the connection table */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct tpl_key);
+	__type(value, struct tpl);
+} templates SEC(".maps");
+
+/* (a VIP's table, a server's id) -> the route of that server x that VIP: where a template's flow goes. */
+struct proute_key {
+	__u32 table;
+	__u32 server;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_ROUTES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct proute_key);
+	__type(value, __u32);
+} persist_routes SEC(".maps");
 
 /* New flows the program scheduled along each route (Python adds them to Route.conns). */
 struct {
@@ -905,9 +958,38 @@ static __always_inline __u32 first_slot(struct pkt *p, struct svc *s)
 	return (fold(w, n) * GOLDEN) & 0xff;
 }
 
+/* The client's network: its address masked to the service's prefix length, as Persistence.key. */
+static __always_inline void client_net(struct tpl_key *tk, struct pkt *p, struct svc *s)
+{
+	int bits = p->family == 4 ? s->mask4 : s->mask6;
+
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		int left = bits - 32 * i;
+		__u32 m = left <= 0 ? 0 : left >= 32 ? 0xffffffffu : ~(0xffffffffu >> left);
+
+		((__u32 *)tk->addr)[i] = ((__u32 *)p->key.src)[i] & bpf_htonl(m);
+	}
+}
+
+/* A usable route: its server takes new flows and the kernel can send this packet there. */
+static __always_inline __u32 usable(struct route *r, struct pkt *p, struct __sk_buff *skb)
+{
+	if (!r || !(r->flags & ROUTE_LIVE) || !(r->flags & ROUTE_NEW) || r->mode == MODE_NONE)
+		return R_NO_FLOW;
+	if (r->mode == MODE_TUN && p->family != r->family)
+		return R_FAMILY;
+	if (r->mode == MODE_TUN && !skb->gso_size && p->total > r->max_inner)
+		return R_TOO_BIG;
+	return 0;
+}
+
 /*
  * A new flow of a service whose scheduler the kernel computes: R_DR or
  * R_TUN with the route set and the flow installed, else why Python decides.
+ * With persistence, Persistence.schedule's: the client network's live
+ * template if its server is still a usable member (its expiry refreshed),
+ * else the scheduler's choice, which becomes the template.
  */
 static __always_inline __u32 new_flow(struct __sk_buff *skb, struct pkt *p, __u64 now,
 				      struct route **rp, __u32 *ri)
@@ -929,24 +1011,61 @@ static __always_inline __u32 new_flow(struct __sk_buff *skb, struct pkt *p, __u6
 		if (state != S_SYN_RECV)
 			return R_NO_FLOW;
 	}
-	__u32 slot = first_slot(p, s);
-	struct slot_key ck = {.table = s->table, .chunk = slot / SLOT_CHUNK};
-	struct slot_chunk *c = bpf_map_lookup_elem(&slots, &ck);
-	if (!c)
-		return R_NO_FLOW;
-	__u32 idx = c->route[slot & (SLOT_CHUNK - 1)];
-	if (idx == NO_ROUTE)
-		return R_NO_FLOW;
-	struct route *r = bpf_map_lookup_elem(&routes, &idx);
-	if (!r || !(r->flags & ROUTE_LIVE) || !(r->flags & ROUTE_NEW) || r->mode == MODE_NONE)
-		return R_NO_FLOW;
-	if (r->mode == MODE_TUN && p->family != r->family)
-		return R_FAMILY;
-	if (r->mode == MODE_TUN && !skb->gso_size && p->total > r->max_inner)
-		return R_TOO_BIG;
+	struct route *r = 0;
+	__u32 idx = NO_ROUTE, why;
+	__u32 tick = (__u32)(now >> TICK_SHIFT);
+	struct tpl_key tk = {.persist = s->persist, .family = p->family};
+	struct tpl *t = 0;
+
+	if (s->persist) {
+		client_net(&tk, p, s);
+		t = bpf_map_lookup_elem(&templates, &tk);
+		if (t && (__s32)(t->expires - tick) <= 0)
+			return R_TEMPLATE; /* Python's copy may still control connections: it decides */
+		if (t) {
+			struct proute_key pk = {.table = s->table, .server = t->server};
+			__u32 *i = bpf_map_lookup_elem(&persist_routes, &pk);
+
+			if (i) { /* a member here; not honoured unless usable (Persistence.get) */
+				idx = *i;
+				r = bpf_map_lookup_elem(&routes, &idx);
+				if (usable(r, p, skb))
+					r = 0;
+			}
+		}
+	}
+	if (!r) {
+		__u32 slot = first_slot(p, s);
+		struct slot_key ck = {.table = s->table, .chunk = slot / SLOT_CHUNK};
+		struct slot_chunk *c = bpf_map_lookup_elem(&slots, &ck);
+		if (!c)
+			return R_NO_FLOW;
+		idx = c->route[slot & (SLOT_CHUNK - 1)];
+		if (idx == NO_ROUTE)
+			return R_NO_FLOW;
+		r = bpf_map_lookup_elem(&routes, &idx);
+		why = usable(r, p, skb);
+		if (why)
+			return why;
+		if (!r)
+			return R_NO_FLOW;
+		t = 0; /* a new template, or another server for the client network's */
+	}
 	struct timeouts *to = bpf_map_lookup_elem(&timeouts, &zero);
 	if (!to)
 		return R_ERROR;
+	if (s->persist) {
+		__u32 expires = tick + s->timeout;
+
+		if (t) {
+			t->expires = expires; /* IPVS refreshes a template on every connection it controls */
+		} else {
+			struct tpl nt = {.server = r->server, .expires = expires};
+
+			if (bpf_map_update_elem(&templates, &tk, &nt, BPF_ANY))
+				return R_TEMPLATE; /* full: Python's templates decide */
+		}
+	}
 	struct flow f = {
 		.route = idx,
 		.state = state,

@@ -33,7 +33,7 @@ from director.dataplane import kernelmaps as km  # noqa: E402
 from director.dataplane.conntable import ESTABLISHED, FIN_WAIT, SYN_RECV, UDP as S_UDP  # noqa: E402
 from director.dataplane.forwarder import Forwarder, Plan, ServerPlan, ServicePlan, VipPlan  # noqa: E402
 from director.dataplane.kernel import SWEEP_PASS_EVERY, KernelSync, KernelTables  # noqa: E402
-from director.dataplane.scheduler import _GOLDEN, MH_SEED, _fold  # noqa: E402
+from director.dataplane.scheduler import _GOLDEN, MH_SEED, Persistence, _fold  # noqa: E402
 from glb.hashing import client_hash  # noqa: E402
 from tests.director.dataplane.test_codec import DIR4, DIR6, DIR_MAC, VIP4, VIP6, frame, packed  # noqa: E402
 from tests.director.dataplane.test_kernel_golden import for_this_host  # noqa: E402
@@ -70,7 +70,7 @@ class Director:
     """A forwarder with its kernel tables in ``bpf``, as the engine keeps them."""
 
     def __init__(self, bpf, plan: Plan):
-        for name in ("conns", "services", "slots"):
+        for name in ("conns", "services", "slots", "templates", "persist_routes"):
             bpf.delete_batch(name, bpf.keys(name))
         self.bpf = bpf
         self.f = Forwarder()
@@ -98,12 +98,17 @@ class Director:
         return table[(_fold(vip if sched.name == "dh" else src) * _GOLDEN) & 0xFF]
 
 
-def _flows(n: int, seed: int):
+def _any_client(rng: random.Random, six: bool) -> str:
+    return f"2001:db8:{rng.randrange(1 << 16):x}::{rng.randrange(1, 1 << 16):x}" if six else \
+        f"{rng.randrange(1, 224)}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+
+
+def _flows(n: int, seed: int, client=_any_client):
+    """SYNs and UDP queries from ``client(rng, six)``, to both ports of both VIPs."""
     rng = random.Random(seed)
     for _ in range(n):
         six = rng.random() < 0.5
-        src = f"2001:db8:{rng.randrange(1 << 16):x}::{rng.randrange(1, 1 << 16):x}" if six else \
-            f"{rng.randrange(1, 224)}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+        src = client(rng, six)
         vip = VIP6 if six else VIP4
         sport = rng.randrange(1024, 65536)
         port, proto = rng.choice(PORTS)
@@ -158,10 +163,9 @@ def test_what_the_kernel_leaves_to_python(bpf):
     d.tables.set_vips(())
     syn = frame(IP(src="198.51.100.7", dst=VIP4) / TCP(sport=4000, dport=80, flags="S"))
     assert d.run(syn)[2] == {"pass_no_flow": 1}  # a VIP this director does not own (a backup)
-    for kw in ({"persistence": (300.0, 32, 128)}, {"forwarding": "nat"}):
-        d = Director(bpf, _plan("mh", **kw))
-        assert d.bpf.keys("services") == []
-        assert d.run(syn)[2] == {"pass_no_flow": 1}
+    d = Director(bpf, _plan("mh", forwarding="nat"))
+    assert d.bpf.keys("services") == []
+    assert d.run(syn)[2] == {"pass_no_flow": 1}
     d = Director(bpf, _plan("wlc"))
     assert d.bpf.keys("services") == []
 
@@ -239,9 +243,105 @@ def test_a_plan_change_rewrites_only_what_changed(bpf):
     d.apply(_plan("mh", weights=(1, 2, 2, 1, 1)))  # a new weight: Maglev moves some slots
     after = dict(bpf.items("slots"))
     assert after.keys() == chunks.keys() and after != chunks
-    numbers = {km.SVC.unpack(v)[1] for v in dict(bpf.items("services")).values()}
+    numbers = {km.SVC.unpack(v)[3] for v in dict(bpf.items("services")).values()}
     d.apply(_plan("mh", table_size=251))  # another size: tables of other numbers, the old chunks gone
-    assert not numbers & {km.SVC.unpack(v)[1] for v in dict(bpf.items("services")).values()}
+    assert not numbers & {km.SVC.unpack(v)[3] for v in dict(bpf.items("services")).values()}
     assert len(bpf.keys("slots")) == 4
     d.apply(_plan("wlc"))
     assert bpf.keys("services") == [] and bpf.keys("slots") == []
+
+
+# -- persistence ---------------------------------------------------------------------------------
+
+NETS4 = [f"203.0.{i}." for i in range(113, 119)]
+NETS6 = [f"2001:db8:{i:x}:1::" for i in range(0x51, 0x57)]
+
+
+def _network_client(rng: random.Random, six: bool) -> str:
+    """A client of one of a few networks (/24, /64)."""
+    return rng.choice(NETS6) + f"{rng.randrange(1, 1 << 16):x}" if six else rng.choice(NETS4) + str(rng.randrange(1, 255))
+
+
+@pytest.mark.parametrize("scheduler", ["mh", "sh"])
+def test_the_kernel_keeps_persistence_as_python_does(bpf, scheduler):
+    """Each client network sticks to its template's server across both VIPs and ports of the service, as
+    a Persistence over the same schedulers says, while plans move the scheduler's table (new weights) and
+    drain the template's server (weight 0: not honoured, scheduled afresh). What the kernel leaves
+    (the slot's server cannot take new flows) Python decides, and the template it makes or refreshes is
+    the kernel's from then on (Persistence.watch)."""
+    persistence = (300.0, 24, 64)
+    d = Director(bpf, _plan(scheduler, persistence=persistence))
+    ref = Persistence(*persistence)
+    clock = [time.monotonic()]
+
+    def sweep():  # Python hears of the kernel's flows (and so its templates): flow events, or this
+        clock.append(clock[-1] + SWEEP_PASS_EVERY)
+        while d.sync.sweep(clock[-1], d.f.table.__contains__, budget=1 << 16, take=d.f.take) or d.sync._sweep_token:
+            pass
+
+    kernel = python = 0
+    for rnd, weights in enumerate([(1, 2, 3, 1, 1), (3, 1, 1, 2, 1), (1, 0, 2, 0, 1)]):
+        if rnd:
+            d.apply(_plan(scheduler, weights=weights, persistence=persistence))
+        for src, vip, sport, port, proto, data in _flows(120, 40 + rnd, _network_client):
+            now = time.monotonic()
+            svc = d.f.service("web")
+            want = ref.schedule(svc.sched4 if len(src) == 4 else svc.sched6, src, sport, vip, port, now).dest
+            rc, out, reasons = d.run(data)
+            if rc == km.TC_ACT_REDIRECT:
+                assert reasons == {"new_flow": 1, "forwarded_dr": 1}
+                assert out[:12] == want.tx, "the kernel's server is the template's"
+                kernel += 1
+            else:
+                assert rc == km.TC_ACT_OK and reasons == {"pass_no_flow": 1}  # a drained slot's: Python walks on
+                sweep()
+                assert d.f.forward(memoryview(bytearray(data)), now) is not None
+                d.sync.flush()
+                assert d.f.table.get(codec.flow_key(proto, src, vip, sport, port)).dest is want
+                python += 1
+        sweep()
+        # one template per client network, in the kernel and in Python, naming the same server
+        pers = svc.persistence
+        kernel_tpls = dict(bpf.items("templates"))
+        assert len(kernel_tpls) == len(pers) == len(ref)
+        for key, t in ref._table.items():
+            assert km.TPL.unpack(kernel_tpls[km.template_key(km.persist_id("web"), key)])[0] == \
+                km.server_id(t.dest.key)
+            assert pers._table[key].dest is t.dest
+    assert kernel > 200 and python > 0
+
+
+def test_an_expired_template_is_python_s_and_comes_back_refreshed(bpf):
+    """The kernel's copy of a template cannot tell whether it still controls connections: an expired one
+    leaves the new flow to Python, whose template (alive while it controls one) decides and is written back.
+    The sweep deletes the expired copies Python does not keep."""
+    persistence = (300.0, 24, 64)
+    d = Director(bpf, _plan("mh", persistence=persistence))
+    now = time.monotonic()
+    ip = IP(src="203.0.113.9", dst=VIP4)
+    assert d.run(frame(ip / TCP(sport=4000, dport=80, flags="S")))[2] == {"new_flow": 1, "forwarded_dr": 1}
+    d.sync.sweep(now, d.f.table.__contains__, budget=1 << 16, take=d.f.take)
+    pers = d.f.service("web").persistence
+    key = pers.key(packed("203.0.113.9"))
+    t = pers._table[key]
+    assert t.controlled == 1  # the kernel's flow counts on Python's template
+    tk = km.template_key(km.persist_id("web"), key)
+    server = km.TPL.unpack(bpf.lookup("templates", tk))[0]
+    assert server == km.server_id(t.dest.key)
+    bpf.update("templates", tk, km.TPL.pack(server, km.ticks(now - 5)))  # the timeout ran out here
+    t.expires = now - 5  # and in Python, but its connection lives
+    syn = frame(IP(src="203.0.113.200", dst=VIP4) / TCP(sport=4001, dport=80, flags="S"))
+    assert d.run(syn)[2] == {"pass_template": 1}
+    assert d.f.forward(memoryview(bytearray(syn)), now) is not None
+    d.sync.flush()
+    c = d.f.table.get(codec.flow_key(6, packed("203.0.113.200"), packed(VIP4), 4001, 80))
+    assert c.dest is t.dest and c.template is t and t.controlled == 2
+    server2, expires = km.TPL.unpack(bpf.lookup("templates", tk))
+    assert server2 == server and km.parse_flow_value(km.FLOW_VALUE.pack(0, 0, 0, expires), now)[2] > now + 290
+    # The sweep: an expired copy Python keeps alive stays; one Python has not (a stranger's) goes.
+    stranger = km.template_key(km.persist_id("web"), pers.key(packed("198.51.100.1")))
+    bpf.update("templates", stranger, km.TPL.pack(server, km.ticks(now - 5)))
+    bpf.update("templates", tk, km.TPL.pack(server, km.ticks(now - 5)))
+    d.sync.sweep(now + 10, d.f.table.__contains__, budget=1 << 16, take=d.f.take)
+    d.sync.flush()
+    assert set(bpf.keys("templates")) == {tk}

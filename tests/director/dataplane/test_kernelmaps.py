@@ -64,7 +64,7 @@ def test_a_flow_value_s_flags_keep_nat_and_kernel_made_apart():
 
 def test_routes_for_dr_tun_and_unreachable():
     macs = b"\x02\0\0\0\0\x11\x02\0\0\0\0\xd1"
-    dst, src, mode, fam, flags, ifindex, max_inner, _, saddr, daddr = km.ROUTE.unpack(km.route_value(macs, True, 3))
+    dst, src, mode, fam, flags, ifindex, max_inner, _, saddr, daddr, _ = km.ROUTE.unpack(km.route_value(macs, True, 3))
     assert (dst + src, mode, flags, ifindex) == (macs, km.MODE_DR, km.ROUTE_LIVE, 3)
     r = km.ROUTE.unpack(km.route_value(TUN4, False))
     assert r[2:7] == (km.MODE_TUN, 4, 0, 0, 1480)
@@ -369,6 +369,24 @@ def test_a_service_with_spill_configured_is_never_scheduled_by_the_kernel():
     assert not km.kernel_schedules(NS(**{**vars(plain), "spill": NS(active=False)}))
     assert not km.kernel_schedules(NS(**{**vars(plain), "spill": NS(active=True)}))
     assert not km.kernel_schedules(NS(**{**vars(plain), "scheduler": "wlc"}))
+    assert km.kernel_schedules(NS(**{**vars(plain), "persistence": (300.0, 24, 64)}))  # its templates too
+
+
+def test_templates_are_keyed_as_python_s_persistence():
+    from director.control.health import ServerKey
+    from director.dataplane.scheduler import Persistence
+    p = Persistence(300.0, 24, 64)
+    pid = km.persist_id("web")
+    k4 = km.template_key(pid, p.key(P("192.0.2.77")))
+    assert k4 == km.TPL_KEY.pack(pid, 4, P("192.0.2.0") + bytes(12))
+    assert km.template_key(pid, p.key(P("2001:db8:1:2:3::9"))) == km.TPL_KEY.pack(pid, 6, P("2001:db8:1:2::"))
+    assert km.persist_id("web") != km.persist_id("api") and km.persist_id("") & 1
+    kind, m4, m6, table, size, persist, timeout = km.SVC.unpack(km.svc_value("sh", 7, 256, (300.0, 24, 64), pid))
+    assert (kind, m4, m6, table, size, persist) == (km.SCHED_KINDS["sh"], 24, 64, 7, 256, pid)
+    assert abs(timeout * km.TICK - 300.0) < 0.01
+    assert km.SVC.unpack(km.svc_value("mh", 1, 251))[5:] == (0, 0)  # no persistence
+    server, expires = km.TPL.unpack(km.template_value(km.server_id(ServerKey("web", "10.2.0.11", 0)), 12.0))
+    assert server & 1 and expires == km.ticks(12.0)
 
 
 def test_flow_events_take_the_sweep_s_path_at_once():
@@ -406,3 +424,56 @@ def test_flow_events_take_the_sweep_s_path_at_once():
                 2.0, f.take)
     assert f.table.get(mine).state == ESTABLISHED
     assert all(f.table.get(k) is None for k in others)
+
+
+def test_python_s_templates_reach_the_kernel(caplog):
+    """Over the fakes: a template Python makes (a flow it scheduled: here a plan whose VIP the kernel
+    schedules appears after the fact, as on a backup taking over) is written with the flows; a service
+    that becomes the kernel's brings every template it holds; a full map is counted and logged once; new
+    persistence parameters clear the kernel's copies as they clear Python's."""
+    from director.dataplane.kernel import KernelSync
+    from glb.errors import KernelDataplaneError
+    from director.dataplane.forwarder import Forwarder
+    from tests.director.dataplane.test_forwarder import RS, plan, server, syn
+
+    persistence = (300.0, 24, 64)
+    parked = plan(server(RS[0]), server(RS[1]), scheduler="mh", vips=(), persistence=persistence)
+    owned = plan(server(RS[0]), server(RS[1]), scheduler="mh", persistence=persistence)
+    f = Forwarder()
+    f.apply(owned)
+    maps = FakeMaps(cpus=2)
+    sync = KernelSync(KernelTables(maps, f.table.timeouts))
+    f.kernel = f.table.outside = sync
+    f.forward(memoryview(syn(40000)), 0.0)  # before the kernel schedules it: Python's template, not told
+    sync.flush()
+    assert maps.keys("templates") == []
+    pers = f.service("web").persistence
+    (key, t), = pers.items()
+    f.apply(parked)
+    sync.plan_applied(f.vips, f)
+    assert maps.keys("templates") == []  # no VIP of it is the kernel's to schedule
+    f.apply(owned)
+    sync.plan_applied(f.vips, f)
+    tk = km.template_key(km.persist_id("web"), key)
+    assert maps.items("templates") == [(tk, km.template_value(km.server_id(t.dest.key), t.expires))]
+    (svc,) = maps.maps["services"].values()
+    assert km.SVC.unpack(svc)[1:3] == (24, 64) and km.SVC.unpack(svc)[5] == km.persist_id("web")
+    f.forward(memoryview(syn(40001, src="192.0.2.9")), 1.0)  # another network: its template told
+    sync.flush()
+    assert len(maps.keys("templates")) == 2
+    update = maps.update
+
+    def full(name, k, v):
+        if name == "templates":
+            raise KernelDataplaneError("BPF map templates: update failed: Argument list too long")
+        update(name, k, v)
+    maps.update = full
+    f.forward(memoryview(syn(40002, src="203.0.113.1")), 2.0)
+    f.forward(memoryview(syn(40003, src="203.0.114.1")), 2.0)
+    sync.flush()
+    assert sync.templates_full == 2 and len(maps.keys("templates")) == 2
+    assert sum("templates table is full" in r.getMessage() for r in caplog.records) == 1
+    maps.update = update
+    f.apply(plan(server(RS[0]), server(RS[1]), scheduler="mh", persistence=(300.0, 16, 64)))
+    sync.plan_applied(f.vips, f)
+    assert maps.keys("templates") == []  # another prefix length: Python's templates start afresh, the kernel's too
