@@ -61,7 +61,7 @@ from director.control.checker import Checker, Target, targets
 from director.dataplane.forwarder import Plan, build_plan
 from director.dataplane.packetpath import PacketPath
 from director.control.health import ADMIN_DRAIN, ADMIN_NONE, HealthTable, ServerKey, Transition
-from director.control.pair import PairMember
+from director.control.pair import YIELD_GRACE, PairMember
 from director.control.probes import Probe, ProbeResult, Prober
 from director.control.placement import Placement, apply_control, available, place, restore
 from director.control.publisher import Publisher
@@ -140,6 +140,9 @@ class Director:
         self.spilling: dict[str, Spill | None] = {}
         """Service -> where its new connections spill now, or the standby target (``active`` False), or None."""
         self._spill_tick: asyncio.Task | None = None
+        self._yielding: asyncio.Future | None = None
+        self._stopping = False
+        """A master that left Master sending its last flows (:meth:`_yield_flows`)."""
 
     # -- what the packet path reports (StatusSource)
 
@@ -209,6 +212,7 @@ class Director:
         if self.member is not None:
             await self._start_pair()
         self._started = True
+        self._stopping = False
         self.publisher.start()
         self.checker.update(targets(site))
         await self.follower.start()
@@ -225,7 +229,11 @@ class Director:
         A director that never started does not withdraw: its start most
         likely failed because another director for the site is running.
         """
+        self._stopping = True
         await self.checker.stop()
+        if self._yielding is not None:
+            await cancel_and_wait([self._yielding])
+            self._yielding = None
         if self._spill_tick is not None:
             await cancel_and_wait([self._spill_tick])
             self._spill_tick = None
@@ -373,9 +381,33 @@ class Director:
         if self.packet_path is not None:
             self.packet_path.set_owned(master)
             if self.packet_path.engine is not None and self.table.site.director.pair.sync.enabled:
-                self.packet_path.engine.sync_send(master)
+                if master:
+                    self.packet_path.engine.sync_send(True)
+                elif self._stopping or self.pair is None:  # a clean stop handed its flows over already
+                    self.packet_path.engine.sync_send(False)
+                elif self._yielding is None or self._yielding.done():
+                    self._yielding = asyncio.ensure_future(self._yield_flows())
         self.publisher.enable(master)
         self.metrics.observe_role(master)
+
+    async def _yield_flows(self) -> None:
+        """A master that left Master (a preempting member's advertisement, a split brain resolved)
+        sends the flows its workers filed before it stops sending: the new master applies them for
+        pair.YIELD_GRACE (else it knows none of the connections confirmed in the last sync tick, ~20 ms,
+        and drops their next packets as unknown mid-stream ones). The VIPs went first (set_owned), so
+        nothing more is confirmed here; what was on its way is not lost."""
+        pp, pair = self.packet_path, self.pair
+        try:
+            deadline = time.monotonic() + YIELD_GRACE / 2
+            mark = pp.engine.sync_flush()
+            while not pp.engine.sync_flushed(mark) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            if not await pair.flush(max(0.0, deadline - time.monotonic())):
+                log.warning("left master: connection sync did not reach the new master within %.1fs; "
+                            "flows not sent are lost", YIELD_GRACE / 2)
+        finally:
+            if not pair.master and pp.engine is not None:  # not master again meanwhile
+                pp.engine.sync_send(False)
 
     async def _hand_over_flows(self) -> None:
         """A master stopping cleanly: every flow it confirmed reaches its standby before the priority 0.

@@ -56,6 +56,10 @@ HELLO = 1.0
 ABSENT_AFTER = 3
 """Hellos missed before a member counts as absent."""
 
+YIELD_GRACE = 1.0
+"""Seconds around a change of master for the flows the old one confirmed last: it still sends what its
+workers filed (they flush as it yields), and the new master still applies what arrives."""
+
 ROLES = {State.INITIALIZE: "init", State.BACKUP: "backup", State.MASTER: "master"}
 
 
@@ -117,6 +121,9 @@ class PairMember:
         self.speaker: Speaker | None = None
         self.link: SyncLink | None = None
         self.master = False
+        self._left_master = float("-inf")
+        """When this member last stopped being master (``clock``): its last flows still go out until
+        :data:`YIELD_GRACE` after."""
         self.since = wall()
         """When this member last changed role (wall clock)."""
         self.heard: dict[str, Heard] = {}
@@ -165,6 +172,10 @@ class PairMember:
         master = state is State.MASTER
         if self.link is not None:
             self.link.accepting = not master
+            if master and not self.master:  # a preempted master's last flows are on their way
+                self.link.accept_until = self._clock() + YIELD_GRACE
+        if self.master and not master:
+            self._left_master = self._clock()
         if master != self.master:
             self.master = master
             self.since = self._wall()
@@ -185,7 +196,9 @@ class PairMember:
         loop.call_soon_threadsafe(self._queue, records)
 
     def _queue(self, records: list) -> None:
-        if self.link is None or not self.master:
+        if self.link is None:
+            return
+        if not self.master and self._clock() - self._left_master > YIELD_GRACE:
             return  # a record that crossed a role change: the new master's table is the truth
         now = self._clock()
         for r in records:

@@ -78,8 +78,11 @@ class SyncLink:
         self.clock = clock
         self.accepting = False
         """Apply what arrives (a backup); a master's copy of the table is the one being sent."""
+        self.accept_until = float("-inf")
+        """A new master applies what arrives until then (``clock``) too: the last flows of the member it
+        preempted, which that member sends as it yields (director/control/pair.py YIELD_GRACE)."""
         self.counters: Counter = Counter()
-        """ignored: datagrams that arrived while not accepting."""
+        """ignored: datagrams that arrived while not accepting; late: applied as a new master."""
         self.on_hello: Callable[[bytes, Address], None] | None = None
         """Member hellos (sync.is_hello) go here, whatever ``accepting`` says: the master reads them."""
         self._wake = asyncio.Event()
@@ -112,6 +115,9 @@ class SyncLink:
             if self.on_hello is not None and is_hello(pkt.payload):
                 self.on_hello(pkt.payload, pkt.src)
             elif self.accepting:
+                self.receiver.apply(pkt.payload, self.clock(), sender=pkt.src)
+            elif self.clock() < self.accept_until:
+                self.counters["late"] += 1
                 self.receiver.apply(pkt.payload, self.clock(), sender=pkt.src)
             else:
                 self.counters["ignored"] += 1

@@ -304,3 +304,46 @@ async def test_a_clean_stop_hands_the_last_flows_to_the_standby_before_its_prior
     finally:
         await b.stop()
         await a.stop()
+
+
+async def test_a_master_that_yields_hands_its_last_flows_to_the_new_master(tmp_path, redis_url, hello_fast,
+                                                                          monkeypatch):
+    """dc1-b master alone; dc1-a (the higher priority) comes and preempts. The flows dc1-b's workers
+    filed in its last moments go out after its VIPs are released, and dc1-a, master by then, still
+    applies them (for pair.YIELD_GRACE): it used to drop them and then their packets as unknown
+    mid-stream ones. Long after the change nothing from the old master is applied."""
+    async def fake_packet_path(self) -> None:
+        self.packet_path = FakePath()
+        self.packet_path.engine.member = self
+    monkeypatch.setattr(Director, "_start_packet_path", fake_packet_path)
+    lan = Lan()
+    b = await start(tmp_path, redis_url, lan, "dc1-b")
+    pb = b.packet_path
+    a = None
+    try:
+        await until(lambda: b.pair.master and pb.owned, "dc1-b master alone")
+        last = flow(40003)
+        pb.engine.filed = [last]  # confirmed in dc1-b's last tick as master
+        owned_at_flush = []
+        flush = pb.engine.sync_flush
+
+        def flush_seen() -> int:
+            owned_at_flush.append(pb.owned)
+            return flush()
+        pb.engine.sync_flush = flush_seen
+        a = await start(tmp_path, redis_url, lan, "dc1-a")
+        pa = a.packet_path
+        await until(lambda: a.pair.master and not b.pair.master, "dc1-a preempts")
+        await until(lambda: pa.engine.applied, "dc1-b's last flow reaches dc1-a")
+        assert pa.engine.applied == [(last, True)]  # applied as master
+        assert owned_at_flush == [False]  # after dc1-b released the VIPs: nothing more confirmed there
+        assert a.pair.link.counters["late"] == 1
+        # Past the grace, a record from a member that is not master is not applied by the master.
+        await asyncio.sleep(pairmod.YIELD_GRACE + 0.1)
+        b.pair.link.channel.send(a.pair.me.address, sync.encode([flow(40004)], 51, 7))
+        await asyncio.sleep(0.1)
+        assert pa.engine.applied == [(last, True)] and a.pair.link.counters["ignored"] >= 1
+    finally:
+        if a is not None:
+            await a.stop()
+        await b.stop()
