@@ -264,6 +264,15 @@ class FakePath:
         pass
 
 
+@pytest.fixture
+def fake_paths(monkeypatch):
+    """Each Director started gets a FakePath instead of packet workers."""
+    async def fake_packet_path(self) -> None:
+        self.packet_path = FakePath()
+        self.packet_path.engine.member = self
+    monkeypatch.setattr(Director, "_start_packet_path", fake_packet_path)
+
+
 def flow(port: int) -> sync.ConnRecord:
     key = bytes([6]) + ipaddress.ip_address("198.51.100.7").packed + ipaddress.ip_address("192.0.2.10").packed \
         + port.to_bytes(2, "big") + (80).to_bytes(2, "big")
@@ -271,14 +280,10 @@ def flow(port: int) -> sync.ConnRecord:
 
 
 async def test_a_clean_stop_hands_the_last_flows_to_the_standby_before_its_priority_0(tmp_path, redis_url,
-                                                                                      hello_fast, monkeypatch):
+                                                                                      hello_fast, fake_paths):
     """The flows a master's workers filed in its last moments (not yet sent up at their next tick,
     or queued on the rate-bounded link) reach the standby while it is still backup: stopping the
     link at once lost them, and the new master dropped their packets as unknown mid-stream ones."""
-    async def fake_packet_path(self) -> None:
-        self.packet_path = FakePath()
-        self.packet_path.engine.member = self
-    monkeypatch.setattr(Director, "_start_packet_path", fake_packet_path)
     lan = Lan()
     a = await start(tmp_path, redis_url, lan, "dc1-a")
     b = await start(tmp_path, redis_url, lan, "dc1-b")
@@ -307,15 +312,11 @@ async def test_a_clean_stop_hands_the_last_flows_to_the_standby_before_its_prior
 
 
 async def test_a_master_that_yields_hands_its_last_flows_to_the_new_master(tmp_path, redis_url, hello_fast,
-                                                                          monkeypatch):
+                                                                          fake_paths):
     """dc1-b master alone; dc1-a (the higher priority) comes and preempts. The flows dc1-b's workers
     filed in its last moments go out after its VIPs are released, and dc1-a, master by then, still
     applies them (for pair.YIELD_GRACE): it used to drop them and then their packets as unknown
     mid-stream ones. Long after the change nothing from the old master is applied."""
-    async def fake_packet_path(self) -> None:
-        self.packet_path = FakePath()
-        self.packet_path.engine.member = self
-    monkeypatch.setattr(Director, "_start_packet_path", fake_packet_path)
     lan = Lan()
     b = await start(tmp_path, redis_url, lan, "dc1-b")
     pb = b.packet_path
