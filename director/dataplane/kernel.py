@@ -338,8 +338,6 @@ class KernelSync:
         """route index -> the new flows the kernel had scheduled along it when last folded."""
         self._svcs: dict[bytes, tuple[int, bytes]] = {}
         """``services`` key -> (its table's number, the value written): the lookup tables in the kernel."""
-        self._tracked: frozenset[str] = frozenset()
-        """The services whose new flows and TCP state changes the kernel handles (as of the last plan)."""
         self._built: dict[bytes, tuple[Any, str, int, dict[bytes, bytes]]] = {}
         """``services`` key -> (the scheduler's table it was made from, VIP label, table number, chunks):
         a Maglev table is 65537 slots, so a plan that leaves a scheduler's table alone costs nothing."""
@@ -372,7 +370,7 @@ class KernelSync:
         """The route's entry if it differs from what was last written."""
         route, dest = self._routes[index]
         value = km.route_value(dest.tx, dest.available and route.live, self.ifindex, self.lan_ifindex,
-                               new=dest.available and dest.weight > 0, track=route.server.service in self._tracked,
+                               new=dest.available and dest.weight > 0, track=not km.is_nat(dest.tx),
                                server=km.server_id(route.server))
         return None if self._written.get(index) == value else value
 
@@ -502,7 +500,6 @@ class KernelSync:
         those routes (written with the rest by plan_applied). A table keeps its number while its kind and
         size stay, so an update only rewrites the slots that changed."""
         out = {}
-        tracked = set()
         proutes: dict[bytes, bytes] = {}
         persist: dict[int, Any] = {}
         for sp, v, sched in fwd.vip_schedulers():
@@ -511,7 +508,6 @@ class KernelSync:
                 svc.persistence.watch = None  # unless the kernel schedules it (below)
             if sched is None or not km.kernel_schedules(sp) or getattr(sched, "port", False):
                 continue
-            tracked.add(sp.name)
             key = km.svc_key(self.tables.vip_id(v.address), v.port, v.proto)
             slots = sched.lookup_table()
             old = self._svcs.get(key)
@@ -551,7 +547,6 @@ class KernelSync:
                 self.template(pid, k, t)
         self._persist = persist
         self._proutes_want = proutes
-        self._tracked = frozenset(tracked)
         return {k: (value, chunks) for k, (_, value, chunks) in out.items()}
 
     def _slot_routes(self, fwd: Any, slots: list, label: str) -> list[int]:

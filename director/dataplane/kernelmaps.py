@@ -94,8 +94,9 @@ ROUTE_LIVE = 1
 ROUTE_NEW = 2
 """The route's server takes new flows (available, weight > 0): the kernel may schedule onto it."""
 ROUTE_TRACK = 4
-"""The kernel applies the TCP state changes of the route's flows (a service it schedules: no counts to keep
-exact for lc/wlc); Python reads them back in its sweep."""
+"""The kernel applies the TCP state changes of the route's flows (DR and TUN routes, every scheduler); Python
+hears each at once through ``flow_events`` (lc/wlc's active/inactive counts follow within a loop turn) and
+reads them back in its sweep besides."""
 
 REASONS = (
     "forwarded_dr",

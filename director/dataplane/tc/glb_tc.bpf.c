@@ -6,17 +6,16 @@
  * It makes exactly the decision Forwarder.fast() makes in Python
  * (director/dataplane/forwarder.py) and nothing more: a TCP/UDP packet
  * (IPv4 without options, IPv6 without extension headers, not a fragment) of
- * a flow Python installed in `conns`, not expired, whose route is usable and
- * whose TCP flags change nothing in the flow's state (NEXT[state][flags] ==
- * state, the table Python writes into `next_state`). Everything else is left
+ * a flow Python installed in `conns`, not expired, whose route is usable,
+ * with the TCP state change its flags make (NEXT[state][flags], the table
+ * Python writes into `next_state`) applied on a DR or TUN route
+ * (ROUTE_TRACK) but a SYN reusing a closing flow. Everything else is left
  * untouched for the userspace engine, through the slow-path veth it reads
  * (see leave()), or to the host when it is not the engine's: new flows and
- * every scheduler, state changes, ICMP, ARP/NDP, fragments, packets too big
+ * every scheduler, NAT's state changes, ICMP, ARP/NDP, fragments, packets too big
  * for the tunnel. New flows of mh, sh and dh are the exception: the program
  * schedules those itself from Python's lookup tables and, for a service with
- * persistence, its copy of Python's templates (see new_flow()), and
- * applies the TCP state changes of their flows (ROUTE_TRACK) but a SYN
- * reusing a closing flow. tests/director/dataplane/test_kernel_golden.py holds this file to
+ * persistence, its copy of Python's templates (see new_flow()). tests/director/dataplane/test_kernel_golden.py holds this file to
  * the golden table and to the Python forwarder with BPF_PROG_TEST_RUN.
  *
  * The map layout is director/dataplane/kernelmaps.py's: keep both in step
@@ -40,7 +39,7 @@
 #define MODE_NAT 3 /* LVS-NAT: the client's packets DNAT'd here, the real server's replies SNAT'd (reply_nat) */
 
 #define ROUTE_LIVE 1 /* the server is available and its VIP in the plan */
-#define ROUTE_TRACK 4 /* the program applies its flows' TCP state changes (a service it schedules) */
+#define ROUTE_TRACK 4 /* the program applies its flows' TCP state changes (DR, TUN; told through flow_events) */
 
 /* IPVS's 11 TCP states and UDP; rows for 16 so that an index is bounded by a mask */
 #define STATES 16

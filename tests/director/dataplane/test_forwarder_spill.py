@@ -128,11 +128,11 @@ def test_the_kernel_data_plane_takes_a_spilled_flow_and_keeps_it_after_spill():
     (key,) = tables.flows()
     route = tables.flow(key, 0.1)[0]
     r = km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(route)))
-    assert r[2] == km.MODE_TUN and r[4] == km.ROUTE_LIVE | km.ROUTE_NEW
+    assert r[2] == km.MODE_TUN and r[4] == km.ROUTE_LIVE | km.ROUTE_NEW | km.ROUTE_TRACK
     f.apply(plan(server(RS[0]), scheduler="rr"))
     sync.plan_applied(f.vips)
     r = km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(route)))
-    assert r[4] == km.ROUTE_LIVE and tunnelled_to(action) == REMOTE[0]  # weight 0 now: no new flows
+    assert r[4] == km.ROUTE_LIVE | km.ROUTE_TRACK and tunnelled_to(action) == REMOTE[0]  # weight 0 now: no new flows
 
 
 def test_build_plan_turns_a_spill_decision_into_tunnelled_servers():
@@ -213,4 +213,4 @@ def test_the_kernel_route_of_a_flow_spilled_on_the_flag_is_live_before_any_plan_
     sync.flush()
     (key,) = tables.flows()
     r = km.ROUTE.unpack(maps.lookup("routes", km.U32.pack(tables.flow(key, 1.1)[0])))
-    assert r[2] == km.MODE_TUN and r[4] == km.ROUTE_LIVE | km.ROUTE_NEW  # a remote server with weight, as above
+    assert r[2] == km.MODE_TUN and r[4] == km.ROUTE_LIVE | km.ROUTE_NEW | km.ROUTE_TRACK  # a remote server with weight, as above

@@ -345,3 +345,23 @@ def test_an_expired_template_is_python_s_and_comes_back_refreshed(bpf):
     d.sync.sweep(now + 10, d.f.table.__contains__, budget=1 << 16, take=d.f.take)
     d.sync.flush()
     assert set(bpf.keys("templates")) == {tk}
+
+
+def test_the_kernel_applies_the_state_changes_of_python_s_flows_too(bpf):
+    """A wlc flow (Python schedules and confirms it): its FIN is forwarded by the kernel with the state
+    applied, and Python's counts follow (here through the sweep; flow events tell it at once)."""
+    d = Director(bpf, _plan("wlc"))
+    now = time.monotonic()
+    ip = IP(src="198.51.100.7", dst=VIP4)
+    key = codec.flow_key(6, packed("198.51.100.7"), packed(VIP4), 4000, 80)
+    for flags in ("S", "A"):
+        assert d.run(frame(ip / TCP(sport=4000, dport=80, flags=flags)))[2] == {"pass_no_flow": 1}
+        assert d.f.forward(memoryview(bytearray(frame(ip / TCP(sport=4000, dport=80, flags=flags)))), now)
+        d.sync.flush()
+    c = d.f.table.get(key)
+    assert c.state == ESTABLISHED and c.dest.counts.active == 1
+    assert d.run(frame(ip / TCP(sport=4000, dport=80, flags="A")))[2] == {"forwarded_dr": 1}
+    assert d.run(frame(ip / TCP(sport=4000, dport=80, flags="FA")))[2] == {"state_tracked": 1, "forwarded_dr": 1}
+    assert d.tables.flow(key, now)[1] == FIN_WAIT
+    d.sync.sweep(now + SWEEP_PASS_EVERY, d.f.table.__contains__, budget=1 << 16, take=d.f.take)
+    assert c.state == FIN_WAIT and c.dest.counts.active == 0 and c.dest.counts.inactive == 1
