@@ -27,7 +27,7 @@ then ``header`` (Ethernet + outer IP), then the inner IP packet
 
 Frames = list
 """Complete new frames, each sent as it is: ARP/NDP answers, ICMP "too big"
-to a client, the outer fragments of a tunnelled packet."""
+to a client, the tunnelled fragments of a packet too big for the tunnel."""
 
 Crossed = bytearray
 """virtio_net_hdr (10 bytes) + a rewritten frame, sent on the *other* side

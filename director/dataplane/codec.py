@@ -33,8 +33,8 @@ Output:
 * too big after encapsulation: IPv4 with DF and all IPv6 get ICMP
   "fragmentation needed" / ICMPv6 "packet too big" back to the client
   advertising ``mtu - overhead`` (:func:`too_big`); IPv4 without DF is
-  fragmented outside the tunnel (:meth:`Tunnel.fragments`), as the kernel
-  does for IPVS.
+  fragmented into the tunnel (:meth:`Tunnel.fragments`: each inner fragment
+  in a whole outer packet, which every decapsulator unwraps).
 
 Checksums from veth/virtio (PACKET_VNET_HDR): see :func:`parse_vnet`,
 :func:`complete_checksum` and :func:`vnet_for_tun`, and docs/packet-path.md.
@@ -522,23 +522,58 @@ class Tunnel:
         return b"".join((self.header(frame, pkt, ident), frame[l3:l3 + pkt.length]))
 
     def fragments(self, frame, pkt: Packet, ident: int) -> list[bytes]:
-        """An IPv4 packet without DF that does not fit: the outer datagram in fragments.
+        """An IPv4 packet without DF that does not fit: fragmented as a router forwarding it onto the
+        tunnel (a link of ``max_inner`` bytes) fragments it, each fragment in a tunnel packet of its own.
 
-        Every fragment carries ``ident``; the real server reassembles the outer
-        packet and then decapsulates (what the kernel does for IPVS).
+        The real server decapsulates each one like any other (its tc-BPF decapsulator never sees an
+        outer fragment, which it could not unwrap) and its stack reassembles the client's packet.
+        Fragmenting the outer packet instead (IPVS's way) left that packet to a reassembly before
+        decapsulation, which a real server without an ``ipip`` driver cannot do in the kernel. The
+        inner packet may itself be a fragment: offsets and its MF carry on. RFC 791: later fragments
+        keep only the options with the copied flag. Outer packets get ``ident``, ``ident + 1``, ...
         """
         l3 = pkt.l3
-        inner = bytes(frame[l3:l3 + pkt.length])
-        tos, ttl = frame[l3 + 1], frame[l3 + 8]
-        chunk = (self.mtu - 20) & ~7
+        ihl = (frame[l3] & 0x0F) * 4
+        header = bytes(frame[l3:l3 + ihl])
+        payload = bytes(frame[l3 + ihl:l3 + pkt.length])
+        word = _U16.unpack_from(header, 6)[0]
+        offset, more = word & 0x1FFF, word & 0x2000
+        later = header[:20] + _copied_options(header[20:])
         out = []
-        for pos in range(0, len(inner), chunk):
-            piece = inner[pos:pos + chunk]
-            more = 0x2000 if pos + chunk < len(inner) else 0
-            hdr = _ipv4_header(tos, 20 + len(piece), ident, more | pos >> 3, ttl, IPPROTO_IPIP,
-                               self.src, self.dst)
-            out.append(self.eth + hdr + piece)
+        pos = 0
+        while pos < len(payload):
+            h = header if pos == 0 else later
+            piece = payload[pos:pos + ((self.max_inner - len(h)) & ~7)]
+            last = pos + len(piece) >= len(payload)
+            inner = bytearray(h + piece)
+            inner[0] = 0x40 | len(h) >> 2
+            _U16.pack_into(inner, 2, len(inner))
+            _U16.pack_into(inner, 6, (more if last else 0x2000) | (offset + (pos >> 3)))
+            _U16.pack_into(inner, 10, 0)
+            _U16.pack_into(inner, 10, _csum(inner[:len(h)]))
+            out.append(self.header_at(inner, 0, len(inner), (ident + len(out)) & 0xFFFF) + bytes(inner))
+            pos += len(piece)
         return out
+
+
+def _copied_options(options: bytes) -> bytes:
+    """The IPv4 options a later fragment keeps (the copied flag, 0x80), padded to 4 bytes."""
+    out = bytearray()
+    i = 0
+    while i < len(options):
+        kind = options[i]
+        if kind == 0:  # end of options
+            break
+        if kind == 1:  # no-operation
+            i += 1
+            continue
+        size = options[i + 1] if i + 1 < len(options) else 0
+        if size < 2:
+            break  # malformed: keep what came before
+        if kind & 0x80:
+            out += options[i:i + size]
+        i += size
+    return bytes(out + bytes(-len(out) % 4))
 
 
 def _ipv4_header(tos: int, total: int, ident: int, frag: int, ttl: int, proto: int, src: bytes, dst: bytes) -> bytes:

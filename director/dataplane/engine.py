@@ -756,7 +756,7 @@ class Worker:
             self.sender.errors[e.errno or 0] = self.sender.errors.get(e.errno or 0, 0) + 1
 
     def send_now(self, frame: bytes) -> None:
-        """A frame the forwarder made (ARP/NDP answer, ICMP error, outer fragment)."""
+        """A frame the forwarder made (ARP/NDP answer, ICMP error, a tunnelled fragment)."""
         self._send(self.ps.sock.send, codec.VNET_NONE + frame)
 
     def control(self, now: float) -> None:

@@ -8,7 +8,8 @@ with the inner packet straight from the ring (an
 virtio_net_hdr: a GSO frame goes out as a GSO frame of the tunnel
 (``codec.vnet_for_tun``), a partial checksum is completed before IPv4
 fragmentation. A packet too big for the tunnel: IPv4 without DF is
-fragmented outside the tunnel, anything else gets ICMP "too big" back.
+fragmented before it enters the tunnel, each fragment in an outer packet of
+its own (``Tunnel.fragments``), anything else gets ICMP "too big" back.
 
 Real server: decapsulates (kernel ipip/ip6tnl, the tc-BPF program or the
 userspace decapsulator), loose rp_filter, TCP MSS clamped (see director/realserver/).
@@ -59,7 +60,7 @@ class TunnelTransmit(codec.Tunnel):
             route.bytes += p.length
             return (out_vnet, self.header(frame, p, ident), p.length)
         if p.family == 4 and not codec.is_df(frame, p) and p.kind == FLOW:
-            # IPv4 without DF: fragment outside the tunnel (the real server reassembles).
+            # IPv4 without DF: fragmented into the tunnel (the real server's stack reassembles).
             if h is not None and h.gso_type != codec.VIRTIO_NET_HDR_GSO_NONE:
                 fwd.drops[Drop.GSO_UNSUPPORTED] += 1
                 return None
@@ -71,7 +72,9 @@ class TunnelTransmit(codec.Tunnel):
             fwd.ident = ident = (fwd.ident + 1) & 0xFFFF
             route.packets += 1
             route.bytes += p.length
-            return self.fragments(frame, p, ident)
+            frames = self.fragments(frame, p, ident)
+            fwd.ident = (ident + len(frames) - 1) & 0xFFFF
+            return frames
         fwd.drops[Drop.TOO_BIG] += 1
         reply = codec.too_big(frame, p, self.max_inner)
         if reply.__class__ is Drop:

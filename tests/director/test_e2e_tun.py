@@ -150,6 +150,49 @@ def test_a_df_packet_too_big_for_the_tunnel_gets_frag_needed_back(tun):
                      what="the director to count the too-big packet (it samples each second)")
 
 
+UDP_SIZES = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 5353))
+while True:
+    data, peer = s.recvfrom(65535)
+    s.sendto(str(len(data)).encode(), peer)
+"""
+
+NO_DF_SENDER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 0)  # IP_MTU_DISCOVER = IP_PMTUDISC_DONT: no DF, fragmented locally
+s.settimeout(2)
+s.connect((sys.argv[1], 5353))
+for n in map(int, sys.argv[2:]):
+    for _ in range(3):
+        s.send(b"z" * n)
+        try:
+            print(s.recv(100).decode())
+            break
+        except socket.timeout:
+            pass
+    else:
+        print("lost")
+"""
+
+
+def test_a_packet_without_df_too_big_for_the_tunnel_is_fragmented_into_it(tun):
+    """1472 bytes (a 1500-byte packet, 1480 fit inside) and 4000 (three fragments from the client, each too
+    big): the director fragments each into the tunnel, and the real server, with either decapsulator, unwraps
+    every piece and reassembles the datagram. The tc-BPF decapsulator used to lose them: the director
+    fragmented the outer packet, which only a kernel ipip driver could reassemble and unwrap."""
+    servers = [tun.rs[i].popen([PY, "-c", UDP_SIZES, VIP]) for i in (1, 2)]
+    try:
+        out = tun.client.run([PY, "-c", NO_DF_SENDER, VIP, "1472", "4000", "200"], timeout=30).stdout.split()
+        assert out == ["1472", "4000", "200"]
+    finally:
+        for proc in servers:
+            proc.kill()
+            proc.wait()
+
+
 def test_the_director_survives_and_keeps_serving_after_garbage(tun):
     garbage = r"""
 import os, socket

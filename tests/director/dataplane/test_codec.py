@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 logging.getLogger("scapy.runtime").setLevel(logging.ERROR)
 
-from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment  # noqa: E402
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption, fragment  # noqa: E402
 from scapy.layers.inet6 import (  # noqa: E402
     ICMPv6DestUnreach,
     ICMPv6EchoRequest,
@@ -194,16 +194,43 @@ def test_too_big_ipv4_df_gets_frag_needed():
     assert err.kind == codec.ICMP_ERROR
 
 
-def test_too_big_ipv4_without_df_is_fragmented():
-    l3 = IP(src=CLIENT4, dst=VIP4, id=99) / UDP(sport=5353, dport=53) / Raw(b"u" * 1472)
+def _tunnelled(fragments, ident: int) -> list[bytes]:
+    return [bytes(Ether(dst=RS_MAC, src=DIR_MAC) / IP(src=DIR4, dst=RS4, proto=4, id=ident + i, ttl=fr.ttl,
+                                                      tos=fr.tos) / Raw(bytes(fr)))
+            for i, fr in enumerate(fragments)]
+
+
+def test_too_big_ipv4_without_df_is_fragmented_into_the_tunnel():
+    """As a router fragments a packet onto a smaller link (the tunnel, max_inner bytes), each fragment
+    then in an outer packet of its own: the real server unwraps each (no outer fragment, which its tc
+    program could not unwrap) and reassembles the client's packet."""
+    l3 = IP(src=CLIENT4, dst=VIP4, id=99, tos=0x10) / UDP(sport=5353, dport=53) / Raw(b"u" * 3000)
     f = frame(l3)
     pkt = codec.parse(f, VIPS)
     assert not TUN4.fits(pkt) and not codec.is_df(f, pkt)
     frames = TUN4.fragments(f, pkt, IDENT)
-    outer = IP(src=DIR4, dst=RS4, proto=4, id=IDENT, ttl=l3.ttl, tos=l3.tos) / Raw(bytes(l3))
-    expected = [bytes(Ether(dst=RS_MAC, src=DIR_MAC) / fr) for fr in fragment(outer, fragsize=1480)]
-    assert frames == expected
-    assert all(len(x) - 14 <= 1500 for x in frames)
+    assert frames == _tunnelled(fragment(IP(bytes(l3)), fragsize=1456), IDENT)  # 1480 - 20, a multiple of 8
+    assert len(frames) == 3 and all(len(x) - 14 <= 1500 for x in frames)
+    inner = [IP(bytes(Ether(x)[IP].payload)) for x in frames]
+    assert b"".join(bytes(i.payload) for i in inner) == bytes(l3.payload)
+    assert [i.frag * 8 for i in inner] == [0, 1456, 2912] and [i.flags.MF for i in inner] == [1, 1, 0]
+
+
+def test_an_inner_fragment_with_options_is_fragmented_again():
+    """A later fragment of the client's packet (offset and MF carry on), with options: the first piece keeps
+    them all, the next only the copied ones (RFC 791: security 0x82 is copied, record route 0x07 is not)."""
+    opts = [IPOption(b"\x82\x0b" + bytes(9)), IPOption(b"\x07\x07\x04" + bytes(4))]
+    l3 = IP(src=CLIENT4, dst=VIP4, id=7, frag=100, flags="MF", options=opts) / UDP(dport=53) / Raw(b"v" * 2000)
+    f = frame(l3)
+    pkt = codec.parse(f, VIPS)
+    frames = TUN4.fragments(f, pkt, 0xFFFF)
+    inner = [IP(bytes(Ether(x)[IP].payload)) for x in frames]
+    assert [Ether(x)[IP].id for x in frames] == [0xFFFF, 0]
+    assert [i.frag for i in inner] == [100, 100 + (1480 - 40) // 8] and all(i.flags.MF for i in inner)
+    assert [i.ihl for i in inner] == [10, 8]  # 20 + 20 bytes of options; then 20 + 12 (security, padded)
+    assert bytes(inner[1])[20:31] == b"\x82\x0b" + bytes(9)
+    assert b"".join(bytes(i.payload) for i in inner) == bytes(l3.payload)
+    assert all(codec.internet_checksum(bytes(i)[:i.ihl * 4]) == 0 for i in inner)  # each header's checksum
 
 
 def test_too_big_ipv6_gets_packet_too_big():

@@ -336,14 +336,18 @@ def test_tun_too_big_ipv6_gets_packet_too_big():
     assert Ether(icmp)[ICMPv6PacketTooBig].mtu == 1460
 
 
-def test_tun_too_big_without_df_is_fragmented_outside_the_tunnel():
+def test_tun_too_big_without_df_is_fragmented_into_the_tunnel():
     f = tun_forwarder(server(RS[0]), vips=((VIP4, 53, 17),))
     big = frame(IP(src=CLIENT4, dst=VIP4, id=9) / UDP(sport=5000, dport=53) / Raw(b"y" * 1472))
+    before = f.ident
     pieces = fwd(f, big)
     assert len(pieces) == 2
     outer = [Ether(p)[IP] for p in pieces]
-    assert all(o.proto == 4 and o.dst == RS[0] for o in outer)
-    assert b"".join(bytes(o.payload) for o in outer) == bytes(big[14:])
+    assert all(o.proto == 4 and o.dst == RS[0] and not o.flags.MF and o.frag == 0 for o in outer)  # whole
+    assert [o.id for o in outer] == [before + 1, before + 2] and f.ident == before + 2
+    inner = [IP(bytes(o.payload)) for o in outer]  # the client's packet in two fragments, id 9
+    assert [(i.id, i.frag, i.flags.MF) for i in inner] == [(9, 0, 1), (9, (1480 - 20) // 8, 0)]
+    assert b"".join(bytes(i.payload) for i in inner) == bytes(big[14 + 20:])
 
 
 def test_tun_fragmenting_completes_a_partial_checksum_first():

@@ -224,7 +224,7 @@ def test_the_kernel_refreshes_the_expiry_as_the_table_does(bpf):
 @pytest.mark.parametrize("l3", [
     _tcp4("A", b"d" * 1460, flags="DF"),  # 1500 bytes: 1520 with the outer header
     IPv6(src=CLIENT6, dst=VIP6) / UDP(sport=5353, dport=53) / Raw(b"u" * 1452),
-    _tcp4("A", b"d" * 1460),  # without DF: Python fragments it outside the tunnel, slowly
+    _tcp4("A", b"d" * 1460),  # without DF: Python fragments it into the tunnel, slowly
 ], ids=["ipv4-df", "ipv6", "ipv4-no-df"])
 def test_too_big_for_the_tunnel_goes_to_userspace(bpf, l3):
     case = Case(bpf, "tun", l3)
