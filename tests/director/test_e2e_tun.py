@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
 from collections import Counter
 
 import pytest
@@ -154,6 +155,7 @@ UDP_SIZES = r"""
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((sys.argv[1], 5353))
+print("ready", flush=True)
 while True:
     data, peer = s.recvfrom(65535)
     s.sendto(str(len(data)).encode(), peer)
@@ -171,7 +173,7 @@ for n in map(int, sys.argv[2:]):
         try:
             print(s.recv(100).decode())
             break
-        except socket.timeout:
+        except (socket.timeout, ConnectionRefusedError):  # lost, or a port unreachable of an earlier try
             pass
     else:
         print("lost")
@@ -183,8 +185,9 @@ def test_a_packet_without_df_too_big_for_the_tunnel_is_fragmented_into_it(tun):
     big): the director fragments each into the tunnel, and the real server, with either decapsulator, unwraps
     every piece and reassembles the datagram. The tc-BPF decapsulator used to lose them: the director
     fragmented the outer packet, which only a kernel ipip driver could reassemble and unwrap."""
-    servers = [tun.rs[i].popen([PY, "-c", UDP_SIZES, VIP]) for i in (1, 2)]
+    servers = [tun.rs[i].popen([PY, "-c", UDP_SIZES, VIP], stdout=subprocess.PIPE, text=True) for i in (1, 2)]
     try:
+        assert [proc.stdout.readline().strip() for proc in servers] == ["ready", "ready"]  # bound before we send
         out = tun.client.run([PY, "-c", NO_DF_SENDER, VIP, "1472", "4000", "200"], timeout=30).stdout.split()
         assert out == ["1472", "4000", "200"]
     finally:
