@@ -3,7 +3,8 @@
 # nftables DNAT (conntrack) for NAT.
 # Builds throwaway namespaces (client, director, real server on a bridge), removes them at the end.
 # Needs root. Usage: benchmarks/director_pps.sh [dr] [tun] [nat]   (env SECONDS_PER_RUN, default 5;
-# TUN_DECAP: the TUN real server's --decap, auto|bpf|userspace, default auto = the best available)
+# TUN_DECAP: the TUN real server's --decap, auto|bpf|userspace, default auto = the best available;
+# NIC_HEADROOM=1: the client's frames with a NIC's headroom, see director_bench.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ $(id -u) -ne 0 ]]; then
