@@ -11,8 +11,7 @@ Needs root and BPF: skipped otherwise, failed under CI=true.
 from __future__ import annotations
 
 import ipaddress
-import os
-import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -38,15 +37,18 @@ def load(entries: int = 4096, pin_dir: Path | None = None):
 
 
 @pytest.fixture
-def pin_root():
-    """A directory of its own on the host's bpffs, removed after (pins and all)."""
+def pin_root(tmp_path):
+    """A bpffs of the test's own (a new instance: nothing else's pins, and none on a host that mounts none at
+    /sys/fs/bpf), unmounted after, pins and all."""
     require(bpf_unavailable())
-    root = Path("/sys/fs/bpf")
-    if not bpffs(root):
-        pytest.skip("no bpffs at /sys/fs/bpf")
-    d = root / f"glb-test-{os.getpid()}"
-    yield d / "site-director"
-    shutil.rmtree(d, ignore_errors=True)
+    root = tmp_path / "bpf"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)
+    try:
+        assert bpffs(root)
+        yield root / "glb" / "site-director"
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
 
 
 def test_batched_writes_and_reads_match_one_by_one():
