@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
@@ -715,22 +716,58 @@ def bpffs(path: Path) -> bool:
     return fstype == "bpf"
 
 
-def prepare_pins(pin_dir: Path, layout: int) -> str:
-    """Make ``pin_dir`` ready for LibBpf: ``"reused"`` when the maps pinned there carry ``layout`` (libbpf
-    will use them), ``"new"`` when there were none, else ``"rebuilt"`` (pins of another layout removed)."""
+@dataclass(frozen=True)
+class Pins:
+    """What :func:`prepare_pins` found: groups of maps (kernelmaps.GROUPS) kept, and rebuilt."""
+
+    kept: tuple[str, ...] = ()
+    rebuilt: tuple[str, ...] = ()
+
+    @property
+    def state(self) -> str:
+        """``"new"`` (nothing was pinned), ``"reused"`` (every group), ``"rebuilt"`` (none), else ``"partly"``."""
+        if not self.rebuilt:
+            return "reused" if self.kept else "new"
+        return "partly" if self.kept else "rebuilt"
+
+    def note(self, pin_dir: Path) -> str:
+        """The start-up log's words for it ("" when nothing was pinned)."""
+        if "flows" in self.kept:
+            rest = f"; rebuilt empty, another layout: {', '.join(self.rebuilt)}" if self.rebuilt else ""
+            return f"reusing the maps pinned in {pin_dir} (established flows kept{rest})"
+        if self.rebuilt:
+            rest = f" (kept: {', '.join(self.kept)})" if self.kept else ""
+            return f"the maps pinned in {pin_dir} had another layout or size: rebuilt empty{rest}"
+        return ""
+
+
+def prepare_pins(pin_dir: Path, max_entries: int, versions: dict[str, int] | None = None) -> Pins:
+    """Make ``pin_dir`` ready for LibBpf, a group of maps at a time: a group whose pinned maps carry its
+    id in ``layout`` (:func:`kernelmaps.group_ids`) is kept (libbpf will use them); the pins of the others
+    are removed (made anew), and so are ``layout`` (rewritten after the load: its own size may change)
+    and pins of maps this release does not have. ``versions``: as group_ids'."""
     from director.dataplane.libbpf import read_pinned
 
     if not pin_dir.exists():
         pin_dir.mkdir(parents=True)
-        return "new"
-    pins = list(pin_dir.iterdir())
+    pins = {p.name: p for p in pin_dir.iterdir()}
     if not pins:
-        return "new"
-    if read_pinned(pin_dir / "layout", km.ZERO, km.U64.size) == km.U64.pack(layout):
-        return "reused"
-    for p in pins:
-        p.unlink()
-    return "rebuilt"
+        return Pins()
+    ids = km.group_ids(max_entries, versions)
+    recorded = dict(km.layout_items(ids))
+    kept, rebuilt = [], []
+    for key, (group, (_, names)) in zip(recorded, km.GROUPS.items()):
+        if not any(n in pins for n in names):
+            continue  # new in this release: made, nothing to keep or to rebuild
+        if all(n in pins for n in names) and read_pinned(pin_dir / "layout", key, km.U64.size) == recorded[key]:
+            kept.append(group)
+        else:
+            rebuilt.append(group)
+    keep = {n for g in kept for n in km.GROUPS[g][1]}
+    for name, p in pins.items():
+        if name not in keep:
+            p.unlink()
+    return Pins(tuple(kept), tuple(rebuilt))
 
 
 class KernelDataplane:
@@ -744,11 +781,12 @@ class KernelDataplane:
 
     With ``pin_dir`` (a directory on a bpffs) the maps are pinned there and
     outlive the process: the next start over the same directory reuses them
-    when their layout (:func:`~director.dataplane.kernelmaps.layout_id`:
-    every map's sizes, the layout version, the table's size) is the same, so
-    established flows keep their servers across a restart or an upgrade of
-    the program; otherwise they are rebuilt empty. :attr:`pins` says which
-    (``"off"``, ``"new"``, ``"reused"``, ``"rebuilt"``).
+    a group at a time (:data:`~director.dataplane.kernelmaps.GROUPS`), each
+    when its layout (its maps' sizes, its version, the table's size) is the
+    same, so established flows keep their servers across a restart, and
+    across an upgrade of the program that changed only maps the plan
+    rewrites; a group whose layout changed is rebuilt empty. :attr:`pins`
+    says which (:class:`Pins`; None without ``pin_dir``).
 
     With ``lan`` (NAT's real-server side, another interface) the program is
     attached there too, with a slow-path veth of its own (``lan_rx_interface``,
@@ -765,11 +803,10 @@ class KernelDataplane:
         self.tc = self.veth = self.lan_tc = self.lan_veth = self.events = None
         self.rx_interface: str | None = None
         self.lan_rx_interface: str | None = None
-        layout = km.layout_id(max_entries)
-        self.pins = prepare_pins(pin_dir, layout) if pin_dir is not None else "off"
+        self.pins = prepare_pins(pin_dir, max_entries) if pin_dir is not None else None
         self.bpf = LibBpf(max_entries=km.sized(max_entries), sizes=km.MAPS, pin_dir=pin_dir)
         try:
-            self.bpf.update("layout", km.ZERO, km.U64.pack(layout))
+            self.bpf.update_batch("layout", km.layout_items(km.group_ids(max_entries)))
             self.tables = KernelTables(self.bpf, timeouts)
             # Reused maps hold the VIPs live as the last director left them: nothing is forwarded until
             # this one's first plan says which it owns (a restarted standby must not forward).

@@ -71,10 +71,11 @@ Maps (names as in the C file):
   state change it applied, read by director/dataplane/flowevents.py;
   ``flow_events_lost`` (per-CPU, one entry): records the ring had no room
   for (those flows wait for the sweep).
-* ``layout`` (one-element array) and ``route_ids`` (array): Python's alone,
-  pinned with the rest. :func:`layout_id` says whether pinned maps can be
-  reused; :func:`route_id` is a route's identity (its server and VIP), so a
-  restarted director finds the index its predecessor gave each route.
+* ``layout`` (array, one entry per :data:`GROUPS` member) and ``route_ids``
+  (array): Python's alone, pinned with the rest. :func:`group_ids` says which
+  groups of pinned maps can be reused; :func:`route_id` is a route's
+  identity (its server and VIP), so a restarted director finds the index its
+  predecessor gave each route.
 """
 
 from __future__ import annotations
@@ -207,14 +208,39 @@ MAX_ROUTES = 65536
 ZERO = U32.pack(0)
 
 
-LAYOUT_VERSION = 5
-"""Bump when a map keeps its sizes but changes meaning: pinned maps of another version are rebuilt."""
+FLOW_MAPS = ("conns", "nat_replies", "route_ids", "vips")
+"""What established flows are: ``conns`` keys hold VIP ids (``vips``) and values route indexes
+(``route_ids``), ``nat_replies`` values hold ``conns`` keys; kept or rebuilt together."""
+GROUPS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "flows": (1, FLOW_MAPS),
+    "templates": (1, ("templates",)),
+    "plan": (1, tuple(m for m in MAPS if m not in FLOW_MAPS and m not in ("templates", "layout"))),
+}
+"""Pinned maps are reused or rebuilt a group at a time: group -> (version, its maps). Only ``flows`` and
+``templates`` hold what Python cannot write again; the ``plan`` group (routes, lookup tables, counters,
+state tables...) is rewritten by the first plan, so a release that changes one of its maps still keeps
+every established flow. Bump a group's version when one of its maps keeps its sizes but changes meaning.
+The position here is the group's key in ``layout``: append new groups, never reorder (key 0 held the
+single id of every map before the groups, which matches no group's id now, so such pins are rebuilt)."""
 
 
-def layout_id(max_entries: int) -> int:
-    """What pinned maps must carry to be reused: the layout (every map's sizes, the version) and the
-    table's size (libbpf refuses a pinned map of another size anyway). Never 0 (an unset array slot)."""
-    return hash64(repr((LAYOUT_VERSION, sorted(MAPS.items()), max_entries)).encode()) | 1
+def group_ids(max_entries: int, versions: dict[str, int] | None = None) -> dict[str, int]:
+    """Group -> the id its pinned maps must carry in ``layout`` to be reused: the group's version, its
+    maps' key and value sizes, and for the maps sized to the table (:func:`sized`) ``max_entries`` (libbpf
+    refuses a pinned map of another size anyway). ``versions`` overrides GROUPS' (tests: another release).
+    Never 0 (an unset array slot)."""
+    size = sized(max_entries)
+    out = {}
+    for group, (version, names) in GROUPS.items():
+        version = (versions or {}).get(group, version)
+        shape = [(n, MAPS[n], size.get(n)) for n in names]
+        out[group] = hash64(repr((group, version, shape)).encode()) | 1
+    return out
+
+
+def layout_items(ids: dict[str, int]) -> list[tuple[bytes, bytes]]:
+    """``layout`` entries: each group's id under its position in GROUPS."""
+    return [(U32.pack(i), U64.pack(ids[g])) for i, g in enumerate(GROUPS)]
 
 
 def route_id(server: Any, vip: str) -> int:

@@ -35,6 +35,7 @@ from tests.director.director_lab import (
     service_yaml,
     start_http,
 )
+from director.dataplane import kernelmaps as km
 from director.dataplane.bpf import BPF_MAXINSNS, bpf_program
 from tests.environment import tcx_unavailable
 from tests.netns import Lab
@@ -93,9 +94,11 @@ class DRLab(DirectorLab):
         url = f"http://[{VIP6}]/" if six else f"http://{VIP}/"
         return Counter(curl(self.client, url) for _ in range(n))
 
-    def restart(self) -> None:
-        """Stop the director (SIGTERM) and start another with the same config."""
+    def restart(self, between=None) -> None:
+        """Stop the director (SIGTERM) and start another with the same config (``between()`` in between)."""
         assert self.d.stop() == 0
+        if between is not None:
+            between()
         self.d = DirectorProcess(self.director, self.config, self.tmp / "director-restarted.log")
 
     def close(self) -> None:
@@ -189,6 +192,10 @@ def test_a_flow_stays_on_its_server_when_another_is_added(base):
         proc.terminate()
 
 
+def _kernel_forwarded(base) -> int:
+    return base.d.status()["packet_path"]["kernel"]["forwarded_dr"]
+
+
 # Kernel only: the userspace engine's table does not outlive the process (mh flows re-hash; others reset).
 @pytest.mark.only_params(dr=["kernel"])
 def test_a_restarted_director_keeps_forwarding_established_flows(base):
@@ -207,9 +214,11 @@ def test_a_restarted_director_keeps_forwarding_established_flows(base):
         assert "reusing the maps pinned" in base.d.log.read_text()
         how = "clsact" if tcx_unavailable() else "tcx"  # tcx where the kernel has it (6.6+)
         assert f"kernel data plane: attached at {how} ingress of eth0" in base.d.log.read_text()
+        before = _kernel_forwarded(base)  # the reused counters so far (sampled late, if anything: never more)
         assert [ask() for _, ask in procs] == owners
-        forwarded = base.d.status()["packet_path"]["kernel"]["forwarded_dr"]
-        assert forwarded >= 4  # by the kernel: the new director's table never saw those flows open
+        # By the kernel (the new director's table never saw those flows open): each ask's request at least.
+        base.lab.wait_for(lambda: _kernel_forwarded(base) >= before + 4, timeout=5,
+                          what="the kernel to count the established flows' packets")
         servers = base.d.servers()
         assert sum(servers[RS[i]]["active_conns"] + servers[RS[i]]["inactive_conns"] for i in (1, 2)) == 0
         for proc, _ in procs:  # each closes: its FIN goes through Python, which adopts the flow first
@@ -222,6 +231,52 @@ def test_a_restarted_director_keeps_forwarding_established_flows(base):
                 break
             time.sleep(0.2)
         assert sum(servers[RS[i]]["inactive_conns"] for i in (1, 2)) >= 4, servers  # adopted, closing
+    finally:
+        for proc, _ in procs:
+            proc.kill()
+
+
+def _an_older_plan_layout(base) -> None:
+    """What a GLB release whose plan maps (routes, lookup tables, counters...) differed from this one's
+    leaves in the pins: another id for that group in ``layout`` (kernelmaps.GROUPS)."""
+    from director.dataplane.libbpf import _libbpf
+
+    (layout,) = Path(base.pins).glob("*/layout")
+    lib = _libbpf()
+    fd = lib.bpf_obj_get(str(layout).encode())
+    assert fd >= 0
+    try:
+        key, value = km.U32.pack(list(km.GROUPS).index("plan")), km.U64.pack(0x5EED | 1)
+        assert lib.bpf_map_update_elem(fd, key, value, 0) == 0
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.only_params(dr=["kernel"])
+def test_an_upgrade_that_changed_the_plan_s_maps_keeps_established_flows(base):
+    """The pins of a release whose routes, lookup tables or counters had another layout: those maps are
+    rebuilt empty, the flows' maps kept, and the new director's first plan writes the routes the kept
+    flows hold, so the kernel (its counters new, from 0) forwards them on their servers."""
+    procs, owners = [], []
+    try:
+        for _ in range(4):
+            proc, ask = _keepalive(base.client, VIP)
+            procs.append((proc, ask))
+            owners.append(ask())
+        assert set(owners) == {"rs1", "rs2"}
+        base.restart(between=lambda: _an_older_plan_layout(base))
+        base.d.wait_up([RS[1], RS[2]])
+        log = base.d.log.read_text()
+        assert "reusing the maps pinned" in log and "(established flows kept; rebuilt empty, another layout: plan)" in log
+        before = _kernel_forwarded(base)
+        assert [ask() for _, ask in procs] == owners
+        base.lab.wait_for(lambda: _kernel_forwarded(base) >= before + 4, timeout=5,
+                          what="the kernel to count the established flows' packets")
+        # Python never saw them open (an earlier test's closed flows, which the sweep hands it, are inactive).
+        assert sum(s["active_conns"] for s in base.d.servers().values()) == 0
+        for proc, _ in procs:  # each closes through Python, which adopts the flow
+            proc.stdin.close()
+            assert proc.wait(10) == 0
     finally:
         for proc, _ in procs:
             proc.kill()

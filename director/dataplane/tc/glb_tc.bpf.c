@@ -198,13 +198,14 @@ struct {
 
 /*
  * Python's alone (the program never reads them); maps, so that they are pinned
- * with the rest: the layout's id (a director reuses pinned maps only when it
- * matches) and each route's identity (a hash of its server and VIP), so a
- * restarted director finds the routes its predecessor's flows hold.
+ * with the rest: the layout's id of each group of maps (a director reuses a
+ * group's pinned maps only when it matches; kernelmaps.GROUPS) and each
+ * route's identity (a hash of its server and VIP), so a restarted director
+ * finds the routes its predecessor's flows hold.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 8);
 	__type(key, __u32);
 	__type(value, __u64);
 } layout SEC(".maps");

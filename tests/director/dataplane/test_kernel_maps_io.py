@@ -3,7 +3,7 @@
 director/dataplane/libbpf.py's batch calls (BPF_MAP_UPDATE/DELETE/LOOKUP_BATCH)
 against the one-by-one calls, and director/dataplane/kernel.py's pinning: maps
 pinned on a bpffs are reused by the next load when their layout is the same
-(the flows are still there), rebuilt empty when it is not.
+(the flows are still there), a group of maps at a time, rebuilt empty when it is not.
 
 Needs root and BPF: skipped otherwise, failed under CI=true.
 """
@@ -75,33 +75,69 @@ def test_batched_writes_and_reads_match_one_by_one():
         bpf.close()
 
 
-def test_pinned_maps_outlive_the_loader_and_are_rebuilt_when_the_layout_changes(pin_root):
-    layout = km.layout_id(4096)
-    assert prepare_pins(pin_root, layout) == "new"
-    first = load(pin_dir=pin_root)
-    first.update("layout", km.ZERO, km.U64.pack(layout))
+def _loaded(pin_root: Path, entries: int = 4096, versions: dict[str, int] | None = None):
+    """Load over the pins and record the layout, as KernelDataplane does."""
+    bpf = load(entries, pin_dir=pin_root)
+    bpf.update_batch("layout", km.layout_items(km.group_ids(entries, versions)))
+    return bpf
+
+
+ROUTE3 = b"\x01" * km.ROUTE.size
+TEMPLATE = (km.template_key(7, (4, 0xC6336400)), km.template_value(5, 500.0))
+
+
+def test_pinned_maps_outlive_the_loader_and_are_rebuilt_a_group_at_a_time(pin_root):
+    assert prepare_pins(pin_root, 4096).state == "new"
+    first = _loaded(pin_root)
     t = KernelTables(first, TIMEOUTS)
     t.set_vips([VIP])
     t.install(key(1), 3, ESTABLISHED, 500.0)
+    first.update("routes", km.U32.pack(3), ROUTE3)
+    first.update("templates", *TEMPLATE)
     first.close()  # the director stopped: the pins hold the maps
-    assert {p.name for p in pin_root.iterdir()} >= {"conns", "routes", "vips", "route_ids", "layout"}
+    assert {p.name for p in pin_root.iterdir()} >= {"conns", "routes", "vips", "route_ids", "layout", "templates"}
 
-    assert prepare_pins(pin_root, layout) == "reused"
-    second = load(pin_dir=pin_root)
+    pins = prepare_pins(pin_root, 4096)  # the same release again: everything
+    assert pins.state == "reused" and set(pins.kept) == set(km.GROUPS)
+    assert pins.note(pin_root) == f"reusing the maps pinned in {pin_root} (established flows kept)"
+    second = _loaded(pin_root)
     try:
         again = KernelTables(second, TIMEOUTS)
         assert again.flows() == [key(1)] and again.flow(key(1), 400.0)[:2] == (3, ESTABLISHED)
         assert again.vip_id(VIP) == t.vip_id(VIP)
+        assert second.lookup("routes", km.U32.pack(3)) == ROUTE3
     finally:
         second.close()
 
-    bigger = km.layout_id(8192)  # connection_table.max_entries changed: libbpf could not reuse conns anyway
-    assert prepare_pins(pin_root, bigger) == "rebuilt" and list(pin_root.iterdir()) == []
-    third = load(8192, pin_dir=pin_root)
+    # A release that changed a map the plan rewrites: the flows and templates stay, the plan's maps are new.
+    pins = prepare_pins(pin_root, 4096, {"plan": 99})
+    assert (pins.state, pins.kept, pins.rebuilt) == ("partly", ("flows", "templates"), ("plan",))
+    assert "established flows kept; rebuilt empty, another layout: plan" in pins.note(pin_root)
+    third = _loaded(pin_root, versions={"plan": 99})
     try:
-        assert KernelTables(third, TIMEOUTS).flows() == []
+        again = KernelTables(third, TIMEOUTS)
+        assert again.flows() == [key(1)] and again.flow(key(1), 400.0)[:2] == (3, ESTABLISHED)
+        assert again.vip_id(VIP) == t.vip_id(VIP)
+        assert third.lookup("routes", km.U32.pack(3)) == bytes(km.ROUTE.size)  # the first plan writes it
+        assert third.lookup("templates", TEMPLATE[0]) == TEMPLATE[1]
     finally:
         third.close()
+
+    # connection_table.max_entries changed: the maps sized to it are rebuilt (libbpf could not reuse them).
+    pins = prepare_pins(pin_root, 8192, {"plan": 99})
+    assert (pins.state, pins.kept, set(pins.rebuilt)) == ("partly", ("plan",), {"flows", "templates"})
+    assert pins.note(pin_root).endswith("rebuilt empty (kept: plan)")
+    assert not (pin_root / "conns").exists() and (pin_root / "routes").exists()
+    fourth = _loaded(pin_root, 8192, {"plan": 99})
+    try:
+        assert KernelTables(fourth, TIMEOUTS).flows() == []
+        # What a GLB before the groups left: one id for every map, at key 0.
+        fourth.update_batch("layout", [(km.ZERO, km.U64.pack(0x1234567 | 1))] +
+                            [(km.U32.pack(i), km.U64.pack(0)) for i in range(1, len(km.GROUPS))])
+    finally:
+        fourth.close()
+    pins = prepare_pins(pin_root, 8192, {"plan": 99})
+    assert pins.state == "rebuilt" and list(pin_root.iterdir()) == []
 
 
 def test_a_directory_off_bpffs_is_not_taken_for_one(tmp_path):

@@ -117,6 +117,23 @@ def test_the_c_structs_match_the_layout():
     assert len(re.findall(r"^\s*R_(?!MAX)\w+", enum, re.M)) == len(km.REASONS)
 
 
+def test_pinned_maps_are_kept_or_rebuilt_by_groups_that_cover_every_map_once():
+    named = [n for _, names in km.GROUPS.values() for n in names]
+    assert sorted(named) == sorted(n for n in km.MAPS if n != "layout")  # layout is the record itself
+    src = (Path(km.__file__).with_name("tc") / "glb_tc.bpf.c").read_text()
+    slots = int(re.search(r"max_entries, (\d+)\);\n[^}]*\} layout SEC", src).group(1))
+    assert len(km.GROUPS) <= slots
+    ids = km.group_ids(4096)
+    assert all(i & 1 for i in ids.values()) and len(set(ids.values())) == len(ids)
+    assert km.group_ids(4096) == ids  # stable: a restart finds the same
+    bigger = km.group_ids(8192)  # the table's size: the maps sized to it
+    assert {g for g in ids if ids[g] != bigger[g]} == {"flows", "templates"}
+    bumped = km.group_ids(4096, {"plan": km.GROUPS["plan"][0] + 1})  # a release changed a plan map's meaning
+    assert {g for g in ids if ids[g] != bumped[g]} == {"plan"}
+    assert [k for k, _ in km.layout_items(ids)] == [km.U32.pack(i) for i in range(len(km.GROUPS))]
+    assert km.layout_items(ids)[0][0] == km.ZERO and list(km.GROUPS)[0] == "flows"  # pins before the groups
+
+
 def test_kernel_tables_over_the_fake():
     maps = FakeMaps(cpus=2)
     t = KernelTables(maps, [60.0] * 12)
