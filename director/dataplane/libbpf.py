@@ -141,7 +141,8 @@ class _AttachOpts(ctypes.Structure):
 
 def tcx_programs(ifindex: int) -> list[tuple[int, str]]:
     """(id, name) of each program at ``ifindex``'s tcx ingress, in run order; raises OSError (EINVAL:
-    this kernel has no tcx)."""
+    this kernel has no tcx; EPERM: a program's name cannot be read without CAP_SYS_ADMIN, and a caller
+    that cannot tell its own program from others would stack a second one instead of replacing it)."""
     lib = _libbpf()
     ids = (ctypes.c_uint32 * 64)()
     count = ctypes.c_uint32(len(ids))
@@ -152,7 +153,11 @@ def tcx_programs(ifindex: int) -> list[tuple[int, str]]:
     for pid in ids[:count.value]:
         fd = lib.bpf_prog_get_fd_by_id(pid)
         if fd < 0:
-            continue  # detached and freed since the query
+            if _errno(fd) == errno.ENOENT:
+                continue  # detached and freed since the query
+            e = _errno(fd)
+            raise OSError(e, f"cannot read the programs there: {os.strerror(e)}"
+                             f"{' (needs CAP_SYS_ADMIN)' if e == errno.EPERM else ''}")
         try:
             info, size = ctypes.create_string_buffer(_PROG_INFO_LEN), ctypes.c_uint32(_PROG_INFO_LEN)
             if lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size)) == 0:

@@ -119,8 +119,10 @@ def attached(interface: str) -> list[dict]:
             raise KernelDataplaneError(f"no interface {interface}")
         try:
             out = [{"how": TCX, "name": name, "id": pid} for pid, name in tcx_programs(links[0])]
-        except OSError:
-            out = []  # no tcx in this kernel
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # else: no tcx in this kernel
+                raise KernelDataplaneError(f"cannot list tcx ingress of {interface}: {e.strerror}") from None
+            out = []
         for msg in ipr.get_filters(links[0], parent=INGRESS):
             opts = msg.get_attr("TCA_OPTIONS")
             if msg.get_attr("TCA_KIND") == "bpf" and opts is not None and opts.get_attr("TCA_BPF_NAME"):

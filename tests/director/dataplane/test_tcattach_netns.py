@@ -11,11 +11,13 @@ Needs root, namespaces and BPF (fails under CI=true when missing).
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_systemd_units import director_capabilities
 from tests.environment import bpf_unavailable, needs, tcx_unavailable
 from tests.netns import Lab, lab_unavailable
 
@@ -119,3 +121,68 @@ def test_by_hand_list_and_detach_and_one_line_for_a_missing_interface(ns):
     assert "glb_ingress" not in ns.run(["tc", "filter", "show", "dev", "eth0", "ingress"]).stdout
     res = ns.run([*tool, "nope0"], cwd=ROOT, check=False)
     assert res.returncode == 1 and res.stderr.strip() == "tcattach: no interface nope0"
+
+
+STARTS = """
+import json, sys
+from pathlib import Path
+from director.dataplane import tcattach
+from director.dataplane.kernel import KernelDataplane
+from glb.errors import KernelDataplaneError
+out = []
+for _ in range(2):  # a start, then a restart over what it left (attached, pinned): never closed, as when killed
+    try:
+        kd = KernelDataplane("eth0", 4096, [60.0] * 12, pin_dir=Path(sys.argv[1]))
+        out.append([kd.tc.how, kd.pins.state])
+    except KernelDataplaneError as e:
+        out.append(str(e))
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def bpffs(tmp_path):
+    root = tmp_path / "bpf"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)
+    yield root
+    subprocess.run(["umount", str(root)], check=True)
+
+
+def starts_with(ns, caps: set[str], pins: Path) -> list:
+    """Two starts of the kernel data plane as root bounded to ``caps``, as the systemd unit runs it."""
+    bounding = "-all," + ",".join("+" + c.removeprefix("CAP_").lower() for c in sorted(caps))
+    res = ns.run(["setpriv", "--bounding-set", bounding, sys.executable, "-c", STARTS, str(pins / "glb")], cwd=ROOT)
+    listed = ns.run([sys.executable, "-m", "director.dataplane.tcattach", "eth0"], cwd=ROOT)  # all of root's
+    return [*json.loads(res.stdout), [p["name"] for p in json.loads(listed.stdout)]]
+
+
+@needs(tcx_unavailable())
+def test_the_systemd_drop_in_s_capabilities_load_pin_and_replace(ns, bpffs):
+    """deploy/systemd's director unit with its kernel data plane drop-in: the capabilities are enough to
+    load, pin, attach, and on a restart replace the program and reuse the pins."""
+    assert starts_with(ns, director_capabilities(True), bpffs) == [["tcx", "new"], ["tcx", "reused"],
+                                                                   ["glb_ingress"]]
+
+
+@needs(tcx_unavailable())
+def test_a_restart_without_cap_sys_admin_refuses_rather_than_stack_a_second_program(ns, bpffs):
+    """Telling its program from another's at tcx ingress takes a program's name, which only CAP_SYS_ADMIN
+    reads: without it a restart would attach a second program behind the first, which would go on taking
+    every packet. One line instead (auto then runs the userspace engine)."""
+    caps = director_capabilities(True) - {"CAP_SYS_ADMIN"}
+    first, second, attached = starts_with(ns, caps, bpffs)
+    assert first == ["tcx", "new"]
+    assert second == ("cannot attach glb_ingress to eth0 (tcx): cannot read the programs there: "
+                      "Operation not permitted (needs CAP_SYS_ADMIN)")
+    assert attached == ["glb_ingress"]
+    # Listing by hand without it says so, rather than "nothing attached".
+    res = ns.run(["setpriv", "--bounding-set", "-all,+net_admin,+bpf,+perfmon", sys.executable, "-m",
+                  "director.dataplane.tcattach", "eth0"], cwd=ROOT, check=False)
+    assert res.returncode == 1 and res.stderr.strip() == ("tcattach: cannot list tcx ingress of eth0: cannot read "
+                                                          "the programs there: Operation not permitted (needs "
+                                                          "CAP_SYS_ADMIN)")
+    # And the unit without the drop-in cannot load it at all.
+    res = ns.run(["setpriv", "--bounding-set", "-all,+net_raw,+net_admin", sys.executable, "-c", STARTS,
+                  str(bpffs / "other")], cwd=ROOT)
+    assert json.loads(res.stdout)[0].startswith("the kernel refused the tc program: Operation not permitted")
