@@ -72,7 +72,7 @@ def _quiet(_: str) -> None:
 
 # The capabilities each long-running GLB process keeps in the lab: the same as
 # its systemd unit (deploy/systemd), so the lab proves the units' limits work.
-CAPABILITIES = {"director": ("net_raw", "net_admin"), "dnsfront": ("net_bind_service",)}
+CAPABILITIES = {"director": ("net_raw", "net_admin", "bpf", "perfmon", "sys_admin"), "dnsfront": ("net_bind_service",)}
 SETPRIV = shutil.which("setpriv")
 
 

@@ -17,8 +17,12 @@ ANALYZE = shutil.which("systemd-analyze")
 SYSTEM_UNITS = Path("/usr/lib/systemd/system")
 
 
-def parse(name: str) -> dict[str, list[str]]:
-    """Service-section settings of a unit, every value of repeated keys kept."""
+DROPIN = UNITS / "glb-director@.service.d" / "kernel-dataplane.conf"
+"""What the kernel data plane adds to the director's unit (docs/operations.md)."""
+
+
+def parse(name: str | Path) -> dict[str, list[str]]:
+    """Service-section settings of a unit (or a drop-in's path), every value of repeated keys kept."""
     out: dict[str, list[str]] = {}
     section = None
     for line in (UNITS / name).read_text().splitlines():
@@ -61,6 +65,28 @@ def test_unit_settings(name):
         assert "ProtectKernelTunables" not in " ".join(u)
 
 
+def director_capabilities(kernel_dataplane: bool) -> set[str]:
+    """The director's bounding set: its unit's, with the kernel data plane's drop-in (which merges)."""
+    caps = set(parse("glb-director@.service")["[Service]CapabilityBoundingSet"][0].split())
+    if kernel_dataplane:
+        caps |= set(parse(DROPIN)["[Service]CapabilityBoundingSet"][0].split())
+    return caps
+
+
+def test_the_kernel_dataplane_drop_in():
+    """What tests/director/dataplane/test_tcattach_netns.py proves the kernel data plane needs, and no more:
+    bpf(2) past the unit's @system-service filter, the bpffs writable, root for its 0700 mount."""
+    u = parse(DROPIN)
+    svc = "[Service]"
+    assert director_capabilities(True) == {"CAP_NET_RAW", "CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"}
+    assert set(u[f"{svc}AmbientCapabilities"][0].split()) == set(u[f"{svc}CapabilityBoundingSet"][0].split())
+    assert u[f"{svc}SystemCallFilter"] == ["bpf"] and u[f"{svc}User"] == ["root"]
+    assert u[f"{svc}ReadWritePaths"] == ["-/sys/fs/bpf"]
+    base = parse("glb-director@.service")
+    assert base[f"{svc}SystemCallFilter"] == ["@system-service"]  # which holds no bpf: hence the drop-in
+    assert "NoNewPrivileges" not in " ".join(u)  # the unit's hardening stays
+
+
 @pytest.fixture(scope="module")
 def fake_root(tmp_path_factory) -> Path:
     """A root for systemd-analyze: the units, a stand-in /opt/glb/bin/glb, the system's targets."""
@@ -93,6 +119,18 @@ def test_systemd_analyze_verify(fake_root):
     print(res.stdout + res.stderr)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stderr.strip() == "", res.stderr
+
+
+def test_systemd_analyze_verify_with_the_kernel_dataplane_drop_in(fake_root, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(fake_root, root, symlinks=True)
+    shutil.copytree(DROPIN.parent, root / "etc/systemd/system" / DROPIN.parent.name)
+    res = subprocess.run([ANALYZE, "verify", f"--root={root}", "glb-director@dc1.service"], capture_output=True,
+                         text=True)
+    assert res.returncode == 0 and res.stderr.strip() == "", res.stdout + res.stderr
+    sec = subprocess.run([ANALYZE, "security", "--offline=yes", f"--root={root}", "--no-pager",
+                          "glb-director@dc1.service"], capture_output=True, text=True)
+    print(sec.stdout[-300:])  # higher than without it (root, CAP_SYS_ADMIN): docs/operations.md
 
 
 @pytest.mark.parametrize("unit", INSTANCES)
