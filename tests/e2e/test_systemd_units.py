@@ -19,6 +19,8 @@ SYSTEM_UNITS = Path("/usr/lib/systemd/system")
 
 DROPIN = UNITS / "glb-director@.service.d" / "kernel-dataplane.conf"
 """What the kernel data plane adds to the director's unit (docs/operations.md)."""
+RS_DROPIN = UNITS / "glb-realserver.service.d" / "bpf-decap.conf"
+"""What the tc-BPF decapsulator adds to the real server's unit (docs/realserver.md)."""
 
 
 def parse(name: str | Path) -> dict[str, list[str]]:
@@ -65,12 +67,29 @@ def test_unit_settings(name):
         assert "ProtectKernelTunables" not in " ".join(u)
 
 
-def director_capabilities(kernel_dataplane: bool) -> set[str]:
-    """The director's bounding set: its unit's, with the kernel data plane's drop-in (which merges)."""
-    caps = set(parse("glb-director@.service")["[Service]CapabilityBoundingSet"][0].split())
-    if kernel_dataplane:
-        caps |= set(parse(DROPIN)["[Service]CapabilityBoundingSet"][0].split())
+def bounding_set(unit: str, dropin: Path | None = None) -> set[str]:
+    """A unit's capability bounding set, with a drop-in's (systemd merges them)."""
+    caps = set(parse(unit)["[Service]CapabilityBoundingSet"][0].split())
+    if dropin is not None:
+        caps |= set(parse(dropin)["[Service]CapabilityBoundingSet"][0].split())
     return caps
+
+
+def director_capabilities(kernel_dataplane: bool) -> set[str]:
+    """The director's bounding set: its unit's, with the kernel data plane's drop-in."""
+    return bounding_set("glb-director@.service", DROPIN if kernel_dataplane else None)
+
+
+def realserver_capabilities(bpf_decap: bool) -> set[str]:
+    """The real server's bounding set (a root uid): its unit's, with the BPF decapsulator's drop-in."""
+    return bounding_set("glb-realserver.service", RS_DROPIN if bpf_decap else None)
+
+
+def test_the_bpf_decapsulator_s_drop_in():
+    u = parse(RS_DROPIN)
+    assert realserver_capabilities(True) == {"CAP_NET_RAW", "CAP_NET_ADMIN", "CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"}
+    assert u["[Service]SystemCallFilter"] == ["bpf"] and u["[Service]ReadWritePaths"] == ["-/sys/fs/bpf"]
+    assert parse("glb-realserver.service")["[Service]SystemCallFilter"] == ["@system-service"]
 
 
 def test_the_kernel_dataplane_drop_in():
@@ -121,16 +140,17 @@ def test_systemd_analyze_verify(fake_root):
     assert res.stderr.strip() == "", res.stderr
 
 
-def test_systemd_analyze_verify_with_the_kernel_dataplane_drop_in(fake_root, tmp_path):
+@pytest.mark.parametrize("dropin, unit", [(DROPIN, "glb-director@dc1.service"),
+                                          (RS_DROPIN, "glb-realserver.service")], ids=["director", "realserver"])
+def test_systemd_analyze_verify_with_the_bpf_drop_ins(fake_root, tmp_path, dropin, unit):
     root = tmp_path / "root"
     shutil.copytree(fake_root, root, symlinks=True)
-    shutil.copytree(DROPIN.parent, root / "etc/systemd/system" / DROPIN.parent.name)
-    res = subprocess.run([ANALYZE, "verify", f"--root={root}", "glb-director@dc1.service"], capture_output=True,
-                         text=True)
+    shutil.copytree(dropin.parent, root / "etc/systemd/system" / dropin.parent.name)
+    res = subprocess.run([ANALYZE, "verify", f"--root={root}", unit], capture_output=True, text=True)
     assert res.returncode == 0 and res.stderr.strip() == "", res.stdout + res.stderr
-    sec = subprocess.run([ANALYZE, "security", "--offline=yes", f"--root={root}", "--no-pager",
-                          "glb-director@dc1.service"], capture_output=True, text=True)
-    print(sec.stdout[-300:])  # higher than without it (root, CAP_SYS_ADMIN): docs/operations.md
+    sec = subprocess.run([ANALYZE, "security", "--offline=yes", f"--root={root}", "--no-pager", unit],
+                         capture_output=True, text=True)
+    print(sec.stdout[-300:])  # higher than without it (CAP_SYS_ADMIN): docs/operations.md
 
 
 @pytest.mark.parametrize("unit", INSTANCES)

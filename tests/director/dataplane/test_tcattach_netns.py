@@ -4,7 +4,10 @@ tcx where the kernel has it, a clsact filter where it does not (forced
 here with ``tcx=False``); the next attachment replaces a program of the
 same name, whichever way it was attached (a killed director's, an older
 GLB's clsact filter), and detaching removes exactly what was attached.
-Each step runs in the namespace (tcx resolves the ifindex there).
+Each step runs in the namespace (tcx resolves the ifindex there). And what
+deploy/systemd's units with their BPF drop-ins allow: the kernel data plane
+and the real server's decapsulator run as root bounded to the units'
+capabilities (setpriv), with them, and without one of them.
 Needs root, namespaces and BPF (fails under CI=true when missing).
 """
 
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_systemd_units import director_capabilities
+from tests.e2e.test_systemd_units import director_capabilities, realserver_capabilities
 from tests.environment import bpf_unavailable, needs, tcx_unavailable
 from tests.netns import Lab, lab_unavailable
 
@@ -149,10 +152,15 @@ def bpffs(tmp_path):
     subprocess.run(["umount", str(root)], check=True)
 
 
+def bounded(caps: set[str], argv: list[str]) -> list[str]:
+    """``argv`` as root with only ``caps``, as a systemd unit's CapabilityBoundingSet leaves a root uid."""
+    return ["setpriv", "--bounding-set", "-all," + ",".join("+" + c.removeprefix("CAP_").lower() for c in sorted(caps)),
+            *argv]
+
+
 def starts_with(ns, caps: set[str], pins: Path) -> list:
     """Two starts of the kernel data plane as root bounded to ``caps``, as the systemd unit runs it."""
-    bounding = "-all," + ",".join("+" + c.removeprefix("CAP_").lower() for c in sorted(caps))
-    res = ns.run(["setpriv", "--bounding-set", bounding, sys.executable, "-c", STARTS, str(pins / "glb")], cwd=ROOT)
+    res = ns.run(bounded(caps, [sys.executable, "-c", STARTS, str(pins / "glb")]), cwd=ROOT)
     listed = ns.run([sys.executable, "-m", "director.dataplane.tcattach", "eth0"], cwd=ROOT)  # all of root's
     return [*json.loads(res.stdout), [p["name"] for p in json.loads(listed.stdout)]]
 
@@ -177,12 +185,43 @@ def test_a_restart_without_cap_sys_admin_refuses_rather_than_stack_a_second_prog
                       "Operation not permitted (needs CAP_SYS_ADMIN)")
     assert attached == ["glb_ingress"]
     # Listing by hand without it says so, rather than "nothing attached".
-    res = ns.run(["setpriv", "--bounding-set", "-all,+net_admin,+bpf,+perfmon", sys.executable, "-m",
-                  "director.dataplane.tcattach", "eth0"], cwd=ROOT, check=False)
+    res = ns.run(bounded(caps, [sys.executable, "-m", "director.dataplane.tcattach", "eth0"]), cwd=ROOT, check=False)
     assert res.returncode == 1 and res.stderr.strip() == ("tcattach: cannot list tcx ingress of eth0: cannot read "
                                                           "the programs there: Operation not permitted (needs "
                                                           "CAP_SYS_ADMIN)")
     # And the unit without the drop-in cannot load it at all.
-    res = ns.run(["setpriv", "--bounding-set", "-all,+net_raw,+net_admin", sys.executable, "-c", STARTS,
-                  str(bpffs / "other")], cwd=ROOT)
+    res = ns.run(bounded(director_capabilities(False), [sys.executable, "-c", STARTS, str(bpffs / "other")]),
+                 cwd=ROOT)
     assert json.loads(res.stdout)[0].startswith("the kernel refused the tc program: Operation not permitted")
+
+
+
+@needs(tcx_unavailable())
+def test_the_real_server_unit_s_capabilities_with_and_without_the_bpf_decap_drop_in(ns, tmp_path):
+    """glb-realserver.service is a root uid bounded to its capabilities: with its bpf-decap drop-in's the
+    BPF decapsulator sets up and tears down; without them ``--decap bpf`` fails in one line; without
+    CAP_SYS_ADMIN alone teardown says it could not remove the program (and keeps it in the state file)."""
+    glb = str(Path(sys.executable).parent / "glb")
+    state = str(tmp_path / "rs.json")
+    setup = [glb, "realserver", "setup", "--vip", "10.0.0.100", "--mode", "tun", "--decap", "bpf", "--state-file", state]
+    teardown = [glb, "realserver", "teardown", "--state-file", state]
+    listed = [sys.executable, "-m", "director.dataplane.tcattach", "eth0"]
+
+    def programs() -> list[str]:
+        return [p["name"] for p in json.loads(ns.run(listed, cwd=ROOT).stdout)]
+
+    ns.run(bounded(realserver_capabilities(True), setup), cwd=ROOT)
+    assert programs() == ["glb_decap"]
+    ns.run(bounded(realserver_capabilities(True), teardown), cwd=ROOT)
+    assert programs() == []
+
+    res = ns.run(bounded(realserver_capabilities(False), setup), cwd=ROOT, check=False)
+    assert res.returncode != 0 and programs() == []
+    assert res.stderr.strip().splitlines()[-1].startswith(
+        "glb: error: cannot load the BPF decapsulator: the kernel refused the tc program: Operation not permitted")
+
+    ns.run(bounded(realserver_capabilities(True) - {"CAP_SYS_ADMIN"}, setup), cwd=ROOT)
+    res = ns.run(bounded(realserver_capabilities(True) - {"CAP_SYS_ADMIN"}, teardown), cwd=ROOT, check=False)
+    assert res.returncode != 0 and "(needs CAP_SYS_ADMIN)" in res.stderr and programs() == ["glb_decap"]
+    ns.run(teardown, cwd=ROOT)  # with every capability: what it left
+    assert programs() == []
