@@ -508,8 +508,7 @@ class Worker:
                 raise
             self.dataplane_note = str(e)
             return
-        if kd.pins is not None and kd.pins.note(pin):
-            self.maps_note = kd.pins.note(pin)
+        self.maps_note = (kd.pins.note(pin) if kd.pins is not None else "") or self.maps_note
         # How it is attached (tcx, or the clsact fallback on a kernel before 6.6), in the start-up log line.
         where = " and ".join(f"{tc.how} ingress of {tc.interface}" for tc in (kd.tc, kd.lan_tc) if tc is not None)
         self.maps_note = f"attached at {where}" + (f"; {self.maps_note}" if self.maps_note else "")

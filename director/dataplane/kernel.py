@@ -753,13 +753,12 @@ def prepare_pins(pin_dir: Path, max_entries: int, versions: dict[str, int] | Non
     pins = {p.name: p for p in pin_dir.iterdir()}
     if not pins:
         return Pins()
-    ids = km.group_ids(max_entries, versions)
-    recorded = dict(km.layout_items(ids))
     kept, rebuilt = [], []
-    for key, (group, (_, names)) in zip(recorded, km.GROUPS.items()):
+    for (key, want), (group, (_, names)) in zip(km.layout_items(km.group_ids(max_entries, versions)),
+                                                km.GROUPS.items()):
         if not any(n in pins for n in names):
             continue  # new in this release: made, nothing to keep or to rebuild
-        if all(n in pins for n in names) and read_pinned(pin_dir / "layout", key, km.U64.size) == recorded[key]:
+        if all(n in pins for n in names) and read_pinned(pin_dir / "layout", key, km.U64.size) == want:
             kept.append(group)
         else:
             rebuilt.append(group)
