@@ -38,7 +38,8 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 IP = shutil.which("ip") or "/usr/sbin/ip"
@@ -84,6 +85,18 @@ def _probe(nft: bool) -> str | None:
     finally:
         subprocess.run([IP, "netns", "del", probe], capture_output=True)
     return None
+
+
+@contextmanager
+def private_bpffs(path: Path) -> Iterator[Path]:
+    """A bpffs instance of its own at ``path`` (made here): nothing else's pins, and one even where the host
+    mounts none at /sys/fs/bpf (``ip netns exec`` hides that one anyway); unmounted after, pins and all."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 class Netns:

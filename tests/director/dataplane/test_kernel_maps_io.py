@@ -11,7 +11,6 @@ Needs root and BPF: skipped otherwise, failed under CI=true.
 from __future__ import annotations
 
 import ipaddress
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from director.dataplane import kernelmaps as km
 from director.dataplane.conntable import ESTABLISHED
 from director.dataplane.kernel import KernelTables, bpffs, prepare_pins
 from tests.environment import bpf_unavailable, require
+from tests.netns import private_bpffs
 
 TIMEOUTS = [60.0] * 12
 VIP = ipaddress.ip_address("192.0.2.10").packed
@@ -41,14 +41,9 @@ def pin_root(tmp_path):
     """A bpffs of the test's own (a new instance: nothing else's pins, and none on a host that mounts none at
     /sys/fs/bpf), unmounted after, pins and all."""
     require(bpf_unavailable())
-    root = tmp_path / "bpf"
-    root.mkdir()
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)
-    try:
+    with private_bpffs(tmp_path / "bpf") as root:
         assert bpffs(root)
         yield root / "glb" / "site-director"
-    finally:
-        subprocess.run(["umount", str(root)], check=True)
 
 
 def test_batched_writes_and_reads_match_one_by_one():

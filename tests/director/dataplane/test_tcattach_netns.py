@@ -14,7 +14,6 @@ Needs root, namespaces and BPF (fails under CI=true when missing).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 
 from tests.e2e.test_systemd_units import director_capabilities, realserver_capabilities
 from tests.environment import bpf_unavailable, needs, tcx_unavailable
-from tests.netns import Lab, lab_unavailable
+from tests.netns import Lab, lab_unavailable, private_bpffs
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -145,11 +144,8 @@ print(json.dumps(out))
 
 @pytest.fixture
 def bpffs(tmp_path):
-    root = tmp_path / "bpf"
-    root.mkdir()
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(root)], check=True)
-    yield root
-    subprocess.run(["umount", str(root)], check=True)
+    with private_bpffs(tmp_path / "bpf") as root:
+        yield root
 
 
 def bounded(caps: set[str], argv: list[str]) -> list[str]:
